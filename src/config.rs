@@ -1,0 +1,683 @@
+//! Every environment variable the router reads: its name (`ENV_*`), its default, how it is parsed and
+//! what is refused. This is the only module that looks at the environment; everything else receives a
+//! validated [`Config`].
+//!
+//! Parsing goes through a lookup function so that tests pass a map instead of touching the process
+//! environment. Every variable is parsed even after one has failed, so an operator sees every mistake in
+//! one start instead of one per restart. Secrets (`HARBOR_PASSWORD`, `REDIS_PASSWORD`) are held in
+//! [`Secret`], whose `Debug` never shows the value, and their values never appear in error messages.
+//!
+//! Conventions shared by all variables:
+//! - an empty value counts as unset (Kubernetes renders optional values as empty strings);
+//! - durations are Go-style strings read by `humantime` (`500ms`, `10s`, `5m`, `1h30m`);
+//! - booleans accept `true`, `false`, `1`, `0` (case-insensitive);
+//! - `X_FILE` reads the value of `X` from a file, trailing newline trimmed; setting both is an error.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+pub const ENV_HARBOR_URL: &str = "HARBOR_URL";
+pub const ENV_HARBOR_USERNAME: &str = "HARBOR_USERNAME";
+pub const ENV_HARBOR_PASSWORD: &str = "HARBOR_PASSWORD";
+pub const ENV_PROXY_PROJECT: &str = "PROXY_PROJECT";
+pub const ENV_DISCOVERY_INTERVAL: &str = "DISCOVERY_INTERVAL";
+pub const ENV_RESOLVER_TIMEOUT: &str = "RESOLVER_TIMEOUT";
+pub const ENV_CACHE_TTL: &str = "CACHE_TTL";
+pub const ENV_MAX_FANOUT_PROJECTS: &str = "MAX_FANOUT_PROJECTS";
+pub const ENV_HTTP2_PRIOR_KNOWLEDGE: &str = "HTTP2_PRIOR_KNOWLEDGE";
+pub const ENV_RATE_LIMIT_PER_IP: &str = "RATE_LIMIT_PER_IP";
+pub const ENV_MAX_IDLE_CONNS_PER_HOST: &str = "MAX_IDLE_CONNS_PER_HOST";
+pub const ENV_IDLE_CONN_TIMEOUT: &str = "IDLE_CONN_TIMEOUT";
+pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
+pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
+pub const ENV_LOG_LEVEL: &str = "LOG_LEVEL";
+pub const ENV_LOG_FORMAT: &str = "LOG_FORMAT";
+pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
+pub const ENV_REDIS_MASTER_NAME: &str = "REDIS_MASTER_NAME";
+pub const ENV_REDIS_PASSWORD: &str = "REDIS_PASSWORD";
+pub const ENV_REDIS_DB: &str = "REDIS_DB";
+pub const ENV_REDIS_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
+pub const ENV_NEGATIVE_CACHE_TTL: &str = "NEGATIVE_CACHE_TTL";
+pub const ENV_STALE_WHILE_REVALIDATE: &str = "STALE_WHILE_REVALIDATE";
+pub const ENV_CIRCUIT_BREAKER_THRESHOLD: &str = "CIRCUIT_BREAKER_THRESHOLD";
+pub const ENV_CIRCUIT_BREAKER_TIMEOUT: &str = "CIRCUIT_BREAKER_TIMEOUT";
+pub const ENV_WORKERS: &str = "WORKERS";
+pub const ENV_IO_DRIVER: &str = "IO_DRIVER";
+pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
+pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
+
+/// Redis sentinel port used when an entry of `REDIS_SENTINELS` has none.
+pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
+const MAX_FANOUT_LIMIT: usize = 1000;
+const MAX_WORKERS: usize = 1024;
+
+/// A secret value: usable by the code that needs it, invisible in `Debug` and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself; call only where it is sent to the service it is for.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The robot account the router uses against Harbor's API and token service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// Harbor's base URL, split into the parts the upstream client needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HarborUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl HarborUrl {
+    /// `scheme://host[:port]`, the form used to build request URLs and log lines.
+    pub fn origin(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        let default_port = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default_port {
+            format!("{scheme}://{host}")
+        } else {
+            format!("{scheme}://{host}:{}", self.port)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Which io driver each data-plane core runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring when the kernel (and seccomp) allow it, epoll otherwise, with a log line saying why.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// A Redis Sentinel endpoint from `REDIS_SENTINELS`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The whole validated configuration. Field docs say why each exists; the README lists defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where Harbor's API, token service and `/v2/` live.
+    pub harbor_url: HarborUrl,
+    /// The robot account; `None` means anonymous access (public projects only).
+    pub harbor_credentials: Option<Credentials>,
+    /// The first path segment clients use instead of a real project: `/v2/<proxy_project>/<name>/…`.
+    pub proxy_project: String,
+    /// How often the project list is read from Harbor.
+    pub discovery_interval: Duration,
+    /// Upper bound for one upstream attempt while resolving a name to a project.
+    pub resolver_timeout: Duration,
+    /// How long a learned `name → project` mapping is trusted before it is revalidated.
+    pub cache_ttl: Duration,
+    /// At most this many projects are asked in one fan-out.
+    pub max_fanout_projects: usize,
+    /// Talk HTTP/2 to Harbor without negotiation (h2c or ALPN-less h2).
+    pub http2_prior_knowledge: bool,
+    /// Requests per second per client IP; 0 turns the limiter off (and its cross-core cost with it).
+    pub rate_limit_per_ip: u32,
+    /// Idle keep-alive connections to Harbor kept per core.
+    pub max_idle_conns_per_host: usize,
+    /// An idle upstream connection is closed after this long.
+    pub idle_conn_timeout: Duration,
+    /// The client-facing listener (one SO_REUSEPORT socket per worker).
+    pub listen_addr: SocketAddr,
+    /// The admin listener (`/metrics`), served off the data-plane cores.
+    pub metrics_addr: SocketAddr,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    /// Empty: mappings live in memory only.
+    pub redis_sentinels: Vec<SentinelAddr>,
+    pub redis_master_name: String,
+    pub redis_password: Option<Secret>,
+    pub redis_db: u32,
+    /// Namespaces every key, so several routers (or environments) can share one Redis.
+    pub redis_key_prefix: String,
+    /// How long "no project has this name" is remembered; 0 disables negative caching.
+    pub negative_cache_ttl: Duration,
+    /// How long past `cache_ttl` a mapping is still served while it is refreshed; 0 disables.
+    pub stale_while_revalidate: Duration,
+    /// Consecutive failures that open a project's circuit.
+    pub circuit_breaker_threshold: u32,
+    /// How long an open circuit stays open before one probe is let through.
+    pub circuit_breaker_timeout: Duration,
+    /// Data-plane threads, one event loop and one listener each.
+    pub workers: usize,
+    pub io_driver: IoDriver,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// How long a client may take to send a request head, counted from the end of the previous
+    /// response; it is therefore also the keep-alive idle timeout. Stops slowloris clients.
+    pub header_read_timeout: Duration,
+}
+
+/// One refused variable: its name, the value as given (never for secrets) and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub var: String,
+    pub value: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={:?}: {}", self.var, v, self.problem),
+            None => write!(f, "{}: {}", self.var, self.problem),
+        }
+    }
+}
+
+/// Every refused variable of one parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// What looking up one variable gives: unset, a value, or bytes that are not UTF-8.
+pub enum Lookup {
+    Unset,
+    Value(String),
+    NotUnicode,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigErrors> {
+        Config::from_lookup(|name| match std::env::var(name) {
+            Ok(v) => Lookup::Value(v),
+            Err(std::env::VarError::NotPresent) => Lookup::Unset,
+            Err(std::env::VarError::NotUnicode(_)) => Lookup::NotUnicode,
+        })
+    }
+
+    /// Reads a map, as tests do.
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Config, ConfigErrors> {
+        Config::from_lookup(|name| match map.get(name) {
+            Some(v) => Lookup::Value(v.clone()),
+            None => Lookup::Unset,
+        })
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Lookup) -> Result<Config, ConfigErrors> {
+        let mut r = Reader {
+            lookup: &lookup,
+            errors: Vec::new(),
+        };
+        let harbor_url = r.parse(ENV_HARBOR_URL, "http://harbor-core:80", parse_harbor_url);
+        let username = r.string_or_file(ENV_HARBOR_USERNAME, false);
+        let password = r.string_or_file(ENV_HARBOR_PASSWORD, true);
+        let harbor_credentials = match (username, password) {
+            (Ok(Some(username)), Ok(Some(password))) => Some(Credentials {
+                username,
+                password: Secret(password),
+            }),
+            (Ok(None), Ok(None)) | (Err(()), _) | (_, Err(())) => None,
+            (Ok(Some(_)), Ok(None)) => {
+                r.refuse(ENV_HARBOR_PASSWORD, None, "HARBOR_USERNAME is set, so a password is needed (HARBOR_PASSWORD or HARBOR_PASSWORD_FILE)");
+                None
+            }
+            (Ok(None), Ok(Some(_))) => {
+                r.refuse(ENV_HARBOR_USERNAME, None, "HARBOR_PASSWORD is set, so a username is needed (HARBOR_USERNAME or HARBOR_USERNAME_FILE)");
+                None
+            }
+        };
+        let proxy_project = r.parse(ENV_PROXY_PROJECT, "proxy", parse_project_name);
+        let discovery_interval = r.parse(ENV_DISCOVERY_INTERVAL, "60s", positive_duration);
+        let resolver_timeout = r.parse(ENV_RESOLVER_TIMEOUT, "10s", positive_duration);
+        let cache_ttl = r.parse(ENV_CACHE_TTL, "300s", positive_duration);
+        let max_fanout_projects = r.parse(ENV_MAX_FANOUT_PROJECTS, "50", |v| {
+            ranged_int(v, 1, MAX_FANOUT_LIMIT as u64).map(|n| n as usize)
+        });
+        let http2_prior_knowledge = r.parse(ENV_HTTP2_PRIOR_KNOWLEDGE, "false", parse_bool);
+        let rate_limit_per_ip = r.parse(ENV_RATE_LIMIT_PER_IP, "0", |v| {
+            ranged_int(v, 0, u32::MAX as u64).map(|n| n as u32)
+        });
+        let max_idle_conns_per_host = r.parse(ENV_MAX_IDLE_CONNS_PER_HOST, "512", |v| {
+            ranged_int(v, 0, 65535).map(|n| n as usize)
+        });
+        let idle_conn_timeout = r.parse(ENV_IDLE_CONN_TIMEOUT, "90s", positive_duration);
+        let listen_addr = r.parse(ENV_LISTEN_ADDR, ":8080", parse_listen_addr);
+        let metrics_addr = r.parse(ENV_METRICS_ADDR, ":9090", parse_listen_addr);
+        let log_level = r.parse(ENV_LOG_LEVEL, "info", parse_log_level);
+        let log_format = r.parse(ENV_LOG_FORMAT, "pretty", parse_log_format);
+        let redis_sentinels = r.parse(ENV_REDIS_SENTINELS, "", parse_sentinels);
+        let redis_master_name = r.parse(ENV_REDIS_MASTER_NAME, "mymaster", parse_token);
+        let redis_password = r
+            .string_or_file(ENV_REDIS_PASSWORD, true)
+            .ok()
+            .flatten()
+            .map(Secret);
+        let redis_db = r.parse(ENV_REDIS_DB, "0", |v| {
+            ranged_int(v, 0, i32::MAX as u64).map(|n| n as u32)
+        });
+        let redis_key_prefix = r.parse(ENV_REDIS_KEY_PREFIX, "hr", parse_token);
+        let negative_cache_ttl = r.parse(ENV_NEGATIVE_CACHE_TTL, "30s", any_duration);
+        let stale_while_revalidate = r.parse(ENV_STALE_WHILE_REVALIDATE, "60s", any_duration);
+        let circuit_breaker_threshold = r.parse(ENV_CIRCUIT_BREAKER_THRESHOLD, "5", |v| {
+            ranged_int(v, 1, 1_000_000).map(|n| n as u32)
+        });
+        let circuit_breaker_timeout =
+            r.parse(ENV_CIRCUIT_BREAKER_TIMEOUT, "30s", positive_duration);
+        let default_workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .to_string();
+        let workers = r.parse(ENV_WORKERS, &default_workers, |v| {
+            ranged_int(v, 1, MAX_WORKERS as u64).map(|n| n as usize)
+        });
+        let io_driver = r.parse(ENV_IO_DRIVER, "auto", parse_io_driver);
+        let shutdown_timeout = r.parse(ENV_SHUTDOWN_TIMEOUT, "30s", any_duration);
+        let header_read_timeout = r.parse(ENV_HEADER_READ_TIMEOUT, "30s", positive_duration);
+
+        if let (Some(l), Some(m)) = (listen_addr, metrics_addr) {
+            if l.port() != 0 && l == m {
+                r.refuse(
+                    ENV_METRICS_ADDR,
+                    Some(m.to_string()),
+                    "must differ from LISTEN_ADDR",
+                );
+            }
+        }
+
+        if !r.errors.is_empty() {
+            return Err(ConfigErrors(r.errors));
+        }
+        // Every `None` above pushed an error, so all of these are present.
+        Ok(Config {
+            harbor_url: harbor_url.expect("checked"),
+            harbor_credentials,
+            proxy_project: proxy_project.expect("checked"),
+            discovery_interval: discovery_interval.expect("checked"),
+            resolver_timeout: resolver_timeout.expect("checked"),
+            cache_ttl: cache_ttl.expect("checked"),
+            max_fanout_projects: max_fanout_projects.expect("checked"),
+            http2_prior_knowledge: http2_prior_knowledge.expect("checked"),
+            rate_limit_per_ip: rate_limit_per_ip.expect("checked"),
+            max_idle_conns_per_host: max_idle_conns_per_host.expect("checked"),
+            idle_conn_timeout: idle_conn_timeout.expect("checked"),
+            listen_addr: listen_addr.expect("checked"),
+            metrics_addr: metrics_addr.expect("checked"),
+            log_level: log_level.expect("checked"),
+            log_format: log_format.expect("checked"),
+            redis_sentinels: redis_sentinels.expect("checked"),
+            redis_master_name: redis_master_name.expect("checked"),
+            redis_password,
+            redis_db: redis_db.expect("checked"),
+            redis_key_prefix: redis_key_prefix.expect("checked"),
+            negative_cache_ttl: negative_cache_ttl.expect("checked"),
+            stale_while_revalidate: stale_while_revalidate.expect("checked"),
+            circuit_breaker_threshold: circuit_breaker_threshold.expect("checked"),
+            circuit_breaker_timeout: circuit_breaker_timeout.expect("checked"),
+            workers: workers.expect("checked"),
+            io_driver: io_driver.expect("checked"),
+            shutdown_timeout: shutdown_timeout.expect("checked"),
+            header_read_timeout: header_read_timeout.expect("checked"),
+        })
+    }
+}
+
+/// Collects values and errors while the variables are read one by one.
+struct Reader<'a, F: Fn(&str) -> Lookup> {
+    lookup: &'a F,
+    errors: Vec<ConfigError>,
+}
+
+impl<F: Fn(&str) -> Lookup> Reader<'_, F> {
+    fn refuse(&mut self, var: &str, value: Option<String>, problem: impl Into<String>) {
+        self.errors.push(ConfigError {
+            var: var.to_string(),
+            value,
+            problem: problem.into(),
+        });
+    }
+
+    /// The raw value, with empty meaning unset; a non-UTF-8 value is refused.
+    fn raw(&mut self, var: &str) -> Option<String> {
+        match (self.lookup)(var) {
+            Lookup::Unset => None,
+            Lookup::Value(v) if v.is_empty() => None,
+            Lookup::Value(v) => Some(v),
+            Lookup::NotUnicode => {
+                self.refuse(var, None, "is not valid UTF-8");
+                None
+            }
+        }
+    }
+
+    /// Parses `var` (or `default` when unset). `None` means an error was recorded.
+    fn parse<T>(
+        &mut self,
+        var: &str,
+        default: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = self.raw(var);
+        let text = value.as_deref().unwrap_or(default);
+        match parse(text.trim()) {
+            Ok(v) => Some(v),
+            Err(problem) => {
+                self.refuse(var, Some(text.to_string()), problem);
+                None
+            }
+        }
+    }
+
+    /// A string from `var` or from the file named by `var_FILE` (not both). `Err` means an error was
+    /// recorded.
+    fn string_or_file(&mut self, var: &str, secret: bool) -> Result<Option<String>, ()> {
+        let before = self.errors.len();
+        let value = self.string_or_file_inner(var, secret);
+        if self.errors.len() > before {
+            Err(())
+        } else {
+            Ok(value)
+        }
+    }
+
+    fn string_or_file_inner(&mut self, var: &str, secret: bool) -> Option<String> {
+        let file_var = format!("{var}_FILE");
+        let plain = self.raw(var);
+        let path = self.raw(&file_var);
+        match (plain, path) {
+            (Some(_), Some(_)) => {
+                self.refuse(
+                    var,
+                    None,
+                    format!("both {var} and {file_var} are set; set only one"),
+                );
+                None
+            }
+            (Some(v), None) => Some(v),
+            (None, None) => None,
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let v = text
+                        .strip_suffix('\n')
+                        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+                        .unwrap_or(&text);
+                    if v.is_empty() {
+                        self.refuse(&file_var, Some(path), "the file is empty");
+                        None
+                    } else if !secret && v.contains(['\n', '\r']) {
+                        self.refuse(&file_var, Some(path), "the file holds more than one line");
+                        None
+                    } else {
+                        Some(v.to_string())
+                    }
+                }
+                Err(e) => {
+                    self.refuse(&file_var, Some(path), format!("cannot read the file: {e}"));
+                    None
+                }
+            },
+        }
+    }
+}
+
+fn parse_harbor_url(v: &str) -> Result<HarborUrl, String> {
+    let uri: http::Uri = v
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected http(s)://host[:port]"))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => return Err(format!("scheme {other:?} is not http or https")),
+        None => return Err("has no scheme; expected http(s)://host[:port]".into()),
+    };
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "must not carry credentials; use HARBOR_USERNAME and HARBOR_PASSWORD(_FILE)".into(),
+        );
+    }
+    let raw_host = authority.host();
+    let host = raw_host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(
+            "must be only scheme://host[:port]: Harbor serves /v2/ and /api/ at its root".into(),
+        );
+    }
+    // The authority is `host[:port]` (credentials were refused above).
+    let port = match authority.as_str()[raw_host.len()..].strip_prefix(':') {
+        None if tls => 443,
+        None => 80,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) => return Err("port 0 is not a port Harbor can listen on".into()),
+            Ok(p) => p,
+            Err(_) => return Err("the port is not a number from 1 to 65535".into()),
+        },
+    };
+    Ok(HarborUrl {
+        tls,
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// A Harbor project name as the proxy prefix: one component of the distribution name grammar.
+fn parse_project_name(v: &str) -> Result<String, String> {
+    if crate::registry::route::is_name_component(v) && v.len() <= 255 {
+        Ok(v.to_string())
+    } else {
+        Err("must be a lowercase name component: [a-z0-9]+ joined by '.', '_', '__' or '-'".into())
+    }
+}
+
+fn parse_duration(v: &str) -> Result<Duration, String> {
+    if v.starts_with('-') {
+        return Err("must not be negative".into());
+    }
+    humantime::parse_duration(v)
+        .map_err(|e| format!("not a duration ({e}); examples: 500ms, 10s, 5m, 1h30m"))
+}
+
+fn positive_duration(v: &str) -> Result<Duration, String> {
+    match parse_duration(v)? {
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn any_duration(v: &str) -> Result<Duration, String> {
+    parse_duration(v)
+}
+
+fn ranged_int(v: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n: u64 = v
+        .parse()
+        .map_err(|_| format!("not a whole number between {min} and {max}"))?;
+    if n < min || n > max {
+        return Err(format!("must be between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("must be true, false, 1 or 0".into()),
+    }
+}
+
+/// `:port` (all IPv4 interfaces), `ip:port`, `[ipv6]:port` or `localhost:port`.
+fn parse_listen_addr(v: &str) -> Result<SocketAddr, String> {
+    const FORM: &str = "expected :port, ip:port, [ipv6]:port or localhost:port";
+    if let Some(port) = v.strip_prefix(':') {
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("bad port; {FORM}"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Some(port) = v.strip_prefix("localhost:") {
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("bad port; {FORM}"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    v.parse::<SocketAddr>().map_err(|_| FORM.to_string())
+}
+
+fn parse_log_level(v: &str) -> Result<LogLevel, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "trace" => Ok(LogLevel::Trace),
+        "debug" => Ok(LogLevel::Debug),
+        "info" => Ok(LogLevel::Info),
+        "warn" | "warning" => Ok(LogLevel::Warn),
+        "error" => Ok(LogLevel::Error),
+        _ => Err("must be one of debug, info, warn, error (or trace)".into()),
+    }
+}
+
+fn parse_log_format(v: &str) -> Result<LogFormat, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "pretty" | "text" => Ok(LogFormat::Pretty),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("must be pretty or json".into()),
+    }
+}
+
+fn parse_io_driver(v: &str) -> Result<IoDriver, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "auto" => Ok(IoDriver::Auto),
+        "io_uring" | "iouring" | "uring" => Ok(IoDriver::IoUring),
+        "epoll" => Ok(IoDriver::Epoll),
+        _ => Err("must be auto, io_uring or epoll".into()),
+    }
+}
+
+/// A non-empty word without whitespace, quotes or control characters (Redis names and prefixes).
+fn parse_token(v: &str) -> Result<String, String> {
+    if v.len() > 128 {
+        return Err("must be at most 128 characters".into());
+    }
+    if v.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\'')
+    {
+        return Err("must not contain whitespace, quotes or control characters".into());
+    }
+    Ok(v.to_string())
+}
+
+/// `host[:port],host[:port],…`; an empty list means Redis is off.
+fn parse_sentinels(v: &str) -> Result<Vec<SentinelAddr>, String> {
+    let mut out = Vec::new();
+    for entry in v.split(',').map(str::trim) {
+        if entry.is_empty() {
+            if v.trim().is_empty() {
+                continue;
+            }
+            return Err("has an empty entry; expected host:port,host:port".into());
+        }
+        let (host, port) = split_host_port(entry)
+            .ok_or_else(|| format!("entry {entry:?} is not host or host:port"))?;
+        out.push(SentinelAddr {
+            host: host.to_string(),
+            port: port.unwrap_or(DEFAULT_SENTINEL_PORT),
+        });
+    }
+    Ok(out)
+}
+
+/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`; `None` when malformed.
+fn split_host_port(entry: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match entry.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (entry, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+    if !host_ok {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => Some(n),
+        },
+    };
+    Some((host, port))
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,0 +1,550 @@
+//! Unit tests of `config.rs`: every variable's default, its accepted forms and its refusals, read from
+//! a map (never from the process environment).
+
+use super::*;
+use std::io::Write;
+
+fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::from_map(&map)
+}
+
+fn ok(pairs: &[(&str, &str)]) -> Config {
+    parse(pairs).unwrap_or_else(|e| panic!("expected {pairs:?} to parse, got {e}"))
+}
+
+/// The refused variables' names, in order.
+fn refused(pairs: &[(&str, &str)]) -> Vec<String> {
+    match parse(pairs) {
+        Ok(c) => panic!("expected {pairs:?} to be refused, got {c:?}"),
+        Err(ConfigErrors(errs)) => errs.into_iter().map(|e| e.var).collect(),
+    }
+}
+
+fn refused_with(pairs: &[(&str, &str)]) -> ConfigError {
+    match parse(pairs) {
+        Ok(c) => panic!("expected {pairs:?} to be refused, got {c:?}"),
+        Err(ConfigErrors(mut errs)) => {
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            errs.remove(0)
+        }
+    }
+}
+
+fn secret_file(content: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(content)
+}
+
+/// A file under the target dir that is removed on drop (no extra crate needed).
+mod tempfile_path {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn with(content: &str) -> TempPath {
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("hr-config-{}-{n}", std::process::id()));
+            let mut f = std::fs::File::create(&p).unwrap();
+            super::Write::write_all(&mut f, content.as_bytes()).unwrap();
+            TempPath(p)
+        }
+        pub fn as_str(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn defaults() {
+    let c = ok(&[]);
+    assert_eq!(
+        c.harbor_url,
+        HarborUrl {
+            tls: false,
+            host: "harbor-core".into(),
+            port: 80
+        }
+    );
+    assert_eq!(c.harbor_credentials, None);
+    assert_eq!(c.proxy_project, "proxy");
+    assert_eq!(c.discovery_interval, Duration::from_secs(60));
+    assert_eq!(c.resolver_timeout, Duration::from_secs(10));
+    assert_eq!(c.cache_ttl, Duration::from_secs(300));
+    assert_eq!(c.max_fanout_projects, 50);
+    assert!(!c.http2_prior_knowledge);
+    assert_eq!(c.rate_limit_per_ip, 0);
+    assert_eq!(c.max_idle_conns_per_host, 512);
+    assert_eq!(c.idle_conn_timeout, Duration::from_secs(90));
+    assert_eq!(c.listen_addr, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.metrics_addr, "0.0.0.0:9090".parse().unwrap());
+    assert_eq!(c.log_level, LogLevel::Info);
+    assert_eq!(c.log_format, LogFormat::Pretty);
+    assert!(c.redis_sentinels.is_empty());
+    assert_eq!(c.redis_master_name, "mymaster");
+    assert_eq!(c.redis_password, None);
+    assert_eq!(c.redis_db, 0);
+    assert_eq!(c.redis_key_prefix, "hr");
+    assert_eq!(c.negative_cache_ttl, Duration::from_secs(30));
+    assert_eq!(c.stale_while_revalidate, Duration::from_secs(60));
+    assert_eq!(c.circuit_breaker_threshold, 5);
+    assert_eq!(c.circuit_breaker_timeout, Duration::from_secs(30));
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(c.workers, cores);
+    assert_eq!(c.io_driver, IoDriver::Auto);
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn empty_values_count_as_unset() {
+    let c = ok(&[
+        (ENV_PROXY_PROJECT, ""),
+        (ENV_WORKERS, ""),
+        (ENV_LOG_LEVEL, ""),
+    ]);
+    assert_eq!(c.proxy_project, "proxy");
+    assert_eq!(c.log_level, LogLevel::Info);
+}
+
+#[test]
+fn harbor_url_forms() {
+    let c = ok(&[(ENV_HARBOR_URL, "https://harbor.example.com")]);
+    assert_eq!(
+        c.harbor_url,
+        HarborUrl {
+            tls: true,
+            host: "harbor.example.com".into(),
+            port: 443
+        }
+    );
+    assert_eq!(c.harbor_url.origin(), "https://harbor.example.com");
+    let c = ok(&[(ENV_HARBOR_URL, "http://127.0.0.1:8081/")]);
+    assert_eq!(c.harbor_url.port, 8081);
+    assert_eq!(c.harbor_url.origin(), "http://127.0.0.1:8081");
+    let c = ok(&[(ENV_HARBOR_URL, "http://[::1]:5000")]);
+    assert_eq!(c.harbor_url.host, "::1");
+    assert_eq!(c.harbor_url.origin(), "http://[::1]:5000");
+    let c = ok(&[(ENV_HARBOR_URL, "HTTP://Harbor.Local")]);
+    assert_eq!(c.harbor_url.host, "harbor.local");
+}
+
+#[test]
+fn harbor_url_refusals() {
+    for bad in [
+        "ftp://harbor",
+        "harbor:80",
+        "not a url",
+        "http://",
+        "http://user:pw@harbor",
+        "http://harbor/api",
+        "http://harbor?x=1",
+        "http://harbor:0",
+        "http://harbor:99999",
+        "//harbor",
+    ] {
+        let e = refused_with(&[(ENV_HARBOR_URL, bad)]);
+        assert_eq!(e.var, ENV_HARBOR_URL, "{bad}");
+        assert_eq!(e.value.as_deref(), Some(bad));
+    }
+    let e = refused_with(&[(ENV_HARBOR_URL, "ftp://harbor")]);
+    assert!(e.problem.contains("not http or https"), "{}", e.problem);
+}
+
+#[test]
+fn credentials_plain_and_file() {
+    let c = ok(&[
+        (ENV_HARBOR_USERNAME, "robot$router"),
+        (ENV_HARBOR_PASSWORD, "s3cret"),
+    ]);
+    let cred = c.harbor_credentials.unwrap();
+    assert_eq!(cred.username, "robot$router");
+    assert_eq!(cred.password.expose(), "s3cret");
+
+    let user = secret_file("robot$file\n");
+    let pass = secret_file("from-file\r\n");
+    let c = ok(&[
+        ("HARBOR_USERNAME_FILE", user.as_str()),
+        ("HARBOR_PASSWORD_FILE", pass.as_str()),
+    ]);
+    let cred = c.harbor_credentials.unwrap();
+    assert_eq!(cred.username, "robot$file");
+    assert_eq!(cred.password.expose(), "from-file");
+
+    // Only the last newline is trimmed; a password may contain anything else.
+    let pass = secret_file("two\nlines\n");
+    let c = ok(&[
+        (ENV_HARBOR_USERNAME, "u"),
+        ("HARBOR_PASSWORD_FILE", pass.as_str()),
+    ]);
+    assert_eq!(
+        c.harbor_credentials.unwrap().password.expose(),
+        "two\nlines"
+    );
+}
+
+#[test]
+fn credentials_refusals() {
+    assert_eq!(
+        refused(&[(ENV_HARBOR_USERNAME, "u")]),
+        [ENV_HARBOR_PASSWORD]
+    );
+    assert_eq!(
+        refused(&[(ENV_HARBOR_PASSWORD, "p")]),
+        [ENV_HARBOR_USERNAME]
+    );
+    let pass = secret_file("p\n");
+    let e = refused_with(&[
+        (ENV_HARBOR_USERNAME, "u"),
+        (ENV_HARBOR_PASSWORD, "p"),
+        ("HARBOR_PASSWORD_FILE", pass.as_str()),
+    ]);
+    assert_eq!(e.var, ENV_HARBOR_PASSWORD);
+    assert!(e.problem.contains("both"), "{}", e.problem);
+    assert_eq!(e.value, None, "a secret's value is never echoed");
+
+    let e = refused_with(&[
+        (ENV_HARBOR_USERNAME, "u"),
+        ("HARBOR_PASSWORD_FILE", "/nonexistent/harbor-router/pw"),
+    ]);
+    assert_eq!(e.var, "HARBOR_PASSWORD_FILE");
+    assert!(e.problem.contains("cannot read"), "{}", e.problem);
+
+    let empty = secret_file("\n");
+    let e = refused_with(&[
+        (ENV_HARBOR_USERNAME, "u"),
+        ("HARBOR_PASSWORD_FILE", empty.as_str()),
+    ]);
+    assert!(e.problem.contains("empty"), "{}", e.problem);
+
+    let two = secret_file("a\nb\n");
+    let e = refused_with(&[
+        ("HARBOR_USERNAME_FILE", two.as_str()),
+        (ENV_HARBOR_PASSWORD, "p"),
+    ]);
+    assert_eq!(e.var, "HARBOR_USERNAME_FILE");
+}
+
+#[test]
+fn secrets_never_show() {
+    let c = ok(&[
+        (ENV_HARBOR_USERNAME, "u"),
+        (ENV_HARBOR_PASSWORD, "hunter2-harbor"),
+        (ENV_REDIS_PASSWORD, "hunter2-redis"),
+    ]);
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("Secret(***)"));
+    assert_eq!(c.redis_password.unwrap().expose(), "hunter2-redis");
+}
+
+#[test]
+fn proxy_project() {
+    assert_eq!(
+        ok(&[(ENV_PROXY_PROJECT, "hub-proxy.v2")]).proxy_project,
+        "hub-proxy.v2"
+    );
+    for bad in ["Proxy", "a/b", "-x", "x-", "a..b", "a b", "_x"] {
+        assert_eq!(
+            refused(&[(ENV_PROXY_PROJECT, bad)]),
+            [ENV_PROXY_PROJECT],
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn durations() {
+    let vars = [
+        ENV_DISCOVERY_INTERVAL,
+        ENV_RESOLVER_TIMEOUT,
+        ENV_CACHE_TTL,
+        ENV_IDLE_CONN_TIMEOUT,
+        ENV_NEGATIVE_CACHE_TTL,
+        ENV_STALE_WHILE_REVALIDATE,
+        ENV_CIRCUIT_BREAKER_TIMEOUT,
+        ENV_SHUTDOWN_TIMEOUT,
+        ENV_HEADER_READ_TIMEOUT,
+    ];
+    for var in vars {
+        for (text, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("10s", Duration::from_secs(10)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1.5h", Duration::from_secs(5400)),
+        ] {
+            let c = ok(&[(var, text)]);
+            let got = match var {
+                ENV_DISCOVERY_INTERVAL => c.discovery_interval,
+                ENV_RESOLVER_TIMEOUT => c.resolver_timeout,
+                ENV_CACHE_TTL => c.cache_ttl,
+                ENV_IDLE_CONN_TIMEOUT => c.idle_conn_timeout,
+                ENV_NEGATIVE_CACHE_TTL => c.negative_cache_ttl,
+                ENV_STALE_WHILE_REVALIDATE => c.stale_while_revalidate,
+                ENV_CIRCUIT_BREAKER_TIMEOUT => c.circuit_breaker_timeout,
+                ENV_SHUTDOWN_TIMEOUT => c.shutdown_timeout,
+                ENV_HEADER_READ_TIMEOUT => c.header_read_timeout,
+                _ => unreachable!(),
+            };
+            assert_eq!(got, d, "{var}={text}");
+        }
+        for bad in ["-5s", "10", "ten seconds", "5x", "1h-5m"] {
+            let e = refused_with(&[(var, bad)]);
+            assert_eq!(e.var, var);
+            assert_eq!(e.value.as_deref(), Some(bad));
+        }
+    }
+    // Zero disables these three ...
+    let c = ok(&[
+        (ENV_NEGATIVE_CACHE_TTL, "0s"),
+        (ENV_STALE_WHILE_REVALIDATE, "0s"),
+        (ENV_SHUTDOWN_TIMEOUT, "0s"),
+    ]);
+    assert!(c.negative_cache_ttl.is_zero() && c.stale_while_revalidate.is_zero());
+    assert!(c.shutdown_timeout.is_zero());
+    // ... and is meaningless for the others.
+    for var in [
+        ENV_DISCOVERY_INTERVAL,
+        ENV_RESOLVER_TIMEOUT,
+        ENV_CACHE_TTL,
+        ENV_IDLE_CONN_TIMEOUT,
+        ENV_CIRCUIT_BREAKER_TIMEOUT,
+        ENV_HEADER_READ_TIMEOUT,
+    ] {
+        let e = refused_with(&[(var, "0s")]);
+        assert!(
+            e.problem.contains("greater than zero"),
+            "{var}: {}",
+            e.problem
+        );
+    }
+}
+
+#[test]
+fn integers() {
+    let c = ok(&[
+        (ENV_MAX_FANOUT_PROJECTS, "7"),
+        (ENV_RATE_LIMIT_PER_IP, "100"),
+        (ENV_MAX_IDLE_CONNS_PER_HOST, "0"),
+        (ENV_REDIS_DB, "3"),
+        (ENV_CIRCUIT_BREAKER_THRESHOLD, "1"),
+        (ENV_WORKERS, "3"),
+    ]);
+    assert_eq!(c.max_fanout_projects, 7);
+    assert_eq!(c.rate_limit_per_ip, 100);
+    assert_eq!(c.max_idle_conns_per_host, 0);
+    assert_eq!(c.redis_db, 3);
+    assert_eq!(c.circuit_breaker_threshold, 1);
+    assert_eq!(c.workers, 3);
+    for (var, bad) in [
+        (ENV_MAX_FANOUT_PROJECTS, "0"),
+        (ENV_MAX_FANOUT_PROJECTS, "1001"),
+        (ENV_MAX_FANOUT_PROJECTS, "-1"),
+        (ENV_RATE_LIMIT_PER_IP, "-1"),
+        (ENV_RATE_LIMIT_PER_IP, "lots"),
+        (ENV_RATE_LIMIT_PER_IP, "4294967296"),
+        (ENV_MAX_IDLE_CONNS_PER_HOST, "65536"),
+        (ENV_MAX_IDLE_CONNS_PER_HOST, "1.5"),
+        (ENV_REDIS_DB, "-1"),
+        (ENV_REDIS_DB, "x"),
+        (ENV_CIRCUIT_BREAKER_THRESHOLD, "0"),
+        (ENV_WORKERS, "0"),
+        (ENV_WORKERS, "1025"),
+        (ENV_WORKERS, "auto"),
+    ] {
+        let e = refused_with(&[(var, bad)]);
+        assert_eq!((e.var.as_str(), e.value.as_deref()), (var, Some(bad)));
+        assert!(e.problem.contains("between"), "{var}={bad}: {}", e.problem);
+    }
+}
+
+#[test]
+fn booleans() {
+    for (text, v) in [
+        ("true", true),
+        ("TRUE", true),
+        ("1", true),
+        ("false", false),
+        ("0", false),
+    ] {
+        assert_eq!(
+            ok(&[(ENV_HTTP2_PRIOR_KNOWLEDGE, text)]).http2_prior_knowledge,
+            v
+        );
+    }
+    for bad in ["yes", "2", "on"] {
+        assert_eq!(
+            refused(&[(ENV_HTTP2_PRIOR_KNOWLEDGE, bad)]),
+            [ENV_HTTP2_PRIOR_KNOWLEDGE]
+        );
+    }
+}
+
+#[test]
+fn listen_addresses() {
+    let c = ok(&[
+        (ENV_LISTEN_ADDR, "127.0.0.1:0"),
+        (ENV_METRICS_ADDR, "[::1]:9100"),
+    ]);
+    assert_eq!(c.listen_addr, "127.0.0.1:0".parse().unwrap());
+    assert_eq!(c.metrics_addr, "[::1]:9100".parse().unwrap());
+    let c = ok(&[
+        (ENV_LISTEN_ADDR, "localhost:8081"),
+        (ENV_METRICS_ADDR, ":0"),
+    ]);
+    assert_eq!(c.listen_addr, "127.0.0.1:8081".parse().unwrap());
+    assert_eq!(c.metrics_addr, "0.0.0.0:0".parse().unwrap());
+    for var in [ENV_LISTEN_ADDR, ENV_METRICS_ADDR] {
+        for bad in ["8080", ":http", ":65536", "example.com:80", "1.2.3.4"] {
+            assert_eq!(refused(&[(var, bad)]), [var], "{var}={bad}");
+        }
+    }
+    assert_eq!(
+        refused(&[(ENV_LISTEN_ADDR, ":9000"), (ENV_METRICS_ADDR, ":9000")]),
+        [ENV_METRICS_ADDR]
+    );
+    // Port 0 twice is fine: each socket gets its own port.
+    ok(&[
+        (ENV_LISTEN_ADDR, "127.0.0.1:0"),
+        (ENV_METRICS_ADDR, "127.0.0.1:0"),
+    ]);
+}
+
+#[test]
+fn log_settings() {
+    for (text, level) in [
+        ("debug", LogLevel::Debug),
+        ("INFO", LogLevel::Info),
+        ("warn", LogLevel::Warn),
+        ("error", LogLevel::Error),
+        ("trace", LogLevel::Trace),
+    ] {
+        assert_eq!(ok(&[(ENV_LOG_LEVEL, text)]).log_level, level);
+    }
+    assert_eq!(ok(&[(ENV_LOG_FORMAT, "json")]).log_format, LogFormat::Json);
+    assert_eq!(
+        ok(&[(ENV_LOG_FORMAT, "pretty")]).log_format,
+        LogFormat::Pretty
+    );
+    assert_eq!(refused(&[(ENV_LOG_LEVEL, "verbose")]), [ENV_LOG_LEVEL]);
+    assert_eq!(refused(&[(ENV_LOG_FORMAT, "xml")]), [ENV_LOG_FORMAT]);
+}
+
+#[test]
+fn redis_settings() {
+    let pw = secret_file("redispw\n");
+    let c = ok(&[
+        (
+            ENV_REDIS_SENTINELS,
+            "s1:26380, s2 ,[fd00::1]:26381,10.0.0.4",
+        ),
+        (ENV_REDIS_MASTER_NAME, "harbor-router"),
+        ("REDIS_PASSWORD_FILE", pw.as_str()),
+        (ENV_REDIS_KEY_PREFIX, "hr:prod"),
+    ]);
+    let s: Vec<(&str, u16)> = c
+        .redis_sentinels
+        .iter()
+        .map(|s| (s.host.as_str(), s.port))
+        .collect();
+    assert_eq!(
+        s,
+        [
+            ("s1", 26380),
+            ("s2", 26379),
+            ("fd00::1", 26381),
+            ("10.0.0.4", 26379)
+        ]
+    );
+    assert_eq!(c.redis_master_name, "harbor-router");
+    assert_eq!(c.redis_password.unwrap().expose(), "redispw");
+    assert_eq!(c.redis_key_prefix, "hr:prod");
+    for bad in ["s1:0", "s1:x", "s1,,s2", "a b:1", "[::1", "s1:70000"] {
+        assert_eq!(
+            refused(&[(ENV_REDIS_SENTINELS, bad)]),
+            [ENV_REDIS_SENTINELS],
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        refused(&[(ENV_REDIS_MASTER_NAME, "my master")]),
+        [ENV_REDIS_MASTER_NAME]
+    );
+    assert_eq!(
+        refused(&[(ENV_REDIS_KEY_PREFIX, "a\tb")]),
+        [ENV_REDIS_KEY_PREFIX]
+    );
+    assert_eq!(
+        refused(&[(ENV_REDIS_KEY_PREFIX, &"x".repeat(129))]),
+        [ENV_REDIS_KEY_PREFIX]
+    );
+    assert_eq!(
+        refused(&[
+            (ENV_REDIS_PASSWORD, "a"),
+            ("REDIS_PASSWORD_FILE", pw.as_str())
+        ]),
+        [ENV_REDIS_PASSWORD]
+    );
+}
+
+#[test]
+fn io_driver() {
+    assert_eq!(ok(&[(ENV_IO_DRIVER, "epoll")]).io_driver, IoDriver::Epoll);
+    assert_eq!(
+        ok(&[(ENV_IO_DRIVER, "io_uring")]).io_driver,
+        IoDriver::IoUring
+    );
+    assert_eq!(ok(&[(ENV_IO_DRIVER, "AUTO")]).io_driver, IoDriver::Auto);
+    assert_eq!(refused(&[(ENV_IO_DRIVER, "kqueue")]), [ENV_IO_DRIVER]);
+}
+
+#[test]
+fn every_bad_variable_is_reported_at_once() {
+    let mut errs = refused(&[
+        (ENV_HARBOR_URL, "ftp://x"),
+        (ENV_WORKERS, "0"),
+        (ENV_LOG_LEVEL, "loud"),
+        (ENV_CACHE_TTL, "-1s"),
+        (ENV_MAX_FANOUT_PROJECTS, "0"),
+    ]);
+    errs.sort();
+    let mut want = [
+        ENV_HARBOR_URL,
+        ENV_WORKERS,
+        ENV_LOG_LEVEL,
+        ENV_CACHE_TTL,
+        ENV_MAX_FANOUT_PROJECTS,
+    ]
+    .map(String::from);
+    want.sort();
+    assert_eq!(errs, want);
+    let text = parse(&[(ENV_HARBOR_URL, "ftp://x"), (ENV_WORKERS, "0")])
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("HARBOR_URL=\"ftp://x\""), "{text}");
+    assert!(text.contains("WORKERS=\"0\""), "{text}");
+}
+
+#[test]
+fn not_unicode_is_refused() {
+    let err = Config::from_lookup(|name| {
+        if name == ENV_PROXY_PROJECT {
+            Lookup::NotUnicode
+        } else {
+            Lookup::Unset
+        }
+    })
+    .unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].var, ENV_PROXY_PROJECT);
+    assert!(err.0[0].problem.contains("UTF-8"));
+}

@@ -1,0 +1,217 @@
+//! One data-plane core: a pinned thread running its own monoio event loop (io_uring, or epoll when
+//! io_uring is unavailable), its own SO_REUSEPORT listener and its own per-core state. Nothing here is
+//! shared with another core: the only cross-thread traffic is the shutdown signal and the start-up
+//! report.
+//!
+//! Shutdown: when the signal flips, the accept loop stops (the listener is closed), every open
+//! connection is told to finish its in-flight request and close, and the loop waits for them until
+//! `SHUTDOWN_TIMEOUT`; whatever is still open then is dropped with the runtime.
+
+pub mod conn;
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use monoio_compat::hyper::MonoioTimer;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{Config, IoDriver};
+
+/// Largest request head accepted (request line plus headers). Registry requests are small; a bearer
+/// token is a few KiB. Larger heads get 431 from hyper.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Most header lines accepted in one request.
+const MAX_HEADERS: usize = 100;
+/// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The state one core owns. Reached through `Rc`; never sent to another thread.
+pub struct Core {
+    id: usize,
+    config: Arc<Config>,
+    /// One server builder, reused for every connection of this core.
+    http: http1::Builder,
+}
+
+impl Core {
+    fn new(id: usize, config: Arc<Config>) -> Core {
+        let mut http = http1::Builder::new();
+        http.timer(MonoioTimer)
+            .keep_alive(true)
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(MAX_REQUEST_HEAD)
+            .max_headers(MAX_HEADERS);
+        Core { id, config, http }
+    }
+
+    /// The worker index, `0..WORKERS`.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    pub fn proxy_project(&self) -> &str {
+        &self.config.proxy_project
+    }
+}
+
+/// Which driver a core ended up on, reported back to the starter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl Driver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+/// What a worker thread tells the starter once its runtime is built (or failed to build).
+pub type StartReport = Result<Driver, String>;
+
+/// Runs worker `id` on the current thread until shutdown has drained. Reports the driver (or why no
+/// runtime could be built) on `report` before serving.
+pub fn run_worker(
+    id: usize,
+    listener: std::net::TcpListener,
+    config: Arc<Config>,
+    shutdown: watch::Receiver<bool>,
+    report: mpsc::Sender<StartReport>,
+) {
+    let driver = config.io_driver;
+    let report_err = report.clone();
+    let serve = move |driver: Driver| {
+        tracing::info!(worker = id, driver = driver.as_str(), "worker started");
+        let _ = report.send(Ok(driver));
+        accept_loop(id, listener, config, shutdown)
+    };
+    let uring = || {
+        RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .build()
+    };
+    let epoll = || RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
+    let failed = |what: &str, e: std::io::Error| {
+        let _ = report_err.send(Err(format!("cannot start the {what} runtime: {e}")));
+    };
+    match driver {
+        IoDriver::IoUring => match uring() {
+            Ok(mut rt) => rt.block_on(serve(Driver::IoUring)),
+            Err(e) => failed("io_uring", e),
+        },
+        IoDriver::Epoll => match epoll() {
+            Ok(mut rt) => rt.block_on(serve(Driver::Epoll)),
+            Err(e) => failed("epoll", e),
+        },
+        IoDriver::Auto => match uring() {
+            Ok(mut rt) => rt.block_on(serve(Driver::IoUring)),
+            Err(uring_err) => {
+                tracing::warn!(worker = id, error = %uring_err,
+                    "io_uring is unavailable (kernel too old, or blocked by seccomp); falling back to epoll");
+                match epoll() {
+                    Ok(mut rt) => rt.block_on(serve(Driver::Epoll)),
+                    Err(e) => failed("epoll", e),
+                }
+            }
+        },
+    }
+}
+
+async fn accept_loop(
+    id: usize,
+    listener: std::net::TcpListener,
+    config: Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(worker = id, error = %e, "cannot register the listener");
+            return;
+        }
+    };
+    let core = Rc::new(Core::new(id, config.clone()));
+    let open = Rc::new(OpenConns::default());
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let guard = open.enter();
+                    monoio::spawn(conn::serve(stream, core.clone(), shutdown.clone(), guard));
+                }
+                Err(e) => {
+                    tracing::warn!(worker = id, error = %e, "accept failed");
+                    monoio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break; // the starter is gone: nobody can ask for a drain any more
+                }
+            }
+        }
+    }
+    drop(listener);
+    let in_flight = open.count();
+    tracing::info!(worker = id, connections = in_flight, "draining");
+    monoio::select! {
+        _ = open.all_closed() => tracing::info!(worker = id, "drained"),
+        _ = monoio::time::sleep(config.shutdown_timeout) => tracing::warn!(
+            worker = id, connections = open.count(),
+            "SHUTDOWN_TIMEOUT reached; closing the remaining connections"),
+    }
+}
+
+/// Counts this core's open connections so the drain knows when it is done.
+#[derive(Default)]
+struct OpenConns {
+    count: Cell<usize>,
+    closed: Notify,
+}
+
+impl OpenConns {
+    fn enter(self: &Rc<Self>) -> ConnGuard {
+        self.count.set(self.count.get() + 1);
+        ConnGuard(self.clone())
+    }
+
+    fn count(&self) -> usize {
+        self.count.get()
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.count.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by a connection task; dropping it marks the connection closed.
+pub struct ConnGuard(Rc<OpenConns>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let n = self.0.count.get() - 1;
+        self.0.count.set(n);
+        if n == 0 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}

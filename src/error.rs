@@ -1,0 +1,144 @@
+//! The errors the router answers itself, in the registry's JSON form
+//! (`{"errors":[{"code":"…","message":"…","detail":…}]}`), each knowing its spec code, its HTTP status
+//! and whether a client may retry it. Errors that Harbor sends are passed through untouched and never
+//! become an [`Error`]; start-up errors use `anyhow` and never reach a client.
+
+use bytes::Bytes;
+use http::StatusCode;
+
+/// An error answered by the router on the data plane.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The path is not under `/v2/<PROXY_PROJECT>/`, or names no registry endpoint.
+    #[error("repository name not known to registry")]
+    NameUnknown { detail: &'static str },
+    /// The repository name breaks the distribution name grammar.
+    #[error("invalid repository name")]
+    NameInvalid { reason: &'static str },
+    /// The digest breaks the digest grammar or names an unsupported algorithm.
+    #[error("provided digest did not match uploaded content")]
+    DigestInvalid { reason: &'static str },
+    /// The tag breaks the tag grammar (`[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`).
+    #[error("manifest tag did not match URI")]
+    TagInvalid { reason: &'static str },
+    /// Any method but GET and HEAD: the router only serves pulls.
+    #[error("the operation is unsupported")]
+    MethodNotAllowed,
+    /// A push endpoint (blob uploads): pushes go to a Harbor project directly.
+    #[error("the operation is unsupported")]
+    PushUnsupported,
+    /// The router cannot serve this right now (no project known, upstream down); retryable.
+    #[error("service unavailable")]
+    Unavailable { reason: &'static str },
+}
+
+impl Error {
+    /// The distribution spec's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NameUnknown { .. } => "NAME_UNKNOWN",
+            Error::NameInvalid { .. } => "NAME_INVALID",
+            Error::DigestInvalid { .. } => "DIGEST_INVALID",
+            // Not in the OCI spec's table; the CNCF distribution registry defines it for this case.
+            Error::TagInvalid { .. } => "TAG_INVALID",
+            Error::MethodNotAllowed | Error::PushUnsupported => "UNSUPPORTED",
+            Error::Unavailable { .. } => "UNAVAILABLE",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NameUnknown { .. } => StatusCode::NOT_FOUND,
+            Error::NameInvalid { .. } | Error::DigestInvalid { .. } | Error::TagInvalid { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::MethodNotAllowed | Error::PushUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Whether the same request may succeed later without the client changing anything.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
+    /// The `detail` member: why, in words an operator can act on.
+    fn detail(&self) -> &'static str {
+        match self {
+            Error::NameUnknown { detail } => detail,
+            Error::NameInvalid { reason }
+            | Error::DigestInvalid { reason }
+            | Error::TagInvalid { reason }
+            | Error::Unavailable { reason } => reason,
+            Error::MethodNotAllowed => {
+                "only GET and HEAD are served: the router routes pulls; push to a Harbor project directly"
+            }
+            Error::PushUnsupported => "pushes are not routed; push to a Harbor project directly",
+        }
+    }
+
+    /// The JSON body, as the distribution spec lays it out.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "errors": [{
+                "code": self.code(),
+                "message": self.to_string(),
+                "detail": self.detail(),
+            }]
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape() {
+        let e = Error::NameInvalid {
+            reason: "path component \"..\" is not [a-z0-9]+",
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
+        assert_eq!(v["errors"][0]["message"], "invalid repository name");
+        assert_eq!(
+            v["errors"][0]["detail"],
+            "path component \"..\" is not [a-z0-9]+"
+        );
+        assert_eq!(v["errors"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn codes_and_statuses() {
+        let cases = [
+            (
+                Error::NameUnknown { detail: "" },
+                "NAME_UNKNOWN",
+                404,
+                false,
+            ),
+            (
+                Error::NameInvalid { reason: "" },
+                "NAME_INVALID",
+                400,
+                false,
+            ),
+            (
+                Error::DigestInvalid { reason: "" },
+                "DIGEST_INVALID",
+                400,
+                false,
+            ),
+            (Error::TagInvalid { reason: "" }, "TAG_INVALID", 400, false),
+            (Error::MethodNotAllowed, "UNSUPPORTED", 405, false),
+            (Error::PushUnsupported, "UNSUPPORTED", 405, false),
+            (Error::Unavailable { reason: "" }, "UNAVAILABLE", 503, true),
+        ];
+        for (e, code, status, retry) in cases {
+            assert_eq!(e.code(), code);
+            assert_eq!(e.status().as_u16(), status, "{code}");
+            assert_eq!(e.retryable(), retry, "{code}");
+        }
+    }
+}

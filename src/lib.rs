@@ -1,0 +1,178 @@
+//! harbor-router: a thread-per-core Docker Registry v2 router in front of Harbor. Clients pull
+//! `/v2/<PROXY_PROJECT>/<name>/…` from one endpoint; the router finds the Harbor proxy-cache project
+//! that holds `<name>` and serves the pull from it.
+//!
+//! # Layout
+//! - [`config`]: every environment variable, parsed and validated in one place.
+//! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
+//! - [`body`]: the one response body type handed to hyper.
+//! - [`logging`]: pretty or JSON logs through `tracing`.
+//! - [`core`]: one data-plane core: pinned thread, monoio runtime, SO_REUSEPORT listener, accept loop,
+//!   drain; [`core::conn`] serves one downstream HTTP/1.1 connection.
+//! - [`registry`]: the registry protocol: [`registry::route`] parses a request into a `Route`,
+//!   [`registry::handle`] answers it.
+//! - [`Server`] (this file): binds one listener per worker, starts the workers, and hands back a
+//!   [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
+//!
+//! Still to come, per `docs/architecture.md`: discovery and the routing snapshot, the upstream pool
+//! and token flow, resolution with fan-out and caches, circuit breakers, Redis, metrics.
+
+pub mod body;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod logging;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::core::Driver;
+
+/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A router whose listeners are bound but whose workers have not started.
+pub struct Server {
+    config: Arc<Config>,
+    listeners: Vec<std::net::TcpListener>,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds `WORKERS` SO_REUSEPORT listeners on `LISTEN_ADDR`. With port 0 the first socket picks the
+    /// port and the others join it, so every worker serves the same address.
+    pub fn bind(config: Config) -> anyhow::Result<Server> {
+        let first = bind_reuseport(config.listen_addr)
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let local_addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..config.workers {
+            listeners.push(
+                bind_reuseport(local_addr)
+                    .with_context(|| format!("cannot add a listener on {local_addr}"))?,
+            );
+        }
+        Ok(Server {
+            config: Arc::new(config),
+            listeners,
+            local_addr,
+        })
+    }
+
+    /// The address clients connect to (with the real port when `LISTEN_ADDR` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts one pinned thread per listener and waits until each has its runtime. Fails (after
+    /// stopping the ones that did start) when a worker cannot build its runtime, e.g. `IO_DRIVER=io_uring`
+    /// on a kernel without it.
+    pub fn start(self) -> anyhow::Result<Running> {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (report_tx, report_rx) = mpsc::channel();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        if self.config.workers > cores.len() && !cores.is_empty() {
+            tracing::warn!(
+                workers = self.config.workers,
+                cores = cores.len(),
+                "more workers than cores: some cores run several workers"
+            );
+        }
+        let mut workers = Vec::with_capacity(self.listeners.len());
+        for (id, listener) in self.listeners.into_iter().enumerate() {
+            let config = self.config.clone();
+            let shutdown = shutdown_rx.clone();
+            let report = report_tx.clone();
+            let core_id = cores.get(id % cores.len().max(1)).copied();
+            let handle = std::thread::Builder::new()
+                .name(format!("hr-worker-{id}"))
+                .spawn(move || {
+                    match core_id {
+                        Some(c) if core_affinity::set_for_current(c) => {}
+                        _ => tracing::warn!(
+                            worker = id,
+                            "cannot pin the worker to a core; running unpinned"
+                        ),
+                    }
+                    core::run_worker(id, listener, config, shutdown, report)
+                })
+                .context("cannot spawn a worker thread")?;
+            workers.push(handle);
+        }
+        drop(report_tx);
+        let running = Running {
+            shutdown: shutdown_tx,
+            workers,
+            local_addr: self.local_addr,
+        };
+        let mut drivers = Vec::new();
+        for _ in 0..running.workers.len() {
+            match report_rx.recv() {
+                Ok(Ok(driver)) => drivers.push(driver),
+                Ok(Err(why)) => {
+                    running.shutdown();
+                    running.join();
+                    bail!(why);
+                }
+                Err(_) => {
+                    running.shutdown();
+                    running.join();
+                    bail!("a worker thread exited before starting");
+                }
+            }
+        }
+        let uring = drivers.iter().filter(|d| **d == Driver::IoUring).count();
+        tracing::info!(
+            addr = %running.local_addr,
+            workers = drivers.len(),
+            io_uring = uring,
+            epoll = drivers.len() - uring,
+            "listening"
+        );
+        Ok(running)
+    }
+}
+
+/// A started router.
+pub struct Running {
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Asks every worker to stop accepting and drain; returns at once.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits for every worker to finish draining (each bounded by `SHUTDOWN_TIMEOUT`).
+    pub fn join(self) {
+        for w in self.workers {
+            if w.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}

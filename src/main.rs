@@ -1,0 +1,72 @@
+//! The `harbor-router` binary: read the configuration (exit 64 on any bad variable, before binding a
+//! port), start the workers, wait for SIGTERM or SIGINT, drain, exit 0. A second signal during the
+//! drain exits at once with status 130.
+
+use std::process::ExitCode;
+
+use mimalloc::MiMalloc;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use harbor_router::config::Config;
+use harbor_router::{logging, Server};
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+/// `EX_USAGE` from sysexits.h: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+/// Could not start (port taken, no runtime): `EX_UNAVAILABLE`.
+const EXIT_START: u8 = 69;
+
+fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(errors) => {
+            eprint!("harbor-router: {errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    logging::init(config.log_level, config.log_format);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "cannot start");
+            ExitCode::from(EXIT_START)
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    // Registered before the workers start, so an early SIGTERM is not lost.
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        harbor = %config.harbor_url.origin(),
+        proxy_project = %config.proxy_project,
+        user = config.harbor_credentials.as_ref().map(|c| c.username.as_str()).unwrap_or("(anonymous)"),
+        "starting"
+    );
+    if config.harbor_credentials.is_none() {
+        tracing::warn!(
+            "HARBOR_USERNAME is not set: Harbor is accessed anonymously (public projects only)"
+        );
+    }
+    let shutdown_timeout = config.shutdown_timeout;
+    let running = Server::bind(config)?.start()?;
+    let signal = signals.forever().next();
+    tracing::info!(signal = ?signal, timeout = ?shutdown_timeout, "shutting down: draining connections");
+    running.shutdown();
+    std::thread::spawn(move || {
+        if let Some(s) = signals.forever().next() {
+            tracing::warn!(
+                signal = s,
+                "second signal: exiting without finishing the drain"
+            );
+            std::process::exit(130);
+        }
+    });
+    running.join();
+    tracing::info!("stopped");
+    Ok(())
+}
