@@ -1,6 +1,7 @@
 //! One downstream connection: HTTP/1.1 with keep-alive through hyper on monoio, each request handed to
 //! [`crate::registry::handle`]. Hyper enforces the request-head limits (size, header count, read
-//! timeout); this module adds the graceful close on shutdown.
+//! timeout); this module adds the graceful close on shutdown and, through [`LingeringIo`], a close
+//! that never turns unread input into a RST that would destroy the response in flight.
 
 use std::convert::Infallible;
 use std::rc::Rc;
@@ -11,6 +12,7 @@ use monoio::net::TcpStream;
 use monoio_compat::hyper::MonoioIo;
 use tokio::sync::watch;
 
+use super::linger::LingeringIo;
 use super::{ConnGuard, Core};
 use crate::registry::handle::handle;
 
@@ -23,7 +25,7 @@ pub async fn serve(
     _guard: ConnGuard,
 ) {
     let io = match stream.into_poll_io() {
-        Ok(io) => MonoioIo::new(io),
+        Ok(io) => LingeringIo::new(MonoioIo::new(io)),
         Err(e) => {
             tracing::debug!(error = %e, "cannot switch the connection to poll io");
             return;

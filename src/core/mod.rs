@@ -8,6 +8,7 @@
 //! `SHUTDOWN_TIMEOUT`; whatever is still open then is dropped with the runtime.
 
 pub mod conn;
+pub mod linger;
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -44,7 +45,7 @@ impl Core {
         http.timer(MonoioTimer)
             .keep_alive(true)
             .header_read_timeout(config.header_read_timeout)
-            .max_buf_size(MAX_REQUEST_HEAD)
+            .max_header_size(MAX_REQUEST_HEAD)
             .max_headers(MAX_HEADERS);
         Core { id, config, http }
     }

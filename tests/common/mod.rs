@@ -1,0 +1,239 @@
+//! Test support: start the built `harbor-router` binary on port 0 and read its JSON logs, and speak
+//! raw HTTP/1.1 to it (so tests can send what no well-behaved client would).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that should happen promptly.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running router process; killed on drop.
+pub struct Router {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<(Mutex<Vec<String>>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Router {
+    /// Starts the binary with a clean environment: `env` plus JSON logs on 127.0.0.1:0 (each may be
+    /// overridden), and waits for its "listening" line.
+    pub fn start(env: &[(&str, &str)]) -> Router {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+        cmd.env_clear()
+            .env("HARBOR_URL", "http://127.0.0.1:9")
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut router = Router::spawn(cmd);
+        let line = router.wait_log(|l| l.contains(r#""message":"listening""#));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        router.addr = v["addr"].as_str().unwrap().parse().unwrap();
+        router
+    }
+
+    /// Spawns `cmd` with stdout (logs) and stderr captured; does not wait for anything.
+    pub fn spawn(mut cmd: Command) -> Router {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start harbor-router");
+        let logs = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (lines, cv) = &*sink;
+                lines.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let err_sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err_pipe.read_to_string(&mut s);
+            err_sink.lock().unwrap().push_str(&s);
+        });
+        Router {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            logs,
+            stderr,
+        }
+    }
+
+    /// Waits (up to [`DEADLINE`]) for a log line matching `pred` and returns it.
+    pub fn wait_log(&self, pred: impl Fn(&str) -> bool) -> String {
+        let (lines, cv) = &*self.logs;
+        let end = Instant::now() + DEADLINE;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(l) = guard.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no matching log line; logs:\n{}",
+                guard.join("\n")
+            );
+            guard = cv.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.0.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "the router did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The registry error code of a JSON error body.
+    pub fn error_code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Sends raw bytes on a new connection and reads the whole answer (the server closes after it,
+/// since every caller sends `Connection: close` or garbage).
+pub fn raw(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// `METHOD path` with `Connection: close` and any extra header lines.
+pub fn request(addr: SocketAddr, method: &str, path: &str, extra: &[&str]) -> Response {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for h in extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    parse_response(&raw(addr, req.as_bytes())).0
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, "GET", path, &[])
+}
+
+/// Parses one response from the front of `bytes`; returns it and the bytes it used. The body is read
+/// by Content-Length (or to the end without one). HEAD answers must be parsed with `head = true`.
+pub fn parse_response(bytes: &[u8]) -> (Response, usize) {
+    parse_response_to(bytes, false).expect("a complete response")
+}
+
+pub fn parse_response_to(bytes: &[u8], head: bool) -> Option<(Response, usize)> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let text = std::str::from_utf8(&bytes[..end]).expect("ASCII head");
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let body_start = end + 4;
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse::<usize>().unwrap());
+    let body_len = match (head, len) {
+        (true, _) => 0,
+        (false, Some(n)) => n,
+        (false, None) => bytes.len() - body_start,
+    };
+    if bytes.len() < body_start + body_len {
+        return None;
+    }
+    let body = bytes[body_start..body_start + body_len].to_vec();
+    Some((
+        Response {
+            status,
+            headers,
+            body,
+        },
+        body_start + body_len,
+    ))
+}

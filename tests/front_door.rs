@@ -1,0 +1,308 @@
+//! The running binary's front door: start-up, per-core serving, the registry base and health
+//! endpoints, refusals of bad configuration and hostile requests.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{get, parse_response_to, raw, request, Router, DEADLINE};
+
+#[test]
+fn base_endpoint_answers_get_and_head() {
+    let r = Router::start(&[("WORKERS", "2")]);
+    let res = get(r.addr, "/v2/");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body, b"{}");
+    assert_eq!(
+        res.header("Docker-Distribution-API-Version"),
+        Some("registry/2.0")
+    );
+    assert_eq!(
+        res.header("Content-Type"),
+        Some("application/json; charset=utf-8")
+    );
+
+    // HEAD: same headers, Content-Length of the GET body, no body bytes.
+    let bytes = raw(
+        r.addr,
+        b"HEAD /v2/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    let (res, used) = parse_response_to(&bytes, true).unwrap();
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("Content-Length"), Some("2"));
+    assert_eq!(used, bytes.len(), "a HEAD answer has no body");
+
+    // A query string does not change the route.
+    assert_eq!(get(r.addr, "/v2/?probe=1").status, 200);
+    assert_eq!(get(r.addr, "/v2").status, 200);
+}
+
+#[test]
+fn every_worker_serves_and_logs_its_driver() {
+    let workers = 4;
+    let r = Router::start(&[("WORKERS", "4")]);
+    for w in 0..workers {
+        let line = r.wait_log(|l| {
+            l.contains(r#""message":"worker started""#) && l.contains(&format!(r#""worker":{w},"#))
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let driver = v["driver"].as_str().unwrap();
+        assert!(driver == "io_uring" || driver == "epoll", "{line}");
+    }
+    let mut seen = BTreeSet::new();
+    for _ in 0..200 {
+        // One new connection per request: SO_REUSEPORT spreads connections, not requests.
+        let res = get(r.addr, "/healthz");
+        assert_eq!(res.status, 503);
+        seen.insert(res.json()["worker"].as_u64().unwrap());
+        if seen.len() == workers {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        (0..workers as u64).collect::<BTreeSet<_>>(),
+        "every worker answers"
+    );
+}
+
+#[test]
+fn health_reports_why_it_is_not_ready() {
+    let r = Router::start(&[("WORKERS", "1")]);
+    for path in ["/healthz", "/readyz"] {
+        let res = get(r.addr, path);
+        assert_eq!(res.status, 503, "{path}");
+        let v = res.json();
+        assert_eq!(v["status"], "unavailable");
+        assert!(v["reason"].as_str().unwrap().contains("discovery"), "{v}");
+    }
+    // Until a project is known, pulls are answered with a retryable registry error.
+    let res = get(r.addr, "/v2/proxy/library/nginx/manifests/latest");
+    assert_eq!(res.status, 503);
+    assert_eq!(res.error_code(), "UNAVAILABLE");
+}
+
+#[test]
+fn starts_with_only_harbor_url() {
+    // The defaults: LISTEN_ADDR=:8080, pretty logs, one worker per core, io driver auto.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+    cmd.env_clear().env("HARBOR_URL", "http://127.0.0.1:9");
+    let r = Router::spawn(cmd);
+    let line = r.wait_log(|l| l.contains("listening"));
+    assert!(line.contains("addr=0.0.0.0:8080"), "{line}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for w in 0..cores {
+        r.wait_log(|l| l.contains("worker started") && l.contains(&format!("worker={w} ")));
+    }
+    let res = get("127.0.0.1:8080".parse().unwrap(), "/v2/");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body, b"{}");
+}
+
+#[test]
+fn forced_drivers() {
+    for driver in ["epoll", "io_uring"] {
+        let r = Router::start(&[("WORKERS", "2"), ("IO_DRIVER", driver)]);
+        for w in 0..2 {
+            r.wait_log(|l| {
+                l.contains("worker started")
+                    && l.contains(&format!(r#""worker":{w},"#))
+                    && l.contains(&format!(r#""driver":"{driver}""#))
+            });
+        }
+        assert_eq!(get(r.addr, "/v2/").status, 200, "{driver}");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_every_bad_variable() {
+    // LISTEN_ADDR names a port this test holds: a router that bound before validating would fail
+    // differently (exit 69), not with 64.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+    cmd.env_clear()
+        .env("HARBOR_URL", "ftp://harbor")
+        .env("WORKERS", "0")
+        .env("LOG_LEVEL", "loud")
+        .env("MAX_FANOUT_PROJECTS", "0")
+        .env("DISCOVERY_INTERVAL", "-5s")
+        .env("HARBOR_PASSWORD", "topsecret-value")
+        .env("LISTEN_ADDR", held.local_addr().unwrap().to_string());
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for var in [
+        "HARBOR_URL=\"ftp://harbor\"",
+        "WORKERS=\"0\"",
+        "LOG_LEVEL=\"loud\"",
+        "MAX_FANOUT_PROJECTS=\"0\"",
+        "DISCOVERY_INTERVAL=\"-5s\"",
+        "HARBOR_USERNAME:",
+    ] {
+        assert!(stderr.contains(var), "missing {var} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("topsecret"), "a secret leaked:\n{stderr}");
+    assert!(out.stdout.is_empty(), "nothing was started, nothing logged");
+}
+
+#[test]
+fn unusable_listen_address_is_a_start_error() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+    cmd.env_clear()
+        .env("HARBOR_URL", "http://127.0.0.1:9")
+        .env("LOG_FORMAT", "json")
+        .env("LISTEN_ADDR", held.local_addr().unwrap().to_string());
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("cannot listen on"), "{stdout}");
+}
+
+#[test]
+fn refusals_use_registry_errors() {
+    let r = Router::start(&[("WORKERS", "1")]);
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/v2/_catalog", 404, "NAME_UNKNOWN"),
+        (
+            "GET",
+            "/v2/dockerhub/library/nginx/manifests/latest",
+            404,
+            "NAME_UNKNOWN",
+        ),
+        (
+            "GET",
+            "/v2/proxy/%2e%2e/manifests/latest",
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/proxy/../../etc/manifests/latest",
+            400,
+            "NAME_INVALID",
+        ),
+        ("GET", "/v2/proxy//x/manifests/latest", 400, "NAME_INVALID"),
+        (
+            "GET",
+            "/v2/proxy/x/manifests/sha256:beef",
+            400,
+            "DIGEST_INVALID",
+        ),
+        ("GET", "/v2/proxy/x/manifests/-bad", 400, "TAG_INVALID"),
+        ("POST", "/v2/proxy/x/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("PUT", "/v2/proxy/x/manifests/latest", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/proxy/x/manifests/latest", 405, "UNSUPPORTED"),
+    ];
+    for (method, path, status, code) in cases {
+        let res = request(r.addr, method, path, &[]);
+        assert_eq!(res.status, *status, "{method} {path}");
+        assert_eq!(res.error_code(), *code, "{method} {path}");
+        assert_eq!(
+            res.header("Content-Type"),
+            Some("application/json; charset=utf-8")
+        );
+        if *status == 405 {
+            assert_eq!(res.header("Allow"), Some("GET, HEAD"));
+        }
+    }
+    // A long name is refused by the grammar, not by a crash.
+    let long = format!("/v2/proxy/{}/manifests/latest", "a".repeat(300));
+    assert_eq!(get(r.addr, &long).error_code(), "NAME_INVALID");
+    assert_eq!(get(r.addr, "/v2/").status, 200, "still serving");
+}
+
+#[test]
+fn hostile_bytes_get_a_clear_answer_and_harm_nothing() {
+    let r = Router::start(&[("WORKERS", "1")]);
+    let status = |bytes: &[u8]| -> u16 {
+        let out = raw(r.addr, bytes);
+        let head = String::from_utf8_lossy(&out);
+        head.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    // Raw non-UTF-8 bytes in the request target.
+    assert_eq!(
+        status(b"GET /v2/proxy/\xff\xfe/manifests/x HTTP/1.1\r\nHost: t\r\n\r\n"),
+        400
+    );
+    // Garbage instead of HTTP.
+    assert_eq!(
+        status(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello\r\n\r\n"),
+        400
+    );
+    // A 100 KiB header.
+    let big = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    assert_eq!(status(big.as_bytes()), 431);
+    // Too many header lines.
+    let mut many = String::from("GET /v2/ HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(status(many.as_bytes()), 431);
+    // A request target of 70 000 bytes.
+    let long = format!("GET /v2/{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(70_000));
+    let s = status(long.as_bytes());
+    assert!(s == 414 || s == 431 || s == 400, "long target got {s}");
+    // None of it hurt the server.
+    assert_eq!(get(r.addr, "/v2/").status, 200);
+}
+
+#[test]
+fn slow_request_heads_are_cut_off() {
+    let r = Router::start(&[("WORKERS", "1"), ("HEADER_READ_TIMEOUT", "1s")]);
+    let mut s = TcpStream::connect(r.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = Instant::now();
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: t\r\n").unwrap();
+    // The client never finishes its head; the server must close the connection by itself.
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "not closed by the header timeout: {waited:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "no answer to half a request"
+    );
+    assert_eq!(get(r.addr, "/v2/").status, 200);
+}
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let r = Router::start(&[("WORKERS", "1")]);
+    let mut s = TcpStream::connect(r.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..50 {
+        let path = if i % 2 == 0 { "/v2/" } else { "/healthz" };
+        write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let res = loop {
+            if let Some((res, used)) = parse_response_to(&buf, false) {
+                buf.drain(..used);
+                break res;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed after {i} requests");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert_eq!(res.status, if i % 2 == 0 { 200 } else { 503 });
+    }
+}
