@@ -1,0 +1,66 @@
+# Shared by scripts/*.sh: install what is missing (Debian), and small helpers. Source it; do not run it.
+
+# Minimum Rust the crate builds with (Cargo.toml's rust-version).
+HR_MIN_RUST="1.85"
+
+hr_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+hr_sudo() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+_hr_apt_updated=""
+# hr_apt PACKAGE...: installs the Debian packages that are not installed yet.
+hr_apt() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if ! command -v apt-get >/dev/null; then
+    echo "missing packages ${missing[*]} and no apt-get to install them" >&2; return 1
+  fi
+  if [ -z "$_hr_apt_updated" ]; then
+    hr_log "apt-get update"
+    hr_sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    _hr_apt_updated=1
+  fi
+  hr_log "apt-get install ${missing[*]}"
+  hr_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+_hr_version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+
+# hr_rust: makes sure cargo, rustc (>= HR_MIN_RUST), rustfmt and clippy are usable, and a C compiler
+# for the crates that build C (mimalloc).
+hr_rust() {
+  [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  command -v cc >/dev/null || hr_apt gcc libc6-dev
+  if ! command -v cargo >/dev/null; then
+    hr_log "no cargo found: installing Debian's Rust toolchain"
+    hr_apt cargo rustc
+  fi
+  local v
+  v=$(rustc --version | awk '{print $2}')
+  if ! _hr_version_ge "$v" "$HR_MIN_RUST"; then
+    echo "rustc $v is older than $HR_MIN_RUST; install a newer toolchain (rustup) and retry" >&2
+    return 1
+  fi
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null; then
+      rustup component add rustfmt clippy
+    else
+      hr_apt rustfmt rust-clippy
+    fi
+  fi
+}
+
+# hr_wait_port HOST PORT SECONDS: waits until a TCP port accepts connections.
+hr_wait_port() {
+  local host=$1 port=$2 deadline=$((SECONDS + $3))
+  until (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
+    [ "$SECONDS" -ge "$deadline" ] && return 1
+    sleep 0.1
+  done
+}
