@@ -1,0 +1,1 @@
+//! Test bed for harbor-router (work in progress).
