@@ -47,6 +47,9 @@ pub const ENV_WORKERS: &str = "WORKERS";
 pub const ENV_IO_DRIVER: &str = "IO_DRIVER";
 pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
+pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
+pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
+pub const ENV_UPSTREAM_RESPONSE_TIMEOUT: &str = "UPSTREAM_RESPONSE_TIMEOUT";
 
 /// Redis sentinel port used when an entry of `REDIS_SENTINELS` has none.
 pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
@@ -154,6 +157,12 @@ pub struct SentinelAddr {
 pub struct Config {
     /// Where Harbor's API, token service and `/v2/` live.
     pub harbor_url: HarborUrl,
+    /// Extra CA certificates (PEM) trusted for an `https://` HARBOR_URL, e.g. a private CA.
+    pub harbor_ca_file: Option<String>,
+    /// Bound for opening one connection to Harbor (TCP, TLS and HTTP handshakes).
+    pub upstream_connect_timeout: Duration,
+    /// Bound for Harbor's response headers to one request (bodies stream without this bound).
+    pub upstream_response_timeout: Duration,
     /// The robot account; `None` means anonymous access (public projects only).
     pub harbor_credentials: Option<Credentials>,
     /// The first path segment clients use instead of a real project: `/v2/<proxy_project>/<name>/…`.
@@ -286,6 +295,11 @@ impl Config {
                 None
             }
         };
+        let harbor_ca_file = r.parse(ENV_HARBOR_CA_FILE, "", readable_file);
+        let upstream_connect_timeout =
+            r.parse(ENV_UPSTREAM_CONNECT_TIMEOUT, "5s", positive_duration);
+        let upstream_response_timeout =
+            r.parse(ENV_UPSTREAM_RESPONSE_TIMEOUT, "60s", positive_duration);
         let proxy_project = r.parse(ENV_PROXY_PROJECT, "proxy", parse_project_name);
         let discovery_interval = r.parse(ENV_DISCOVERY_INTERVAL, "60s", positive_duration);
         let resolver_timeout = r.parse(ENV_RESOLVER_TIMEOUT, "10s", positive_duration);
@@ -351,6 +365,9 @@ impl Config {
         Ok(Config {
             harbor_url: harbor_url.expect("checked"),
             harbor_credentials,
+            harbor_ca_file: harbor_ca_file.expect("checked"),
+            upstream_connect_timeout: upstream_connect_timeout.expect("checked"),
+            upstream_response_timeout: upstream_response_timeout.expect("checked"),
             proxy_project: proxy_project.expect("checked"),
             discovery_interval: discovery_interval.expect("checked"),
             resolver_timeout: resolver_timeout.expect("checked"),
@@ -528,6 +545,20 @@ fn parse_project_name(v: &str) -> Result<String, String> {
         Ok(v.to_string())
     } else {
         Err("must be a lowercase name component: [a-z0-9]+ joined by '.', '_', '__' or '-'".into())
+    }
+}
+
+/// A path to a readable file, or unset (`""`).
+fn readable_file(v: &str) -> Result<Option<String>, String> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    match std::fs::metadata(v) {
+        Ok(m) if m.is_file() => std::fs::File::open(v)
+            .map(|_| Some(v.to_string()))
+            .map_err(|e| format!("cannot read the file: {e}")),
+        Ok(_) => Err("is not a file".into()),
+        Err(e) => Err(format!("cannot read the file: {e}")),
     }
 }
 

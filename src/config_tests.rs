@@ -101,6 +101,25 @@ fn defaults() {
     assert_eq!(c.io_driver, IoDriver::Auto);
     assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(c.harbor_ca_file, None);
+    assert_eq!(c.upstream_connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.upstream_response_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn harbor_ca_file() {
+    let ca = secret_file("-----BEGIN CERTIFICATE-----\n");
+    assert_eq!(
+        ok(&[(ENV_HARBOR_CA_FILE, ca.as_str())])
+            .harbor_ca_file
+            .as_deref(),
+        Some(ca.as_str())
+    );
+    let e = refused_with(&[(ENV_HARBOR_CA_FILE, "/nonexistent/ca.pem")]);
+    assert_eq!(e.var, ENV_HARBOR_CA_FILE);
+    assert!(e.problem.contains("cannot read"), "{}", e.problem);
+    let e = refused_with(&[(ENV_HARBOR_CA_FILE, "/")]);
+    assert!(e.problem.contains("not a file"), "{}", e.problem);
 }
 
 #[test]
@@ -272,6 +291,8 @@ fn durations() {
         ENV_CIRCUIT_BREAKER_TIMEOUT,
         ENV_SHUTDOWN_TIMEOUT,
         ENV_HEADER_READ_TIMEOUT,
+        ENV_UPSTREAM_CONNECT_TIMEOUT,
+        ENV_UPSTREAM_RESPONSE_TIMEOUT,
     ];
     for var in vars {
         for (text, d) in [
@@ -293,6 +314,8 @@ fn durations() {
                 ENV_CIRCUIT_BREAKER_TIMEOUT => c.circuit_breaker_timeout,
                 ENV_SHUTDOWN_TIMEOUT => c.shutdown_timeout,
                 ENV_HEADER_READ_TIMEOUT => c.header_read_timeout,
+                ENV_UPSTREAM_CONNECT_TIMEOUT => c.upstream_connect_timeout,
+                ENV_UPSTREAM_RESPONSE_TIMEOUT => c.upstream_response_timeout,
                 _ => unreachable!(),
             };
             assert_eq!(got, d, "{var}={text}");
@@ -319,6 +342,8 @@ fn durations() {
         ENV_IDLE_CONN_TIMEOUT,
         ENV_CIRCUIT_BREAKER_TIMEOUT,
         ENV_HEADER_READ_TIMEOUT,
+        ENV_UPSTREAM_CONNECT_TIMEOUT,
+        ENV_UPSTREAM_RESPONSE_TIMEOUT,
     ] {
         let e = refused_with(&[(var, "0s")]);
         assert!(

@@ -11,18 +11,25 @@
 //!   drain; [`core::conn`] serves one downstream HTTP/1.1 connection.
 //! - [`registry`]: the registry protocol: [`registry::route`] parses a request into a `Route`,
 //!   [`registry::handle`] answers it.
+//! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
+//! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects.
+//! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
+//!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`].
 //! - [`Server`] (this file): binds one listener per worker, starts the workers, and hands back a
 //!   [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
 //!
-//! Still to come, per `docs/architecture.md`: discovery and the routing snapshot, the upstream pool
-//! and token flow, resolution with fan-out and caches, circuit breakers, Redis, metrics.
+//! Still to come, per `docs/architecture.md`: resolution with fan-out and caches, blob streaming,
+//! circuit breakers, Redis, metrics.
 
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod error;
 pub mod logging;
 pub mod registry;
+pub mod snapshot;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc};
@@ -34,6 +41,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::core::Driver;
+use crate::snapshot::SharedSnapshot;
 
 /// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -43,12 +51,15 @@ pub struct Server {
     config: Arc<Config>,
     listeners: Vec<std::net::TcpListener>,
     local_addr: SocketAddr,
+    upstream: Arc<upstream::Shared>,
+    snapshot: SharedSnapshot,
 }
 
 impl Server {
     /// Binds `WORKERS` SO_REUSEPORT listeners on `LISTEN_ADDR`. With port 0 the first socket picks the
     /// port and the others join it, so every worker serves the same address.
     pub fn bind(config: Config) -> anyhow::Result<Server> {
+        let upstream = upstream::Shared::from_config(&config)?;
         let first = bind_reuseport(config.listen_addr)
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
         let local_addr = first.local_addr()?;
@@ -63,6 +74,8 @@ impl Server {
             config: Arc::new(config),
             listeners,
             local_addr,
+            upstream,
+            snapshot: snapshot::shared(),
         })
     }
 
@@ -71,7 +84,12 @@ impl Server {
         self.local_addr
     }
 
-    /// Starts one pinned thread per listener and waits until each has its runtime. Fails (after
+    /// The snapshot the workers read (tests inspect it; discovery writes it).
+    pub fn snapshot(&self) -> SharedSnapshot {
+        self.snapshot.clone()
+    }
+
+    /// Starts discovery and one pinned thread per listener and waits until each has its runtime. Fails (after
     /// stopping the ones that did start) when a worker cannot build its runtime, e.g. `IO_DRIVER=io_uring`
     /// on a kernel without it.
     pub fn start(self) -> anyhow::Result<Running> {
@@ -88,6 +106,8 @@ impl Server {
         let mut workers = Vec::with_capacity(self.listeners.len());
         for (id, listener) in self.listeners.into_iter().enumerate() {
             let config = self.config.clone();
+            let upstream = self.upstream.clone();
+            let snapshot = self.snapshot.clone();
             let shutdown = shutdown_rx.clone();
             let report = report_tx.clone();
             let core_id = cores.get(id % cores.len().max(1)).copied();
@@ -101,19 +121,33 @@ impl Server {
                             "cannot pin the worker to a core; running unpinned"
                         ),
                     }
-                    core::run_worker(id, listener, config, shutdown, report)
+                    let shared = core::Shared {
+                        config,
+                        upstream,
+                        snapshot,
+                    };
+                    core::run_worker(id, listener, shared, shutdown, report)
                 })
                 .context("cannot spawn a worker thread")?;
             workers.push(handle);
         }
         drop(report_tx);
+        let discovery = control::discovery::spawn(
+            self.config.clone(),
+            self.upstream.clone(),
+            self.snapshot.clone(),
+            shutdown_rx.clone(),
+        )
+        .context("cannot spawn the discovery thread")?;
+        workers.push(discovery);
+        let worker_count = workers.len() - 1;
         let running = Running {
             shutdown: shutdown_tx,
             workers,
             local_addr: self.local_addr,
         };
         let mut drivers = Vec::new();
-        for _ in 0..running.workers.len() {
+        for _ in 0..worker_count {
             match report_rx.recv() {
                 Ok(Ok(driver)) => drivers.push(driver),
                 Ok(Err(why)) => {

@@ -78,7 +78,7 @@ fn health_reports_why_it_is_not_ready() {
         assert_eq!(res.status, 503, "{path}");
         let v = res.json();
         assert_eq!(v["status"], "unavailable");
-        assert!(v["reason"].as_str().unwrap().contains("discovery"), "{v}");
+        assert!(v["reason"].as_str().unwrap().contains("discovered"), "{v}");
     }
     // Until a project is known, pulls are answered with a retryable registry error.
     let res = get(r.addr, "/v2/proxy/library/nginx/manifests/latest");

@@ -22,6 +22,8 @@ use monoio_compat::hyper::MonoioTimer;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, IoDriver};
+use crate::snapshot::SharedSnapshot;
+use crate::upstream::{self, Upstream};
 
 /// Largest request head accepted (request line plus headers). Registry requests are small; a bearer
 /// token is a few KiB. Larger heads get 431 from hyper.
@@ -31,23 +33,46 @@ const MAX_HEADERS: usize = 100;
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// What every core receives at start: read-only, shared across cores.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub upstream: Arc<upstream::Shared>,
+    pub snapshot: SharedSnapshot,
+}
+
 /// The state one core owns. Reached through `Rc`; never sent to another thread.
 pub struct Core {
     id: usize,
     config: Arc<Config>,
+    /// The routing view; loaded once per request.
+    snapshot: SharedSnapshot,
+    /// This core's client to Harbor (own connection pool and token cache).
+    upstream: Upstream,
     /// One server builder, reused for every connection of this core.
     http: http1::Builder,
 }
 
 impl Core {
-    fn new(id: usize, config: Arc<Config>) -> Core {
+    fn new(id: usize, shared: Shared) -> Core {
+        let Shared {
+            config,
+            upstream,
+            snapshot,
+        } = shared;
         let mut http = http1::Builder::new();
         http.timer(MonoioTimer)
             .keep_alive(true)
             .header_read_timeout(config.header_read_timeout)
             .max_header_size(MAX_REQUEST_HEAD)
             .max_headers(MAX_HEADERS);
-        Core { id, config, http }
+        Core {
+            id,
+            config,
+            snapshot,
+            upstream: Upstream::new(upstream),
+            http,
+        }
     }
 
     /// The worker index, `0..WORKERS`.
@@ -57,6 +82,18 @@ impl Core {
 
     pub fn proxy_project(&self) -> &str {
         &self.config.proxy_project
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn snapshot(&self) -> &SharedSnapshot {
+        &self.snapshot
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 }
 
@@ -84,16 +121,16 @@ pub type StartReport = Result<Driver, String>;
 pub fn run_worker(
     id: usize,
     listener: std::net::TcpListener,
-    config: Arc<Config>,
+    shared: Shared,
     shutdown: watch::Receiver<bool>,
     report: mpsc::Sender<StartReport>,
 ) {
-    let driver = config.io_driver;
+    let driver = shared.config.io_driver;
     let report_err = report.clone();
     let serve = move |driver: Driver| {
         tracing::info!(worker = id, driver = driver.as_str(), "worker started");
         let _ = report.send(Ok(driver));
-        accept_loop(id, listener, config, shutdown)
+        accept_loop(id, listener, shared, shutdown)
     };
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
@@ -130,9 +167,10 @@ pub fn run_worker(
 async fn accept_loop(
     id: usize,
     listener: std::net::TcpListener,
-    config: Arc<Config>,
+    shared: Shared,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let shutdown_timeout = shared.config.shutdown_timeout;
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -140,7 +178,7 @@ async fn accept_loop(
             return;
         }
     };
-    let core = Rc::new(Core::new(id, config.clone()));
+    let core = Rc::new(Core::new(id, shared));
     let open = Rc::new(OpenConns::default());
     loop {
         if *shutdown.borrow() {
@@ -170,7 +208,7 @@ async fn accept_loop(
     tracing::info!(worker = id, connections = in_flight, "draining");
     monoio::select! {
         _ = open.all_closed() => tracing::info!(worker = id, "drained"),
-        _ = monoio::time::sleep(config.shutdown_timeout) => tracing::warn!(
+        _ = monoio::time::sleep(shutdown_timeout) => tracing::warn!(
             worker = id, connections = open.count(),
             "SHUTDOWN_TIMEOUT reached; closing the remaining connections"),
     }

@@ -3,6 +3,8 @@
 //! `fanout` and `upstream` once the pull path lands.
 
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use std::time::Instant;
+
 use http::{Request, Response, StatusCode};
 
 use crate::body::Body;
@@ -20,10 +22,11 @@ const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
 pub async fn handle<B>(core: &Core, req: Request<B>) -> Response<Body> {
     match route::parse(req.method(), req.uri().path(), core.proxy_project()) {
         Ok(Route::Base) => base(),
-        Ok(Route::Healthz | Route::Readyz) => health(core),
+        Ok(Route::Healthz) => health(core, false),
+        Ok(Route::Readyz) => health(core, true),
         Ok(Route::Manifest { .. } | Route::Blob { .. } | Route::TagsList { .. })
         | Ok(Route::Referrers { .. }) => error(&Error::Unavailable {
-            reason: "no proxy-cache project is known: Harbor discovery has not produced one yet",
+            reason: "pulls are not routed by this version yet",
         }),
         Err(e) => {
             tracing::debug!(method = %req.method(), path = req.uri().path(), code = e.code(), "refused");
@@ -41,16 +44,50 @@ fn base() -> Response<Body> {
     res
 }
 
-/// `/healthz` and `/readyz`: 503 until a proxy-cache project is known. The body names the worker that
-/// answered, so an operator (or a test) can see every core serving.
-fn health(core: &Core) -> Response<Body> {
-    let body = serde_json::json!({
-        "status": "unavailable",
-        "reason": "no proxy-cache project is known: Harbor discovery has not produced one yet",
-        "worker": core.id(),
-    });
+/// `/healthz` and `/readyz`: 200 once discovery has published at least one proxy-cache project, 503
+/// before. `/readyz` also turns 503 when the project list is older than three discovery intervals
+/// (Harbor unreachable for that long). The body names the worker that answered, so an operator (or a
+/// test) can see every core serving.
+fn health(core: &Core, readiness: bool) -> Response<Body> {
+    let now = Instant::now();
+    let snapshot = core.snapshot().load();
+    let max_age = core.config().discovery_interval * 3;
+    let (ok, body) = match snapshot.as_ref() {
+        None => (
+            false,
+            serde_json::json!({
+                "status": "unavailable",
+                "reason": "no proxy-cache project discovered yet",
+                "worker": core.id(),
+            }),
+        ),
+        Some(s) if s.projects.is_empty() => (
+            false,
+            serde_json::json!({
+                "status": "unavailable",
+                "reason": "Harbor lists no proxy-cache project the robot can see",
+                "worker": core.id(),
+            }),
+        ),
+        Some(s) => {
+            let age = s.age(now);
+            let stale = readiness && age > max_age;
+            let mut v = serde_json::json!({
+                "status": if stale { "unavailable" } else { "ok" },
+                "projects": s.projects.len(),
+                "snapshot_age_seconds": age.as_secs(),
+                "worker": core.id(),
+            });
+            if stale {
+                v["reason"] = "the project list is older than 3 discovery intervals: Harbor has not answered discovery since".into();
+            }
+            (!stale, v)
+        }
+    };
     let mut res = Response::new(Body::full(body.to_string()));
-    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    if !ok {
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
     res.headers_mut().insert(CONTENT_TYPE, JSON);
     res
 }

@@ -1,0 +1,222 @@
+//! The registry token flow against Harbor, per core: parse a `Bearer` challenge, cache tokens per scope
+//! until shortly before they expire, and coalesce concurrent fetches of one scope into one request.
+//! The fetch itself (an HTTP request through the pool) is done by [`super::Upstream`]; this module
+//! owns the state and the rules, with time passed in so tests drive it.
+//!
+//! Why tokens and not Basic on every request: Harbor checks Basic credentials with a database lookup
+//! and a PBKDF2 hash per request; a token costs that once per scope per `expires_in`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use tokio::sync::oneshot;
+
+/// Tokens are renewed this long before they expire (or at 90% of a shorter life).
+const RENEW_BEFORE: Duration = Duration::from_secs(30);
+/// `expires_in` when the token service does not say (the distribution spec's default).
+pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(60);
+
+/// A parsed `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub realm: String,
+    pub service: Option<String>,
+    /// Space-separated scopes as sent; each becomes one `scope=` parameter.
+    pub scope: Option<String>,
+}
+
+impl Challenge {
+    /// Parses a Bearer challenge; `None` for other schemes or a challenge without a realm.
+    pub fn parse(header: &str) -> Option<Challenge> {
+        let rest = header.trim_start();
+        let (scheme, params) = rest.split_once(char::is_whitespace)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let mut realm = None;
+        let mut service = None;
+        let mut scope = None;
+        for (k, v) in parse_params(params) {
+            match k.to_ascii_lowercase().as_str() {
+                "realm" => realm = Some(v),
+                "service" => service = Some(v),
+                "scope" => scope = Some(v),
+                _ => {}
+            }
+        }
+        Some(Challenge {
+            realm: realm?,
+            service,
+            scope,
+        })
+    }
+
+    /// The cache key: the scope set, or "" for a challenge without scope (`/v2/` itself).
+    pub fn key(&self) -> String {
+        self.scope.clone().unwrap_or_default()
+    }
+}
+
+/// `k=v, k="quoted \" value", …` → pairs. Malformed pieces are skipped.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while matches!(chars.peek(), Some(c) if *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        if key.is_empty() {
+            return out;
+        }
+        if chars.next() != Some('=') {
+            continue;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value.extend(std::iter::from_fn(|| chars.next_if(|c| *c != ',')));
+            value = value.trim().to_string();
+        }
+        out.push((key.trim().to_string(), value));
+    }
+}
+
+/// The scope a pull request needs, from its path: `/v2/<repo>/{manifests,blobs,tags,referrers}/…` →
+/// `repository:<repo>:pull`. `None` for other paths (no token needed up front).
+pub fn scope_for_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v2/")?;
+    for marker in ["/manifests/", "/blobs/", "/tags/", "/referrers/"] {
+        if let Some(i) = rest.rfind(marker) {
+            return Some(format!("repository:{}:pull", &rest[..i]));
+        }
+    }
+    None
+}
+
+struct Cached {
+    header: HeaderValue,
+    renew_at: Instant,
+}
+
+/// Waiters for a token fetch in flight, keyed by scope.
+type Waiters = Vec<oneshot::Sender<Result<HeaderValue, String>>>;
+
+/// One core's token state.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: RefCell<HashMap<String, Cached>>,
+    inflight: RefCell<HashMap<String, Waiters>>,
+    fetches: Cell<u64>,
+}
+
+/// What a caller should do to get a token for a scope.
+pub enum Ticket {
+    /// A fresh cached token.
+    Ready(HeaderValue),
+    /// Nobody is fetching it: fetch, then call [`TokenCache::finish`] (the guard does it on drop).
+    Fetch(FetchGuard),
+    /// Someone else is fetching it: await this (an `Err` from the channel means the fetch was
+    /// abandoned; ask again).
+    Wait(oneshot::Receiver<Result<HeaderValue, String>>),
+}
+
+impl TokenCache {
+    /// The cached `Authorization` value for `scope`, if still fresh at `now`.
+    pub fn cached(&self, scope: &str, now: Instant) -> Option<HeaderValue> {
+        let tokens = self.tokens.borrow();
+        let c = tokens.get(scope)?;
+        (now < c.renew_at).then(|| c.header.clone())
+    }
+
+    pub fn ticket(self: &std::rc::Rc<Self>, scope: &str, now: Instant) -> Ticket {
+        if let Some(h) = self.cached(scope, now) {
+            return Ticket::Ready(h);
+        }
+        let mut inflight = self.inflight.borrow_mut();
+        if let Some(waiters) = inflight.get_mut(scope) {
+            let (tx, rx) = oneshot::channel();
+            waiters.push(tx);
+            return Ticket::Wait(rx);
+        }
+        inflight.insert(scope.to_string(), Vec::new());
+        self.fetches.set(self.fetches.get() + 1);
+        Ticket::Fetch(FetchGuard {
+            cache: self.clone(),
+            scope: scope.to_string(),
+            done: false,
+        })
+    }
+
+    /// Token fetches started by this core (the coalescing tests count them).
+    pub fn fetches(&self) -> u64 {
+        self.fetches.get()
+    }
+
+    fn store(&self, scope: &str, header: HeaderValue, expires_in: Duration, now: Instant) {
+        let margin = RENEW_BEFORE.min(expires_in / 10);
+        self.tokens.borrow_mut().insert(
+            scope.to_string(),
+            Cached {
+                header,
+                renew_at: now + expires_in - margin,
+            },
+        );
+    }
+}
+
+/// Held by the core fetching a scope's token. [`FetchGuard::finish`] stores and shares the result;
+/// dropping it unfinished (the fetching request was cancelled) lets the waiters retry.
+pub struct FetchGuard {
+    cache: std::rc::Rc<TokenCache>,
+    scope: String,
+    done: bool,
+}
+
+impl FetchGuard {
+    /// Records the outcome: a token (with its life) or an error message, and wakes the waiters.
+    pub fn finish(mut self, result: Result<(HeaderValue, Duration), String>, now: Instant) {
+        self.done = true;
+        let waiters = self
+            .cache
+            .inflight
+            .borrow_mut()
+            .remove(&self.scope)
+            .unwrap_or_default();
+        let shared = match result {
+            Ok((header, expires_in)) => {
+                self.cache
+                    .store(&self.scope, header.clone(), expires_in, now);
+                Ok(header)
+            }
+            Err(e) => Err(e),
+        };
+        for w in waiters {
+            let _ = w.send(shared.clone());
+        }
+    }
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropping the senders wakes the waiters with an error; they ask again.
+            self.cache.inflight.borrow_mut().remove(&self.scope);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "auth_tests.rs"]
+mod tests;

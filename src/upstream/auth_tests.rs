@@ -1,0 +1,158 @@
+//! Unit tests of the token flow's state: challenge parsing, scope derivation, expiry, coalescing.
+
+use super::*;
+use std::rc::Rc;
+
+#[test]
+fn parses_harbor_challenges() {
+    let c = Challenge::parse(
+        r#"Bearer realm="https://harbor.example.com/service/token",service="harbor-registry",scope="repository:dockerhub/library/nginx:pull""#,
+    )
+    .unwrap();
+    assert_eq!(c.realm, "https://harbor.example.com/service/token");
+    assert_eq!(c.service.as_deref(), Some("harbor-registry"));
+    assert_eq!(
+        c.scope.as_deref(),
+        Some("repository:dockerhub/library/nginx:pull")
+    );
+    assert_eq!(c.key(), "repository:dockerhub/library/nginx:pull");
+
+    // Other spacing, unquoted values, escapes, unknown parameters, and no scope.
+    let c = Challenge::parse(
+        r#"bearer  realm=http://h/t , service="a\"b", error="insufficient_scope""#,
+    )
+    .unwrap();
+    assert_eq!(c.realm, "http://h/t");
+    assert_eq!(c.service.as_deref(), Some("a\"b"));
+    assert_eq!(c.scope, None);
+    assert_eq!(c.key(), "");
+
+    assert_eq!(Challenge::parse(r#"Basic realm="harbor""#), None);
+    assert_eq!(Challenge::parse(r#"Bearer service="x""#), None, "no realm");
+    assert_eq!(Challenge::parse("Bearer"), None);
+    assert_eq!(Challenge::parse(""), None);
+}
+
+#[test]
+fn scopes_from_paths() {
+    assert_eq!(
+        scope_for_path("/v2/dockerhub/library/nginx/manifests/latest").as_deref(),
+        Some("repository:dockerhub/library/nginx:pull")
+    );
+    assert_eq!(
+        scope_for_path("/v2/quay/coreos/etcd/blobs/sha256:00").as_deref(),
+        Some("repository:quay/coreos/etcd:pull")
+    );
+    assert_eq!(
+        scope_for_path("/v2/ghcr/org/app/tags/list").as_deref(),
+        Some("repository:ghcr/org/app:pull")
+    );
+    // The last marker wins: a repository may be called "manifests".
+    assert_eq!(
+        scope_for_path("/v2/p/manifests/manifests/v1").as_deref(),
+        Some("repository:p/manifests:pull")
+    );
+    assert_eq!(scope_for_path("/v2/"), None);
+    assert_eq!(scope_for_path("/api/v2.0/projects"), None);
+}
+
+fn token(s: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("Bearer {s}")).unwrap()
+}
+
+#[test]
+fn tokens_are_cached_until_shortly_before_expiry() {
+    let cache = Rc::new(TokenCache::default());
+    let t0 = Instant::now();
+    let Ticket::Fetch(guard) = cache.ticket("s", t0) else {
+        panic!("first ask fetches")
+    };
+    guard.finish(Ok((token("a"), Duration::from_secs(1800))), t0);
+    assert_eq!(
+        cache.cached("s", t0 + Duration::from_secs(1769)),
+        Some(token("a"))
+    );
+    assert_eq!(
+        cache.cached("s", t0 + Duration::from_secs(1770)),
+        None,
+        "renewed 30s early"
+    );
+    assert!(matches!(
+        cache.ticket("s", t0 + Duration::from_secs(60)),
+        Ticket::Ready(_)
+    ));
+    assert!(matches!(
+        cache.ticket("s", t0 + Duration::from_secs(1790)),
+        Ticket::Fetch(_)
+    ));
+    // A short-lived token is renewed at 90% of its life.
+    let Ticket::Fetch(g) = cache.ticket("short", t0) else {
+        panic!()
+    };
+    g.finish(Ok((token("b"), Duration::from_secs(60))), t0);
+    assert!(cache
+        .cached("short", t0 + Duration::from_secs(53))
+        .is_some());
+    assert!(cache
+        .cached("short", t0 + Duration::from_secs(54))
+        .is_none());
+    // Scopes are independent.
+    assert_eq!(cache.cached("other", t0), None);
+}
+
+#[test]
+fn concurrent_asks_share_one_fetch() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    let Ticket::Fetch(guard) = cache.ticket("s", now) else {
+        panic!()
+    };
+    let Ticket::Wait(mut w1) = cache.ticket("s", now) else {
+        panic!("second waits")
+    };
+    let Ticket::Wait(mut w2) = cache.ticket("s", now) else {
+        panic!("third waits")
+    };
+    assert_eq!(cache.fetches(), 1);
+    guard.finish(Ok((token("x"), Duration::from_secs(300))), now);
+    assert_eq!(w1.try_recv().unwrap().unwrap(), token("x"));
+    assert_eq!(w2.try_recv().unwrap().unwrap(), token("x"));
+    assert!(matches!(cache.ticket("s", now), Ticket::Ready(_)));
+    assert_eq!(cache.fetches(), 1);
+}
+
+#[test]
+fn failures_are_shared_but_not_cached() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    let Ticket::Fetch(guard) = cache.ticket("s", now) else {
+        panic!()
+    };
+    let Ticket::Wait(mut w) = cache.ticket("s", now) else {
+        panic!()
+    };
+    guard.finish(Err("token service answered 401".into()), now);
+    assert_eq!(
+        w.try_recv().unwrap().unwrap_err(),
+        "token service answered 401"
+    );
+    assert!(
+        matches!(cache.ticket("s", now), Ticket::Fetch(_)),
+        "the next ask fetches again"
+    );
+}
+
+#[test]
+fn an_abandoned_fetch_releases_its_waiters() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    let Ticket::Fetch(guard) = cache.ticket("s", now) else {
+        panic!()
+    };
+    let Ticket::Wait(mut w) = cache.ticket("s", now) else {
+        panic!()
+    };
+    drop(guard);
+    assert!(w.try_recv().is_err(), "the waiter learns the fetch is gone");
+    assert!(matches!(cache.ticket("s", now), Ticket::Fetch(_)));
+}

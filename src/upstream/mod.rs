@@ -1,0 +1,407 @@
+//! The client side: requests from the router to Harbor. [`Upstream`] is one core's client (the
+//! discovery thread has its own): it builds requests for Harbor's origin, runs the registry token flow
+//! ([`auth`]), and sends them through the core's keep-alive [`pool`]. Response bodies come back
+//! streaming ([`pool::UpstreamBody`]), never collected, except the small ones this module reads itself
+//! (token answers, 401 bodies).
+//!
+//! Auth: registry requests go out first with the cached token for their scope, or with nothing; a
+//! `401` with a `Bearer` challenge makes the core fetch a token for the challenged scope with the robot's
+//! Basic credentials, cache it, and send the request once more. The realm's *path* is requested on
+//! `HARBOR_URL`'s origin, whatever host the challenge names, so the robot's credentials never go to a
+//! host the operator did not configure. Harbor API requests (discovery) use Basic directly. A client's
+//! own `Authorization` header is never used here.
+
+pub mod auth;
+pub mod pool;
+pub mod tls;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HOST, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use rustls::pki_types::ServerName;
+
+use crate::config::{Config, HarborUrl};
+use auth::{scope_for_path, Challenge, Ticket, TokenCache};
+use pool::{Pool, PoolStats, Target, UpstreamBody};
+
+/// Largest body this module reads whole (token answers, error bodies it discards).
+const SMALL_BODY_LIMIT: usize = 64 * 1024;
+
+/// Why a request to Harbor failed without an HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no address is known for Harbor's host (DNS failed)")]
+    NoAddress,
+    #[error("cannot connect to Harbor: {0}")]
+    Connect(std::io::Error),
+    #[error("connecting to Harbor took longer than {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("TLS handshake with Harbor failed: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP handshake with Harbor failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("request to Harbor failed: {0}")]
+    Request(hyper::Error),
+    #[error("Harbor did not answer within {0:?}")]
+    ResponseTimeout(Duration),
+    #[error("token request failed: {0}")]
+    Token(String),
+    #[error("Harbor's answer could not be read: {0}")]
+    Body(String),
+}
+
+impl UpstreamError {
+    /// Failed before any response came back, so a GET or HEAD may be sent again.
+    pub fn before_response(&self) -> bool {
+        matches!(self, UpstreamError::Request(_))
+    }
+}
+
+/// How a request authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Registry `/v2/` request: cached token, or the challenge → token → retry flow.
+    Registry,
+    /// Harbor API request: the robot's Basic credentials.
+    Basic,
+}
+
+/// What every core's client shares, read-only: built once at start.
+pub struct Shared {
+    target: Arc<Target>,
+    origin: HarborUrl,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    host_header: HeaderValue,
+    basic: Option<HeaderValue>,
+    response_timeout: Duration,
+}
+
+impl Shared {
+    /// Builds the shared client settings from the configuration: TLS config, resolved addresses.
+    pub fn from_config(config: &Config) -> anyhow::Result<Arc<Shared>> {
+        let url = &config.harbor_url;
+        let tls = if url.tls {
+            let tls = tls::client_config(
+                config.harbor_ca_file.as_deref(),
+                config.http2_prior_knowledge,
+            )?;
+            let name = ServerName::try_from(url.host.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "HARBOR_URL host {:?} is not a TLS server name: {e}",
+                    url.host
+                )
+            })?;
+            Some((tls, name))
+        } else {
+            None
+        };
+        let addrs = Arc::new(ArcSwap::from_pointee(resolve(url)));
+        let target = Arc::new(Target {
+            addrs,
+            tls,
+            http2: config.http2_prior_knowledge,
+            connect_timeout: config.upstream_connect_timeout,
+            max_idle: config.max_idle_conns_per_host,
+            idle_timeout: config.idle_conn_timeout,
+        });
+        let origin = url.origin();
+        let uri: Uri = origin.parse()?;
+        let basic = config.harbor_credentials.as_ref().map(|c| {
+            let raw = format!("{}:{}", c.username, c.password.expose());
+            let mut v = HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            ))
+            .expect("base64 is a valid header value");
+            v.set_sensitive(true);
+            v
+        });
+        Ok(Arc::new(Shared {
+            target,
+            origin: url.clone(),
+            scheme: uri.scheme().cloned().expect("origin has a scheme"),
+            authority: uri.authority().cloned().expect("origin has an authority"),
+            host_header: HeaderValue::from_str(uri.authority().expect("authority").as_str())?,
+            basic,
+            response_timeout: config.upstream_response_timeout,
+        }))
+    }
+
+    /// Resolves Harbor's host again (blocking: call it off the data-plane cores) and publishes the
+    /// result if it is not empty.
+    pub fn refresh_addresses(&self) {
+        let addrs = resolve(&self.origin);
+        if !addrs.is_empty() && *self.target.addrs.load_full() != addrs {
+            tracing::info!(addrs = ?addrs, "Harbor's addresses changed");
+            self.target.addrs.store(Arc::new(addrs));
+        }
+    }
+}
+
+fn resolve(url: &HarborUrl) -> Vec<SocketAddr> {
+    match (url.host.as_str(), url.port).to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            tracing::warn!(host = %url.host, error = %e, "cannot resolve Harbor's host yet");
+            Vec::new()
+        }
+    }
+}
+
+/// One core's client to Harbor.
+pub struct Upstream {
+    shared: Arc<Shared>,
+    pool: Rc<Pool>,
+    tokens: Rc<TokenCache>,
+}
+
+impl Upstream {
+    /// Call on the thread (and inside the monoio runtime) that will use it.
+    pub fn new(shared: Arc<Shared>) -> Upstream {
+        Upstream {
+            pool: Pool::new(shared.target.clone()),
+            shared,
+            tokens: Rc::new(TokenCache::default()),
+        }
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Token fetches this client started.
+    pub fn token_fetches(&self) -> u64 {
+        self.tokens.fetches()
+    }
+
+    /// Sends a GET or HEAD for `path_and_query` on Harbor with `headers`, authenticating per `auth`.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        auth: AuthMode,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut req = self.request(method, path_and_query, headers)?;
+        if auth == AuthMode::Basic {
+            return self.send_basic(req).await;
+        }
+        let scope = scope_for_path(req.uri().path());
+        if let Some(token) = scope.and_then(|s| self.tokens.cached(&s, Instant::now())) {
+            req.headers_mut().insert(AUTHORIZATION, token);
+        }
+        let again = clone_parts(&req);
+        let res = self.send_timed(req).await?;
+        if res.status() != StatusCode::UNAUTHORIZED {
+            return Ok(res);
+        }
+        let Some(challenge) = res
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Challenge::parse)
+        else {
+            return Ok(res);
+        };
+        // Read the small 401 body so the connection can be reused.
+        let _ = Limited::new(res.into_body(), SMALL_BODY_LIMIT)
+            .collect()
+            .await;
+        let token = self.token(&challenge).await?;
+        let mut req = again;
+        req.headers_mut().insert(AUTHORIZATION, token);
+        self.send_timed(req).await
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+    ) -> Result<Request<Empty<Bytes>>, UpstreamError> {
+        let uri = Uri::builder()
+            .scheme(self.shared.scheme.clone())
+            .authority(self.shared.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| {
+                UpstreamError::Body(format!("bad request path {path_and_query:?}: {e}"))
+            })?;
+        let mut req = Request::new(Empty::new());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req.headers_mut()
+            .insert(HOST, self.shared.host_header.clone());
+        Ok(req)
+    }
+
+    /// Sends with the robot's Basic credentials (anonymous when none are configured).
+    async fn send_basic(
+        &self,
+        mut req: Request<Empty<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        if let Some(b) = &self.shared.basic {
+            req.headers_mut().insert(AUTHORIZATION, b.clone());
+        }
+        self.send_timed(req).await
+    }
+
+    async fn send_timed(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let limit = self.shared.response_timeout;
+        monoio::time::timeout(limit, self.pool.send(req))
+            .await
+            .map_err(|_| UpstreamError::ResponseTimeout(limit))?
+    }
+
+    /// A token for the challenged scope: cached, shared with a fetch in flight, or fetched.
+    async fn token(&self, challenge: &Challenge) -> Result<HeaderValue, UpstreamError> {
+        let key = challenge.key();
+        loop {
+            match self.tokens.ticket(&key, Instant::now()) {
+                Ticket::Ready(h) => return Ok(h),
+                Ticket::Wait(rx) => match rx.await {
+                    Ok(Ok(h)) => return Ok(h),
+                    Ok(Err(msg)) => return Err(UpstreamError::Token(msg)),
+                    Err(_) => continue, // the fetching request was cancelled: try ourselves
+                },
+                Ticket::Fetch(guard) => {
+                    let result = self.fetch_token(challenge).await;
+                    let shared = match &result {
+                        Ok((h, ttl)) => Ok((h.clone(), *ttl)),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    guard.finish(shared, Instant::now());
+                    return result.map(|(h, _)| h);
+                }
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        challenge: &Challenge,
+    ) -> Result<(HeaderValue, Duration), UpstreamError> {
+        let realm: Uri = challenge
+            .realm
+            .parse()
+            .map_err(|_| UpstreamError::Token(format!("unusable realm {:?}", challenge.realm)))?;
+        let mut query = String::new();
+        if let Some(service) = &challenge.service {
+            query.push_str("service=");
+            query.push_str(&encode_query(service));
+        }
+        for scope in challenge.scope.iter().flat_map(|s| s.split(' ')) {
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str("scope=");
+            query.push_str(&encode_query(scope));
+        }
+        let path = format!("{}?{query}", realm.path());
+        let req = self.request(Method::GET, &path, HeaderMap::new())?;
+        let res = self.send_basic(req).await?;
+        let status = res.status();
+        let body = Limited::new(res.into_body(), SMALL_BODY_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Token(format!("unreadable answer: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                tracing::warn!(%status, "Harbor's token service refused the robot's credentials");
+            }
+            return Err(UpstreamError::Token(format!(
+                "token service answered {status}"
+            )));
+        }
+        parse_token(&body)
+    }
+}
+
+/// `{"token": …}` or `{"access_token": …}`, with `expires_in` seconds.
+fn parse_token(body: &[u8]) -> Result<(HeaderValue, Duration), UpstreamError> {
+    #[derive(serde::Deserialize)]
+    struct TokenAnswer {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let t: TokenAnswer = serde_json::from_slice(body)
+        .map_err(|e| UpstreamError::Token(format!("answer is not a token: {e}")))?;
+    let token = t
+        .token
+        .or(t.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| UpstreamError::Token("answer holds no token".into()))?;
+    let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| UpstreamError::Token("token is not a valid header value".into()))?;
+    header.set_sensitive(true);
+    let ttl = t
+        .expires_in
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(auth::DEFAULT_EXPIRES_IN);
+    Ok((header, ttl))
+}
+
+fn clone_parts(req: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut r = Request::new(Empty::new());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_encoding() {
+        assert_eq!(
+            encode_query("repository:dockerhub/library/nginx:pull"),
+            "repository%3Adockerhub%2Flibrary%2Fnginx%3Apull"
+        );
+        assert_eq!(encode_query("harbor-registry"), "harbor-registry");
+    }
+
+    #[test]
+    fn token_answers() {
+        let (h, ttl) = parse_token(br#"{"token":"abc","expires_in":1800}"#).unwrap();
+        assert_eq!(h, "Bearer abc");
+        assert!(h.is_sensitive());
+        assert_eq!(ttl, Duration::from_secs(1800));
+        let (h, ttl) = parse_token(br#"{"access_token":"xyz"}"#).unwrap();
+        assert_eq!(h, "Bearer xyz");
+        assert_eq!(ttl, auth::DEFAULT_EXPIRES_IN);
+        assert!(parse_token(br#"{"token":""}"#).is_err());
+        assert!(parse_token(b"<html>").is_err());
+        assert!(parse_token(br#"{"token":"a\nb"}"#).is_err());
+    }
+}

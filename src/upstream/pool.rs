@@ -1,0 +1,376 @@
+//! One core's connections to Harbor: a keep-alive pool over hyper's `client::conn` on monoio, plain or
+//! TLS, HTTP/1.1 or HTTP/2 (prior knowledge on plain TCP, ALPN on TLS).
+//!
+//! HTTP/1.1: a connection serves one request at a time and returns to the pool only when its response
+//! body was read to the end without error ([`UpstreamBody`] does that); a body dropped early takes its
+//! connection with it. At most `MAX_IDLE_CONNS_PER_HOST` idle connections are kept, each for at most
+//! `IDLE_CONN_TIMEOUT`. HTTP/2: one multiplexed connection per core, replaced when it closes.
+//!
+//! A request that fails before any response on a *reused* connection (the server closed it while it was
+//! idle, or sent GOAWAY) is sent once more on a new connection: the pool only carries GET and HEAD, so
+//! that is always safe. A failure on a new connection is returned as it is.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use monoio::io::IntoPollIo;
+use monoio_compat::hyper::{MonoioExecutor, MonoioIo, MonoioTimer};
+use rustls::pki_types::ServerName;
+
+use super::{tls, UpstreamError};
+
+/// Request bodies: the router only sends GET and HEAD upstream.
+pub type ReqBody = Empty<Bytes>;
+
+/// HTTP/2 flow control for a connection shared by many streams: a small per-stream window keeps a few
+/// stalled blob readers from starving the others; a large connection window keeps throughput up.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// Clients cancel blob downloads often; the default reset budget ends in GOAWAY after ~80 cancels.
+const H2_MAX_RESET_STREAMS: usize = 4096;
+
+/// Where and how to connect; shared read-only by every core's pool.
+pub struct Target {
+    /// Resolved addresses of Harbor's host, refreshed by the control plane (DNS never runs on a core).
+    pub addrs: Arc<ArcSwap<Vec<SocketAddr>>>,
+    /// `Some` for https: the TLS config and the name to verify.
+    pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// HTTP/2 with prior knowledge on plain TCP (on TLS, ALPN decides).
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
+struct Idle {
+    sender: http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+/// Counters a test (and later the metrics) can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub connections_opened: u64,
+    pub requests: u64,
+    pub reused: u64,
+    pub retried: u64,
+}
+
+/// One core's pool. `!Send`: it lives in an `Rc` on its core.
+pub struct Pool {
+    target: Arc<Target>,
+    idle: RefCell<VecDeque<Idle>>,
+    h2: RefCell<Option<http2::SendRequest<ReqBody>>>,
+    stats: Cell<PoolStats>,
+}
+
+impl Pool {
+    pub fn new(target: Arc<Target>) -> Rc<Pool> {
+        let pool = Rc::new(Pool {
+            target,
+            idle: RefCell::new(VecDeque::new()),
+            h2: RefCell::new(None),
+            stats: Cell::new(PoolStats::default()),
+        });
+        spawn_sweeper(Rc::downgrade(&pool), pool.target.idle_timeout);
+        pool
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.stats.get()
+    }
+
+    /// Idle HTTP/1.1 connections right now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut PoolStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    /// Sends one request and returns the response with its body still streaming.
+    pub async fn send(
+        self: &Rc<Self>,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.bump(|s| s.requests += 1);
+        let (sender, reused) = match self.checkout() {
+            Some(s) => (s, true),
+            None => (self.connect().await?, false),
+        };
+        if !reused {
+            return self.send_on(sender, req).await;
+        }
+        self.bump(|s| s.reused += 1);
+        let retry = clone_request(&req);
+        match self.send_on(sender, req).await {
+            Err(e) if e.before_response() => {
+                tracing::debug!(error = %e, "reused upstream connection failed; retrying on a new one");
+                self.bump(|s| s.retried += 1);
+                let sender = self.connect().await?;
+                self.send_on(sender, retry).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_on(
+        self: &Rc<Self>,
+        sender: Sender,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match sender {
+            Sender::H2(mut s) => {
+                // HTTP/2 carries the authority in the URI (`:authority`), not in a Host header.
+                let mut req = req;
+                req.headers_mut().remove(http::header::HOST);
+                let res = s.send_request(req).await.map_err(UpstreamError::Request)?;
+                Ok(res.map(|body| UpstreamBody::new(body, None)))
+            }
+            Sender::H1(mut s) => {
+                // HTTP/1.1 sends the origin form (`GET /path?query`) with a Host header.
+                let mut req = req;
+                let origin_form = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "/".to_string());
+                *req.uri_mut() = origin_form
+                    .parse()
+                    .expect("a path and query is a valid URI");
+                s.ready().await.map_err(UpstreamError::Request)?;
+                let res = s.send_request(req).await.map_err(UpstreamError::Request)?;
+                let (parts, body) = res.into_parts();
+                let mut body = UpstreamBody::new(body, Some((Rc::downgrade(self), s)));
+                body.release_if_done();
+                Ok(Response::from_parts(parts, body))
+            }
+        }
+    }
+
+    /// A live pooled connection, if any: the shared HTTP/2 one, else the most recent idle HTTP/1.1 one.
+    fn checkout(&self) -> Option<Sender> {
+        {
+            let mut h2 = self.h2.borrow_mut();
+            match h2.as_ref() {
+                Some(s) if !s.is_closed() => return Some(Sender::H2(s.clone())),
+                Some(_) => *h2 = None,
+                None => {}
+            }
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        while let Some(c) = idle.pop_back() {
+            if !c.sender.is_closed() && now.duration_since(c.since) < self.target.idle_timeout {
+                return Some(Sender::H1(c.sender));
+            }
+        }
+        None
+    }
+
+    /// Takes back an HTTP/1.1 connection whose response was read to the end.
+    fn checkin(&self, sender: http1::SendRequest<ReqBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() >= self.target.max_idle {
+            return; // dropping the sender closes the connection
+        }
+        idle.push_back(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// Drops idle connections past `IDLE_CONN_TIMEOUT` (or closed by the server).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let timeout = self.target.idle_timeout;
+        self.idle
+            .borrow_mut()
+            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let timeout = self.target.connect_timeout;
+        let sender = monoio::time::timeout(timeout, self.connect_inner())
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(timeout))??;
+        self.bump(|s| s.connections_opened += 1);
+        if let Sender::H2(s) = &sender {
+            *self.h2.borrow_mut() = Some(s.clone());
+        }
+        Ok(sender)
+    }
+
+    async fn connect_inner(&self) -> Result<Sender, UpstreamError> {
+        let addrs = self.target.addrs.load_full();
+        if addrs.is_empty() {
+            return Err(UpstreamError::NoAddress);
+        }
+        let mut last = None;
+        let mut stream = None;
+        for addr in addrs.iter() {
+            match monoio::net::TcpStream::connect_addr(*addr).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = match stream {
+            Some(s) => s,
+            None => return Err(UpstreamError::Connect(last.expect("at least one address"))),
+        };
+        let _ = stream.set_nodelay(true);
+        let io = stream.into_poll_io().map_err(UpstreamError::Connect)?;
+        match &self.target.tls {
+            None => handshake(MonoioIo::new(io), self.target.http2).await,
+            Some((config, name)) => {
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let tls = connector
+                    .connect(name.clone(), io)
+                    .await
+                    .map_err(UpstreamError::Tls)?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
+                handshake(MonoioIo::new(tls), h2).await
+            }
+        }
+    }
+}
+
+async fn handshake<I>(io: I, h2: bool) -> Result<Sender, UpstreamError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    if h2 {
+        let (sender, conn) = http2::Builder::new(MonoioExecutor)
+            .timer(MonoioTimer)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_concurrent_reset_streams(H2_MAX_RESET_STREAMS)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        monoio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        monoio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(Sender::H1(sender))
+    }
+}
+
+fn spawn_sweeper(pool: Weak<Pool>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(100));
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(every).await;
+            match pool.upgrade() {
+                Some(p) => p.sweep(),
+                None => return,
+            }
+        }
+    });
+}
+
+fn clone_request(req: &Request<ReqBody>) -> Request<ReqBody> {
+    let mut r = Request::new(Empty::new());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// An upstream response body. For HTTP/1.1 it carries its connection and gives it back to the pool
+/// when the body has been read to the end without error; dropped early, it closes the connection.
+pub struct UpstreamBody {
+    inner: Incoming,
+    release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>) -> Self {
+        UpstreamBody { inner, release }
+    }
+
+    /// A body that is already complete (HEAD, 204, `Content-Length: 0`) frees its connection at once.
+    fn release_if_done(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some((pool, sender)) = self.release.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.checkin(sender);
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Err(_))) => this.release = None,
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
