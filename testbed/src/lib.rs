@@ -1,1 +1,268 @@
-//! Test bed for harbor-router (work in progress).
+//! # testbed — Harbor stand-in + real registry for harbor-router's integration tests
+//!
+//! A [`StandIn`] reproduces the parts of Harbor's HTTP surface harbor-router talks to (projects and
+//! registries API, token service, `/v2/` with Harbor's proxy-cache quirks) in front of a real CNCF
+//! distribution registry ([`Registry`], Debian's `docker-registry`) that verifies the stand-in's
+//! tokens. [`Testbed`] wires both and seeds images built in Rust and pushed with skopeo.
+//!
+//! # Layout
+//! - `keys.rs`     ES256 signing key, self-signed cert for the registry, libtrust `kid`
+//! - `registry.rs` the docker-registry child process: config, readiness, kill on drop
+//! - `standin.rs`  the server: runtime thread, HTTP/1.1 + h2c, dispatch, counters, faults
+//! - `harbor.rs`   `/api/v2.0/projects`, `/api/v2.0/registries/{id}`, `/service/token`
+//! - `proxy.rs`    `/v2/` forwarding and Harbor's quirks (301, tags 200, blob HEAD 404, faults)
+//! - `images.rs`   OCI layouts built in Rust, pushed with skopeo
+//! - `client.rs`   a tiny blocking HTTP/1.0 client for readiness polls and read-backs
+
+pub mod client;
+mod harbor;
+pub mod images;
+pub mod keys;
+mod proxy;
+pub mod registry;
+mod standin;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+
+pub use images::{SeedImage, SeedKind, Seeded};
+pub use keys::TokenKeys;
+pub use registry::Registry;
+pub use standin::StandIn;
+
+/// Admin credentials: the token service grants them pull and push (used by seeding).
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "Harbor12345";
+/// Default robot credentials (also the demo binary's defaults).
+pub const DEFAULT_ROBOT_USER: &str = "robot$router";
+pub const DEFAULT_ROBOT_PASSWORD: &str = "router-secret";
+
+/// One project as the stand-in reports it.
+#[derive(Debug, Clone)]
+pub struct ProjectSpec {
+    pub name: String,
+    pub public: bool,
+    /// Some => a proxy-cache project (`registry_id` > 0).
+    pub registry: Option<RegistrySpec>,
+}
+
+/// The upstream registry of a proxy-cache project (`/api/v2.0/registries/{id}`).
+#[derive(Debug, Clone)]
+pub struct RegistrySpec {
+    pub id: i64,
+    pub name: String,
+    /// "docker-hub", "github-ghcr", "quay", "docker-registry"
+    pub kind: String,
+    pub url: String,
+}
+
+/// What the stand-in serves.
+#[derive(Debug, Clone)]
+pub struct HarborConfig {
+    /// project_id = index + 1
+    pub projects: Vec<ProjectSpec>,
+    /// Basic credentials the API and token service accept as the robot.
+    pub robot: Option<(String, String)>,
+    /// `expires_in` of issued tokens.
+    pub token_ttl: Duration,
+}
+
+impl Default for HarborConfig {
+    fn default() -> Self {
+        HarborConfig {
+            projects: default_projects(),
+            robot: Some((
+                DEFAULT_ROBOT_USER.to_string(),
+                DEFAULT_ROBOT_PASSWORD.to_string(),
+            )),
+            token_ttl: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// A fault injected into `/v2/<project>/…` requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Wait this long before forwarding.
+    Delay(Duration),
+    /// Answer this status with a registry-style JSON error (429 adds `Retry-After: 7`).
+    Status(u16),
+    /// Never answer (until the connection closes).
+    Hang,
+    /// Blob GETs: send the headers and half the body, then close the connection.
+    ResetMidBody,
+}
+
+/// What the stand-in has seen (snapshot).
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub token_requests: u64,
+    /// `/api/v2.0/*`
+    pub api_requests: u64,
+    /// By project name (first path segment after `/v2/`).
+    pub v2_requests: BTreeMap<String, u64>,
+    pub manifest_requests: BTreeMap<String, u64>,
+    pub connections_accepted: u64,
+}
+
+fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {
+    ProjectSpec {
+        name: name.to_string(),
+        public: true,
+        registry: Some(RegistrySpec {
+            id,
+            name: format!("{name}-upstream"),
+            kind: kind.to_string(),
+            url: url.to_string(),
+        }),
+    }
+}
+
+/// dockerhub, ghcr, quay, k8s proxy-cache projects and the non-proxy public `library-local`.
+pub fn default_projects() -> Vec<ProjectSpec> {
+    vec![
+        proxy("dockerhub", 1, "docker-hub", "https://hub.docker.com"),
+        proxy("ghcr", 2, "github-ghcr", "https://ghcr.io"),
+        proxy("quay", 3, "quay", "https://quay.io"),
+        proxy("k8s", 4, "docker-registry", "https://registry.k8s.io"),
+        ProjectSpec {
+            name: "library-local".to_string(),
+            public: true,
+            registry: None,
+        },
+    ]
+}
+
+/// One image of each kind across the default proxy projects.
+pub fn default_images() -> Vec<SeedImage> {
+    let img = |repository: &str, tag: &str, kind| SeedImage {
+        repository: repository.to_string(),
+        tag: tag.to_string(),
+        kind,
+        layer_bytes: 64 * 1024,
+    };
+    vec![
+        img("dockerhub/library/nginx", "latest", SeedKind::OciIndex),
+        img(
+            "dockerhub/library/alpine",
+            "3.19",
+            SeedKind::DockerManifestList,
+        ),
+        img("ghcr/org/app", "v1", SeedKind::OciManifest),
+        img("quay/coreos/etcd", "v3.5.0", SeedKind::DockerSchema2),
+        img("k8s/pause", "3.9", SeedKind::DockerSchema2),
+    ]
+}
+
+/// Basic `Authorization` value for `user:password`.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    let raw = format!("{user}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// Keys, registry (realm = the stand-in's `/service/token`) and the stand-in forwarding `/v2/` to it.
+pub struct Testbed {
+    pub harbor: StandIn,
+    pub registry: Registry,
+    /// Keys and certificate; removed after the stand-in and the registry are gone.
+    _dir: tempfile::TempDir,
+}
+
+impl Testbed {
+    /// Binds the stand-in first (so the registry learns its realm), starts the registry, serves.
+    pub fn start(config: HarborConfig) -> anyhow::Result<Testbed> {
+        let dir = tempfile::Builder::new().prefix("testbed-").tempdir()?;
+        let keys = TokenKeys::generate(dir.path())?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let realm = format!("http://{}/service/token", listener.local_addr()?);
+        let registry = Registry::start(&keys, &realm)?;
+        let harbor = StandIn::start_on(listener, config, keys, Some(registry.addr()))?;
+        Ok(Testbed {
+            harbor,
+            registry,
+            _dir: dir,
+        })
+    }
+
+    /// A token for `scopes` (e.g. `repository:ghcr/org/app:pull`) from the stand-in, as `creds`
+    /// (None = anonymous).
+    pub fn token(&self, creds: Option<(&str, &str)>, scopes: &[&str]) -> anyhow::Result<String> {
+        let mut path = format!("/service/token?service={}", registry::SERVICE);
+        for s in scopes {
+            path.push_str(&format!("&scope={s}"));
+        }
+        let auth = creds.map(|(u, p)| basic_auth(u, p));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let resp = client::get(self.harbor.addr(), &path, &headers)?;
+        anyhow::ensure!(resp.status == 200, "token request: {}", resp.status);
+        let v: serde_json::Value = serde_json::from_slice(&resp.body)?;
+        Ok(v["token"].as_str().context("no token")?.to_string())
+    }
+
+    /// Builds each image and pushes it (in parallel) with the admin credentials; reads back the digest.
+    pub fn seed(&self, images: &[SeedImage]) -> anyhow::Result<Vec<Seeded>> {
+        let work = tempfile::Builder::new().prefix("testbed-seed-").tempdir()?;
+        let creds = format!("{ADMIN_USER}:{ADMIN_PASSWORD}");
+        let built: Vec<anyhow::Result<images::Built>> = std::thread::scope(|s| {
+            let handles: Vec<_> = images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| {
+                    let dir = work.path().join(format!("layout-{i}"));
+                    let creds = &creds;
+                    s.spawn(move || {
+                        let built = images::build_layout(&dir, image)?;
+                        images::push(&built, image, self.registry.addr(), creds)?;
+                        Ok(built)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("seed thread panicked"))
+                .collect()
+        });
+        images
+            .iter()
+            .zip(built)
+            .map(|(image, built)| {
+                let built = built?;
+                let scope = format!("repository:{}:pull", image.repository);
+                let token = self.token(Some((ADMIN_USER, ADMIN_PASSWORD)), &[&scope])?;
+                let bearer = format!("Bearer {token}");
+                let mut headers = vec![("Authorization", bearer.as_str())];
+                headers.extend(images::ALL_MANIFEST_TYPES.iter().map(|t| ("Accept", *t)));
+                let path = format!("/v2/{}/manifests/{}", image.repository, image.tag);
+                let resp = client::get(self.registry.addr(), &path, &headers)?;
+                anyhow::ensure!(
+                    resp.status == 200,
+                    "read back {path}: {} {}",
+                    resp.status,
+                    String::from_utf8_lossy(&resp.body)
+                );
+                let digest = resp
+                    .header("docker-content-digest")
+                    .context("no Docker-Content-Digest")?;
+                anyhow::ensure!(
+                    digest == built.digest,
+                    "{path}: registry reports {digest}, built {}",
+                    built.digest
+                );
+                Ok(Seeded {
+                    repository: image.repository.clone(),
+                    tag: image.tag.clone(),
+                    digest: digest.to_string(),
+                    media_type: resp.header("content-type").unwrap_or_default().to_string(),
+                    blobs: built.blobs,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,289 @@
+//! Harbor's own HTTP API as the stand-in reproduces it: `GET /api/v2.0/projects` (pagination with
+//! `X-Total-Count` and `Link`), `GET /api/v2.0/registries/{id}`, and the token service
+//! `GET /service/token` that signs JWTs the real registry accepts.
+//!
+//! Owns caller classification (anonymous, robot, admin, bad credentials) and the access rules.
+//! Does not touch `/v2/` (see `proxy.rs`).
+
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use http::{header, HeaderMap, Response, StatusCode};
+use serde_json::json;
+
+use crate::standin::{harbor_error, json_response, Body, State};
+use crate::{ProjectSpec, ADMIN_PASSWORD, ADMIN_USER};
+
+/// Who is calling, from the `Authorization` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    Anonymous,
+    Robot(String),
+    Admin,
+    /// Credentials present but wrong (or a scheme the API does not take): 401.
+    Invalid,
+}
+
+pub(crate) fn classify(state: &State, headers: &HeaderMap) -> Caller {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Caller::Anonymous;
+    };
+    let Some(encoded) = value.to_str().ok().and_then(|v| v.strip_prefix("Basic ")) else {
+        return Caller::Invalid;
+    };
+    let Some(decoded) = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+    else {
+        return Caller::Invalid;
+    };
+    let Some((user, password)) = decoded.split_once(':') else {
+        return Caller::Invalid;
+    };
+    if user == ADMIN_USER && password == ADMIN_PASSWORD {
+        return Caller::Admin;
+    }
+    match &state.config.robot {
+        Some((u, p)) if u == user && p == password => Caller::Robot(user.to_string()),
+        _ => Caller::Invalid,
+    }
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut resp = harbor_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "unauthorized");
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Basic realm=\"harbor\""),
+    );
+    resp
+}
+
+/// Splits a query string into decoded `(key, value)` pairs, repeated keys kept in order.
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/api/v2.0/...`
+pub(crate) fn api(
+    state: &State,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let caller = classify(state, headers);
+    if caller == Caller::Invalid {
+        return unauthorized();
+    }
+    if path == "/api/v2.0/projects" {
+        return projects(state, &caller, query);
+    }
+    if let Some(id) = path.strip_prefix("/api/v2.0/registries/") {
+        return registry(state, &caller, id);
+    }
+    harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")
+}
+
+fn project_json(state: &State, index: usize, p: &ProjectSpec) -> serde_json::Value {
+    let mut v = json!({
+        "project_id": index as i64 + 1,
+        "name": p.name,
+        "owner_id": 1,
+        "owner_name": "admin",
+        "creation_time": state.started,
+        "update_time": state.started,
+        "repo_count": 0,
+        "deleted": false,
+        "metadata": {"public": if p.public { "true" } else { "false" }},
+    });
+    if let Some(r) = &p.registry {
+        v["registry_id"] = json!(r.id);
+    }
+    v
+}
+
+fn projects(state: &State, caller: &Caller, query: Option<&str>) -> Response<Body> {
+    let (mut page, mut page_size) = (1i64, 10i64);
+    for (k, v) in query_pairs(query) {
+        let target = match k.as_str() {
+            "page" => &mut page,
+            "page_size" => &mut page_size,
+            _ => continue,
+        };
+        match v.parse::<i64>() {
+            Ok(n) => *target = n,
+            Err(_) => return harbor_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid query"),
+        }
+    }
+    if page < 1 || !(1..=100).contains(&page_size) {
+        return harbor_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "validation failure: page_size in query should be less than or equal to 100",
+        );
+    }
+    let visible: Vec<serde_json::Value> = state
+        .config
+        .projects
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| *caller != Caller::Anonymous || p.public)
+        .map(|(i, p)| project_json(state, i, p))
+        .collect();
+    let total = visible.len() as i64;
+    let start = ((page - 1) * page_size).min(total) as usize;
+    let end = (page * page_size).min(total) as usize;
+    let mut resp = json_response(
+        StatusCode::OK,
+        &serde_json::Value::Array(visible[start..end].to_vec()),
+    );
+    let link = |p: i64| format!("</api/v2.0/projects?page={p}&page_size={page_size}>");
+    let mut links = Vec::new();
+    if page > 1 {
+        links.push(format!("{}; rel=\"prev\"", link(page - 1)));
+    }
+    if page * page_size < total {
+        links.push(format!("{}; rel=\"next\"", link(page + 1)));
+    }
+    let h = resp.headers_mut();
+    h.insert("x-total-count", total.into());
+    if !links.is_empty() {
+        h.insert(
+            header::LINK,
+            links.join(" , ").parse().expect("link header"),
+        );
+    }
+    resp
+}
+
+fn registry(state: &State, caller: &Caller, id: &str) -> Response<Body> {
+    if *caller == Caller::Anonymous {
+        return unauthorized();
+    }
+    if state.registries_forbidden.load(Ordering::Relaxed) {
+        return harbor_error(StatusCode::FORBIDDEN, "FORBIDDEN", "forbidden");
+    }
+    let found = id.parse::<i64>().ok().and_then(|id| {
+        state
+            .config
+            .projects
+            .iter()
+            .filter_map(|p| p.registry.as_ref())
+            .find(|r| r.id == id)
+    });
+    let Some(r) = found else {
+        return harbor_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("registry {id} not found"),
+        );
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "id": r.id, "name": r.name, "type": r.kind, "url": r.url, "insecure": false,
+            "status": "healthy", "description": "",
+            "credential": {"type": "basic", "access_key": "", "access_secret": "*****"},
+            "creation_time": state.started, "update_time": state.started,
+        }),
+    )
+}
+
+/// `GET /service/token?service=…&scope=…[&scope=…]`
+pub(crate) fn token(state: &State, query: Option<&str>, headers: &HeaderMap) -> Response<Body> {
+    let caller = classify(state, headers);
+    if caller == Caller::Invalid {
+        return unauthorized();
+    }
+    let pairs = query_pairs(query);
+    let service = pairs
+        .iter()
+        .find(|(k, _)| k == "service")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| crate::registry::SERVICE.to_string());
+    let access: Vec<serde_json::Value> = pairs
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| v.split(' ').map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|scope| grant(state, &caller, &scope))
+        .collect();
+    let now = time::OffsetDateTime::now_utc();
+    let iat = now.unix_timestamp();
+    let ttl = state.config.token_ttl.as_secs() as i64;
+    let sub = match &caller {
+        Caller::Robot(u) => u.clone(),
+        Caller::Admin => ADMIN_USER.to_string(),
+        _ => String::new(),
+    };
+    let claims = json!({
+        "iss": crate::keys::ISSUER, "sub": sub, "aud": service,
+        "exp": iat + ttl, "nbf": iat, "iat": iat,
+        "jti": format!("{:032x}", rand::random::<u128>()),
+        "access": access,
+    });
+    let token = match state.keys.sign_jwt(&claims) {
+        Ok(t) => t,
+        Err(e) => {
+            return harbor_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &e.to_string())
+        }
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"token": token, "access_token": token, "expires_in": ttl,
+                "issued_at": now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()}),
+    )
+}
+
+/// One `access` entry for `scope` (`repository:<name>:<actions>`), or None when nothing is granted.
+fn grant(state: &State, caller: &Caller, scope: &str) -> Option<serde_json::Value> {
+    let (kind, rest) = scope.split_once(':')?;
+    let (name, actions) = rest.rsplit_once(':')?;
+    if kind != "repository" {
+        return None;
+    }
+    let project = name.split('/').next()?;
+    let spec = state.config.projects.iter().find(|p| p.name == project);
+    let allowed: &[&str] = match (caller, spec) {
+        (Caller::Admin, _) => &["pull", "push", "delete", "*"],
+        (Caller::Robot(_), Some(_)) => &["pull"],
+        (Caller::Anonymous, Some(p)) if p.public => &["pull"],
+        _ => &[],
+    };
+    let granted: Vec<&str> = actions.split(',').filter(|a| allowed.contains(a)).collect();
+    if granted.is_empty() {
+        return None;
+    }
+    Some(json!({"type": "repository", "name": name, "actions": granted}))
+}

@@ -1,0 +1,306 @@
+//! `/v2/` forwarding to the real registry with Harbor's proxy-cache quirks on top:
+//! docker-hub single-segment 301, `tags/list` 200-empty for unknown repositories, blob `HEAD` 404
+//! until the blob was fetched with GET (#22609), and the per-project faults of [`Fault`].
+//!
+//! Request headers (repeated `Accept` lines included) and response status/headers/body pass through
+//! unchanged and streamed; only hop-by-hop headers are dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::standin::{full, harbor_error, json_response, Body, BoxError, State};
+use crate::Fault;
+
+/// What a `/v2/<project>/<name>/<kind>` path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Manifest,
+    Blob(String),
+    Tags,
+    Other,
+}
+
+/// A parsed `/v2/` path (everything after `/v2/`).
+#[derive(Debug)]
+struct V2Path {
+    project: String,
+    /// Repository name inside the project (empty when the path has no recognised suffix).
+    name: String,
+    /// `/manifests/<ref>`, `/blobs/<digest>`, `/tags/list`, …
+    suffix: String,
+    kind: Kind,
+}
+
+fn parse(rest: &str) -> Option<V2Path> {
+    let (project, remainder) = rest.split_once('/').unwrap_or((rest, ""));
+    if project.is_empty() {
+        return None;
+    }
+    let split = |marker: &str| remainder.rfind(marker).filter(|&i| i > 0);
+    let (idx, kind) = if let Some(i) = split("/manifests/") {
+        (i, Kind::Manifest)
+    } else if let Some(i) = split("/blobs/uploads") {
+        (i, Kind::Other)
+    } else if let Some(i) = split("/blobs/") {
+        let digest = remainder[i + "/blobs/".len()..].to_string();
+        (i, Kind::Blob(digest))
+    } else if remainder.ends_with("/tags/list") && remainder.len() > "/tags/list".len() {
+        (remainder.len() - "/tags/list".len(), Kind::Tags)
+    } else {
+        return Some(V2Path {
+            project: project.to_string(),
+            name: String::new(),
+            suffix: remainder.to_string(),
+            kind: Kind::Other,
+        });
+    };
+    Some(V2Path {
+        project: project.to_string(),
+        name: remainder[..idx].to_string(),
+        suffix: remainder[idx..].to_string(),
+        kind,
+    })
+}
+
+fn fault_response(status: u16, kind: &Kind) -> Response<Body> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = match (status.as_u16(), kind) {
+        (404, Kind::Manifest) => "MANIFEST_UNKNOWN",
+        (404, Kind::Blob(_)) => "BLOB_UNKNOWN",
+        (404, _) => "NAME_UNKNOWN",
+        (401, _) => "UNAUTHORIZED",
+        (403, _) => "DENIED",
+        (429, _) => "TOOMANYREQUESTS",
+        (503, _) => "UNAVAILABLE",
+        _ => "UNKNOWN",
+    };
+    let message = status.canonical_reason().unwrap_or("injected fault");
+    let mut resp = harbor_error(status, code, &message.to_ascii_lowercase());
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("7"));
+    }
+    resp
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+}
+
+pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix("/v2/")
+        .unwrap_or("")
+        .to_string();
+    let parsed = parse(&rest);
+    let mut reset_mid_body = false;
+    if let Some(p) = &parsed {
+        {
+            let mut c = state.counters.lock().unwrap();
+            *c.v2_requests.entry(p.project.clone()).or_default() += 1;
+            if p.kind == Kind::Manifest {
+                *c.manifest_requests.entry(p.project.clone()).or_default() += 1;
+            }
+        }
+        let fault = state.faults.lock().unwrap().get(&p.project).cloned();
+        match fault {
+            Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+            Some(Fault::Status(code)) => return fault_response(code, &p.kind),
+            Some(Fault::Hang) => std::future::pending::<()>().await,
+            Some(Fault::ResetMidBody) => reset_mid_body = true,
+            None => {}
+        }
+    }
+    let spec = parsed
+        .as_ref()
+        .and_then(|p| state.config.projects.iter().find(|s| s.name == p.project));
+    let proxy_kind = spec
+        .and_then(|s| s.registry.as_ref())
+        .map(|r| r.kind.as_str());
+    if let (Some(p), Some("docker-hub")) = (&parsed, proxy_kind) {
+        if p.kind != Kind::Other && !p.name.contains('/') {
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            let location = format!("/v2/{}/library/{}{}{query}", p.project, p.name, p.suffix);
+            return Response::builder()
+                .status(StatusCode::MOVED_PERMANENTLY)
+                .header(header::LOCATION, location)
+                .header(header::CONTENT_LENGTH, 0)
+                .body(full(Bytes::new()))
+                .expect("redirect");
+        }
+    }
+    let method = req.method().clone();
+    let mut resp = match forward(&state, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return harbor_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &e.to_string());
+        }
+    };
+    strip_hop_by_hop(resp.headers_mut());
+    let (Some(p), true) = (&parsed, proxy_kind.is_some()) else {
+        return resp.map(box_incoming);
+    };
+    let mut out = match (&p.kind, &method) {
+        (Kind::Tags, &Method::GET) if resp.status() == StatusCode::NOT_FOUND => {
+            let name = format!("{}/{}", p.project, p.name);
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({"name": name, "tags": []}),
+            )
+        }
+        (Kind::Blob(digest), &Method::HEAD) if resp.status().is_success() => {
+            let key = (p.project.clone(), digest.clone());
+            if state.fetched_blobs.lock().unwrap().contains(&key) {
+                resp.map(box_incoming)
+            } else {
+                harbor_error(
+                    StatusCode::NOT_FOUND,
+                    "BLOB_UNKNOWN",
+                    "blob unknown to registry",
+                )
+            }
+        }
+        (Kind::Blob(digest), &Method::GET) if resp.status().is_success() => {
+            if reset_mid_body {
+                let len: u64 = resp
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0);
+                resp.map(|b| {
+                    CutOff {
+                        inner: b,
+                        remaining: len / 2,
+                        pause: None,
+                    }
+                    .boxed()
+                })
+            } else {
+                let key = (p.project.clone(), digest.clone());
+                state.fetched_blobs.lock().unwrap().insert(key);
+                resp.map(box_incoming)
+            }
+        }
+        _ => resp.map(box_incoming),
+    };
+    strip_hop_by_hop(out.headers_mut());
+    out
+}
+
+fn box_incoming(b: Incoming) -> Body {
+    b.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+async fn forward(state: &State, req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
+    let registry = state
+        .registry
+        .ok_or_else(|| anyhow::anyhow!("no registry behind this stand-in"))?;
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    parts.uri = format!("http://{registry}{path_and_query}").parse()?;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    let resp = state
+        .client
+        .request(Request::from_parts(parts, body))
+        .await?;
+    Ok(resp)
+}
+
+/// A body that passes `remaining` bytes, pauses briefly (so they reach the client), then fails,
+/// which makes hyper abort the connection: the `ResetMidBody` fault.
+struct CutOff {
+    inner: Incoming,
+    remaining: u64,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HttpBody for CutOff {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            let pause = self
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+            std::task::ready!(pause.as_mut().poll(cx));
+            return Poll::Ready(Some(Err(
+                "connection reset mid-body (injected fault)".into()
+            )));
+        }
+        match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    if data.len() as u64 > self.remaining {
+                        data.truncate(self.remaining as usize);
+                    }
+                    self.remaining -= data.len() as u64;
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_v2_paths() {
+        let p = parse("dockerhub/library/nginx/manifests/latest").unwrap();
+        assert_eq!(
+            (p.project.as_str(), p.name.as_str()),
+            ("dockerhub", "library/nginx")
+        );
+        assert_eq!(
+            (p.suffix.as_str(), p.kind),
+            ("/manifests/latest", Kind::Manifest)
+        );
+        let p = parse("dockerhub/nginx/blobs/sha256:ab").unwrap();
+        assert_eq!(p.kind, Kind::Blob("sha256:ab".into()));
+        assert_eq!(p.name, "nginx");
+        let p = parse("q/a/b/tags/list").unwrap();
+        assert_eq!((p.name.as_str(), p.kind), ("a/b", Kind::Tags));
+        assert_eq!(parse("q/a/blobs/uploads/").unwrap().kind, Kind::Other);
+        assert!(parse("").is_none());
+    }
+}

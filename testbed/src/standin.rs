@@ -1,0 +1,242 @@
+//! The stand-in Harbor server: one tokio runtime on its own thread, one listener on 127.0.0.1,
+//! HTTP/1.1 and h2c (prior knowledge) on the same port, request dispatch to `harbor.rs` (API and
+//! token service) and `proxy.rs` (`/v2/`), counters, fault table and connection dropping.
+//!
+//! Owns the shared [`State`] and the response helpers; the Harbor rules live in the other modules.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{oneshot, watch};
+
+use crate::keys::TokenKeys;
+use crate::{Counters, Fault, HarborConfig, Registry};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The response body type of every handler: upstream bodies stream through boxed.
+pub(crate) type Body = BoxBody<Bytes, BoxError>;
+
+/// Everything the handlers share.
+pub(crate) struct State {
+    pub config: HarborConfig,
+    /// Signs tokens; the registry trusts its certificate.
+    pub keys: TokenKeys,
+    /// Where `/v2/` goes; None answers 502.
+    pub registry: Option<SocketAddr>,
+    pub client: Client<HttpConnector, Incoming>,
+    pub counters: Mutex<Counters>,
+    pub faults: Mutex<HashMap<String, Fault>>,
+    /// (project, digest) pairs fetched once with GET: Harbor's blob HEAD answers 404 before that.
+    pub fetched_blobs: Mutex<HashSet<(String, String)>>,
+    pub registries_forbidden: AtomicBool,
+    /// Bumped by `drop_connections`; every connection task watches it.
+    pub drop_generation: watch::Sender<u64>,
+    /// RFC 3339 time used as creation/update time of every object.
+    pub started: String,
+}
+
+/// The stand-in Harbor API, on its own thread, bound to 127.0.0.1.
+pub struct StandIn {
+    addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StandIn {
+    /// Binds 127.0.0.1:0 and serves. `/v2/` is forwarded to `registry` and tokens are signed with its
+    /// keys; without a registry, keys are generated and `/v2/` answers 502.
+    pub fn start(config: HarborConfig, registry: Option<&Registry>) -> anyhow::Result<StandIn> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let keys = match registry {
+            Some(r) => r.keys().clone(),
+            None => {
+                let dir = tempfile::tempdir()?;
+                TokenKeys::generate(dir.path())?
+            }
+        };
+        Self::start_on(listener, config, keys, registry.map(Registry::addr))
+    }
+
+    /// Serves on an already-bound listener (so the registry can be told the realm before we serve).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        config: HarborConfig,
+        keys: TokenKeys,
+        registry: Option<SocketAddr>,
+    ) -> anyhow::Result<StandIn> {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("standin")
+            .enable_all()
+            .build()?;
+        let client = {
+            let _guard = rt.enter();
+            Client::builder(TokioExecutor::new()).build_http()
+        };
+        let state = Arc::new(State {
+            config,
+            keys,
+            registry,
+            client,
+            counters: Mutex::new(Counters::default()),
+            faults: Mutex::new(HashMap::new()),
+            fetched_blobs: Mutex::new(HashSet::new()),
+            registries_forbidden: AtomicBool::new(false),
+            drop_generation: watch::channel(0).0,
+            started: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)?,
+        });
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let (tx, rx) = oneshot::channel();
+        let st = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("standin-main".into())
+            .spawn(move || {
+                rt.block_on(serve(listener, st, rx));
+                rt.shutdown_background();
+            })?;
+        Ok(StandIn {
+            addr,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        self.state.counters.lock().unwrap().clone()
+    }
+
+    /// Injects `fault` into every `/v2/<project>/…` request until cleared.
+    pub fn set_fault(&self, project: &str, fault: Fault) {
+        self.state
+            .faults
+            .lock()
+            .unwrap()
+            .insert(project.to_string(), fault);
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+
+    /// Closes every open client connection now (idle keep-alive ones included).
+    pub fn drop_connections(&self) {
+        self.state.drop_generation.send_modify(|g| *g += 1);
+    }
+
+    /// Makes `/api/v2.0/registries/{id}` answer 403, as for a robot lacking that permission.
+    pub fn set_registries_forbidden(&self, yes: bool) {
+        self.state
+            .registries_forbidden
+            .store(yes, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        state.counters.lock().unwrap().connections_accepted += 1;
+        let _ = stream.set_nodelay(true);
+        let mut dropped = state.drop_generation.subscribe();
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(dispatch(st, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = dropped.changed() => {}
+            }
+        });
+    }
+}
+
+async fn dispatch(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if path == "/v2" || path.starts_with("/v2/") {
+        return crate::proxy::handle(state, req).await;
+    }
+    if path == "/service/token" {
+        state.counters.lock().unwrap().token_requests += 1;
+        return crate::harbor::token(&state, req.uri().query(), req.headers());
+    }
+    if path.starts_with("/api/v2.0/") {
+        state.counters.lock().unwrap().api_requests += 1;
+        return crate::harbor::api(&state, &path, req.uri().query(), req.headers());
+    }
+    harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")
+}
+
+/// A complete body.
+pub(crate) fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+pub(crate) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("json");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(full(body))
+        .expect("response")
+}
+
+/// Harbor's (and the registry's) error form: `{"errors":[{"code":…,"message":…}]}`.
+pub(crate) fn harbor_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &serde_json::json!({"errors": [{"code": code, "message": message}]}),
+    )
+}
