@@ -1,0 +1,375 @@
+//! The stand-in in front of the real registry: token flow, Harbor's /v2 quirks, faults, connection
+//! dropping, h2c, and seeding with media types preserved.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use testbed::images::{DOCKER_MANIFEST, OCI_INDEX};
+use testbed::{
+    basic_auth, Fault, HarborConfig, SeedImage, SeedKind, Seeded, Testbed, DEFAULT_ROBOT_PASSWORD,
+    DEFAULT_ROBOT_USER,
+};
+
+const ROBOT: (&str, &str) = (DEFAULT_ROBOT_USER, DEFAULT_ROBOT_PASSWORD);
+const ACCEPT_ALL: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+fn image(repository: &str, tag: &str, kind: SeedKind) -> SeedImage {
+    SeedImage {
+        repository: repository.into(),
+        tag: tag.into(),
+        kind,
+        layer_bytes: 100_000,
+    }
+}
+
+fn bed_with(images: &[SeedImage]) -> (Testbed, Vec<Seeded>) {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let seeded = bed.seed(images).unwrap();
+    (bed, seeded)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn robot_token(bed: &Testbed, repos: &[&str]) -> String {
+    let mut url = format!("{}/service/token?service=harbor-registry", bed.harbor.url());
+    for r in repos {
+        url.push_str(&format!("&scope=repository:{r}:pull"));
+    }
+    let resp = client()
+        .get(url)
+        .header("Authorization", basic_auth(ROBOT.0, ROBOT.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn v2(bed: &Testbed, method: reqwest::Method, path: &str, token: &str) -> reqwest::Response {
+    let mut req = client()
+        .request(method, format!("{}{path}", bed.harbor.url()))
+        .header("Authorization", format!("Bearer {token}"));
+    for a in ACCEPT_ALL {
+        req = req.header("Accept", a);
+    }
+    req.send().await.unwrap()
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn token_flow_against_the_real_registry() {
+    let (bed, seeded) = bed_with(&[
+        image("ghcr/org/app", "v1", SeedKind::OciManifest),
+        image("quay/coreos/etcd", "v3.5.0", SeedKind::DockerSchema2),
+    ]);
+    let url = format!("{}/v2/ghcr/org/app/manifests/v1", bed.harbor.url());
+    let resp = client().get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let challenge = header(&resp, "www-authenticate");
+    assert!(
+        challenge.starts_with(&format!(
+            "Bearer realm=\"{}/service/token\",service=\"harbor-registry\"",
+            bed.harbor.url()
+        )),
+        "{challenge}"
+    );
+    assert!(challenge.contains("scope=\"repository:ghcr/org/app:pull\""));
+
+    let before = bed.harbor.counters().token_requests;
+    let token = robot_token(&bed, &["ghcr/org/app", "quay/coreos/etcd"]).await;
+    assert_eq!(bed.harbor.counters().token_requests, before + 1);
+    for s in &seeded {
+        let path = format!("/v2/{}/manifests/{}", s.repository, s.tag);
+        let resp = v2(&bed, reqwest::Method::GET, &path, &token).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&resp, "docker-content-digest"), s.digest);
+        assert_eq!(header(&resp, "content-type"), s.media_type);
+    }
+    // A token for another repository is refused by the registry.
+    let other = robot_token(&bed, &["quay/coreos/etcd"]).await;
+    let resp = v2(
+        &bed,
+        reqwest::Method::GET,
+        "/v2/ghcr/org/app/manifests/v1",
+        &other,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let c = bed.harbor.counters();
+    assert_eq!(c.manifest_requests["ghcr"], 3);
+    assert_eq!(c.v2_requests["quay"], 1);
+}
+
+#[tokio::test]
+async fn separate_accept_lines_are_all_forwarded() {
+    let (bed, seeded) = bed_with(&[image(
+        "dockerhub/library/nginx",
+        "latest",
+        SeedKind::OciIndex,
+    )]);
+    let token = robot_token(&bed, &["dockerhub/library/nginx"]).await;
+    let resp = client()
+        .get(format!(
+            "{}/v2/dockerhub/library/nginx/manifests/latest",
+            bed.harbor.url()
+        ))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Accept", DOCKER_MANIFEST)
+        .header("Accept", OCI_INDEX)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "the second Accept line was lost"
+    );
+    assert_eq!(header(&resp, "docker-content-digest"), seeded[0].digest);
+}
+
+#[tokio::test]
+async fn harbor_quirks() {
+    let (bed, seeded) = bed_with(&[image(
+        "dockerhub/library/nginx",
+        "latest",
+        SeedKind::DockerSchema2,
+    )]);
+    let token = robot_token(
+        &bed,
+        &[
+            "dockerhub/library/nginx",
+            "ghcr/nope",
+            "dockerhub/library/nope",
+        ],
+    )
+    .await;
+    let get = reqwest::Method::GET;
+    // docker-hub: single-segment names are redirected to library/.
+    for suffix in ["manifests/latest", "blobs/sha256:00", "tags/list"] {
+        let resp = v2(
+            &bed,
+            get.clone(),
+            &format!("/v2/dockerhub/nginx/{suffix}"),
+            &token,
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            header(&resp, "location"),
+            format!("/v2/dockerhub/library/nginx/{suffix}")
+        );
+    }
+    // tags/list of an unknown repository in a proxy project: 200 with an empty list.
+    let resp = v2(&bed, get.clone(), "/v2/ghcr/nope/tags/list", &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"name": "ghcr/nope", "tags": []}));
+    // A known repository lists its tags.
+    let resp = v2(
+        &bed,
+        get.clone(),
+        "/v2/dockerhub/library/nginx/tags/list",
+        &token,
+    )
+    .await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["tags"],
+        serde_json::json!(["latest"])
+    );
+    // Missing manifest: the registry's own 404 MANIFEST_UNKNOWN.
+    let resp = v2(
+        &bed,
+        get.clone(),
+        "/v2/dockerhub/library/nginx/manifests/nope",
+        &token,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(resp.text().await.unwrap().contains("MANIFEST_UNKNOWN"));
+    // Blob HEAD: 404 until fetched once with GET, then forwarded.
+    let blob = &seeded[0].blobs[1];
+    let path = format!("/v2/dockerhub/library/nginx/blobs/{blob}");
+    let head = v2(&bed, reqwest::Method::HEAD, &path, &token).await;
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    let resp = v2(&bed, get.clone(), &path, &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "docker-content-digest"), *blob);
+    let len: usize = header(&resp, "content-length").parse().unwrap();
+    assert_eq!(resp.bytes().await.unwrap().len(), len);
+    let head = v2(&bed, reqwest::Method::HEAD, &path, &token).await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(header(&head, "content-length"), len.to_string());
+}
+
+#[tokio::test]
+async fn faults() {
+    let (bed, seeded) = bed_with(&[image("quay/coreos/etcd", "v3.5.0", SeedKind::DockerSchema2)]);
+    let token = robot_token(&bed, &["quay/coreos/etcd"]).await;
+    let path = "/v2/quay/coreos/etcd/manifests/v3.5.0";
+    let get = reqwest::Method::GET;
+
+    bed.harbor.set_fault("quay", Fault::Status(500));
+    let resp = v2(&bed, get.clone(), path, &token).await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(resp.text().await.unwrap().contains("\"errors\""));
+
+    bed.harbor.set_fault("quay", Fault::Status(429));
+    let resp = v2(&bed, get.clone(), path, &token).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&resp, "retry-after"), "7");
+    assert!(resp.text().await.unwrap().contains("TOOMANYREQUESTS"));
+
+    // Other projects are unaffected.
+    let resp = v2(&bed, get.clone(), "/v2/ghcr/x/manifests/y", &token).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    bed.harbor
+        .set_fault("quay", Fault::Delay(Duration::from_millis(400)));
+    let t = Instant::now();
+    let resp = v2(&bed, get.clone(), path, &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(t.elapsed() >= Duration::from_millis(400));
+
+    bed.harbor.set_fault("quay", Fault::Hang);
+    let t = Instant::now();
+    let err = client()
+        .get(format!("{}{path}", bed.harbor.url()))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    bed.harbor.set_fault("quay", Fault::ResetMidBody);
+    let blob = &seeded[0].blobs[1];
+    let resp = v2(
+        &bed,
+        get.clone(),
+        &format!("/v2/quay/coreos/etcd/blobs/{blob}"),
+        &token,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.is_err(), "the body must be cut off");
+
+    bed.harbor.clear_faults();
+    let resp = v2(&bed, get.clone(), path, &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "docker-content-digest"), seeded[0].digest);
+}
+
+#[test]
+fn drop_connections_closes_keep_alive_connections() {
+    use std::io::{Read, Write};
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let accepted = bed.harbor.counters().connections_accepted;
+    let mut s = std::net::TcpStream::connect(bed.harbor.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = "GET /api/v2.0/projects HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 8192];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Still open: a second request on the same connection works.
+    s.write_all(req.as_bytes()).unwrap();
+    assert!(s.read(&mut buf).unwrap() > 0);
+    assert_eq!(bed.harbor.counters().connections_accepted, accepted + 1);
+    bed.harbor.drop_connections();
+    let n = s.read(&mut buf).expect("EOF, not a timeout");
+    assert_eq!(n, 0, "the connection must be closed");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    use http_body_util::BodyExt;
+    let (bed, seeded) = bed_with(&[image("k8s/pause", "3.9", SeedKind::DockerSchema2)]);
+    let token = robot_token(&bed, &["k8s/pause"]).await;
+    let stream = tokio::net::TcpStream::connect(bed.harbor.addr())
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("{}/v2/k8s/pause/manifests/3.9", bed.harbor.url()))
+        .header("authorization", format!("Bearer {token}"))
+        .header("accept", DOCKER_MANIFEST)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        seeded[0].digest.as_str()
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(!body.is_empty());
+}
+
+#[test]
+fn seeding_preserves_media_types_and_digests() {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let images = testbed::default_images();
+    let seeded = bed.seed(&images).unwrap();
+    for (img, s) in images.iter().zip(&seeded) {
+        assert_eq!(s.media_type, img.kind.media_type(), "{}", s.repository);
+        let platforms = match img.kind {
+            SeedKind::OciIndex | SeedKind::DockerManifestList => 2,
+            _ => 1,
+        };
+        assert_eq!(s.blobs.len(), 2 * platforms);
+        let out = std::process::Command::new("skopeo")
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--creds",
+                "admin:Harbor12345",
+            ])
+            .arg(format!(
+                "docker://{}/{}:{}",
+                bed.registry.addr(),
+                s.repository,
+                s.tag
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = format!(
+            "sha256:{:x}",
+            <sha2::Sha256 as sha2::Digest>::digest(&out.stdout)
+        );
+        assert_eq!(digest, s.digest, "{}", s.repository);
+        let raw: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(raw["mediaType"], s.media_type.as_str());
+    }
+}
