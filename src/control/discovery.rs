@@ -354,6 +354,51 @@ fn next_link(headers: &HeaderMap) -> Result<Option<String>, DiscoveryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    fn project(name: &str) -> Project {
+        Project {
+            name: name.into(),
+            id: 1,
+            registry_id: 1,
+            kind: UpstreamKind::Other("quay".into()),
+            upstream_url: None,
+        }
+    }
+
+    fn names(s: &SharedSnapshot) -> Vec<String> {
+        s.load()
+            .as_ref()
+            .unwrap()
+            .projects
+            .iter()
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn publishing_cuts_and_keeps() {
+        let map: HashMap<String, String> =
+            [("MAX_FANOUT_PROJECTS".to_string(), "2".to_string())].into();
+        let config = Config::from_map(&map).unwrap();
+        let snap = crate::snapshot::shared();
+        let mut generation = 0;
+        // The first empty list is published (there is nothing better to keep).
+        publish(&config, &snap, vec![], &mut generation);
+        assert!(snap.load().as_ref().unwrap().projects.is_empty());
+        // Sorted input is cut at MAX_FANOUT_PROJECTS, keeping the first names.
+        let list = vec![project("a"), project("b"), project("c")];
+        publish(&config, &snap, list, &mut generation);
+        assert_eq!(names(&snap), ["a", "b"]);
+        assert_eq!(snap.load().as_ref().unwrap().generation, 2);
+        // An empty list after a good one is not published.
+        publish(&config, &snap, vec![], &mut generation);
+        assert_eq!(names(&snap), ["a", "b"]);
+        assert_eq!(snap.load().as_ref().unwrap().generation, 2);
+        // A new good list replaces it.
+        publish(&config, &snap, vec![project("z")], &mut generation);
+        assert_eq!(names(&snap), ["z"]);
+    }
 
     fn links(values: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

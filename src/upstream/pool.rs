@@ -79,6 +79,10 @@ pub struct Pool {
     target: Arc<Target>,
     idle: RefCell<VecDeque<Idle>>,
     h2: RefCell<Option<http2::SendRequest<ReqBody>>>,
+    /// An HTTP/2-capable connection is being opened: the others wait for it instead of opening their
+    /// own, so a burst of first requests shares one connection.
+    h2_connecting: Cell<bool>,
+    h2_connected: tokio::sync::Notify,
     stats: Cell<PoolStats>,
 }
 
@@ -88,6 +92,8 @@ impl Pool {
             target,
             idle: RefCell::new(VecDeque::new()),
             h2: RefCell::new(None),
+            h2_connecting: Cell::new(false),
+            h2_connected: tokio::sync::Notify::new(),
             stats: Cell::new(PoolStats::default()),
         });
         spawn_sweeper(Rc::downgrade(&pool), pool.target.idle_timeout);
@@ -115,10 +121,7 @@ impl Pool {
         req: Request<ReqBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         self.bump(|s| s.requests += 1);
-        let (sender, reused) = match self.checkout() {
-            Some(s) => (s, true),
-            None => (self.connect().await?, false),
-        };
+        let (sender, reused) = self.acquire().await?;
         if !reused {
             return self.send_on(sender, req).await;
         }
@@ -166,6 +169,28 @@ impl Pool {
                 body.release_if_done();
                 Ok(Response::from_parts(parts, body))
             }
+        }
+    }
+
+    /// A pooled connection (`true`) or a new one (`false`).
+    async fn acquire(&self) -> Result<(Sender, bool), UpstreamError> {
+        loop {
+            if let Some(s) = self.checkout() {
+                return Ok((s, true));
+            }
+            // Only a pool that may speak HTTP/2 serializes its connects: HTTP/1.1 needs one
+            // connection per request in flight anyway.
+            if !(self.target.http2) {
+                return Ok((self.connect().await?, false));
+            }
+            let connected = self.h2_connected.notified();
+            if self.h2_connecting.get() {
+                connected.await;
+                continue;
+            }
+            self.h2_connecting.set(true);
+            let _done = ConnectingGuard(self);
+            return Ok((self.connect().await?, false));
         }
     }
 
@@ -297,6 +322,16 @@ where
     }
 }
 
+/// Ends an HTTP/2 connect (done, failed or cancelled) and wakes the requests that waited for it.
+struct ConnectingGuard<'a>(&'a Pool);
+
+impl Drop for ConnectingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.h2_connecting.set(false);
+        self.0.h2_connected.notify_waiters();
+    }
+}
+
 fn spawn_sweeper(pool: Weak<Pool>, idle_timeout: Duration) {
     let every = (idle_timeout / 2).max(Duration::from_millis(100));
     monoio::spawn(async move {
@@ -344,6 +379,14 @@ impl UpstreamBody {
                 pool.checkin(sender);
             }
         }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.release.is_some())
+            .finish()
     }
 }
 

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod nginx;
+pub mod relay;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,0 +1,217 @@
+//! Discovery against the stand-in Harbor (`testbed`): the project set, pagination, credentials,
+//! registry types, and the router's health following the snapshot.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use harbor_router::config::Config;
+use harbor_router::control::discovery::{discover, DiscoveryError};
+use harbor_router::snapshot::{Project, UpstreamKind};
+use harbor_router::upstream::{self, Upstream};
+use testbed::{HarborConfig, ProjectSpec, RegistrySpec, StandIn};
+
+use common::relay::Relay;
+use common::{get, Router, DEADLINE};
+
+const ROBOT: (&str, &str) = ("robot$router", "router-secret");
+
+fn config(harbor: &str, creds: Option<(&str, &str)>) -> Config {
+    let mut map: HashMap<String, String> = HashMap::new();
+    map.insert("HARBOR_URL".into(), harbor.into());
+    if let Some((u, p)) = creds {
+        map.insert("HARBOR_USERNAME".into(), u.into());
+        map.insert("HARBOR_PASSWORD".into(), p.into());
+    }
+    Config::from_map(&map).unwrap()
+}
+
+/// Runs one discovery round in a monoio runtime on this thread.
+fn discover_once(
+    harbor: &str,
+    creds: Option<(&str, &str)>,
+) -> Result<Vec<Project>, DiscoveryError> {
+    let config = config(harbor, creds);
+    let shared = upstream::Shared::from_config(&config).unwrap();
+    let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            let client = Upstream::new(shared);
+            discover(&client, &user).await
+        })
+}
+
+fn standin(projects: Vec<ProjectSpec>) -> StandIn {
+    StandIn::start(
+        HarborConfig {
+            projects,
+            ..HarborConfig::default()
+        },
+        None,
+    )
+    .unwrap()
+}
+
+fn names(projects: &[Project]) -> Vec<&str> {
+    projects.iter().map(|p| p.name.as_str()).collect()
+}
+
+#[test]
+fn finds_exactly_the_proxy_projects_with_their_kinds() {
+    let harbor = standin(testbed::default_projects());
+    let projects = discover_once(&harbor.url(), Some(ROBOT)).unwrap();
+    assert_eq!(
+        names(&projects),
+        ["dockerhub", "ghcr", "k8s", "quay"],
+        "sorted, non-proxy left out"
+    );
+    let kind = |n: &str| projects.iter().find(|p| p.name == n).unwrap().kind.clone();
+    assert_eq!(kind("dockerhub"), UpstreamKind::DockerHub);
+    assert_eq!(kind("ghcr"), UpstreamKind::Other("github-ghcr".into()));
+    assert_eq!(kind("quay"), UpstreamKind::Other("quay".into()));
+    let hub = projects.iter().find(|p| p.name == "dockerhub").unwrap();
+    assert_eq!(hub.upstream_url.as_deref(), Some("https://hub.docker.com"));
+    assert!(hub.id > 0 && hub.registry_id > 0);
+}
+
+#[test]
+fn follows_pagination_across_250_projects() {
+    // 250 proxy projects over 3 upstream registries, with 25 ordinary projects in between.
+    let projects: Vec<ProjectSpec> = (0..275)
+        .map(|i| ProjectSpec {
+            name: format!("p{i:03}"),
+            public: false,
+            registry: (i % 11 != 7).then(|| RegistrySpec {
+                id: (i % 3) as i64 + 1,
+                name: format!("upstream-{}", i % 3),
+                kind: if i % 3 == 0 { "docker-hub" } else { "quay" }.into(),
+                url: "https://example.invalid".into(),
+            }),
+        })
+        .collect();
+    let harbor = standin(projects.clone());
+    let found = discover_once(&harbor.url(), Some(ROBOT)).unwrap();
+    let mut want: Vec<String> = projects
+        .iter()
+        .filter(|p| p.registry.is_some())
+        .map(|p| p.name.clone())
+        .collect();
+    want.sort();
+    assert_eq!(want.len(), 250);
+    assert_eq!(
+        names(&found),
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // 3 pages of 100, plus one read per distinct registry.
+    assert_eq!(harbor.counters().api_requests, 3 + 3);
+}
+
+#[test]
+fn anonymous_sees_public_projects_only() {
+    let mut projects = testbed::default_projects();
+    for p in projects
+        .iter_mut()
+        .filter(|p| p.name == "ghcr" || p.name == "quay")
+    {
+        p.public = false;
+    }
+    let harbor = standin(projects);
+    // Anonymous discovery cannot read registries (401), so types are unknown but projects are listed.
+    let found = discover_once(&harbor.url(), None).unwrap();
+    assert_eq!(names(&found), ["dockerhub", "k8s"]);
+    assert!(found.iter().all(|p| p.kind == UpstreamKind::Unknown));
+}
+
+#[test]
+fn bad_credentials_are_a_credentials_error_naming_the_user() {
+    let harbor = standin(testbed::default_projects());
+    let err = discover_once(&harbor.url(), Some(("robot$router", "wrong-password"))).unwrap_err();
+    assert!(matches!(err, DiscoveryError::Credentials { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("robot$router"), "{text}");
+    assert!(!text.contains("wrong-password"), "{text}");
+}
+
+#[test]
+fn registries_the_robot_cannot_read_leave_the_type_unknown() {
+    let harbor = standin(testbed::default_projects());
+    harbor.set_registries_forbidden(true);
+    let found = discover_once(&harbor.url(), Some(ROBOT)).unwrap();
+    assert_eq!(names(&found), ["dockerhub", "ghcr", "k8s", "quay"]);
+    assert!(found.iter().all(|p| p.kind == UpstreamKind::Unknown));
+}
+
+#[test]
+fn health_follows_discovery_and_readiness_goes_stale() {
+    let harbor = standin(testbed::default_projects());
+    // Harbor unreachable at first: the relay refuses every connection.
+    let relay = Relay::start(harbor.addr(), false);
+    let harbor_url = format!("http://{}", relay.addr);
+    let r = Router::start(&[
+        ("WORKERS", "2"),
+        ("HARBOR_URL", &harbor_url),
+        ("HARBOR_USERNAME", ROBOT.0),
+        ("HARBOR_PASSWORD", ROBOT.1),
+        ("DISCOVERY_INTERVAL", "1s"),
+    ]);
+    r.wait_log(|l| l.contains("discovery failed"));
+    for path in ["/healthz", "/readyz"] {
+        let res = get(r.addr, path);
+        assert_eq!(res.status, 503, "{path}");
+        assert_eq!(
+            res.json()["reason"],
+            "no proxy-cache project discovered yet"
+        );
+    }
+
+    relay.set_forward(true);
+    let res = wait_for(|| {
+        let res = get(r.addr, "/readyz");
+        (res.status == 200).then_some(res)
+    });
+    assert_eq!(res.json()["projects"], 4);
+    assert_eq!(get(r.addr, "/healthz").status, 200);
+    r.wait_log(|l| l.contains("proxy-cache projects discovered") && l.contains("dockerhub"));
+
+    // Harbor goes away: the last good list is kept (healthz stays up) ...
+    relay.set_forward(false);
+    relay.cut_all();
+    // ... until it is older than 3 discovery intervals, when readiness drops.
+    let res = wait_for(|| {
+        let res = get(r.addr, "/readyz");
+        (res.status == 503).then_some(res)
+    });
+    let v = res.json();
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 discovery intervals"),
+        "{v}"
+    );
+    assert!(v["snapshot_age_seconds"].as_u64().unwrap() >= 3, "{v}");
+    let health = get(r.addr, "/healthz");
+    assert_eq!(health.status, 200, "liveness does not depend on Harbor");
+    assert_eq!(health.json()["projects"], 4, "the last good list is kept");
+    r.wait_log(|l| {
+        l.contains("keeping the last good project list") && l.contains(r#""kept_projects":4"#)
+    });
+}
+
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "condition not reached within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,217 @@
+//! The per-core upstream client against the real registry behind the stand-in Harbor: the token
+//! flow (one fetch, then the cached token), keep-alive reuse, connections killed between requests,
+//! and the same scenario over HTTP/2 prior knowledge, TLS (nginx with a CA made by the test) and TLS
+//! with HTTP/2 by ALPN.
+
+mod common;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use http::header::{ACCEPT, CONTENT_LENGTH};
+use http::{HeaderMap, HeaderValue, Method};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+
+use harbor_router::config::Config;
+use harbor_router::upstream::{self, AuthMode, Upstream};
+use testbed::{HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
+
+use common::nginx::TlsFront;
+use common::relay::Relay;
+
+fn testbed_with_image() -> (Testbed, Seeded) {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[SeedImage {
+            repository: "ghcr/org/app".into(),
+            tag: "v1".into(),
+            kind: SeedKind::OciManifest,
+            layer_bytes: 4096,
+        }])
+        .unwrap()
+        .remove(0);
+    (bed, seeded)
+}
+
+fn client_config(harbor_url: &str, extra: &[(&str, &str)]) -> Config {
+    let mut map: HashMap<String, String> = HashMap::new();
+    map.insert("HARBOR_URL".into(), harbor_url.into());
+    map.insert("HARBOR_USERNAME".into(), testbed::DEFAULT_ROBOT_USER.into());
+    map.insert(
+        "HARBOR_PASSWORD".into(),
+        testbed::DEFAULT_ROBOT_PASSWORD.into(),
+    );
+    for (k, v) in extra {
+        map.insert(k.to_string(), v.to_string());
+    }
+    Config::from_map(&map).unwrap()
+}
+
+fn accept_all() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for t in testbed::images::ALL_MANIFEST_TYPES {
+        h.append(ACCEPT, HeaderValue::from_static(t));
+    }
+    h
+}
+
+/// GET the seeded manifest; checks status, digest header and that the body hashes to the digest.
+async fn pull_manifest(up: &Upstream, seeded: &Seeded) {
+    let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
+    let res = up
+        .send(Method::GET, &path, accept_all(), AuthMode::Registry)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(res.status(), 200, "GET {path}");
+    let digest = res.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(digest, seeded.digest);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(format!("sha256:{:x}", Sha256::digest(&body)), seeded.digest);
+}
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// The whole scenario through `relay` (which the test uses to kill connections).
+fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expect_h2: bool) {
+    let shared = upstream::Shared::from_config(&config).unwrap();
+    let tokens_before = bed.harbor.counters().token_requests;
+    run(async {
+        let up = Upstream::new(shared.clone());
+        for _ in 0..5 {
+            pull_manifest(&up, seeded).await;
+        }
+        // HEAD: headers only, with the length of the GET body.
+        let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
+        let res = up
+            .send(Method::HEAD, &path, accept_all(), AuthMode::Registry)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().contains_key(CONTENT_LENGTH));
+        assert!(res
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
+
+        assert_eq!(
+            up.token_fetches(),
+            1,
+            "one token fetch, then the cached token"
+        );
+        assert_eq!(bed.harbor.counters().token_requests - tokens_before, 1);
+        let stats = up.pool_stats();
+        assert_eq!(
+            stats.connections_opened, 1,
+            "keep-alive: one connection for 7 requests"
+        );
+
+        // Harbor's side of every connection goes away between requests: no error reaches the caller.
+        for round in 0..3 {
+            relay.cut_all();
+            pull_manifest(&up, seeded).await;
+            assert_eq!(
+                up.pool_stats().connections_opened,
+                2 + round,
+                "a new connection after each cut"
+            );
+        }
+        assert_eq!(up.token_fetches(), 1, "the token outlives connections");
+
+        // Concurrent first requests for a new scope on one core share one token fetch.
+        let fresh = Rc::new(Upstream::new(shared.clone()));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let up = fresh.clone();
+                let seeded = seeded.clone();
+                monoio::spawn(async move { pull_manifest(&up, &seeded).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(fresh.token_fetches(), 1);
+        if expect_h2 {
+            assert_eq!(
+                fresh.pool_stats().connections_opened,
+                1,
+                "HTTP/2 multiplexes"
+            );
+        } else {
+            assert!(
+                fresh.pool_stats().connections_opened > 1,
+                "HTTP/1.1 needs a connection per request in flight"
+            );
+        }
+    });
+    assert_eq!(bed.harbor.counters().token_requests - tokens_before, 2);
+}
+
+#[test]
+fn http1_token_flow_reuse_and_killed_connections() {
+    let (bed, seeded) = testbed_with_image();
+    let relay = Relay::start(bed.harbor.addr(), true);
+    let config = client_config(&format!("http://{}", relay.addr), &[]);
+    scenario(&bed, &seeded, &relay, config, false);
+}
+
+#[test]
+fn http2_prior_knowledge() {
+    let (bed, seeded) = testbed_with_image();
+    let relay = Relay::start(bed.harbor.addr(), true);
+    let config = client_config(
+        &format!("http://{}", relay.addr),
+        &[("HTTP2_PRIOR_KNOWLEDGE", "true")],
+    );
+    scenario(&bed, &seeded, &relay, config, true);
+}
+
+#[test]
+fn tls_with_a_private_ca() {
+    let (bed, seeded) = testbed_with_image();
+    let nginx = TlsFront::start(bed.harbor.addr());
+    let relay = Relay::start(nginx.addr, true);
+    let ca = nginx.ca_file.to_str().unwrap().to_string();
+    let url = format!("https://localhost:{}", relay.addr.port());
+    scenario(
+        &bed,
+        &seeded,
+        &relay,
+        client_config(&url, &[("HARBOR_CA_FILE", &ca)]),
+        false,
+    );
+    // Over TLS, HTTP2_PRIOR_KNOWLEDGE offers h2 by ALPN; nginx accepts it.
+    let config = client_config(
+        &url,
+        &[("HARBOR_CA_FILE", &ca), ("HTTP2_PRIOR_KNOWLEDGE", "true")],
+    );
+    scenario(&bed, &seeded, &relay, config, true);
+}
+
+#[test]
+fn tls_refuses_an_unknown_ca() {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let nginx = TlsFront::start(bed.harbor.addr());
+    let url = format!("https://localhost:{}", nginx.addr.port());
+    let shared = upstream::Shared::from_config(&client_config(&url, &[])).unwrap();
+    run(async {
+        let up = Upstream::new(shared);
+        let err = up
+            .send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, upstream::UpstreamError::Tls(_)), "{err}");
+    });
+}
