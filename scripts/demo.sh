@@ -1,55 +1,82 @@
 #!/usr/bin/env bash
-# Runs harbor-router locally on a free loopback port and shows it answering, then stays up until
-# Ctrl-C, stopping everything it started.
-#
-# Today the router's front door is complete (registry base endpoint, health, validation, drain);
-# Harbor discovery and the pull path are being built (see the issues), so with no Harbor behind it the
-# health endpoints answer 503 and say why.
+# Runs the whole thing locally, on free loopback ports, without a Harbor:
+#   1. the test bed's stand-in Harbor (projects API, token service) in front of the real
+#      docker-registry, seeded with images in the proxy-cache projects dockerhub, ghcr, quay and k8s;
+#   2. harbor-router pointed at it with the stand-in's robot account;
+# then waits until the router has discovered the projects, shows what it sees, prints commands to try,
+# and stays up until Ctrl-C, stopping everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/common.sh
 
 hr_rust
-hr_apt curl
-hr_log "building (release)"
-cargo build --release --locked -q
+hr_apt curl python3 docker-registry skopeo
+hr_log "building the router (release) and the stand-in Harbor"
+cargo build --release --locked -q -p harbor-router
+cargo build --locked -q -p testbed --bin harbor-standin
 
 work=$(mktemp -d)
-router_pid=""
+pids=()
 cleanup() {
-  [ -n "$router_pid" ] && kill "$router_pid" 2>/dev/null && wait "$router_pid" 2>/dev/null
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-HARBOR_URL=${HARBOR_URL:-http://127.0.0.1:9} LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 \
-  LOG_FORMAT=json WORKERS=${WORKERS:-2} target/release/harbor-router >"$work/router.log" 2>&1 &
-router_pid=$!
+# wait_for FILE SED-EXPR PID: prints the first match of SED-EXPR in FILE, waiting up to 60 s.
+wait_for() {
+  local v=""
+  for _ in $(seq 1 600); do
+    v=$(sed -n "$2" "$1" 2>/dev/null | head -n1)
+    [ -n "$v" ] && { echo "$v"; return 0; }
+    kill -0 "$3" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "gave up waiting; log $1:" >&2; cat "$1" >&2; return 1
+}
 
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(sed -n 's/.*"message":"listening","addr":"\([^"]*\)".*/\1/p' "$work/router.log" | head -n1)
-  [ -n "$addr" ] && break
-  kill -0 "$router_pid" 2>/dev/null || { cat "$work/router.log"; exit 1; }
-  sleep 0.1
-done
-[ -n "$addr" ] || { echo "the router did not start:"; cat "$work/router.log"; exit 1; }
+hr_log "starting the stand-in Harbor and the registry, seeding images"
+target/debug/harbor-standin >"$work/standin.json" 2>"$work/standin.log" &
+pids+=($!)
+standin=$(wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
+field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"v": v}))' "$standin" "$1"; }
+harbor_url=$(field 'v["harbor_url"]')
 
-hr_log "harbor-router listening on $addr (pid $router_pid)"
+hr_log "starting harbor-router against $harbor_url"
+HARBOR_URL=$harbor_url HARBOR_USERNAME=$(field 'v["robot_user"]') HARBOR_PASSWORD=$(field 'v["robot_password"]') \
+  LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 LOG_FORMAT=json WORKERS=${WORKERS:-2} \
+  DISCOVERY_INTERVAL=${DISCOVERY_INTERVAL:-10s} target/release/harbor-router >"$work/router.log" 2>&1 &
+pids+=($!)
+addr=$(wait_for "$work/router.log" 's/.*"message":"listening","addr":"\([^"]*\)".*/\1/p' "${pids[-1]}")
+wait_for "$work/router.log" '/proxy-cache projects discovered/p' "${pids[-1]}" >/dev/null
+
 echo
-echo "\$ curl -si http://$addr/v2/"
-curl -si "http://$addr/v2/"; echo; echo
-echo "\$ curl -si http://$addr/healthz"
-curl -si "http://$addr/healthz"; echo; echo
-echo "\$ curl -si http://$addr/v2/proxy/../etc/manifests/latest"
-curl -si --path-as-is "http://$addr/v2/proxy/../etc/manifests/latest"; echo; echo
+echo "\$ curl -s http://$addr/readyz"
+curl -s "http://$addr/readyz"; echo
+echo
+echo "Projects the router discovered (from its log):"
+python3 -c 'import json,sys
+for line in open(sys.argv[1]):
+    try: v = json.loads(line)
+    except ValueError: continue
+    if v.get("message") == "proxy-cache projects discovered": last = v["projects"]
+print("  " + last)' "$work/router.log"
+echo
+echo "Images in the stand-in Harbor:"
+field '"\n".join("  %s:%s  %s" % (i["repository"], i["tag"], i["digest"]) for i in v["images"])'
 cat <<TXT
-Try it yourself:
-  curl -si http://$addr/v2/
-  curl -si http://$addr/readyz
-  curl -si -X PUT http://$addr/v2/proxy/nginx/manifests/latest
 
-Logs: $work/router.log  (tail -f it in another terminal)
+Try:
+  curl -si http://$addr/v2/
+  curl -s  http://$addr/readyz
+  # the stand-in Harbor itself, as a client that names the project:
+  skopeo inspect --tls-verify=false --creds '$(field 'v["robot_user"]')':$(field 'v["robot_password"]') docker://${harbor_url#http://}/dockerhub/library/nginx:latest
+  # through the router, naming no project (answers 503 UNAVAILABLE until the pull path is built):
+  skopeo inspect --tls-verify=false docker://$addr/proxy/library/nginx:latest
+
+Logs: $work/router.log, $work/standin.log
 Press Ctrl-C to stop.
 TXT
-wait "$router_pid"
+wait "${pids[@]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command. On a fresh Debian machine it installs what the tests need (only what is
 # missing), builds once, and runs: cargo fmt --check, clippy with warnings as errors, and every test
-# (unit, in-process and the integration tests that start the built binary on loopback port 0).
+# of the workspace: unit, in-process, the integration tests that start the built binary on loopback
+# port 0, and the test bed's (stand-in Harbor in front of the real docker-registry, skopeo, nginx).
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh -- NAME    cargo test filter passed through (e.g. -- shutdown)
@@ -17,21 +18,23 @@ stage() { hr_log "$1 ($((SECONDS - start))s)"; }
 
 stage "toolchain"
 hr_rust
-hr_apt ca-certificates
+# docker-registry: the real CNCF registry behind the stand-in Harbor; skopeo: seeds images and pulls;
+# nginx-light: the TLS front in the upstream tests.
+hr_apt ca-certificates docker-registry skopeo nginx-light
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check
 
 stage "build (tests and binary, debug)"
-cargo test --locked --all-targets --no-run
+cargo test --locked --workspace --all-targets --no-run
 
 stage "cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 stage "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --locked --all-targets -- "${filter[@]}" 2>&1 | tee "$log"
+cargo test --locked --workspace --all-targets -- "${filter[@]}" 2>&1 | tee "$log"
 
 stage "done"
 # One closing line for the whole run, summed over every test binary.

@@ -215,3 +215,68 @@ fn tls_refuses_an_unknown_ca() {
         assert!(matches!(err, upstream::UpstreamError::Tls(_)), "{err}");
     });
 }
+
+#[test]
+fn idle_connections_are_bounded_and_expire() {
+    let (bed, seeded) = testbed_with_image();
+    let config = client_config(
+        &bed.harbor.url(),
+        &[("MAX_IDLE_CONNS_PER_HOST", "2"), ("IDLE_CONN_TIMEOUT", "300ms")],
+    );
+    let shared = upstream::Shared::from_config(&config).unwrap();
+    run(async {
+        let up = Rc::new(Upstream::new(shared));
+        pull_manifest(&up, &seeded).await; // token first, so the burst below is 6 plain requests
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let (up, seeded) = (up.clone(), seeded.clone());
+                monoio::spawn(async move { pull_manifest(&up, &seeded).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        assert!(up.pool_stats().connections_opened >= 3, "{:?}", up.pool_stats());
+        assert_eq!(up.idle_connections(), 2, "at most MAX_IDLE_CONNS_PER_HOST kept");
+        // The sweeper closes them after IDLE_CONN_TIMEOUT.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while up.idle_connections() > 0 {
+            assert!(std::time::Instant::now() < end, "idle connections never expired");
+            monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
+fn a_hanging_harbor_hits_the_response_timeout() {
+    let (bed, seeded) = testbed_with_image();
+    let config = client_config(&bed.harbor.url(), &[("UPSTREAM_RESPONSE_TIMEOUT", "300ms")]);
+    let shared = upstream::Shared::from_config(&config).unwrap();
+    run(async {
+        let up = Upstream::new(shared);
+        pull_manifest(&up, &seeded).await;
+        bed.harbor.set_fault("ghcr", testbed::Fault::Hang);
+        let started = std::time::Instant::now();
+        let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
+        let err = up
+            .send(Method::GET, &path, accept_all(), AuthMode::Registry)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, upstream::UpstreamError::ResponseTimeout(_)), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // The hung connection is not reused: the next request after the fault clears succeeds.
+        bed.harbor.clear_faults();
+        pull_manifest(&up, &seeded).await;
+    });
+}
+
+#[test]
+fn nothing_listening_is_a_connect_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let shared = upstream::Shared::from_config(&client_config(&format!("http://127.0.0.1:{port}"), &[])).unwrap();
+    run(async {
+        let up = Upstream::new(shared);
+        let err = up.send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry).await.unwrap_err();
+        assert!(matches!(err, upstream::UpstreamError::Connect(_)), "{err}");
+    });
+}

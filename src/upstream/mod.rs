@@ -178,6 +178,11 @@ impl Upstream {
         self.pool.stats()
     }
 
+    /// Idle pooled HTTP/1.1 connections right now.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
     /// Token fetches this client started.
     pub fn token_fetches(&self) -> u64 {
         self.tokens.fetches()
