@@ -221,7 +221,10 @@ fn idle_connections_are_bounded_and_expire() {
     let (bed, seeded) = testbed_with_image();
     let config = client_config(
         &bed.harbor.url(),
-        &[("MAX_IDLE_CONNS_PER_HOST", "2"), ("IDLE_CONN_TIMEOUT", "300ms")],
+        &[
+            ("MAX_IDLE_CONNS_PER_HOST", "2"),
+            ("IDLE_CONN_TIMEOUT", "300ms"),
+        ],
     );
     let shared = upstream::Shared::from_config(&config).unwrap();
     run(async {
@@ -236,12 +239,23 @@ fn idle_connections_are_bounded_and_expire() {
         for t in tasks {
             t.await;
         }
-        assert!(up.pool_stats().connections_opened >= 3, "{:?}", up.pool_stats());
-        assert_eq!(up.idle_connections(), 2, "at most MAX_IDLE_CONNS_PER_HOST kept");
+        assert!(
+            up.pool_stats().connections_opened >= 3,
+            "{:?}",
+            up.pool_stats()
+        );
+        assert_eq!(
+            up.idle_connections(),
+            2,
+            "at most MAX_IDLE_CONNS_PER_HOST kept"
+        );
         // The sweeper closes them after IDLE_CONN_TIMEOUT.
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while up.idle_connections() > 0 {
-            assert!(std::time::Instant::now() < end, "idle connections never expired");
+            assert!(
+                std::time::Instant::now() < end,
+                "idle connections never expired"
+            );
             monoio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     });
@@ -262,7 +276,10 @@ fn a_hanging_harbor_hits_the_response_timeout() {
             .send(Method::GET, &path, accept_all(), AuthMode::Registry)
             .await
             .unwrap_err();
-        assert!(matches!(err, upstream::UpstreamError::ResponseTimeout(_)), "{err}");
+        assert!(
+            matches!(err, upstream::UpstreamError::ResponseTimeout(_)),
+            "{err}"
+        );
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         // The hung connection is not reused: the next request after the fault clears succeeds.
         bed.harbor.clear_faults();
@@ -272,11 +289,20 @@ fn a_hanging_harbor_hits_the_response_timeout() {
 
 #[test]
 fn nothing_listening_is_a_connect_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let shared = upstream::Shared::from_config(&client_config(&format!("http://127.0.0.1:{port}"), &[])).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let shared =
+        upstream::Shared::from_config(&client_config(&format!("http://127.0.0.1:{port}"), &[]))
+            .unwrap();
     run(async {
         let up = Upstream::new(shared);
-        let err = up.send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry).await.unwrap_err();
+        let err = up
+            .send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry)
+            .await
+            .unwrap_err();
         assert!(matches!(err, upstream::UpstreamError::Connect(_)), "{err}");
     });
 }
