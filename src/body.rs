@@ -1,12 +1,17 @@
-//! The response body type the router hands to hyper. Today every body the router makes itself is
-//! small and whole ([`Body::full`]); streamed upstream bodies join this enum when the pull path lands,
-//! so that one concrete type (no boxing, no `Send` bound) flows through every handler.
+//! The response body type the router hands to hyper: one concrete type (no boxing, no `Send` bound)
+//! for every handler. Bodies the router makes itself are small and whole ([`Body::full`]); bodies from
+//! Harbor stream through ([`Body::Upstream`]) frame by frame, so hyper's backpressure reaches Harbor's
+//! socket and memory stays flat whatever the size of a blob or the speed of the client. An upstream
+//! error mid-body surfaces as a body error, which makes hyper cut the client connection instead of
+//! ending a short body as if it were complete.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+
+use crate::upstream::pool::UpstreamBody;
 
 /// A response body.
 #[derive(Debug, Default)]
@@ -16,6 +21,8 @@ pub enum Body {
     Empty,
     /// A body known in full; taken out when sent.
     Full(Option<Bytes>),
+    /// Harbor's body, streamed.
+    Upstream(UpstreamBody),
 }
 
 impl Body {
@@ -30,11 +37,14 @@ impl http_body::Body for Body {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Upstream(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| std::io::Error::other(format!("upstream body: {e}"))),
         }
     }
 
@@ -42,6 +52,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
+            Body::Upstream(body) => body.is_end_stream(),
         }
     }
 
@@ -49,6 +60,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Upstream(body) => body.size_hint(),
         }
     }
 }

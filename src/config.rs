@@ -50,6 +50,8 @@ pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
 pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
 pub const ENV_UPSTREAM_RESPONSE_TIMEOUT: &str = "UPSTREAM_RESPONSE_TIMEOUT";
+pub const ENV_MANIFEST_CACHE_BYTES: &str = "MANIFEST_CACHE_BYTES";
+pub const ENV_MANIFEST_CACHE_TTL: &str = "MANIFEST_CACHE_TTL";
 
 /// Redis sentinel port used when an entry of `REDIS_SENTINELS` has none.
 pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
@@ -204,6 +206,11 @@ pub struct Config {
     pub circuit_breaker_threshold: u32,
     /// How long an open circuit stays open before one probe is let through.
     pub circuit_breaker_timeout: Duration,
+    /// Byte budget of the by-digest manifest cache for the whole process (split across workers); 0
+    /// turns it off.
+    pub manifest_cache_bytes: u64,
+    /// Longest life of a cached manifest, so Harbor keeps recording pulls of hot images.
+    pub manifest_cache_ttl: Duration,
     /// Data-plane threads, one event loop and one listener each.
     pub workers: usize,
     pub io_driver: IoDriver,
@@ -345,6 +352,8 @@ impl Config {
             ranged_int(v, 1, MAX_WORKERS as u64).map(|n| n as usize)
         });
         let io_driver = r.parse(ENV_IO_DRIVER, "auto", parse_io_driver);
+        let manifest_cache_bytes = r.parse(ENV_MANIFEST_CACHE_BYTES, "64MiB", parse_bytes);
+        let manifest_cache_ttl = r.parse(ENV_MANIFEST_CACHE_TTL, "1h", positive_duration);
         let shutdown_timeout = r.parse(ENV_SHUTDOWN_TIMEOUT, "30s", any_duration);
         let header_read_timeout = r.parse(ENV_HEADER_READ_TIMEOUT, "30s", positive_duration);
 
@@ -390,6 +399,8 @@ impl Config {
             stale_while_revalidate: stale_while_revalidate.expect("checked"),
             circuit_breaker_threshold: circuit_breaker_threshold.expect("checked"),
             circuit_breaker_timeout: circuit_breaker_timeout.expect("checked"),
+            manifest_cache_bytes: manifest_cache_bytes.expect("checked"),
+            manifest_cache_ttl: manifest_cache_ttl.expect("checked"),
             workers: workers.expect("checked"),
             io_driver: io_driver.expect("checked"),
             shutdown_timeout: shutdown_timeout.expect("checked"),
@@ -589,6 +600,29 @@ fn ranged_int(v: &str, min: u64, max: u64) -> Result<u64, String> {
         return Err(format!("must be between {min} and {max}"));
     }
     Ok(n)
+}
+
+/// A byte count: `1048576`, `512KiB`, `64MiB`, `1GiB` (also `KB`, `MB`, `GB` as powers of 1000).
+fn parse_bytes(v: &str) -> Result<u64, String> {
+    const FORM: &str = "not a size; examples: 0, 1048576, 512KiB, 64MiB, 1GiB";
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| FORM.to_string())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(FORM.into()),
+    };
+    let bytes = n.checked_mul(mult).ok_or("too large")?;
+    if bytes > 64 << 30 {
+        return Err("must be at most 64GiB".into());
+    }
+    Ok(bytes)
 }
 
 fn parse_bool(v: &str) -> Result<bool, String> {

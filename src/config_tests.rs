@@ -104,6 +104,41 @@ fn defaults() {
     assert_eq!(c.harbor_ca_file, None);
     assert_eq!(c.upstream_connect_timeout, Duration::from_secs(5));
     assert_eq!(c.upstream_response_timeout, Duration::from_secs(60));
+    assert_eq!(c.manifest_cache_bytes, 64 << 20);
+    assert_eq!(c.manifest_cache_ttl, Duration::from_secs(3600));
+}
+
+#[test]
+fn manifest_cache_settings() {
+    for (text, bytes) in [
+        ("0", 0),
+        ("1048576", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("64MiB", 64 << 20),
+        ("1GiB", 1 << 30),
+        ("10MB", 10_000_000),
+    ] {
+        assert_eq!(
+            ok(&[(ENV_MANIFEST_CACHE_BYTES, text)]).manifest_cache_bytes,
+            bytes,
+            "{text}"
+        );
+    }
+    for bad in ["-1", "64 mb", "lots", "1TiB", "99999999999999999999"] {
+        assert_eq!(
+            refused(&[(ENV_MANIFEST_CACHE_BYTES, bad)]),
+            [ENV_MANIFEST_CACHE_BYTES],
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        ok(&[(ENV_MANIFEST_CACHE_TTL, "3h")]).manifest_cache_ttl,
+        Duration::from_secs(3 * 3600)
+    );
+    assert_eq!(
+        refused(&[(ENV_MANIFEST_CACHE_TTL, "0s")]),
+        [ENV_MANIFEST_CACHE_TTL]
+    );
 }
 
 #[test]

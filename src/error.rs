@@ -9,6 +9,23 @@ use http::StatusCode;
 /// An error answered by the router on the data plane.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
+    /// No proxy-cache project has this manifest (every one answered 404).
+    #[error("manifest unknown to registry")]
+    ManifestUnknown,
+    /// No proxy-cache project has this blob.
+    #[error("blob unknown to registry")]
+    BlobUnknown,
+    /// Harbor (its upstream) rate-limits; `retry_after` is Harbor's `Retry-After`, passed on.
+    #[error("too many requests")]
+    TooManyRequests {
+        retry_after: Option<http::HeaderValue>,
+    },
+    /// The router's robot account may not pull from the project that has the image.
+    #[error("requested access to the resource is denied")]
+    Denied { reason: &'static str },
+    /// Harbor failed (errors, timeouts) for every project asked; retryable.
+    #[error("upstream unavailable")]
+    BadGateway { reason: &'static str },
     /// The path is not under `/v2/<PROXY_PROJECT>/`, or names no registry endpoint.
     #[error("repository name not known to registry")]
     NameUnknown { detail: &'static str },
@@ -36,6 +53,11 @@ impl Error {
     /// The distribution spec's error code.
     pub fn code(&self) -> &'static str {
         match self {
+            Error::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Error::BlobUnknown => "BLOB_UNKNOWN",
+            Error::TooManyRequests { .. } => "TOOMANYREQUESTS",
+            Error::Denied { .. } => "DENIED",
+            Error::BadGateway { .. } => "UNAVAILABLE",
             Error::NameUnknown { .. } => "NAME_UNKNOWN",
             Error::NameInvalid { .. } => "NAME_INVALID",
             Error::DigestInvalid { .. } => "DIGEST_INVALID",
@@ -48,6 +70,10 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            Error::ManifestUnknown | Error::BlobUnknown => StatusCode::NOT_FOUND,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Denied { .. } => StatusCode::FORBIDDEN,
+            Error::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             Error::NameUnknown { .. } => StatusCode::NOT_FOUND,
             Error::NameInvalid { .. } | Error::DigestInvalid { .. } | Error::TagInvalid { .. } => {
                 StatusCode::BAD_REQUEST
@@ -59,12 +85,19 @@ impl Error {
 
     /// Whether the same request may succeed later without the client changing anything.
     pub fn retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::BadGateway { .. } | Error::TooManyRequests { .. }
+        )
     }
 
     /// The `detail` member: why, in words an operator can act on.
     fn detail(&self) -> &'static str {
         match self {
+            Error::ManifestUnknown => "no proxy-cache project has this manifest",
+            Error::BlobUnknown => "no proxy-cache project has this blob",
+            Error::TooManyRequests { .. } => "Harbor's upstream registry is rate-limiting pulls",
+            Error::Denied { reason } | Error::BadGateway { reason } => reason,
             Error::NameUnknown { detail } => detail,
             Error::NameInvalid { reason }
             | Error::DigestInvalid { reason }
@@ -134,6 +167,16 @@ mod tests {
             (Error::MethodNotAllowed, "UNSUPPORTED", 405, false),
             (Error::PushUnsupported, "UNSUPPORTED", 405, false),
             (Error::Unavailable { reason: "" }, "UNAVAILABLE", 503, true),
+            (Error::ManifestUnknown, "MANIFEST_UNKNOWN", 404, false),
+            (Error::BlobUnknown, "BLOB_UNKNOWN", 404, false),
+            (
+                Error::TooManyRequests { retry_after: None },
+                "TOOMANYREQUESTS",
+                429,
+                true,
+            ),
+            (Error::Denied { reason: "" }, "DENIED", 403, false),
+            (Error::BadGateway { reason: "" }, "UNAVAILABLE", 502, true),
         ];
         for (e, code, status, retry) in cases {
             assert_eq!(e.code(), code);

@@ -22,6 +22,7 @@
 //! circuit breakers, Redis, metrics.
 
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod core;
@@ -96,6 +97,7 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (report_tx, report_rx) = mpsc::channel();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let learned = Arc::new(cache::LearnedMap::default());
         if self.config.workers > cores.len() && !cores.is_empty() {
             tracing::warn!(
                 workers = self.config.workers,
@@ -108,6 +110,7 @@ impl Server {
             let config = self.config.clone();
             let upstream = self.upstream.clone();
             let snapshot = self.snapshot.clone();
+            let learned = learned.clone();
             let shutdown = shutdown_rx.clone();
             let report = report_tx.clone();
             let core_id = cores.get(id % cores.len().max(1)).copied();
@@ -125,6 +128,7 @@ impl Server {
                         config,
                         upstream,
                         snapshot,
+                        learned,
                     };
                     core::run_worker(id, listener, shared, shutdown, report)
                 })

@@ -21,8 +21,14 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use monoio_compat::hyper::MonoioTimer;
 use tokio::sync::{watch, Notify};
 
+use std::cell::RefCell;
+use std::collections::HashSet;
+
+use crate::cache::{LearnedMap, RouteCache, Ttls};
 use crate::config::{Config, IoDriver};
+use crate::registry::resolve::Flights;
 use crate::snapshot::SharedSnapshot;
+use crate::upstream::breaker::Breakers;
 use crate::upstream::{self, Upstream};
 
 /// Largest request head accepted (request line plus headers). Registry requests are small; a bearer
@@ -39,6 +45,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub upstream: Arc<upstream::Shared>,
     pub snapshot: SharedSnapshot,
+    /// Mappings learned by any core; read on a local miss only.
+    pub learned: Arc<LearnedMap>,
 }
 
 /// The state one core owns. Reached through `Rc`; never sent to another thread.
@@ -49,6 +57,15 @@ pub struct Core {
     snapshot: SharedSnapshot,
     /// This core's client to Harbor (own connection pool and token cache).
     upstream: Upstream,
+    /// This core's mappings, misses, manifests and tag lists.
+    cache: RefCell<RouteCache>,
+    learned: Arc<LearnedMap>,
+    /// This core's circuit breakers, by project.
+    breakers: RefCell<Breakers>,
+    /// Fan-outs in flight, for coalescing.
+    flights: Rc<Flights>,
+    /// Names whose stale mapping is being refreshed.
+    refreshing: RefCell<HashSet<String>>,
     /// One server builder, reused for every connection of this core.
     http: http1::Builder,
 }
@@ -59,7 +76,22 @@ impl Core {
             config,
             upstream,
             snapshot,
+            learned,
         } = shared;
+        let ttls = Ttls {
+            mapping: config.cache_ttl,
+            stale: config.stale_while_revalidate,
+            miss: config.negative_cache_ttl,
+            manifest: config.manifest_cache_ttl,
+        };
+        let cache = RouteCache::new(
+            ttls,
+            config.manifest_cache_bytes / config.workers.max(1) as u64,
+        );
+        let breakers = Breakers::new(
+            config.circuit_breaker_threshold,
+            config.circuit_breaker_timeout,
+        );
         let mut http = http1::Builder::new();
         http.timer(MonoioTimer)
             .keep_alive(true)
@@ -71,6 +103,11 @@ impl Core {
             config,
             snapshot,
             upstream: Upstream::new(upstream),
+            cache: RefCell::new(cache),
+            learned,
+            breakers: RefCell::new(breakers),
+            flights: Rc::new(Flights::default()),
+            refreshing: RefCell::new(HashSet::new()),
             http,
         }
     }
@@ -94,6 +131,26 @@ impl Core {
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    pub fn cache(&self) -> &RefCell<RouteCache> {
+        &self.cache
+    }
+
+    pub fn learned(&self) -> &LearnedMap {
+        &self.learned
+    }
+
+    pub fn breakers(&self) -> &RefCell<Breakers> {
+        &self.breakers
+    }
+
+    pub fn flights(&self) -> &Rc<Flights> {
+        &self.flights
+    }
+
+    pub fn refreshing(&self) -> &RefCell<HashSet<String>> {
+        &self.refreshing
     }
 }
 
@@ -179,6 +236,7 @@ async fn accept_loop(
         }
     };
     let core = Rc::new(Core::new(id, shared));
+    spawn_cache_sweeper(Rc::downgrade(&core));
     let open = Rc::new(OpenConns::default());
     loop {
         if *shutdown.borrow() {
@@ -212,6 +270,19 @@ async fn accept_loop(
             worker = id, connections = open.count(),
             "SHUTDOWN_TIMEOUT reached; closing the remaining connections"),
     }
+}
+
+/// Drops expired cache entries every minute, off the request path.
+fn spawn_cache_sweeper(core: std::rc::Weak<Core>) {
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(Duration::from_secs(60)).await;
+            match core.upgrade() {
+                Some(c) => c.cache.borrow_mut().sweep(std::time::Instant::now()),
+                None => return,
+            }
+        }
+    });
 }
 
 /// Counts this core's open connections so the drain knows when it is done.

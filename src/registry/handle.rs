@@ -3,6 +3,7 @@
 //! `fanout` and `upstream` once the pull path lands.
 
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use std::rc::Rc;
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
@@ -10,6 +11,7 @@ use http::{Request, Response, StatusCode};
 use crate::body::Body;
 use crate::core::Core;
 use crate::error::Error;
+use crate::registry::pull::{self, Pull};
 use crate::registry::route::{self, Route};
 
 /// Sent on every `/v2/` answer so clients know they speak to a registry v2 API.
@@ -19,20 +21,28 @@ const JSON: HeaderValue = HeaderValue::from_static("application/json; charset=ut
 const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
 
 /// Routes and answers one request. Never fails: every problem becomes a registry error response.
-pub async fn handle<B>(core: &Core, req: Request<B>) -> Response<Body> {
-    match route::parse(req.method(), req.uri().path(), core.proxy_project()) {
-        Ok(Route::Base) => base(),
-        Ok(Route::Healthz) => health(core, false),
-        Ok(Route::Readyz) => health(core, true),
-        Ok(Route::Manifest { .. } | Route::Blob { .. } | Route::TagsList { .. })
-        | Ok(Route::Referrers { .. }) => error(&Error::Unavailable {
-            reason: "pulls are not routed by this version yet",
-        }),
+pub async fn handle<B>(core: &Rc<Core>, req: Request<B>) -> Response<Body> {
+    let (parts, _body) = req.into_parts();
+    let path = parts.uri.path();
+    let (name, pull) = match route::parse(&parts.method, path, core.proxy_project()) {
+        Ok(Route::Base) => return base(),
+        Ok(Route::Healthz) => return health(core, false),
+        Ok(Route::Readyz) => return health(core, true),
+        Ok(Route::Manifest { name, reference }) => (name, Pull::Manifest(reference)),
+        Ok(Route::Blob { name, digest }) => (name, Pull::Blob(digest)),
+        Ok(Route::TagsList { name }) => (name, Pull::Tags),
+        Ok(Route::Referrers { name, digest }) => (name, Pull::Referrers(digest)),
         Err(e) => {
-            tracing::debug!(method = %req.method(), path = req.uri().path(), code = e.code(), "refused");
-            error(&e)
+            let req = &parts;
+            tracing::debug!(method = %req.method, path = req.uri.path(), code = e.code(), "refused");
+            return error(&e);
         }
-    }
+    };
+    let mut res = pull::serve(core, &parts, name, pull).await;
+    res.headers_mut()
+        .entry(API_VERSION_HEADER)
+        .or_insert(API_VERSION);
+    res
 }
 
 /// `GET /v2/`: 200 `{}`.
@@ -101,6 +111,12 @@ pub fn error(e: &Error) -> Response<Body> {
     h.insert(API_VERSION_HEADER, API_VERSION);
     if e.status() == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(ALLOW, GET_HEAD);
+    }
+    if let Error::TooManyRequests {
+        retry_after: Some(v),
+    } = e
+    {
+        h.insert(http::header::RETRY_AFTER, v.clone());
     }
     res
 }

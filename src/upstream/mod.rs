@@ -12,6 +12,7 @@
 //! own `Authorization` header is never used here.
 
 pub mod auth;
+pub mod breaker;
 pub mod pool;
 pub mod tls;
 
@@ -176,6 +177,19 @@ impl Upstream {
 
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
+    }
+
+    /// Whether an absolute URL points at Harbor itself (`HARBOR_URL`'s host and port).
+    pub fn is_harbor(&self, uri: &Uri) -> bool {
+        let origin = &self.shared.origin;
+        let Some(host) = uri.host() else { return false };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let default = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        host.eq_ignore_ascii_case(&origin.host) && uri.port_u16().unwrap_or(default) == origin.port
     }
 
     /// Idle pooled HTTP/1.1 connections right now.

@@ -356,19 +356,36 @@ fn clone_request(req: &Request<ReqBody>) -> Request<ReqBody> {
 
 /// An upstream response body. For HTTP/1.1 it carries its connection and gives it back to the pool
 /// when the body has been read to the end without error; dropped early, it closes the connection.
+/// It may also hold a body already read whole (a tag list that had to be inspected).
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Inner,
     release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>,
+}
+
+enum Inner {
+    Streaming(Incoming),
+    Whole(Option<Bytes>),
 }
 
 impl UpstreamBody {
     fn new(inner: Incoming, release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>) -> Self {
-        UpstreamBody { inner, release }
+        UpstreamBody {
+            inner: Inner::Streaming(inner),
+            release,
+        }
+    }
+
+    /// A body already read to the end.
+    pub fn whole(bytes: Bytes) -> Self {
+        UpstreamBody {
+            inner: Inner::Whole(Some(bytes)),
+            release: None,
+        }
     }
 
     /// A body that is already complete (HEAD, 204, `Content-Length: 0`) frees its connection at once.
     fn release_if_done(&mut self) {
-        if self.inner.is_end_stream() {
+        if self.is_end_stream() {
             self.release();
         }
     }
@@ -399,21 +416,31 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let incoming = match &mut this.inner {
+            Inner::Whole(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Streaming(i) => i,
+        };
+        let polled = Pin::new(&mut *incoming).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Err(_))) => this.release = None,
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Ok(_))) if incoming.is_end_stream() => this.release(),
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Streaming(i) => i.is_end_stream(),
+            Inner::Whole(b) => b.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Streaming(i) => i.size_hint(),
+            Inner::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }

@@ -1,0 +1,612 @@
+//! The pull endpoints: manifests, blobs, tag lists and referrers under `/v2/<PROXY_PROJECT>/<name>/`.
+//! Each one: use the name's mapping when there is one (one upstream request), else race the
+//! candidate projects (coalesced per core), learn the winner, and answer with exactly what Harbor's
+//! project answered: status, headers (less hop-by-hop ones) and body, streamed.
+//!
+//! A request on a mapped project that answers 404 drops the mapping and falls back to one fan-out
+//! (the image may have moved). Requests on a project whose circuit is open fail fast with 503.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LINK, RANGE, RETRY_AFTER,
+};
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use sha2::{Digest, Sha256};
+
+use crate::body::Body;
+use crate::core::Core;
+use crate::error::Error;
+use crate::registry::fanout::{self, Outcome, Verdict};
+use crate::registry::forward;
+use crate::registry::handle::error;
+use crate::registry::resolve::{self, classify_failure, Probe, Shared, Turn};
+use crate::registry::route::Reference;
+use crate::snapshot::{Project, Snapshot};
+use crate::upstream::breaker::Admission;
+use crate::upstream::pool::UpstreamBody;
+
+/// Largest manifest kept by digest (the distribution registry refuses larger ones).
+const MAX_CACHED_MANIFEST: u64 = 4 << 20;
+/// Largest tag list read to rewrite it.
+const MAX_TAG_LIST: usize = 8 << 20;
+
+/// Which endpoint a request is for, with what it needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Pull<'a> {
+    Manifest(Reference<'a>),
+    Blob(&'a str),
+    Tags,
+    Referrers(&'a str),
+}
+
+impl Pull<'_> {
+    fn rest(&self, query: Option<&str>) -> String {
+        match self {
+            Pull::Manifest(r) => format!("manifests/{}", r.as_str()),
+            Pull::Blob(d) => format!("blobs/{d}"),
+            Pull::Tags => match tags_query(query) {
+                q if q.is_empty() => "tags/list".to_string(),
+                q => format!("tags/list?{q}"),
+            },
+            Pull::Referrers(d) => match query.and_then(artifact_type) {
+                Some(t) => format!("referrers/{d}?artifactType={t}"),
+                None => format!("referrers/{d}"),
+            },
+        }
+    }
+
+    fn not_found(&self) -> Error {
+        match self {
+            Pull::Blob(_) => Error::BlobUnknown,
+            Pull::Tags => Error::NameUnknown {
+                detail: "no proxy-cache project has tags for this repository",
+            },
+            _ => Error::ManifestUnknown,
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        match self {
+            Pull::Manifest(r) => Probe::Manifest(r.as_str().to_string()),
+            Pull::Referrers(d) => Probe::Manifest((*d).to_string()),
+            Pull::Blob(d) => Probe::Blob((*d).to_string()),
+            Pull::Tags => Probe::Tags,
+        }
+    }
+
+    fn reference(&self) -> &str {
+        match self {
+            Pull::Manifest(r) => r.as_str(),
+            Pull::Blob(d) | Pull::Referrers(d) => d,
+            Pull::Tags => "tags",
+        }
+    }
+}
+
+/// Serves one pull request.
+pub async fn serve(core: &Rc<Core>, req: &Parts, name: &str, pull: Pull<'_>) -> Response<Body> {
+    let Some(snapshot) = core
+        .snapshot()
+        .load_full()
+        .filter(|s| !s.projects.is_empty())
+    else {
+        return error(&Error::Unavailable {
+            reason: "no proxy-cache project is known yet: Harbor discovery has not succeeded",
+        });
+    };
+    let now = Instant::now();
+    let head = req.method == Method::HEAD;
+    let query = req.uri.query();
+    if let Some(res) = from_cache(core, req, name, &pull, now) {
+        return res;
+    }
+    let miss_key = format!("{name}:{}", pull.reference());
+    if core.cache().borrow().is_miss(&miss_key, now) {
+        return error(&pull.not_found());
+    }
+    let up_headers = forward::headers_up(&req.headers);
+    let ctx = Ctx {
+        core,
+        name,
+        pull,
+        head,
+        rest: pull.rest(query),
+        headers: &up_headers,
+    };
+
+    if let Some((project, stale)) = resolve::cached(core, &snapshot, name, now) {
+        if stale {
+            resolve::refresh(
+                core,
+                snapshot.clone(),
+                name,
+                pull.probe(),
+                up_headers.clone(),
+            );
+        }
+        match ctx.mapped(&project).await {
+            Mapped::Answer(res) => return res,
+            Mapped::Gone => {
+                tracing::debug!(name, project = %project.name, "mapped project answered 404; asking every project");
+                resolve::forget(core, name, &project.name);
+            }
+        }
+    }
+    ctx.fan_out(&snapshot, &miss_key).await
+}
+
+/// The by-digest manifest cache and the tag-list cache.
+fn from_cache(
+    core: &Core,
+    req: &Parts,
+    name: &str,
+    pull: &Pull,
+    now: Instant,
+) -> Option<Response<Body>> {
+    let head = req.method == Method::HEAD;
+    match pull {
+        Pull::Manifest(Reference::Digest(d)) => {
+            let cache = core.cache().borrow();
+            let m = cache.manifest(&format!("{name}@{d}"), now)?;
+            let ct = m.headers.get(CONTENT_TYPE)?.to_str().ok()?;
+            if !accepts(&req.headers, ct) {
+                return None;
+            }
+            Some(whole(
+                StatusCode::OK,
+                m.headers.clone(),
+                m.body.clone(),
+                head,
+            ))
+        }
+        Pull::Tags => {
+            let cache = core.cache().borrow();
+            let t = cache.tags(&tags_key(name, req.uri.query()), now)?;
+            Some(whole(
+                StatusCode::OK,
+                t.headers.clone(),
+                t.body.clone(),
+                head,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Whether the client's Accept lines name `content_type`.
+fn accepts(headers: &HeaderMap, content_type: &str) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|a| a.split(';').next().unwrap_or("").trim())
+        .any(|a| a.eq_ignore_ascii_case(content_type))
+}
+
+fn whole(status: StatusCode, mut headers: HeaderMap, body: Bytes, head: bool) -> Response<Body> {
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut res = Response::new(if head { Body::Empty } else { Body::full(body) });
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    res
+}
+
+enum Mapped {
+    Answer(Response<Body>),
+    /// The mapped project answered 404.
+    Gone,
+}
+
+/// One request's context.
+struct Ctx<'a> {
+    core: &'a Rc<Core>,
+    name: &'a str,
+    pull: Pull<'a>,
+    head: bool,
+    /// The path after `/v2/<project>/<name>/`.
+    rest: String,
+    headers: &'a HeaderMap,
+}
+
+impl Ctx<'_> {
+    async fn mapped(&self, project: &Project) -> Mapped {
+        let admission = self
+            .core
+            .breakers()
+            .borrow_mut()
+            .get(&project.name)
+            .admit(Instant::now());
+        if admission == Admission::Rejected {
+            return Mapped::Answer(error(&Error::Unavailable {
+                reason: "the project that has this image is failing; its circuit is open",
+            }));
+        }
+        let res = match self.send(project).await {
+            Ok(res) => res,
+            Err(e) => {
+                fanout::record(self.core, &project.name, true);
+                tracing::warn!(project = %project.name, error = %e, "upstream request failed");
+                return Mapped::Answer(error(&Error::BadGateway {
+                    reason: "Harbor failed or timed out",
+                }));
+            }
+        };
+        let status = res.status();
+        fanout::record(self.core, &project.name, status.is_server_error());
+        if status == StatusCode::NOT_FOUND {
+            let _ = Limited::new(res.into_body(), 64 * 1024).collect().await;
+            return Mapped::Gone;
+        }
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Mapped::Answer(error(&Error::Denied {
+                reason:
+                    "the router's robot account may not pull from the project that has this image",
+            }));
+        }
+        Mapped::Answer(self.answer(project, res).await)
+    }
+
+    async fn fan_out(&self, snapshot: &Arc<Snapshot>, miss_key: &str) -> Response<Body> {
+        let key = resolve::flight_key(
+            kind(&self.pull),
+            self.name,
+            self.pull.reference(),
+            self.headers,
+        );
+        loop {
+            match self.core.flights().join(key.clone()) {
+                Turn::Follow(rx) => match rx.await {
+                    Ok(Shared::Found(p)) => match snapshot.project(&p) {
+                        Some(project) => {
+                            return match self.mapped(project).await {
+                                Mapped::Answer(res) => res,
+                                Mapped::Gone => error(&self.pull.not_found()),
+                            }
+                        }
+                        None => return error(&self.pull.not_found()),
+                    },
+                    Ok(Shared::NotFound) => return error(&self.pull.not_found()),
+                    Ok(Shared::Failed(e)) => return error(&e),
+                    Err(_) => continue, // the leading request was cancelled: lead ourselves
+                },
+                Turn::Lead(leader) => {
+                    let outcome =
+                        fanout::race(self.core, &snapshot.projects, |p| self.attempt(p)).await;
+                    return match outcome {
+                        Outcome::Found(project, res) => {
+                            resolve::learn(self.core, self.name, &project.name);
+                            leader.finish(Shared::Found(project.name.clone()));
+                            self.answer(&project, res).await
+                        }
+                        Outcome::NotFound => {
+                            self.core
+                                .cache()
+                                .borrow_mut()
+                                .remember_miss(miss_key, Instant::now());
+                            leader.finish(Shared::NotFound);
+                            error(&self.pull.not_found())
+                        }
+                        Outcome::Failed(e) => {
+                            leader.finish(Shared::Failed(e.clone()));
+                            error(&e)
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// One fan-out attempt: the client's request, on one project.
+    async fn attempt(&self, project: Project) -> Verdict<Response<UpstreamBody>> {
+        let res = match self.send(&project).await {
+            Ok(r) => r,
+            Err(e) => return Verdict::Failed(e.to_string()),
+        };
+        let status = res.status();
+        if status.is_success() || status.is_redirection() {
+            if let Pull::Tags = self.pull {
+                // Harbor answers 200 with its local (possibly empty) list for any repository:
+                // only a non-empty list proves the repository is there.
+                let (parts, body) = res.into_parts();
+                let bytes = match Limited::new(body, MAX_TAG_LIST).collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(e) => return Verdict::Failed(format!("tag list: {e}")),
+                };
+                let has_tags = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("tags")
+                            .and_then(|t| t.as_array())
+                            .map(|t| !t.is_empty())
+                    })
+                    .unwrap_or(false);
+                if !has_tags {
+                    return Verdict::NotHere;
+                }
+                return Verdict::Win(Response::from_parts(parts, UpstreamBody::whole(bytes)));
+            }
+            return Verdict::Win(res);
+        }
+        let retry_after = res.headers().get(RETRY_AFTER).cloned();
+        classify_failure(status, retry_after, res.into_body()).await
+    }
+
+    /// Sends this request to `project`. A blob HEAD goes up as a one-byte ranged GET: Harbor answers
+    /// HEAD with 404 for blobs it has not cached yet.
+    async fn send(
+        &self,
+        project: &Project,
+    ) -> Result<Response<UpstreamBody>, crate::upstream::UpstreamError> {
+        let path = forward::project_path(project, self.name, &self.rest);
+        let (method, headers) = match (&self.pull, self.head) {
+            (Pull::Blob(_), true) => {
+                let mut h = self.headers.clone();
+                h.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
+                (Method::GET, h)
+            }
+            (_, true) => (Method::HEAD, self.headers.clone()),
+            _ => (Method::GET, self.headers.clone()),
+        };
+        forward::send(self.core, project, method, path, &headers).await
+    }
+
+    /// Harbor's answer, for the client.
+    async fn answer(&self, project: &Project, res: Response<UpstreamBody>) -> Response<Body> {
+        let (parts, body) = res.into_parts();
+        let mut headers = forward::headers_down(&parts.headers);
+        match self.pull {
+            Pull::Blob(_) if self.head => return blob_head(parts.status, headers, body).await,
+            Pull::Tags if parts.status.is_success() => {
+                return self.tags_answer(project, parts.status, headers, body).await
+            }
+            Pull::Manifest(Reference::Digest(d))
+                if !self.head && parts.status == StatusCode::OK =>
+            {
+                if let Some(res) = self
+                    .keep_manifest(d, &headers, body_len(&parts.headers), body)
+                    .await
+                {
+                    return res;
+                }
+                return error(&Error::BadGateway {
+                    reason: "Harbor's manifest did not match its digest",
+                });
+            }
+            _ => {}
+        }
+        if self.head {
+            // hyper sends no body for HEAD but keeps the Content-Length set here.
+            drop(body);
+            let mut res = Response::new(Body::Empty);
+            *res.status_mut() = parts.status;
+            *res.headers_mut() = headers;
+            return res;
+        }
+        if let Some(len) = parts.headers.get(CONTENT_LENGTH) {
+            headers.insert(CONTENT_LENGTH, len.clone());
+        }
+        let mut res = Response::new(Body::Upstream(body));
+        *res.status_mut() = parts.status;
+        *res.headers_mut() = headers;
+        res
+    }
+
+    /// Reads a by-digest manifest whole, checks it against its digest, keeps it, and answers it.
+    /// `None` when it does not match the digest.
+    async fn keep_manifest(
+        &self,
+        digest: &str,
+        headers: &HeaderMap,
+        len: Option<u64>,
+        body: UpstreamBody,
+    ) -> Option<Response<Body>> {
+        let cacheable =
+            len.is_some_and(|l| l <= MAX_CACHED_MANIFEST) && digest.starts_with("sha256:");
+        if !cacheable {
+            let mut res = Response::new(Body::Upstream(body));
+            *res.headers_mut() = headers.clone();
+            if let Some(l) = len {
+                res.headers_mut()
+                    .insert(CONTENT_LENGTH, HeaderValue::from(l));
+            }
+            return Some(res);
+        }
+        let bytes = Limited::new(body, MAX_CACHED_MANIFEST as usize)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        if format!("sha256:{:x}", Sha256::digest(&bytes)) != digest {
+            tracing::warn!(
+                name = self.name,
+                digest,
+                "Harbor's manifest does not hash to its digest"
+            );
+            return None;
+        }
+        let key = format!("{}@{digest}", self.name);
+        self.core.cache().borrow_mut().keep_manifest(
+            &key,
+            headers.clone(),
+            bytes.clone(),
+            Instant::now(),
+        );
+        Some(whole(StatusCode::OK, headers.clone(), bytes, false))
+    }
+
+    /// A tag list with `name` and `Link` rewritten to the router's path, kept for `CACHE_TTL`.
+    async fn tags_answer(
+        &self,
+        project: &Project,
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: UpstreamBody,
+    ) -> Response<Body> {
+        let Ok(bytes) = Limited::new(body, MAX_TAG_LIST)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+        else {
+            return error(&Error::BadGateway {
+                reason: "Harbor's tag list could not be read",
+            });
+        };
+        let proxy = self.core.proxy_project();
+        let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(mut v) => {
+                v["name"] = format!("{proxy}/{}", self.name).into();
+                Bytes::from(v.to_string())
+            }
+            Err(_) => bytes,
+        };
+        let from = format!(
+            "/v2/{}/{}/",
+            project.name,
+            forward::project_name(project, self.name)
+        );
+        let to = format!("/v2/{proxy}/{}/", self.name);
+        let links: Vec<HeaderValue> = headers
+            .get_all(LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| HeaderValue::from_str(&v.replace(&from, &to)).ok())
+            .collect();
+        headers.remove(LINK);
+        for l in links {
+            headers.append(LINK, l);
+        }
+        let key = tags_key(self.name, query_of(&self.rest));
+        self.core.cache().borrow_mut().keep_tags(
+            &key,
+            headers.clone(),
+            body.clone(),
+            Instant::now(),
+        );
+        whole(status, headers, body, self.head)
+    }
+}
+
+/// A blob HEAD answered from a one-byte ranged GET: 200 with the blob's full length, no body.
+async fn blob_head(
+    status: StatusCode,
+    mut headers: HeaderMap,
+    body: UpstreamBody,
+) -> Response<Body> {
+    let mut res = Response::new(Body::Empty);
+    if status == StatusCode::PARTIAL_CONTENT {
+        let total = headers
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|t| t.parse::<u64>().ok());
+        let _ = Limited::new(body, 1024).collect().await;
+        headers.remove(CONTENT_RANGE);
+        if let Some(t) = total {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(t));
+        }
+        *res.status_mut() = StatusCode::OK;
+    } else {
+        *res.status_mut() = status;
+    }
+    *res.headers_mut() = headers;
+    res
+}
+
+fn body_len(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn kind(pull: &Pull) -> &'static str {
+    match pull {
+        Pull::Manifest(_) => "m",
+        Pull::Blob(_) => "b",
+        Pull::Tags => "t",
+        Pull::Referrers(_) => "r",
+    }
+}
+
+fn tags_key(name: &str, query: Option<&str>) -> String {
+    format!("{name}?{}", tags_query(query))
+}
+
+fn query_of(rest: &str) -> Option<&str> {
+    rest.split_once('?').map(|(_, q)| q)
+}
+
+/// `n` and `last` of a tag-list query, re-encoded; anything else is dropped.
+fn tags_query(query: Option<&str>) -> String {
+    let mut out = Vec::new();
+    for pair in query.unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let ok = match k {
+            "n" => !v.is_empty() && v.len() <= 6 && v.bytes().all(|b| b.is_ascii_digit()),
+            "last" => {
+                v.len() <= 256
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-%".contains(&b))
+            }
+            _ => false,
+        };
+        if ok {
+            out.push(format!("{k}={v}"));
+        }
+    }
+    out.join("&")
+}
+
+/// `artifactType` of a referrers query, if it looks like a media type.
+fn artifact_type(query: &str) -> Option<&str> {
+    query.split('&').find_map(|p| {
+        let v = p.strip_prefix("artifactType=")?;
+        (v.len() <= 255
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+%/".contains(&b)))
+        .then_some(v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_queries_keep_only_n_and_last() {
+        assert_eq!(tags_query(None), "");
+        assert_eq!(tags_query(Some("n=10&last=v1.2")), "n=10&last=v1.2");
+        assert_eq!(tags_query(Some("last=a&evil=1&n=x")), "last=a");
+        assert_eq!(tags_query(Some("n=1%0d%0a")), "");
+        assert_eq!(tags_query(Some("last=a b")), "");
+    }
+
+    #[test]
+    fn accept_matching() {
+        let mut h = HeaderMap::new();
+        h.append(
+            ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        h.append(
+            ACCEPT,
+            HeaderValue::from_static(
+                "application/vnd.docker.distribution.manifest.v2+json; q=0.5, */*",
+            ),
+        );
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        assert!(accepts(
+            &h,
+            "application/vnd.docker.distribution.manifest.v2+json"
+        ));
+        assert!(!accepts(&h, "application/vnd.oci.image.manifest.v1+json"));
+        assert!(!accepts(
+            &HeaderMap::new(),
+            "application/vnd.oci.image.index.v1+json"
+        ));
+    }
+}
