@@ -94,6 +94,9 @@ pub enum Fault {
     Hang,
     /// Blob GETs: send the headers and half the body, then close the connection.
     ResetMidBody,
+    /// Blob requests: answer `307 Temporary Redirect` to this URL, as Harbor does with object
+    /// storage (a presigned URL on another host). Other requests are served normally.
+    RedirectBlobs(String),
 }
 
 /// What the stand-in has seen (snapshot).

@@ -108,6 +108,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Adds `delta` to the project's request counters.
+fn count(state: &State, p: &V2Path, delta: i64) {
+    let mut c = state.counters.lock().unwrap();
+    let bump = |v: &mut u64| *v = v.saturating_add_signed(delta);
+    bump(c.v2_requests.entry(p.project.clone()).or_default());
+    if p.kind == Kind::Manifest {
+        bump(c.manifest_requests.entry(p.project.clone()).or_default());
+    }
+}
+
 pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let rest = req
         .uri()
@@ -118,20 +128,22 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
     let parsed = parse(&rest);
     let mut reset_mid_body = false;
     if let Some(p) = &parsed {
-        {
-            let mut c = state.counters.lock().unwrap();
-            *c.v2_requests.entry(p.project.clone()).or_default() += 1;
-            if p.kind == Kind::Manifest {
-                *c.manifest_requests.entry(p.project.clone()).or_default() += 1;
-            }
-        }
+        count(&state, p, 1);
         let fault = state.faults.lock().unwrap().get(&p.project).cloned();
         match fault {
             Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
             Some(Fault::Status(code)) => return fault_response(code, &p.kind),
             Some(Fault::Hang) => std::future::pending::<()>().await,
             Some(Fault::ResetMidBody) => reset_mid_body = true,
-            None => {}
+            Some(Fault::RedirectBlobs(location)) if matches!(p.kind, Kind::Blob(_)) => {
+                return Response::builder()
+                    .status(StatusCode::TEMPORARY_REDIRECT)
+                    .header(header::LOCATION, location)
+                    .header(header::CONTENT_LENGTH, 0)
+                    .body(full(Bytes::new()))
+                    .expect("redirect");
+            }
+            Some(Fault::RedirectBlobs(_)) | None => {}
         }
     }
     let spec = parsed
@@ -164,6 +176,11 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         }
     };
     strip_hop_by_hop(resp.headers_mut());
+    if let (Some(p), StatusCode::UNAUTHORIZED) = (&parsed, resp.status()) {
+        // A challenge is not an answer: the client comes back with a token. Counting only answered
+        // requests lets tests count what a client asked for, whatever its token state.
+        count(&state, p, -1);
+    }
     let (Some(p), true) = (&parsed, proxy_kind.is_some()) else {
         return resp.map(box_incoming);
     };

@@ -106,6 +106,10 @@ impl Router {
         self.stderr.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, sig: i32) {
         let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
         assert_eq!(rc, 0, "kill failed");
@@ -192,7 +196,15 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, extra: &[&str]) -> Re
         req.push_str("\r\n");
     }
     req.push_str("\r\n");
-    parse_response(&raw(addr, req.as_bytes())).0
+    let bytes = raw(addr, req.as_bytes());
+    parse_response_to(&bytes, method == "HEAD")
+        .unwrap_or_else(|| {
+            panic!(
+                "incomplete answer to {method} {path}: {:?}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
+        .0
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Response {

@@ -1,0 +1,690 @@
+//! The pull path end to end: the router binary in front of the stand-in Harbor and the real registry,
+//! driven by skopeo and by raw HTTP. Each Harbor fact of DESIGN.md has a test here.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use testbed::images::ALL_MANIFEST_TYPES;
+use testbed::{Fault, HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
+
+use common::{request, Response, Router, DEADLINE};
+
+struct Env {
+    bed: Testbed,
+    router: Router,
+    seeded: Vec<Seeded>,
+}
+
+fn image(repository: &str, tag: &str, kind: SeedKind, layer_bytes: usize) -> SeedImage {
+    SeedImage {
+        repository: repository.into(),
+        tag: tag.into(),
+        kind,
+        layer_bytes,
+    }
+}
+
+/// A test bed seeded with `images` and a router (one worker unless `env` says otherwise) that has
+/// discovered its projects.
+fn start(images: &[SeedImage], env: &[(&str, &str)]) -> Env {
+    start_with(HarborConfig::default(), images, env, |_| {})
+}
+
+fn start_with(
+    config: HarborConfig,
+    images: &[SeedImage],
+    env: &[(&str, &str)],
+    before_router: impl FnOnce(&Testbed),
+) -> Env {
+    let bed = Testbed::start(config).unwrap();
+    let seeded = bed.seed(images).unwrap();
+    before_router(&bed);
+    let url = bed.harbor.url();
+    let mut all = vec![
+        ("WORKERS", "1"),
+        ("HARBOR_URL", url.as_str()),
+        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
+        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+    ];
+    all.extend_from_slice(env);
+    let router = Router::start(&all);
+    wait_until(|| common::get(router.addr, "/readyz").status == 200);
+    Env {
+        bed,
+        router,
+        seeded,
+    }
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(
+            Instant::now() < end,
+            "condition not reached within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn accept_lines() -> Vec<String> {
+    ALL_MANIFEST_TYPES
+        .iter()
+        .map(|t| format!("Accept: {t}"))
+        .collect()
+}
+
+impl Env {
+    fn get_manifest(&self, name: &str, reference: &str) -> Response {
+        self.manifest("GET", name, reference)
+    }
+
+    fn manifest(&self, method: &str, name: &str, reference: &str) -> Response {
+        let lines = accept_lines();
+        let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+        request(
+            self.router.addr,
+            method,
+            &format!("/v2/proxy/{name}/manifests/{reference}"),
+            &extra,
+        )
+    }
+
+    fn manifest_requests(&self, project: &str) -> u64 {
+        *self
+            .bed
+            .harbor
+            .counters()
+            .manifest_requests
+            .get(project)
+            .unwrap_or(&0)
+    }
+
+    fn v2_requests(&self, project: &str) -> u64 {
+        *self
+            .bed
+            .harbor
+            .counters()
+            .v2_requests
+            .get(project)
+            .unwrap_or(&0)
+    }
+
+    fn seeded(&self, repository: &str) -> &Seeded {
+        self.seeded
+            .iter()
+            .find(|s| s.repository == repository)
+            .unwrap()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+fn skopeo(args: &[&str]) -> std::process::Output {
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn skopeo_pulls_every_kind_with_the_registry_digests() {
+    let env = start(&testbed::default_images(), &[("WORKERS", "2")]);
+    let host = env.router.addr.to_string();
+    let cases = [
+        ("proxy/library/nginx:latest", "dockerhub/library/nginx"), // OCI index
+        ("proxy/nginx:latest", "dockerhub/library/nginx"),         // short Docker Hub name
+        ("proxy/library/alpine:3.19", "dockerhub/library/alpine"), // Docker manifest list
+        ("proxy/org/app:v1", "ghcr/org/app"),                      // OCI manifest
+        ("proxy/coreos/etcd:v3.5.0", "quay/coreos/etcd"),          // Docker schema2, two segments
+        ("proxy/pause:3.9", "k8s/pause"),                          // schema2 outside Docker Hub
+    ];
+    let dir = std::env::temp_dir().join(format!("hr-pull-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (reference, repository)) in cases.iter().enumerate() {
+        let seeded = env.seeded(repository);
+        let src = format!("docker://{host}/{reference}");
+        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &src]).stdout;
+        assert_eq!(sha256(&raw), seeded.digest, "{reference}");
+        let dest = dir.join(i.to_string());
+        let dest = format!("dir:{}", dest.display());
+        skopeo(&[
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            &src,
+            &dest,
+        ]);
+        let copied = std::fs::read(dir.join(i.to_string()).join("manifest.json")).unwrap();
+        assert_eq!(sha256(&copied), seeded.digest, "{reference} copied");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let tags = skopeo(&[
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://{host}/proxy/coreos/etcd"),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&tags.stdout).unwrap();
+    assert_eq!(v["Tags"], serde_json::json!(["v3.5.0"]));
+}
+
+#[test]
+fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[],
+    );
+    // ghcr answers last, so every other project's 404 is in before the race ends.
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 200);
+    assert_eq!(
+        res.header("Docker-Content-Digest"),
+        Some(env.seeded[0].digest.as_str())
+    );
+    assert_eq!(sha256(&res.body), env.seeded[0].digest);
+    for p in ["dockerhub", "quay", "k8s", "ghcr"] {
+        assert_eq!(env.manifest_requests(p), 1, "{p} asked once by the fan-out");
+    }
+    for _ in 0..3 {
+        assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    }
+    for p in ["dockerhub", "quay", "k8s"] {
+        assert_eq!(
+            env.manifest_requests(p),
+            1,
+            "{p} not asked again: the mapping is used"
+        );
+    }
+    assert_eq!(env.manifest_requests("ghcr"), 4);
+}
+
+#[test]
+fn the_first_project_to_answer_wins() {
+    let images = [
+        image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
+        image("k8s/shared/img", "1", SeedKind::OciManifest, 1024),
+    ];
+    let env = start(&images, &[]);
+    env.bed
+        .harbor
+        .set_fault("quay", Fault::Delay(Duration::from_millis(1500)));
+    let res = env.get_manifest("shared/img", "1");
+    assert_eq!(res.status, 200);
+    assert_eq!(
+        sha256(&res.body),
+        env.seeded("k8s/shared/img").digest,
+        "k8s answered first"
+    );
+    assert_ne!(
+        env.seeded("quay/shared/img").digest,
+        env.seeded("k8s/shared/img").digest
+    );
+}
+
+#[test]
+fn a_hanging_project_does_not_delay_the_answer() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[("RESOLVER_TIMEOUT", "30s")],
+    );
+    env.bed.harbor.set_fault("dockerhub", Fault::Hang);
+    let started = Instant::now();
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn circuits_open_on_failures_and_keep_the_project_out() {
+    let env = start(
+        &[
+            image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024),
+            image("ghcr/org/other", "v1", SeedKind::OciManifest, 1024),
+        ],
+        &[
+            ("CIRCUIT_BREAKER_THRESHOLD", "1"),
+            ("CIRCUIT_BREAKER_TIMEOUT", "1h"),
+        ],
+    );
+    env.bed.harbor.set_fault("quay", Fault::Status(500));
+    assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    let quay = env.v2_requests("quay");
+    assert_eq!(quay, 1);
+    // quay's circuit is open: the next fan-out does not ask it.
+    assert_eq!(env.get_manifest("org/other", "v1").status, 200);
+    assert_eq!(
+        env.v2_requests("quay"),
+        quay,
+        "an open circuit is not asked"
+    );
+    assert_eq!(env.manifest_requests("dockerhub"), 2);
+
+    // A mapped project that fails opens its circuit; requests then fail fast without asking it.
+    env.bed.harbor.set_fault("ghcr", Fault::Status(500));
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 500, "Harbor's error is passed on");
+    let ghcr = env.v2_requests("ghcr");
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 503);
+    assert_eq!(res.error_code(), "UNAVAILABLE");
+    assert_eq!(env.v2_requests("ghcr"), ghcr, "fail fast: ghcr not asked");
+}
+
+#[test]
+fn unknown_manifests_are_404_and_remembered_for_a_while() {
+    let env = start(&[], &[("NEGATIVE_CACHE_TTL", "1s")]);
+    let res = env.get_manifest("no/such", "1");
+    assert_eq!(res.status, 404);
+    assert_eq!(res.error_code(), "MANIFEST_UNKNOWN");
+    let asked = env
+        .bed
+        .harbor
+        .counters()
+        .manifest_requests
+        .values()
+        .sum::<u64>();
+    assert_eq!(asked, 4, "every project asked once");
+    assert_eq!(env.get_manifest("no/such", "1").status, 404);
+    assert_eq!(
+        env.bed
+            .harbor
+            .counters()
+            .manifest_requests
+            .values()
+            .sum::<u64>(),
+        asked,
+        "the miss is remembered: Harbor not asked again"
+    );
+    // Another tag of the same name is its own question.
+    assert_eq!(env.get_manifest("no/such", "2").status, 404);
+    assert_eq!(
+        env.bed
+            .harbor
+            .counters()
+            .manifest_requests
+            .values()
+            .sum::<u64>(),
+        asked + 4
+    );
+    // After NEGATIVE_CACHE_TTL, Harbor is asked again.
+    wait_until(|| {
+        env.get_manifest("no/such", "1");
+        env.bed
+            .harbor
+            .counters()
+            .manifest_requests
+            .values()
+            .sum::<u64>()
+            > asked + 4
+    });
+}
+
+#[test]
+fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[],
+    );
+    // ghcr answers last, so the other projects' 404s are all in before the race ends.
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
+    let barrier = std::sync::Barrier::new(100);
+    let digest = env.seeded[0].digest.clone();
+    std::thread::scope(|s| {
+        for _ in 0..100 {
+            s.spawn(|| {
+                barrier.wait();
+                let res = env.get_manifest("org/app", "v1");
+                assert_eq!(res.status, 200);
+                assert_eq!(sha256(&res.body), digest);
+            });
+        }
+    });
+    for p in ["dockerhub", "quay", "k8s"] {
+        assert_eq!(
+            env.manifest_requests(p),
+            1,
+            "{p}: one fan-out for 100 requests"
+        );
+    }
+    assert_eq!(env.manifest_requests("ghcr"), 100);
+}
+
+#[test]
+fn docker_hub_redirects_are_followed_inside_the_router() {
+    // Without registry permissions the router does not know dockerhub is Docker Hub, so it asks
+    // for `nginx` and Harbor answers 301 to `library/nginx`.
+    let env = start_with(
+        HarborConfig::default(),
+        &[image(
+            "dockerhub/library/nginx",
+            "latest",
+            SeedKind::OciIndex,
+            1024,
+        )],
+        &[],
+        |bed| bed.harbor.set_registries_forbidden(true),
+    );
+    let res = env.get_manifest("nginx", "latest");
+    assert_eq!(res.status, 200);
+    assert_eq!(sha256(&res.body), env.seeded[0].digest);
+}
+
+#[test]
+fn stale_mappings_are_served_and_refreshed_in_the_background() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")],
+    );
+    assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    assert_eq!(env.manifest_requests("dockerhub"), 1);
+    // Once stale, a request is still answered from the mapping, and a refresh asks every project.
+    wait_until(|| {
+        assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+        env.manifest_requests("dockerhub") >= 2
+    });
+}
+
+#[test]
+fn a_mapping_that_turns_404_falls_back_to_one_fan_out() {
+    let images = [
+        image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
+        image("k8s/shared/img", "1", SeedKind::OciManifest, 1024),
+    ];
+    let env = start(&images, &[]);
+    env.bed
+        .harbor
+        .set_fault("quay", Fault::Delay(Duration::from_millis(1000)));
+    let res = env.get_manifest("shared/img", "1");
+    assert_eq!(sha256(&res.body), env.seeded("k8s/shared/img").digest);
+    env.bed.harbor.clear_faults();
+    env.bed.harbor.set_fault("k8s", Fault::Status(404));
+    let res = env.get_manifest("shared/img", "1");
+    assert_eq!(res.status, 200);
+    assert_eq!(
+        sha256(&res.body),
+        env.seeded("quay/shared/img").digest,
+        "re-learned quay"
+    );
+}
+
+#[test]
+fn rate_limits_pass_through_and_are_not_remembered() {
+    let env = start(&[], &[]);
+    for p in ["dockerhub", "ghcr", "quay", "k8s"] {
+        env.bed.harbor.set_fault(p, Fault::Status(429));
+    }
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 429);
+    assert_eq!(res.error_code(), "TOOMANYREQUESTS");
+    assert_eq!(res.header("Retry-After"), Some("7"));
+    let asked = env.v2_requests("ghcr");
+    assert_eq!(env.get_manifest("org/app", "v1").status, 429);
+    assert_eq!(env.v2_requests("ghcr"), asked + 1, "not negative-cached");
+}
+
+#[test]
+fn manifests_by_digest_are_served_from_memory_with_the_same_headers() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[],
+    );
+    let digest = env.seeded[0].digest.clone();
+    let first = env.get_manifest("org/app", &digest);
+    assert_eq!(first.status, 200);
+    let asked = env.manifest_requests("ghcr");
+    let second = env.get_manifest("org/app", &digest);
+    assert_eq!(
+        env.manifest_requests("ghcr"),
+        asked,
+        "served without asking Harbor"
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(sha256(&second.body), digest);
+    for h in [
+        "Content-Type",
+        "Content-Length",
+        "Docker-Content-Digest",
+        "ETag",
+    ] {
+        assert_eq!(second.header(h), first.header(h), "{h}");
+    }
+    // HEAD from memory: headers, no body.
+    let head = env.manifest("HEAD", "org/app", &digest);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("Content-Length"),
+        first.header("Content-Length")
+    );
+    assert!(head.body.is_empty());
+    assert_eq!(env.manifest_requests("ghcr"), asked);
+}
+
+#[test]
+fn tag_lists_come_from_the_mapped_project_with_the_router_path() {
+    let images = [
+        image("quay/coreos/etcd", "v1", SeedKind::DockerSchema2, 1024),
+        image("quay/coreos/etcd", "v2", SeedKind::DockerSchema2, 1024),
+    ];
+    let env = start(&images, &[]);
+    let res = common::get(env.router.addr, "/v2/proxy/coreos/etcd/tags/list");
+    assert_eq!(res.status, 200);
+    let v = res.json();
+    assert_eq!(v["name"], "proxy/coreos/etcd", "the name is the router's");
+    assert_eq!(v["tags"], serde_json::json!(["v1", "v2"]));
+    assert_eq!(
+        res.header("Content-Length"),
+        Some(res.body.len().to_string().as_str())
+    );
+    // Served from the mapping learned by the fan-out, then from the brief tag-list cache.
+    let asked = env.v2_requests("quay");
+    assert_eq!(
+        common::get(env.router.addr, "/v2/proxy/coreos/etcd/tags/list").json(),
+        v
+    );
+    assert_eq!(env.v2_requests("quay"), asked);
+    // A repository no project has: Harbor's 200-empty lists prove nothing, so 404.
+    let res = common::get(env.router.addr, "/v2/proxy/no/such/tags/list");
+    assert_eq!(res.status, 404);
+    assert_eq!(res.error_code(), "NAME_UNKNOWN");
+}
+
+/// The digest and size of the largest blob of an image (its layer).
+fn layer_of(env: &Env, seeded: &Seeded, name: &str) -> (String, u64) {
+    seeded
+        .blobs
+        .iter()
+        .map(|d| {
+            let res = request(
+                env.router.addr,
+                "HEAD",
+                &format!("/v2/proxy/{name}/blobs/{d}"),
+                &[],
+            );
+            assert_eq!(res.status, 200, "HEAD blob {d}");
+            let len: u64 = res.header("Content-Length").unwrap().parse().unwrap();
+            (d.clone(), len)
+        })
+        .max_by_key(|(_, len)| *len)
+        .unwrap()
+}
+
+#[test]
+fn blobs_range_head_redirect_and_an_upstream_dying_mid_body() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 20)],
+        &[],
+    );
+    let seeded = env.seeded[0].clone();
+    // HEAD before anything was pulled: Harbor would say 404 (#22609); the router answers from a
+    // one-byte ranged GET, with the blob's size and digest.
+    let (layer, size) = layer_of(&env, &seeded, "org/app");
+    assert!(size > 1 << 20);
+    let head = request(
+        env.router.addr,
+        "HEAD",
+        &format!("/v2/proxy/org/app/blobs/{layer}"),
+        &[],
+    );
+    assert_eq!(head.header("Docker-Content-Digest"), Some(layer.as_str()));
+    assert!(head.body.is_empty());
+
+    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+    let full = common::get(env.router.addr, &path);
+    assert_eq!(full.status, 200);
+    assert_eq!(full.body.len() as u64, size);
+    assert_eq!(sha256(&full.body), layer);
+
+    let part = request(env.router.addr, "GET", &path, &["Range: bytes=100-199"]);
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("Content-Range"),
+        Some(format!("bytes 100-199/{size}").as_str())
+    );
+    assert_eq!(part.body, full.body[100..200]);
+
+    // Object storage: Harbor redirects to a presigned URL on another host; passed on untouched.
+    let location = "http://storage.example.invalid/blobs/abc?X-Amz-Signature=1";
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::RedirectBlobs(location.into()));
+    let res = common::get(env.router.addr, &path);
+    assert_eq!(res.status, 307);
+    assert_eq!(res.header("Location"), Some(location));
+
+    // Harbor dies mid-body: the client's response ends abruptly, never as a complete short body.
+    env.bed.harbor.set_fault("ghcr", Fault::ResetMidBody);
+    let mut s = TcpStream::connect(env.router.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers were sent")
+        + 4;
+    let head_text = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    assert!(head_text.starts_with("http/1.1 200"), "{head_text}");
+    let body = got.len() - head_end;
+    assert!(
+        (body as u64) < size,
+        "a short body must not look complete ({body} of {size})"
+    );
+    env.bed.harbor.clear_faults();
+    assert_eq!(
+        common::get(env.router.addr, &path).status,
+        200,
+        "the router recovers"
+    );
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {
+    let env = start(
+        &[image(
+            "ghcr/big/blob",
+            "1",
+            SeedKind::OciManifest,
+            256 << 20,
+        )],
+        &[],
+    );
+    let seeded = env.seeded[0].clone();
+    let (layer, size) = layer_of(&env, &seeded, "big/blob");
+    assert!(size >= 256 << 20);
+    let pid = env.router.pid();
+    let before = rss(pid);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let peak = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss(pid));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        let mut sock = TcpStream::connect(env.router.addr).unwrap();
+        sock.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(
+            sock,
+            "GET /v2/proxy/big/blob/blobs/{layer} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        let mut body = 0u64;
+        let mut reads = 0u64;
+        loop {
+            let n = sock.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            let mut chunk = &buf[..n];
+            if head.len() < 4 || !head.ends_with(b"\r\n\r\n") {
+                // Still in the head: split it off byte by byte (it is small).
+                let mut i = 0;
+                while i < chunk.len() && !head.ends_with(b"\r\n\r\n") {
+                    head.push(chunk[i]);
+                    i += 1;
+                }
+                chunk = &chunk[i..];
+            }
+            hasher.update(chunk);
+            body += chunk.len() as u64;
+            reads += 1;
+            // A slow reader: the router must hold back, not buffer.
+            if reads % 32 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+        assert_eq!(body, size);
+        assert_eq!(format!("sha256:{:x}", hasher.finalize()), layer);
+        sampler.join().unwrap()
+    });
+    let growth = peak.saturating_sub(before);
+    assert!(
+        growth < 32 << 20,
+        "RSS grew by {} MiB streaming {} MiB",
+        growth >> 20,
+        size >> 20
+    );
+}
