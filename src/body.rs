@@ -42,9 +42,7 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Body::Upstream(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map_err(|e| std::io::Error::other(format!("upstream body: {e}"))),
+            Body::Upstream(body) => Pin::new(body).poll_frame(cx),
         }
     }
 

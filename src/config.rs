@@ -51,6 +51,7 @@ pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
 pub const ENV_UPSTREAM_RESPONSE_TIMEOUT: &str = "UPSTREAM_RESPONSE_TIMEOUT";
 pub const ENV_MANIFEST_CACHE_BYTES: &str = "MANIFEST_CACHE_BYTES";
+pub const ENV_CLIENT_STALL_TIMEOUT: &str = "CLIENT_STALL_TIMEOUT";
 pub const ENV_MANIFEST_CACHE_TTL: &str = "MANIFEST_CACHE_TTL";
 
 /// Redis sentinel port used when an entry of `REDIS_SENTINELS` has none.
@@ -216,6 +217,8 @@ pub struct Config {
     pub io_driver: IoDriver,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// How long a client may accept no bytes of a response before its connection is cut.
+    pub client_stall_timeout: Duration,
     /// How long a client may take to send a request head, counted from the end of the previous
     /// response; it is therefore also the keep-alive idle timeout. Stops slowloris clients.
     pub header_read_timeout: Duration,
@@ -356,6 +359,7 @@ impl Config {
         let manifest_cache_ttl = r.parse(ENV_MANIFEST_CACHE_TTL, "1h", positive_duration);
         let shutdown_timeout = r.parse(ENV_SHUTDOWN_TIMEOUT, "30s", any_duration);
         let header_read_timeout = r.parse(ENV_HEADER_READ_TIMEOUT, "30s", positive_duration);
+        let client_stall_timeout = r.parse(ENV_CLIENT_STALL_TIMEOUT, "60s", positive_duration);
 
         if let (Some(l), Some(m)) = (listen_addr, metrics_addr) {
             if l.port() != 0 && l == m {
@@ -405,6 +409,7 @@ impl Config {
             io_driver: io_driver.expect("checked"),
             shutdown_timeout: shutdown_timeout.expect("checked"),
             header_read_timeout: header_read_timeout.expect("checked"),
+            client_stall_timeout: client_stall_timeout.expect("checked"),
         })
     }
 }
@@ -573,12 +578,20 @@ fn readable_file(v: &str) -> Result<Option<String>, String> {
     }
 }
 
+/// Longest duration accepted anywhere: far beyond any sensible setting, far below what would
+/// overflow instant arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(v: &str) -> Result<Duration, String> {
     if v.starts_with('-') {
         return Err("must not be negative".into());
     }
-    humantime::parse_duration(v)
-        .map_err(|e| format!("not a duration ({e}); examples: 500ms, 10s, 5m, 1h30m"))
+    let d = humantime::parse_duration(v)
+        .map_err(|e| format!("not a duration ({e}); examples: 500ms, 10s, 5m, 1h30m"))?;
+    if d > MAX_DURATION {
+        return Err("must be at most 365 days".into());
+    }
+    Ok(d)
 }
 
 fn positive_duration(v: &str) -> Result<Duration, String> {

@@ -106,6 +106,7 @@ fn defaults() {
     assert_eq!(c.upstream_response_timeout, Duration::from_secs(60));
     assert_eq!(c.manifest_cache_bytes, 64 << 20);
     assert_eq!(c.manifest_cache_ttl, Duration::from_secs(3600));
+    assert_eq!(c.client_stall_timeout, Duration::from_secs(60));
 }
 
 #[test]
@@ -328,6 +329,8 @@ fn durations() {
         ENV_HEADER_READ_TIMEOUT,
         ENV_UPSTREAM_CONNECT_TIMEOUT,
         ENV_UPSTREAM_RESPONSE_TIMEOUT,
+        ENV_CLIENT_STALL_TIMEOUT,
+        ENV_MANIFEST_CACHE_TTL,
     ];
     for var in vars {
         for (text, d) in [
@@ -351,11 +354,21 @@ fn durations() {
                 ENV_HEADER_READ_TIMEOUT => c.header_read_timeout,
                 ENV_UPSTREAM_CONNECT_TIMEOUT => c.upstream_connect_timeout,
                 ENV_UPSTREAM_RESPONSE_TIMEOUT => c.upstream_response_timeout,
+                ENV_CLIENT_STALL_TIMEOUT => c.client_stall_timeout,
+                ENV_MANIFEST_CACHE_TTL => c.manifest_cache_ttl,
                 _ => unreachable!(),
             };
             assert_eq!(got, d, "{var}={text}");
         }
-        for bad in ["-5s", "10", "ten seconds", "5x", "1h-5m"] {
+        for bad in [
+            "-5s",
+            "10",
+            "ten seconds",
+            "5x",
+            "1h-5m",
+            "366d",
+            "300000000000y",
+        ] {
             let e = refused_with(&[(var, bad)]);
             assert_eq!(e.var, var);
             assert_eq!(e.value.as_deref(), Some(bad));
@@ -379,6 +392,7 @@ fn durations() {
         ENV_HEADER_READ_TIMEOUT,
         ENV_UPSTREAM_CONNECT_TIMEOUT,
         ENV_UPSTREAM_RESPONSE_TIMEOUT,
+        ENV_CLIENT_STALL_TIMEOUT,
     ] {
         let e = refused_with(&[(var, "0s")]);
         assert!(

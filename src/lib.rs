@@ -12,6 +12,7 @@
 //! - [`registry`]: the registry protocol: [`registry::route`] parses a request into a `Route`,
 //!   [`registry::handle`] answers it.
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
+//! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
 //! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
 //!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`].
@@ -30,6 +31,7 @@ pub mod error;
 pub mod logging;
 pub mod registry;
 pub mod snapshot;
+pub mod stall;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -43,6 +45,10 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::core::Driver;
 use crate::snapshot::SharedSnapshot;
+
+/// Longest wait for one worker to report its runtime (a worker that dies before reporting would
+/// otherwise hold the start forever).
+const WORKER_START_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -152,17 +158,15 @@ impl Server {
         };
         let mut drivers = Vec::new();
         for _ in 0..worker_count {
-            match report_rx.recv() {
+            match report_rx.recv_timeout(WORKER_START_LIMIT) {
                 Ok(Ok(driver)) => drivers.push(driver),
                 Ok(Err(why)) => {
                     running.shutdown();
-                    running.join();
                     bail!(why);
                 }
                 Err(_) => {
                     running.shutdown();
-                    running.join();
-                    bail!("a worker thread exited before starting");
+                    bail!("a worker thread did not start (it exited or hung before its runtime was up)");
                 }
             }
         }

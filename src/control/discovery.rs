@@ -32,8 +32,10 @@ const PAGE_SIZE: usize = 100;
 const MAX_PAGES: usize = 1000;
 /// Largest API answer read (100 projects are ~60 KiB).
 const MAX_API_BODY: usize = 8 * 1024 * 1024;
-/// Retry pace until the first snapshot exists.
+/// Retry pace until a snapshot with projects exists.
 const FIRST_RETRY: Duration = Duration::from_secs(2);
+/// Longest one round may take (each request is bounded too; this bounds the sum).
+const ROUND_LIMIT: Duration = Duration::from_secs(300);
 
 /// Why one discovery round published nothing.
 #[derive(Debug, thiserror::Error)]
@@ -107,22 +109,29 @@ async fn run(
     let mut generation = 0;
     loop {
         shared.refresh_addresses();
-        match discover(&client, &user).await {
-            Ok(projects) => publish(&config, &snapshot, projects, &mut generation),
-            Err(e) => {
-                let kept = snapshot.load().as_ref().map_or(0, |s| s.projects.len());
-                tracing::warn!(error = %e, kept_projects = kept, "discovery failed; keeping the last good project list");
-            }
+        let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &user));
+        monoio::select! {
+            result = round => match result {
+                Ok(Ok(projects)) => publish(&config, &snapshot, projects, &mut generation),
+                Ok(Err(e)) => keep(&snapshot, &e),
+                Err(_) => keep(&snapshot, &format!("the round took longer than {ROUND_LIMIT:?}")),
+            },
+            _ = shutdown.changed() => return,
         }
         let wait = match snapshot.load().as_ref() {
-            Some(_) => config.discovery_interval,
-            None => config.discovery_interval.min(FIRST_RETRY),
+            Some(s) if !s.projects.is_empty() => config.discovery_interval,
+            _ => config.discovery_interval.min(FIRST_RETRY),
         };
         monoio::select! {
             _ = monoio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
     }
+}
+
+fn keep(snapshot: &SharedSnapshot, error: &dyn std::fmt::Display) {
+    let kept = snapshot.load().as_ref().map_or(0, |s| s.projects.len());
+    tracing::warn!(error = %error, kept_projects = kept, "discovery failed; keeping the last good project list");
 }
 
 fn publish(
@@ -138,9 +147,11 @@ fn publish(
                 kept_projects = prev.projects.len(),
                 "Harbor listed no proxy-cache project; keeping the last list (check the robot's permissions)"
             );
-            return;
+            // Harbor did answer: the kept list is as current as Harbor lets us know.
+            projects = prev.projects.clone();
+        } else {
+            tracing::warn!("Harbor has no proxy-cache project the robot can see");
         }
-        tracing::warn!("Harbor has no proxy-cache project the robot can see");
     }
     if projects.len() > config.max_fanout_projects {
         let left_out: Vec<&str> = projects[config.max_fanout_projects..]
@@ -391,10 +402,12 @@ mod tests {
         publish(&config, &snap, list, &mut generation);
         assert_eq!(names(&snap), ["a", "b"]);
         assert_eq!(snap.load().as_ref().unwrap().generation, 2);
-        // An empty list after a good one is not published.
+        // An empty list after a good one keeps the good one (re-stamped: Harbor did answer).
+        let before = snap.load().as_ref().unwrap().built_at;
         publish(&config, &snap, vec![], &mut generation);
         assert_eq!(names(&snap), ["a", "b"]);
-        assert_eq!(snap.load().as_ref().unwrap().generation, 2);
+        assert_eq!(snap.load().as_ref().unwrap().generation, 3);
+        assert!(snap.load().as_ref().unwrap().built_at >= before);
         // A new good list replaces it.
         publish(&config, &snap, vec![project("z")], &mut generation);
         assert_eq!(names(&snap), ["z"]);

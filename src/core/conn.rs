@@ -25,7 +25,7 @@ pub async fn serve(
     _guard: ConnGuard,
 ) {
     let io = match stream.into_poll_io() {
-        Ok(io) => LingeringIo::new(MonoioIo::new(io)),
+        Ok(io) => LingeringIo::new(MonoioIo::new(io), core.config().client_stall_timeout),
         Err(e) => {
             tracing::debug!(error = %e, "cannot switch the connection to poll io");
             return;

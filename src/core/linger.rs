@@ -5,7 +5,9 @@
 //! is waiting, this wrapper reads and discards it until the client closes, an error, or
 //! [`LINGER_LIMIT`]. A connection with nothing unread (the usual case) closes at once.
 //!
-//! Every other call goes straight to the wrapped IO.
+//! It also cuts a client that stops reading: a write that can make no progress for
+//! `CLIENT_STALL_TIMEOUT` fails, which ends the connection (and releases the upstream connection that
+//! was feeding it). Every other call goes straight to the wrapped IO.
 
 use std::future::Future;
 use std::io;
@@ -16,21 +18,46 @@ use std::time::Duration;
 
 use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
 
+use crate::stall::StallTimer;
+
 /// Longest time a closing connection keeps reading (and discarding) what the client still sends.
 pub const LINGER_LIMIT: Duration = Duration::from_secs(5);
+/// Reads per poll while lingering, so a client that keeps sending cannot hold the core's thread.
+const LINGER_READS_PER_POLL: usize = 16;
 
 /// Wraps a connection's IO with a lingering `poll_shutdown`.
 pub struct LingeringIo<T> {
     inner: T,
     /// Set once FIN is sent: the lingering deadline.
     linger: Option<Pin<Box<monoio::time::Sleep>>>,
+    /// Fails writes that cannot progress for `CLIENT_STALL_TIMEOUT`.
+    write_stall: StallTimer,
 }
 
 impl<T> LingeringIo<T> {
-    pub fn new(inner: T) -> Self {
+    pub fn new(inner: T, write_stall_limit: Duration) -> Self {
         LingeringIo {
             inner,
             linger: None,
+            write_stall: StallTimer::new(write_stall_limit),
+        }
+    }
+
+    fn on_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                self.write_stall.progress();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.write_stall.stalled(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client accepted no data for CLIENT_STALL_TIMEOUT",
+            ))),
+            other => other,
         }
     }
 }
@@ -53,7 +80,8 @@ impl<T: Read + Write + Unpin> Write for LingeringIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.on_write(cx, r)
     }
 
     #[inline]
@@ -62,7 +90,8 @@ impl<T: Read + Write + Unpin> Write for LingeringIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.on_write(cx, r)
     }
 
     #[inline]
@@ -91,7 +120,7 @@ impl<T: Read + Write + Unpin> Write for LingeringIo<T> {
             }
         }
         let deadline = this.linger.as_mut().expect("set above");
-        loop {
+        for _ in 0..LINGER_READS_PER_POLL {
             if deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
@@ -104,5 +133,8 @@ impl<T: Read + Write + Unpin> Write for LingeringIo<T> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        // Still reading: yield to the other connections of this core, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }

@@ -11,7 +11,6 @@ use std::borrow::Cow;
 
 use http::header::{self, HeaderMap, HeaderName, LOCATION};
 use http::{Method, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
 
 use crate::core::Core;
 use crate::snapshot::{Project, UpstreamKind};
@@ -112,8 +111,7 @@ pub async fn send(
             return Ok(res);
         };
         // Read the small redirect body so the connection can be reused.
-        let (_, body) = res.into_parts();
-        let _ = Limited::new(body, 64 * 1024).collect().await;
+        core.upstream().drain(res.into_body()).await;
         tracing::debug!(from = %path, to = %next, "following Harbor's redirect");
         path = next;
         hops += 1;

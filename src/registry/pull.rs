@@ -131,7 +131,7 @@ pub async fn serve(core: &Rc<Core>, req: &Parts, name: &str, pull: Pull<'_>) -> 
             );
         }
         match ctx.mapped(&project).await {
-            Mapped::Answer(res) => return res,
+            Mapped::Answer(res) => return *res,
             Mapped::Gone => {
                 tracing::debug!(name, project = %project.name, "mapped project answered 404; asking every project");
                 resolve::forget(core, name, &project.name);
@@ -198,9 +198,9 @@ fn whole(status: StatusCode, mut headers: HeaderMap, body: Bytes, head: bool) ->
     res
 }
 
+/// A mapped request's result: the answer, or `Gone` when the mapped project answered 404.
 enum Mapped {
-    Answer(Response<Body>),
-    /// The mapped project answered 404.
+    Answer(Box<Response<Body>>),
     Gone,
 }
 
@@ -224,33 +224,33 @@ impl Ctx<'_> {
             .get(&project.name)
             .admit(Instant::now());
         if admission == Admission::Rejected {
-            return Mapped::Answer(error(&Error::Unavailable {
+            return Mapped::Answer(Box::new(error(&Error::Unavailable {
                 reason: "the project that has this image is failing; its circuit is open",
-            }));
+            })));
         }
         let res = match self.send(project).await {
             Ok(res) => res,
             Err(e) => {
                 fanout::record(self.core, &project.name, true);
                 tracing::warn!(project = %project.name, error = %e, "upstream request failed");
-                return Mapped::Answer(error(&Error::BadGateway {
+                return Mapped::Answer(Box::new(error(&Error::BadGateway {
                     reason: "Harbor failed or timed out",
-                }));
+                })));
             }
         };
         let status = res.status();
         fanout::record(self.core, &project.name, status.is_server_error());
         if status == StatusCode::NOT_FOUND {
-            let _ = Limited::new(res.into_body(), 64 * 1024).collect().await;
+            self.core.upstream().drain(res.into_body()).await;
             return Mapped::Gone;
         }
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            return Mapped::Answer(error(&Error::Denied {
+            return Mapped::Answer(Box::new(error(&Error::Denied {
                 reason:
                     "the router's robot account may not pull from the project that has this image",
-            }));
+            })));
         }
-        Mapped::Answer(self.answer(project, res).await)
+        Mapped::Answer(Box::new(self.answer(project, res).await))
     }
 
     async fn fan_out(&self, snapshot: &Arc<Snapshot>, miss_key: &str) -> Response<Body> {
@@ -266,7 +266,7 @@ impl Ctx<'_> {
                     Ok(Shared::Found(p)) => match snapshot.project(&p) {
                         Some(project) => {
                             return match self.mapped(project).await {
-                                Mapped::Answer(res) => res,
+                                Mapped::Answer(res) => *res,
                                 Mapped::Gone => error(&self.pull.not_found()),
                             }
                         }
@@ -310,7 +310,11 @@ impl Ctx<'_> {
             Err(e) => return Verdict::Failed(e.to_string()),
         };
         let status = res.status();
-        if status.is_success() || status.is_redirection() {
+        // An empty blob answers the one-byte range of a HEAD with 416: it is there.
+        let empty_blob = self.head
+            && matches!(self.pull, Pull::Blob(_))
+            && status == StatusCode::RANGE_NOT_SATISFIABLE;
+        if status.is_success() || status.is_redirection() || empty_blob {
             if let Pull::Tags = self.pull {
                 // Harbor answers 200 with its local (possibly empty) list for any repository:
                 // only a non-empty list proves the repository is there.
@@ -500,7 +504,13 @@ async fn blob_head(
     body: UpstreamBody,
 ) -> Response<Body> {
     let mut res = Response::new(Body::Empty);
-    if status == StatusCode::PARTIAL_CONTENT {
+    if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        // `bytes=0-0` of an empty blob: its length is 0.
+        drop(body);
+        headers.remove(CONTENT_RANGE);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+        *res.status_mut() = StatusCode::OK;
+    } else if status == StatusCode::PARTIAL_CONTENT {
         let total = headers
             .get(CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())

@@ -10,11 +10,17 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use quick_cache::unsync::Cache;
+
 use http::HeaderValue;
 use tokio::sync::oneshot;
 
 /// Tokens are renewed this long before they expire (or at 90% of a shorter life).
 const RENEW_BEFORE: Duration = Duration::from_secs(30);
+/// Longest token life believed, whatever the token service says (Harbor's default is 30 minutes).
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(24 * 3600);
+/// Scopes whose token a core keeps (one per repository pulled recently).
+const TOKENS_PER_CORE: usize = 10_000;
 /// `expires_in` when the token service does not say (the distribution spec's default).
 pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(60);
 
@@ -94,15 +100,15 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
 }
 
 /// The scope a pull request needs, from its path: `/v2/<repo>/{manifests,blobs,tags,referrers}/…` →
-/// `repository:<repo>:pull`. `None` for other paths (no token needed up front).
+/// `repository:<repo>:pull`. The endpoint is the last marker in the path (a repository may be called
+/// `manifests` or `blobs`). `None` for other paths (no token needed up front).
 pub fn scope_for_path(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v2/")?;
-    for marker in ["/manifests/", "/blobs/", "/tags/", "/referrers/"] {
-        if let Some(i) = rest.rfind(marker) {
-            return Some(format!("repository:{}:pull", &rest[..i]));
-        }
-    }
-    None
+    let i = ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
+        .iter()
+        .filter_map(|m| rest.rfind(m))
+        .max()?;
+    Some(format!("repository:{}:pull", &rest[..i]))
 }
 
 struct Cached {
@@ -114,11 +120,20 @@ struct Cached {
 type Waiters = Vec<oneshot::Sender<Result<HeaderValue, String>>>;
 
 /// One core's token state.
-#[derive(Default)]
 pub struct TokenCache {
-    tokens: RefCell<HashMap<String, Cached>>,
+    tokens: RefCell<Cache<String, Cached>>,
     inflight: RefCell<HashMap<String, Waiters>>,
     fetches: Cell<u64>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache {
+            tokens: RefCell::new(Cache::new(TOKENS_PER_CORE)),
+            inflight: RefCell::default(),
+            fetches: Cell::new(0),
+        }
+    }
 }
 
 /// What a caller should do to get a token for a scope.
@@ -159,12 +174,22 @@ impl TokenCache {
         })
     }
 
+    /// Drops `scope`'s token if it is still `rejected` (Harbor answered 401 to it: the registry's
+    /// clock or keys disagree with the token, or the robot changed). A newer token is kept.
+    pub fn invalidate(&self, scope: &str, rejected: &HeaderValue) {
+        let mut tokens = self.tokens.borrow_mut();
+        if tokens.get(scope).is_some_and(|c| c.header == *rejected) {
+            tokens.remove(scope);
+        }
+    }
+
     /// Token fetches started by this core (the coalescing tests count them).
     pub fn fetches(&self) -> u64 {
         self.fetches.get()
     }
 
     fn store(&self, scope: &str, header: HeaderValue, expires_in: Duration, now: Instant) {
+        let expires_in = expires_in.min(MAX_EXPIRES_IN);
         let margin = RENEW_BEFORE.min(expires_in / 10);
         self.tokens.borrow_mut().insert(
             scope.to_string(),

@@ -52,6 +52,15 @@ fn scopes_from_paths() {
         scope_for_path("/v2/p/manifests/manifests/v1").as_deref(),
         Some("repository:p/manifests:pull")
     );
+    // The last marker wins whatever its kind.
+    assert_eq!(
+        scope_for_path("/v2/proxy/manifests/blobs/sha256:00").as_deref(),
+        Some("repository:proxy/manifests:pull")
+    );
+    assert_eq!(
+        scope_for_path("/v2/p/blobs/x/tags/list").as_deref(),
+        Some("repository:p/blobs/x:pull")
+    );
     assert_eq!(scope_for_path("/v2/"), None);
     assert_eq!(scope_for_path("/api/v2.0/projects"), None);
 }
@@ -155,4 +164,34 @@ fn an_abandoned_fetch_releases_its_waiters() {
     drop(guard);
     assert!(w.try_recv().is_err(), "the waiter learns the fetch is gone");
     assert!(matches!(cache.ticket("s", now), Ticket::Fetch(_)));
+}
+
+#[test]
+fn a_rejected_token_is_dropped_but_a_newer_one_kept() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    let Ticket::Fetch(g) = cache.ticket("s", now) else {
+        panic!()
+    };
+    g.finish(Ok((token("old"), Duration::from_secs(1800))), now);
+    cache.invalidate("s", &token("other"));
+    assert_eq!(
+        cache.cached("s", now),
+        Some(token("old")),
+        "only the rejected value is dropped"
+    );
+    cache.invalidate("s", &token("old"));
+    assert_eq!(cache.cached("s", now), None);
+    assert!(matches!(cache.ticket("s", now), Ticket::Fetch(_)));
+}
+
+#[test]
+fn absurd_lifetimes_are_clamped() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    let Ticket::Fetch(g) = cache.ticket("s", now) else {
+        panic!()
+    };
+    g.finish(Ok((token("t"), Duration::from_secs(u64::MAX / 2))), now);
+    assert!(cache.cached("s", now + MAX_EXPIRES_IN).is_none());
 }

@@ -60,9 +60,14 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Failed before any response came back, so a GET or HEAD may be sent again.
+    /// The connection failed before any response came back (closed, reset, cancelled), so a GET or
+    /// HEAD may be sent again on another one. A parse error or a timeout is not retried: another
+    /// try would meet the same answer.
     pub fn before_response(&self) -> bool {
-        matches!(self, UpstreamError::Request(_))
+        match self {
+            UpstreamError::Request(e) => !(e.is_parse() || e.is_user() || e.is_timeout()),
+            _ => false,
+        }
     }
 }
 
@@ -105,12 +110,15 @@ impl Shared {
         } else {
             None
         };
-        let addrs = Arc::new(ArcSwap::from_pointee(resolve(url)));
+        let mut resolved = resolve(url);
+        resolved.sort();
+        let addrs = Arc::new(ArcSwap::from_pointee(resolved));
         let target = Arc::new(Target {
             addrs,
             tls,
             http2: config.http2_prior_knowledge,
             connect_timeout: config.upstream_connect_timeout,
+            body_stall_timeout: config.upstream_response_timeout,
             max_idle: config.max_idle_conns_per_host,
             idle_timeout: config.idle_conn_timeout,
         });
@@ -140,7 +148,8 @@ impl Shared {
     /// Resolves Harbor's host again (blocking: call it off the data-plane cores) and publishes the
     /// result if it is not empty.
     pub fn refresh_addresses(&self) {
-        let addrs = resolve(&self.origin);
+        let mut addrs = resolve(&self.origin);
+        addrs.sort();
         if !addrs.is_empty() && *self.target.addrs.load_full() != addrs {
             tracing::info!(addrs = ?addrs, "Harbor's addresses changed");
             self.target.addrs.store(Arc::new(addrs));
@@ -215,8 +224,9 @@ impl Upstream {
             return self.send_basic(req).await;
         }
         let scope = scope_for_path(req.uri().path());
-        if let Some(token) = scope.and_then(|s| self.tokens.cached(&s, Instant::now())) {
-            req.headers_mut().insert(AUTHORIZATION, token);
+        let sent = scope.and_then(|s| self.tokens.cached(&s, Instant::now()).map(|t| (s, t)));
+        if let Some((_, token)) = &sent {
+            req.headers_mut().insert(AUTHORIZATION, token.clone());
         }
         let again = clone_parts(&req);
         let res = self.send_timed(req).await?;
@@ -231,11 +241,17 @@ impl Upstream {
         else {
             return Ok(res);
         };
+        if let Some((scope, token)) = &sent {
+            // Harbor refused a token we still believed in: never send it again.
+            self.tokens.invalidate(scope, token);
+            self.tokens.invalidate(&challenge.key(), token);
+        }
         // Read the small 401 body so the connection can be reused.
-        let _ = Limited::new(res.into_body(), SMALL_BODY_LIMIT)
-            .collect()
-            .await;
-        let token = self.token(&challenge).await?;
+        self.drain(res.into_body()).await;
+        let limit = self.shared.response_timeout;
+        let token = monoio::time::timeout(limit, self.token(&challenge))
+            .await
+            .map_err(|_| UpstreamError::ResponseTimeout(limit))??;
         let mut req = again;
         req.headers_mut().insert(AUTHORIZATION, token);
         self.send_timed(req).await
@@ -262,6 +278,13 @@ impl Upstream {
         req.headers_mut()
             .insert(HOST, self.shared.host_header.clone());
         Ok(req)
+    }
+
+    /// Reads a small body to its end (so its connection can be reused), within the response timeout;
+    /// a body that is large or stalls is dropped with its connection instead.
+    pub async fn drain(&self, body: UpstreamBody) {
+        let limit = self.shared.response_timeout;
+        let _ = monoio::time::timeout(limit, Limited::new(body, SMALL_BODY_LIMIT).collect()).await;
     }
 
     /// Sends with the robot's Basic credentials (anonymous when none are configured).
@@ -333,11 +356,15 @@ impl Upstream {
         let req = self.request(Method::GET, &path, HeaderMap::new())?;
         let res = self.send_basic(req).await?;
         let status = res.status();
-        let body = Limited::new(res.into_body(), SMALL_BODY_LIMIT)
-            .collect()
-            .await
-            .map_err(|e| UpstreamError::Token(format!("unreadable answer: {e}")))?
-            .to_bytes();
+        let limit = self.shared.response_timeout;
+        let body = monoio::time::timeout(
+            limit,
+            Limited::new(res.into_body(), SMALL_BODY_LIMIT).collect(),
+        )
+        .await
+        .map_err(|_| UpstreamError::Token(format!("answer not read within {limit:?}")))?
+        .map_err(|e| UpstreamError::Token(format!("unreadable answer: {e}")))?
+        .to_bytes();
         if !status.is_success() {
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 tracing::warn!(%status, "Harbor's token service refused the robot's credentials");
@@ -371,7 +398,7 @@ fn parse_token(body: &[u8]) -> Result<(HeaderValue, Duration), UpstreamError> {
     let ttl = t
         .expires_in
         .filter(|s| *s > 0)
-        .map(Duration::from_secs)
+        .map(|s| Duration::from_secs(s).min(auth::MAX_EXPIRES_IN))
         .unwrap_or(auth::DEFAULT_EXPIRES_IN);
     Ok((header, ttl))
 }
@@ -422,5 +449,7 @@ mod tests {
         assert!(parse_token(br#"{"token":""}"#).is_err());
         assert!(parse_token(b"<html>").is_err());
         assert!(parse_token(br#"{"token":"a\nb"}"#).is_err());
+        let (_, ttl) = parse_token(br#"{"token":"a","expires_in":18446744073709551615}"#).unwrap();
+        assert_eq!(ttl, auth::MAX_EXPIRES_IN);
     }
 }

@@ -31,6 +31,7 @@ use monoio_compat::hyper::{MonoioExecutor, MonoioIo, MonoioTimer};
 use rustls::pki_types::ServerName;
 
 use super::{tls, UpstreamError};
+use crate::stall::StallTimer;
 
 /// Request bodies: the router only sends GET and HEAD upstream.
 pub type ReqBody = Empty<Bytes>;
@@ -51,6 +52,8 @@ pub struct Target {
     /// HTTP/2 with prior knowledge on plain TCP (on TLS, ALPN decides).
     pub http2: bool,
     pub connect_timeout: Duration,
+    /// Longest pause in a response body before it is abandoned (`UPSTREAM_RESPONSE_TIMEOUT`).
+    pub body_stall_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
 }
@@ -83,6 +86,10 @@ pub struct Pool {
     /// own, so a burst of first requests shares one connection.
     h2_connecting: Cell<bool>,
     h2_connected: tokio::sync::Notify,
+    /// HTTP/2 was offered and Harbor chose HTTP/1.1: stop serializing connects.
+    h2_declined: Cell<bool>,
+    /// Which of Harbor's addresses the next connection tries first (spreads connections).
+    next_addr: Cell<usize>,
     stats: Cell<PoolStats>,
 }
 
@@ -94,6 +101,8 @@ impl Pool {
             h2: RefCell::new(None),
             h2_connecting: Cell::new(false),
             h2_connected: tokio::sync::Notify::new(),
+            h2_declined: Cell::new(false),
+            next_addr: Cell::new(0),
             stats: Cell::new(PoolStats::default()),
         });
         spawn_sweeper(Rc::downgrade(&pool), pool.target.idle_timeout);
@@ -131,7 +140,7 @@ impl Pool {
             Err(e) if e.before_response() => {
                 tracing::debug!(error = %e, "reused upstream connection failed; retrying on a new one");
                 self.bump(|s| s.retried += 1);
-                let sender = self.connect().await?;
+                let (sender, _) = self.acquire().await?;
                 self.send_on(sender, retry).await
             }
             other => other,
@@ -149,7 +158,8 @@ impl Pool {
                 let mut req = req;
                 req.headers_mut().remove(http::header::HOST);
                 let res = s.send_request(req).await.map_err(UpstreamError::Request)?;
-                Ok(res.map(|body| UpstreamBody::new(body, None)))
+                let stall = self.target.body_stall_timeout;
+                Ok(res.map(|body| UpstreamBody::new(body, None, stall)))
             }
             Sender::H1(mut s) => {
                 // HTTP/1.1 sends the origin form (`GET /path?query`) with a Host header.
@@ -165,7 +175,11 @@ impl Pool {
                 s.ready().await.map_err(UpstreamError::Request)?;
                 let res = s.send_request(req).await.map_err(UpstreamError::Request)?;
                 let (parts, body) = res.into_parts();
-                let mut body = UpstreamBody::new(body, Some((Rc::downgrade(self), s)));
+                let mut body = UpstreamBody::new(
+                    body,
+                    Some((Rc::downgrade(self), s)),
+                    self.target.body_stall_timeout,
+                );
                 body.release_if_done();
                 Ok(Response::from_parts(parts, body))
             }
@@ -180,7 +194,7 @@ impl Pool {
             }
             // Only a pool that may speak HTTP/2 serializes its connects: HTTP/1.1 needs one
             // connection per request in flight anyway.
-            if !(self.target.http2) {
+            if !self.target.http2 || self.h2_declined.get() {
                 return Ok((self.connect().await?, false));
             }
             let connected = self.h2_connected.notified();
@@ -244,8 +258,10 @@ impl Pool {
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(timeout))??;
         self.bump(|s| s.connections_opened += 1);
-        if let Sender::H2(s) = &sender {
-            *self.h2.borrow_mut() = Some(s.clone());
+        match &sender {
+            Sender::H2(s) => *self.h2.borrow_mut() = Some(s.clone()),
+            Sender::H1(_) if self.target.http2 => self.h2_declined.set(true),
+            Sender::H1(_) => {}
         }
         Ok(sender)
     }
@@ -257,7 +273,9 @@ impl Pool {
         }
         let mut last = None;
         let mut stream = None;
-        for addr in addrs.iter() {
+        let first = self.next_addr.get() % addrs.len();
+        self.next_addr.set(first + 1);
+        for addr in addrs.iter().cycle().skip(first).take(addrs.len()) {
             match monoio::net::TcpStream::connect_addr(*addr).await {
                 Ok(s) => {
                     stream = Some(s);
@@ -360,6 +378,8 @@ fn clone_request(req: &Request<ReqBody>) -> Request<ReqBody> {
 pub struct UpstreamBody {
     inner: Inner,
     release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>,
+    /// Ends the body with an error when Harbor sends nothing for `UPSTREAM_RESPONSE_TIMEOUT`.
+    stall: Option<StallTimer>,
 }
 
 enum Inner {
@@ -368,10 +388,15 @@ enum Inner {
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>) -> Self {
+    fn new(
+        inner: Incoming,
+        release: Option<(Weak<Pool>, http1::SendRequest<ReqBody>)>,
+        stall_limit: Duration,
+    ) -> Self {
         UpstreamBody {
             inner: Inner::Streaming(inner),
             release,
+            stall: Some(StallTimer::new(stall_limit)),
         }
     }
 
@@ -380,6 +405,7 @@ impl UpstreamBody {
         UpstreamBody {
             inner: Inner::Whole(Some(bytes)),
             release: None,
+            stall: None,
         }
     }
 
@@ -409,12 +435,12 @@ impl std::fmt::Debug for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         let incoming = match &mut this.inner {
             Inner::Whole(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -424,10 +450,25 @@ impl Body for UpstreamBody {
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Err(_))) => this.release = None,
-            Poll::Ready(Some(Ok(_))) if incoming.is_end_stream() => this.release(),
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(s) = &mut this.stall {
+                    s.progress();
+                }
+                if incoming.is_end_stream() {
+                    this.release();
+                }
+            }
+            Poll::Pending => {
+                if this.stall.as_mut().is_some_and(|s| s.stalled(cx)) {
+                    this.release = None;
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "Harbor stopped sending the body",
+                    ))));
+                }
+            }
         }
-        polled
+        polled.map(|o| o.map(|r| r.map_err(std::io::Error::other)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -105,7 +105,8 @@ pub struct Counters {
     pub token_requests: u64,
     /// `/api/v2.0/*`
     pub api_requests: u64,
-    /// By project name (first path segment after `/v2/`).
+    /// By project name (first path segment after `/v2/`); requests answered 401 (challenges) are not
+    /// counted, so a client's count does not depend on its token state.
     pub v2_requests: BTreeMap<String, u64>,
     pub manifest_requests: BTreeMap<String, u64>,
     pub connections_accepted: u64,
