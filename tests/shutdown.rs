@@ -156,3 +156,62 @@ fn sigint_drains_too_and_idle_connections_close_at_once() {
         .iter()
         .any(|l| l.contains("SHUTDOWN_TIMEOUT reached")));
 }
+
+#[test]
+fn shutdown_does_not_wait_for_a_hanging_harbor() {
+    // A "Harbor" that accepts connections and never answers: discovery is stuck in a request.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let harbor = format!("http://{}", hang.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for c in hang.incoming().flatten() {
+            keep.lock().unwrap().push(c);
+        }
+    });
+    let mut r = Router::start(&[
+        ("WORKERS", "1"),
+        ("HARBOR_URL", &harbor),
+        ("UPSTREAM_RESPONSE_TIMEOUT", "5m"),
+        ("SHUTDOWN_TIMEOUT", "30s"),
+    ]);
+    let end = std::time::Instant::now() + DEADLINE;
+    while held.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < end, "discovery never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.signal(libc::SIGTERM);
+    let status = r.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_after_client_stall_timeout() {
+    let mut r = Router::start(&[("WORKERS", "1"), ("CLIENT_STALL_TIMEOUT", "1s")]);
+    let client = SlowClient::start(&r); // pipelines far more answers than it reads, then stops
+    let started = std::time::Instant::now();
+    // The router cuts the connection on its own: the drain then finds nothing to wait for.
+    let mut stream = client.stream.try_clone().unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut sink = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut sink) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                assert!(
+                    matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
+                    "expected the router to close, got {e}"
+                );
+                break;
+            }
+        }
+    }
+    assert!(total > 0);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(get(r.addr, "/v2/").status, 200, "the router keeps serving");
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
