@@ -3,8 +3,9 @@
 #   1. the test bed's stand-in Harbor (projects API, token service) in front of the real
 #      docker-registry, seeded with images in the proxy-cache projects dockerhub, ghcr, quay and k8s;
 #   2. harbor-router pointed at it with the stand-in's robot account;
-# then waits until the router has discovered the projects, shows what it sees, prints commands to try,
-# and stays up until Ctrl-C, stopping everything it started.
+# then waits until the router has discovered the projects, pulls images through it with skopeo
+# (naming no project), prints commands to try, and stays up until Ctrl-C, stopping everything it
+# started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/common.sh
@@ -66,15 +67,21 @@ print("  " + last)' "$work/router.log"
 echo
 echo "Images in the stand-in Harbor:"
 field '"\n".join("  %s:%s  %s" % (i["repository"], i["tag"], i["digest"]) for i in v["images"])'
+hr_log "pulling through the router with skopeo, naming no project"
+for ref in proxy/nginx:latest proxy/library/alpine:3.19 proxy/org/app:v1 proxy/coreos/etcd:v3.5.0 proxy/pause:3.9; do
+  digest=$(skopeo inspect --raw --tls-verify=false "docker://$addr/$ref" | sha256sum | cut -d' ' -f1)
+  skopeo copy --all --preserve-digests --quiet --src-tls-verify=false "docker://$addr/$ref" "dir:$work/pulled-${ref//[\/:]/_}"
+  echo "  $addr/$ref  sha256:$digest  (copied with --all)"
+done
 cat <<TXT
 
 Try:
-  curl -si http://$addr/v2/
-  curl -s  http://$addr/readyz
-  # the stand-in Harbor itself, as a client that names the project:
+  skopeo inspect --tls-verify=false docker://$addr/proxy/nginx:latest
+  skopeo copy --all --src-tls-verify=false docker://$addr/proxy/coreos/etcd:v3.5.0 dir:/tmp/etcd
+  skopeo list-tags --tls-verify=false docker://$addr/proxy/coreos/etcd
+  curl -s http://$addr/readyz
+  # the stand-in Harbor itself, where a client has to name the project:
   skopeo inspect --tls-verify=false --creds '$(field 'v["robot_user"]')':$(field 'v["robot_password"]') docker://${harbor_url#http://}/dockerhub/library/nginx:latest
-  # through the router, naming no project (answers 503 UNAVAILABLE until the pull path is built):
-  skopeo inspect --tls-verify=false docker://$addr/proxy/library/nginx:latest
 
 Logs: $work/router.log, $work/standin.log
 Press Ctrl-C to stop.
