@@ -471,6 +471,20 @@ fn manifests_by_digest_are_served_from_memory_with_the_same_headers() {
     ] {
         assert_eq!(second.header(h), first.header(h), "{h}");
     }
+    // HEAD by tag goes to Harbor: the same headers as GET, the upstream's length, no body.
+    let by_tag = env.manifest("HEAD", "org/app", "v1");
+    assert_eq!(by_tag.status, 200);
+    assert_eq!(
+        by_tag.header("Content-Length"),
+        first.header("Content-Length")
+    );
+    assert_eq!(
+        by_tag.header("Docker-Content-Digest"),
+        Some(digest.as_str())
+    );
+    assert_eq!(by_tag.header("Content-Type"), first.header("Content-Type"));
+    assert!(by_tag.body.is_empty());
+    let asked = env.manifest_requests("ghcr");
     // HEAD from memory: headers, no body.
     let head = env.manifest("HEAD", "org/app", &digest);
     assert_eq!(head.status, 200);

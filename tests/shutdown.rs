@@ -192,7 +192,9 @@ fn a_client_that_stops_reading_is_cut_after_client_stall_timeout() {
     let started = std::time::Instant::now();
     // The router cuts the connection on its own: the drain then finds nothing to wait for.
     let mut stream = client.stream.try_clone().unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let mut sink = vec![0u8; 1 << 20];
     let mut total = 0;

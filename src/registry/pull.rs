@@ -476,16 +476,7 @@ impl Ctx<'_> {
             forward::project_name(project, self.name)
         );
         let to = format!("/v2/{proxy}/{}/", self.name);
-        let links: Vec<HeaderValue> = headers
-            .get_all(LINK)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .filter_map(|v| HeaderValue::from_str(&v.replace(&from, &to)).ok())
-            .collect();
-        headers.remove(LINK);
-        for l in links {
-            headers.append(LINK, l);
-        }
+        rewrite_links(&mut headers, &from, &to);
         let key = tags_key(self.name, query_of(&self.rest));
         self.core.cache().borrow_mut().keep_tags(
             &key,
@@ -494,6 +485,20 @@ impl Ctx<'_> {
             Instant::now(),
         );
         whole(status, headers, body, self.head)
+    }
+}
+
+/// Points `Link` headers (tag-list pagination) at the router's path instead of the project's.
+fn rewrite_links(headers: &mut HeaderMap, from: &str, to: &str) {
+    let links: Vec<HeaderValue> = headers
+        .get_all(LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| HeaderValue::from_str(&v.replace(from, to)).ok())
+        .collect();
+    headers.remove(LINK);
+    for l in links {
+        headers.append(LINK, l);
     }
 }
 
@@ -593,6 +598,23 @@ mod tests {
         assert_eq!(tags_query(Some("last=a&evil=1&n=x")), "last=a");
         assert_eq!(tags_query(Some("n=1%0d%0a")), "");
         assert_eq!(tags_query(Some("last=a b")), "");
+    }
+
+    #[test]
+    fn tag_list_links_point_at_the_router() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            LINK,
+            HeaderValue::from_static(
+                r#"</v2/dockerhub/library/nginx/tags/list?last=1.25&n=100>; rel="next""#,
+            ),
+        );
+        rewrite_links(&mut h, "/v2/dockerhub/library/nginx/", "/v2/proxy/nginx/");
+        assert_eq!(
+            h[LINK],
+            r#"</v2/proxy/nginx/tags/list?last=1.25&n=100>; rel="next""#
+        );
+        assert_eq!(h.get_all(LINK).iter().count(), 1);
     }
 
     #[test]
