@@ -6,6 +6,7 @@
 //! - [`config`]: every environment variable, parsed and validated in one place.
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
 //! - [`body`]: the one response body type handed to hyper.
+//! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
 //! - [`logging`]: pretty or JSON logs through `tracing`.
 //! - [`core`]: one data-plane core: pinned thread, monoio runtime, SO_REUSEPORT listener, accept loop,
 //!   drain; [`core::conn`] serves one downstream HTTP/1.1 connection.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod error;
+pub mod flight;
 pub mod logging;
 pub mod registry;
 pub mod snapshot;

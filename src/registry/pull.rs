@@ -22,10 +22,11 @@ use sha2::{Digest, Sha256};
 use crate::body::Body;
 use crate::core::Core;
 use crate::error::Error;
+use crate::flight::Turn;
 use crate::registry::fanout::{self, Outcome, Verdict};
 use crate::registry::forward;
 use crate::registry::handle::error;
-use crate::registry::resolve::{self, classify_failure, Probe, Shared, Turn};
+use crate::registry::resolve::{self, classify_failure, Probe, Shared};
 use crate::registry::route::Reference;
 use crate::snapshot::{Project, Snapshot};
 use crate::upstream::breaker::Admission;
@@ -261,7 +262,7 @@ impl Ctx<'_> {
             self.headers,
         );
         loop {
-            match self.core.flights().join(key.clone()) {
+            match self.core.flights().join(&key) {
                 Turn::Follow(rx) => match rx.await {
                     Ok(Shared::Found(p)) => match snapshot.project(&p) {
                         Some(project) => {

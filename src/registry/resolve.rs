@@ -3,7 +3,6 @@
 //! (one fan-out per name, reference and Accept set on a core; the others wait for its project), and the
 //! background refresh of stale mappings (at most one per name at a time).
 
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,11 +10,11 @@ use std::time::Instant;
 use http::header::{ACCEPT, RANGE};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, Limited};
-use tokio::sync::oneshot;
 
 use crate::cache::Lookup;
 use crate::core::Core;
 use crate::error::Error;
+use crate::flight;
 use crate::registry::fanout::{self, Outcome, Verdict};
 use crate::registry::forward;
 use crate::snapshot::{Project, Snapshot};
@@ -71,65 +70,8 @@ pub enum Shared {
     Failed(Error),
 }
 
-/// Fan-outs in flight on one core, by key.
-#[derive(Default)]
-pub struct Flights {
-    waiting: std::cell::RefCell<HashMap<String, Vec<oneshot::Sender<Shared>>>>,
-}
-
-/// Whether this request leads a fan-out or waits for one.
-pub enum Turn {
-    Lead(Leader),
-    Follow(oneshot::Receiver<Shared>),
-}
-
-impl Flights {
-    pub fn join(self: &Rc<Self>, key: String) -> Turn {
-        let mut waiting = self.waiting.borrow_mut();
-        if let Some(list) = waiting.get_mut(&key) {
-            let (tx, rx) = oneshot::channel();
-            list.push(tx);
-            return Turn::Follow(rx);
-        }
-        waiting.insert(key.clone(), Vec::new());
-        Turn::Lead(Leader {
-            flights: self.clone(),
-            key,
-            done: false,
-        })
-    }
-}
-
-/// Held by the request that runs a fan-out. Dropped without [`Leader::finish`] (its client went
-/// away), the waiters' channels close and each of them tries again.
-pub struct Leader {
-    flights: Rc<Flights>,
-    key: String,
-    done: bool,
-}
-
-impl Leader {
-    pub fn finish(mut self, result: Shared) {
-        self.done = true;
-        let waiters = self
-            .flights
-            .waiting
-            .borrow_mut()
-            .remove(&self.key)
-            .unwrap_or_default();
-        for w in waiters {
-            let _ = w.send(result.clone());
-        }
-    }
-}
-
-impl Drop for Leader {
-    fn drop(&mut self) {
-        if !self.done {
-            self.flights.waiting.borrow_mut().remove(&self.key);
-        }
-    }
-}
+/// Fan-outs in flight on one core.
+pub type Flights = flight::Flights<Shared>;
 
 /// The coalescing key: name, reference and the Accept set (sorted, so the order of lines does not
 /// matter).

@@ -7,13 +7,15 @@
 //! and a PBKDF2 hash per request; a token costs that once per scope per `expires_in`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use quick_cache::unsync::Cache;
 
 use http::HeaderValue;
 use tokio::sync::oneshot;
+
+use crate::flight::{Flights, Leader, Turn};
 
 /// Tokens are renewed this long before they expire (or at 90% of a shorter life).
 const RENEW_BEFORE: Duration = Duration::from_secs(30);
@@ -116,13 +118,13 @@ struct Cached {
     renew_at: Instant,
 }
 
-/// Waiters for a token fetch in flight, keyed by scope.
-type Waiters = Vec<oneshot::Sender<Result<HeaderValue, String>>>;
+/// What a token fetch gives the requests that waited for it.
+type Fetched = Result<HeaderValue, String>;
 
 /// One core's token state.
 pub struct TokenCache {
     tokens: RefCell<Cache<String, Cached>>,
-    inflight: RefCell<HashMap<String, Waiters>>,
+    flights: Rc<Flights<Fetched>>,
     fetches: Cell<u64>,
 }
 
@@ -130,7 +132,7 @@ impl Default for TokenCache {
     fn default() -> Self {
         TokenCache {
             tokens: RefCell::new(Cache::new(TOKENS_PER_CORE)),
-            inflight: RefCell::default(),
+            flights: Rc::default(),
             fetches: Cell::new(0),
         }
     }
@@ -140,11 +142,12 @@ impl Default for TokenCache {
 pub enum Ticket {
     /// A fresh cached token.
     Ready(HeaderValue),
-    /// Nobody is fetching it: fetch, then call [`TokenCache::finish`] (the guard does it on drop).
+    /// Nobody is fetching it: fetch, then call [`FetchGuard::finish`] (dropped unfinished, it lets
+    /// the waiters fetch themselves).
     Fetch(FetchGuard),
     /// Someone else is fetching it: await this (an `Err` from the channel means the fetch was
     /// abandoned; ask again).
-    Wait(oneshot::Receiver<Result<HeaderValue, String>>),
+    Wait(oneshot::Receiver<Fetched>),
 }
 
 impl TokenCache {
@@ -155,23 +158,21 @@ impl TokenCache {
         (now < c.renew_at).then(|| c.header.clone())
     }
 
-    pub fn ticket(self: &std::rc::Rc<Self>, scope: &str, now: Instant) -> Ticket {
+    pub fn ticket(self: &Rc<Self>, scope: &str, now: Instant) -> Ticket {
         if let Some(h) = self.cached(scope, now) {
             return Ticket::Ready(h);
         }
-        let mut inflight = self.inflight.borrow_mut();
-        if let Some(waiters) = inflight.get_mut(scope) {
-            let (tx, rx) = oneshot::channel();
-            waiters.push(tx);
-            return Ticket::Wait(rx);
+        match self.flights.join(scope) {
+            Turn::Follow(rx) => Ticket::Wait(rx),
+            Turn::Lead(leader) => {
+                self.fetches.set(self.fetches.get() + 1);
+                Ticket::Fetch(FetchGuard {
+                    cache: self.clone(),
+                    scope: scope.to_string(),
+                    leader,
+                })
+            }
         }
-        inflight.insert(scope.to_string(), Vec::new());
-        self.fetches.set(self.fetches.get() + 1);
-        Ticket::Fetch(FetchGuard {
-            cache: self.clone(),
-            scope: scope.to_string(),
-            done: false,
-        })
     }
 
     /// Drops `scope`'s token if it is still `rejected` (Harbor answered 401 to it: the registry's
@@ -201,24 +202,16 @@ impl TokenCache {
     }
 }
 
-/// Held by the core fetching a scope's token. [`FetchGuard::finish`] stores and shares the result;
-/// dropping it unfinished (the fetching request was cancelled) lets the waiters retry.
+/// Held by the request fetching a scope's token.
 pub struct FetchGuard {
-    cache: std::rc::Rc<TokenCache>,
+    cache: Rc<TokenCache>,
     scope: String,
-    done: bool,
+    leader: Leader<Fetched>,
 }
 
 impl FetchGuard {
     /// Records the outcome: a token (with its life) or an error message, and wakes the waiters.
-    pub fn finish(mut self, result: Result<(HeaderValue, Duration), String>, now: Instant) {
-        self.done = true;
-        let waiters = self
-            .cache
-            .inflight
-            .borrow_mut()
-            .remove(&self.scope)
-            .unwrap_or_default();
+    pub fn finish(self, result: Result<(HeaderValue, Duration), String>, now: Instant) {
         let shared = match result {
             Ok((header, expires_in)) => {
                 self.cache
@@ -227,18 +220,7 @@ impl FetchGuard {
             }
             Err(e) => Err(e),
         };
-        for w in waiters {
-            let _ = w.send(shared.clone());
-        }
-    }
-}
-
-impl Drop for FetchGuard {
-    fn drop(&mut self) {
-        if !self.done {
-            // Dropping the senders wakes the waiters with an error; they ask again.
-            self.cache.inflight.borrow_mut().remove(&self.scope);
-        }
+        self.leader.finish(shared);
     }
 }
 

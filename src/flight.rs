@@ -1,0 +1,125 @@
+//! Coalescing on one core: the first request for a key leads (does the work), the others wait for its
+//! result. Used for fan-outs (one per name on a core) and token fetches (one per scope on a core).
+//! Everything here is `!Send` and lock-free: it lives on one core.
+//!
+//! A leader dropped before it finishes (its client went away and the request was cancelled) closes
+//! the waiters' channels; each waiter then asks again and one of them leads.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use tokio::sync::oneshot;
+
+/// The flights in progress on one core, by key.
+pub struct Flights<T> {
+    waiting: RefCell<HashMap<String, Vec<oneshot::Sender<T>>>>,
+}
+
+impl<T> Default for Flights<T> {
+    fn default() -> Self {
+        Flights {
+            waiting: RefCell::default(),
+        }
+    }
+}
+
+/// Whether a request leads a flight or waits for one.
+pub enum Turn<T> {
+    Lead(Leader<T>),
+    /// `Err` from the channel: the leader was dropped; join again.
+    Follow(oneshot::Receiver<T>),
+}
+
+impl<T: Clone> Flights<T> {
+    pub fn join(self: &Rc<Self>, key: &str) -> Turn<T> {
+        let mut waiting = self.waiting.borrow_mut();
+        if let Some(list) = waiting.get_mut(key) {
+            let (tx, rx) = oneshot::channel();
+            list.push(tx);
+            return Turn::Follow(rx);
+        }
+        waiting.insert(key.to_string(), Vec::new());
+        Turn::Lead(Leader {
+            flights: self.clone(),
+            key: key.to_string(),
+            done: false,
+        })
+    }
+}
+
+/// Held by the request doing the work for a key.
+pub struct Leader<T> {
+    flights: Rc<Flights<T>>,
+    key: String,
+    done: bool,
+}
+
+impl<T: Clone> Leader<T> {
+    /// Ends the flight and gives every waiter the result.
+    pub fn finish(mut self, result: T) {
+        self.done = true;
+        let waiters = self
+            .flights
+            .waiting
+            .borrow_mut()
+            .remove(&self.key)
+            .unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+impl<T> Drop for Leader<T> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropping the senders wakes the waiters with an error; they join again.
+            self.flights.waiting.borrow_mut().remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_leads_the_others_wait_and_share_the_result() {
+        let f = Rc::new(Flights::<u32>::default());
+        let Turn::Lead(leader) = f.join("k") else {
+            panic!("first leads")
+        };
+        let Turn::Follow(mut a) = f.join("k") else {
+            panic!("second waits")
+        };
+        let Turn::Follow(mut b) = f.join("k") else {
+            panic!("third waits")
+        };
+        assert!(
+            matches!(f.join("other"), Turn::Lead(_)),
+            "keys are independent"
+        );
+        leader.finish(7);
+        assert_eq!(a.try_recv().unwrap(), 7);
+        assert_eq!(b.try_recv().unwrap(), 7);
+        assert!(
+            matches!(f.join("k"), Turn::Lead(_)),
+            "a finished flight is gone"
+        );
+    }
+
+    #[test]
+    fn a_dropped_leader_releases_the_waiters() {
+        let f = Rc::new(Flights::<u32>::default());
+        let Turn::Lead(leader) = f.join("k") else {
+            panic!()
+        };
+        let Turn::Follow(mut w) = f.join("k") else {
+            panic!()
+        };
+        drop(leader);
+        assert!(w.try_recv().is_err());
+        assert!(matches!(f.join("k"), Turn::Lead(_)));
+    }
+}
