@@ -268,6 +268,10 @@ fn circuits_open_on_failures_and_keep_the_project_out() {
         ],
     );
     env.bed.harbor.set_fault("quay", Fault::Status(500));
+    // ghcr answers last, so quay's failure is in before the race ends.
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
     let quay = env.v2_requests("quay");
     assert_eq!(quay, 1);
@@ -398,6 +402,10 @@ fn stale_mappings_are_served_and_refreshed_in_the_background() {
         &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
         &[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")],
     );
+    // ghcr answers last, so the other projects' answers are in before any race ends.
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
     assert_eq!(env.manifest_requests("dockerhub"), 1);
     // Once stale, a request is still answered from the mapping, and a refresh asks every project.

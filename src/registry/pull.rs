@@ -35,7 +35,7 @@ use crate::upstream::pool::UpstreamBody;
 /// Largest manifest kept by digest (the distribution registry refuses larger ones).
 const MAX_CACHED_MANIFEST: u64 = 4 << 20;
 /// Largest tag list read to rewrite it.
-const MAX_TAG_LIST: usize = 8 << 20;
+const MAX_TAG_LIST: usize = 4 << 20;
 
 /// Which endpoint a request is for, with what it needs.
 #[derive(Debug, Clone, Copy)]
