@@ -56,11 +56,7 @@ where
         if admission == Admission::Rejected {
             continue;
         }
-        let guard = ProbeGuard {
-            core: core.clone(),
-            project: project.name.clone(),
-            armed: admission == Admission::Probe,
-        };
+        let guard = ProbeGuard::new(core, &project.name, admission);
         let fut = attempt(project.clone());
         let project = project.clone();
         running.push(async move {
@@ -71,7 +67,7 @@ where
                     Verdict::Failed(format!("no answer within RESOLVER_TIMEOUT ({timeout:?})"))
                 }
             };
-            guard.record(&verdict);
+            guard.record(matches!(verdict, Verdict::Failed(_)));
             (project, verdict)
         });
     }
@@ -110,22 +106,26 @@ where
     }
 }
 
-/// Records an attempt's verdict in its project's breaker; dropped without one (the attempt lost the
-/// race and was cancelled), it frees a half-open probe.
-struct ProbeGuard {
+/// Records a request's outcome in its project's breaker; dropped without one (the request lost a race
+/// or its client went away), it frees a half-open probe so the next request can probe.
+pub struct ProbeGuard {
     core: Rc<Core>,
     project: String,
     armed: bool,
 }
 
 impl ProbeGuard {
-    fn record<T>(&mut self, verdict: &Verdict<T>) {
+    pub fn new(core: &Rc<Core>, project: &str, admission: Admission) -> ProbeGuard {
+        ProbeGuard {
+            core: core.clone(),
+            project: project.to_string(),
+            armed: admission == Admission::Probe,
+        }
+    }
+
+    pub fn record(&mut self, failed: bool) {
         self.armed = false;
-        record(
-            &self.core,
-            &self.project,
-            matches!(verdict, Verdict::Failed(_)),
-        );
+        record(&self.core, &self.project, failed);
     }
 }
 
@@ -145,15 +145,21 @@ impl Drop for ProbeGuard {
 pub fn record(core: &Core, project: &str, failed: bool) {
     let mut breakers = core.breakers().borrow_mut();
     let b = breakers.get(project);
+    let was = b.state_name();
     if failed {
         b.on_failure(Instant::now());
-        if b.state_name() == "open" {
+    } else {
+        b.on_success();
+    }
+    match (was, b.state_name()) {
+        ("closed", "open") => {
             tracing::warn!(
                 project,
                 "circuit opened: the project is left out until it recovers"
-            );
+            )
         }
-    } else {
-        b.on_success();
+        ("half-open", "open") => tracing::warn!(project, "circuit probe failed: still open"),
+        ("half-open", "closed") => tracing::info!(project, "circuit closed: the project recovered"),
+        _ => {}
     }
 }

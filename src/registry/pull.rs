@@ -229,10 +229,11 @@ impl Ctx<'_> {
                 reason: "the project that has this image is failing; its circuit is open",
             })));
         }
+        let mut guard = fanout::ProbeGuard::new(self.core, &project.name, admission);
         let res = match self.send(project).await {
             Ok(res) => res,
             Err(e) => {
-                fanout::record(self.core, &project.name, true);
+                guard.record(true);
                 tracing::warn!(project = %project.name, error = %e, "upstream request failed");
                 return Mapped::Answer(Box::new(error(&Error::BadGateway {
                     reason: "Harbor failed or timed out",
@@ -240,7 +241,7 @@ impl Ctx<'_> {
             }
         };
         let status = res.status();
-        fanout::record(self.core, &project.name, status.is_server_error());
+        guard.record(status.is_server_error());
         if status == StatusCode::NOT_FOUND {
             self.core.upstream().drain(res.into_body()).await;
             return Mapped::Gone;
