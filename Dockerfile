@@ -6,7 +6,9 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN cargo build --release --locked && strip target/release/harbor-router
+# The test bed is a workspace member: cargo needs its manifest even to build the router alone.
+COPY testbed ./testbed
+RUN cargo build --release --locked -p harbor-router && strip target/release/harbor-router
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/harbor-router /usr/local/bin/harbor-router
