@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use crate::cache::{LearnedMap, RouteCache, Ttls};
 use crate::config::{Config, IoDriver};
 use crate::registry::resolve::Flights;
-use crate::snapshot::SharedSnapshot;
+use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::breaker::Breakers;
 use crate::upstream::{self, Upstream};
 
@@ -53,8 +53,11 @@ pub struct Shared {
 pub struct Core {
     id: usize,
     config: Arc<Config>,
-    /// The routing view; loaded once per request.
+    /// The routing view as published by discovery.
     snapshot: SharedSnapshot,
+    /// This core's copy of the published view. Requests take an `Rc` of it: cloning the published
+    /// `Arc` per request would write its reference count from every core.
+    view: RefCell<Option<Rc<Snapshot>>>,
     /// This core's client to Harbor (own connection pool and token cache).
     upstream: Upstream,
     /// This core's mappings, misses, manifests and tag lists.
@@ -102,6 +105,7 @@ impl Core {
             id,
             config,
             snapshot,
+            view: RefCell::new(None),
             upstream: Upstream::new(upstream),
             cache: RefCell::new(cache),
             learned,
@@ -127,6 +131,22 @@ impl Core {
 
     pub fn snapshot(&self) -> &SharedSnapshot {
         &self.snapshot
+    }
+
+    /// The current routing view for this request, without touching any shared counter: the published
+    /// snapshot is only peeked at (`arc-swap` guard) and copied into this core when it changed.
+    pub fn view(&self) -> Option<Rc<Snapshot>> {
+        let published = self.snapshot.load();
+        let published = published.as_ref()?;
+        let mut view = self.view.borrow_mut();
+        match view.as_ref() {
+            Some(v) if v.generation == published.generation => Some(v.clone()),
+            _ => {
+                let fresh = Rc::new(Snapshot::clone(published));
+                *view = Some(fresh.clone());
+                Some(fresh)
+            }
+        }
     }
 
     pub fn upstream(&self) -> &Upstream {

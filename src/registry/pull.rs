@@ -7,7 +7,6 @@
 //! (the image may have moved). Requests on a project whose circuit is open fail fast with 503.
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -92,11 +91,7 @@ impl Pull<'_> {
 
 /// Serves one pull request.
 pub async fn serve(core: &Rc<Core>, req: &Parts, name: &str, pull: Pull<'_>) -> Response<Body> {
-    let Some(snapshot) = core
-        .snapshot()
-        .load_full()
-        .filter(|s| !s.projects.is_empty())
-    else {
+    let Some(snapshot) = core.view().filter(|s| !s.projects.is_empty()) else {
         return error(&Error::Unavailable {
             reason: "no proxy-cache project is known yet: Harbor discovery has not succeeded",
         });
@@ -255,7 +250,7 @@ impl Ctx<'_> {
         Mapped::Answer(Box::new(self.answer(project, res).await))
     }
 
-    async fn fan_out(&self, snapshot: &Arc<Snapshot>, miss_key: &str) -> Response<Body> {
+    async fn fan_out(&self, snapshot: &Rc<Snapshot>, miss_key: &str) -> Response<Body> {
         let key = resolve::flight_key(
             kind(&self.pull),
             self.name,

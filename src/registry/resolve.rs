@@ -4,7 +4,6 @@
 //! background refresh of stale mappings (at most one per name at a time).
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{ACCEPT, RANGE};
@@ -101,7 +100,7 @@ pub enum Probe {
 /// Starts a background fan-out that refreshes `name`'s stale mapping, unless one is running.
 pub fn refresh(
     core: &Rc<Core>,
-    snapshot: Arc<Snapshot>,
+    snapshot: Rc<Snapshot>,
     name: &str,
     probe: Probe,
     headers: HeaderMap,
