@@ -172,15 +172,25 @@ pub struct Upstream {
     shared: Arc<Shared>,
     pool: Rc<Pool>,
     tokens: Rc<TokenCache>,
+    /// This core's own copies of values cloned into every request: cloning the shared ones would
+    /// write their (atomic) reference counts from every core.
+    authority: http::uri::Authority,
+    host_header: HeaderValue,
 }
 
 impl Upstream {
     /// Call on the thread (and inside the monoio runtime) that will use it.
     pub fn new(shared: Arc<Shared>) -> Upstream {
+        let authority = http::uri::Authority::try_from(shared.authority.as_str())
+            .expect("an authority parses again");
+        let host_header = HeaderValue::from_bytes(shared.host_header.as_bytes())
+            .expect("a header value parses again");
         Upstream {
             pool: Pool::new(shared.target.clone()),
             shared,
             tokens: Rc::new(TokenCache::default()),
+            authority,
+            host_header,
         }
     }
 
@@ -265,7 +275,7 @@ impl Upstream {
     ) -> Result<Request<Empty<Bytes>>, UpstreamError> {
         let uri = Uri::builder()
             .scheme(self.shared.scheme.clone())
-            .authority(self.shared.authority.clone())
+            .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
             .map_err(|e| {
@@ -275,8 +285,7 @@ impl Upstream {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        req.headers_mut()
-            .insert(HOST, self.shared.host_header.clone());
+        req.headers_mut().insert(HOST, self.host_header.clone());
         Ok(req)
     }
 
