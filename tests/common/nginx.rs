@@ -91,7 +91,7 @@ http {{
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
         let log = std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default();
@@ -101,6 +101,16 @@ http {{
 
 impl Drop for TlsFront {
     fn drop(&mut self) {
+        // SIGTERM: the master stops its workers. (SIGKILL would leave them running, still
+        // listening, with no parent.)
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
