@@ -145,8 +145,9 @@ nginx_worker=$(pgrep -P "$nginx_master" | head -n1)
 [ -n "$nginx_worker" ] || die "no nginx worker process"
 
 router_port=$(free_port)
-WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn \
-  HARBOR_URL=http://127.0.0.1:$nginx_port target/release/harbor-router >"$work/router.log" 2>&1 &
+# ROUTER_ENV adds variables to the router's environment, e.g. ROUTER_ENV="IO_DRIVER=epoll".
+env WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn \
+  HARBOR_URL=http://127.0.0.1:$nginx_port ${ROUTER_ENV:-} target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)
 router_pid=$!
 
