@@ -16,17 +16,13 @@ conns=${2:-64}
 hr_rust
 hr_apt nginx-light wrk curl
 hr_log "release build"
-cargo build --release --locked -q
+cargo build --release --locked -q -p harbor-router
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+hr_work
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # nginx: one worker, keep-alive, the same body and headers as the router's /v2/.
-nginx_port=$(free_port)
+nginx_port=$(hr_free_port)
 cat >"$work/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -49,7 +45,7 @@ NGINX
 nginx -c "$work/nginx.conf" -p "$work" &
 pids+=($!)
 
-router_port=$(free_port)
+router_port=$(hr_free_port)
 WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn \
   HARBOR_URL=http://127.0.0.1:9 target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)

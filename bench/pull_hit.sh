@@ -50,18 +50,9 @@ hr_apt nginx-light wrk curl python3
 hr_log "release build"
 cargo build --release --locked -q -p harbor-router
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+hr_work
 
 die() { echo "pull_hit.sh: $*" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # The content: a 1 MiB random blob, a config, and an OCI manifest naming both (~500 bytes).
 www=$work/www
@@ -95,7 +86,7 @@ printf '[{"project_id":1,"name":"hub","registry_id":1,"metadata":{"public":"true
 printf '{"id":1,"name":"up","type":"docker-registry","url":"https://example.invalid"}' >"$www/registry.json"
 
 # nginx: the fake Harbor, one worker, keep-alive, static files, no auth.
-nginx_port=$(free_port)
+nginx_port=$(hr_free_port)
 cat >"$work/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -144,7 +135,7 @@ hr_wait_port 127.0.0.1 "$nginx_port" 10 || { cat "$work/nginx.out" "$work/nginx-
 nginx_worker=$(pgrep -P "$nginx_master" | head -n1)
 [ -n "$nginx_worker" ] || die "no nginx worker process"
 
-router_port=$(free_port)
+router_port=$(hr_free_port)
 # ROUTER_ENV adds variables to the router's environment, e.g. ROUTER_ENV="IO_DRIVER=epoll".
 env WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn \
   HARBOR_URL=http://127.0.0.1:$nginx_port ${ROUTER_ENV:-} target/release/harbor-router >"$work/router.log" 2>&1 &

@@ -16,15 +16,7 @@ hr_log "building the router (release) and the stand-in Harbor"
 cargo build --release --locked -q -p harbor-router
 cargo build --locked -q -p testbed --bin harbor-standin
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+hr_work
 
 # wait_for FILE SED-EXPR PID: prints the first match of SED-EXPR in FILE, waiting up to 60 s.
 wait_for() {

@@ -226,13 +226,17 @@ fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
     }
 }
 
-#[test]
-fn the_first_project_to_answer_wins() {
-    let images = [
+/// One repository name, `shared/img:1`, with different content in quay and in k8s.
+fn same_name_in_quay_and_k8s() -> [SeedImage; 2] {
+    [
         image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
         image("k8s/shared/img", "1", SeedKind::OciManifest, 1024),
-    ];
-    let env = start(&images, &[]);
+    ]
+}
+
+#[test]
+fn the_first_project_to_answer_wins() {
+    let env = start(&same_name_in_quay_and_k8s(), &[]);
     env.bed
         .harbor
         .set_fault("quay", Fault::Delay(Duration::from_millis(1500)));
@@ -428,11 +432,7 @@ fn stale_mappings_are_served_and_refreshed_in_the_background() {
 
 #[test]
 fn a_mapping_that_turns_404_falls_back_to_one_fan_out() {
-    let images = [
-        image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
-        image("k8s/shared/img", "1", SeedKind::OciManifest, 1024),
-    ];
-    let env = start(&images, &[]);
+    let env = start(&same_name_in_quay_and_k8s(), &[]);
     env.bed
         .harbor
         .set_fault("quay", Fault::Delay(Duration::from_millis(1000)));

@@ -64,3 +64,20 @@ hr_wait_port() {
     sleep 0.1
   done
 }
+
+# hr_work: makes $work (a temp dir) and $pids (an array: add every process started); on exit, stops
+# every process in $pids, waits for them and removes $work. Ctrl-C and SIGTERM exit with 130.
+hr_work() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+        for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+        rm -rf "$work"' EXIT
+  trap 'exit 130' INT TERM
+}
+
+# hr_free_port: a loopback port that was free a moment ago, for servers that cannot report the port
+# they picked (nginx). Only for benchmarks: tests bind port 0 and read the port back.
+hr_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}

@@ -35,34 +35,30 @@ fn parses_harbor_challenges() {
 
 #[test]
 fn scopes_from_paths() {
-    assert_eq!(
-        scope_for_path("/v2/dockerhub/library/nginx/manifests/latest").as_deref(),
-        Some("repository:dockerhub/library/nginx:pull")
-    );
-    assert_eq!(
-        scope_for_path("/v2/quay/coreos/etcd/blobs/sha256:00").as_deref(),
-        Some("repository:quay/coreos/etcd:pull")
-    );
-    assert_eq!(
-        scope_for_path("/v2/ghcr/org/app/tags/list").as_deref(),
-        Some("repository:ghcr/org/app:pull")
-    );
-    // The last marker wins: a repository may be called "manifests".
-    assert_eq!(
-        scope_for_path("/v2/p/manifests/manifests/v1").as_deref(),
-        Some("repository:p/manifests:pull")
-    );
-    // The last marker wins whatever its kind.
-    assert_eq!(
-        scope_for_path("/v2/proxy/manifests/blobs/sha256:00").as_deref(),
-        Some("repository:proxy/manifests:pull")
-    );
-    assert_eq!(
-        scope_for_path("/v2/p/blobs/x/tags/list").as_deref(),
-        Some("repository:p/blobs/x:pull")
-    );
-    assert_eq!(scope_for_path("/v2/"), None);
-    assert_eq!(scope_for_path("/api/v2.0/projects"), None);
+    let cases = [
+        (
+            "/v2/dockerhub/library/nginx/manifests/latest",
+            Some("dockerhub/library/nginx"),
+        ),
+        (
+            "/v2/quay/coreos/etcd/blobs/sha256:00",
+            Some("quay/coreos/etcd"),
+        ),
+        ("/v2/ghcr/org/app/tags/list", Some("ghcr/org/app")),
+        // The last marker wins, whatever its kind: a repository may be called "manifests".
+        ("/v2/p/manifests/manifests/v1", Some("p/manifests")),
+        (
+            "/v2/proxy/manifests/blobs/sha256:00",
+            Some("proxy/manifests"),
+        ),
+        ("/v2/p/blobs/x/tags/list", Some("p/blobs/x")),
+        ("/v2/", None),
+        ("/api/v2.0/projects", None),
+    ];
+    for (path, repo) in cases {
+        let want = repo.map(|r| format!("repository:{r}:pull"));
+        assert_eq!(scope_for_path(path), want, "{path}");
+    }
 }
 
 fn token(s: &str) -> HeaderValue {
