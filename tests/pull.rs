@@ -714,6 +714,12 @@ fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {
         sampler.join().unwrap()
     });
     let growth = peak.saturating_sub(before);
+    eprintln!(
+        "router RSS {} MiB before, {} MiB peak while streaming {} MiB",
+        before >> 20,
+        peak >> 20,
+        size >> 20
+    );
     assert!(
         growth < 32 << 20,
         "RSS grew by {} MiB streaming {} MiB",
