@@ -184,14 +184,7 @@ fn skopeo_pulls_every_kind_with_the_registry_digests() {
 
 #[test]
 fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
-    let env = start(
-        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
-        &[],
-    );
-    // ghcr answers last, so every other project's 404 is in before the race ends.
-    env.bed
-        .harbor
-        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
+    let env = ghcr_app_answering_last(&[]);
     let res = env.get_manifest("org/app", "v1");
     assert_eq!(res.status, 200);
     assert_eq!(
@@ -224,6 +217,19 @@ fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
             "{p} not asked again: the mapping is used"
         );
     }
+}
+
+/// ghcr holds `org/app:v1` and answers last (300 ms later), so every other project's answer is in
+/// before a race ends: the request counts a test reads are exact.
+fn ghcr_app_answering_last(vars: &[(&str, &str)]) -> Env {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        vars,
+    );
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
+    env
 }
 
 /// One repository name, `shared/img:1`, with different content in quay and in k8s.
@@ -361,14 +367,7 @@ fn unknown_manifests_are_404_and_remembered_for_a_while() {
 
 #[test]
 fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
-    let env = start(
-        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
-        &[],
-    );
-    // ghcr answers last, so the other projects' 404s are all in before the race ends.
-    env.bed
-        .harbor
-        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
+    let env = ghcr_app_answering_last(&[]);
     let barrier = std::sync::Barrier::new(100);
     let digest = env.seeded[0].digest.clone();
     std::thread::scope(|s| {
@@ -413,14 +412,7 @@ fn docker_hub_redirects_are_followed_inside_the_router() {
 
 #[test]
 fn stale_mappings_are_served_and_refreshed_in_the_background() {
-    let env = start(
-        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
-        &[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")],
-    );
-    // ghcr answers last, so the other projects' answers are in before any race ends.
-    env.bed
-        .harbor
-        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
+    let env = ghcr_app_answering_last(&[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")]);
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
     assert_eq!(env.manifest_requests("dockerhub"), 1);
     // Once stale, a request is still answered from the mapping, and a refresh asks every project.

@@ -200,20 +200,24 @@ fn tls_with_a_private_ca() {
     scenario(&bed, &seeded, &relay, config, true);
 }
 
+/// The error a `GET /v2/` to `harbor_url` fails with.
+fn error_for(harbor_url: &str) -> upstream::UpstreamError {
+    let shared = upstream::Shared::from_config(&client_config(harbor_url, &[])).unwrap();
+    run(async {
+        Upstream::new(shared)
+            .send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry)
+            .await
+            .expect_err("the request must fail")
+    })
+}
+
 #[test]
 fn tls_refuses_an_unknown_ca() {
     let bed = Testbed::start(HarborConfig::default()).unwrap();
     let nginx = TlsFront::start(bed.harbor.addr());
     let url = format!("https://localhost:{}", nginx.addr.port());
-    let shared = upstream::Shared::from_config(&client_config(&url, &[])).unwrap();
-    run(async {
-        let up = Upstream::new(shared);
-        let err = up
-            .send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, upstream::UpstreamError::Tls(_)), "{err}");
-    });
+    let err = error_for(&url);
+    assert!(matches!(err, upstream::UpstreamError::Tls(_)), "{err}");
 }
 
 #[test]
@@ -294,15 +298,6 @@ fn nothing_listening_is_a_connect_error() {
         .local_addr()
         .unwrap()
         .port();
-    let shared =
-        upstream::Shared::from_config(&client_config(&format!("http://127.0.0.1:{port}"), &[]))
-            .unwrap();
-    run(async {
-        let up = Upstream::new(shared);
-        let err = up
-            .send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, upstream::UpstreamError::Connect(_)), "{err}");
-    });
+    let err = error_for(&format!("http://127.0.0.1:{port}"));
+    assert!(matches!(err, upstream::UpstreamError::Connect(_)), "{err}");
 }
