@@ -38,14 +38,23 @@ hr_rust() {
   [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
   command -v cc >/dev/null || hr_apt gcc libc6-dev
   if ! command -v cargo >/dev/null; then
-    hr_log "no cargo found: installing Debian's Rust toolchain"
-    hr_apt cargo rustc
+    hr_log "no cargo found: trying Debian's Rust toolchain"
+    hr_apt cargo rustc || true
   fi
   local v
-  v=$(rustc --version | awk '{print $2}')
-  if ! _hr_version_ge "$v" "$HR_MIN_RUST"; then
-    echo "rustc $v is older than $HR_MIN_RUST; install a newer toolchain (rustup) and retry" >&2
-    return 1
+  v=$(rustc --version 2>/dev/null | awk '{print $2}')
+  if [ -z "$v" ] || ! _hr_version_ge "$v" "$HR_MIN_RUST"; then
+    # Debian stable's Rust is older than the crate needs: install the current stable with rustup.
+    hr_log "rustc ${v:-missing} is older than $HR_MIN_RUST: installing the stable toolchain with rustup"
+    if ! command -v rustup >/dev/null; then
+      hr_apt curl ca-certificates
+      curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+        sh -s -- -y --profile minimal --component rustfmt,clippy ||
+        { echo "could not install rustup; install Rust >= $HR_MIN_RUST and retry" >&2; return 1; }
+      export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    rustup toolchain install stable --profile minimal --component rustfmt,clippy
+    rustup default stable
   fi
   if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     if command -v rustup >/dev/null; then
