@@ -24,8 +24,8 @@ use quick_cache::Weighter;
 const MAPPINGS_PER_CORE: usize = 100_000;
 /// Misses remembered per core.
 const MISSES_PER_CORE: usize = 20_000;
-/// Tag lists remembered per core.
-const TAG_LISTS_PER_CORE: usize = 2_000;
+/// Memory for tag lists per core (they are keyed by client-chosen `n` and `last`, so by bytes).
+const TAG_LIST_BYTES_PER_CORE: u64 = 16 << 20;
 /// Entries in the process-wide learned map; past it, new names are learned per core only.
 const LEARNED_MAX: usize = 200_000;
 
@@ -66,8 +66,25 @@ struct ManifestWeight;
 
 impl Weighter<String, CachedManifest> for ManifestWeight {
     fn weight(&self, key: &String, val: &CachedManifest) -> u64 {
-        (key.len() + val.body.len() + 256) as u64
+        (key.len() + val.body.len() + headers_weight(&val.headers)) as u64
     }
+}
+
+#[derive(Clone)]
+struct TagsWeight;
+
+impl Weighter<String, CachedTags> for TagsWeight {
+    fn weight(&self, key: &String, val: &CachedTags) -> u64 {
+        (key.len() + val.body.len() + headers_weight(&val.headers)) as u64
+    }
+}
+
+/// Roughly what a header map holds in memory.
+fn headers_weight(h: &HeaderMap) -> usize {
+    h.iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum::<usize>()
+        + 64
 }
 
 /// Lifetimes, from the configuration.
@@ -85,7 +102,7 @@ pub struct RouteCache {
     mappings: Cache<String, Mapping>,
     misses: Cache<String, Instant>,
     manifests: Cache<String, CachedManifest, ManifestWeight>,
-    tags: Cache<String, CachedTags>,
+    tags: Cache<String, CachedTags, TagsWeight>,
 }
 
 impl RouteCache {
@@ -100,7 +117,7 @@ impl RouteCache {
                 manifest_bytes.max(1),
                 ManifestWeight,
             ),
-            tags: Cache::new(TAG_LISTS_PER_CORE),
+            tags: Cache::with_weighter(2_000, TAG_LIST_BYTES_PER_CORE, TagsWeight),
         }
     }
 
@@ -208,13 +225,8 @@ impl LearnedMap {
             return;
         };
         if map.len() >= LEARNED_MAX && !map.contains_key(name) {
-            // Full: drop what has aged out before refusing; the per-core shards still learn.
-            map.retain(|_, m| {
-                learned_at.saturating_duration_since(m.learned_at) < Duration::from_secs(3600)
-            });
-            if map.len() >= LEARNED_MAX {
-                return;
-            }
+            // Full: this name stays per core until the next sweep makes room.
+            return;
         }
         map.insert(
             name.to_string(),
@@ -223,6 +235,13 @@ impl LearnedMap {
                 learned_at,
             },
         );
+    }
+
+    /// Drops mappings learned more than `max_age` before `now` (one core calls it every minute).
+    pub fn sweep(&self, now: Instant, max_age: Duration) {
+        if let Ok(mut map) = self.map.write() {
+            map.retain(|_, m| now.saturating_duration_since(m.learned_at) < max_age);
+        }
     }
 
     pub fn forget(&self, name: &str, project: &str) {
@@ -345,7 +364,8 @@ mod tests {
         let kept = (0..200)
             .filter(|i| c.manifest(&format!("m{i}"), t0).is_some())
             .count();
-        assert!(kept > 10 && kept * 1256 <= 64 * 1024 + 1256, "kept {kept}");
+        // Each entry weighs its body, its key and ~64 bytes of (empty) headers.
+        assert!(kept > 10 && kept * 1064 <= 64 * 1024 + 1064, "kept {kept}");
         // Off.
         let mut off = RouteCache::new(ttls(), 0);
         off.keep_manifest("a", HeaderMap::new(), Bytes::from_static(b"{}"), t0);
@@ -383,5 +403,8 @@ mod tests {
         );
         m.forget("a", "p");
         assert_eq!(m.get("a"), None);
+        m.learn("b", "p", t0);
+        m.sweep(t0 + Duration::from_secs(10), Duration::from_secs(10));
+        assert_eq!(m.get("b"), None, "swept once older than max_age");
     }
 }

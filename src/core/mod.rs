@@ -298,7 +298,15 @@ fn spawn_cache_sweeper(core: std::rc::Weak<Core>) {
         loop {
             monoio::time::sleep(Duration::from_secs(60)).await;
             match core.upgrade() {
-                Some(c) => c.cache.borrow_mut().sweep(std::time::Instant::now()),
+                Some(c) => {
+                    let now = std::time::Instant::now();
+                    c.cache.borrow_mut().sweep(now);
+                    if c.id == 0 {
+                        // One core sweeps the shared map for everyone.
+                        let life = c.config.cache_ttl + c.config.stale_while_revalidate;
+                        c.learned.sweep(now, life);
+                    }
+                }
                 None => return,
             }
         }

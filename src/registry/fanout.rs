@@ -5,7 +5,8 @@
 //!
 //! The verdicts of the attempts that finished decide a race nobody won: every project said "not
 //! here" → not found (negative-cacheable); some were rate-limited → 429 with Harbor's `Retry-After`;
-//! otherwise → 502. Breakers learn from every attempt: a timeout, a connection error or a 5xx is a
+//! some were left out by their breaker and no other failed → 503; otherwise → 502. A project left
+//! out never counts as "not here". Breakers learn from every attempt: a timeout, a connection error or a 5xx is a
 //! failure; any other answer is a success; an attempt cancelled before its verdict frees its probe.
 
 use std::future::Future;
@@ -51,9 +52,12 @@ where
     let now = Instant::now();
     let timeout = core.config().resolver_timeout;
     let mut running = FuturesUnordered::new();
+    let mut skipped = false;
     for project in candidates {
         let admission = core.breakers().borrow_mut().get(&project.name).admit(now);
         if admission == Admission::Rejected {
+            // A project left out cannot say "not here": the outcome can no longer be NotFound.
+            skipped = true;
             continue;
         }
         let guard = ProbeGuard::new(core, &project.name, admission);
@@ -76,9 +80,10 @@ where
             reason: "every proxy-cache project's circuit is open",
         });
     }
-    let mut all_not_here = true;
+    let mut all_not_here = !skipped;
     let mut retry_after = None;
     let mut rate_limited = false;
+    let mut failed = false;
     while let Some((project, verdict)) = running.next().await {
         match verdict {
             Verdict::Win(t) => return Outcome::Found(project, t),
@@ -91,6 +96,7 @@ where
             Verdict::Refused => all_not_here = false,
             Verdict::Failed(why) => {
                 all_not_here = false;
+                failed = true;
                 tracing::debug!(project = %project.name, why, "fan-out attempt failed");
             }
         }
@@ -99,6 +105,10 @@ where
         Outcome::NotFound
     } else if rate_limited {
         Outcome::Failed(Error::TooManyRequests { retry_after })
+    } else if skipped && !failed {
+        Outcome::Failed(Error::Unavailable {
+            reason: "not found in the projects asked; the others' circuits are open",
+        })
     } else {
         Outcome::Failed(Error::BadGateway {
             reason: "no proxy-cache project answered: Harbor failed or timed out",

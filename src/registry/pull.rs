@@ -79,14 +79,6 @@ impl Pull<'_> {
             Pull::Tags => Probe::Tags,
         }
     }
-
-    fn reference(&self) -> &str {
-        match self {
-            Pull::Manifest(r) => r.as_str(),
-            Pull::Blob(d) | Pull::Referrers(d) => d,
-            Pull::Tags => "tags",
-        }
-    }
 }
 
 /// Serves one pull request.
@@ -102,17 +94,20 @@ pub async fn serve(core: &Rc<Core>, req: &Parts, name: &str, pull: Pull<'_>) -> 
     if let Some(res) = from_cache(core, req, name, &pull, now) {
         return res;
     }
-    let miss_key = format!("{name}:{}", pull.reference());
-    if core.cache().borrow().is_miss(&miss_key, now) {
+    let up_headers = forward::headers_up(&req.headers);
+    let rest = pull.rest(query);
+    // One key for coalescing and for remembered misses: name, endpoint with its query, Accept set
+    // (a manifest that is "unknown" without an OCI Accept may well exist with one).
+    let key = resolve::flight_key(kind(&pull), name, &rest, &up_headers);
+    if core.cache().borrow().is_miss(&key, now) {
         return error(&pull.not_found());
     }
-    let up_headers = forward::headers_up(&req.headers);
     let ctx = Ctx {
         core,
         name,
         pull,
         head,
-        rest: pull.rest(query),
+        rest,
         headers: &up_headers,
     };
 
@@ -128,13 +123,15 @@ pub async fn serve(core: &Rc<Core>, req: &Parts, name: &str, pull: Pull<'_>) -> 
         }
         match ctx.mapped(&project).await {
             Mapped::Answer(res) => return *res,
+            // The mapped project does not have this reference. The image may have moved: ask every
+            // project once. The mapping is replaced if another project has it, and kept otherwise
+            // (a missing tag of a mapped image must not cost every later pull a fan-out).
             Mapped::Gone => {
-                tracing::debug!(name, project = %project.name, "mapped project answered 404; asking every project");
-                resolve::forget(core, name, &project.name);
+                tracing::debug!(name, project = %project.name, "mapped project answered 404; asking every project")
             }
         }
     }
-    ctx.fan_out(&snapshot, &miss_key).await
+    ctx.fan_out(&snapshot, &key).await
 }
 
 /// The by-digest manifest cache and the tag-list cache.
@@ -153,6 +150,14 @@ fn from_cache(
             let ct = m.headers.get(CONTENT_TYPE)?.to_str().ok()?;
             if !accepts(&req.headers, ct) {
                 return None;
+            }
+            if not_modified(&req.headers, d) {
+                // What the registry answers a matching `If-None-Match`: 304, headers, no body.
+                let mut res = Response::new(Body::Empty);
+                *res.status_mut() = StatusCode::NOT_MODIFIED;
+                *res.headers_mut() = m.headers.clone();
+                res.headers_mut().remove(CONTENT_LENGTH);
+                return Some(res);
             }
             Some(whole(
                 StatusCode::OK,
@@ -173,6 +178,35 @@ fn from_cache(
         }
         _ => None,
     }
+}
+
+/// Whether an `If-None-Match` of the client names this digest (the registry's ETag is `"<digest>"`).
+fn not_modified(headers: &HeaderMap, digest: &str) -> bool {
+    headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+        .any(|t| t == digest || t == "*")
+}
+
+/// What is kept in memory: Harbor's headers without the per-response ones, every value and the
+/// body copied out of hyper's read buffer (a slice would pin the whole buffer, up to ~400 KiB, for
+/// as long as the entry lives, and the cache's byte budget would not see it).
+fn keepable(headers: &HeaderMap, body: &Bytes) -> (HeaderMap, Bytes) {
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let per_response = name == http::header::DATE
+            || name == http::header::SET_COOKIE
+            || name.as_str().eq_ignore_ascii_case("x-request-id");
+        if !per_response {
+            if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+                kept.append(name.clone(), v);
+            }
+        }
+    }
+    (kept, Bytes::copy_from_slice(body))
 }
 
 /// Whether the client's Accept lines name `content_type`.
@@ -250,15 +284,9 @@ impl Ctx<'_> {
         Mapped::Answer(Box::new(self.answer(project, res).await))
     }
 
-    async fn fan_out(&self, snapshot: &Rc<Snapshot>, miss_key: &str) -> Response<Body> {
-        let key = resolve::flight_key(
-            kind(&self.pull),
-            self.name,
-            self.pull.reference(),
-            self.headers,
-        );
+    async fn fan_out(&self, snapshot: &Rc<Snapshot>, key: &str) -> Response<Body> {
         loop {
-            match self.core.flights().join(&key) {
+            match self.core.flights().join(key) {
                 Turn::Follow(rx) => match rx.await {
                     Ok(Shared::Found(p)) => match snapshot.project(&p) {
                         Some(project) => {
@@ -280,13 +308,21 @@ impl Ctx<'_> {
                         Outcome::Found(project, res) => {
                             resolve::learn(self.core, self.name, &project.name);
                             leader.finish(Shared::Found(project.name.clone()));
+                            if let Pull::Referrers(_) = self.pull {
+                                // The race found the subject manifest; now ask for its referrers.
+                                drop(res);
+                                return match self.mapped(&project).await {
+                                    Mapped::Answer(res) => *res,
+                                    Mapped::Gone => error(&self.pull.not_found()),
+                                };
+                            }
                             self.answer(&project, res).await
                         }
                         Outcome::NotFound => {
                             self.core
                                 .cache()
                                 .borrow_mut()
-                                .remember_miss(miss_key, Instant::now());
+                                .remember_miss(key, Instant::now());
                             leader.finish(Shared::NotFound);
                             error(&self.pull.not_found())
                         }
@@ -302,16 +338,27 @@ impl Ctx<'_> {
 
     /// One fan-out attempt: the client's request, on one project.
     async fn attempt(&self, project: Project) -> Verdict<Response<UpstreamBody>> {
-        let res = match self.send(&project).await {
+        let sent = match self.pull {
+            // Harbor answers a referrers request with 200 and an empty index for any subject, which
+            // proves nothing: race for the subject manifest itself.
+            Pull::Referrers(digest) => {
+                let path =
+                    forward::project_path(&project, self.name, &format!("manifests/{digest}"));
+                forward::send(self.core, &project, Method::HEAD, path, self.headers).await
+            }
+            _ => self.send(&project).await,
+        };
+        let res = match sent {
             Ok(r) => r,
             Err(e) => return Verdict::Failed(e.to_string()),
         };
         let status = res.status();
+        let blob = matches!(self.pull, Pull::Blob(_));
         // An empty blob answers the one-byte range of a HEAD with 416: it is there.
-        let empty_blob = self.head
-            && matches!(self.pull, Pull::Blob(_))
-            && status == StatusCode::RANGE_NOT_SATISFIABLE;
-        if status.is_success() || status.is_redirection() || empty_blob {
+        let empty_blob = self.head && blob && status == StatusCode::RANGE_NOT_SATISFIABLE;
+        // Only a blob may be redirected elsewhere (object storage); a manifest or a list never is.
+        let redirected = blob && status.is_redirection();
+        if status.is_success() || redirected || empty_blob {
             if let Pull::Tags = self.pull {
                 // Harbor answers 200 with its local (possibly empty) list for any repository:
                 // only a non-empty list proves the repository is there.
@@ -352,6 +399,8 @@ impl Ctx<'_> {
                 h.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
                 (Method::GET, h)
             }
+            // Harbor routes only GET for tag lists; a HEAD is answered from the GET's headers.
+            (Pull::Tags, true) => (Method::GET, self.headers.clone()),
             (_, true) => (Method::HEAD, self.headers.clone()),
             _ => (Method::GET, self.headers.clone()),
         };
@@ -362,6 +411,9 @@ impl Ctx<'_> {
     async fn answer(&self, project: &Project, res: Response<UpstreamBody>) -> Response<Body> {
         let (parts, body) = res.into_parts();
         let mut headers = forward::headers_down(&parts.headers);
+        if let Pull::Referrers(_) = self.pull {
+            rewrite_project_links(&mut headers, project, self.name, self.core.proxy_project());
+        }
         match self.pull {
             Pull::Blob(_) if self.head => return blob_head(parts.status, headers, body).await,
             Pull::Tags if parts.status.is_success() => {
@@ -433,12 +485,11 @@ impl Ctx<'_> {
             return None;
         }
         let key = format!("{}@{digest}", self.name);
-        self.core.cache().borrow_mut().keep_manifest(
-            &key,
-            headers.clone(),
-            bytes.clone(),
-            Instant::now(),
-        );
+        let (kept_headers, kept_body) = keepable(headers, &bytes);
+        self.core
+            .cache()
+            .borrow_mut()
+            .keep_manifest(&key, kept_headers, kept_body, Instant::now());
         Some(whole(StatusCode::OK, headers.clone(), bytes, false))
     }
 
@@ -461,27 +512,35 @@ impl Ctx<'_> {
         };
         let proxy = self.core.proxy_project();
         let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
-            Ok(mut v) => {
-                v["name"] = format!("{proxy}/{}", self.name).into();
-                Bytes::from(v.to_string())
+            Ok(serde_json::Value::Object(mut v)) => {
+                v.insert("name".into(), format!("{proxy}/{}", self.name).into());
+                Bytes::from(serde_json::Value::Object(v).to_string())
             }
-            Err(_) => bytes,
+            _ => bytes,
         };
-        let from = format!(
-            "/v2/{}/{}/",
-            project.name,
-            forward::project_name(project, self.name)
-        );
-        let to = format!("/v2/{proxy}/{}/", self.name);
-        rewrite_links(&mut headers, &from, &to);
+        rewrite_project_links(&mut headers, project, self.name, proxy);
         let key = tags_key(self.name, query_of(&self.rest));
-        self.core.cache().borrow_mut().keep_tags(
-            &key,
-            headers.clone(),
-            body.clone(),
-            Instant::now(),
-        );
+        let (kept_headers, kept_body) = keepable(&headers, &body);
+        self.core
+            .cache()
+            .borrow_mut()
+            .keep_tags(&key, kept_headers, kept_body, Instant::now());
         whole(status, headers, body, self.head)
+    }
+}
+
+/// Points `Link` headers (pagination) at the router's `/v2/<proxy>/<name>/` instead of the project's
+/// path for the name, in either of its spellings (Harbor may have redirected `nginx` to
+/// `library/nginx` when the router did not know the project was Docker Hub).
+fn rewrite_project_links(headers: &mut HeaderMap, project: &Project, name: &str, proxy: &str) {
+    let to = format!("/v2/{proxy}/{name}/");
+    rewrite_links(headers, &format!("/v2/{}/{}/", project.name, name), &to);
+    if !name.contains('/') {
+        rewrite_links(
+            headers,
+            &format!("/v2/{}/library/{}/", project.name, name),
+            &to,
+        );
     }
 }
 
@@ -520,9 +579,11 @@ async fn blob_head(
             .and_then(|t| t.parse::<u64>().ok());
         let _ = Limited::new(body, 1024).collect().await;
         headers.remove(CONTENT_RANGE);
-        if let Some(t) = total {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(t));
-        }
+        match total {
+            Some(t) => headers.insert(CONTENT_LENGTH, HeaderValue::from(t)),
+            // `bytes 0-0/*`: the length is unknown; never claim the range's one byte.
+            None => headers.remove(CONTENT_LENGTH),
+        };
         *res.status_mut() = StatusCode::OK;
     } else {
         *res.status_mut() = status;

@@ -123,12 +123,9 @@ pub fn refresh(
         .await;
         match outcome {
             Outcome::Found(p, ()) => learn(&core, &name, &p.name),
-            Outcome::NotFound => {
-                if let Some(m) = core.learned().get(&name) {
-                    forget(&core, &name, &m.project);
-                }
-                core.cache().borrow_mut().forget(&name);
-            }
+            // Not found anywhere (for this probe's reference) or failing: keep the mapping; it ages
+            // out on its own, and a reference that is only missing must not unmap the name.
+            Outcome::NotFound => {}
             Outcome::Failed(e) => {
                 tracing::debug!(name, error = %e, "refresh failed; keeping the stale mapping")
             }
