@@ -110,6 +110,8 @@ pub struct Counters {
     pub v2_requests: BTreeMap<String, u64>,
     pub manifest_requests: BTreeMap<String, u64>,
     pub connections_accepted: u64,
+    /// Every distinct `Authorization` value seen on `/v2/` requests (tests check what leaked).
+    pub authorizations: std::collections::BTreeSet<String>,
 }
 
 fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {

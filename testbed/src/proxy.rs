@@ -129,6 +129,10 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
     let mut reset_mid_body = false;
     if let Some(p) = &parsed {
         count(&state, p, 1);
+        if let Some(a) = req.headers().get(header::AUTHORIZATION) {
+            let a = String::from_utf8_lossy(a.as_bytes()).into_owned();
+            state.counters.lock().unwrap().authorizations.insert(a);
+        }
         let fault = state.faults.lock().unwrap().get(&p.project).cloned();
         match fault {
             Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
