@@ -3,8 +3,9 @@
 //! candidate projects (coalesced per core), learn the winner, and answer with exactly what Harbor's
 //! project answered: status, headers (less hop-by-hop ones) and body, streamed.
 //!
-//! A request on a mapped project that answers 404 drops the mapping and falls back to one fan-out
-//! (the image may have moved). Requests on a project whose circuit is open fail fast with 503.
+//! A request on a mapped project that answers 404 falls back to one fan-out (the image may have
+//! moved); the mapping moves if another project has it and stays otherwise. Requests on a project
+//! whose circuit is open fail fast with 503.
 
 use std::rc::Rc;
 use std::time::Instant;
