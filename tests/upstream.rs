@@ -60,7 +60,7 @@ fn accept_all() -> HeaderMap {
 async fn pull_manifest(up: &Upstream, seeded: &Seeded) {
     let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
     let res = up
-        .send(Method::GET, &path, accept_all(), AuthMode::Registry)
+        .send(Method::GET, &path, &accept_all(), AuthMode::Registry)
         .await
         .unwrap_or_else(|e| panic!("GET {path}: {e}"));
     assert_eq!(res.status(), 200, "GET {path}");
@@ -93,7 +93,7 @@ fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expec
         // HEAD: headers only, with the length of the GET body.
         let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
         let res = up
-            .send(Method::HEAD, &path, accept_all(), AuthMode::Registry)
+            .send(Method::HEAD, &path, &accept_all(), AuthMode::Registry)
             .await
             .unwrap();
         assert_eq!(res.status(), 200);
@@ -205,7 +205,7 @@ fn error_for(harbor_url: &str) -> upstream::UpstreamError {
     let shared = upstream::Shared::from_config(&client_config(harbor_url, &[])).unwrap();
     run(async {
         Upstream::new(shared)
-            .send(Method::GET, "/v2/", HeaderMap::new(), AuthMode::Registry)
+            .send(Method::GET, "/v2/", &HeaderMap::new(), AuthMode::Registry)
             .await
             .expect_err("the request must fail")
     })
@@ -277,7 +277,7 @@ fn a_hanging_harbor_hits_the_response_timeout() {
         let started = std::time::Instant::now();
         let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
         let err = up
-            .send(Method::GET, &path, accept_all(), AuthMode::Registry)
+            .send(Method::GET, &path, &accept_all(), AuthMode::Registry)
             .await
             .unwrap_err();
         assert!(

@@ -256,7 +256,7 @@ async fn registry_kind(
 ) -> Result<(UpstreamKind, Option<String>), DiscoveryError> {
     let path = format!("/api/v2.0/registries/{id}");
     let res = client
-        .send(Method::GET, &path, json_accept(), AuthMode::Basic)
+        .send(Method::GET, &path, &json_accept(), AuthMode::Basic)
         .await?;
     let status = res.status();
     let body = read_body(res.into_body(), "a registry").await?;
@@ -292,7 +292,7 @@ async fn api_get(
     user: &str,
 ) -> Result<(HeaderMap, bytes::Bytes), DiscoveryError> {
     let res = client
-        .send(Method::GET, path, json_accept(), AuthMode::Basic)
+        .send(Method::GET, path, &json_accept(), AuthMode::Basic)
         .await?;
     let status = res.status();
     let (parts, body) = res.into_parts();

@@ -102,7 +102,7 @@ pub async fn send(
     loop {
         let res = core
             .upstream()
-            .send(method.clone(), &path, headers.clone(), AuthMode::Registry)
+            .send(method.clone(), &path, headers, AuthMode::Registry)
             .await?;
         if hops == MAX_REDIRECTS || !is_redirect(res.status()) {
             return Ok(res);

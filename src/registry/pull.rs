@@ -394,18 +394,18 @@ impl Ctx<'_> {
         project: &Project,
     ) -> Result<Response<UpstreamBody>, crate::upstream::UpstreamError> {
         let path = forward::project_path(project, self.name, &self.rest);
-        let (method, headers) = match (&self.pull, self.head) {
+        let method = match (&self.pull, self.head) {
             (Pull::Blob(_), true) => {
                 let mut h = self.headers.clone();
                 h.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
-                (Method::GET, h)
+                return forward::send(self.core, project, Method::GET, path, &h).await;
             }
             // Harbor routes only GET for tag lists; a HEAD is answered from the GET's headers.
-            (Pull::Tags, true) => (Method::GET, self.headers.clone()),
-            (_, true) => (Method::HEAD, self.headers.clone()),
-            _ => (Method::GET, self.headers.clone()),
+            (Pull::Tags, true) => Method::GET,
+            (_, true) => Method::HEAD,
+            _ => Method::GET,
         };
-        forward::send(self.core, project, method, path, &headers).await
+        forward::send(self.core, project, method, path, self.headers).await
     }
 
     /// Harbor's answer, for the client.

@@ -226,10 +226,10 @@ impl Upstream {
         &self,
         method: Method,
         path_and_query: &str,
-        headers: HeaderMap,
+        headers: &HeaderMap,
         auth: AuthMode,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let mut req = self.request(method, path_and_query, headers)?;
+        let mut req = self.request(method.clone(), path_and_query, headers)?;
         if auth == AuthMode::Basic {
             return self.send_basic(req).await;
         }
@@ -238,7 +238,6 @@ impl Upstream {
         if let Some((_, token)) = &sent {
             req.headers_mut().insert(AUTHORIZATION, token.clone());
         }
-        let again = clone_parts(&req);
         let res = self.send_timed(req).await?;
         if res.status() != StatusCode::UNAUTHORIZED {
             return Ok(res);
@@ -262,7 +261,7 @@ impl Upstream {
         let token = monoio::time::timeout(limit, self.token(&challenge))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(limit))??;
-        let mut req = again;
+        let mut req = self.request(method, path_and_query, headers)?;
         req.headers_mut().insert(AUTHORIZATION, token);
         self.send_timed(req).await
     }
@@ -271,7 +270,7 @@ impl Upstream {
         &self,
         method: Method,
         path_and_query: &str,
-        headers: HeaderMap,
+        headers: &HeaderMap,
     ) -> Result<Request<Empty<Bytes>>, UpstreamError> {
         let uri = Uri::builder()
             .scheme(self.shared.scheme.clone())
@@ -284,7 +283,7 @@ impl Upstream {
         let mut req = Request::new(Empty::new());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
-        *req.headers_mut() = headers;
+        *req.headers_mut() = headers.clone();
         req.headers_mut().insert(HOST, self.host_header.clone());
         Ok(req)
     }
@@ -362,7 +361,7 @@ impl Upstream {
             query.push_str(&encode_query(scope));
         }
         let path = format!("{}?{query}", realm.path());
-        let req = self.request(Method::GET, &path, HeaderMap::new())?;
+        let req = self.request(Method::GET, &path, &HeaderMap::new())?;
         let res = self.send_basic(req).await?;
         let status = res.status();
         let limit = self.shared.response_timeout;
@@ -410,14 +409,6 @@ fn parse_token(body: &[u8]) -> Result<(HeaderValue, Duration), UpstreamError> {
         .map(|s| Duration::from_secs(s).min(auth::MAX_EXPIRES_IN))
         .unwrap_or(auth::DEFAULT_EXPIRES_IN);
     Ok((header, ttl))
-}
-
-fn clone_parts(req: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
-    let mut r = Request::new(Empty::new());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.headers_mut() = req.headers().clone();
-    r
 }
 
 /// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
