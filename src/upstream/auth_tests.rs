@@ -126,16 +126,24 @@ fn concurrent_asks_share_one_fetch() {
     assert_eq!(cache.fetches(), 1);
 }
 
-#[test]
-fn failures_are_shared_but_not_cached() {
+type Waiter = tokio::sync::oneshot::Receiver<Result<HeaderValue, String>>;
+
+/// A cache where one ask is fetching scope "s" and a second one waits for it.
+fn fetching_with_a_waiter() -> (Rc<TokenCache>, Instant, FetchGuard, Waiter) {
     let cache = Rc::new(TokenCache::default());
     let now = Instant::now();
     let Ticket::Fetch(guard) = cache.ticket("s", now) else {
-        panic!()
+        panic!("the first ask fetches")
     };
-    let Ticket::Wait(mut w) = cache.ticket("s", now) else {
-        panic!()
+    let Ticket::Wait(w) = cache.ticket("s", now) else {
+        panic!("the second ask waits")
     };
+    (cache, now, guard, w)
+}
+
+#[test]
+fn failures_are_shared_but_not_cached() {
+    let (cache, now, guard, mut w) = fetching_with_a_waiter();
     guard.finish(Err("token service answered 401".into()), now);
     assert_eq!(
         w.try_recv().unwrap().unwrap_err(),
@@ -149,14 +157,7 @@ fn failures_are_shared_but_not_cached() {
 
 #[test]
 fn an_abandoned_fetch_releases_its_waiters() {
-    let cache = Rc::new(TokenCache::default());
-    let now = Instant::now();
-    let Ticket::Fetch(guard) = cache.ticket("s", now) else {
-        panic!()
-    };
-    let Ticket::Wait(mut w) = cache.ticket("s", now) else {
-        panic!()
-    };
+    let (cache, now, guard, mut w) = fetching_with_a_waiter();
     drop(guard);
     assert!(w.try_recv().is_err(), "the waiter learns the fetch is gone");
     assert!(matches!(cache.ticket("s", now), Ticket::Fetch(_)));
