@@ -11,17 +11,20 @@
 //! - [`core`]: one data-plane core: pinned thread, monoio runtime, SO_REUSEPORT listener, accept loop,
 //!   drain; [`core::conn`] serves one downstream HTTP/1.1 connection.
 //! - [`registry`]: the registry protocol: [`registry::route`] parses a request into a `Route`,
-//!   [`registry::handle`] answers it.
+//!   [`registry::handle`] answers it, [`registry::pull`] serves the pull endpoints,
+//!   [`registry::resolve`] maps a name to its project, [`registry::fanout`] races the projects,
+//!   [`registry::forward`] carries a request to Harbor and its answer back.
+//! - [`cache`]: per-core mappings, misses, manifests and tag lists; the process-wide learned map.
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
 //! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
-//!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`].
+//!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], per-project circuit
+//!   breakers [`upstream::breaker`].
 //! - [`Server`] (this file): binds one listener per worker, starts the workers, and hands back a
 //!   [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
 //!
-//! Still to come, per `docs/architecture.md`: resolution with fan-out and caches, blob streaming,
-//! circuit breakers, Redis, metrics.
+//! Still to come: Redis sharing of mappings, metrics on `METRICS_ADDR`, the per-IP rate limit.
 
 pub mod body;
 pub mod cache;
