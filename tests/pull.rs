@@ -241,20 +241,25 @@ fn ghcr_app_answering_last(vars: &[(&str, &str)]) -> Env {
     env
 }
 
-/// One repository name, `shared/img:1`, with different content in quay and in k8s.
-fn same_name_in_quay_and_k8s() -> [SeedImage; 2] {
-    [
-        image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
-        image("k8s/shared/img", "1", SeedKind::OciManifest, 1024),
-    ]
+/// One repository name, `shared/img:1`, with different content in quay and in k8s; quay answers a
+/// second late, so k8s wins a race.
+fn same_name_k8s_answering_first() -> Env {
+    let env = start(
+        &[
+            image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
+            image("k8s/shared/img", "1", SeedKind::OciManifest, 1024),
+        ],
+        &[],
+    );
+    env.bed
+        .harbor
+        .set_fault("quay", Fault::Delay(Duration::from_millis(1000)));
+    env
 }
 
 #[test]
 fn the_first_project_to_answer_wins() {
-    let env = start(&same_name_in_quay_and_k8s(), &[]);
-    env.bed
-        .harbor
-        .set_fault("quay", Fault::Delay(Duration::from_millis(1500)));
+    let env = same_name_k8s_answering_first();
     let res = env.get_manifest("shared/img", "1");
     assert_eq!(res.status, 200);
     assert_eq!(
@@ -446,10 +451,7 @@ fn stale_mappings_are_served_and_refreshed_in_the_background() {
 
 #[test]
 fn a_mapping_that_turns_404_falls_back_to_one_fan_out() {
-    let env = start(&same_name_in_quay_and_k8s(), &[]);
-    env.bed
-        .harbor
-        .set_fault("quay", Fault::Delay(Duration::from_millis(1000)));
+    let env = same_name_k8s_answering_first();
     let res = env.get_manifest("shared/img", "1");
     assert_eq!(sha256(&res.body), env.seeded("k8s/shared/img").digest);
     env.bed.harbor.clear_faults();

@@ -34,8 +34,6 @@ use crate::upstream::pool::UpstreamBody;
 
 /// Largest manifest kept by digest (the distribution registry refuses larger ones).
 const MAX_CACHED_MANIFEST: u64 = 4 << 20;
-/// Largest tag list read to rewrite it.
-const MAX_TAG_LIST: usize = 4 << 20;
 
 /// Which endpoint a request is for, with what it needs.
 #[derive(Debug, Clone, Copy)]
@@ -361,30 +359,19 @@ impl Ctx<'_> {
         let redirected = blob && status.is_redirection();
         if status.is_success() || redirected || empty_blob {
             if let Pull::Tags = self.pull {
-                // Harbor answers 200 with its local (possibly empty) list for any repository:
-                // only a non-empty list proves the repository is there.
                 let (parts, body) = res.into_parts();
-                let bytes = match Limited::new(body, MAX_TAG_LIST).collect().await {
-                    Ok(c) => c.to_bytes(),
-                    Err(e) => return Verdict::Failed(format!("tag list: {e}")),
+                return match resolve::read_tag_list(body).await {
+                    Ok((bytes, true)) => {
+                        Verdict::Win(Response::from_parts(parts, UpstreamBody::whole(bytes)))
+                    }
+                    Ok((_, false)) => Verdict::NotHere,
+                    Err(e) => Verdict::Failed(e),
                 };
-                let has_tags = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| {
-                        v.get("tags")
-                            .and_then(|t| t.as_array())
-                            .map(|t| !t.is_empty())
-                    })
-                    .unwrap_or(false);
-                if !has_tags {
-                    return Verdict::NotHere;
-                }
-                return Verdict::Win(Response::from_parts(parts, UpstreamBody::whole(bytes)));
             }
             return Verdict::Win(res);
         }
         let retry_after = res.headers().get(RETRY_AFTER).cloned();
-        classify_failure(status, retry_after, res.into_body()).await
+        classify_failure(self.core.upstream(), status, retry_after, res.into_body()).await
     }
 
     /// Sends this request to `project`. A blob HEAD goes up as a one-byte ranged GET: Harbor answers
@@ -502,7 +489,7 @@ impl Ctx<'_> {
         mut headers: HeaderMap,
         body: UpstreamBody,
     ) -> Response<Body> {
-        let Ok(bytes) = Limited::new(body, MAX_TAG_LIST)
+        let Ok(bytes) = Limited::new(body, resolve::MAX_TAG_LIST)
             .collect()
             .await
             .map(|c| c.to_bytes())

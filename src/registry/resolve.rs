@@ -6,6 +6,7 @@
 use std::rc::Rc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{ACCEPT, RANGE};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, Limited};
@@ -18,6 +19,7 @@ use crate::registry::fanout::{self, Outcome, Verdict};
 use crate::registry::forward;
 use crate::snapshot::{Project, Snapshot};
 use crate::upstream::pool::UpstreamBody;
+use crate::upstream::Upstream;
 
 /// The project a name is mapped to, and whether the mapping is stale (serve it, refresh it).
 pub fn cached(
@@ -157,31 +159,46 @@ async fn probe_attempt(
     let status = res.status();
     let body = res.into_body();
     match status.as_u16() {
-        200..=299 if matches!(probe, Probe::Tags) => match tag_count(body).await {
-            Some(n) if n > 0 => Verdict::Win(()),
-            _ => Verdict::NotHere,
+        200..=299 if matches!(probe, Probe::Tags) => match read_tag_list(body).await {
+            Ok((_, true)) => Verdict::Win(()),
+            Ok((_, false)) => Verdict::NotHere,
+            Err(e) => Verdict::Failed(e),
         },
-        200..=399 => Verdict::Win(()),
-        _ => classify_failure(status, None, body).await,
+        200..=299 => Verdict::Win(()),
+        // Only a blob may be redirected elsewhere (object storage).
+        300..=399 if matches!(probe, Probe::Blob(_)) => Verdict::Win(()),
+        _ => classify_failure(core.upstream(), status, None, body).await,
     }
 }
 
-/// Reads a tag list body and counts its tags; `None` when it is not one.
-pub async fn tag_count(body: UpstreamBody) -> Option<usize> {
-    let bytes = Limited::new(body, 4 << 20).collect().await.ok()?.to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(v.get("tags")?.as_array().map_or(0, |t| t.len()))
+/// Largest tag list read whole (to judge it, or to rewrite it).
+pub const MAX_TAG_LIST: usize = 4 << 20;
+
+/// Reads a tag list whole; `true` when it proves the repository is there. Harbor answers 200 with
+/// its local, possibly empty, list for any name, so only a non-empty list is proof.
+pub async fn read_tag_list(body: UpstreamBody) -> Result<(Bytes, bool), String> {
+    let bytes = Limited::new(body, MAX_TAG_LIST)
+        .collect()
+        .await
+        .map_err(|e| format!("tag list: {e}"))?
+        .to_bytes();
+    let has_tags = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("tags")?.as_array().map(|t| !t.is_empty()))
+        .unwrap_or(false);
+    Ok((bytes, has_tags))
 }
 
 /// The verdict for a non-success answer; reads small bodies so the connection can be reused.
 pub async fn classify_failure<T>(
+    upstream: &Upstream,
     status: http::StatusCode,
     retry_after: Option<HeaderValue>,
     body: UpstreamBody,
 ) -> Verdict<T> {
     let code = status.as_u16();
     if code < 500 {
-        let _ = Limited::new(body, 64 * 1024).collect().await;
+        upstream.drain(body).await;
     }
     match code {
         404 => Verdict::NotHere,
