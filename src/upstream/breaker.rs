@@ -129,10 +129,6 @@ impl Breakers {
         }
         self.map.get_mut(project).expect("inserted above")
     }
-
-    pub fn available(&self, project: &str, now: Instant) -> bool {
-        self.map.get(project).is_none_or(|b| b.available(now))
-    }
 }
 
 #[cfg(test)]
@@ -221,10 +217,13 @@ mod tests {
     fn per_project() {
         let now = Instant::now();
         let mut all = Breakers::new(1, T);
-        assert!(all.available("a", now), "unknown projects are available");
+        assert_eq!(
+            all.get("a").admit(now),
+            Admission::Allowed,
+            "unknown projects are closed"
+        );
         all.get("a").on_failure(now);
-        assert!(!all.available("a", now));
-        assert!(all.available("b", now));
+        assert_eq!(all.get("a").admit(now), Admission::Rejected);
         assert_eq!(all.get("b").admit(now), Admission::Allowed);
     }
 
