@@ -545,7 +545,7 @@ fn parse_harbor_url(v: &str) -> Result<HarborUrl, String> {
 
 /// A Harbor project name as the proxy prefix: one component of the distribution name grammar.
 fn parse_project_name(v: &str) -> Result<String, String> {
-    if crate::registry::route::is_name_component(v) && v.len() <= 255 {
+    if crate::names::is_name_component(v) && v.len() <= crate::names::MAX_NAME_LEN {
         Ok(v.to_string())
     } else {
         Err("must be a lowercase name component: [a-z0-9]+ joined by '.', '_', '__' or '-'".into())

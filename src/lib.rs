@@ -3,38 +3,41 @@
 //! that holds `<name>` and serves the pull from it.
 //!
 //! # Layout
-//! - [`config`]: every environment variable, parsed and validated in one place.
-//! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
-//! - [`body`]: the one response body type handed to hyper.
-//! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
-//! - [`logging`]: pretty or JSON logs through `tracing`.
-//! - [`core`]: one data-plane core: pinned thread, monoio runtime, SO_REUSEPORT listener, accept loop,
-//!   drain; [`core::conn`] serves one downstream HTTP/1.1 connection.
-//! - [`registry`]: the registry protocol: [`registry::route`] parses a request into a `Route`,
-//!   [`registry::handle`] answers it, [`registry::pull`] serves the pull endpoints,
-//!   [`registry::resolve`] maps a name to its project, [`registry::fanout`] races the projects,
-//!   [`registry::forward`] carries a request to Harbor and its answer back.
-//! - [`cache`]: per-core mappings, misses, manifests and tag lists; the process-wide learned map.
-//! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
-//! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
-//! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects.
+//! Dependencies run one way, down this list: a module uses only modules below it.
+//! - [`Server`] (this file): binds the listeners, starts the workers and the control plane, and
+//!   hands back a [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
+//! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects and
+//!   publishes the [`snapshot`].
+//! - [`registry`]: the registry protocol as the server's handler: routes, the pull path and its
+//!   phases, the per-core [`registry::State`].
+//! - [`server`]: the data-plane runtime, generic over its handler: pinned per-core monoio loops,
+//!   SO_REUSEPORT listeners, connections, lingering close, drain. Names no registry type.
+//! - [`cache`]: the mapping tiers (core shard → process-wide map → …) and remembered answers.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
 //!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], per-project circuit
 //!   breakers [`upstream::breaker`].
-//! - [`Server`] (this file): binds one listener per worker, starts the workers, and hands back a
-//!   [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
+//! - [`body`]: the one response body type handed to hyper.
+//! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
+//! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
+//! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
+//! - [`config`]: every environment variable, parsed and validated in one place.
+//! - [`names`]: the distribution grammar of names, tags and digests.
+//! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
+//! - [`logging`]: pretty or JSON logs through `tracing`.
 //!
-//! Still to come: Redis sharing of mappings, metrics on `METRICS_ADDR`, the per-IP rate limit.
+//! Still to come: Redis sharing of mappings (a [`cache::Tier`]), metrics on `METRICS_ADDR`, the
+//! per-IP rate limit.
 
 pub mod body;
 pub mod cache;
 pub mod config;
 pub mod control;
-pub mod core;
 pub mod error;
 pub mod flight;
 pub mod logging;
+pub mod names;
 pub mod registry;
+pub mod server;
 pub mod snapshot;
 pub mod stall;
 pub mod upstream;
@@ -44,26 +47,23 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::core::Driver;
+use crate::registry::{ProcessState, State};
+use crate::server::Driver;
 use crate::snapshot::SharedSnapshot;
 
 /// Longest wait for one worker to report its runtime (a worker that dies before reporting would
 /// otherwise hold the start forever).
 const WORKER_START_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`).
-const LISTEN_BACKLOG: i32 = 4096;
-
 /// A router whose listeners are bound but whose workers have not started.
 pub struct Server {
     config: Arc<Config>,
     listeners: Vec<std::net::TcpListener>,
     local_addr: SocketAddr,
-    upstream: Arc<upstream::Shared>,
+    harbor: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
 }
 
@@ -71,22 +71,14 @@ impl Server {
     /// Binds `WORKERS` SO_REUSEPORT listeners on `LISTEN_ADDR`. With port 0 the first socket picks the
     /// port and the others join it, so every worker serves the same address.
     pub fn bind(config: Config) -> anyhow::Result<Server> {
-        let upstream = upstream::Shared::from_config(&config)?;
-        let first = bind_reuseport(config.listen_addr)
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let local_addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..config.workers {
-            listeners.push(
-                bind_reuseport(local_addr)
-                    .with_context(|| format!("cannot add a listener on {local_addr}"))?,
-            );
-        }
+        let harbor = upstream::Harbor::from_config(&config)?;
+        let listeners = server::listener::bind(config.listen_addr, config.workers)?;
+        let local_addr = listeners[0].local_addr()?;
         Ok(Server {
             config: Arc::new(config),
             listeners,
             local_addr,
-            upstream,
+            harbor,
             snapshot: snapshot::shared(),
         })
     }
@@ -108,7 +100,13 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (report_tx, report_rx) = mpsc::channel();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let learned = Arc::new(cache::LearnedMap::default());
+        let process = ProcessState {
+            config: self.config.clone(),
+            harbor: self.harbor.clone(),
+            snapshot: self.snapshot.clone(),
+            learned: Arc::new(cache::LearnedMap::default()),
+        };
+        let settings = server::Settings::from_config(&self.config);
         if self.config.workers > cores.len() && !cores.is_empty() {
             tracing::warn!(
                 workers = self.config.workers,
@@ -118,10 +116,7 @@ impl Server {
         }
         let mut workers = Vec::with_capacity(self.listeners.len());
         for (id, listener) in self.listeners.into_iter().enumerate() {
-            let config = self.config.clone();
-            let upstream = self.upstream.clone();
-            let snapshot = self.snapshot.clone();
-            let learned = learned.clone();
+            let process = process.clone();
             let shutdown = shutdown_rx.clone();
             let report = report_tx.clone();
             let core_id = cores.get(id % cores.len().max(1)).copied();
@@ -135,13 +130,8 @@ impl Server {
                             "cannot pin the worker to a core; running unpinned"
                         ),
                     }
-                    let shared = core::Shared {
-                        config,
-                        upstream,
-                        snapshot,
-                        learned,
-                    };
-                    core::run_worker(id, listener, shared, shutdown, report)
+                    let make = move || State::new(id, process);
+                    server::run_worker(id, listener, settings, make, shutdown, report)
                 })
                 .context("cannot spawn a worker thread")?;
             workers.push(handle);
@@ -149,7 +139,7 @@ impl Server {
         drop(report_tx);
         let discovery = control::discovery::spawn(
             self.config.clone(),
-            self.upstream.clone(),
+            self.harbor.clone(),
             self.snapshot.clone(),
             shutdown_rx.clone(),
         )
@@ -212,14 +202,4 @@ impl Running {
             }
         }
     }
-}
-
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
 }

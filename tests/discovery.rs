@@ -33,7 +33,7 @@ fn discover_once(
     creds: Option<(&str, &str)>,
 ) -> Result<Vec<Project>, DiscoveryError> {
     let config = config(harbor, creds);
-    let shared = upstream::Shared::from_config(&config).unwrap();
+    let shared = upstream::Harbor::from_config(&config).unwrap();
     let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
     monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()

@@ -83,7 +83,7 @@ fn run<F: std::future::Future>(f: F) -> F::Output {
 
 /// The whole scenario through `relay` (which the test uses to kill connections).
 fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expect_h2: bool) {
-    let shared = upstream::Shared::from_config(&config).unwrap();
+    let shared = upstream::Harbor::from_config(&config).unwrap();
     let tokens_before = bed.harbor.counters().token_requests;
     run(async {
         let up = Upstream::new(shared.clone());
@@ -202,7 +202,7 @@ fn tls_with_a_private_ca() {
 
 /// The error a `GET /v2/` to `harbor_url` fails with.
 fn error_for(harbor_url: &str) -> upstream::UpstreamError {
-    let shared = upstream::Shared::from_config(&client_config(harbor_url, &[])).unwrap();
+    let shared = upstream::Harbor::from_config(&client_config(harbor_url, &[])).unwrap();
     run(async {
         Upstream::new(shared)
             .send(Method::GET, "/v2/", &HeaderMap::new(), AuthMode::Registry)
@@ -230,7 +230,7 @@ fn idle_connections_are_bounded_and_expire() {
             ("IDLE_CONN_TIMEOUT", "300ms"),
         ],
     );
-    let shared = upstream::Shared::from_config(&config).unwrap();
+    let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {
         let up = Rc::new(Upstream::new(shared));
         pull_manifest(&up, &seeded).await; // token first, so the burst below is 6 plain requests
@@ -269,7 +269,7 @@ fn idle_connections_are_bounded_and_expire() {
 fn a_hanging_harbor_hits_the_response_timeout() {
     let (bed, seeded) = testbed_with_image();
     let config = client_config(&bed.harbor.url(), &[("UPSTREAM_RESPONSE_TIMEOUT", "300ms")]);
-    let shared = upstream::Shared::from_config(&config).unwrap();
+    let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {
         let up = Upstream::new(shared);
         pull_manifest(&up, &seeded).await;

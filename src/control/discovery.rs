@@ -52,6 +52,8 @@ pub enum DiscoveryError {
     Partial { got: usize, total: usize },
     #[error("bad pagination link {0:?}")]
     Link(String),
+    #[error("the project list has more than {0} pages; stopping")]
+    TooManyPages(usize),
 }
 
 #[derive(serde::Deserialize)]
@@ -73,7 +75,7 @@ struct ApiRegistry {
 /// Starts the discovery thread. It stops when `shutdown` flips.
 pub fn spawn(
     config: Arc<Config>,
-    upstream: Arc<upstream::Shared>,
+    upstream: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -96,7 +98,7 @@ pub fn spawn(
 
 async fn run(
     config: Arc<Config>,
-    shared: Arc<upstream::Shared>,
+    shared: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -243,9 +245,7 @@ async fn list_projects(client: &Upstream, user: &str) -> Result<Vec<ApiProject>,
             }
         }
     }
-    Err(DiscoveryError::Link(format!(
-        "more than {MAX_PAGES} pages; stopping"
-    )))
+    Err(DiscoveryError::TooManyPages(MAX_PAGES))
 }
 
 /// The upstream kind of registry `id`; a refusal (the robot may lack the permission) or an unknown
@@ -403,11 +403,19 @@ mod tests {
         assert_eq!(names(&snap), ["a", "b"]);
         assert_eq!(snap.load().as_ref().unwrap().generation, 2);
         // An empty list after a good one keeps the good one (re-stamped: Harbor did answer).
-        let before = snap.load().as_ref().unwrap().built_at;
+        // Age the published list by an hour, so a re-stamp is visible.
+        let hour = Duration::from_secs(3600);
+        let mut aged = Snapshot::clone(snap.load().as_ref().unwrap());
+        aged.built_at -= hour;
+        let before = aged.built_at;
+        snap.store(Some(Arc::new(aged)));
         publish(&config, &snap, vec![], &mut generation);
         assert_eq!(names(&snap), ["a", "b"]);
         assert_eq!(snap.load().as_ref().unwrap().generation, 3);
-        assert!(snap.load().as_ref().unwrap().built_at >= before);
+        assert!(
+            snap.load().as_ref().unwrap().built_at >= before + hour,
+            "re-stamped when Harbor answered"
+        );
         // A new good list replaces it.
         publish(&config, &snap, vec![project("z")], &mut generation);
         assert_eq!(names(&snap), ["z"]);

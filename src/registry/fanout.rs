@@ -1,77 +1,102 @@
-//! Racing the candidate projects: one attempt per project whose circuit admits it, all in flight at
-//! once on this core, each bounded by `RESOLVER_TIMEOUT`. The first attempt that wins ends the race;
-//! the others are dropped, which cancels their requests (an HTTP/1.1 connection with a request in
-//! flight is closed, never returned to the pool; on HTTP/2 only the stream is reset).
+//! Finding the project that has a pull: the coalesced fan-out. On one core the first request for a
+//! key leads, the others wait for its result; the leader races the candidate projects: one attempt
+//! per project whose circuit admits it, all in flight at once on this core, each bounded by
+//! `RESOLVER_TIMEOUT`. The first attempt that wins ends the race; the others are dropped, which
+//! cancels their requests (an HTTP/1.1 connection with a request in flight is closed, never returned
+//! to the pool; on HTTP/2 only the stream is reset).
 //!
 //! The verdicts of the attempts that finished decide a race nobody won: every project said "not
 //! here" → not found (negative-cacheable); some were rate-limited → 429 with Harbor's `Retry-After`;
 //! some were left out by their breaker and no other failed → 503; otherwise → 502. A project left
-//! out never counts as "not here". Breakers learn from every attempt: a timeout, a connection error or a 5xx is a
-//! failure; any other answer is a success; an attempt cancelled before its verdict frees its probe.
-
-use std::future::Future;
-use std::rc::Rc;
-use std::time::Instant;
+//! out never counts as "not here". Breakers learn from every attempt that got a verdict; an attempt
+//! cancelled before its verdict frees its probe (the ticket is dropped).
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::HeaderValue;
+use http::Response;
 
-use crate::core::Core;
 use crate::error::Error;
-use crate::snapshot::Project;
-use crate::upstream::breaker::Admission;
+use crate::flight::Turn;
+use crate::snapshot::{Project, Snapshot};
+use crate::upstream::pool::UpstreamBody;
 
-/// What one attempt found in one project.
-#[derive(Debug)]
-pub enum Verdict<T> {
-    Win(T),
-    /// The project does not have it (404, or a tag list that proves nothing).
-    NotHere,
-    /// 429 from Harbor, with its `Retry-After`.
-    RateLimited(Option<HeaderValue>),
-    /// An answer that is neither a win nor "not here" (401/403, another 4xx): not a breaker failure.
-    Refused,
-    /// Timeout, connection error, 5xx: a breaker failure.
-    Failed(String),
-}
+use super::ask::Ask;
+use super::attempt::{self, Verdict};
+use super::state::{FanOutResult, State};
 
 /// How a race ended.
 #[derive(Debug)]
-pub enum Outcome<T> {
-    Found(Project, T),
+pub enum Outcome<'a> {
+    Won(&'a Project, Box<Response<UpstreamBody>>),
     NotFound,
     Failed(Error),
 }
 
-/// Runs `attempt` for every admitted candidate and returns the first win.
-pub async fn race<T, F, Fut>(core: &Rc<Core>, candidates: &[Project], attempt: F) -> Outcome<T>
-where
-    F: Fn(Project) -> Fut,
-    Fut: Future<Output = Verdict<T>>,
-{
-    let now = Instant::now();
-    let timeout = core.config().resolver_timeout;
+/// What a client request learns from the fan-out it led or waited for.
+pub enum Found<'s> {
+    /// This request led the race: the winner's answer to `ask.locator()`.
+    Won(&'s Project, Box<Response<UpstreamBody>>),
+    /// Another request led it: the project is known, this request sends its own.
+    Known(&'s Project),
+    NotFound,
+    Failed(Error),
+}
+
+/// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
+/// a miss.
+pub async fn find<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask, key: &str) -> Found<'s> {
+    let locator = ask.locator();
+    loop {
+        let leader = match state.join_fan_out(key) {
+            Turn::Lead(leader) => leader,
+            Turn::Follow(rx) => match rx.await {
+                Ok(FanOutResult::Found(p)) => match snapshot.project(&p) {
+                    Some(project) => return Found::Known(project),
+                    None => return Found::NotFound,
+                },
+                Ok(FanOutResult::NotFound) => return Found::NotFound,
+                Ok(FanOutResult::Failed(e)) => return Found::Failed(e),
+                Err(_) => continue, // the leading request was cancelled: lead ourselves
+            },
+        };
+        return match race(state, &snapshot.projects, &locator).await {
+            Outcome::Won(project, res) => {
+                state.learn(&ask.name, &project.name);
+                leader.finish(FanOutResult::Found(project.name.clone()));
+                Found::Won(project, res)
+            }
+            Outcome::NotFound => {
+                state.remember_miss(key);
+                leader.finish(FanOutResult::NotFound);
+                Found::NotFound
+            }
+            Outcome::Failed(e) => {
+                leader.finish(FanOutResult::Failed(e.clone()));
+                Found::Failed(e)
+            }
+        };
+    }
+}
+
+/// Sends `ask` to every admitted candidate and returns the first win.
+pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Outcome<'a> {
+    let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
     let mut skipped = false;
     for project in candidates {
-        let admission = core.breakers().borrow_mut().get(&project.name).admit(now);
-        if admission == Admission::Rejected {
+        let Some(ticket) = state.admit(&project.name) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.
             skipped = true;
             continue;
-        }
-        let guard = ProbeGuard::new(core, &project.name, admission);
-        let fut = attempt(project.clone());
-        let project = project.clone();
+        };
         running.push(async move {
-            let mut guard = guard;
-            let verdict = match monoio::time::timeout(timeout, fut).await {
+            let attempt = attempt::attempt(state.upstream(), project, ask);
+            let verdict = match monoio::time::timeout(timeout, attempt).await {
                 Ok(v) => v,
                 Err(_) => {
                     Verdict::Failed(format!("no answer within RESOLVER_TIMEOUT ({timeout:?})"))
                 }
             };
-            guard.record(matches!(verdict, Verdict::Failed(_)));
+            state.record(ticket, verdict.is_failure());
             (project, verdict)
         });
     }
@@ -86,7 +111,7 @@ where
     let mut failed = false;
     while let Some((project, verdict)) = running.next().await {
         match verdict {
-            Verdict::Win(t) => return Outcome::Found(project, t),
+            Verdict::Win(res) => return Outcome::Won(project, Box::new(res)),
             Verdict::NotHere => {}
             Verdict::RateLimited(h) => {
                 all_not_here = false;
@@ -113,63 +138,5 @@ where
         Outcome::Failed(Error::BadGateway {
             reason: "no proxy-cache project answered: Harbor failed or timed out",
         })
-    }
-}
-
-/// Records a request's outcome in its project's breaker; dropped without one (the request lost a race
-/// or its client went away), it frees a half-open probe so the next request can probe.
-pub struct ProbeGuard {
-    core: Rc<Core>,
-    project: String,
-    armed: bool,
-}
-
-impl ProbeGuard {
-    pub fn new(core: &Rc<Core>, project: &str, admission: Admission) -> ProbeGuard {
-        ProbeGuard {
-            core: core.clone(),
-            project: project.to_string(),
-            armed: admission == Admission::Probe,
-        }
-    }
-
-    pub fn record(&mut self, failed: bool) {
-        self.armed = false;
-        record(&self.core, &self.project, failed);
-    }
-}
-
-impl Drop for ProbeGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            self.core
-                .breakers()
-                .borrow_mut()
-                .get(&self.project)
-                .on_abandoned();
-        }
-    }
-}
-
-/// Tells `project`'s breaker how a request went.
-pub fn record(core: &Core, project: &str, failed: bool) {
-    let mut breakers = core.breakers().borrow_mut();
-    let b = breakers.get(project);
-    let was = b.state_name();
-    if failed {
-        b.on_failure(Instant::now());
-    } else {
-        b.on_success();
-    }
-    match (was, b.state_name()) {
-        ("closed", "open") => {
-            tracing::warn!(
-                project,
-                "circuit opened: the project is left out until it recovers"
-            )
-        }
-        ("half-open", "open") => tracing::warn!(project, "circuit probe failed: still open"),
-        ("half-open", "closed") => tracing::info!(project, "circuit closed: the project recovered"),
-        _ => {}
     }
 }

@@ -12,10 +12,9 @@ use std::borrow::Cow;
 use http::header::{self, HeaderMap, HeaderName, LOCATION};
 use http::{Method, Response, StatusCode, Uri};
 
-use crate::core::Core;
 use crate::snapshot::{Project, UpstreamKind};
 use crate::upstream::pool::UpstreamBody;
-use crate::upstream::{AuthMode, UpstreamError};
+use crate::upstream::{AuthMode, Upstream, UpstreamError};
 
 /// Same-project redirects followed before an answer is passed on as it is.
 const MAX_REDIRECTS: usize = 3;
@@ -51,7 +50,7 @@ pub fn project_name<'a>(project: &Project, name: &'a str) -> Cow<'a, str> {
 }
 
 /// `/v2/<project>/<name in project>/<rest>` (`rest` like `manifests/latest` or `tags/list?n=10`).
-pub fn project_path(project: &Project, name: &str, rest: &str) -> String {
+pub fn project_path(project: &Project, name: &str, rest: impl std::fmt::Display) -> String {
     format!(
         "/v2/{}/{}/{rest}",
         project.name,
@@ -91,7 +90,7 @@ pub fn headers_down(upstream: &HeaderMap) -> HeaderMap {
 /// on Harbor itself (Docker Hub's 301 for official images). Any other redirect (a presigned storage
 /// URL on another host) is returned as it is, for the client.
 pub async fn send(
-    core: &Core,
+    upstream: &Upstream,
     project: &Project,
     method: Method,
     path: String,
@@ -100,18 +99,17 @@ pub async fn send(
     let mut path = path;
     let mut hops = 0;
     loop {
-        let res = core
-            .upstream()
+        let res = upstream
             .send(method.clone(), &path, headers, AuthMode::Registry)
             .await?;
         if hops == MAX_REDIRECTS || !is_redirect(res.status()) {
             return Ok(res);
         }
-        let Some(next) = same_project_target(core, project, &res) else {
+        let Some(next) = same_project_target(upstream, project, &res) else {
             return Ok(res);
         };
         // Read the small redirect body so the connection can be reused.
-        core.upstream().drain(res.into_body()).await;
+        upstream.drain(res.into_body()).await;
         tracing::debug!(from = %path, to = %next, "following Harbor's redirect");
         path = next;
         hops += 1;
@@ -123,10 +121,14 @@ fn is_redirect(s: StatusCode) -> bool {
 }
 
 /// The redirect's target path when it stays on Harbor and in the same project.
-fn same_project_target<B>(core: &Core, project: &Project, res: &Response<B>) -> Option<String> {
+fn same_project_target<B>(
+    upstream: &Upstream,
+    project: &Project,
+    res: &Response<B>,
+) -> Option<String> {
     let location = res.headers().get(LOCATION)?.to_str().ok()?;
     let uri: Uri = location.parse().ok()?;
-    if uri.authority().is_some() && !core.upstream().is_harbor(&uri) {
+    if uri.authority().is_some() && !upstream.is_harbor(&uri) {
         return None;
     }
     let pq = uri.path_and_query()?.as_str();

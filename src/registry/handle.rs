@@ -1,56 +1,47 @@
-//! Answers one parsed request. It owns the responses the router makes itself (`/v2/`, health, errors)
-//! and decides which requests would go upstream; the upstream work itself lives in `resolve`,
-//! `fanout` and `upstream` once the pull path lands.
+//! Answers one request on a core: parse it into a [`Route`], answer what the router answers itself
+//! (`/v2/`, health, refusals), and hand the pull endpoints to [`pull`]. This is the registry's
+//! [`Handler`] for the server.
 
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use std::rc::Rc;
-use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 
 use crate::body::Body;
-use crate::core::Core;
-use crate::error::Error;
-use crate::registry::pull::{self, Pull};
 use crate::registry::route::{self, Route};
+use crate::server::Handler;
 
-/// Sent on every `/v2/` answer so clients know they speak to a registry v2 API.
-pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
-const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
-const JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
-const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
+use super::pull;
+use super::respond::{error, json, API_VERSION, API_VERSION_HEADER};
+use super::state::State;
+
+impl Handler for State {
+    type Body = Body;
+
+    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<Body> {
+        handle(&self, req).await
+    }
+}
 
 /// Routes and answers one request. Never fails: every problem becomes a registry error response.
-pub async fn handle<B>(core: &Rc<Core>, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     let (parts, _body) = req.into_parts();
-    let path = parts.uri.path();
-    let (name, pull) = match route::parse(&parts.method, path, core.proxy_project()) {
-        Ok(Route::Base) => return base(),
-        Ok(Route::Healthz) => return health(core, false),
-        Ok(Route::Readyz) => return health(core, true),
-        Ok(Route::Manifest { name, reference }) => (name, Pull::Manifest(reference)),
-        Ok(Route::Blob { name, digest }) => (name, Pull::Blob(digest)),
-        Ok(Route::TagsList { name }) => (name, Pull::Tags),
-        Ok(Route::Referrers { name, digest }) => (name, Pull::Referrers(digest)),
+    let route = match route::parse(&parts.method, parts.uri.path(), state.proxy_project()) {
+        Ok(r) => r,
         Err(e) => {
-            let req = &parts;
-            tracing::debug!(method = %req.method, path = req.uri.path(), code = e.code(), "refused");
+            tracing::debug!(method = %parts.method, path = parts.uri.path(), code = e.code(), "refused");
             return error(&e);
         }
     };
-    let mut res = pull::serve(core, &parts, name, pull).await;
+    let mut res = match route {
+        Route::Base => json(StatusCode::OK, &b"{}"[..]),
+        Route::Healthz => return health(state, false),
+        Route::Readyz => return health(state, true),
+        _ => pull::serve(state, &parts, &route).await,
+    };
     res.headers_mut()
         .entry(API_VERSION_HEADER)
         .or_insert(API_VERSION);
-    res
-}
-
-/// `GET /v2/`: 200 `{}`.
-fn base() -> Response<Body> {
-    let mut res = Response::new(Body::full(&b"{}"[..]));
-    let h = res.headers_mut();
-    h.insert(CONTENT_TYPE, JSON);
-    h.insert(API_VERSION_HEADER, API_VERSION);
     res
 }
 
@@ -58,17 +49,15 @@ fn base() -> Response<Body> {
 /// before. `/readyz` also turns 503 when the project list is older than three discovery intervals
 /// (Harbor unreachable for that long). The body names the worker that answered, so an operator (or a
 /// test) can see every core serving.
-fn health(core: &Core, readiness: bool) -> Response<Body> {
-    let now = Instant::now();
-    let snapshot = core.snapshot().load();
-    let max_age = core.config().discovery_interval * 3;
-    let (ok, body) = match snapshot.as_ref() {
+fn health(state: &State, readiness: bool) -> Response<Body> {
+    let worker = state.worker();
+    let (ok, body) = match state.view() {
         None => (
             false,
             serde_json::json!({
                 "status": "unavailable",
                 "reason": "no proxy-cache project discovered yet",
-                "worker": core.id(),
+                "worker": worker,
             }),
         ),
         Some(s) if s.projects.is_empty() => (
@@ -76,17 +65,17 @@ fn health(core: &Core, readiness: bool) -> Response<Body> {
             serde_json::json!({
                 "status": "unavailable",
                 "reason": "Harbor lists no proxy-cache project the robot can see",
-                "worker": core.id(),
+                "worker": worker,
             }),
         ),
         Some(s) => {
-            let age = s.age(now);
-            let stale = readiness && age > max_age;
+            let age = s.age(std::time::Instant::now());
+            let stale = readiness && age > state.readiness_max_age();
             let mut v = serde_json::json!({
                 "status": if stale { "unavailable" } else { "ok" },
                 "projects": s.projects.len(),
                 "snapshot_age_seconds": age.as_secs(),
-                "worker": core.id(),
+                "worker": worker,
             });
             if stale {
                 v["reason"] = "the project list is older than 3 discovery intervals: Harbor has not answered discovery since".into();
@@ -94,29 +83,10 @@ fn health(core: &Core, readiness: bool) -> Response<Body> {
             (!stale, v)
         }
     };
-    let mut res = Response::new(Body::full(body.to_string()));
-    if !ok {
-        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    }
-    res.headers_mut().insert(CONTENT_TYPE, JSON);
-    res
-}
-
-/// A registry error in the spec's JSON form.
-pub fn error(e: &Error) -> Response<Body> {
-    let mut res = Response::new(Body::full(e.body()));
-    *res.status_mut() = e.status();
-    let h = res.headers_mut();
-    h.insert(CONTENT_TYPE, JSON);
-    h.insert(API_VERSION_HEADER, API_VERSION);
-    if e.status() == StatusCode::METHOD_NOT_ALLOWED {
-        h.insert(ALLOW, GET_HEAD);
-    }
-    if let Error::TooManyRequests {
-        retry_after: Some(v),
-    } = e
-    {
-        h.insert(http::header::RETRY_AFTER, v.clone());
-    }
-    res
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, body.to_string())
 }

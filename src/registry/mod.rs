@@ -1,10 +1,29 @@
-//! The registry protocol side of the router: which requests exist ([`route`]), how each is answered
-//! ([`handle`], and [`pull`] for the pull endpoints), how a name finds its project ([`resolve`],
-//! [`fanout`]) and how a request and its answer cross to Harbor and back ([`forward`]).
+//! The registry protocol side of the router, as a [`crate::server::Handler`]: which requests exist
+//! ([`route`]), how each is answered ([`handle`], [`pull`] and its phases), and the per-core state
+//! they use ([`state`]).
+//!
+//! - [`route`]: method and path → `Route`, validated by the name grammar.
+//! - [`handle`]: the handler: `/v2/`, health, refusals, pulls.
+//! - [`state`]: per-core state behind verbs (look up, learn, forget, admit, record, remember).
+//! - [`ask`]: one owned description of what a pull asks a project for.
+//! - [`attempt`]: sending an ask to one project, and the one judge of the answer.
+//! - [`pull`]: a pull's phases, in order: [`memory`], [`mapped`], [`fanout`] (with [`refresh`] for
+//!   stale mappings), [`answer`].
+//! - [`forward`]: project paths, headers up and down, Harbor's same-project redirects.
+//! - [`respond`]: building responses and registry errors.
 
+pub mod answer;
+pub mod ask;
+pub mod attempt;
 pub mod fanout;
 pub mod forward;
 pub mod handle;
+pub mod mapped;
+pub mod memory;
 pub mod pull;
-pub mod resolve;
+pub mod refresh;
+pub mod respond;
 pub mod route;
+pub mod state;
+
+pub use state::{ProcessState, State};

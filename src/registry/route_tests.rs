@@ -220,24 +220,3 @@ fn proxy_prefix_is_configurable() {
         Err("NAME_UNKNOWN")
     );
 }
-
-#[test]
-fn name_components() {
-    for ok in [
-        "a",
-        "0",
-        "a.b",
-        "a_b",
-        "a__b",
-        "a-b",
-        "a---b",
-        "a1.b2_c3__d4-e5",
-    ] {
-        assert!(is_name_component(ok), "{ok}");
-    }
-    for bad in [
-        "", "A", ".a", "a.", "a..b", "a___b", "a_.b", "a/b", "-", "é",
-    ] {
-        assert!(!is_name_component(bad), "{bad}");
-    }
-}

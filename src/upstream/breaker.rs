@@ -6,11 +6,16 @@
 //! probe request is let through; its success closes the circuit, its failure opens it again for
 //! another timeout, and a probe that ends without a verdict (cancelled) lets the next request probe.
 //!
+//! A request admitted by a breaker holds a [`Ticket`] that records its outcome; a ticket dropped
+//! without one (the request lost a race, or its client went away) frees the half-open probe.
+//!
 //! Each core keeps its own breakers: recording an outcome on every request would otherwise be a write
 //! shared by all cores on the hot path. The cost is that each core learns of an outage on its own
 //! (`THRESHOLD` failures per core), which for a handful of cores is a handful of extra failed requests.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +34,18 @@ pub enum Admission {
     Probe,
     /// Open (or a probe is already out): do not send.
     Rejected,
+}
+
+/// How an outcome changed a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Unchanged,
+    /// Closed → open: the threshold of consecutive failures was reached.
+    Opened,
+    /// Half-open → open: the probe failed.
+    Reopened,
+    /// Half-open → closed: the probe succeeded.
+    Closed,
 }
 
 /// One project's breaker.
@@ -61,30 +78,37 @@ impl Breaker {
         }
     }
 
-    /// Whether a request would be admitted at `now`, without reserving anything.
-    pub fn available(&self, now: Instant) -> bool {
-        match self.state {
-            State::Closed { .. } | State::HalfOpen { probing: false } => true,
-            State::Open { until } => now >= until,
-            State::HalfOpen { probing: true } => false,
+    pub fn on_success(&mut self) -> Transition {
+        let was_half_open = matches!(self.state, State::HalfOpen { .. });
+        self.state = State::Closed { failures: 0 };
+        if was_half_open {
+            Transition::Closed
+        } else {
+            Transition::Unchanged
         }
     }
 
-    pub fn on_success(&mut self) {
-        self.state = State::Closed { failures: 0 };
+    pub fn on_failure(&mut self, now: Instant) -> Transition {
+        let (next, transition) = match self.state {
+            State::Closed { failures } if failures + 1 < self.threshold => (
+                State::Closed {
+                    failures: failures + 1,
+                },
+                Transition::Unchanged,
+            ),
+            State::Closed { .. } => (self.opened(now), Transition::Opened),
+            State::HalfOpen { .. } => (self.opened(now), Transition::Reopened),
+            // A request admitted before the circuit opened failed late: the timeout starts again.
+            State::Open { .. } => (self.opened(now), Transition::Unchanged),
+        };
+        self.state = next;
+        transition
     }
 
-    pub fn on_failure(&mut self, now: Instant) {
-        self.state = match self.state {
-            State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
-                failures: failures + 1,
-            },
-            // The threshold is reached, a probe failed, or a request admitted before the circuit
-            // opened failed late: (re)open.
-            _ => State::Open {
-                until: now + self.open_for,
-            },
-        };
+    fn opened(&self, now: Instant) -> State {
+        State::Open {
+            until: now + self.open_for,
+        }
     }
 
     /// A probe ended without a verdict (its request was cancelled): let the next request probe.
@@ -93,41 +117,86 @@ impl Breaker {
             self.state = State::HalfOpen { probing: false };
         }
     }
-
-    pub fn state_name(&self) -> &'static str {
-        match self.state {
-            State::Closed { .. } => "closed",
-            State::Open { .. } => "open",
-            State::HalfOpen { .. } => "half-open",
-        }
-    }
 }
 
 /// One core's breakers, by project name.
 #[derive(Debug)]
 pub struct Breakers {
-    map: HashMap<String, Breaker>,
+    map: RefCell<HashMap<String, Breaker>>,
     threshold: u32,
     open_for: Duration,
 }
 
 impl Breakers {
-    pub fn new(threshold: u32, open_for: Duration) -> Breakers {
-        Breakers {
-            map: HashMap::new(),
+    pub fn new(threshold: u32, open_for: Duration) -> Rc<Breakers> {
+        Rc::new(Breakers {
+            map: RefCell::new(HashMap::new()),
             threshold,
             open_for,
-        }
+        })
     }
 
-    pub fn get(&mut self, project: &str) -> &mut Breaker {
-        if !self.map.contains_key(project) {
-            self.map.insert(
-                project.to_string(),
-                Breaker::new(self.threshold, self.open_for),
-            );
+    /// A ticket to send one request to `project` at `now`, or `None` when its circuit is open.
+    pub fn admit(self: &Rc<Self>, project: &str, now: Instant) -> Option<Ticket> {
+        let admission = self.with(project, |b| b.admit(now));
+        (admission != Admission::Rejected).then(|| Ticket {
+            breakers: self.clone(),
+            project: project.to_string(),
+            probe: admission == Admission::Probe,
+        })
+    }
+
+    fn with<T>(&self, project: &str, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut map = self.map.borrow_mut();
+        if let Some(b) = map.get_mut(project) {
+            return f(b);
         }
-        self.map.get_mut(project).expect("inserted above")
+        let b = map
+            .entry(project.to_string())
+            .or_insert_with(|| Breaker::new(self.threshold, self.open_for));
+        f(b)
+    }
+}
+
+/// A request admitted by a project's breaker. [`Ticket::record`] reports how it went; dropped without
+/// a verdict, it frees a half-open probe so the next request can probe.
+pub struct Ticket {
+    breakers: Rc<Breakers>,
+    project: String,
+    probe: bool,
+}
+
+impl Ticket {
+    /// Records the request's outcome (`failed` as the attempt judge defines it) and logs a change of
+    /// state.
+    pub fn record(mut self, failed: bool, now: Instant) -> Transition {
+        self.probe = false;
+        let project = self.project.as_str();
+        let t = self.breakers.with(project, |b| {
+            if failed {
+                b.on_failure(now)
+            } else {
+                b.on_success()
+            }
+        });
+        match t {
+            Transition::Opened => tracing::warn!(
+                project,
+                "circuit opened: the project is left out until it recovers"
+            ),
+            Transition::Reopened => tracing::warn!(project, "circuit probe failed: still open"),
+            Transition::Closed => tracing::info!(project, "circuit closed: the project recovered"),
+            Transition::Unchanged => {}
+        }
+        t
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breakers.with(&self.project, Breaker::on_abandoned);
+        }
     }
 }
 
@@ -143,13 +212,14 @@ mod tests {
         let mut b = Breaker::new(3, T);
         for _ in 0..2 {
             assert_eq!(b.admit(now), Admission::Allowed);
-            b.on_failure(now);
-            assert_eq!(b.state_name(), "closed");
+            assert_eq!(b.on_failure(now), Transition::Unchanged);
         }
-        b.on_failure(now);
-        assert_eq!(b.state_name(), "open");
+        assert_eq!(b.on_failure(now), Transition::Opened);
         assert_eq!(b.admit(now), Admission::Rejected);
-        assert!(!b.available(now + T - Duration::from_millis(1)));
+        assert_eq!(
+            b.admit(now + T - Duration::from_millis(1)),
+            Admission::Rejected
+        );
     }
 
     #[test]
@@ -158,27 +228,25 @@ mod tests {
         let mut b = Breaker::new(3, T);
         b.on_failure(now);
         b.on_failure(now);
-        b.on_success();
+        assert_eq!(b.on_success(), Transition::Unchanged);
         b.on_failure(now);
-        b.on_failure(now);
-        assert_eq!(b.state_name(), "closed", "failures must be consecutive");
-        b.on_failure(now);
-        assert_eq!(b.state_name(), "open");
+        assert_eq!(
+            b.on_failure(now),
+            Transition::Unchanged,
+            "failures must be consecutive"
+        );
+        assert_eq!(b.on_failure(now), Transition::Opened);
     }
 
     #[test]
     fn half_open_lets_exactly_one_probe_through() {
         let now = Instant::now();
         let mut b = Breaker::new(1, T);
-        b.on_failure(now);
+        assert_eq!(b.on_failure(now), Transition::Opened);
         let later = now + T;
-        assert!(b.available(later));
         assert_eq!(b.admit(later), Admission::Probe);
-        assert_eq!(b.state_name(), "half-open");
-        assert!(!b.available(later));
         assert_eq!(b.admit(later), Admission::Rejected, "one probe at a time");
-        b.on_success();
-        assert_eq!(b.state_name(), "closed");
+        assert_eq!(b.on_success(), Transition::Closed);
         assert_eq!(b.admit(later), Admission::Allowed);
     }
 
@@ -190,12 +258,22 @@ mod tests {
         b.on_failure(now);
         let t1 = now + T;
         assert_eq!(b.admit(t1), Admission::Probe);
-        b.on_failure(t1);
-        assert_eq!(b.state_name(), "open");
+        assert_eq!(b.on_failure(t1), Transition::Reopened);
         assert_eq!(
             b.admit(t1 + T - Duration::from_secs(1)),
             Admission::Rejected
         );
+        assert_eq!(b.admit(t1 + T), Admission::Probe);
+    }
+
+    #[test]
+    fn a_late_failure_while_open_restarts_the_timeout() {
+        let now = Instant::now();
+        let mut b = Breaker::new(1, T);
+        b.on_failure(now);
+        let t1 = now + Duration::from_secs(10);
+        assert_eq!(b.on_failure(t1), Transition::Unchanged);
+        assert_eq!(b.admit(now + T), Admission::Rejected);
         assert_eq!(b.admit(t1 + T), Admission::Probe);
     }
 
@@ -210,28 +288,37 @@ mod tests {
         // Abandoning outside a probe changes nothing.
         b.on_success();
         b.on_abandoned();
-        assert_eq!(b.state_name(), "closed");
+        assert_eq!(b.admit(now + T), Admission::Allowed);
     }
 
     #[test]
-    fn per_project() {
+    fn tickets_record_and_a_dropped_probe_ticket_frees_the_probe() {
         let now = Instant::now();
-        let mut all = Breakers::new(1, T);
-        assert_eq!(
-            all.get("a").admit(now),
-            Admission::Allowed,
-            "unknown projects are closed"
+        let all = Breakers::new(1, T);
+        let t = all.admit("a", now).expect("unknown projects are closed");
+        assert_eq!(t.record(true, now), Transition::Opened);
+        assert!(all.admit("a", now).is_none());
+        assert!(all.admit("b", now).is_some(), "per project");
+        let later = now + T;
+        let probe = all.admit("a", later).expect("half-open: one probe");
+        assert!(all.admit("a", later).is_none(), "the probe is out");
+        drop(probe);
+        let probe = all
+            .admit("a", later)
+            .expect("a dropped probe frees the slot");
+        assert_eq!(probe.record(false, later), Transition::Closed);
+        let t = all.admit("a", later).expect("closed");
+        drop(t);
+        assert!(
+            all.admit("a", later).is_some(),
+            "dropping a closed-state ticket changes nothing"
         );
-        all.get("a").on_failure(now);
-        assert_eq!(all.get("a").admit(now), Admission::Rejected);
-        assert_eq!(all.get("b").admit(now), Admission::Allowed);
     }
 
     #[test]
     fn threshold_zero_is_treated_as_one() {
         let now = Instant::now();
         let mut b = Breaker::new(0, T);
-        b.on_failure(now);
-        assert_eq!(b.state_name(), "open");
+        assert_eq!(b.on_failure(now), Transition::Opened);
     }
 }

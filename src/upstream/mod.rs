@@ -55,8 +55,8 @@ pub enum UpstreamError {
     ResponseTimeout(Duration),
     #[error("token request failed: {0}")]
     Token(String),
-    #[error("Harbor's answer could not be read: {0}")]
-    Body(String),
+    #[error("the request path is not a valid URI: {0}")]
+    BadPath(String),
 }
 
 impl UpstreamError {
@@ -80,8 +80,9 @@ pub enum AuthMode {
     Basic,
 }
 
-/// What every core's client shares, read-only: built once at start.
-pub struct Shared {
+/// Harbor as every core's client reaches it: origin, resolved addresses, TLS, credentials. Built
+/// once at start, shared read-only.
+pub struct Harbor {
     target: Arc<Target>,
     origin: HarborUrl,
     scheme: http::uri::Scheme,
@@ -91,9 +92,9 @@ pub struct Shared {
     response_timeout: Duration,
 }
 
-impl Shared {
+impl Harbor {
     /// Builds the shared client settings from the configuration: TLS config, resolved addresses.
-    pub fn from_config(config: &Config) -> anyhow::Result<Arc<Shared>> {
+    pub fn from_config(config: &Config) -> anyhow::Result<Arc<Harbor>> {
         let url = &config.harbor_url;
         let tls = if url.tls {
             let tls = tls::client_config(
@@ -134,7 +135,7 @@ impl Shared {
             v.set_sensitive(true);
             v
         });
-        Ok(Arc::new(Shared {
+        Ok(Arc::new(Harbor {
             target,
             origin: url.clone(),
             scheme: uri.scheme().cloned().expect("origin has a scheme"),
@@ -169,7 +170,7 @@ fn resolve(url: &HarborUrl) -> Vec<SocketAddr> {
 
 /// One core's client to Harbor.
 pub struct Upstream {
-    shared: Arc<Shared>,
+    harbor: Arc<Harbor>,
     pool: Rc<Pool>,
     tokens: Rc<TokenCache>,
     /// This core's own copies of values cloned into every request: cloning the shared ones would
@@ -180,14 +181,14 @@ pub struct Upstream {
 
 impl Upstream {
     /// Call on the thread (and inside the monoio runtime) that will use it.
-    pub fn new(shared: Arc<Shared>) -> Upstream {
-        let authority = http::uri::Authority::try_from(shared.authority.as_str())
+    pub fn new(harbor: Arc<Harbor>) -> Upstream {
+        let authority = http::uri::Authority::try_from(harbor.authority.as_str())
             .expect("an authority parses again");
-        let host_header = HeaderValue::from_bytes(shared.host_header.as_bytes())
+        let host_header = HeaderValue::from_bytes(harbor.host_header.as_bytes())
             .expect("a header value parses again");
         Upstream {
-            pool: Pool::new(shared.target.clone()),
-            shared,
+            pool: Pool::new(harbor.target.clone()),
+            harbor,
             tokens: Rc::new(TokenCache::default()),
             authority,
             host_header,
@@ -200,7 +201,7 @@ impl Upstream {
 
     /// Whether an absolute URL points at Harbor itself (`HARBOR_URL`'s host and port).
     pub fn is_harbor(&self, uri: &Uri) -> bool {
-        let origin = &self.shared.origin;
+        let origin = &self.harbor.origin;
         let Some(host) = uri.host() else { return false };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let default = if uri.scheme_str() == Some("https") {
@@ -257,7 +258,7 @@ impl Upstream {
         }
         // Read the small 401 body so the connection can be reused.
         self.drain(res.into_body()).await;
-        let limit = self.shared.response_timeout;
+        let limit = self.harbor.response_timeout;
         let token = monoio::time::timeout(limit, self.token(&challenge))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(limit))??;
@@ -273,13 +274,11 @@ impl Upstream {
         headers: &HeaderMap,
     ) -> Result<Request<Empty<Bytes>>, UpstreamError> {
         let uri = Uri::builder()
-            .scheme(self.shared.scheme.clone())
+            .scheme(self.harbor.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|e| {
-                UpstreamError::Body(format!("bad request path {path_and_query:?}: {e}"))
-            })?;
+            .map_err(|e| UpstreamError::BadPath(format!("{path_and_query:?}: {e}")))?;
         let mut req = Request::new(Empty::new());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -291,7 +290,7 @@ impl Upstream {
     /// Reads a small body to its end (so its connection can be reused), within the response timeout;
     /// a body that is large or stalls is dropped with its connection instead.
     pub async fn drain(&self, body: UpstreamBody) {
-        let limit = self.shared.response_timeout;
+        let limit = self.harbor.response_timeout;
         let _ = monoio::time::timeout(limit, Limited::new(body, SMALL_BODY_LIMIT).collect()).await;
     }
 
@@ -300,7 +299,7 @@ impl Upstream {
         &self,
         mut req: Request<Empty<Bytes>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        if let Some(b) = &self.shared.basic {
+        if let Some(b) = &self.harbor.basic {
             req.headers_mut().insert(AUTHORIZATION, b.clone());
         }
         self.send_timed(req).await
@@ -310,7 +309,7 @@ impl Upstream {
         &self,
         req: Request<Empty<Bytes>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let limit = self.shared.response_timeout;
+        let limit = self.harbor.response_timeout;
         monoio::time::timeout(limit, self.pool.send(req))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(limit))?
@@ -364,7 +363,7 @@ impl Upstream {
         let req = self.request(Method::GET, &path, &HeaderMap::new())?;
         let res = self.send_basic(req).await?;
         let status = res.status();
-        let limit = self.shared.response_timeout;
+        let limit = self.harbor.response_timeout;
         let body = monoio::time::timeout(
             limit,
             Limited::new(res.into_body(), SMALL_BODY_LIMIT).collect(),

@@ -1,7 +1,8 @@
-//! One data-plane core: a pinned thread running its own monoio event loop (io_uring, or epoll when
-//! io_uring is unavailable), its own SO_REUSEPORT listener and its own per-core state. Nothing here is
-//! shared with another core: the only cross-thread traffic is the shutdown signal and the start-up
-//! report.
+//! The data-plane runtime, generic over what answers requests: one pinned thread per core running its
+//! own monoio event loop (io_uring, or epoll when io_uring is unavailable), its own SO_REUSEPORT
+//! listener ([`listener`]), its accept loop, one task per downstream connection ([`conn`], with the
+//! lingering close of [`linger`]) and the drain on shutdown. It names no registry type: the worker
+//! builds its [`Handler`] on its own thread, so the handler's state may be `!Send`.
 //!
 //! Shutdown: when the signal flips, the accept loop stops (the listener is closed), every open
 //! connection is told to finish its in-flight request and close, and the loop waits for them until
@@ -9,27 +10,23 @@
 
 pub mod conn;
 pub mod linger;
+pub mod listener;
 
 use std::cell::Cell;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use monoio_compat::hyper::MonoioTimer;
 use tokio::sync::{watch, Notify};
 
-use std::cell::RefCell;
-use std::collections::HashSet;
-
-use crate::cache::{LearnedMap, RouteCache, Ttls};
 use crate::config::{Config, IoDriver};
-use crate::registry::resolve::Flights;
-use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::upstream::breaker::Breakers;
-use crate::upstream::{self, Upstream};
 
 /// Largest request head accepted (request line plus headers). Registry requests are small; a bearer
 /// token is a few KiB. Larger heads get 431 from hyper.
@@ -39,138 +36,48 @@ const MAX_HEADERS: usize = 100;
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// What every core receives at start: read-only, shared across cores.
-#[derive(Clone)]
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub upstream: Arc<upstream::Shared>,
-    pub snapshot: SharedSnapshot,
-    /// Mappings learned by any core; read on a local miss only.
-    pub learned: Arc<LearnedMap>,
+/// Answers the requests of one core. Built on the worker's thread, reached through `Rc`, never sent
+/// to another thread.
+pub trait Handler: 'static {
+    /// The response body (streamed by hyper frame by frame).
+    type Body: http_body::Body<Data = Bytes, Error = std::io::Error> + 'static;
+
+    /// Answers one request; never fails (every problem is an answer).
+    fn handle(self: Rc<Self>, req: Request<Incoming>)
+        -> impl Future<Output = Response<Self::Body>>;
 }
 
-/// The state one core owns. Reached through `Rc`; never sent to another thread.
-pub struct Core {
-    id: usize,
-    config: Arc<Config>,
-    /// The routing view as published by discovery.
-    snapshot: SharedSnapshot,
-    /// This core's copy of the published view. Requests take an `Rc` of it: cloning the published
-    /// `Arc` per request would write its reference count from every core.
-    view: RefCell<Option<Rc<Snapshot>>>,
-    /// This core's client to Harbor (own connection pool and token cache).
-    upstream: Upstream,
-    /// This core's mappings, misses, manifests and tag lists.
-    cache: RefCell<RouteCache>,
-    learned: Arc<LearnedMap>,
-    /// This core's circuit breakers, by project.
-    breakers: RefCell<Breakers>,
-    /// Fan-outs in flight, for coalescing.
-    flights: Rc<Flights>,
-    /// Names whose stale mapping is being refreshed.
-    refreshing: RefCell<HashSet<String>>,
-    /// One server builder, reused for every connection of this core.
-    http: http1::Builder,
+/// The settings the runtime itself needs, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub io_driver: IoDriver,
+    /// Longest wait for a request head (and so the idle time of a keep-alive connection).
+    pub header_read_timeout: Duration,
+    /// Longest time a response write may make no progress before the connection is cut.
+    pub client_stall_timeout: Duration,
+    /// Longest drain.
+    pub shutdown_timeout: Duration,
 }
 
-impl Core {
-    fn new(id: usize, shared: Shared) -> Core {
-        let Shared {
-            config,
-            upstream,
-            snapshot,
-            learned,
-        } = shared;
-        let ttls = Ttls {
-            mapping: config.cache_ttl,
-            stale: config.stale_while_revalidate,
-            miss: config.negative_cache_ttl,
-            manifest: config.manifest_cache_ttl,
-        };
-        let cache = RouteCache::new(
-            ttls,
-            config.manifest_cache_bytes / config.workers.max(1) as u64,
-        );
-        let breakers = Breakers::new(
-            config.circuit_breaker_threshold,
-            config.circuit_breaker_timeout,
-        );
+impl Settings {
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            io_driver: config.io_driver,
+            header_read_timeout: config.header_read_timeout,
+            client_stall_timeout: config.client_stall_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+        }
+    }
+
+    /// One server builder per core, reused for every connection.
+    fn http1(&self) -> http1::Builder {
         let mut http = http1::Builder::new();
         http.timer(MonoioTimer)
             .keep_alive(true)
-            .header_read_timeout(config.header_read_timeout)
+            .header_read_timeout(self.header_read_timeout)
             .max_header_size(MAX_REQUEST_HEAD)
             .max_headers(MAX_HEADERS);
-        Core {
-            id,
-            config,
-            snapshot,
-            view: RefCell::new(None),
-            upstream: Upstream::new(upstream),
-            cache: RefCell::new(cache),
-            learned,
-            breakers: RefCell::new(breakers),
-            flights: Rc::new(Flights::default()),
-            refreshing: RefCell::new(HashSet::new()),
-            http,
-        }
-    }
-
-    /// The worker index, `0..WORKERS`.
-    pub fn id(&self) -> usize {
-        self.id
-    }
-
-    pub fn proxy_project(&self) -> &str {
-        &self.config.proxy_project
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub fn snapshot(&self) -> &SharedSnapshot {
-        &self.snapshot
-    }
-
-    /// The current routing view for this request, without touching any shared counter: the published
-    /// snapshot is only peeked at (`arc-swap` guard) and copied into this core when it changed.
-    pub fn view(&self) -> Option<Rc<Snapshot>> {
-        let published = self.snapshot.load();
-        let published = published.as_ref()?;
-        let mut view = self.view.borrow_mut();
-        match view.as_ref() {
-            Some(v) if v.generation == published.generation => Some(v.clone()),
-            _ => {
-                let fresh = Rc::new(Snapshot::clone(published));
-                *view = Some(fresh.clone());
-                Some(fresh)
-            }
-        }
-    }
-
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
-    }
-
-    pub fn cache(&self) -> &RefCell<RouteCache> {
-        &self.cache
-    }
-
-    pub fn learned(&self) -> &LearnedMap {
-        &self.learned
-    }
-
-    pub fn breakers(&self) -> &RefCell<Breakers> {
-        &self.breakers
-    }
-
-    pub fn flights(&self) -> &Rc<Flights> {
-        &self.flights
-    }
-
-    pub fn refreshing(&self) -> &RefCell<HashSet<String>> {
-        &self.refreshing
+        http
     }
 }
 
@@ -194,20 +101,24 @@ impl Driver {
 pub type StartReport = Result<Driver, String>;
 
 /// Runs worker `id` on the current thread until shutdown has drained. Reports the driver (or why no
-/// runtime could be built) on `report` before serving.
-pub fn run_worker(
+/// runtime could be built) on `report` before serving. `make` builds the core's handler inside the
+/// worker's runtime (so it may spawn tasks there).
+pub fn run_worker<H, F>(
     id: usize,
     listener: std::net::TcpListener,
-    shared: Shared,
+    settings: Settings,
+    make: F,
     shutdown: watch::Receiver<bool>,
     report: mpsc::Sender<StartReport>,
-) {
-    let driver = shared.config.io_driver;
+) where
+    H: Handler,
+    F: FnOnce() -> Rc<H>,
+{
     let report_err = report.clone();
     let serve = move |driver: Driver| {
         tracing::info!(worker = id, driver = driver.as_str(), "worker started");
         let _ = report.send(Ok(driver));
-        accept_loop(id, listener, shared, shutdown)
+        accept_loop(id, listener, settings, make, shutdown)
     };
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
@@ -218,7 +129,7 @@ pub fn run_worker(
     let failed = |what: &str, e: std::io::Error| {
         let _ = report_err.send(Err(format!("cannot start the {what} runtime: {e}")));
     };
-    match driver {
+    match settings.io_driver {
         IoDriver::IoUring => match uring() {
             Ok(mut rt) => rt.block_on(serve(Driver::IoUring)),
             Err(e) => failed("io_uring", e),
@@ -241,13 +152,16 @@ pub fn run_worker(
     }
 }
 
-async fn accept_loop(
+async fn accept_loop<H, F>(
     id: usize,
     listener: std::net::TcpListener,
-    shared: Shared,
+    settings: Settings,
+    make: F,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let shutdown_timeout = shared.config.shutdown_timeout;
+) where
+    H: Handler,
+    F: FnOnce() -> Rc<H>,
+{
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -255,8 +169,12 @@ async fn accept_loop(
             return;
         }
     };
-    let core = Rc::new(Core::new(id, shared));
-    spawn_cache_sweeper(Rc::downgrade(&core));
+    let core = Rc::new(conn::Core {
+        worker: id,
+        handler: make(),
+        http: settings.http1(),
+        client_stall_timeout: settings.client_stall_timeout,
+    });
     let open = Rc::new(OpenConns::default());
     loop {
         if *shutdown.borrow() {
@@ -286,31 +204,10 @@ async fn accept_loop(
     tracing::info!(worker = id, connections = in_flight, "draining");
     monoio::select! {
         _ = open.all_closed() => tracing::info!(worker = id, "drained"),
-        _ = monoio::time::sleep(shutdown_timeout) => tracing::warn!(
+        _ = monoio::time::sleep(settings.shutdown_timeout) => tracing::warn!(
             worker = id, connections = open.count(),
             "SHUTDOWN_TIMEOUT reached; closing the remaining connections"),
     }
-}
-
-/// Drops expired cache entries every minute, off the request path.
-fn spawn_cache_sweeper(core: std::rc::Weak<Core>) {
-    monoio::spawn(async move {
-        loop {
-            monoio::time::sleep(Duration::from_secs(60)).await;
-            match core.upgrade() {
-                Some(c) => {
-                    let now = std::time::Instant::now();
-                    c.cache.borrow_mut().sweep(now);
-                    if c.id == 0 {
-                        // One core sweeps the shared map for everyone.
-                        let life = c.config.cache_ttl + c.config.stale_while_revalidate;
-                        c.learned.sweep(now, life);
-                    }
-                }
-                None => return,
-            }
-        }
-    });
 }
 
 /// Counts this core's open connections so the drain knows when it is done.

@@ -1,11 +1,13 @@
 //! One downstream connection: HTTP/1.1 with keep-alive through hyper on monoio, each request handed to
-//! [`crate::registry::handle`]. Hyper enforces the request-head limits (size, header count, read
+//! the core's [`Handler`]. Hyper enforces the request-head limits (size, header count, read
 //! timeout); this module adds the graceful close on shutdown and, through [`LingeringIo`], a close
 //! that never turns unread input into a RST that would destroy the response in flight.
 
 use std::convert::Infallible;
 use std::rc::Rc;
+use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use monoio::io::IntoPollIo;
 use monoio::net::TcpStream;
@@ -13,28 +15,36 @@ use monoio_compat::hyper::MonoioIo;
 use tokio::sync::watch;
 
 use super::linger::LingeringIo;
-use super::{ConnGuard, Core};
-use crate::registry::handle::handle;
+use super::{ConnGuard, Handler};
+
+/// What every connection of one core shares.
+pub(super) struct Core<H> {
+    pub worker: usize,
+    pub handler: Rc<H>,
+    /// One server builder, reused for every connection of this core.
+    pub http: http1::Builder,
+    pub client_stall_timeout: Duration,
+}
 
 /// Serves one connection until the client closes it, an error ends it, or shutdown has let its
 /// in-flight request finish.
-pub async fn serve(
+pub(super) async fn serve<H: Handler>(
     stream: TcpStream,
-    core: Rc<Core>,
+    core: Rc<Core<H>>,
     mut shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
     let io = match stream.into_poll_io() {
-        Ok(io) => LingeringIo::new(MonoioIo::new(io), core.config().client_stall_timeout),
+        Ok(io) => LingeringIo::new(MonoioIo::new(io), core.client_stall_timeout),
         Err(e) => {
             tracing::debug!(error = %e, "cannot switch the connection to poll io");
             return;
         }
     };
-    let service_core = core.clone();
+    let handler = core.handler.clone();
     let service = service_fn(move |req| {
-        let core = service_core.clone();
-        async move { Ok::<_, Infallible>(handle(&core, req).await) }
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(req).await) }
     });
     let conn = core.http.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
@@ -51,6 +61,6 @@ pub async fn serve(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(worker = core.id(), error = %e, "connection ended with an error");
+        tracing::debug!(worker = core.worker, error = %e, "connection ended with an error");
     }
 }

@@ -1,0 +1,187 @@
+//! One request to one project and the one judge of its answer, shared by the mapped request, every
+//! fan-out attempt and the background refresh: what wins, what proves "not here", what is a failure
+//! (and so counts against the project's breaker). The rules are in docs/architecture.md ("What wins").
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use crate::snapshot::Project;
+use crate::upstream::pool::UpstreamBody;
+use crate::upstream::{Upstream, UpstreamError};
+
+use super::ask::{Ask, Endpoint};
+use super::forward;
+
+/// Largest tag list read whole (to judge it, or to rewrite it).
+pub const MAX_TAG_LIST: usize = 4 << 20;
+
+/// What one attempt found in one project.
+#[derive(Debug)]
+pub enum Verdict<T> {
+    Win(T),
+    /// The project does not have it (404, or a tag list that proves nothing).
+    NotHere,
+    /// 429 from Harbor, with its `Retry-After`.
+    RateLimited(Option<HeaderValue>),
+    /// An answer that is neither a win nor "not here" (401/403, another 4xx): not a breaker failure.
+    Refused,
+    /// Timeout, connection error, 5xx: a breaker failure.
+    Failed(String),
+}
+
+impl<T> Verdict<T> {
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Verdict::Failed(_))
+    }
+}
+
+/// Sends `ask` to `project` (following Harbor's same-project redirects).
+pub async fn send(
+    upstream: &Upstream,
+    project: &Project,
+    ask: &Ask,
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    let (method, path, headers) = ask.request(project);
+    let headers = headers.as_ref().unwrap_or(&ask.headers);
+    forward::send(upstream, project, method, path, headers).await
+}
+
+/// What an answer's status says about the project, for `ask`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    /// The project has it (for a tag list: if the list is not empty).
+    Win,
+    NotHere,
+    RateLimited,
+    Refused,
+    Failed,
+}
+
+impl Judgement {
+    /// Whether the project's breaker counts this as a failure.
+    pub fn is_failure(self) -> bool {
+        self == Judgement::Failed
+    }
+}
+
+/// The one judge of a project's answer to `ask`.
+pub fn judge(ask: &Ask, status: StatusCode) -> Judgement {
+    // An empty blob answers the one-byte range of a HEAD with 416: it is there.
+    let empty_blob = ask.head && ask.is_blob() && status == StatusCode::RANGE_NOT_SATISFIABLE;
+    // Only a blob may be redirected elsewhere (object storage); a manifest or a list never is.
+    let redirected = ask.is_blob() && status.is_redirection();
+    if status.is_success() || redirected || empty_blob {
+        return Judgement::Win;
+    }
+    match status.as_u16() {
+        404 => Judgement::NotHere,
+        429 => Judgement::RateLimited,
+        500..=599 => Judgement::Failed,
+        _ => Judgement::Refused,
+    }
+}
+
+/// Sends `ask` to `project` and judges the answer. A winning answer is handed back with its body
+/// (a tag list already read whole: only a non-empty list wins).
+pub async fn attempt(
+    upstream: &Upstream,
+    project: &Project,
+    ask: &Ask,
+) -> Verdict<Response<UpstreamBody>> {
+    let res = match send(upstream, project, ask).await {
+        Ok(res) => res,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    let status = res.status();
+    match judge(ask, status) {
+        Judgement::Win => {}
+        Judgement::Failed => return Verdict::Failed(format!("Harbor answered {status}")),
+        other => {
+            let retry_after = res.headers().get(RETRY_AFTER).cloned();
+            // Read the small body so the connection can be reused.
+            upstream.drain(res.into_body()).await;
+            return match other {
+                Judgement::NotHere => Verdict::NotHere,
+                Judgement::RateLimited => Verdict::RateLimited(retry_after),
+                _ => Verdict::Refused,
+            };
+        }
+    }
+    if let Endpoint::Tags { .. } = ask.endpoint {
+        let (parts, body) = res.into_parts();
+        return match read_tag_list(body).await {
+            Ok((bytes, true)) => {
+                Verdict::Win(Response::from_parts(parts, UpstreamBody::whole(bytes)))
+            }
+            Ok((_, false)) => Verdict::NotHere,
+            Err(e) => Verdict::Failed(e),
+        };
+    }
+    Verdict::Win(res)
+}
+
+/// Reads a tag list whole; `true` when it proves the repository is there. Harbor answers 200 with
+/// its local, possibly empty, list for any name, so only a non-empty list is proof.
+pub async fn read_tag_list(body: UpstreamBody) -> Result<(Bytes, bool), String> {
+    let bytes = Limited::new(body, MAX_TAG_LIST)
+        .collect()
+        .await
+        .map_err(|e| format!("tag list: {e}"))?
+        .to_bytes();
+    let has_tags = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("tags")?.as_array().map(|t| !t.is_empty()))
+        .unwrap_or(false);
+    Ok((bytes, has_tags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ask::Endpoint;
+    use http::HeaderMap;
+
+    fn ask(endpoint: Endpoint, head: bool) -> Ask {
+        Ask {
+            name: "a".into(),
+            endpoint,
+            head,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_judgements() {
+        use Judgement::*;
+        let blob = || Endpoint::Blob {
+            digest: "sha256:0".into(),
+        };
+        let manifest = || Endpoint::Manifest {
+            reference: "1".into(),
+            by_digest: false,
+        };
+        let cases = [
+            (ask(manifest(), false), 200, Win),
+            (ask(manifest(), true), 200, Win),
+            (ask(manifest(), false), 307, Refused),
+            (ask(manifest(), false), 404, NotHere),
+            (ask(manifest(), false), 416, Refused),
+            (ask(manifest(), false), 429, RateLimited),
+            (ask(manifest(), false), 401, Refused),
+            (ask(manifest(), false), 500, Failed),
+            (ask(manifest(), false), 503, Failed),
+            (ask(blob(), true), 206, Win),
+            (ask(blob(), true), 416, Win),
+            (ask(blob(), false), 416, Refused),
+            (ask(blob(), false), 307, Win),
+            (ask(blob(), true), 302, Win),
+            (ask(blob(), false), 404, NotHere),
+        ];
+        for (a, status, want) in cases {
+            let got = judge(&a, StatusCode::from_u16(status).unwrap());
+            assert_eq!(got, want, "{} head={} {status}", a.endpoint.kind(), a.head);
+        }
+    }
+}

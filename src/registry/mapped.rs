@@ -1,0 +1,59 @@
+//! The mapped request: a pull whose project is known goes to that project alone. Its answer is
+//! judged like any attempt (the breaker counts the same failures); a 404 means the image may have
+//! moved, and the caller falls back to one fan-out.
+
+use http::Response;
+
+use crate::body::Body;
+use crate::error::Error;
+use crate::snapshot::Project;
+
+use super::answer;
+use super::ask::Ask;
+use super::attempt::{self, Judgement};
+use super::respond::error;
+use super::state::State;
+
+/// A mapped request's result.
+pub enum Mapped {
+    Answer(Box<Response<Body>>),
+    /// The mapped project answered 404.
+    Gone,
+}
+
+/// Sends `ask` to `project` and answers with what it said.
+pub async fn request(state: &State, project: &Project, ask: &Ask) -> Mapped {
+    let Some(ticket) = state.admit(&project.name) else {
+        return answered(error(&Error::Unavailable {
+            reason: "the project that has this image is failing; its circuit is open",
+        }));
+    };
+    let res = match attempt::send(state.upstream(), project, ask).await {
+        Ok(res) => res,
+        Err(e) => {
+            state.record(ticket, true);
+            tracing::warn!(project = %project.name, error = %e, "upstream request failed");
+            return answered(error(&Error::BadGateway {
+                reason: "Harbor failed or timed out",
+            }));
+        }
+    };
+    let status = res.status();
+    let judgement = attempt::judge(ask, status);
+    state.record(ticket, judgement.is_failure());
+    if judgement == Judgement::NotHere {
+        state.upstream().drain(res.into_body()).await;
+        return Mapped::Gone;
+    }
+    if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+        state.upstream().drain(res.into_body()).await;
+        return answered(error(&Error::Denied {
+            reason: "the router's robot account may not pull from the project that has this image",
+        }));
+    }
+    answered(answer::answer(state, project, ask, res).await)
+}
+
+fn answered(res: Response<Body>) -> Mapped {
+    Mapped::Answer(Box::new(res))
+}

@@ -1,0 +1,35 @@
+//! The background refresh of a stale mapping: the same race as a fan-out, with the pull's probe (a
+//! manifest HEAD, a one-byte blob GET, a tag list, a referrers subject HEAD), at most one per name on
+//! a core at a time. A winner re-learns the mapping; "not found anywhere" and failures keep it: the
+//! probe's reference may be a tag that is simply missing, and a reference that is only missing must
+//! not unmap the name. The mapping ages out on its own.
+
+use std::rc::Rc;
+
+use crate::snapshot::Snapshot;
+
+use super::ask::Ask;
+use super::fanout::{self, Outcome};
+use super::state::State;
+
+/// Starts refreshing `ask.name`'s mapping in the background, unless a refresh of it is running.
+pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
+    let Some(claim) = state.claim_refresh(&ask.name) else {
+        return;
+    };
+    let state = state.clone();
+    let probe = ask.probe();
+    monoio::spawn(async move {
+        let _claim = claim;
+        match fanout::race(&state, &snapshot.projects, &probe).await {
+            Outcome::Won(project, res) => {
+                state.learn(&probe.name, &project.name);
+                state.upstream().drain(res.into_body()).await;
+            }
+            Outcome::NotFound => {}
+            Outcome::Failed(e) => {
+                tracing::debug!(name = probe.name, error = %e, "refresh failed; keeping the stale mapping")
+            }
+        }
+    });
+}

@@ -1,0 +1,275 @@
+//! The registry's per-core state, behind verbs: look a name up, learn it, forget it, admit a request
+//! to a project (its breaker), remember a miss or an answer, join a fan-out, start a refresh. One
+//! [`State`] per core, built on the core's thread from the process-wide [`ProcessState`]; `!Send`,
+//! reached through `Rc`, never locked. The only memory it shares with other cores is read-only
+//! (configuration, the published snapshot) or a mapping tier read on a local miss.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cache::{Answers, Kept, LearnedMap, Mappings, Tier, Ttls};
+use crate::config::Config;
+use crate::error::Error;
+use crate::flight::{Flights, Turn};
+use crate::snapshot::{Project, SharedSnapshot, Snapshot};
+use crate::upstream::breaker::{Breakers, Ticket};
+use crate::upstream::{self, Upstream};
+
+/// How often a core drops expired cache entries (off the request path).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// What every core receives at start: read-only, or (the learned map) written only on a learn.
+#[derive(Clone)]
+pub struct ProcessState {
+    pub config: Arc<Config>,
+    pub harbor: Arc<upstream::Harbor>,
+    pub snapshot: SharedSnapshot,
+    /// The process-wide mapping tier.
+    pub learned: Arc<LearnedMap>,
+}
+
+/// What a fan-out leader tells the requests that waited for it.
+#[derive(Debug, Clone)]
+pub enum FanOutResult {
+    Found(String),
+    NotFound,
+    Failed(Error),
+}
+
+/// One core's registry state.
+pub struct State {
+    worker: usize,
+    config: Arc<Config>,
+    /// The routing view as published by discovery.
+    snapshot: SharedSnapshot,
+    /// This core's copy of the published view. Requests take an `Rc` of it: cloning the published
+    /// `Arc` per request would write its reference count from every core.
+    view: RefCell<Option<Rc<Snapshot>>>,
+    /// This core's client to Harbor (own connection pool and token cache).
+    upstream: Upstream,
+    /// `name → project`: this core's shard, then the shared tiers.
+    mappings: Mappings,
+    /// Misses, manifests by digest and tag lists remembered by this core.
+    answers: RefCell<Answers>,
+    /// This core's circuit breakers, by project.
+    breakers: Rc<Breakers>,
+    /// Fan-outs in flight, for coalescing.
+    flights: Rc<Flights<FanOutResult>>,
+    /// Names whose stale mapping is being refreshed (one refresh per name at a time).
+    refreshing: Rc<RefCell<HashSet<String>>>,
+    /// Added to the system clock: zero in service; tests move it to drive expiry and breakers.
+    skew: Cell<Duration>,
+}
+
+impl State {
+    /// Builds worker `worker`'s state; call inside its runtime (it spawns the core's sweeper).
+    pub fn new(worker: usize, process: ProcessState) -> Rc<State> {
+        let ProcessState {
+            config,
+            harbor,
+            snapshot,
+            learned,
+        } = process;
+        State::with_tiers(worker, config, harbor, snapshot, vec![Rc::new(learned)])
+    }
+
+    /// Like [`State::new`], with the shared mapping tiers given in lookup order.
+    pub fn with_tiers(
+        worker: usize,
+        config: Arc<Config>,
+        harbor: Arc<upstream::Harbor>,
+        snapshot: SharedSnapshot,
+        tiers: Vec<Rc<dyn Tier>>,
+    ) -> Rc<State> {
+        let ttls = Ttls {
+            mapping: config.cache_ttl,
+            stale: config.stale_while_revalidate,
+            miss: config.negative_cache_ttl,
+            manifest: config.manifest_cache_ttl,
+        };
+        let manifest_bytes = config.manifest_cache_bytes / config.workers.max(1) as u64;
+        let state = Rc::new(State {
+            worker,
+            mappings: Mappings::new(ttls, tiers),
+            answers: RefCell::new(Answers::new(ttls, manifest_bytes)),
+            breakers: Breakers::new(
+                config.circuit_breaker_threshold,
+                config.circuit_breaker_timeout,
+            ),
+            upstream: Upstream::new(harbor),
+            config,
+            snapshot,
+            view: RefCell::new(None),
+            flights: Rc::default(),
+            refreshing: Rc::default(),
+            skew: Cell::new(Duration::ZERO),
+        });
+        spawn_sweeper(Rc::downgrade(&state));
+        state
+    }
+
+    /// The worker index, `0..WORKERS`.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    pub fn proxy_project(&self) -> &str {
+        &self.config.proxy_project
+    }
+
+    /// The clock every decision of this state is made with.
+    pub fn now(&self) -> Instant {
+        Instant::now() + self.skew.get()
+    }
+
+    /// Moves this state's clock forward (tests drive mapping expiry and breaker timeouts with it).
+    pub fn advance_clock(&self, by: Duration) {
+        self.skew.set(self.skew.get() + by);
+    }
+
+    /// Longest wait for one fan-out attempt.
+    pub fn resolver_timeout(&self) -> Duration {
+        self.config.resolver_timeout
+    }
+
+    /// How old the project list may get before the router reports itself not ready.
+    pub fn readiness_max_age(&self) -> Duration {
+        self.config.discovery_interval * 3
+    }
+
+    /// The current routing view for this request, without touching any shared counter: the published
+    /// snapshot is only peeked at (`arc-swap` guard) and copied into this core when it changed.
+    pub fn view(&self) -> Option<Rc<Snapshot>> {
+        let published = self.snapshot.load();
+        let published = published.as_ref()?;
+        let mut view = self.view.borrow_mut();
+        match view.as_ref() {
+            Some(v) if v.generation == published.generation => Some(v.clone()),
+            _ => {
+                let fresh = Rc::new(Snapshot::clone(published));
+                *view = Some(fresh.clone());
+                Some(fresh)
+            }
+        }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// The project `name` is mapped to, if it is still in `snapshot`. A mapping to a project that is
+    /// gone from Harbor (or from the fan-out cut) is useless: it is forgotten.
+    /// The `bool` says the mapping is stale (use it, and refresh it).
+    pub async fn lookup<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        name: &str,
+        now: Instant,
+    ) -> Option<(&'s Project, bool)> {
+        let known = self.mappings.lookup(name, now).await?;
+        match snapshot.project(&known.project) {
+            Some(p) => Some((p, known.stale)),
+            None => {
+                self.forget(name, &known.project);
+                None
+            }
+        }
+    }
+
+    /// `name` lives in `project`.
+    pub fn learn(&self, name: &str, project: &str) {
+        self.mappings.learn(name, project, self.now());
+    }
+
+    pub fn forget(&self, name: &str, project: &str) {
+        self.mappings.forget(name, project);
+    }
+
+    /// A ticket to send one request to `project`, or `None` when its circuit is open.
+    pub fn admit(&self, project: &str) -> Option<Ticket> {
+        self.breakers.admit(project, self.now())
+    }
+
+    /// Records how an admitted request went.
+    pub fn record(&self, ticket: Ticket, failed: bool) {
+        ticket.record(failed, self.now());
+    }
+
+    pub fn is_miss(&self, key: &str, now: Instant) -> bool {
+        self.answers.borrow().is_miss(key, now)
+    }
+
+    pub fn remember_miss(&self, key: &str) {
+        self.answers.borrow_mut().remember_miss(key, self.now());
+    }
+
+    pub fn manifest(&self, key: &str, now: Instant) -> Option<Kept> {
+        self.answers.borrow().manifest(key, now).cloned()
+    }
+
+    pub fn keep_manifest(&self, key: &str, kept: Kept) {
+        self.answers
+            .borrow_mut()
+            .keep_manifest(key, kept, self.now());
+    }
+
+    pub fn tags(&self, key: &str, now: Instant) -> Option<Kept> {
+        self.answers.borrow().tags(key, now).cloned()
+    }
+
+    pub fn keep_tags(&self, key: &str, kept: Kept) {
+        self.answers.borrow_mut().keep_tags(key, kept, self.now());
+    }
+
+    /// Leads the fan-out for `key`, or waits for the one in flight.
+    pub fn join_fan_out(&self, key: &str) -> Turn<FanOutResult> {
+        self.flights.join(key)
+    }
+
+    /// Claims the background refresh of `name`: `None` when one is already running. The refresh
+    /// holds the claim until it ends.
+    pub fn claim_refresh(&self, name: &str) -> Option<RefreshClaim> {
+        self.refreshing
+            .borrow_mut()
+            .insert(name.to_string())
+            .then(|| RefreshClaim {
+                refreshing: self.refreshing.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    fn sweep(&self) {
+        let now = self.now();
+        self.answers.borrow_mut().sweep(now);
+        // One core sweeps the shared tiers for everyone.
+        self.mappings.sweep(now, self.worker == 0);
+    }
+}
+
+/// Held by a running refresh of a name; dropped when it ends (or is cancelled).
+pub struct RefreshClaim {
+    refreshing: Rc<RefCell<HashSet<String>>>,
+    name: String,
+}
+
+impl Drop for RefreshClaim {
+    fn drop(&mut self) {
+        self.refreshing.borrow_mut().remove(&self.name);
+    }
+}
+
+/// Drops expired cache entries every [`SWEEP_EVERY`], off the request path, while the state lives.
+fn spawn_sweeper(state: Weak<State>) {
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(SWEEP_EVERY).await;
+            match state.upgrade() {
+                Some(s) => s.sweep(),
+                None => return,
+            }
+        }
+    });
+}
