@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake_harbor;
 pub mod nginx;
 pub mod relay;
 

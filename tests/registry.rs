@@ -1,0 +1,424 @@
+//! The registry logic in process, in milliseconds: a core's [`State`] on a monoio runtime in the test
+//! thread, requests handed to the registry handler directly, and an in-process fake of Harbor's
+//! `/v2/` answers that can hold a project's answers until the test releases them. Events are ordered
+//! by holding answers and by waiting on conditions, never by sleeping; time that must pass (mapping
+//! expiry, breaker timeouts) is moved with the state's clock.
+//!
+//! What the real-registry tests (`tests/pull.rs`) check end to end with skopeo, these check at the
+//! level of single decisions: fan-out winner and losers, breakers open and half-open, stale refresh,
+//! negative cache, coalescing, and that client requests and background refreshes judge the same
+//! answers the same way.
+
+mod common;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+
+use harbor_router::cache::LearnedMap;
+use harbor_router::config::Config;
+use harbor_router::registry::handle::handle;
+use harbor_router::registry::{ProcessState, State};
+use harbor_router::snapshot::{self, Project, SharedSnapshot, Snapshot, UpstreamKind};
+use harbor_router::upstream;
+
+use common::fake_harbor::{Answer, FakeHarbor};
+use common::DEADLINE;
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const APP: &str = "/v2/proxy/org/app/manifests/v1";
+const BLOB: &str =
+    "/v2/proxy/org/app/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn manifest() -> Answer {
+    Answer::with(
+        200,
+        &[("content-type", MANIFEST_TYPE)],
+        br#"{"schemaVersion":2}"#,
+    )
+}
+
+/// Runs `f` on a monoio runtime on this thread (the router's cores run the same way).
+fn run<F: Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("a monoio runtime")
+        .block_on(f)
+}
+
+/// One core's state in front of `fake`, with `projects` discovered (in that order).
+fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<State> {
+    let mut map: HashMap<String, String> = HashMap::new();
+    map.insert("HARBOR_URL".into(), fake.url());
+    map.insert("WORKERS".into(), "1".into());
+    for (k, v) in vars {
+        map.insert(k.to_string(), v.to_string());
+    }
+    let config = Config::from_map(&map).expect("a valid configuration");
+    let snapshot: SharedSnapshot = snapshot::shared();
+    snapshot.store(Some(Arc::new(Snapshot {
+        projects: projects
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Project {
+                name: name.to_string(),
+                id: i as i64 + 1,
+                registry_id: i as i64 + 1,
+                kind: UpstreamKind::Other("quay".into()),
+                upstream_url: None,
+            })
+            .collect(),
+        built_at: Instant::now(),
+        generation: 1,
+    })));
+    let harbor = upstream::Harbor::from_config(&config).unwrap();
+    State::new(
+        0,
+        ProcessState {
+            config: Arc::new(config),
+            harbor,
+            snapshot,
+            learned: Arc::new(LearnedMap::default()),
+        },
+    )
+}
+
+struct Answered {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+async fn send(state: &Rc<State>, method: &str, path: &str) -> Answered {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("accept", MANIFEST_TYPE)
+        .body(())
+        .unwrap();
+    let res = handle(state, req).await;
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("a whole body").to_bytes();
+    Answered {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+async fn get(state: &Rc<State>, path: &str) -> Answered {
+    send(state, "GET", path).await
+}
+
+/// The same request, on its own task (so the test can act while it waits).
+fn spawn_get(state: &Rc<State>, path: &'static str) -> monoio::task::JoinHandle<Answered> {
+    let state = state.clone();
+    monoio::spawn(async move { get(&state, path).await })
+}
+
+/// Waits (without blocking the runtime) until `f` holds, up to [`DEADLINE`].
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < end, "never happened: {what}");
+        monoio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The mapping of `name` right now: its project and whether it is stale.
+async fn mapping(state: &State, name: &str) -> Option<(String, bool)> {
+    let view = state.view().unwrap();
+    let found = state.lookup(&view, name, state.now()).await;
+    found.map(|(p, stale)| (p.name.clone(), stale))
+}
+
+fn error_code(a: &Answered) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    v["errors"][0]["code"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn the_first_win_ends_the_race_and_cancels_the_losers() {
+    let fake = FakeHarbor::start();
+    fake.answer("b", manifest());
+    fake.hold("b");
+    fake.hold("c");
+    run(async {
+        let s = state(&fake, &["a", "b", "c"], &[]);
+        let pending = spawn_get(&s, APP);
+        until("every project asked", || {
+            ["a", "b", "c"].iter().all(|p| fake.requests(p) == 1)
+        })
+        .await;
+        fake.release("b");
+        let res = pending.await;
+        assert_eq!(res.status, StatusCode::OK);
+        assert_eq!(&res.body[..], br#"{"schemaVersion":2}"#);
+        assert_eq!(res.headers["content-type"], MANIFEST_TYPE);
+        until("c's request cancelled", || fake.cancelled("c") == 1).await;
+        assert_eq!(mapping(&s, "org/app").await, Some(("b".into(), false)));
+        // Learned: the next request goes to b alone.
+        assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+        assert_eq!(
+            (fake.requests("a"), fake.requests("b"), fake.requests("c")),
+            (1, 2, 1)
+        );
+    });
+    fake.release("c");
+}
+
+#[test]
+fn concurrent_misses_on_a_core_share_one_fan_out() {
+    let fake = FakeHarbor::start();
+    fake.answer("b", manifest());
+    fake.hold("b");
+    run(async {
+        let s = state(&fake, &["a", "b"], &[]);
+        let pending: Vec<_> = (0..10).map(|_| spawn_get(&s, APP)).collect();
+        until("the leader's race reached both projects", || {
+            fake.requests("a") == 1 && fake.requests("b") == 1
+        })
+        .await;
+        fake.release("b");
+        for p in pending {
+            assert_eq!(p.await.status, StatusCode::OK);
+        }
+        assert_eq!(fake.requests("a"), 1, "one fan-out for ten requests");
+        assert_eq!(
+            fake.requests("b"),
+            10,
+            "the race's request, then one per waiting request"
+        );
+    });
+}
+
+#[test]
+fn a_breaker_opens_after_failures_and_lets_one_probe_through_when_half_open() {
+    let fake = FakeHarbor::start();
+    fake.answer("a", Answer::status(500));
+    run(async {
+        let s = state(
+            &fake,
+            &["a", "b"],
+            &[
+                ("CIRCUIT_BREAKER_THRESHOLD", "2"),
+                ("CIRCUIT_BREAKER_TIMEOUT", "30s"),
+            ],
+        );
+        for name in ["one", "two"] {
+            let res = get(&s, &format!("/v2/proxy/{name}/manifests/1")).await;
+            assert_eq!(res.status, StatusCode::BAD_GATEWAY, "a failed, b said 404");
+        }
+        assert_eq!(fake.requests("a"), 2);
+        // Open: a is left out, so "not here" cannot be proven.
+        let res = get(&s, "/v2/proxy/three/manifests/1").await;
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error_code(&res), "UNAVAILABLE");
+        assert_eq!(fake.requests("a"), 2, "an open circuit is not asked");
+        assert_eq!(fake.requests("b"), 3);
+
+        // Half-open after the timeout: one probe, held; a second request meanwhile skips a.
+        s.advance_clock(Duration::from_secs(31));
+        fake.answer("a", Answer::status(404));
+        fake.hold("a");
+        let probe = spawn_get(&s, "/v2/proxy/four/manifests/1");
+        until("the probe reached a", || fake.requests("a") == 3).await;
+        let res = get(&s, "/v2/proxy/five/manifests/1").await;
+        assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(fake.requests("a"), 3, "one probe at a time");
+        fake.release("a");
+        assert_eq!(
+            probe.await.status,
+            StatusCode::NOT_FOUND,
+            "the probe succeeded"
+        );
+        // Closed again.
+        let res = get(&s, "/v2/proxy/six/manifests/1").await;
+        assert_eq!(res.status, StatusCode::NOT_FOUND);
+        assert_eq!(fake.requests("a"), 4);
+    });
+}
+
+#[test]
+fn a_probe_cancelled_with_its_request_frees_the_half_open_slot() {
+    let fake = FakeHarbor::start();
+    fake.answer("a", Answer::status(500));
+    run(async {
+        let s = state(&fake, &["a"], &[("CIRCUIT_BREAKER_THRESHOLD", "1")]);
+        assert_eq!(get(&s, APP).await.status, StatusCode::BAD_GATEWAY);
+        s.advance_clock(Duration::from_secs(3600));
+        fake.hold("a");
+        // The client goes away once its probe reached a: its request (and the probe) are dropped.
+        monoio::select! {
+            _ = get(&s, "/v2/proxy/x/manifests/1") => panic!("a held project answered"),
+            _ = until("the probe reached a", || fake.requests("a") == 2) => {}
+        }
+        until("the probe's request cancelled", || fake.cancelled("a") == 1).await;
+        fake.release("a");
+        fake.answer("a", manifest());
+        assert_eq!(
+            get(&s, "/v2/proxy/y/manifests/1").await.status,
+            StatusCode::OK,
+            "the next request may probe"
+        );
+    });
+}
+
+#[test]
+fn a_stale_mapping_answers_at_once_and_is_refreshed_in_the_background() {
+    let fake = FakeHarbor::start();
+    fake.answer("b", manifest());
+    run(async {
+        let s = state(
+            &fake,
+            &["a", "b"],
+            &[("CACHE_TTL", "10s"), ("STALE_WHILE_REVALIDATE", "1h")],
+        );
+        assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+        s.advance_clock(Duration::from_secs(11));
+        assert_eq!(mapping(&s, "org/app").await, Some(("b".into(), true)));
+        // The refresh's probe (a HEAD) is held at b: the clients do not wait for it.
+        fake.hold("b HEAD");
+        for _ in 0..2 {
+            let res = get(&s, APP).await;
+            assert_eq!(res.status, StatusCode::OK, "served from the stale mapping");
+        }
+        until("the refresh probed b", || {
+            fake.seen("HEAD /v2/b/org/app/manifests/v1") == 1
+        })
+        .await;
+        assert_eq!(
+            fake.seen("GET /v2/b/org/app/manifests/v1"),
+            3,
+            "one fan-out, then the two stale requests"
+        );
+        fake.release("b HEAD");
+        until("the refresh re-learned the mapping", || {
+            futures_util::FutureExt::now_or_never(mapping(&s, "org/app"))
+                == Some(Some(("b".into(), false)))
+        })
+        .await;
+        assert_eq!(
+            fake.seen("HEAD /v2/b/"),
+            1,
+            "one refresh for the two stale requests"
+        );
+    });
+}
+
+#[test]
+fn misses_are_remembered_for_negative_cache_ttl_and_failures_are_not() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = state(&fake, &["a", "b"], &[("NEGATIVE_CACHE_TTL", "30s")]);
+        for _ in 0..2 {
+            let res = get(&s, APP).await;
+            assert_eq!(res.status, StatusCode::NOT_FOUND);
+            assert_eq!(error_code(&res), "MANIFEST_UNKNOWN");
+        }
+        assert_eq!((fake.requests("a"), fake.requests("b")), (1, 1));
+        s.advance_clock(Duration::from_secs(30));
+        assert_eq!(get(&s, APP).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            (fake.requests("a"), fake.requests("b")),
+            (2, 2),
+            "asked again once the miss expired"
+        );
+        // A race with a failure proves nothing: not remembered.
+        fake.answer("a", Answer::status(503));
+        let other = "/v2/proxy/org/other/manifests/1";
+        for _ in 0..2 {
+            assert_eq!(get(&s, other).await.status, StatusCode::BAD_GATEWAY);
+        }
+        assert_eq!(fake.requests("b"), 4);
+    });
+}
+
+/// Whether a fan-out for a client's `method path` learns a mapping when the one project answers
+/// `answer`, and whether a background refresh of a stale mapping re-learns it: the two must agree.
+fn client_and_refresh_verdicts(method: &str, path: &str, answer: &Answer) -> (bool, bool) {
+    let name = "org/app";
+    let client = {
+        let fake = FakeHarbor::start();
+        fake.answer("a", answer.clone());
+        run(async {
+            let s = state(&fake, &["a"], &[]);
+            send(&s, method, path).await;
+            mapping(&s, name).await.is_some()
+        })
+    };
+    let refresh = {
+        let fake = FakeHarbor::start();
+        fake.answer("a", answer.clone());
+        run(async {
+            let s = state(
+                &fake,
+                &["a"],
+                &[("CACHE_TTL", "10s"), ("STALE_WHILE_REVALIDATE", "1h")],
+            );
+            s.learn(name, "a");
+            s.advance_clock(Duration::from_secs(11));
+            send(&s, method, path).await;
+            until("the refresh ended", || s.claim_refresh(name).is_some()).await;
+            mapping(&s, name).await == Some(("a".into(), false))
+        })
+    };
+    (client, refresh)
+}
+
+#[test]
+fn client_requests_and_refreshes_judge_the_same_answers_the_same_way() {
+    let tags = "/v2/proxy/org/app/tags/list";
+    let elsewhere = [("location", "http://127.0.0.1:1/storage/blob")];
+    let cases = [
+        // A blob HEAD goes up as a one-byte ranged GET.
+        (
+            "HEAD",
+            BLOB,
+            Answer::with(206, &[("content-range", "bytes 0-0/10")], b"x"),
+            true,
+        ),
+        (
+            "HEAD",
+            BLOB,
+            Answer::with(416, &[("content-range", "bytes */0")], b""),
+            true,
+        ),
+        ("HEAD", BLOB, Answer::with(307, &elsewhere, b""), true),
+        ("GET", BLOB, Answer::with(307, &elsewhere, b""), true),
+        ("HEAD", BLOB, Answer::status(404), false),
+        ("HEAD", BLOB, Answer::status(401), false),
+        ("HEAD", BLOB, Answer::status(429), false),
+        ("HEAD", BLOB, Answer::status(500), false),
+        ("HEAD", APP, manifest(), true),
+        ("GET", APP, manifest(), true),
+        ("HEAD", APP, Answer::with(307, &elsewhere, b""), false),
+        ("HEAD", APP, Answer::status(404), false),
+        ("HEAD", APP, Answer::status(503), false),
+        (
+            "GET",
+            tags,
+            Answer::with(200, &[], br#"{"name":"x","tags":["1"]}"#),
+            true,
+        ),
+        (
+            "GET",
+            tags,
+            Answer::with(200, &[], br#"{"name":"x","tags":[]}"#),
+            false,
+        ),
+    ];
+    for (method, path, answer, wins) in cases {
+        let (client, refresh) = client_and_refresh_verdicts(method, path, &answer);
+        let what = format!("{method} {path} answered {}", answer.status);
+        assert_eq!(client, wins, "client request: {what}");
+        assert_eq!(refresh, wins, "background refresh: {what}");
+    }
+}
