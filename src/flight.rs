@@ -83,6 +83,7 @@ impl<T> Drop for Leader<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot::error::TryRecvError;
 
     #[test]
     fn one_leads_the_others_wait_and_share_the_result() {
@@ -118,8 +119,17 @@ mod tests {
         let Turn::Follow(mut w) = f.join("k") else {
             panic!()
         };
+        assert_eq!(
+            w.try_recv().unwrap_err(),
+            TryRecvError::Empty,
+            "waiting while the leader works"
+        );
         drop(leader);
-        assert!(w.try_recv().is_err());
+        assert_eq!(
+            w.try_recv().unwrap_err(),
+            TryRecvError::Closed,
+            "a dropped leader closes the waiters' channels"
+        );
         assert!(matches!(f.join("k"), Turn::Lead(_)));
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use testbed::images::ALL_MANIFEST_TYPES;
-use testbed::{Fault, HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
+use testbed::{Fault, HarborConfig, Held, SeedImage, SeedKind, Seeded, Testbed};
 
 use common::{request, Response, Router, DEADLINE};
 
@@ -115,6 +115,38 @@ impl Env {
             .unwrap_or(&0)
     }
 
+    fn answered(&self, project: &str) -> u64 {
+        *self
+            .bed
+            .harbor
+            .counters()
+            .answered
+            .get(project)
+            .unwrap_or(&0)
+    }
+
+    /// Runs `requests` (on another thread) and releases `held` once each of `others` has answered
+    /// one more request: the held project answers last.
+    fn after<T: Send>(
+        &self,
+        held: &Held,
+        others: &[&str],
+        requests: impl FnOnce() -> T + Send,
+    ) -> T {
+        let before: Vec<u64> = others.iter().map(|p| self.answered(p)).collect();
+        std::thread::scope(|s| {
+            let running = s.spawn(requests);
+            wait_until(|| {
+                others
+                    .iter()
+                    .zip(&before)
+                    .all(|(p, n)| self.answered(p) > *n)
+            });
+            held.release();
+            running.join().unwrap()
+        })
+    }
+
     fn seeded(&self, repository: &str) -> &Seeded {
         self.seeded
             .iter()
@@ -184,8 +216,8 @@ fn skopeo_pulls_every_kind_with_the_registry_digests() {
 
 #[test]
 fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
-    let env = ghcr_app_answering_last(&[]);
-    let res = env.get_manifest("org/app", "v1");
+    let (env, ghcr) = ghcr_app_held(&[]);
+    let res = env.after(&ghcr, &NOT_GHCR, || env.get_manifest("org/app", "v1"));
     assert_eq!(res.status, 200);
     assert_eq!(
         res.header("Docker-Content-Digest"),
@@ -228,22 +260,23 @@ fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
     }
 }
 
-/// ghcr holds `org/app:v1` and answers last (300 ms later), so every other project's answer is in
-/// before a race ends: the request counts a test reads are exact.
-fn ghcr_app_answering_last(vars: &[(&str, &str)]) -> Env {
+/// The projects other than ghcr.
+const NOT_GHCR: [&str; 3] = ["dockerhub", "quay", "k8s"];
+
+/// ghcr holds `org/app:v1`, with its answers held: run a race with [`Env::after`] so that every
+/// other project's answer is in before the race ends, and the request counts a test reads are exact.
+fn ghcr_app_held(vars: &[(&str, &str)]) -> (Env, Held) {
     let env = start(
         &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
         vars,
     );
-    env.bed
-        .harbor
-        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
-    env
+    let held = env.bed.harbor.hold("ghcr");
+    (env, held)
 }
 
-/// One repository name, `shared/img:1`, with different content in quay and in k8s; quay answers a
-/// second late, so k8s wins a race.
-fn same_name_k8s_answering_first() -> Env {
+/// One repository name, `shared/img:1`, with different content in quay and in k8s; quay's answers
+/// are held (until the returned gate is dropped), so k8s wins a race.
+fn same_name_k8s_answering_first() -> (Env, Held) {
     let env = start(
         &[
             image("quay/shared/img", "1", SeedKind::OciManifest, 1024),
@@ -251,15 +284,13 @@ fn same_name_k8s_answering_first() -> Env {
         ],
         &[],
     );
-    env.bed
-        .harbor
-        .set_fault("quay", Fault::Delay(Duration::from_millis(1000)));
-    env
+    let held = env.bed.harbor.hold("quay");
+    (env, held)
 }
 
 #[test]
 fn the_first_project_to_answer_wins() {
-    let env = same_name_k8s_answering_first();
+    let (env, _quay) = same_name_k8s_answering_first();
     let res = env.get_manifest("shared/img", "1");
     assert_eq!(res.status, 200);
     assert_eq!(
@@ -304,14 +335,17 @@ fn circuits_open_on_failures_and_keep_the_project_out() {
     );
     env.bed.harbor.set_fault("quay", Fault::Status(500));
     // ghcr answers last, so quay's failure is in before the race ends.
-    env.bed
-        .harbor
-        .set_fault("ghcr", Fault::Delay(Duration::from_millis(300)));
-    assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    let ghcr = env.bed.harbor.hold("ghcr");
+    let res = env.after(&ghcr, &NOT_GHCR, || env.get_manifest("org/app", "v1"));
+    assert_eq!(res.status, 200);
     let quay = env.v2_requests("quay");
     assert_eq!(quay, 1);
     // quay's circuit is open: the next fan-out does not ask it.
-    assert_eq!(env.get_manifest("org/other", "v1").status, 200);
+    let ghcr = env.bed.harbor.hold("ghcr");
+    let res = env.after(&ghcr, &["dockerhub", "k8s"], || {
+        env.get_manifest("org/other", "v1")
+    });
+    assert_eq!(res.status, 200);
     assert_eq!(
         env.v2_requests("quay"),
         quay,
@@ -385,18 +419,20 @@ fn unknown_manifests_are_404_and_remembered_for_a_while() {
 
 #[test]
 fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
-    let env = ghcr_app_answering_last(&[]);
+    let (env, ghcr) = ghcr_app_held(&[]);
     let barrier = std::sync::Barrier::new(100);
     let digest = env.seeded[0].digest.clone();
-    std::thread::scope(|s| {
-        for _ in 0..100 {
-            s.spawn(|| {
-                barrier.wait();
-                let res = env.get_manifest("org/app", "v1");
-                assert_eq!(res.status, 200);
-                assert_eq!(sha256(&res.body), digest);
-            });
-        }
+    env.after(&ghcr, &NOT_GHCR, || {
+        std::thread::scope(|s| {
+            for _ in 0..100 {
+                s.spawn(|| {
+                    barrier.wait();
+                    let res = env.get_manifest("org/app", "v1");
+                    assert_eq!(res.status, 200);
+                    assert_eq!(sha256(&res.body), digest);
+                });
+            }
+        })
     });
     for p in ["dockerhub", "quay", "k8s"] {
         assert_eq!(
@@ -430,28 +466,31 @@ fn docker_hub_redirects_are_followed_inside_the_router() {
 
 #[test]
 fn stale_mappings_are_served_and_refreshed_in_the_background() {
-    let env = ghcr_app_answering_last(&[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")]);
-    assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    let (env, ghcr) = ghcr_app_held(&[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")]);
+    let res = env.after(&ghcr, &NOT_GHCR, || env.get_manifest("org/app", "v1"));
+    assert_eq!(res.status, 200);
     assert_eq!(env.manifest_requests("dockerhub"), 1);
-    // From now on a fan-out would take 3 s (dockerhub is slow), the mapped request 0.3 s.
-    env.bed
-        .harbor
-        .set_fault("dockerhub", Fault::Delay(Duration::from_secs(3)));
-    std::thread::sleep(Duration::from_millis(1100)); // let the mapping go stale (CACHE_TTL=1s)
-    let started = Instant::now();
+    // From now on ghcr holds its answers to HEAD requests: the refresh's probe of a manifest. Once
+    // the mapping is stale (CACHE_TTL=1s), a request starts a refresh, and is answered from the
+    // stale mapping while the refresh waits for ghcr's held answer.
+    let _heads = env.bed.harbor.hold_heads("ghcr");
+    let mut gets = 0;
+    wait_until(|| {
+        let res = env.get_manifest("org/app", "v1");
+        assert_eq!(res.status, 200, "a stale mapping is served at once");
+        gets += 1;
+        env.manifest_requests("ghcr") > 1 + gets
+    });
+    // The refresh asked every project.
+    for p in NOT_GHCR {
+        wait_until(|| env.manifest_requests(p) == 2);
+    }
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
-    assert!(
-        started.elapsed() < Duration::from_millis(2500),
-        "a stale mapping is served at once, not after a fan-out ({:?})",
-        started.elapsed()
-    );
-    // ... and refreshed in the background: dockerhub is asked by the refresh.
-    wait_until(|| env.manifest_requests("dockerhub") >= 2);
 }
 
 #[test]
 fn a_mapping_that_turns_404_falls_back_to_one_fan_out() {
-    let env = same_name_k8s_answering_first();
+    let (env, _quay) = same_name_k8s_answering_first();
     let res = env.get_manifest("shared/img", "1");
     assert_eq!(sha256(&res.body), env.seeded("k8s/shared/img").digest);
     env.bed.harbor.clear_faults();
@@ -787,7 +826,10 @@ fn a_miss_is_remembered_per_accept_set() {
 
 #[test]
 fn a_missing_tag_does_not_unmap_the_image() {
-    let env = ghcr_app_answering_last(&[]);
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[],
+    );
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
     let res = env.get_manifest("org/app", "no-such-tag");
     assert_eq!(res.status, 404);

@@ -23,6 +23,7 @@ pub mod registry;
 mod standin;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,7 +32,7 @@ use base64::Engine;
 pub use images::{SeedImage, SeedKind, Seeded};
 pub use keys::TokenKeys;
 pub use registry::Registry;
-pub use standin::StandIn;
+pub use standin::{Held, StandIn};
 
 /// Admin credentials: the token service grants them pull and push (used by seeding).
 pub const ADMIN_USER: &str = "admin";
@@ -86,8 +87,11 @@ impl Default for HarborConfig {
 /// A fault injected into `/v2/<project>/…` requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    /// Wait this long before forwarding.
-    Delay(Duration),
+    /// Hold every answer (but a 401 challenge, so a client can fetch its token) until the gate is
+    /// released: tests order events with it instead of delays. See [`StandIn::hold`].
+    Hold(Gate),
+    /// Like `Hold`, for the answers to HEAD requests only.
+    HoldHeads(Gate),
     /// Answer this status with a registry-style JSON error (429 adds `Retry-After: 7`).
     Status(u16),
     /// Never answer (until the connection closes).
@@ -97,6 +101,46 @@ pub enum Fault {
     /// Blob requests: answer `307 Temporary Redirect` to this URL, as Harbor does with object
     /// storage (a presigned URL on another host). Other requests are served normally.
     RedirectBlobs(String),
+}
+
+/// A gate for [`Fault::Hold`]: closed until released, then open for good.
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    /// Lets every held answer (and every later one) through.
+    pub fn release(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub(crate) async fn pass(&self) {
+        let mut open = self.0.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
+impl PartialEq for Gate {
+    fn eq(&self, other: &Gate) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Gate {}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gate(released: {})", *self.0.borrow())
+    }
 }
 
 /// What the stand-in has seen (snapshot).
@@ -109,6 +153,9 @@ pub struct Counters {
     /// counted, so a client's count does not depend on its token state.
     pub v2_requests: BTreeMap<String, u64>,
     pub manifest_requests: BTreeMap<String, u64>,
+    /// By project: answers sent to `/v2/` requests, 401 challenges aside (a held answer counts once
+    /// it is released).
+    pub answered: BTreeMap<String, u64>,
     pub connections_accepted: u64,
     /// Every distinct `Authorization` value seen on `/v2/` requests (tests check what leaked).
     pub authorizations: std::collections::BTreeSet<String>,

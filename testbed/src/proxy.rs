@@ -118,7 +118,26 @@ fn count(state: &State, p: &V2Path, delta: i64) {
     }
 }
 
+/// Answers one `/v2/` request and counts the answer (401 challenges aside).
 pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let project = req
+        .uri()
+        .path()
+        .strip_prefix("/v2/")
+        .and_then(|r| parse(r))
+        .map(|p| p.project);
+    let res = answer(&state, req).await;
+    if let Some(project) = project {
+        if res.status() != StatusCode::UNAUTHORIZED {
+            let mut c = state.counters.lock().unwrap();
+            *c.answered.entry(project).or_default() += 1;
+        }
+    }
+    res
+}
+
+async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let state = state.clone();
     let rest = req
         .uri()
         .path()
@@ -127,6 +146,7 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         .to_string();
     let parsed = parse(&rest);
     let mut reset_mid_body = false;
+    let mut hold = None;
     if let Some(p) = &parsed {
         count(&state, p, 1);
         if let Some(a) = req.headers().get(header::AUTHORIZATION) {
@@ -135,7 +155,8 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         }
         let fault = state.faults.lock().unwrap().get(&p.project).cloned();
         match fault {
-            Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+            Some(Fault::Hold(gate)) => hold = Some(gate),
+            Some(Fault::HoldHeads(gate)) if req.method() == Method::HEAD => hold = Some(gate),
             Some(Fault::Status(code)) => return fault_response(code, &p.kind),
             Some(Fault::Hang) => std::future::pending::<()>().await,
             Some(Fault::ResetMidBody) => reset_mid_body = true,
@@ -147,7 +168,7 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
                     .body(full(Bytes::new()))
                     .expect("redirect");
             }
-            Some(Fault::RedirectBlobs(_)) | None => {}
+            Some(Fault::RedirectBlobs(_) | Fault::HoldHeads(_)) | None => {}
         }
     }
     let spec = parsed
@@ -184,6 +205,8 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         // A challenge is not an answer: the client comes back with a token. Counting only answered
         // requests lets tests count what a client asked for, whatever its token state.
         count(&state, p, -1);
+    } else if let Some(gate) = hold {
+        gate.pass().await;
     }
     let (Some(p), true) = (&parsed, proxy_kind.is_some()) else {
         return resp.map(box_incoming);

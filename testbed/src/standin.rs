@@ -142,6 +142,21 @@ impl StandIn {
             .insert(project.to_string(), fault);
     }
 
+    /// Holds every answer of `project` until the returned gate is released (or dropped): see
+    /// [`Fault::Hold`].
+    pub fn hold(&self, project: &str) -> Held {
+        let gate = crate::Gate::new();
+        self.set_fault(project, Fault::Hold(gate.clone()));
+        Held(gate)
+    }
+
+    /// Holds the answers to `project`'s HEAD requests only.
+    pub fn hold_heads(&self, project: &str) -> Held {
+        let gate = crate::Gate::new();
+        self.set_fault(project, Fault::HoldHeads(gate.clone()));
+        Held(gate)
+    }
+
     pub fn clear_faults(&self) {
         self.state.faults.lock().unwrap().clear();
     }
@@ -239,4 +254,20 @@ pub(crate) fn harbor_error(status: StatusCode, code: &str, message: &str) -> Res
         status,
         &serde_json::json!({"errors": [{"code": code, "message": message}]}),
     )
+}
+
+/// A project's held answers; released when this is released or dropped, so no answer stays held
+/// past the test that held it.
+pub struct Held(crate::Gate);
+
+impl Held {
+    pub fn release(&self) {
+        self.0.release();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }

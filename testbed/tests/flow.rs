@@ -244,12 +244,37 @@ async fn faults() {
     let resp = v2(&bed, get.clone(), "/v2/ghcr/x/manifests/y", &token).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
-    bed.harbor
-        .set_fault("quay", Fault::Delay(Duration::from_millis(400)));
-    let t = Instant::now();
-    let resp = v2(&bed, get.clone(), path, &token).await;
+    // A held answer comes only once released; the hold does not touch 401 challenges.
+    let held = bed.harbor.hold("quay");
+    let challenged = client()
+        .get(format!("{}{path}", bed.harbor.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenged.status(), StatusCode::UNAUTHORIZED);
+    let answered = |bed: &Testbed| *bed.harbor.counters().answered.get("quay").unwrap_or(&0);
+    let asked = |bed: &Testbed| bed.harbor.counters().manifest_requests["quay"];
+    let (before, asked_before) = (answered(&bed), asked(&bed));
+    let pending = tokio::spawn({
+        let mut req = client()
+            .get(format!("{}{path}", bed.harbor.url()))
+            .bearer_auth(&token);
+        for a in ACCEPT_ALL {
+            req = req.header("Accept", a);
+        }
+        req.send()
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while asked(&bed) == asked_before {
+        assert!(Instant::now() < end, "the held request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!pending.is_finished(), "a held answer is not sent");
+    assert_eq!(answered(&bed), before, "nor counted");
+    held.release();
+    let resp = pending.await.unwrap().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(t.elapsed() >= Duration::from_millis(400));
+    assert_eq!(answered(&bed), before + 1);
 
     bed.harbor.set_fault("quay", Fault::Hang);
     let t = Instant::now();
