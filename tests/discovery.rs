@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
 use harbor_router::config::Config;
 use harbor_router::control::discovery::{discover, DiscoveryError};
 use harbor_router::snapshot::{Project, UpstreamKind};
@@ -13,18 +10,15 @@ use harbor_router::upstream::{self, Upstream};
 use testbed::{HarborConfig, ProjectSpec, RegistrySpec, StandIn};
 
 use common::relay::Relay;
-use common::{get, Router, DEADLINE};
+use common::{get, wait_for, Router};
 
 const ROBOT: (&str, &str) = ("robot$router", "router-secret");
 
 fn config(harbor: &str, creds: Option<(&str, &str)>) -> Config {
-    let mut map: HashMap<String, String> = HashMap::new();
-    map.insert("HARBOR_URL".into(), harbor.into());
-    if let Some((u, p)) = creds {
-        map.insert("HARBOR_USERNAME".into(), u.into());
-        map.insert("HARBOR_PASSWORD".into(), p.into());
+    match creds {
+        Some((u, p)) => common::config(harbor, &[("HARBOR_USERNAME", u), ("HARBOR_PASSWORD", p)]),
+        None => common::config(harbor, &[]),
     }
-    Config::from_map(&map).unwrap()
 }
 
 /// Runs one discovery round in a monoio runtime on this thread.
@@ -35,14 +29,10 @@ fn discover_once(
     let config = config(harbor, creds);
     let shared = upstream::Harbor::from_config(&config).unwrap();
     let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
-    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .unwrap()
-        .block_on(async move {
-            let client = Upstream::new(shared);
-            discover(&client, &user).await
-        })
+    common::run(async move {
+        let client = Upstream::new(shared);
+        discover(&client, &user).await
+    })
 }
 
 fn standin(projects: Vec<ProjectSpec>) -> StandIn {
@@ -169,7 +159,7 @@ fn health_follows_discovery_and_readiness_goes_stale() {
     }
 
     relay.set_forward(true);
-    let res = wait_for(|| {
+    let res = wait_for("ready once Harbor answers", || {
         let res = get(r.addr, "/readyz");
         (res.status == 200).then_some(res)
     });
@@ -181,7 +171,7 @@ fn health_follows_discovery_and_readiness_goes_stale() {
     relay.set_forward(false);
     relay.cut_all();
     // ... until it is older than 3 discovery intervals, when readiness drops.
-    let res = wait_for(|| {
+    let res = wait_for("not ready once the list is old", || {
         let res = get(r.addr, "/readyz");
         (res.status == 503).then_some(res)
     });
@@ -200,18 +190,4 @@ fn health_follows_discovery_and_readiness_goes_stale() {
     r.wait_log(|l| {
         l.contains("keeping the last good project list") && l.contains(r#""kept_projects":4"#)
     });
-}
-
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "condition not reached within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

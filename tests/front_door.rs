@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{get, parse_response_to, raw, request, Router, DEADLINE};
+use common::{closed_harbor_url, get, parse_response_to, raw, request, Router, DEADLINE};
 
 #[test]
 fn base_endpoint_answers_get_and_head() {
@@ -88,19 +88,43 @@ fn health_reports_why_it_is_not_ready() {
 
 #[test]
 fn starts_with_only_harbor_url() {
-    // The defaults: LISTEN_ADDR=:8080, pretty logs, one worker per core, io driver auto.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
-    cmd.env_clear().env("HARBOR_URL", "http://127.0.0.1:9");
-    let r = Router::spawn(cmd);
-    let line = r.wait_log(|l| l.contains("listening"));
-    assert!(line.contains("addr=0.0.0.0:8080"), "{line}");
-    let cores = std::thread::available_parallelism().unwrap().get();
-    for w in 0..cores {
-        r.wait_log(|l| l.contains("worker started") && l.contains(&format!("worker={w} ")));
+    // The defaults: LISTEN_ADDR=:8080, pretty logs, one worker per core, io driver auto. Checked in a
+    // network namespace of this test's own (as root), so whatever listens on 8080 on the machine
+    // does not matter. Without the privilege, it runs beside the machine's listeners if 8080 is free.
+    std::thread::spawn(|| {
+        if !own_network_namespace() && std::net::TcpListener::bind("0.0.0.0:8080").is_err() {
+            eprintln!("skipped: no network namespace of our own (not root) and 8080 is taken");
+            return;
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+        cmd.env_clear().env("HARBOR_URL", closed_harbor_url());
+        let r = Router::spawn(cmd);
+        let line = r.wait_log(|l| l.contains("listening"));
+        assert!(line.contains("addr=0.0.0.0:8080"), "{line}");
+        let cores = std::thread::available_parallelism().unwrap().get();
+        for w in 0..cores {
+            r.wait_log(|l| l.contains("worker started") && l.contains(&format!("worker={w} ")));
+        }
+        let res = get("127.0.0.1:8080".parse().unwrap(), "/v2/");
+        assert_eq!(res.status, 200);
+        assert_eq!(res.body, b"{}");
+    })
+    .join()
+    .unwrap();
+}
+
+/// Moves this thread (and the processes it starts) into a new network namespace with its loopback
+/// up. `false` when the process may not (not root).
+fn own_network_namespace() -> bool {
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return false;
     }
-    let res = get("127.0.0.1:8080".parse().unwrap(), "/v2/");
-    assert_eq!(res.status, 200);
-    assert_eq!(res.body, b"{}");
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(up.success(), "cannot bring the namespace's loopback up");
+    true
 }
 
 #[test]
@@ -154,7 +178,7 @@ fn unusable_listen_address_is_a_start_error() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
     cmd.env_clear()
-        .env("HARBOR_URL", "http://127.0.0.1:9")
+        .env("HARBOR_URL", closed_harbor_url())
         .env("LOG_FORMAT", "json")
         .env("LISTEN_ADDR", held.local_addr().unwrap().to_string());
     let out = cmd.output().unwrap();

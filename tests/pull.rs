@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use testbed::images::ALL_MANIFEST_TYPES;
 use testbed::{Fault, HarborConfig, Held, SeedImage, SeedKind, Seeded, Testbed};
 
-use common::{request, Response, Router, DEADLINE};
+use common::{request, wait_until, Response, Router, DEADLINE};
 
 struct Env {
     bed: Testbed,
@@ -53,22 +53,13 @@ fn start_with(
     ];
     all.extend_from_slice(env);
     let router = Router::start(&all);
-    wait_until(|| common::get(router.addr, "/readyz").status == 200);
+    wait_until("the router is ready", || {
+        common::get(router.addr, "/readyz").status == 200
+    });
     Env {
         bed,
         router,
         seeded,
-    }
-}
-
-fn wait_until(mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(
-            Instant::now() < end,
-            "condition not reached within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -136,7 +127,7 @@ impl Env {
         let before: Vec<u64> = others.iter().map(|p| self.answered(p)).collect();
         std::thread::scope(|s| {
             let running = s.spawn(requests);
-            wait_until(|| {
+            wait_until("the other projects answered", || {
                 others
                     .iter()
                     .zip(&before)
@@ -405,7 +396,7 @@ fn unknown_manifests_are_404_and_remembered_for_a_while() {
         asked + 4
     );
     // After NEGATIVE_CACHE_TTL, Harbor is asked again.
-    wait_until(|| {
+    wait_until("Harbor asked again after NEGATIVE_CACHE_TTL", || {
         env.get_manifest("no/such", "1");
         env.bed
             .harbor
@@ -475,7 +466,7 @@ fn stale_mappings_are_served_and_refreshed_in_the_background() {
     // stale mapping while the refresh waits for ghcr's held answer.
     let _heads = env.bed.harbor.hold_heads("ghcr");
     let mut gets = 0;
-    wait_until(|| {
+    wait_until("a refresh probed ghcr", || {
         let res = env.get_manifest("org/app", "v1");
         assert_eq!(res.status, 200, "a stale mapping is served at once");
         gets += 1;
@@ -483,7 +474,9 @@ fn stale_mappings_are_served_and_refreshed_in_the_background() {
     });
     // The refresh asked every project.
     for p in NOT_GHCR {
-        wait_until(|| env.manifest_requests(p) == 2);
+        wait_until("the refresh asked every project", || {
+            env.manifest_requests(p) == 2
+        });
     }
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
 }

@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,14 +20,13 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 
 use harbor_router::cache::LearnedMap;
-use harbor_router::config::Config;
 use harbor_router::registry::handle::handle;
 use harbor_router::registry::{ProcessState, State};
 use harbor_router::snapshot::{self, Project, SharedSnapshot, Snapshot, UpstreamKind};
 use harbor_router::upstream;
 
 use common::fake_harbor::{Answer, FakeHarbor};
-use common::DEADLINE;
+use common::{run, DEADLINE};
 
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const APP: &str = "/v2/proxy/org/app/manifests/v1";
@@ -44,24 +41,11 @@ fn manifest() -> Answer {
     )
 }
 
-/// Runs `f` on a monoio runtime on this thread (the router's cores run the same way).
-fn run<F: Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("a monoio runtime")
-        .block_on(f)
-}
-
 /// One core's state in front of `fake`, with `projects` discovered (in that order).
 fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<State> {
-    let mut map: HashMap<String, String> = HashMap::new();
-    map.insert("HARBOR_URL".into(), fake.url());
-    map.insert("WORKERS".into(), "1".into());
-    for (k, v) in vars {
-        map.insert(k.to_string(), v.to_string());
-    }
-    let config = Config::from_map(&map).expect("a valid configuration");
+    let mut all = vec![("WORKERS", "1")];
+    all.extend_from_slice(vars);
+    let config = common::config(&fake.url(), &all);
     let snapshot: SharedSnapshot = snapshot::shared();
     snapshot.store(Some(Arc::new(Snapshot {
         projects: projects

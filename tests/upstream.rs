@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use http::header::{ACCEPT, CONTENT_LENGTH};
@@ -19,6 +18,7 @@ use testbed::{HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
 
 use common::nginx::TlsFront;
 use common::relay::Relay;
+use common::run;
 
 fn testbed_with_image() -> (Testbed, Seeded) {
     let bed = Testbed::start(HarborConfig::default()).unwrap();
@@ -35,17 +35,12 @@ fn testbed_with_image() -> (Testbed, Seeded) {
 }
 
 fn client_config(harbor_url: &str, extra: &[(&str, &str)]) -> Config {
-    let mut map: HashMap<String, String> = HashMap::new();
-    map.insert("HARBOR_URL".into(), harbor_url.into());
-    map.insert("HARBOR_USERNAME".into(), testbed::DEFAULT_ROBOT_USER.into());
-    map.insert(
-        "HARBOR_PASSWORD".into(),
-        testbed::DEFAULT_ROBOT_PASSWORD.into(),
-    );
-    for (k, v) in extra {
-        map.insert(k.to_string(), v.to_string());
-    }
-    Config::from_map(&map).unwrap()
+    let mut vars = vec![
+        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
+        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+    ];
+    vars.extend_from_slice(extra);
+    common::config(harbor_url, &vars)
 }
 
 fn accept_all() -> HeaderMap {
@@ -71,14 +66,6 @@ async fn pull_manifest(up: &Upstream, seeded: &Seeded) {
     assert_eq!(digest, seeded.digest);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(format!("sha256:{:x}", Sha256::digest(&body)), seeded.digest);
-}
-
-fn run<F: std::future::Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 /// The whole scenario through `relay` (which the test uses to kill connections).

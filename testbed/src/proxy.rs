@@ -124,7 +124,7 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         .uri()
         .path()
         .strip_prefix("/v2/")
-        .and_then(|r| parse(r))
+        .and_then(parse)
         .map(|p| p.project);
     let res = answer(&state, req).await;
     if let Some(project) = project {

@@ -16,6 +16,56 @@ use std::time::{Duration, Instant};
 /// How long a test waits for something that should happen promptly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// A configuration as the router would read it from an environment holding `HARBOR_URL` and `vars`.
+pub fn config(harbor_url: &str, vars: &[(&str, &str)]) -> harbor_router::config::Config {
+    let mut map = std::collections::HashMap::new();
+    map.insert("HARBOR_URL".to_string(), harbor_url.to_string());
+    for (k, v) in vars {
+        map.insert(k.to_string(), v.to_string());
+    }
+    harbor_router::config::Config::from_map(&map).expect("a valid configuration")
+}
+
+/// Runs `f` on a monoio runtime on this thread, as a core does.
+pub fn run<F: std::future::Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("a monoio runtime")
+        .block_on(f)
+}
+
+/// A Harbor URL where nothing answers: a loopback port this process keeps bound without listening,
+/// so connections are refused and no other program can take the port while the tests run.
+pub fn closed_harbor_url() -> String {
+    static CLOSED: std::sync::OnceLock<(socket2::Socket, SocketAddr)> = std::sync::OnceLock::new();
+    let (_, addr) = CLOSED.get_or_init(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        (s, addr)
+    });
+    format!("http://{addr}")
+}
+
+/// Waits (up to [`DEADLINE`]) until `f` gives a value, checking every 20 ms.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "not within {DEADLINE:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to [`DEADLINE`]) until `f` holds.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    wait_for(what, || f().then_some(()))
+}
+
 /// A running router process; killed on drop.
 pub struct Router {
     child: Child,
@@ -30,7 +80,7 @@ impl Router {
     pub fn start(env: &[(&str, &str)]) -> Router {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
         cmd.env_clear()
-            .env("HARBOR_URL", "http://127.0.0.1:9")
+            .env("HARBOR_URL", closed_harbor_url())
             .env("LISTEN_ADDR", "127.0.0.1:0")
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json");
