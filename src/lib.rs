@@ -12,18 +12,18 @@
 //!   phases, the per-core [`registry::State`].
 //! - [`server`]: the data-plane runtime, generic over its handler: pinned per-core monoio loops,
 //!   SO_REUSEPORT listeners, connections, lingering close, drain. Names no registry type.
+//! - [`body`]: the one response body type handed to hyper.
 //! - [`cache`]: the mapping tiers (core shard → process-wide map → …) and remembered answers.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
 //!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], per-project circuit
 //!   breakers [`upstream::breaker`].
-//! - [`body`]: the one response body type handed to hyper.
 //! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
+//! - [`logging`]: pretty or JSON logs through `tracing`.
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
 //! - [`config`]: every environment variable, parsed and validated in one place.
 //! - [`names`]: the distribution grammar of names, tags and digests.
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
-//! - [`logging`]: pretty or JSON logs through `tracing`.
 //!
 //! Still to come: Redis sharing of mappings (a [`cache::Tier`]), metrics on `METRICS_ADDR`, the
 //! per-IP rate limit.
@@ -116,20 +116,13 @@ impl Server {
         }
         let mut workers = Vec::with_capacity(self.listeners.len());
         for (id, listener) in self.listeners.into_iter().enumerate() {
-            let process = process.clone();
-            let shutdown = shutdown_rx.clone();
-            let report = report_tx.clone();
-            let core_id = cores.get(id % cores.len().max(1)).copied();
+            let core = cores.get(id % cores.len().max(1)).copied();
+            let (process, shutdown, report) =
+                (process.clone(), shutdown_rx.clone(), report_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("hr-worker-{id}"))
                 .spawn(move || {
-                    match core_id {
-                        Some(c) if core_affinity::set_for_current(c) => {}
-                        _ => tracing::warn!(
-                            worker = id,
-                            "cannot pin the worker to a core; running unpinned"
-                        ),
-                    }
+                    pin(id, core);
                     let make = move || State::new(id, process);
                     server::run_worker(id, listener, settings, make, shutdown, report)
                 })
@@ -151,20 +144,13 @@ impl Server {
             workers,
             local_addr: self.local_addr,
         };
-        let mut drivers = Vec::new();
-        for _ in 0..worker_count {
-            match report_rx.recv_timeout(WORKER_START_LIMIT) {
-                Ok(Ok(driver)) => drivers.push(driver),
-                Ok(Err(why)) => {
-                    running.shutdown();
-                    bail!(why);
-                }
-                Err(_) => {
-                    running.shutdown();
-                    bail!("a worker thread did not start (it exited or hung before its runtime was up)");
-                }
+        let drivers = match started(worker_count, &report_rx) {
+            Ok(d) => d,
+            Err(e) => {
+                running.shutdown();
+                return Err(e);
             }
-        }
+        };
         let uring = drivers.iter().filter(|d| **d == Driver::IoUring).count();
         tracing::info!(
             addr = %running.local_addr,
@@ -175,6 +161,32 @@ impl Server {
         );
         Ok(running)
     }
+}
+
+/// Pins the calling worker thread to `core`, or says why it runs unpinned.
+fn pin(worker: usize, core: Option<core_affinity::CoreId>) {
+    match core {
+        Some(c) if core_affinity::set_for_current(c) => {}
+        _ => tracing::warn!(worker, "cannot pin the worker to a core; running unpinned"),
+    }
+}
+
+/// Waits for `count` workers to report their runtime.
+fn started(
+    count: usize,
+    reports: &mpsc::Receiver<server::StartReport>,
+) -> anyhow::Result<Vec<Driver>> {
+    let mut drivers = Vec::with_capacity(count);
+    for _ in 0..count {
+        match reports.recv_timeout(WORKER_START_LIMIT) {
+            Ok(Ok(driver)) => drivers.push(driver),
+            Ok(Err(why)) => bail!(why),
+            Err(_) => {
+                bail!("a worker thread did not start (it exited or hung before its runtime was up)")
+            }
+        }
+    }
+    Ok(drivers)
 }
 
 /// A started router.

@@ -2,9 +2,7 @@
 //! until shortly before they expire, and coalesce concurrent fetches of one scope into one request.
 //! The fetch itself (an HTTP request through the pool) is done by [`super::Upstream`]; this module
 //! owns the state and the rules, with time passed in so tests drive it.
-//!
-//! Why tokens and not Basic on every request: Harbor checks Basic credentials with a database lookup
-//! and a PBKDF2 hash per request; a token costs that once per scope per `expires_in`.
+//! Why tokens rather than Basic on every request: docs/architecture.md, "The upstream client".
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;

@@ -4,12 +4,9 @@
 //! streaming ([`pool::UpstreamBody`]), never collected, except the small ones this module reads itself
 //! (token answers, 401 bodies).
 //!
-//! Auth: registry requests go out first with the cached token for their scope, or with nothing; a
-//! `401` with a `Bearer` challenge makes the core fetch a token for the challenged scope with the robot's
-//! Basic credentials, cache it, and send the request once more. The realm's *path* is requested on
-//! `HARBOR_URL`'s origin, whatever host the challenge names, so the robot's credentials never go to a
-//! host the operator did not configure. Harbor API requests (discovery) use Basic directly. A client's
-//! own `Authorization` header is never used here.
+//! Registry requests use the token flow ([`AuthMode::Registry`], explained in docs/architecture.md,
+//! "The upstream client"); Harbor API requests (discovery) use Basic. A client's own `Authorization`
+//! header is never used here.
 
 pub mod auth;
 pub mod breaker;
