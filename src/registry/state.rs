@@ -1,8 +1,9 @@
 //! The registry's per-core state, behind verbs: look a name up, learn it, forget it, admit a request
 //! to a project (its breaker), remember a miss or an answer, join a fan-out, start a refresh. One
 //! [`State`] per core, built on the core's thread from the process-wide [`ProcessState`]; `!Send`,
-//! reached through `Rc`, never locked. The only memory it shares with other cores is read-only
-//! (configuration, the published snapshot) or a mapping tier read on a local miss.
+//! reached through `Rc`, never locked. What it shares with other cores is read-only (configuration,
+//! the published snapshot) or a shared mapping tier, read on a local miss and written on a learn,
+//! never touched by a hit.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
