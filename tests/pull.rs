@@ -124,6 +124,17 @@ impl Env {
         others: &[&str],
         requests: impl FnOnce() -> T + Send,
     ) -> T {
+        self.after_when(held, others, || true, requests)
+    }
+
+    /// Like [`Env::after`], waiting for `ready` too before the release.
+    fn after_when<T: Send>(
+        &self,
+        held: &Held,
+        others: &[&str],
+        ready: impl Fn() -> bool,
+        requests: impl FnOnce() -> T + Send,
+    ) -> T {
         let before: Vec<u64> = others.iter().map(|p| self.answered(p)).collect();
         std::thread::scope(|s| {
             let running = s.spawn(requests);
@@ -132,6 +143,7 @@ impl Env {
                     .iter()
                     .zip(&before)
                     .all(|(p, n)| self.answered(p) > *n)
+                    && ready()
             });
             held.release();
             running.join().unwrap()
@@ -325,9 +337,17 @@ fn circuits_open_on_failures_and_keep_the_project_out() {
         ],
     );
     env.bed.harbor.set_fault("quay", Fault::Status(500));
-    // ghcr answers last, so quay's failure is in before the race ends.
+    // ghcr answers last, once the router has judged quay's failure (its circuit opened).
     let ghcr = env.bed.harbor.hold("ghcr");
-    let res = env.after(&ghcr, &NOT_GHCR, || env.get_manifest("org/app", "v1"));
+    let quay_open = || {
+        env.router
+            .logs()
+            .iter()
+            .any(|l| l.contains("circuit opened") && l.contains(r#""project":"quay""#))
+    };
+    let res = env.after_when(&ghcr, &NOT_GHCR, quay_open, || {
+        env.get_manifest("org/app", "v1")
+    });
     assert_eq!(res.status, 200);
     let quay = env.v2_requests("quay");
     assert_eq!(quay, 1);
@@ -411,14 +431,29 @@ fn unknown_manifests_are_404_and_remembered_for_a_while() {
 #[test]
 fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
     let (env, ghcr) = ghcr_app_held(&[]);
-    let barrier = std::sync::Barrier::new(100);
     let digest = env.seeded[0].digest.clone();
-    env.after(&ghcr, &NOT_GHCR, || {
+    // ghcr answers once every request has been sent and the other projects have answered.
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    let all_sent = || sent.load(std::sync::atomic::Ordering::SeqCst) == 100;
+    env.after_when(&ghcr, &NOT_GHCR, all_sent, || {
         std::thread::scope(|s| {
             for _ in 0..100 {
                 s.spawn(|| {
-                    barrier.wait();
-                    let res = env.get_manifest("org/app", "v1");
+                    let mut sock = TcpStream::connect(env.router.addr).unwrap();
+                    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+                    let mut req = "GET /v2/proxy/org/app/manifests/v1 HTTP/1.1\r\nHost: t\r\n\
+                                   Connection: close\r\n"
+                        .to_string();
+                    for line in accept_lines() {
+                        req.push_str(&line);
+                        req.push_str("\r\n");
+                    }
+                    req.push_str("\r\n");
+                    sock.write_all(req.as_bytes()).unwrap();
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut bytes = Vec::new();
+                    sock.read_to_end(&mut bytes).unwrap();
+                    let (res, _) = common::parse_response(&bytes);
                     assert_eq!(res.status, 200);
                     assert_eq!(sha256(&res.body), digest);
                 });
@@ -457,7 +492,12 @@ fn docker_hub_redirects_are_followed_inside_the_router() {
 
 #[test]
 fn stale_mappings_are_served_and_refreshed_in_the_background() {
-    let (env, ghcr) = ghcr_app_held(&[("CACHE_TTL", "1s"), ("STALE_WHILE_REVALIDATE", "1h")]);
+    // RESOLVER_TIMEOUT=1h: a request that waited for the refresh would never be answered.
+    let (env, ghcr) = ghcr_app_held(&[
+        ("CACHE_TTL", "1s"),
+        ("STALE_WHILE_REVALIDATE", "1h"),
+        ("RESOLVER_TIMEOUT", "1h"),
+    ]);
     let res = env.after(&ghcr, &NOT_GHCR, || env.get_manifest("org/app", "v1"));
     assert_eq!(res.status, 200);
     assert_eq!(env.manifest_requests("dockerhub"), 1);
@@ -819,11 +859,9 @@ fn a_miss_is_remembered_per_accept_set() {
 
 #[test]
 fn a_missing_tag_does_not_unmap_the_image() {
-    let env = start(
-        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
-        &[],
-    );
-    assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    let (env, ghcr) = ghcr_app_held(&[]);
+    let res = env.after(&ghcr, &NOT_GHCR, || env.get_manifest("org/app", "v1"));
+    assert_eq!(res.status, 200);
     let res = env.get_manifest("org/app", "no-such-tag");
     assert_eq!(res.status, 404);
     assert_eq!(res.error_code(), "MANIFEST_UNKNOWN");

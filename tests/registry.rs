@@ -335,6 +335,7 @@ fn client_and_refresh_verdicts(method: &str, path: &str, answer: &Answer) -> (bo
         run(async {
             let s = state(&fake, &["a"], &[]);
             send(&s, method, path).await;
+            assert_eq!(fake.requests("a"), 1, "the fan-out asked a");
             mapping(&s, name).await.is_some()
         })
     };
@@ -350,6 +351,10 @@ fn client_and_refresh_verdicts(method: &str, path: &str, answer: &Answer) -> (bo
             s.learn(name, "a");
             s.advance_clock(Duration::from_secs(11));
             send(&s, method, path).await;
+            // The client's request, one more when the mapped project said 404 (a fan-out), and
+            // the refresh's probe.
+            let asked = if answer.status == 404 { 3 } else { 2 };
+            until("the refresh probed a", || fake.requests("a") == asked).await;
             until("the refresh ended", || s.claim_refresh(name).is_some()).await;
             mapping(&s, name).await == Some(("a".into(), false))
         })

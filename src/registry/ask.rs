@@ -139,12 +139,18 @@ impl Ask {
         }
     }
 
-    /// The cheapest request that finds the project (a background refresh needs no body).
+    /// The cheapest request that finds the project (a background refresh needs no body). A tag list
+    /// is probed without the client's `n` and `last`: a page past the end is empty and proves
+    /// nothing.
     pub fn probe(&self) -> Ask {
-        Ask {
+        let mut probe = Ask {
             head: true,
             ..self.locator()
+        };
+        if let Endpoint::Tags { query } = &mut probe.endpoint {
+            query.clear();
         }
+        probe
     }
 
     /// The key of coalescing and of remembered misses: endpoint, name, path with its query, and the
@@ -325,6 +331,18 @@ mod tests {
         );
         assert!(!manifest.locator().head, "a client GET races as a GET");
         assert!(manifest.probe().head, "a refresh needs no body");
+        let page = ask(
+            Endpoint::Tags {
+                query: "n=10&last=v9".into(),
+            },
+            false,
+        );
+        assert_eq!(page.locator().endpoint, page.endpoint);
+        assert_eq!(
+            page.probe().request(&hub()).1,
+            "/v2/hub/library/nginx/tags/list",
+            "a refresh asks for the first page"
+        );
     }
 
     #[test]
