@@ -412,7 +412,7 @@ impl<F: Fn(&str) -> Lookup> Reader<'_, F> {
     fn refuse(&mut self, var: &str, value: Option<String>, problem: impl Into<String>) {
         self.errors.push(ConfigError {
             var: var.to_string(),
-            value,
+            value: value.map(|v| without_userinfo(&v)),
             problem: problem.into(),
         });
     }
@@ -497,6 +497,21 @@ impl<F: Fn(&str) -> Lookup> Reader<'_, F> {
                 }
             },
         }
+    }
+}
+
+/// A value as it may be shown: the user information of anything URL-like (`scheme://user:pass@…`)
+/// replaced by `***`, so a password written into a URL never reaches an error message.
+fn without_userinfo(v: &str) -> String {
+    let Some(start) = v.find("://").map(|i| i + 3) else {
+        return v.to_string();
+    };
+    let authority_end = v[start..]
+        .find(['/', '?', '#'])
+        .map_or(v.len(), |i| start + i);
+    match v[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &v[..start], &v[start + at..]),
+        None => v.to_string(),
     }
 }
 

@@ -622,3 +622,22 @@ fn not_unicode_is_refused() {
     assert_eq!(err.0[0].var, ENV_PROXY_PROJECT);
     assert!(err.0[0].problem.contains("UTF-8"));
 }
+
+#[test]
+fn credentials_in_a_url_are_refused_without_being_shown() {
+    for url in [
+        "http://admin:topsecret@harbor",
+        "https://admin:topsecret@harbor:8443/",
+        "http://admin:top secret@harbor",
+        "ftp://u:topsecret@x/a@b",
+    ] {
+        let e = refused_with(&[("HARBOR_URL", url)]);
+        assert_eq!(e.var, "HARBOR_URL");
+        let shown = e.to_string();
+        assert!(!shown.contains("topsecret") && !shown.contains("top secret"), "{shown}");
+        assert!(shown.contains("***@"), "{shown}");
+    }
+    assert_eq!(without_userinfo("http://harbor:80"), "http://harbor:80");
+    assert_eq!(without_userinfo("not a url"), "not a url");
+    assert_eq!(without_userinfo("http://h/p@q"), "http://h/p@q");
+}
