@@ -634,7 +634,10 @@ fn credentials_in_a_url_are_refused_without_being_shown() {
         let e = refused_with(&[("HARBOR_URL", url)]);
         assert_eq!(e.var, "HARBOR_URL");
         let shown = e.to_string();
-        assert!(!shown.contains("topsecret") && !shown.contains("top secret"), "{shown}");
+        assert!(
+            !shown.contains("topsecret") && !shown.contains("top secret"),
+            "{shown}"
+        );
         assert!(shown.contains("***@"), "{shown}");
     }
     assert_eq!(without_userinfo("http://harbor:80"), "http://harbor:80");

@@ -336,7 +336,7 @@ fn circuits_open_on_failures_and_keep_the_project_out() {
             ("CIRCUIT_BREAKER_TIMEOUT", "1h"),
         ],
     );
-    env.bed.harbor.set_fault("quay", Fault::Status(500));
+    env.bed.harbor.set_fault("quay", Fault::Status(503));
     // ghcr answers last, once the router has judged quay's failure (its circuit opened).
     let ghcr = env.bed.harbor.hold("ghcr");
     let quay_open = || {
@@ -369,9 +369,9 @@ fn circuits_open_on_failures_and_keep_the_project_out() {
     assert_eq!(res.error_code(), "UNAVAILABLE");
 
     // A mapped project that fails opens its circuit; requests then fail fast without asking it.
-    env.bed.harbor.set_fault("ghcr", Fault::Status(500));
+    env.bed.harbor.set_fault("ghcr", Fault::Status(503));
     let res = env.get_manifest("org/app", "v1");
-    assert_eq!(res.status, 500, "Harbor's error is passed on");
+    assert_eq!(res.status, 503, "Harbor's error is passed on");
     let ghcr = env.v2_requests("ghcr");
     let res = env.get_manifest("org/app", "v1");
     assert_eq!(res.status, 503);
@@ -875,4 +875,39 @@ fn a_missing_tag_does_not_unmap_the_image() {
         .map(|p| env.manifest_requests(p))
         .sum();
     assert_eq!(after, others, "the mapping survived: only ghcr was asked");
+}
+
+#[test]
+fn a_client_choosing_long_names_cannot_open_a_circuit() {
+    let env = start(
+        &[image(
+            "dockerhub/library/nginx",
+            "latest",
+            SeedKind::OciIndex,
+            1024,
+        )],
+        &[("CIRCUIT_BREAKER_THRESHOLD", "3")],
+    );
+    // `dockerhub/library/<name>` longer than the registry's 255 characters: the registry would
+    // answer 500. Such a project is not asked; where the name fits, no answer a name provokes
+    // counts against the project.
+    for len in [238, 240, 245, 250, 251, 252, 253] {
+        let res = env.get_manifest(&"x".repeat(len), "1");
+        assert!(
+            res.status < 500 || res.status == 502,
+            "{len}: {}",
+            res.status
+        );
+    }
+    assert_eq!(
+        env.v2_requests("dockerhub"),
+        0,
+        "names too long for dockerhub"
+    );
+    let res = env.get_manifest("nginx", "latest");
+    assert_eq!(res.status, 200, "Docker Hub pulls still work");
+    assert_eq!(sha256(&res.body), env.seeded[0].digest);
+    let res = env.get_manifest(&"x".repeat(254), "1");
+    assert_eq!(res.status, 400, "too long for every project");
+    assert_eq!(res.error_code(), "NAME_INVALID");
 }

@@ -186,7 +186,7 @@ fn concurrent_misses_on_a_core_share_one_fan_out() {
 #[test]
 fn a_breaker_opens_after_failures_and_lets_one_probe_through_when_half_open() {
     let fake = FakeHarbor::start();
-    fake.answer("a", Answer::status(500));
+    fake.answer("a", Answer::status(503));
     run(async {
         let s = state(
             &fake,
@@ -233,7 +233,7 @@ fn a_breaker_opens_after_failures_and_lets_one_probe_through_when_half_open() {
 #[test]
 fn a_probe_cancelled_with_its_request_frees_the_half_open_slot() {
     let fake = FakeHarbor::start();
-    fake.answer("a", Answer::status(500));
+    fake.answer("a", Answer::status(502));
     run(async {
         let s = state(&fake, &["a"], &[("CIRCUIT_BREAKER_THRESHOLD", "1")]);
         assert_eq!(get(&s, APP).await.status, StatusCode::BAD_GATEWAY);
@@ -386,6 +386,7 @@ fn client_requests_and_refreshes_judge_the_same_answers_the_same_way() {
         ("HEAD", BLOB, Answer::status(401), false),
         ("HEAD", BLOB, Answer::status(429), false),
         ("HEAD", BLOB, Answer::status(500), false),
+        ("HEAD", BLOB, Answer::status(503), false),
         ("HEAD", APP, manifest(), true),
         ("GET", APP, manifest(), true),
         ("HEAD", APP, Answer::with(307, &elsewhere, b""), false),
@@ -410,4 +411,54 @@ fn client_requests_and_refreshes_judge_the_same_answers_the_same_way() {
         assert_eq!(client, wins, "client request: {what}");
         assert_eq!(refresh, wins, "background refresh: {what}");
     }
+}
+
+#[test]
+fn answers_a_client_can_provoke_never_open_a_circuit() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = state(&fake, &["a", "b"], &[("CIRCUIT_BREAKER_THRESHOLD", "1")]);
+        // What a client gets by choosing a name or a reference: a registry's 500 for a name it
+        // refuses, 400, 401, 403, 404. None may cost the project its place in fan-outs.
+        for (i, status) in [500, 400, 401, 403, 404, 500].into_iter().enumerate() {
+            fake.answer("a", Answer::status(status));
+            get(&s, &format!("/v2/proxy/n{i}/manifests/1")).await;
+            assert_eq!(
+                fake.requests("a"),
+                i as u64 + 1,
+                "a still asked after a {status}"
+            );
+        }
+        // A mapped request judged the same way.
+        fake.answer("a", manifest());
+        assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+        fake.answer("a", Answer::status(500));
+        assert_eq!(get(&s, APP).await.status.as_u16(), 500, "passed on");
+        fake.answer("a", manifest());
+        assert_eq!(
+            get(&s, APP).await.status,
+            StatusCode::OK,
+            "not failing fast"
+        );
+    });
+}
+
+#[test]
+fn a_project_where_the_name_would_be_too_long_is_not_asked() {
+    let fake = FakeHarbor::start();
+    fake.answer("a", manifest());
+    fake.answer("pppppppppp", manifest());
+    run(async {
+        let s = state(&fake, &["a", "pppppppppp"], &[]);
+        // "a/" + 250 fits the registry's 255 characters; "pppppppppp/" + 250 does not.
+        let fits_a = format!("/v2/proxy/{}/manifests/1", "n".repeat(250));
+        assert_eq!(get(&s, &fits_a).await.status, StatusCode::OK);
+        assert_eq!((fake.requests("a"), fake.requests("pppppppppp")), (1, 0));
+        // Too long for every project: refused, nobody asked.
+        let fits_none = format!("/v2/proxy/{}/manifests/1", "n".repeat(254));
+        let res = get(&s, &fits_none).await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(&res), "NAME_INVALID");
+        assert_eq!((fake.requests("a"), fake.requests("pppppppppp")), (1, 0));
+    });
 }

@@ -1,6 +1,8 @@
 //! One request to one project and the one judge of its answer, shared by the mapped request, every
 //! fan-out attempt and the background refresh: what wins, what proves "not here", what is a failure
-//! (and so counts against the project's breaker). The rules are in docs/architecture.md ("What wins").
+//! (and so counts against the project's breaker). The rules are in docs/architecture.md ("What wins",
+//! and "What counts as a failure": only what no client can provoke by its choice of name or
+//! reference, that is no answer at all, a timeout, or 502/503/504).
 
 use bytes::Bytes;
 use http::header::RETRY_AFTER;
@@ -27,7 +29,7 @@ pub enum Verdict<T> {
     RateLimited(Option<HeaderValue>),
     /// An answer that is neither a win nor "not here" (401/403, another 4xx): not a breaker failure.
     Refused,
-    /// Timeout, connection error, 5xx: a breaker failure.
+    /// No answer (connection error, timeout) or 502/503/504: a breaker failure.
     Failed(String),
 }
 
@@ -78,7 +80,9 @@ pub fn judge(ask: &Ask, status: StatusCode) -> Judgement {
     match status.as_u16() {
         404 => Judgement::NotHere,
         429 => Judgement::RateLimited,
-        500..=599 => Judgement::Failed,
+        // Harbor or its upstream is down or overloaded. A 500 is not counted: a name the registry
+        // refuses (too long, say) makes one, and a client chooses the name.
+        502..=504 => Judgement::Failed,
         _ => Judgement::Refused,
     }
 }
@@ -170,8 +174,11 @@ mod tests {
             (ask(manifest(), false), 416, Refused),
             (ask(manifest(), false), 429, RateLimited),
             (ask(manifest(), false), 401, Refused),
-            (ask(manifest(), false), 500, Failed),
+            (ask(manifest(), false), 500, Refused),
+            (ask(manifest(), false), 502, Failed),
             (ask(manifest(), false), 503, Failed),
+            (ask(manifest(), false), 504, Failed),
+            (ask(manifest(), false), 400, Refused),
             (ask(blob(), true), 206, Win),
             (ask(blob(), true), 416, Win),
             (ask(blob(), false), 416, Refused),

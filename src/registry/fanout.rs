@@ -8,7 +8,8 @@
 //! The verdicts of the attempts that finished decide a race nobody won: every project said "not
 //! here" → not found (negative-cacheable); some were rate-limited → 429 with Harbor's `Retry-After`;
 //! some were left out by their breaker and no other failed → 503; otherwise → 502. A project left
-//! out never counts as "not here". Breakers learn from every attempt that got a verdict; an attempt
+//! out by its breaker never counts as "not here"; a project where the name would be longer than the
+//! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn from every attempt that got a verdict; an attempt
 //! cancelled before its verdict frees its probe (the ticket is dropped).
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -21,6 +22,7 @@ use crate::upstream::pool::UpstreamBody;
 
 use super::ask::Ask;
 use super::attempt::{self, Verdict};
+use super::forward;
 use super::state::{FanOutResult, State};
 
 /// How a race ended.
@@ -82,7 +84,8 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
     let mut skipped = false;
-    for project in candidates {
+    let fitting = candidates.iter().filter(|p| forward::fits(p, &ask.name));
+    for project in fitting {
         let Some(ticket) = state.admit(&project.name) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.
             skipped = true;
@@ -98,6 +101,11 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
             };
             state.record(ticket, verdict.is_failure());
             (project, verdict)
+        });
+    }
+    if running.is_empty() && !skipped {
+        return Outcome::Failed(Error::NameInvalid {
+            reason: "the name is too long for every proxy-cache project: with the project's prefix it exceeds the registry's 255 characters",
         });
     }
     if running.is_empty() {

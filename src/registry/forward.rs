@@ -49,6 +49,12 @@ pub fn project_name<'a>(project: &Project, name: &'a str) -> Cow<'a, str> {
     }
 }
 
+/// Whether `<project>/<name in project>` stays within the registry's limit on repository names: a
+/// project where it does not cannot have the name (and its registry would answer 500 to it).
+pub fn fits(project: &Project, name: &str) -> bool {
+    project.name.len() + 1 + project_name(project, name).len() <= crate::names::MAX_NAME_LEN
+}
+
 /// `/v2/<project>/<name in project>/<rest>` (`rest` like `manifests/latest` or `tags/list?n=10`).
 pub fn project_path(project: &Project, name: &str, rest: impl std::fmt::Display) -> String {
     format!(
@@ -171,6 +177,18 @@ mod tests {
             project_path(&project(UpstreamKind::Unknown), "nginx", "manifests/1"),
             "/v2/hub/nginx/manifests/1"
         );
+    }
+
+    #[test]
+    fn names_that_fit_a_project() {
+        let hub = project(UpstreamKind::DockerHub);
+        let other = project(UpstreamKind::Unknown);
+        // "hub/" is 4 characters; Docker Hub adds "library/" to a one-segment name.
+        assert!(fits(&other, &"a".repeat(251)));
+        assert!(!fits(&other, &"a".repeat(252)));
+        assert!(fits(&hub, &"a".repeat(243)));
+        assert!(!fits(&hub, &"a".repeat(244)));
+        assert!(fits(&hub, &format!("a/{}", "b".repeat(249))));
     }
 
     #[test]
