@@ -462,3 +462,34 @@ fn a_project_where_the_name_would_be_too_long_is_not_asked() {
         assert_eq!((fake.requests("a"), fake.requests("pppppppppp")), (1, 0));
     });
 }
+
+#[test]
+fn harbor_session_cookies_never_reach_a_client() {
+    let fake = FakeHarbor::start();
+    fake.answer(
+        "a",
+        Answer::with(
+            200,
+            &[
+                ("content-type", MANIFEST_TYPE),
+                ("set-cookie", "sid=robot-session; Path=/; HttpOnly"),
+                ("connection", "x-private"),
+                ("x-private", "1"),
+            ],
+            br#"{"schemaVersion":2}"#,
+        ),
+    );
+    run(async {
+        let s = state(&fake, &["a"], &[]);
+        for _ in 0..2 {
+            // The fan-out's answer, then the mapped request's.
+            let res = get(&s, APP).await;
+            assert_eq!(res.status, StatusCode::OK);
+            assert!(res.headers.get("set-cookie").is_none(), "{:?}", res.headers);
+            assert!(
+                res.headers.get("x-private").is_none(),
+                "named by Connection"
+            );
+        }
+    });
+}

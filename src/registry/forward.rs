@@ -4,8 +4,9 @@
 //!
 //! Up: every `Accept` value unchanged (a registry answers differently without them), `Range`,
 //! `If-Range`, `If-None-Match`, `If-Modified-Since`. Never the client's `Authorization`, cookies or
-//! hop-by-hop headers. Down: everything but hop-by-hop headers and `WWW-Authenticate` (the router
-//! authenticates to Harbor itself; a challenge would send the client to Harbor's token service).
+//! hop-by-hop headers. Down: everything but hop-by-hop headers, `WWW-Authenticate` (the router
+//! authenticates to Harbor itself; a challenge would send the client to Harbor's token service) and
+//! `Set-Cookie` (a session Harbor opens for the robot's request must not reach an anonymous client).
 
 use std::borrow::Cow;
 
@@ -28,7 +29,7 @@ const FORWARDED_UP: [HeaderName; 5] = [
 ];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and others that must not cross the router.
-const NOT_FORWARDED_DOWN: [HeaderName; 9] = [
+const NOT_FORWARDED_DOWN: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -38,6 +39,7 @@ const NOT_FORWARDED_DOWN: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::WWW_AUTHENTICATE,
+    header::SET_COOKIE,
 ];
 
 /// `<name>` as it lives in `project`: Docker Hub keeps official images under `library/`.
@@ -249,6 +251,11 @@ mod tests {
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=x"),
         );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("sid=robot; Path=/"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static("_xsrf=1"));
         let down = headers_down(&h);
         for kept in [
             "content-type",
@@ -264,6 +271,7 @@ mod tests {
             "x-hop",
             "transfer-encoding",
             "www-authenticate",
+            "set-cookie",
         ] {
             assert!(!down.contains_key(gone), "{gone}");
         }
