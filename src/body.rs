@@ -23,6 +23,9 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Harbor's body, streamed.
     Upstream(UpstreamBody),
+    /// Harbor's body, streamed, ended with an error once it passes `left` more bytes: a body that
+    /// must not be endless (a manifest) is cut, and the client sees a truncated transfer.
+    Capped { body: UpstreamBody, left: u64 },
 }
 
 impl Body {
@@ -43,6 +46,19 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Body::Capped { body, left } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if len > *left {
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "Harbor's body is larger than its limit",
+                        ))));
+                    }
+                    *left -= len;
+                }
+                polled
+            }
         }
     }
 
@@ -50,7 +66,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
-            Body::Upstream(body) => body.is_end_stream(),
+            Body::Upstream(body) | Body::Capped { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -58,7 +74,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Upstream(body) => body.size_hint(),
+            Body::Upstream(body) | Body::Capped { body, .. } => body.size_hint(),
         }
     }
 }

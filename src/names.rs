@@ -6,6 +6,9 @@ use crate::error::Error;
 
 /// Longest repository name accepted after the proxy prefix, as the distribution registry limits it.
 pub const MAX_NAME_LEN: usize = 255;
+/// Largest manifest (or referrers index) the router passes on, as the distribution registry limits
+/// a manifest.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Longest tag, from the tag grammar.
 const MAX_TAG_LEN: usize = 128;
 

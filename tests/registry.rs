@@ -97,6 +97,17 @@ async fn send(state: &Rc<State>, method: &str, path: &str) -> Answered {
     }
 }
 
+/// A request whose body is read as far as it goes: `Err` when the transfer was cut.
+async fn send_raw(state: &Rc<State>, path: &str) -> (StatusCode, Result<Bytes, std::io::Error>) {
+    let req = Request::builder()
+        .uri(path)
+        .header("accept", MANIFEST_TYPE)
+        .body(())
+        .unwrap();
+    let (parts, body) = handle(state, req).await.into_parts();
+    (parts.status, body.collect().await.map(|c| c.to_bytes()))
+}
+
 async fn get(state: &Rc<State>, path: &str) -> Answered {
     send(state, "GET", path).await
 }
@@ -491,5 +502,88 @@ fn harbor_session_cookies_never_reach_a_client() {
                 "named by Connection"
             );
         }
+    });
+}
+
+fn by_digest(algorithm: &str, body: &[u8]) -> String {
+    use sha2::Digest;
+    let hex = match algorithm {
+        "sha256" => format!("{:x}", sha2::Sha256::digest(body)),
+        "sha384" => format!("{:x}", sha2::Sha384::digest(body)),
+        _ => format!("{:x}", sha2::Sha512::digest(body)),
+    };
+    format!("/v2/proxy/org/app/manifests/{algorithm}:{hex}")
+}
+
+#[test]
+fn every_manifest_by_digest_is_verified_before_a_byte_is_sent() {
+    let good = br#"{"schemaVersion":2}"#;
+    for algorithm in ["sha256", "sha384", "sha512"] {
+        for chunked in [false, true] {
+            let fake = FakeHarbor::start();
+            let answer = |body: &[u8]| {
+                let a = Answer::with(200, &[("content-type", MANIFEST_TYPE)], body);
+                if chunked {
+                    a.chunked()
+                } else {
+                    a
+                }
+            };
+            run(async {
+                let s = state(&fake, &["a"], &[]);
+                let what = format!("{algorithm}, chunked: {chunked}");
+                fake.answer("a", answer(b"{\"schemaVersion\":2,\"evil\":1}"));
+                let (status, body) = send_raw(&s, &by_digest(algorithm, good)).await;
+                assert_eq!(status, StatusCode::BAD_GATEWAY, "{what}");
+                assert!(
+                    !body.unwrap().starts_with(b"{\"schemaVersion\":2,"),
+                    "{what}"
+                );
+                fake.answer("a", answer(good));
+                let (status, body) = send_raw(&s, &by_digest(algorithm, good)).await;
+                assert_eq!(status, StatusCode::OK, "{what}");
+                assert_eq!(&body.unwrap()[..], good, "{what}");
+            });
+        }
+    }
+}
+
+#[test]
+fn manifests_larger_than_4_mib_are_refused_or_cut() {
+    let big = vec![b' '; (4 << 20) + 1];
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = state(&fake, &["a"], &[]);
+        // Announced: refused before any byte.
+        fake.answer(
+            "a",
+            Answer::with(200, &[("content-type", MANIFEST_TYPE)], &big),
+        );
+        let (status, _) = send_raw(&s, APP).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        // Not announced (chunked): cut at the limit, a transfer the client sees truncated.
+        fake.answer(
+            "a",
+            Answer::with(200, &[("content-type", MANIFEST_TYPE)], &big).chunked(),
+        );
+        let (status, body) = send_raw(&s, APP).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "the head went out before the size was known"
+        );
+        assert!(body.is_err(), "cut, never complete-looking");
+        // By digest: read whole first, so refused outright.
+        let (status, _) = send_raw(&s, &by_digest("sha256", &big)).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        // At the limit exactly: passed on.
+        let limit = vec![b' '; 4 << 20];
+        fake.answer(
+            "a",
+            Answer::with(200, &[("content-type", MANIFEST_TYPE)], &limit).chunked(),
+        );
+        let (status, body) = send_raw(&s, APP).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.unwrap().len(), 4 << 20);
     });
 }

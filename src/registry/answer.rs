@@ -1,15 +1,18 @@
 //! Harbor's answer, translated for the client: headers less hop-by-hop ones, bodies streamed; a
-//! blob HEAD answered from its one-byte ranged GET; a manifest by digest read whole, checked against
-//! its digest and kept; a tag list with its `name` and `Link` pointing at the router's path, kept.
+//! blob HEAD answered from its one-byte ranged GET; a manifest never larger than
+//! [`MAX_MANIFEST_BYTES`] (refused when announced larger, cut when not announced); a manifest by
+//! digest read whole, checked against its digest (sha256, sha384 or sha512) before any byte is sent,
+//! and kept; a tag list with its `name` and `Link` pointing at the router's path, kept.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, LINK};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha384, Sha512};
 
 use crate::body::Body;
 use crate::error::Error;
+use crate::names::MAX_MANIFEST_BYTES;
 use crate::snapshot::Project;
 use crate::upstream::pool::UpstreamBody;
 
@@ -19,9 +22,6 @@ use super::forward;
 use super::memory::keepable;
 use super::respond::{error, respond, whole};
 use super::state::State;
-
-/// Largest manifest kept by digest (the distribution registry refuses larger ones).
-const MAX_CACHED_MANIFEST: u64 = 4 << 20;
 
 /// `project`'s answer to `ask`, for the client.
 pub async fn answer(
@@ -34,6 +34,21 @@ pub async fn answer(
     let status = parts.status;
     let mut headers = forward::headers_down(&parts.headers);
     let len = parts.headers.get(CONTENT_LENGTH);
+    let manifest_like = matches!(
+        ask.endpoint,
+        Endpoint::Manifest { .. } | Endpoint::Referrers { .. }
+    );
+    let announced = len.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if manifest_like && announced.is_some_and(|l| l > MAX_MANIFEST_BYTES) {
+        tracing::warn!(
+            name = ask.name,
+            len = announced,
+            "Harbor announced a manifest larger than 4 MiB"
+        );
+        return error(&Error::BadGateway {
+            reason: "Harbor's manifest is larger than the registry limit of 4 MiB",
+        });
+    }
     match &ask.endpoint {
         Endpoint::Blob { .. } if ask.head => return blob_head(status, headers, body).await,
         Endpoint::Tags { .. } if status.is_success() => {
@@ -43,8 +58,7 @@ pub async fn answer(
             reference,
             by_digest: true,
         } if !ask.head && status == StatusCode::OK => {
-            let len = len.and_then(|v| v.to_str().ok()?.parse().ok());
-            return match manifest(state, ask, reference, headers, len, body).await {
+            return match manifest(state, ask, reference, headers, body).await {
                 Ok(res) => res,
                 Err(e) => error(&e),
             };
@@ -61,37 +75,46 @@ pub async fn answer(
     if let Some(len) = len {
         headers.insert(CONTENT_LENGTH, len.clone());
     }
-    respond(status, headers, Body::Upstream(body))
+    let body = if manifest_like {
+        Body::Capped {
+            body,
+            left: MAX_MANIFEST_BYTES,
+        }
+    } else {
+        Body::Upstream(body)
+    };
+    respond(status, headers, body)
 }
 
-/// Reads a by-digest manifest whole, checks it against its digest, keeps it, and answers it. One
-/// that cannot be kept (no length, too large, a digest other than sha256) streams through.
+/// Reads a by-digest manifest whole (at most [`MAX_MANIFEST_BYTES`]), checks it against its digest,
+/// keeps it, and answers it: no byte reaches the client before the whole was verified.
 async fn manifest(
     state: &State,
     ask: &Ask,
     digest: &str,
-    mut headers: HeaderMap,
-    len: Option<u64>,
+    headers: HeaderMap,
     body: UpstreamBody,
 ) -> Result<Response<Body>, Error> {
-    let cacheable = len.is_some_and(|l| l <= MAX_CACHED_MANIFEST) && digest.starts_with("sha256:");
-    if !cacheable {
-        if let Some(l) = len {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(l));
-        }
-        return Ok(respond(StatusCode::OK, headers, Body::Upstream(body)));
-    }
-    let bytes = Limited::new(body, MAX_CACHED_MANIFEST as usize)
+    let bytes = match Limited::new(body, MAX_MANIFEST_BYTES as usize)
         .collect()
         .await
-        .map_err(|e| {
-            tracing::warn!(name = ask.name, digest, error = %e, "Harbor's manifest could not be read");
-            Error::BadGateway {
-                reason: "Harbor's manifest could not be read",
-            }
-        })?
-        .to_bytes();
-    if format!("sha256:{:x}", Sha256::digest(&bytes)) != digest {
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            tracing::warn!(name = ask.name, digest, error = %e, "Harbor's manifest could not be read whole");
+            return Err(Error::BadGateway {
+                reason: if too_large {
+                    "Harbor's manifest is larger than the registry limit of 4 MiB"
+                } else {
+                    "Harbor's manifest could not be read"
+                },
+            });
+        }
+    };
+    if !matches_digest(digest, &bytes) {
         tracing::warn!(
             name = ask.name,
             digest,
@@ -105,6 +128,20 @@ async fn manifest(
         state.keep_manifest(&key, keepable(&headers, &bytes));
     }
     Ok(whole(StatusCode::OK, headers, bytes, false))
+}
+
+/// Whether `bytes` hash to `digest` (`algorithm:hex`, as the route parser accepts it).
+fn matches_digest(digest: &str, bytes: &[u8]) -> bool {
+    let Some((algorithm, hex)) = digest.split_once(':') else {
+        return false;
+    };
+    let computed = match algorithm {
+        "sha256" => format!("{:x}", Sha256::digest(bytes)),
+        "sha384" => format!("{:x}", Sha384::digest(bytes)),
+        "sha512" => format!("{:x}", Sha512::digest(bytes)),
+        _ => return false,
+    };
+    computed == hex
 }
 
 /// A tag list with `name` and `Link` rewritten to the router's path, kept for `CACHE_TTL`.
@@ -206,6 +243,24 @@ async fn blob_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_of_every_algorithm_are_checked() {
+        let body = b"{}";
+        for (algorithm, hex) in [
+            ("sha256", format!("{:x}", Sha256::digest(body))),
+            ("sha384", format!("{:x}", Sha384::digest(body))),
+            ("sha512", format!("{:x}", Sha512::digest(body))),
+        ] {
+            assert!(matches_digest(&format!("{algorithm}:{hex}"), body));
+            assert!(!matches_digest(&format!("{algorithm}:{hex}"), b"{ }"));
+        }
+        assert!(!matches_digest(
+            "md5:99914b932bd37a50b983c5e7c90ae93b",
+            body
+        ));
+        assert!(!matches_digest("sha256", body));
+    }
 
     #[test]
     fn tag_list_links_point_at_the_router() {

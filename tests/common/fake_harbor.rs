@@ -17,6 +17,8 @@ pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Sent with `Transfer-Encoding: chunked` (no length announced).
+    pub chunked: bool,
 }
 
 impl Answer {
@@ -25,6 +27,7 @@ impl Answer {
             status,
             headers: vec![("content-type".into(), "application/json".into())],
             body: br#"{"errors":[]}"#.to_vec(),
+            chunked: false,
         }
     }
 
@@ -36,7 +39,14 @@ impl Answer {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             body: body.to_vec(),
+            chunked: false,
         }
+    }
+
+    /// The same answer without a length: chunked.
+    pub fn chunked(mut self) -> Answer {
+        self.chunked = true;
+        self
     }
 }
 
@@ -165,11 +175,26 @@ fn serve(mut stream: TcpStream, shared: Arc<(Mutex<Inner>, Condvar)>) {
         for (k, v) in &answer.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
         }
-        out.push_str(&format!("content-length: {}\r\n\r\n", answer.body.len()));
-        let mut bytes = out.into_bytes();
-        if method != "HEAD" {
-            bytes.extend_from_slice(&answer.body);
-        }
+        let bytes = if answer.chunked {
+            out.push_str("transfer-encoding: chunked\r\n\r\n");
+            let mut b = out.into_bytes();
+            if method != "HEAD" {
+                for piece in answer.body.chunks(64 * 1024) {
+                    b.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                    b.extend_from_slice(piece);
+                    b.extend_from_slice(b"\r\n");
+                }
+                b.extend_from_slice(b"0\r\n\r\n");
+            }
+            b
+        } else {
+            out.push_str(&format!("content-length: {}\r\n\r\n", answer.body.len()));
+            let mut b = out.into_bytes();
+            if method != "HEAD" {
+                b.extend_from_slice(&answer.body);
+            }
+            b
+        };
         if stream.write_all(&bytes).is_err() {
             return;
         }
