@@ -851,6 +851,14 @@ fn a_miss_is_remembered_per_accept_set() {
         &[docker_only],
     );
     assert_eq!(res.status, 404);
+    assert!(
+        res.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("OCI index found"),
+        "the registry's own words: {:?}",
+        res.json()
+    );
     // ... which must not become the answer for clients that do accept it.
     let res = env.get_manifest("nginx", "latest");
     assert_eq!(res.status, 200);

@@ -587,3 +587,39 @@ fn manifests_larger_than_4_mib_are_refused_or_cut() {
         assert_eq!(body.unwrap().len(), 4 << 20);
     });
 }
+
+#[test]
+fn the_registrys_own_404_is_passed_on_when_the_projects_agree() {
+    let telling = |message: &str| {
+        Answer::with(
+            404,
+            &[("content-type", "application/json")],
+            format!(r#"{{"errors":[{{"code":"MANIFEST_UNKNOWN","message":"{message}"}}]}}"#)
+                .as_bytes(),
+        )
+    };
+    let oci = "OCI index found, but accept header does not support OCI indexes";
+    let fake = FakeHarbor::start();
+    fake.answer("a", telling(oci));
+    fake.answer("b", telling("manifest unknown"));
+    run(async {
+        let s = state(&fake, &["a", "b"], &[]);
+        for _ in 0..2 {
+            // The fan-out, then the remembered miss: the same words.
+            let res = get(&s, APP).await;
+            assert_eq!(res.status, StatusCode::NOT_FOUND);
+            let v: serde_json::Value = serde_json::from_slice(&res.body).unwrap();
+            assert_eq!(v["errors"][0]["message"], oci, "{v}");
+            assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+        }
+        assert_eq!(fake.requests("a"), 1);
+        // Projects that say different things: the router's own error.
+        fake.answer("b", telling("something else entirely"));
+        let res = get(&s, "/v2/proxy/org/other/manifests/1").await;
+        let v: serde_json::Value = serde_json::from_slice(&res.body).unwrap();
+        assert_eq!(
+            v["errors"][0]["detail"],
+            "no proxy-cache project has this manifest"
+        );
+    });
+}

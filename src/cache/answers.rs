@@ -50,10 +50,18 @@ impl Weighter<String, Entry> for ByBytes {
     }
 }
 
+/// A remembered miss: until when, and the registry's own error body when it said more than "not
+/// found" (see `registry::attempt`).
+#[derive(Debug, Clone)]
+struct Miss {
+    until: Instant,
+    detail: Option<Bytes>,
+}
+
 /// One core's remembered answers.
 pub struct Answers {
     ttls: Ttls,
-    misses: Cache<String, Instant>,
+    misses: Cache<String, Miss>,
     manifests: Cache<String, Entry, ByBytes>,
     tags: Cache<String, Entry, ByBytes>,
 }
@@ -73,14 +81,16 @@ impl Answers {
         }
     }
 
-    /// Whether `key` is a remembered miss.
-    pub fn is_miss(&self, key: &str, now: Instant) -> bool {
-        self.misses.get(key).is_some_and(|until| now < *until)
+    /// `Some` when `key` is a remembered miss, with the registry's error body if it had one.
+    pub fn miss(&self, key: &str, now: Instant) -> Option<Option<Bytes>> {
+        let m = self.misses.get(key).filter(|m| now < m.until)?;
+        Some(m.detail.clone())
     }
 
-    pub fn remember_miss(&mut self, key: &str, now: Instant) {
+    pub fn remember_miss(&mut self, key: &str, detail: Option<Bytes>, now: Instant) {
         if !self.ttls.miss.is_zero() {
-            self.misses.insert(key.to_string(), now + self.ttls.miss);
+            let until = now + self.ttls.miss;
+            self.misses.insert(key.to_string(), Miss { until, detail });
         }
     }
 
@@ -109,7 +119,7 @@ impl Answers {
 
     /// Drops what has expired (called from a per-core timer, not on requests).
     pub fn sweep(&mut self, now: Instant) {
-        self.misses.retain(|_, until| now < *until);
+        self.misses.retain(|_, m| now < m.until);
         self.manifests.retain(|_, e| now < e.expires_at);
         self.tags.retain(|_, e| now < e.expires_at);
     }
@@ -144,10 +154,17 @@ mod tests {
     fn misses_expire_and_can_be_disabled() {
         let t0 = Instant::now();
         let mut c = Answers::new(ttls(), 0);
-        c.remember_miss("a:latest", t0);
-        assert!(c.is_miss("a:latest", t0 + Duration::from_secs(29)));
-        assert!(!c.is_miss("a:latest", t0 + Duration::from_secs(30)));
-        assert!(!c.is_miss("a:other", t0));
+        c.remember_miss("a:latest", None, t0);
+        assert_eq!(c.miss("a:latest", t0 + Duration::from_secs(29)), Some(None));
+        assert_eq!(c.miss("a:latest", t0 + Duration::from_secs(30)), None);
+        assert_eq!(c.miss("a:other", t0), None);
+        let detail = Bytes::from_static(b"{}");
+        c.remember_miss("b", Some(detail.clone()), t0);
+        assert_eq!(
+            c.miss("b", t0),
+            Some(Some(detail)),
+            "with the registry's words"
+        );
         let mut off = Answers::new(
             Ttls {
                 miss: Duration::ZERO,
@@ -155,8 +172,8 @@ mod tests {
             },
             0,
         );
-        off.remember_miss("a:latest", t0);
-        assert!(!off.is_miss("a:latest", t0));
+        off.remember_miss("a:latest", None, t0);
+        assert_eq!(off.miss("a:latest", t0), None);
     }
 
     #[test]
@@ -193,14 +210,14 @@ mod tests {
     fn sweep_drops_expired() {
         let t0 = Instant::now();
         let mut c = Answers::new(ttls(), 1 << 20);
-        c.remember_miss("b:x", t0);
+        c.remember_miss("b:x", None, t0);
         c.keep_tags("a?", kept(0), t0);
         c.keep_manifest("m", kept(10), t0);
         c.sweep(t0 + Duration::from_secs(299));
         assert!(c.tags("a?", t0).is_some(), "not yet expired: kept");
         c.sweep(t0 + Duration::from_secs(3600));
         assert!(
-            !c.is_miss("b:x", t0),
+            c.miss("b:x", t0).is_none(),
             "swept, even when asked with an old now"
         );
         assert!(c.tags("a?", t0).is_none());

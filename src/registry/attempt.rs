@@ -23,8 +23,9 @@ pub const MAX_TAG_LIST: usize = 4 << 20;
 #[derive(Debug)]
 pub enum Verdict<T> {
     Win(T),
-    /// The project does not have it (404, or a tag list that proves nothing).
-    NotHere,
+    /// The project does not have it (404, or a tag list that proves nothing), with the registry's
+    /// error body when it says more than "not found" ([`telling`]).
+    NotHere(Option<Bytes>),
     /// 429 from Harbor, with its `Retry-After`.
     RateLimited(Option<HeaderValue>),
     /// An answer that is neither a win nor "not here" (401/403, another 4xx): not a breaker failure.
@@ -105,9 +106,9 @@ pub async fn attempt(
         other => {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
             // Read the small body so the connection can be reused.
-            upstream.drain(res.into_body()).await;
+            let body = upstream.read_small(res.into_body()).await;
             return match other {
-                Judgement::NotHere => Verdict::NotHere,
+                Judgement::NotHere => Verdict::NotHere(body.filter(|b| telling(b))),
                 Judgement::RateLimited => Verdict::RateLimited(retry_after),
                 _ => Verdict::Refused,
             };
@@ -119,11 +120,32 @@ pub async fn attempt(
             Ok((bytes, true)) => {
                 Verdict::Win(Response::from_parts(parts, UpstreamBody::whole(bytes)))
             }
-            Ok((_, false)) => Verdict::NotHere,
+            Ok((_, false)) => Verdict::NotHere(None),
             Err(e) => Verdict::Failed(e),
         };
     }
     Verdict::Win(res)
+}
+
+/// Whether a 404 body is a registry error that says more than "not found" (for example "OCI index
+/// found, but accept header does not support OCI indexes"): one error, whose message speaks of
+/// neither "unknown" nor "not found".
+pub fn telling(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let errors = v.get("errors").and_then(|e| e.as_array());
+    let [e] = errors.map(Vec::as_slice).unwrap_or(&[]) else {
+        return false;
+    };
+    let (Some(code), Some(message)) = (
+        e.get("code").and_then(|c| c.as_str()),
+        e.get("message").and_then(|m| m.as_str()),
+    ) else {
+        return false;
+    };
+    let m = message.to_ascii_lowercase();
+    !code.is_empty() && !m.contains("unknown") && !m.contains("not found")
 }
 
 /// Reads a tag list whole; `true` when it proves the repository is there. Harbor answers 200 with
@@ -153,6 +175,23 @@ mod tests {
             endpoint,
             head,
             headers: HeaderMap::new(),
+        }
+    }
+
+    #[test]
+    fn telling_404s() {
+        assert!(telling(
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"OCI index found, but accept header does not support OCI indexes"}]}"#
+        ));
+        for generic in [
+            &br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":"x"}]}"#[..],
+            br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#,
+            br#"{"errors":[{"code":"NOT_FOUND","message":"artifact a/b:1 not found"}]}"#,
+            br#"{"errors":[]}"#,
+            br#"<html>404</html>"#,
+            br#"{"errors":[{"code":"A","message":"x"},{"code":"B","message":"y"}]}"#,
+        ] {
+            assert!(!telling(generic), "{}", String::from_utf8_lossy(generic));
         }
     }
 

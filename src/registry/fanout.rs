@@ -6,12 +6,15 @@
 //! to the pool; on HTTP/2 only the stream is reset).
 //!
 //! The verdicts of the attempts that finished decide a race nobody won: every project said "not
-//! here" → not found (negative-cacheable); some were rate-limited → 429 with Harbor's `Retry-After`;
+//! here" → not found (negative-cacheable; with the registry's own error when the projects that said
+//! more than "not found" agree, such as "OCI index found, but accept header does not support OCI
+//! indexes"); some were rate-limited → 429 with Harbor's `Retry-After`;
 //! some were left out by their breaker and no other failed → 503; otherwise → 502. A project left
 //! out by its breaker never counts as "not here"; a project where the name would be longer than the
 //! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn from every attempt that got a verdict; an attempt
 //! cancelled before its verdict frees its probe (the ticket is dropped).
 
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::Response;
 
@@ -29,7 +32,8 @@ use super::state::{FanOutResult, State};
 #[derive(Debug)]
 pub enum Outcome<'a> {
     Won(&'a Project, Box<Response<UpstreamBody>>),
-    NotFound,
+    /// With the registry's error body when the projects that said more than "not found" agreed.
+    NotFound(Option<Bytes>),
     Failed(Error),
 }
 
@@ -39,7 +43,7 @@ pub enum Found<'s> {
     Won(&'s Project, Box<Response<UpstreamBody>>),
     /// Another request led it: the project is known, this request sends its own.
     Known(&'s Project),
-    NotFound,
+    NotFound(Option<Bytes>),
     Failed(Error),
 }
 
@@ -53,9 +57,9 @@ pub async fn find<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask, key: &st
             Turn::Follow(rx) => match rx.await {
                 Ok(FanOutResult::Found(p)) => match snapshot.project(&p) {
                     Some(project) => return Found::Known(project),
-                    None => return Found::NotFound,
+                    None => return Found::NotFound(None),
                 },
-                Ok(FanOutResult::NotFound) => return Found::NotFound,
+                Ok(FanOutResult::NotFound(detail)) => return Found::NotFound(detail),
                 Ok(FanOutResult::Failed(e)) => return Found::Failed(e),
                 Err(_) => continue, // the leading request was cancelled: lead ourselves
             },
@@ -66,10 +70,10 @@ pub async fn find<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask, key: &st
                 leader.finish(FanOutResult::Found(project.name.clone()));
                 Found::Won(project, res)
             }
-            Outcome::NotFound => {
-                state.remember_miss(key);
-                leader.finish(FanOutResult::NotFound);
-                Found::NotFound
+            Outcome::NotFound(detail) => {
+                state.remember_miss(key, detail.clone());
+                leader.finish(FanOutResult::NotFound(detail.clone()));
+                Found::NotFound(detail)
             }
             Outcome::Failed(e) => {
                 leader.finish(FanOutResult::Failed(e.clone()));
@@ -114,13 +118,20 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
         });
     }
     let mut all_not_here = !skipped;
+    // The telling 404 bodies: passed on only when they agree.
+    let mut detail: Option<Bytes> = None;
+    let mut details_agree = true;
     let mut retry_after = None;
     let mut rate_limited = false;
     let mut failed = false;
     while let Some((project, verdict)) = running.next().await {
         match verdict {
             Verdict::Win(res) => return Outcome::Won(project, Box::new(res)),
-            Verdict::NotHere => {}
+            Verdict::NotHere(Some(body)) => match &detail {
+                None => detail = Some(body),
+                Some(d) => details_agree &= *d == body,
+            },
+            Verdict::NotHere(None) => {}
             Verdict::RateLimited(h) => {
                 all_not_here = false;
                 rate_limited = true;
@@ -135,7 +146,7 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
         }
     }
     if all_not_here {
-        Outcome::NotFound
+        Outcome::NotFound(detail.filter(|_| details_agree))
     } else if rate_limited {
         Outcome::Failed(Error::TooManyRequests { retry_after })
     } else if skipped && !failed {

@@ -23,7 +23,7 @@ use crate::snapshot::Project;
 use super::ask::{Ask, Endpoint};
 use super::fanout::{self, Found};
 use super::mapped::{self, Mapped};
-use super::respond::error;
+use super::respond::{error, json};
 use super::state::State;
 use super::{answer, forward, memory, refresh};
 
@@ -50,8 +50,8 @@ pub async fn serve(state: &Rc<State>, req: &Parts, route: &Route<'_>) -> Respons
         return res;
     }
     let key = ask.key();
-    if state.is_miss(&key, now) {
-        return error(&ask.endpoint.not_found());
+    if let Some(detail) = state.miss(&key, now) {
+        return not_found(&ask, detail);
     }
     if let Some((project, stale)) = state.lookup(&snapshot, &ask.name, now).await {
         if stale {
@@ -73,8 +73,16 @@ pub async fn serve(state: &Rc<State>, req: &Parts, route: &Route<'_>) -> Respons
         }
         Found::Won(project, res) => answer::answer(state, project, &ask, *res).await,
         Found::Known(project) => answer_mapped(state, project, &ask).await,
-        Found::NotFound => error(&ask.endpoint.not_found()),
+        Found::NotFound(detail) => not_found(&ask, detail),
         Found::Failed(e) => error(&e),
+    }
+}
+
+/// 404: the registry's own error when the projects agreed on one that says more, else the router's.
+fn not_found(ask: &Ask, detail: Option<bytes::Bytes>) -> Response<Body> {
+    match detail {
+        Some(body) => json(http::StatusCode::NOT_FOUND, body),
+        None => error(&ask.endpoint.not_found()),
     }
 }
 

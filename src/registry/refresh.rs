@@ -26,7 +26,7 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
                 state.learn(&probe.name, &project.name);
                 state.upstream().drain(res.into_body()).await;
             }
-            Outcome::NotFound => {}
+            Outcome::NotFound(_) => {}
             Outcome::Failed(e) => {
                 tracing::debug!(name = probe.name, error = %e, "refresh failed; keeping the stale mapping")
             }

@@ -11,6 +11,8 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::cache::{Answers, Kept, LearnedMap, Mappings, Tier, Ttls};
 use crate::config::Config;
 use crate::error::Error;
@@ -36,7 +38,8 @@ pub struct ProcessState {
 #[derive(Debug, Clone)]
 pub enum FanOutResult {
     Found(String),
-    NotFound,
+    /// With the registry's error body when the projects agreed on more than "not found".
+    NotFound(Option<Bytes>),
     Failed(Error),
 }
 
@@ -199,12 +202,15 @@ impl State {
         ticket.record(failed, self.now());
     }
 
-    pub fn is_miss(&self, key: &str, now: Instant) -> bool {
-        self.answers.borrow().is_miss(key, now)
+    /// `Some` when `key` is a remembered miss, with the registry's error body if it had one.
+    pub fn miss(&self, key: &str, now: Instant) -> Option<Option<Bytes>> {
+        self.answers.borrow().miss(key, now)
     }
 
-    pub fn remember_miss(&self, key: &str) {
-        self.answers.borrow_mut().remember_miss(key, self.now());
+    pub fn remember_miss(&self, key: &str, detail: Option<Bytes>) {
+        self.answers
+            .borrow_mut()
+            .remember_miss(key, detail, self.now());
     }
 
     pub fn manifest(&self, key: &str, now: Instant) -> Option<Kept> {

@@ -287,8 +287,16 @@ impl Upstream {
     /// Reads a small body to its end (so its connection can be reused), within the response timeout;
     /// a body that is large or stalls is dropped with its connection instead.
     pub async fn drain(&self, body: UpstreamBody) {
+        self.read_small(body).await;
+    }
+
+    /// Like [`Upstream::drain`], keeping what was read: `None` when the body was too large, stalled
+    /// or broke.
+    pub async fn read_small(&self, body: UpstreamBody) -> Option<Bytes> {
         let limit = self.harbor.response_timeout;
-        let _ = monoio::time::timeout(limit, Limited::new(body, SMALL_BODY_LIMIT).collect()).await;
+        let read = Limited::new(body, SMALL_BODY_LIMIT).collect();
+        let collected = monoio::time::timeout(limit, read).await.ok()?.ok()?;
+        Some(collected.to_bytes())
     }
 
     /// Sends with the robot's Basic credentials (anonymous when none are configured).
