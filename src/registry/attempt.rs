@@ -128,8 +128,8 @@ pub async fn attempt(
 }
 
 /// Whether a 404 body is a registry error that says more than "not found" (for example "OCI index
-/// found, but accept header does not support OCI indexes"): one error, whose message speaks of
-/// neither "unknown" nor "not found".
+/// found, but accept header does not support OCI indexes"): one error, whose message says none of
+/// "unknown", "not known", "not found", "does not exist".
 pub fn telling(body: &[u8]) -> bool {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
@@ -145,7 +145,8 @@ pub fn telling(body: &[u8]) -> bool {
         return false;
     };
     let m = message.to_ascii_lowercase();
-    !code.is_empty() && !m.contains("unknown") && !m.contains("not found")
+    let absent = ["unknown", "not known", "not found", "does not exist"];
+    !code.is_empty() && !absent.iter().any(|a| m.contains(a))
 }
 
 /// Reads a tag list whole; `true` when it proves the repository is there. Harbor answers 200 with
