@@ -28,6 +28,9 @@ pub const ENV_CACHE_TTL: &str = "CACHE_TTL";
 pub const ENV_MAX_FANOUT_PROJECTS: &str = "MAX_FANOUT_PROJECTS";
 pub const ENV_HTTP2_PRIOR_KNOWLEDGE: &str = "HTTP2_PRIOR_KNOWLEDGE";
 pub const ENV_RATE_LIMIT_PER_IP: &str = "RATE_LIMIT_PER_IP";
+pub const ENV_FANOUT_BUDGET_PER_IP: &str = "FANOUT_BUDGET_PER_IP";
+pub const ENV_TRUSTED_PROXIES: &str = "TRUSTED_PROXIES";
+pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 pub const ENV_MAX_IDLE_CONNS_PER_HOST: &str = "MAX_IDLE_CONNS_PER_HOST";
 pub const ENV_IDLE_CONN_TIMEOUT: &str = "IDLE_CONN_TIMEOUT";
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -170,6 +173,12 @@ pub struct Config {
     pub http2_prior_knowledge: bool,
     /// Requests per second per client IP; 0 turns the limiter off (and its cross-core cost with it).
     pub rate_limit_per_ip: u32,
+    /// Fan-outs (requests that ask every project) per second per client IP, across all cores.
+    pub fanout_budget_per_ip: u32,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers, ingress controllers).
+    pub trusted_proxies: Vec<Cidr>,
+    /// Client connections open at once, across the workers (each worker takes its share).
+    pub max_connections: usize,
     /// Idle keep-alive connections to Harbor kept per core.
     pub max_idle_conns_per_host: usize,
     /// An idle upstream connection is closed after this long.
@@ -309,6 +318,13 @@ impl Config {
         let rate_limit_per_ip = r.parse(ENV_RATE_LIMIT_PER_IP, "0", |v| {
             ranged_int(v, 0, u32::MAX as u64).map(|n| n as u32)
         });
+        let fanout_budget_per_ip = r.parse(ENV_FANOUT_BUDGET_PER_IP, "10", |v| {
+            ranged_int(v, 1, 1_000_000).map(|n| n as u32)
+        });
+        let trusted_proxies = r.parse(ENV_TRUSTED_PROXIES, "", parse_cidrs);
+        let max_connections = r.parse(ENV_MAX_CONNECTIONS, "10000", |v| {
+            ranged_int(v, 1, 10_000_000).map(|n| n as usize)
+        });
         let max_idle_conns_per_host = r.parse(ENV_MAX_IDLE_CONNS_PER_HOST, "512", |v| {
             ranged_int(v, 0, 65535).map(|n| n as usize)
         });
@@ -376,6 +392,9 @@ impl Config {
             max_fanout_projects: max_fanout_projects.expect("checked"),
             http2_prior_knowledge: http2_prior_knowledge.expect("checked"),
             rate_limit_per_ip: rate_limit_per_ip.expect("checked"),
+            fanout_budget_per_ip: fanout_budget_per_ip.expect("checked"),
+            trusted_proxies: trusted_proxies.expect("checked"),
+            max_connections: max_connections.expect("checked"),
             max_idle_conns_per_host: max_idle_conns_per_host.expect("checked"),
             idle_conn_timeout: idle_conn_timeout.expect("checked"),
             listen_addr: listen_addr.expect("checked"),
@@ -709,6 +728,56 @@ fn parse_token(v: &str) -> Result<String, String> {
 }
 
 /// `host[:port],host[:port],…`; an empty list means Redis is off.
+/// An address block: `addr/len`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map(V4).unwrap_or(V6(v6)),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.len),
+            (V6(net), V6(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.len),
+            _ => false,
+        }
+    }
+}
+
+/// Whether the first `len` bits of `a` and `b` are equal.
+fn prefix_eq(a: &[u8], b: &[u8], len: u8) -> bool {
+    let (whole, rest) = (usize::from(len / 8), len % 8);
+    a[..whole] == b[..whole] && (rest == 0 || (a[whole] ^ b[whole]) & (0xffu8 << (8 - rest)) == 0)
+}
+
+/// `10.0.0.0/8, 192.168.1.5, fd00::/8`: address blocks, separated by commas.
+fn parse_cidrs(v: &str) -> Result<Vec<Cidr>, String> {
+    let mut out = Vec::new();
+    for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (addr, len) = entry.split_once('/').unwrap_or((entry, ""));
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{entry:?} is not an address or address/length"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            "" => max,
+            l => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{entry:?}: the length must be 0 to {max}"))?,
+        };
+        out.push(Cidr { addr, len });
+    }
+    Ok(out)
+}
+
 fn parse_sentinels(v: &str) -> Result<Vec<SentinelAddr>, String> {
     let mut out = Vec::new();
     for entry in v.split(',').map(str::trim) {

@@ -207,7 +207,11 @@ fn harbor_url_refusals() {
     ] {
         let e = refused_with(&[(ENV_HARBOR_URL, bad)]);
         assert_eq!(e.var, ENV_HARBOR_URL, "{bad}");
-        assert_eq!(e.value, Some(without_userinfo(bad)), "shown as given, less credentials");
+        assert_eq!(
+            e.value,
+            Some(without_userinfo(bad)),
+            "shown as given, less credentials"
+        );
     }
     let e = refused_with(&[(ENV_HARBOR_URL, "ftp://harbor")]);
     assert!(e.problem.contains("not http or https"), "{}", e.problem);
@@ -643,4 +647,49 @@ fn credentials_in_a_url_are_refused_without_being_shown() {
     assert_eq!(without_userinfo("http://harbor:80"), "http://harbor:80");
     assert_eq!(without_userinfo("not a url"), "not a url");
     assert_eq!(without_userinfo("http://h/p@q"), "http://h/p@q");
+}
+
+#[test]
+fn limits_and_trusted_proxies() {
+    let c = ok(&[]);
+    assert_eq!(c.rate_limit_per_ip, 0, "off unless asked");
+    assert_eq!(c.fanout_budget_per_ip, 10);
+    assert_eq!(c.max_connections, 10_000);
+    assert!(
+        c.trusted_proxies.is_empty(),
+        "trust no forwarded header by default"
+    );
+    let c = ok(&[(ENV_TRUSTED_PROXIES, "10.0.0.0/8, 192.168.1.5,fd00::/8")]);
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let trusted = |s: &str| c.trusted_proxies.iter().any(|n| n.contains(ip(s)));
+    assert!(trusted("10.1.2.3"));
+    assert!(trusted("::ffff:10.1.2.3"), "v4-mapped");
+    assert!(!trusted("11.0.0.1"));
+    assert!(trusted("192.168.1.5"));
+    assert!(!trusted("192.168.1.6"));
+    assert!(trusted("fd12::1"));
+    assert!(!trusted("fe80::1"));
+    let c = ok(&[(ENV_TRUSTED_PROXIES, "0.0.0.0/0,10.0.0.1/31")]);
+    assert!(c.trusted_proxies[0].contains(ip("8.8.8.8")));
+    assert!(c.trusted_proxies[1].contains(ip("10.0.0.0")));
+    for bad in [
+        "10.0.0.0/33",
+        "fd00::/129",
+        "nope",
+        "10.0.0.0/x",
+        "10.0.0/8",
+    ] {
+        assert_eq!(
+            refused(&[(ENV_TRUSTED_PROXIES, bad)]),
+            [ENV_TRUSTED_PROXIES],
+            "{bad}"
+        );
+    }
+    for (var, bad) in [
+        (ENV_FANOUT_BUDGET_PER_IP, "0"),
+        (ENV_MAX_CONNECTIONS, "0"),
+        (ENV_MAX_CONNECTIONS, "many"),
+    ] {
+        assert_eq!(refused(&[(var, bad)]), [var], "{var}={bad}");
+    }
 }

@@ -20,6 +20,12 @@ pub enum Error {
     TooManyRequests {
         retry_after: Option<http::HeaderValue>,
     },
+    /// This client used up its budget (`RATE_LIMIT_PER_IP`, `FANOUT_BUDGET_PER_IP`).
+    #[error("too many requests")]
+    ClientRateLimited {
+        retry_after_secs: u64,
+        reason: &'static str,
+    },
     /// The router's robot account may not pull from the project that has the image.
     #[error("requested access to the resource is denied")]
     Denied { reason: &'static str },
@@ -55,7 +61,7 @@ impl Error {
         match self {
             Error::ManifestUnknown => "MANIFEST_UNKNOWN",
             Error::BlobUnknown => "BLOB_UNKNOWN",
-            Error::TooManyRequests { .. } => "TOOMANYREQUESTS",
+            Error::TooManyRequests { .. } | Error::ClientRateLimited { .. } => "TOOMANYREQUESTS",
             Error::Denied { .. } => "DENIED",
             Error::BadGateway { .. } => "UNAVAILABLE",
             Error::NameUnknown { .. } => "NAME_UNKNOWN",
@@ -71,7 +77,9 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::ManifestUnknown | Error::BlobUnknown => StatusCode::NOT_FOUND,
-            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManyRequests { .. } | Error::ClientRateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Error::Denied { .. } => StatusCode::FORBIDDEN,
             Error::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             Error::NameUnknown { .. } => StatusCode::NOT_FOUND,
@@ -87,7 +95,10 @@ impl Error {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Error::Unavailable { .. } | Error::BadGateway { .. } | Error::TooManyRequests { .. }
+            Error::Unavailable { .. }
+                | Error::BadGateway { .. }
+                | Error::TooManyRequests { .. }
+                | Error::ClientRateLimited { .. }
         )
     }
 
@@ -97,7 +108,9 @@ impl Error {
             Error::ManifestUnknown => "no proxy-cache project has this manifest",
             Error::BlobUnknown => "no proxy-cache project has this blob",
             Error::TooManyRequests { .. } => "Harbor's upstream registry is rate-limiting pulls",
-            Error::Denied { reason } | Error::BadGateway { reason } => reason,
+            Error::Denied { reason }
+            | Error::BadGateway { reason }
+            | Error::ClientRateLimited { reason, .. } => reason,
             Error::NameUnknown { detail } => detail,
             Error::NameInvalid { reason }
             | Error::DigestInvalid { reason }
@@ -176,6 +189,15 @@ mod tests {
                 true,
             ),
             (Error::Denied { reason: "" }, "DENIED", 403, false),
+            (
+                Error::ClientRateLimited {
+                    retry_after_secs: 1,
+                    reason: "",
+                },
+                "TOOMANYREQUESTS",
+                429,
+                true,
+            ),
             (Error::BadGateway { reason: "" }, "UNAVAILABLE", 502, true),
         ];
         for (e, code, status, retry) in cases {

@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod flight;
+pub mod limit;
 pub mod logging;
 pub mod names;
 pub mod registry;
@@ -100,12 +101,11 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (report_tx, report_rx) = mpsc::channel();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let process = ProcessState {
-            config: self.config.clone(),
-            harbor: self.harbor.clone(),
-            snapshot: self.snapshot.clone(),
-            learned: Arc::new(cache::LearnedMap::default()),
-        };
+        let process = ProcessState::new(
+            self.config.clone(),
+            self.harbor.clone(),
+            self.snapshot.clone(),
+        );
         let settings = server::Settings::from_config(&self.config);
         if self.config.workers > cores.len() && !cores.is_empty() {
             tracing::warn!(

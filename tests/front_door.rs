@@ -330,3 +330,103 @@ fn keep_alive_serves_many_requests_on_one_connection() {
         assert_eq!(res.status, if i % 2 == 0 { 200 } else { 503 });
     }
 }
+
+/// A keep-alive connection that sends pipelined requests and reads their answers.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn open(addr: std::net::SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        Conn { s, buf: Vec::new() }
+    }
+
+    /// Sends `n` GETs of `path` in one write, then reads the `n` answers.
+    fn pipeline(&mut self, path: &str, n: usize) -> Vec<common::Response> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").repeat(n);
+        self.s.write_all(req.as_bytes()).unwrap();
+        (0..n).map(|_| self.read_one()).collect()
+    }
+
+    fn read_one(&mut self) -> common::Response {
+        loop {
+            if let Some((res, used)) = parse_response_to(&self.buf, false) {
+                self.buf.drain(..used);
+                return res;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.s.read(&mut chunk).unwrap();
+            assert!(n > 0, "the connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The worker serving this connection (health answers name it; probes are never limited).
+    fn worker(&mut self) -> u64 {
+        self.pipeline("/healthz", 1)[0].json()["worker"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+#[test]
+fn one_client_has_one_request_budget_across_cores() {
+    let r = Router::start(&[("WORKERS", "2"), ("RATE_LIMIT_PER_IP", "20")]);
+    // Two connections from 127.0.0.1 that landed on different workers.
+    let mut a = Conn::open(r.addr);
+    let first = a.worker();
+    let mut b = common::wait_for("a connection on the other worker", || {
+        let mut c = Conn::open(r.addr);
+        (c.worker() != first).then_some(c)
+    });
+    // A burst of 20 (one second's worth) on one core ...
+    let on_a = a.pipeline("/v2/", 20);
+    assert!(on_a.iter().filter(|r| r.status == 200).count() >= 19);
+    // ... leaves the other core nothing to give the same client.
+    let on_b = b.pipeline("/v2/", 20);
+    let served = on_b.iter().filter(|r| r.status == 200).count();
+    assert!(
+        served <= 3,
+        "{served} served: each core gave its own budget"
+    );
+    let refused = on_b.iter().find(|r| r.status == 429).expect("a 429");
+    assert_eq!(refused.error_code(), "TOOMANYREQUESTS");
+    assert!(refused.header("retry-after").is_some());
+    // Probes are never limited.
+    assert_eq!(b.pipeline("/healthz", 5).len(), 5);
+}
+
+#[test]
+fn connections_past_max_connections_are_closed_at_once() {
+    let r = Router::start(&[("WORKERS", "1"), ("MAX_CONNECTIONS", "2")]);
+    let mut held: Vec<Conn> = (0..2).map(|_| Conn::open(r.addr)).collect();
+    for c in &mut held {
+        assert_eq!(c.pipeline("/v2/", 1)[0].status, 200);
+    }
+    // A third is accepted and closed: no answer, and the router keeps serving the others.
+    let mut third = TcpStream::connect(r.addr).unwrap();
+    third.set_read_timeout(Some(DEADLINE)).unwrap();
+    let _ = third.write_all(b"GET /v2/ HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = third.read_to_end(&mut out);
+    assert!(
+        out.is_empty(),
+        "answered past the limit: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    r.wait_log(|l| l.contains("MAX_CONNECTIONS reached"));
+    assert_eq!(held[0].pipeline("/v2/", 1)[0].status, 200);
+    // One closes: a new connection is served again.
+    held.pop();
+    common::wait_until("a new connection is served", || {
+        let mut s = TcpStream::connect(r.addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let _ = s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out.starts_with(b"HTTP/1.1 200")
+    });
+}

@@ -19,9 +19,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 
-use harbor_router::cache::LearnedMap;
 use harbor_router::registry::handle::handle;
 use harbor_router::registry::{ProcessState, State};
+use harbor_router::server::Peer;
 use harbor_router::snapshot::{self, Project, SharedSnapshot, Snapshot, UpstreamKind};
 use harbor_router::upstream;
 
@@ -63,15 +63,7 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<Stat
         generation: 1,
     })));
     let harbor = upstream::Harbor::from_config(&config).unwrap();
-    State::new(
-        0,
-        ProcessState {
-            config: Arc::new(config),
-            harbor,
-            snapshot,
-            learned: Arc::new(LearnedMap::default()),
-        },
-    )
+    State::new(0, ProcessState::new(Arc::new(config), harbor, snapshot))
 }
 
 struct Answered {
@@ -81,12 +73,19 @@ struct Answered {
 }
 
 async fn send(state: &Rc<State>, method: &str, path: &str) -> Answered {
-    let req = Request::builder()
+    send_from(state, "192.0.2.1", method, path).await
+}
+
+/// A request as it comes from a client at `ip`.
+async fn send_from(state: &Rc<State>, ip: &str, method: &str, path: &str) -> Answered {
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header("accept", MANIFEST_TYPE)
         .body(())
         .unwrap();
+    let peer = format!("{ip}:40000").parse().unwrap();
+    req.extensions_mut().insert(Peer(peer));
     let res = handle(state, req).await;
     let (parts, body) = res.into_parts();
     let body = body.collect().await.expect("a whole body").to_bytes();
@@ -621,5 +620,44 @@ fn the_registrys_own_404_is_passed_on_when_the_projects_agree() {
             v["errors"][0]["detail"],
             "no proxy-cache project has this manifest"
         );
+    });
+}
+
+#[test]
+fn a_client_cannot_spend_more_than_its_fan_out_budget() {
+    let fake = FakeHarbor::start();
+    fake.answer_path("/v2/b/org/app/", manifest());
+    run(async {
+        // One fan-out a second, bursts of five.
+        let s = state(&fake, &["a", "b"], &[("FANOUT_BUDGET_PER_IP", "1")]);
+        let unknown = |i: usize| format!("/v2/proxy/random/n{i}/manifests/1");
+        for i in 0..5 {
+            let res = send_from(&s, "198.51.100.7", "GET", &unknown(i)).await;
+            assert_eq!(res.status, StatusCode::NOT_FOUND, "within the burst");
+        }
+        let asked = fake.requests("a");
+        let res = send_from(&s, "198.51.100.7", "GET", &unknown(5)).await;
+        assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(error_code(&res), "TOOMANYREQUESTS");
+        assert_eq!(res.headers["retry-after"], "1");
+        assert_eq!(fake.requests("a"), asked, "Harbor not asked");
+        // What it already knows costs nothing: a remembered miss, a mapped name.
+        let res = send_from(&s, "198.51.100.7", "GET", &unknown(0)).await;
+        assert_eq!(res.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            send_from(&s, "203.0.113.9", "GET", APP).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            send_from(&s, "198.51.100.7", "GET", APP).await.status,
+            StatusCode::OK
+        );
+        // Other clients keep their cold pulls.
+        let res = send_from(&s, "203.0.113.9", "GET", &unknown(6)).await;
+        assert_eq!(res.status, StatusCode::NOT_FOUND);
+        // The budget refills with time.
+        s.advance_clock(Duration::from_secs(1));
+        let res = send_from(&s, "198.51.100.7", "GET", &unknown(7)).await;
+        assert_eq!(res.status, StatusCode::NOT_FOUND);
     });
 }

@@ -14,6 +14,8 @@
 //! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn from every attempt that got a verdict; an attempt
 //! cancelled before its verdict frees its probe (the ticket is dropped).
 
+use std::net::IpAddr;
+
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::Response;
@@ -48,8 +50,14 @@ pub enum Found<'s> {
 }
 
 /// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
-/// a miss.
-pub async fn find<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask, key: &str) -> Found<'s> {
+/// a miss. Leading a fan-out costs `client` one unit of its fan-out budget; waiting for one is free.
+pub async fn find<'s>(
+    state: &State,
+    snapshot: &'s Snapshot,
+    ask: &Ask,
+    key: &str,
+    client: IpAddr,
+) -> Found<'s> {
     let locator = ask.locator();
     loop {
         let leader = match state.join_fan_out(key) {
@@ -64,6 +72,11 @@ pub async fn find<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask, key: &st
                 Err(_) => continue, // the leading request was cancelled: lead ourselves
             },
         };
+        if let Err(e) = state.admit_fan_out(client) {
+            // Dropping the lead lets a waiting request (maybe another client's) lead instead.
+            drop(leader);
+            return Found::Failed(e);
+        }
         return match race(state, &snapshot.projects, &locator).await {
             Outcome::Won(project, res) => {
                 state.learn(&ask.name, &project.name);

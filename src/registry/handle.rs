@@ -26,7 +26,18 @@ impl Handler for State {
 /// Routes and answers one request. Never fails: every problem becomes a registry error response.
 pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     let (parts, _body) = req.into_parts();
-    let route = match route::parse(&parts.method, parts.uri.path(), state.proxy_project()) {
+    let parsed = route::parse(&parts.method, parts.uri.path(), state.proxy_project());
+    match parsed {
+        // Probes are never limited.
+        Ok(Route::Healthz) => return health(state, false),
+        Ok(Route::Readyz) => return health(state, true),
+        _ => {}
+    }
+    let client = state.client_ip(&parts);
+    if let Err(e) = state.admit_request(client) {
+        return error(&e);
+    }
+    let route = match parsed {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(method = %parts.method, path = parts.uri.path(), code = e.code(), "refused");
@@ -35,9 +46,7 @@ pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     };
     let mut res = match route {
         Route::Base => json(StatusCode::OK, &b"{}"[..]),
-        Route::Healthz => return health(state, false),
-        Route::Readyz => return health(state, true),
-        _ => pull::serve(state, &parts, &route).await,
+        _ => pull::serve(state, &parts, &route, client).await,
     };
     res.headers_mut()
         .entry(API_VERSION_HEADER)

@@ -3,7 +3,8 @@
 //! they use ([`state`]).
 //!
 //! - [`route`]: method and path → `Route`, validated by the name grammar.
-//! - [`handle`]: the handler: `/v2/`, health, refusals, pulls.
+//! - [`handle`]: the handler: `/v2/`, health, refusals, the per-IP request limit, pulls.
+//! - [`client`]: who the client is (peer, or `X-Forwarded-For` behind a trusted proxy).
 //! - [`state`]: per-core state behind verbs (look up, learn, forget, admit, record, remember).
 //! - [`ask`]: one owned description of what a pull asks a project for.
 //! - [`attempt`]: sending an ask to one project, and the one judge of the answer.
@@ -15,6 +16,7 @@
 pub mod answer;
 pub mod ask;
 pub mod attempt;
+pub mod client;
 pub mod fanout;
 pub mod forward;
 pub mod handle;

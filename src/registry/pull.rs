@@ -10,6 +10,7 @@
 //! The mapping moves when a fan-out after a mapped 404 finds another project, and stays otherwise
 //! (a missing tag of a mapped image must not cost every later pull a fan-out).
 
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use http::request::Parts;
@@ -28,7 +29,12 @@ use super::state::State;
 use super::{answer, forward, memory, refresh};
 
 /// Serves one pull request.
-pub async fn serve(state: &Rc<State>, req: &Parts, route: &Route<'_>) -> Response<Body> {
+pub async fn serve(
+    state: &Rc<State>,
+    req: &Parts,
+    route: &Route<'_>,
+    client: IpAddr,
+) -> Response<Body> {
     let Some((name, endpoint)) = Endpoint::of(route, req.uri.query()) else {
         return error(&Error::NameUnknown {
             detail: "unknown registry endpoint",
@@ -64,7 +70,7 @@ pub async fn serve(state: &Rc<State>, req: &Parts, route: &Route<'_>) -> Respons
             }
         }
     }
-    match fanout::find(state, &snapshot, &ask, &key).await {
+    match fanout::find(state, &snapshot, &ask, &key, client).await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
         Found::Won(project, _) | Found::Known(project)
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>

@@ -50,11 +50,18 @@ pub fn error(e: &Error) -> Response<Body> {
     if e.status() == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(ALLOW, GET_HEAD);
     }
-    if let Error::TooManyRequests {
-        retry_after: Some(v),
-    } = e
-    {
-        h.insert(RETRY_AFTER, v.clone());
+    match e {
+        Error::TooManyRequests {
+            retry_after: Some(v),
+        } => {
+            h.insert(RETRY_AFTER, v.clone());
+        }
+        Error::ClientRateLimited {
+            retry_after_secs, ..
+        } => {
+            h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        _ => {}
     }
     res
 }

@@ -7,6 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use crate::cache::{Answers, Kept, LearnedMap, Mappings, Tier, Ttls};
 use crate::config::Config;
 use crate::error::Error;
 use crate::flight::{Flights, Turn};
+use crate::limit::{Limits, Rate};
 use crate::snapshot::{Project, SharedSnapshot, Snapshot};
 use crate::upstream::breaker::{Breakers, Ticket};
 use crate::upstream::{self, Upstream};
@@ -32,6 +34,34 @@ pub struct ProcessState {
     pub snapshot: SharedSnapshot,
     /// The process-wide mapping tier.
     pub learned: Arc<LearnedMap>,
+    /// Per-client-IP budgets, the same for every core.
+    pub limits: Arc<Limits>,
+}
+
+impl ProcessState {
+    /// The process-wide parts for `config`: an empty learned map, the limits it asks for.
+    pub fn new(
+        config: Arc<Config>,
+        harbor: Arc<upstream::Harbor>,
+        snapshot: SharedSnapshot,
+    ) -> ProcessState {
+        let limits = Limits::new(
+            // Bursts: a second's worth of requests; five seconds' worth of fan-outs (a node that
+            // starts many new pods at once asks for many new images at once).
+            Rate::new(config.rate_limit_per_ip, config.rate_limit_per_ip),
+            Rate::new(
+                config.fanout_budget_per_ip,
+                config.fanout_budget_per_ip.saturating_mul(5),
+            ),
+        );
+        ProcessState {
+            config,
+            harbor,
+            snapshot,
+            learned: Arc::new(LearnedMap::default()),
+            limits: Arc::new(limits),
+        }
+    }
 }
 
 /// What a fan-out leader tells the requests that waited for it.
@@ -64,6 +94,8 @@ pub struct State {
     flights: Rc<Flights<FanOutResult>>,
     /// Names whose stale mapping is being refreshed (one refresh per name at a time).
     refreshing: Rc<RefCell<HashSet<String>>>,
+    /// Per-client-IP budgets, shared with the other cores.
+    limits: Arc<Limits>,
     /// Added to the system clock: zero in service; tests move it to drive expiry and breakers.
     skew: Cell<Duration>,
 }
@@ -71,23 +103,19 @@ pub struct State {
 impl State {
     /// Builds worker `worker`'s state; call inside its runtime (it spawns the core's sweeper).
     pub fn new(worker: usize, process: ProcessState) -> Rc<State> {
+        let tiers: Vec<Rc<dyn Tier>> = vec![Rc::new(process.learned.clone())];
+        State::with_tiers(worker, process, tiers)
+    }
+
+    /// Like [`State::new`], with the shared mapping tiers given in lookup order.
+    pub fn with_tiers(worker: usize, process: ProcessState, tiers: Vec<Rc<dyn Tier>>) -> Rc<State> {
         let ProcessState {
             config,
             harbor,
             snapshot,
-            learned,
+            limits,
+            ..
         } = process;
-        State::with_tiers(worker, config, harbor, snapshot, vec![Rc::new(learned)])
-    }
-
-    /// Like [`State::new`], with the shared mapping tiers given in lookup order.
-    pub fn with_tiers(
-        worker: usize,
-        config: Arc<Config>,
-        harbor: Arc<upstream::Harbor>,
-        snapshot: SharedSnapshot,
-        tiers: Vec<Rc<dyn Tier>>,
-    ) -> Rc<State> {
         let ttls = Ttls {
             mapping: config.cache_ttl,
             stale: config.stale_while_revalidate,
@@ -109,6 +137,7 @@ impl State {
             view: RefCell::new(None),
             flights: Rc::default(),
             refreshing: Rc::default(),
+            limits,
             skew: Cell::new(Duration::ZERO),
         });
         spawn_sweeper(Rc::downgrade(&state));
@@ -132,6 +161,35 @@ impl State {
     /// Moves this state's clock forward (tests drive mapping expiry and breaker timeouts with it).
     pub fn advance_clock(&self, by: Duration) {
         self.skew.set(self.skew.get() + by);
+    }
+
+    /// Who sent `req` (see [`super::client`]).
+    pub fn client_ip(&self, req: &http::request::Parts) -> IpAddr {
+        super::client::client_ip(req, &self.config.trusted_proxies)
+    }
+
+    /// One request from `client`, under `RATE_LIMIT_PER_IP` (free when the limit is off).
+    pub fn admit_request(&self, client: IpAddr) -> Result<(), Error> {
+        if !self.limits.limits_requests() {
+            return Ok(());
+        }
+        self.limits
+            .admit_request(client, self.now())
+            .map_err(|r| Error::ClientRateLimited {
+                retry_after_secs: r.seconds(),
+                reason: "this client sent more requests than RATE_LIMIT_PER_IP allows",
+            })
+    }
+
+    /// One fan-out for `client` (a request that asks every project), under `FANOUT_BUDGET_PER_IP`.
+    pub fn admit_fan_out(&self, client: IpAddr) -> Result<(), Error> {
+        self.limits
+            .admit_fan_out(client, self.now())
+            .map_err(|r| Error::ClientRateLimited {
+                retry_after_secs: r.seconds(),
+                reason:
+                    "this client asked for more unknown images than FANOUT_BUDGET_PER_IP allows",
+            })
     }
 
     /// Longest wait for one fan-out attempt.

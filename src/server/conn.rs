@@ -15,7 +15,7 @@ use monoio_compat::hyper::MonoioIo;
 use tokio::sync::watch;
 
 use super::linger::LingeringIo;
-use super::{ConnGuard, Handler};
+use super::{ConnGuard, Handler, Peer};
 
 /// What every connection of one core shares.
 pub(super) struct Core<H> {
@@ -30,6 +30,7 @@ pub(super) struct Core<H> {
 /// in-flight request finish.
 pub(super) async fn serve<H: Handler>(
     stream: TcpStream,
+    peer: Peer,
     core: Rc<Core<H>>,
     mut shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
@@ -42,7 +43,8 @@ pub(super) async fn serve<H: Handler>(
         }
     };
     let handler = core.handler.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer);
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler.handle(req).await) }
     });

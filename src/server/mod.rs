@@ -33,6 +33,8 @@ use crate::config::{Config, IoDriver};
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Most header lines accepted in one request.
 const MAX_HEADERS: usize = 100;
+/// At most one warning this often while connections are refused for `MAX_CONNECTIONS`.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -47,9 +49,16 @@ pub trait Handler: 'static {
         -> impl Future<Output = Response<Self::Body>>;
 }
 
+/// The client's address, in every request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// The settings the runtime itself needs, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
+    /// Connections one worker keeps open at once (its share of `MAX_CONNECTIONS`); past it, a new
+    /// connection is closed as soon as it is accepted.
+    pub max_connections: usize,
     pub io_driver: IoDriver,
     /// Longest wait for a request head (and so the idle time of a keep-alive connection).
     pub header_read_timeout: Duration,
@@ -62,6 +71,7 @@ pub struct Settings {
 impl Settings {
     pub fn from_config(config: &Config) -> Settings {
         Settings {
+            max_connections: config.max_connections.div_ceil(config.workers.max(1)),
             io_driver: config.io_driver,
             header_read_timeout: config.header_read_timeout,
             client_stall_timeout: config.client_stall_timeout,
@@ -176,16 +186,28 @@ async fn accept_loop<H, F>(
         client_stall_timeout: settings.client_stall_timeout,
     });
     let open = Rc::new(OpenConns::default());
+    let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             break;
         }
         monoio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
+                    if open.count() >= settings.max_connections {
+                        // Closed at once: the client sees its connection end, the loop moves on.
+                        drop(stream);
+                        let now = std::time::Instant::now();
+                        if last_refusal_logged.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
+                            last_refusal_logged = Some(now);
+                            tracing::warn!(worker = id, open = open.count(),
+                                "MAX_CONNECTIONS reached: closing new connections");
+                        }
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     let guard = open.enter();
-                    monoio::spawn(conn::serve(stream, core.clone(), shutdown.clone(), guard));
+                    monoio::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
                 }
                 Err(e) => {
                     tracing::warn!(worker = id, error = %e, "accept failed");

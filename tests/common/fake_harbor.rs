@@ -53,6 +53,8 @@ impl Answer {
 #[derive(Default)]
 struct Inner {
     answers: HashMap<String, Answer>,
+    /// Answers for paths starting with a prefix; they win over the project's answer.
+    by_path: Vec<(String, Answer)>,
     held: HashMap<String, bool>,
     requests: HashMap<String, u64>,
     cancelled: HashMap<String, u64>,
@@ -88,6 +90,11 @@ impl FakeHarbor {
 
     pub fn answer(&self, project: &str, answer: Answer) {
         self.lock().answers.insert(project.into(), answer);
+    }
+
+    /// The answer to every request whose path starts with `prefix` (`/v2/b/org/app/`).
+    pub fn answer_path(&self, prefix: &str, answer: Answer) {
+        self.lock().by_path.push((prefix.into(), answer));
     }
 
     /// `project`'s requests wait (after being counted) until [`FakeHarbor::release`]. `project` may
@@ -165,9 +172,13 @@ fn serve(mut stream: TcpStream, shared: Arc<(Mutex<Inner>, Condvar)>) {
                     return;
                 }
             }
-            inner
-                .answers
-                .get(&project)
+            let by_path = inner
+                .by_path
+                .iter()
+                .find(|(p, _)| path.starts_with(p.as_str()));
+            by_path
+                .map(|(_, a)| a)
+                .or(inner.answers.get(&project))
                 .cloned()
                 .unwrap_or_else(|| Answer::status(404))
         };
