@@ -919,3 +919,25 @@ fn a_client_choosing_long_names_cannot_open_a_circuit() {
     assert_eq!(res.status, 400, "too long for every project");
     assert_eq!(res.error_code(), "NAME_INVALID");
 }
+
+#[test]
+fn a_fan_out_asks_the_token_service_once_for_every_project() {
+    let env = start(&[], &[]);
+    // The first fan-out meets Harbor's challenge and learns where its token service is.
+    assert_eq!(env.get_manifest("warm/up", "1").status, 404);
+    let tokens = || env.bed.harbor.counters().token_requests;
+    let before = tokens();
+    for i in 0..10 {
+        let res = env.get_manifest(&format!("random/n{i}"), "1");
+        assert_eq!(res.status, 404);
+    }
+    assert_eq!(
+        tokens() - before,
+        10,
+        "one token request per fan-out, for the four projects' scopes at once"
+    );
+    // Each project was asked once per fan-out, with a token that worked.
+    for p in ["dockerhub", "ghcr", "quay", "k8s"] {
+        assert_eq!(env.manifest_requests(p), 11, "{p}");
+    }
+}

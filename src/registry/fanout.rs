@@ -101,8 +101,11 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
     let mut skipped = false;
-    let fitting = candidates.iter().filter(|p| forward::fits(p, &ask.name));
-    for project in fitting {
+    let fitting = || candidates.iter().filter(|p| forward::fits(p, &ask.name));
+    let repositories =
+        fitting().map(|p| format!("{}/{}", p.name, forward::project_name(p, &ask.name)));
+    state.upstream().prefetch_tokens(repositories).await;
+    for project in fitting() {
         let Some(ticket) = state.admit(&project.name) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.
             skipped = true;

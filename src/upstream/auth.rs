@@ -124,6 +124,9 @@ pub struct TokenCache {
     tokens: RefCell<Cache<String, Cached>>,
     flights: Rc<Flights<Fetched>>,
     fetches: Cell<u64>,
+    /// The realm and service of the last challenge seen: where to ask for tokens before a request
+    /// is challenged (one request for the scopes of a whole fan-out).
+    service: RefCell<Option<Challenge>>,
 }
 
 impl Default for TokenCache {
@@ -132,6 +135,7 @@ impl Default for TokenCache {
             tokens: RefCell::new(Cache::new(TOKENS_PER_CORE)),
             flights: Rc::default(),
             fetches: Cell::new(0),
+            service: RefCell::new(None),
         }
     }
 }
@@ -185,6 +189,54 @@ impl TokenCache {
     /// Token fetches started by this core (the coalescing tests count them).
     pub fn fetches(&self) -> u64 {
         self.fetches.get()
+    }
+
+    /// Remembers where `challenge` sends clients for tokens.
+    pub fn saw(&self, challenge: &Challenge) {
+        let mut service = self.service.borrow_mut();
+        if service
+            .as_ref()
+            .is_none_or(|s| s.realm != challenge.realm || s.service != challenge.service)
+        {
+            *service = Some(Challenge {
+                realm: challenge.realm.clone(),
+                service: challenge.service.clone(),
+                scope: None,
+            });
+        }
+    }
+
+    /// A challenge for every scope of `scopes` without a fresh token at `now`, at the token
+    /// service seen last; `None` when fewer than two are missing (one scope costs one request
+    /// either way) or no challenge was seen yet.
+    pub fn batch(&self, scopes: &[String], now: Instant) -> Option<Challenge> {
+        let missing: Vec<&str> = scopes
+            .iter()
+            .filter(|s| self.cached(s, now).is_none())
+            .map(String::as_str)
+            .collect();
+        if missing.len() < 2 {
+            return None;
+        }
+        let service = self.service.borrow().clone()?;
+        self.fetches.set(self.fetches.get() + 1);
+        Some(Challenge {
+            scope: Some(missing.join(" ")),
+            ..service
+        })
+    }
+
+    /// Stores one token fetched for the scopes of `batch` under each of them.
+    pub fn store_batch(
+        &self,
+        batch: &Challenge,
+        header: &HeaderValue,
+        expires_in: Duration,
+        now: Instant,
+    ) {
+        for scope in batch.scope.iter().flat_map(|s| s.split(' ')) {
+            self.store(scope, header.clone(), expires_in, now);
+        }
     }
 
     fn store(&self, scope: &str, header: HeaderValue, expires_in: Duration, now: Instant) {

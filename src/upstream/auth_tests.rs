@@ -196,3 +196,46 @@ fn absurd_lifetimes_are_clamped() {
     g.finish(Ok((token("t"), Duration::from_secs(u64::MAX / 2))), now);
     assert!(cache.cached("s", now + MAX_EXPIRES_IN).is_none());
 }
+
+#[test]
+fn a_batch_asks_for_every_missing_scope_at_the_last_token_service() {
+    let cache = TokenCache::default();
+    let now = Instant::now();
+    let scopes: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|r| format!("repository:{r}:pull"))
+        .collect();
+    assert!(
+        cache.batch(&scopes, now).is_none(),
+        "no token service known yet"
+    );
+    let challenge = Challenge::parse(
+        r#"Bearer realm="https://harbor/service/token",service="harbor-registry",scope="repository:x:pull""#,
+    )
+    .unwrap();
+    cache.saw(&challenge);
+    cache.store(
+        "repository:a:pull",
+        token("a"),
+        Duration::from_secs(60),
+        now,
+    );
+    let batch = cache.batch(&scopes, now).expect("two scopes missing");
+    assert_eq!(batch.realm, "https://harbor/service/token");
+    assert_eq!(batch.service.as_deref(), Some("harbor-registry"));
+    assert_eq!(
+        batch.scope.as_deref(),
+        Some("repository:b:pull repository:c:pull")
+    );
+    cache.store_batch(&batch, &token("bc"), Duration::from_secs(60), now);
+    assert_eq!(cache.cached("repository:b:pull", now), Some(token("bc")));
+    assert_eq!(cache.cached("repository:c:pull", now), Some(token("bc")));
+    assert_eq!(cache.cached("repository:a:pull", now), Some(token("a")));
+    assert!(cache.batch(&scopes, now).is_none(), "nothing missing");
+    assert!(
+        cache
+            .batch(&scopes[..1], now + Duration::from_secs(3600))
+            .is_none(),
+        "one missing scope: the challenge flow costs the same"
+    );
+}

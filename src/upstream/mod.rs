@@ -248,6 +248,7 @@ impl Upstream {
         else {
             return Ok(res);
         };
+        self.tokens.saw(&challenge);
         if let Some((scope, token)) = &sent {
             // Harbor refused a token we still believed in: never send it again.
             self.tokens.invalidate(scope, token);
@@ -318,6 +319,28 @@ impl Upstream {
         monoio::time::timeout(limit, self.pool.send(req))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout(limit))?
+    }
+
+    /// Fetches one token for every repository of `repositories` this core holds no fresh token
+    /// for, in one request to the token service (it takes repeated `scope` parameters), so a fan-out
+    /// costs Harbor one password check, not one per project. Does nothing before the first
+    /// challenge (the token service is not known yet) or for fewer than two missing scopes; a
+    /// failure is left to each request's own challenge.
+    pub async fn prefetch_tokens(&self, repositories: impl Iterator<Item = String>) {
+        let scopes: Vec<String> = repositories
+            .map(|r| format!("repository:{r}:pull"))
+            .collect();
+        let Some(batch) = self.tokens.batch(&scopes, Instant::now()) else {
+            return;
+        };
+        let limit = self.harbor.response_timeout;
+        match monoio::time::timeout(limit, self.fetch_token(&batch)).await {
+            Ok(Ok((header, ttl))) => self
+                .tokens
+                .store_batch(&batch, &header, ttl, Instant::now()),
+            Ok(Err(e)) => tracing::debug!(error = %e, "batched token request failed"),
+            Err(_) => tracing::debug!("batched token request timed out"),
+        }
     }
 
     /// A token for the challenged scope: cached, shared with a fetch in flight, or fetched.
