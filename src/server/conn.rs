@@ -46,7 +46,9 @@ pub(super) async fn serve<H: Handler>(
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer);
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(req).await) }
+        // hyper keeps room for one request's future per connection for the connection's whole
+        // life; boxed here, the (large) handler future exists only while a request is in flight.
+        async move { Ok::<_, Infallible>(Box::pin(handler.handle(req)).await) }
     });
     let conn = core.http.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);

@@ -186,6 +186,7 @@ async fn accept_loop<H, F>(
         client_stall_timeout: settings.client_stall_timeout,
     });
     let open = Rc::new(OpenConns::default());
+    spawn_memory_return(Rc::downgrade(&open));
     let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
@@ -232,16 +233,40 @@ async fn accept_loop<H, F>(
     }
 }
 
+/// How often a worker checks whether a burst of connections is over.
+const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Gives the memory of closed connections back to the system once a burst is over (the open count
+/// fell below half of its peak): the allocator keeps freed pages for reuse until told otherwise,
+/// and an idle worker would never tell it.
+fn spawn_memory_return(open: std::rc::Weak<OpenConns>) {
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(MEMORY_CHECK_EVERY).await;
+            let Some(open) = open.upgrade() else { return };
+            let (now, peak) = (open.count(), open.peak.get());
+            if peak >= 64 && now < peak / 2 {
+                // SAFETY: mi_collect only walks this thread's own heap.
+                unsafe { libmimalloc_sys::mi_collect(true) };
+                open.peak.set(now);
+            }
+        }
+    });
+}
+
 /// Counts this core's open connections so the drain knows when it is done.
 #[derive(Default)]
 struct OpenConns {
     count: Cell<usize>,
+    /// The most connections open at once since memory was last given back.
+    peak: Cell<usize>,
     closed: Notify,
 }
 
 impl OpenConns {
     fn enter(self: &Rc<Self>) -> ConnGuard {
         self.count.set(self.count.get() + 1);
+        self.peak.set(self.peak.get().max(self.count.get()));
         ConnGuard(self.clone())
     }
 
