@@ -430,3 +430,40 @@ fn connections_past_max_connections_are_closed_at_once() {
         out.starts_with(b"HTTP/1.1 200")
     });
 }
+
+#[test]
+fn idle_connections_park_in_a_few_kib_and_their_memory_returns() {
+    let r = Router::start(&[("WORKERS", "1")]);
+    let pid = r.pid();
+    // Warm the allocator and the worker with one burst, so the baseline holds what any run holds.
+    for c in &mut (0..50).map(|_| Conn::open(r.addr)).collect::<Vec<_>>() {
+        assert_eq!(c.pipeline("/v2/", 1)[0].status, 200);
+    }
+    let (base_rss, base_fds) = (common::rss(pid), common::fds(pid));
+    let n = 2000;
+    let mut idle: Vec<Conn> = (0..n).map(|_| Conn::open(r.addr)).collect();
+    for c in &mut idle {
+        assert_eq!(c.pipeline("/v2/", 1)[0].status, 200);
+    }
+    // Parked within two seconds, their memory given back within five more.
+    let per_conn = common::wait_for("idle connections parked", || {
+        let per = common::rss(pid).saturating_sub(base_rss) / n as u64;
+        (per < 8 * 1024).then_some(per)
+    });
+    eprintln!("{per_conn} bytes per idle connection");
+    // Parked connections still serve, on the same socket.
+    for c in idle.iter_mut().step_by(100) {
+        assert_eq!(c.pipeline("/v2/", 2)[1].status, 200);
+    }
+    let held = common::rss(pid);
+    drop(idle);
+    common::wait_until("descriptors back to the baseline", || {
+        common::fds(pid) <= base_fds
+    });
+    // At least half of what the parked connections held goes back to the system.
+    let after = common::wait_for("memory given back after the burst", || {
+        let now = common::rss(pid);
+        (now <= base_rss + held.saturating_sub(base_rss) / 2).then_some(now)
+    });
+    eprintln!("rss: base {base_rss}, {n} parked {held}, after close {after}");
+}

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use testbed::images::ALL_MANIFEST_TYPES;
 use testbed::{Fault, HarborConfig, Held, SeedImage, SeedKind, Seeded, Testbed};
 
-use common::{request, wait_until, Response, Router, DEADLINE};
+use common::{request, rss, wait_until, Response, Router, DEADLINE};
 
 struct Env {
     bed: Testbed,
@@ -738,17 +738,6 @@ fn blobs_range_head_redirect_and_an_upstream_dying_mid_body() {
 }
 
 /// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 #[test]
 fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {
     let env = start(

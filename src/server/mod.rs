@@ -42,7 +42,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// to another thread.
 pub trait Handler: 'static {
     /// The response body (streamed by hyper frame by frame).
-    type Body: http_body::Body<Data = Bytes, Error = std::io::Error> + 'static;
+    type Body: http_body::Body<Data = Bytes, Error = std::io::Error> + Unpin + 'static;
 
     /// Answers one request; never fails (every problem is an answer).
     fn handle(self: Rc<Self>, req: Request<Incoming>)
@@ -179,14 +179,18 @@ async fn accept_loop<H, F>(
             return;
         }
     };
+    let parking = Rc::new(conn::Parking::default());
+    spawn_parking_sweep(Rc::downgrade(&parking));
     let core = Rc::new(conn::Core {
         worker: id,
         handler: make(),
         http: settings.http1(),
         client_stall_timeout: settings.client_stall_timeout,
+        idle_timeout: settings.header_read_timeout,
+        parking,
     });
     let open = Rc::new(OpenConns::default());
-    spawn_memory_return(Rc::downgrade(&open));
+    spawn_memory_return(Rc::downgrade(&open), Rc::downgrade(&core.parking));
     let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
@@ -233,19 +237,34 @@ async fn accept_loop<H, F>(
     }
 }
 
+/// Advances this core's parking epoch every [`conn::PARK_AFTER`] (see [`conn`]).
+fn spawn_parking_sweep(parking: std::rc::Weak<conn::Parking>) {
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(conn::PARK_AFTER).await;
+            match parking.upgrade() {
+                Some(p) => p.sweep(),
+                None => return,
+            }
+        }
+    });
+}
+
 /// How often a worker checks whether a burst of connections is over.
 const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// Gives the memory of closed connections back to the system once a burst is over (the open count
-/// fell below half of its peak): the allocator keeps freed pages for reuse until told otherwise,
-/// and an idle worker would never tell it.
-fn spawn_memory_return(open: std::rc::Weak<OpenConns>) {
+/// Gives the memory of closed and parked connections back to the system once a burst is over (the
+/// open count fell below half of its peak, or many connections parked): the allocator keeps freed
+/// pages for reuse until told otherwise, and an idle worker would never tell it.
+fn spawn_memory_return(open: std::rc::Weak<OpenConns>, parking: std::rc::Weak<conn::Parking>) {
     monoio::spawn(async move {
         loop {
             monoio::time::sleep(MEMORY_CHECK_EVERY).await;
-            let Some(open) = open.upgrade() else { return };
+            let (Some(open), Some(parking)) = (open.upgrade(), parking.upgrade()) else {
+                return;
+            };
             let (now, peak) = (open.count(), open.peak.get());
-            if peak >= 64 && now < peak / 2 {
+            if (peak >= 64 && now < peak / 2) || parking.parked.take() >= 64 {
                 // SAFETY: mi_collect only walks this thread's own heap.
                 unsafe { libmimalloc_sys::mi_collect(true) };
                 open.peak.set(now);
