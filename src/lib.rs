@@ -34,6 +34,8 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod flight;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod limit;
 pub mod logging;
 pub mod names;

@@ -331,7 +331,7 @@ fn json_accept() -> HeaderMap {
 }
 
 /// The `rel="next"` target of the Link headers, as a path on Harbor's API.
-fn next_link(headers: &HeaderMap) -> Result<Option<String>, DiscoveryError> {
+pub fn next_link(headers: &HeaderMap) -> Result<Option<String>, DiscoveryError> {
     for value in headers.get_all(LINK) {
         let Ok(value) = value.to_str() else { continue };
         for link in value.split(',') {

@@ -163,18 +163,24 @@ async fn tags(
         });
     };
     let proxy = state.proxy_project();
-    let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(serde_json::Value::Object(mut v)) => {
-            v.insert("name".into(), format!("{proxy}/{}", ask.name).into());
-            Bytes::from(serde_json::Value::Object(v).to_string())
-        }
-        _ => bytes,
-    };
+    let body = renamed_tag_list(bytes, &format!("{proxy}/{}", ask.name));
     rewrite_project_links(&mut headers, project, &ask.name, proxy);
     if let Some(key) = ask.memory_key() {
         state.keep_tags(&key, keepable(&headers, &body));
     }
     whole(status, headers, body, ask.head)
+}
+
+/// A tag list whose `name` is `name` (the router's path for it); anything but a JSON object passes
+/// unchanged.
+pub fn renamed_tag_list(bytes: Bytes, name: &str) -> Bytes {
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(mut v)) => {
+            v.insert("name".into(), name.into());
+            Bytes::from(serde_json::Value::Object(v).to_string())
+        }
+        _ => bytes,
+    }
 }
 
 /// Points `Link` headers (pagination) at the router's `/v2/<proxy>/<name>/` instead of the project's
@@ -193,7 +199,7 @@ fn rewrite_project_links(headers: &mut HeaderMap, project: &Project, name: &str,
 }
 
 /// Points `Link` headers at the router's path instead of the project's.
-fn rewrite_links(headers: &mut HeaderMap, from: &str, to: &str) {
+pub fn rewrite_links(headers: &mut HeaderMap, from: &str, to: &str) {
     let links: Vec<HeaderValue> = headers
         .get_all(LINK)
         .iter()

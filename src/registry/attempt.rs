@@ -157,11 +157,16 @@ pub async fn read_tag_list(body: UpstreamBody) -> Result<(Bytes, bool), String> 
         .await
         .map_err(|e| format!("tag list: {e}"))?
         .to_bytes();
-    let has_tags = serde_json::from_slice::<serde_json::Value>(&bytes)
+    let has_tags = lists_tags(&bytes);
+    Ok((bytes, has_tags))
+}
+
+/// Whether a tag-list body names at least one tag.
+pub fn lists_tags(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("tags")?.as_array().map(|t| !t.is_empty()))
-        .unwrap_or(false);
-    Ok((bytes, has_tags))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
