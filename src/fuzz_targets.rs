@@ -77,7 +77,10 @@ pub fn config(data: &[u8]) {
             if let Some((_, rest)) = v.split_once("://") {
                 if let Some((userinfo, _)) = rest.split_once('@') {
                     if !userinfo.is_empty() && !userinfo.contains('/') && !userinfo.contains('*') {
-                        assert!(!shown.contains(&format!("{userinfo}@")), "{k} shown: {shown}");
+                        assert!(
+                            !shown.contains(&format!("{userinfo}@")),
+                            "{k} shown: {shown}"
+                        );
                     }
                 }
             }
@@ -125,7 +128,10 @@ pub fn forwarded_for(data: &[u8]) {
         .trusted_proxies;
     let ip = crate::registry::client::client_ip(&parts, &trusted);
     let sent = String::from_utf8_lossy(data);
-    assert!(ip == peer.ip() || sent.contains(&ip.to_string()), "{ip} from {sent:?}");
+    assert!(
+        ip == peer.ip() || sent.contains(&ip.to_string()),
+        "{ip} from {sent:?}"
+    );
 }
 
 /// Query strings of tag lists and referrers: what goes up is re-encoded from a short whitelist.
@@ -134,7 +140,10 @@ pub fn query(data: &[u8]) {
         return;
     };
     let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-    for r in [Route::TagsList { name: "a" }, Route::Referrers { name: "a", digest }] {
+    for r in [
+        Route::TagsList { name: "a" },
+        Route::Referrers { name: "a", digest },
+    ] {
         if let Some((_, endpoint)) = crate::registry::ask::Endpoint::of(&r, Some(q)) {
             let tail = endpoint.to_string();
             assert!(

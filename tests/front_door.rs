@@ -243,6 +243,8 @@ fn refusals_use_registry_errors() {
 #[test]
 fn hostile_bytes_get_a_clear_answer_and_harm_nothing() {
     let r = Router::start(&[("WORKERS", "1")]);
+    assert_eq!(get(r.addr, "/v2/").status, 200);
+    let base_fds = common::fds(r.pid());
     let status = |bytes: &[u8]| -> u16 {
         let out = raw(r.addr, bytes);
         let head = String::from_utf8_lossy(&out);
@@ -278,8 +280,26 @@ fn hostile_bytes_get_a_clear_answer_and_harm_nothing() {
     let long = format!("GET /v2/{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(70_000));
     let s = status(long.as_bytes());
     assert!(s == 414 || s == 431 || s == 400, "long target got {s}");
-    // None of it hurt the server.
+    // Half a request, then the client goes away; a pipelined burst closed mid-way.
+    drop(raw_unfinished(r.addr, b"GET /v2/ HTTP/1.1\r\nHo"));
+    drop(raw_unfinished(
+        r.addr,
+        "GET /v2/ HTTP/1.1\r\nHost: t\r\n\r\n"
+            .repeat(500)
+            .as_bytes(),
+    ));
+    // None of it hurt the server, and nothing stays open.
     assert_eq!(get(r.addr, "/v2/").status, 200);
+    common::wait_until("descriptors back to the baseline", || {
+        common::fds(r.pid()) <= base_fds
+    });
+}
+
+/// Connects, writes `bytes`, and hands back the connection without reading.
+fn raw_unfinished(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s
 }
 
 #[test]
