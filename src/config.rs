@@ -519,16 +519,14 @@ impl<F: Fn(&str) -> Lookup> Reader<'_, F> {
     }
 }
 
-/// A value as it may be shown: the user information of anything URL-like (`scheme://user:pass@…`)
-/// replaced by `***`, so a password written into a URL never reaches an error message.
+/// A value as it may be shown: in anything URL-like (`scheme://user:pass@…`), everything between
+/// `://` and the last `@` replaced by `***`, so a password written into a URL never reaches an error
+/// message, whatever characters it holds (a path before an `@` is hidden too: a small price).
 fn without_userinfo(v: &str) -> String {
     let Some(start) = v.find("://").map(|i| i + 3) else {
         return v.to_string();
     };
-    let authority_end = v[start..]
-        .find(['/', '?', '#'])
-        .map_or(v.len(), |i| start + i);
-    match v[start..authority_end].rfind('@') {
+    match v[start..].rfind('@') {
         Some(at) => format!("{}***{}", &v[..start], &v[start + at..]),
         None => v.to_string(),
     }

@@ -646,7 +646,12 @@ fn credentials_in_a_url_are_refused_without_being_shown() {
     }
     assert_eq!(without_userinfo("http://harbor:80"), "http://harbor:80");
     assert_eq!(without_userinfo("not a url"), "not a url");
-    assert_eq!(without_userinfo("http://h/p@q"), "http://h/p@q");
+    assert_eq!(without_userinfo("http://h/p@q"), "http://***@q");
+    assert_eq!(
+        without_userinfo("http://u:p?w/d@h"),
+        "http://***@h",
+        "raw ? and / in a password"
+    );
 }
 
 #[test]
