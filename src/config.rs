@@ -519,17 +519,20 @@ impl<F: Fn(&str) -> Lookup> Reader<'_, F> {
     }
 }
 
-/// A value as it may be shown: in anything URL-like (`scheme://user:pass@…`), everything between
-/// `://` and the last `@` replaced by `***`, so a password written into a URL never reaches an error
-/// message, whatever characters it holds (a path before an `@` is hidden too: a small price).
+/// A value as it may be shown: in anything that looks like it carries credentials
+/// (`scheme://user:pass@…`, or a mistyped `http:/user:pass@…`), everything between the first `:`
+/// (and the slashes after it) and the last `@` is replaced by `***`, so a password written into a
+/// URL never reaches an error message, whatever characters it holds. A path before an `@` is hidden
+/// too: a small price.
 fn without_userinfo(v: &str) -> String {
-    let Some(start) = v.find("://").map(|i| i + 3) else {
+    let (Some(colon), Some(at)) = (v.find(':'), v.rfind('@')) else {
         return v.to_string();
     };
-    match v[start..].rfind('@') {
-        Some(at) => format!("{}***{}", &v[..start], &v[start + at..]),
-        None => v.to_string(),
+    let start = colon + 1 + v[colon + 1..].len() - v[colon + 1..].trim_start_matches('/').len();
+    if start > at {
+        return v.to_string();
     }
+    format!("{}***{}", &v[..start], &v[at..])
 }
 
 fn parse_harbor_url(v: &str) -> Result<HarborUrl, String> {

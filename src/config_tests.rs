@@ -646,6 +646,17 @@ fn credentials_in_a_url_are_refused_without_being_shown() {
     }
     assert_eq!(without_userinfo("http://harbor:80"), "http://harbor:80");
     assert_eq!(without_userinfo("not a url"), "not a url");
+    assert_eq!(
+        without_userinfo("http:/admin:pw@h"),
+        "http:/***@h",
+        "a mistyped URL"
+    );
+    assert_eq!(
+        without_userinfo("a@b:c"),
+        "a@b:c",
+        "no colon before the at sign"
+    );
+    assert_eq!(without_userinfo("10s"), "10s");
     assert_eq!(without_userinfo("http://h/p@q"), "http://***@q");
     assert_eq!(
         without_userinfo("http://u:p?w/d@h"),

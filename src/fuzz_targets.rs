@@ -76,13 +76,13 @@ pub fn config(data: &[u8]) {
             let (Some(shown), Some(given)) = (&e.value, map.get(&e.var)) else {
                 continue;
             };
-            // What sits between `://` and the last `@` of the value as given never shows.
-            let Some(start) = given.find("://").map(|i| i + 3) else {
+            // What sits between the first `:` and the last `@` of the value as given never shows.
+            let (Some(colon), Some(at)) = (given.find(':'), given.rfind('@')) else {
                 continue;
             };
-            if let Some(at) = given[start..].rfind('@') {
-                let secret = &given[start..start + at];
-                if secret.len() >= 3 && secret != "***" {
+            if colon < at {
+                let secret = given[colon + 1..at].trim_start_matches('/');
+                if secret.len() >= 3 && !secret.contains("***") {
                     assert!(!shown.contains(secret), "{}: {shown:?}", e.var);
                 }
             }
