@@ -8,8 +8,11 @@ use http::{HeaderMap, HeaderValue, Method};
 use crate::names;
 use crate::registry::route::{self, Route};
 
+/// One fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("route", route),
     ("link", link),
     ("challenge", challenge),
