@@ -263,6 +263,16 @@ fn fan_out_finds_the_only_project_and_then_goes_straight_there() {
     }
 }
 
+/// `dockerhub/library/nginx:latest`, an OCI index.
+fn nginx_index() -> SeedImage {
+    image(
+        "dockerhub/library/nginx",
+        "latest",
+        SeedKind::OciIndex,
+        1024,
+    )
+}
+
 /// The projects other than ghcr.
 const NOT_GHCR: [&str; 3] = ["dockerhub", "quay", "k8s"];
 
@@ -474,17 +484,9 @@ fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
 fn docker_hub_redirects_are_followed_inside_the_router() {
     // Without registry permissions the router does not know dockerhub is Docker Hub, so it asks
     // for `nginx` and Harbor answers 301 to `library/nginx`.
-    let env = start_with(
-        HarborConfig::default(),
-        &[image(
-            "dockerhub/library/nginx",
-            "latest",
-            SeedKind::OciIndex,
-            1024,
-        )],
-        &[],
-        |bed| bed.harbor.set_registries_forbidden(true),
-    );
+    let env = start_with(HarborConfig::default(), &[nginx_index()], &[], |bed| {
+        bed.harbor.set_registries_forbidden(true)
+    });
     let res = env.get_manifest("nginx", "latest");
     assert_eq!(res.status, 200);
     assert_eq!(sha256(&res.body), env.seeded[0].digest);
@@ -822,15 +824,7 @@ fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {
 
 #[test]
 fn a_miss_is_remembered_per_accept_set() {
-    let env = start(
-        &[image(
-            "dockerhub/library/nginx",
-            "latest",
-            SeedKind::OciIndex,
-            1024,
-        )],
-        &[("NEGATIVE_CACHE_TTL", "1h")],
-    );
+    let env = start(&[nginx_index()], &[("NEGATIVE_CACHE_TTL", "1h")]);
     // Without an OCI Accept the registry refuses an OCI index: 404 for this client ...
     let docker_only = "Accept: application/vnd.docker.distribution.manifest.v2+json";
     let res = request(
@@ -876,15 +870,7 @@ fn a_missing_tag_does_not_unmap_the_image() {
 
 #[test]
 fn a_client_choosing_long_names_cannot_open_a_circuit() {
-    let env = start(
-        &[image(
-            "dockerhub/library/nginx",
-            "latest",
-            SeedKind::OciIndex,
-            1024,
-        )],
-        &[("CIRCUIT_BREAKER_THRESHOLD", "3")],
-    );
+    let env = start(&[nginx_index()], &[("CIRCUIT_BREAKER_THRESHOLD", "3")]);
     // `dockerhub/library/<name>` longer than the registry's 255 characters: the registry would
     // answer 500. Such a project is not asked; where the name fits, no answer a name provokes
     // counts against the project.
