@@ -519,16 +519,22 @@ impl<F: Fn(&str) -> Lookup> Reader<'_, F> {
     }
 }
 
-/// A value as it may be shown: in anything that looks like it carries credentials
-/// (`scheme://user:pass@…`, or a mistyped `http:/user:pass@…`), everything between the first `:`
-/// (and the slashes after it) and the last `@` is replaced by `***`, so a password written into a
-/// URL never reaches an error message, whatever characters it holds. A path before an `@` is hidden
-/// too: a small price.
+/// A value as it may be shown: in anything that may carry credentials before an `@`
+/// (`scheme://user:pass@…`, a mistyped `http:/user:pass@…`, a bare `secret@host:port`), everything
+/// between the scheme's `:` (and the slashes after it), or the start, and the last `@` is replaced by
+/// `***`, so a password never reaches an error message, whatever characters it holds. A path before
+/// an `@` is hidden too: a small price.
 fn without_userinfo(v: &str) -> String {
-    let (Some(colon), Some(at)) = (v.find(':'), v.rfind('@')) else {
+    let Some(at) = v.rfind('@') else {
         return v.to_string();
     };
-    let start = colon + 1 + v[colon + 1..].len() - v[colon + 1..].trim_start_matches('/').len();
+    let start = match v.find(':') {
+        Some(colon) if colon < at => {
+            let after = &v[colon + 1..];
+            colon + 1 + after.len() - after.trim_start_matches('/').len()
+        }
+        _ => 0,
+    };
     if start > at {
         return v.to_string();
     }

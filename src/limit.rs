@@ -125,7 +125,13 @@ impl Limits {
         }
     }
 
-    fn admit(&self, rate: Rate, key: (IpAddr, Kind), now: Instant) -> Result<(), RetryAfter> {
+    fn admit(
+        &self,
+        rate: Rate,
+        (ip, kind): (IpAddr, Kind),
+        now: Instant,
+    ) -> Result<(), RetryAfter> {
+        let key = (client_block(ip), kind);
         let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let tat = self
             .table
@@ -137,6 +143,21 @@ impl Limits {
     /// Addresses tracked right now.
     pub fn tracked(&self) -> usize {
         self.table.len()
+    }
+}
+
+/// What one client is, for the budgets: an IPv4 address, or an IPv6 /64 (one host commonly holds a
+/// whole /64, so per-address keys would give it unlimited budgets).
+fn client_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -175,10 +196,30 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_host_is_one_client_per_64() {
+        let l = Limits::new(Rate::new(1, 1), None);
+        let t0 = Instant::now();
+        assert!(l.admit_request(ip("2001:db8:1:2::1"), t0).is_ok());
+        assert!(
+            l.admit_request(ip("2001:db8:1:2:ffff::9"), t0).is_err(),
+            "same /64"
+        );
+        assert!(
+            l.admit_request(ip("2001:db8:1:3::1"), t0).is_ok(),
+            "another /64"
+        );
+        assert!(l.admit_request(ip("::ffff:192.0.2.1"), t0).is_ok());
+        assert!(
+            l.admit_request(ip("192.0.2.1"), t0).is_err(),
+            "a v4-mapped address is its IPv4 address"
+        );
+    }
+
+    #[test]
     fn requests_and_fan_outs_are_separate_budgets() {
         let l = Limits::new(Rate::new(1, 1), Rate::new(1, 2));
         let t0 = Instant::now();
-        let a = ip("::1");
+        let a = ip("192.0.2.44");
         assert!(l.admit_request(a, t0).is_ok());
         assert!(l.admit_request(a, t0).is_err());
         assert!(l.admit_fan_out(a, t0).is_ok());

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use http::header::{HeaderValue, ACCEPT, RANGE};
+use http::header::{HeaderValue, ACCEPT, IF_RANGE, RANGE};
 use http::{HeaderMap, Method};
 
 use crate::error::Error;
@@ -193,19 +193,28 @@ impl Ask {
 
     /// The request that goes to `project`: its path, the method, and the headers. A blob HEAD goes
     /// up as a one-byte ranged GET (Harbor answers HEAD with 404 for blobs it has not cached yet); a
-    /// tag-list HEAD as a GET (Harbor routes only GET for tag lists).
+    /// tag-list HEAD as a GET (Harbor routes only GET for tag lists). Ranges are for blobs: a manifest
+    /// is always asked whole, so a manifest by digest can be verified before it is passed on.
     pub fn request(&self, project: &Project) -> (Method, String, Option<HeaderMap>) {
         let path = forward::project_path(project, &self.name, &self.endpoint);
-        match (&self.endpoint, self.head) {
+        let ranged = self.headers.contains_key(RANGE) || self.headers.contains_key(IF_RANGE);
+        let mut headers = (ranged && !self.is_blob()).then(|| {
+            let mut h = self.headers.clone();
+            h.remove(RANGE);
+            h.remove(IF_RANGE);
+            h
+        });
+        let method = match (&self.endpoint, self.head) {
             (Endpoint::Blob { .. }, true) => {
                 let mut h = self.headers.clone();
                 h.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
-                (Method::GET, path, Some(h))
+                headers = Some(h);
+                Method::GET
             }
-            (Endpoint::Tags { .. }, true) => (Method::GET, path, None),
-            (_, true) => (Method::HEAD, path, None),
-            _ => (Method::GET, path, None),
-        }
+            (Endpoint::Tags { .. }, _) | (_, false) => Method::GET,
+            (_, true) => Method::HEAD,
+        };
+        (method, path, headers)
     }
 }
 
@@ -301,7 +310,23 @@ mod tests {
             reference: "1".into(),
             by_digest: false,
         };
-        assert_eq!(ask(manifest, true).request(&hub()).0, Method::HEAD);
+        assert_eq!(ask(manifest.clone(), true).request(&hub()).0, Method::HEAD);
+        let mut ranged = ask(manifest, false);
+        ranged
+            .headers
+            .insert(RANGE, HeaderValue::from_static("bytes=0-9"));
+        let (m, _, h) = ranged.request(&hub());
+        assert_eq!(m, Method::GET);
+        assert!(!h.unwrap().contains_key(RANGE), "a manifest is asked whole");
+        let mut ranged_blob = ask(Endpoint::Blob { digest: D.into() }, false);
+        ranged_blob
+            .headers
+            .insert(RANGE, HeaderValue::from_static("bytes=0-9"));
+        assert_eq!(
+            ranged_blob.request(&hub()).2,
+            None,
+            "a blob keeps the client's range"
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@ use crate::upstream::{Upstream, UpstreamError};
 use super::ask::{Ask, Endpoint};
 use super::forward;
 
+/// Largest 404 body kept (and remembered with a miss) to be passed on: registry errors are small.
+const MAX_DETAIL: usize = 4096;
+
 /// Largest tag list read whole (to judge it, or to rewrite it).
 pub const MAX_TAG_LIST: usize = 4 << 20;
 
@@ -108,7 +111,9 @@ pub async fn attempt(
             // Read the small body so the connection can be reused.
             let body = upstream.read_small(res.into_body()).await;
             return match other {
-                Judgement::NotHere => Verdict::NotHere(body.filter(|b| telling(b))),
+                Judgement::NotHere => {
+                    Verdict::NotHere(body.filter(|b| b.len() <= MAX_DETAIL && telling(b)))
+                }
                 Judgement::RateLimited => Verdict::RateLimited(retry_after),
                 _ => Verdict::Refused,
             };

@@ -33,7 +33,11 @@ pub fn client_ip(req: &Parts, trusted: &[Cidr]) -> IpAddr {
         .collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
-        match hop.parse::<IpAddr>() {
+        // An address, or one with a port (`1.2.3.4:5678`, `[2001:db8::1]:5678`).
+        let parsed = hop
+            .parse::<IpAddr>()
+            .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|s| s.ip()));
+        match parsed {
             Ok(ip) if is_trusted(ip) => client = ip,
             Ok(ip) => return ip,
             // Garbage where an address should be: stop at the last address believed.
@@ -109,6 +113,15 @@ mod tests {
             client_ip(&req("10.0.0.1", &["evil, 10.2.2.2"]), &lb),
             ip("10.2.2.2"),
             "garbage stops the walk"
+        );
+        assert_eq!(
+            client_ip(&req("10.0.0.1", &["9.9.9.9:5678"]), &lb),
+            ip("9.9.9.9"),
+            "a hop with a port"
+        );
+        assert_eq!(
+            client_ip(&req("10.0.0.1", &["[2001:db8::7]:5678"]), &lb),
+            ip("2001:db8::7")
         );
     }
 }

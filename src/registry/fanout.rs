@@ -104,7 +104,10 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
     let fitting = || candidates.iter().filter(|p| forward::fits(p, &ask.name));
     let repositories =
         fitting().map(|p| format!("{}/{}", p.name, forward::project_name(p, &ask.name)));
-    state.upstream().prefetch_tokens(repositories).await;
+    state
+        .upstream()
+        .prefetch_tokens(repositories, timeout)
+        .await;
     for project in fitting() {
         let Some(ticket) = state.admit(&project.name) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.

@@ -123,10 +123,14 @@ pub(super) async fn serve<H: Handler>(
         let (result, parts) = drive(conn, &mut shutdown).await;
         let rewind = parts.io.inner;
         socket = rewind.inner;
-        ahead = [rewind.ahead, parts.read_buf].concat().into();
+        // What hyper had read comes first, then what it had not read yet.
+        ahead = [parts.read_buf, rewind.ahead].concat().into();
         if let Err(e) = result {
             tracing::debug!(worker = core.worker, error = %e, "connection ended with an error");
-            return;
+            if e.is_parse() || e.is_parse_too_large() {
+                break; // hyper answered 400/431: the lingering close keeps that answer from a reset
+            }
+            return; // an I/O failure or a client that stopped reading: nothing left to protect
         }
         if !flow.parked.get() || *shutdown.borrow() {
             break; // the client closed, or asked to (`Connection: close`), or a drain ended it
@@ -214,6 +218,7 @@ impl<H: Handler> hyper::service::Service<Request<Incoming>> for Service<H> {
         // Counted until hyper drops the response body. A request whose handler never answers
         // stays counted, which only keeps its (dying) connection from parking.
         self.flow.in_flight.set(self.flow.in_flight.get() + 1);
+        self.flow.served.set(self.flow.served.get() + 1);
         let (handler, flow) = (self.handler.clone(), self.flow.clone());
         Box::pin(async move {
             let res = handler.handle(req).await;
@@ -225,9 +230,13 @@ impl<H: Handler> hyper::service::Service<Request<Incoming>> for Service<H> {
 /// What the parking decision needs to know about one hyper connection.
 #[derive(Default)]
 struct Flow {
+    /// Requests this hyper connection was given: one at least before it may park (a client that
+    /// sends only blank lines gets no fresh idle timer by parking).
+    served: Cell<usize>,
     /// Requests whose response body hyper has not finished with.
     in_flight: Cell<usize>,
-    /// Bytes were written and not flushed since.
+    /// Bytes were written and not flushed since, or a write could not take them all (hyper still
+    /// holds some).
     unflushed: Cell<bool>,
     /// The stream was ended on hyper to park the connection (not by the client).
     parked: Cell<bool>,
@@ -302,7 +311,11 @@ struct Parkable {
 
 impl Parkable {
     fn idle(&self) -> bool {
-        self.flow.in_flight.get() == 0 && !self.flow.unflushed.get() && &self.tail == b"\r\n\r\n"
+        let f = &self.flow;
+        f.served.get() > 0
+            && f.in_flight.get() == 0
+            && !f.unflushed.get()
+            && &self.tail == b"\r\n\r\n"
     }
 
     /// Called when hyper waits for data on an idle connection: whether it has been idle for a whole
@@ -368,7 +381,7 @@ impl Write for Parkable {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if matches!(r, Poll::Pending | Poll::Ready(Ok(1..))) {
             self.flow.unflushed.set(true);
         }
         r
@@ -380,7 +393,7 @@ impl Write for Parkable {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if matches!(r, Poll::Pending | Poll::Ready(Ok(1..))) {
             self.flow.unflushed.set(true);
         }
         r

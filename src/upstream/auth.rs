@@ -21,6 +21,8 @@ const RENEW_BEFORE: Duration = Duration::from_secs(30);
 pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(24 * 3600);
 /// Scopes whose token a core keeps (one per repository pulled recently).
 const TOKENS_PER_CORE: usize = 10_000;
+/// Longest query of one batched token request: the scopes beyond it use their own challenges.
+const MAX_BATCH_QUERY: usize = 4096;
 /// `expires_in` when the token service does not say (the distribution spec's default).
 pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(60);
 
@@ -206,13 +208,18 @@ impl TokenCache {
         }
     }
 
-    /// A challenge for every scope of `scopes` without a fresh token at `now`, at the token
-    /// service seen last; `None` when fewer than two are missing (one scope costs one request
-    /// either way) or no challenge was seen yet.
+    /// A challenge for the scopes of `scopes` without a fresh token at `now` (as many as fit a
+    /// request of a few KiB), at the token service seen last; `None` when fewer than two are
+    /// missing (one scope costs one request either way) or no challenge was seen yet.
     pub fn batch(&self, scopes: &[String], now: Instant) -> Option<Challenge> {
+        let mut room = MAX_BATCH_QUERY;
         let missing: Vec<&str> = scopes
             .iter()
             .filter(|s| self.cached(s, now).is_none())
+            .take_while(|s| {
+                room = room.saturating_sub(s.len() * 3 + 7); // percent-encoded, `&scope=`
+                room > 0
+            })
             .map(String::as_str)
             .collect();
         if missing.len() < 2 {

@@ -239,3 +239,18 @@ fn a_batch_asks_for_every_missing_scope_at_the_last_token_service() {
         "one missing scope: the challenge flow costs the same"
     );
 }
+
+#[test]
+fn a_batch_fits_one_request_of_a_few_kib() {
+    let cache = TokenCache::default();
+    let now = Instant::now();
+    cache.saw(&Challenge::parse(r#"Bearer realm="https://h/service/token",service="s""#).unwrap());
+    let scopes: Vec<String> = (0..100)
+        .map(|i| format!("repository:project{i}/{}:pull", "n".repeat(200)))
+        .collect();
+    let batch = cache.batch(&scopes, now).expect("a batch");
+    let asked = batch.scope.as_deref().unwrap();
+    let n = asked.split(' ').count();
+    assert!((2..100).contains(&n), "{n} scopes in one request");
+    assert!(asked.len() * 3 < 4096 + 1000, "{} bytes", asked.len());
+}

@@ -324,16 +324,21 @@ impl Upstream {
     /// Fetches one token for every repository of `repositories` this core holds no fresh token
     /// for, in one request to the token service (it takes repeated `scope` parameters), so a fan-out
     /// costs Harbor one password check, not one per project. Does nothing before the first
-    /// challenge (the token service is not known yet) or for fewer than two missing scopes; a
-    /// failure is left to each request's own challenge.
-    pub async fn prefetch_tokens(&self, repositories: impl Iterator<Item = String>) {
+    /// challenge (the token service is not known yet) or for fewer than two missing scopes; waits
+    /// at most `within`; a failure is left to each request's own challenge. A scope the robot may
+    /// not pull gets the batch's token too; Harbor refuses it, and the challenge flow takes over.
+    pub async fn prefetch_tokens(
+        &self,
+        repositories: impl Iterator<Item = String>,
+        within: Duration,
+    ) {
         let scopes: Vec<String> = repositories
             .map(|r| format!("repository:{r}:pull"))
             .collect();
         let Some(batch) = self.tokens.batch(&scopes, Instant::now()) else {
             return;
         };
-        let limit = self.harbor.response_timeout;
+        let limit = within.min(self.harbor.response_timeout);
         match monoio::time::timeout(limit, self.fetch_token(&batch)).await {
             Ok(Ok((header, ttl))) => self
                 .tokens
