@@ -138,7 +138,12 @@ pub fn forwarded_for(data: &[u8]) {
     let ip = crate::registry::client::client_ip(&parts, &trusted);
     let sent: Vec<std::net::IpAddr> = String::from_utf8_lossy(data)
         .split(',')
-        .filter_map(|h| h.trim().parse().ok())
+        .filter_map(|h| {
+            let h = h.trim();
+            h.parse()
+                .ok()
+                .or_else(|| h.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+        })
         .collect();
     assert!(ip == peer.ip() || sent.contains(&ip), "{ip} from {sent:?}");
 }
