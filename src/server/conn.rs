@@ -318,6 +318,15 @@ impl Parkable {
             && &self.tail == b"\r\n\r\n"
     }
 
+    /// Notes a write: bytes went out, or some could not (hyper still holds them); either way the
+    /// connection has something unflushed.
+    fn wrote(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if matches!(r, Poll::Pending | Poll::Ready(Ok(1..))) {
+            self.flow.unflushed.set(true);
+        }
+        r
+    }
+
     /// Called when hyper waits for data on an idle connection: whether it has been idle for a whole
     /// sweep period. Otherwise it asks the next sweep to wake it.
     fn idle_long_enough(&self, cx: &Context<'_>) -> bool {
@@ -381,10 +390,7 @@ impl Write for Parkable {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Pending | Poll::Ready(Ok(1..))) {
-            self.flow.unflushed.set(true);
-        }
-        r
+        self.wrote(r)
     }
 
     fn poll_write_vectored(
@@ -393,10 +399,7 @@ impl Write for Parkable {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Pending | Poll::Ready(Ok(1..))) {
-            self.flow.unflushed.set(true);
-        }
-        r
+        self.wrote(r)
     }
 
     fn is_write_vectored(&self) -> bool {
