@@ -19,6 +19,7 @@
 //!   breakers [`upstream::breaker`].
 //! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
+//! - [`tick`]: periodic per-core work on a value, for as long as it lives.
 //! - [`logging`]: pretty or JSON logs through `tracing`.
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
 //! - [`config`]: every environment variable, parsed and validated in one place.
@@ -43,6 +44,7 @@ pub mod registry;
 pub mod server;
 pub mod snapshot;
 pub mod stall;
+pub mod tick;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -11,8 +11,9 @@
 //! indexes"); some were rate-limited → 429 with Harbor's `Retry-After`;
 //! some were left out by their breaker and no other failed → 503; otherwise → 502. A project left
 //! out by its breaker never counts as "not here"; a project where the name would be longer than the
-//! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn from every attempt that got a verdict; an attempt
-//! cancelled before its verdict frees its probe (the ticket is dropped).
+//! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn
+//! from every attempt that got a verdict; an attempt cancelled before its verdict frees its probe
+//! (the ticket is dropped).
 
 use std::net::IpAddr;
 

@@ -8,7 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,7 +140,8 @@ impl State {
             limits,
             skew: Cell::new(Duration::ZERO),
         });
-        spawn_sweeper(Rc::downgrade(&state));
+        // Expired cache entries are dropped off the request path.
+        crate::tick::every(SWEEP_EVERY, Rc::downgrade(&state), State::sweep);
         state
     }
 
@@ -324,17 +325,4 @@ impl Drop for RefreshClaim {
     fn drop(&mut self) {
         self.refreshing.borrow_mut().remove(&self.name);
     }
-}
-
-/// Drops expired cache entries every [`SWEEP_EVERY`], off the request path, while the state lives.
-fn spawn_sweeper(state: Weak<State>) {
-    monoio::spawn(async move {
-        loop {
-            monoio::time::sleep(SWEEP_EVERY).await;
-            match state.upgrade() {
-                Some(s) => s.sweep(),
-                None => return,
-            }
-        }
-    });
 }

@@ -354,13 +354,14 @@ impl Read for Parkable {
         // SAFETY: written only through the ReadBuf, which never de-initializes bytes.
         let window = unsafe { buf.as_mut() };
         let mut rb = ReadBuf::uninit(window);
-        let (n, last) = match Pin::new(&mut self.inner).poll_read(cx, rb.unfilled()) {
+        let n = match Pin::new(&mut self.inner).poll_read(cx, rb.unfilled()) {
             Poll::Ready(Ok(())) => {
                 let filled = rb.filled();
-                let mut last = [0u8; 4];
-                let k = filled.len().min(4);
-                last[4 - k..].copy_from_slice(&filled[filled.len() - k..]);
-                (filled.len(), last)
+                let (n, k) = (filled.len(), filled.len().min(4));
+                // The last four bytes of the stream so far: the old tail shifted, then the new ones.
+                self.tail.rotate_left(k);
+                self.tail[4 - k..].copy_from_slice(&filled[n - k..]);
+                n
             }
             Poll::Pending if self.idle() && self.idle_long_enough(cx) => {
                 self.flow.parked.set(true);
@@ -371,11 +372,6 @@ impl Read for Parkable {
         };
         if n > 0 {
             self.flow.idle_since.set(None);
-            let k = n.min(4);
-            let mut tail = self.tail;
-            tail.rotate_left(k);
-            tail[4 - k..].copy_from_slice(&last[4 - k..]);
-            self.tail = tail;
             // SAFETY: the first n bytes of the cursor's unfilled part were just written.
             unsafe { buf.advance(n) };
         }

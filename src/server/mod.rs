@@ -180,7 +180,12 @@ async fn accept_loop<H, F>(
         }
     };
     let parking = Rc::new(conn::Parking::default());
-    spawn_parking_sweep(Rc::downgrade(&parking));
+    // Advances this core's parking epoch (see `conn`).
+    crate::tick::every(
+        conn::PARK_AFTER,
+        Rc::downgrade(&parking),
+        conn::Parking::sweep,
+    );
     let core = Rc::new(conn::Core {
         worker: id,
         handler: make(),
@@ -237,19 +242,6 @@ async fn accept_loop<H, F>(
     }
 }
 
-/// Advances this core's parking epoch every [`conn::PARK_AFTER`] (see [`conn`]).
-fn spawn_parking_sweep(parking: std::rc::Weak<conn::Parking>) {
-    monoio::spawn(async move {
-        loop {
-            monoio::time::sleep(conn::PARK_AFTER).await;
-            match parking.upgrade() {
-                Some(p) => p.sweep(),
-                None => return,
-            }
-        }
-    });
-}
-
 /// How often a worker checks whether a burst of connections is over.
 const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
 
@@ -257,18 +249,13 @@ const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// open count fell below half of its peak, or many connections parked): the allocator keeps freed
 /// pages for reuse until told otherwise, and an idle worker would never tell it.
 fn spawn_memory_return(open: std::rc::Weak<OpenConns>, parking: std::rc::Weak<conn::Parking>) {
-    monoio::spawn(async move {
-        loop {
-            monoio::time::sleep(MEMORY_CHECK_EVERY).await;
-            let (Some(open), Some(parking)) = (open.upgrade(), parking.upgrade()) else {
-                return;
-            };
-            let (now, peak) = (open.count(), open.peak.get());
-            if (peak >= 64 && now < peak / 2) || parking.parked.take() >= 64 {
-                // SAFETY: mi_collect only walks this thread's own heap.
-                unsafe { libmimalloc_sys::mi_collect(true) };
-                open.peak.set(now);
-            }
+    crate::tick::every(MEMORY_CHECK_EVERY, open, move |open| {
+        let (now, peak) = (open.count(), open.peak.get());
+        let burst_over = peak >= 64 && now < peak / 2;
+        if burst_over || parking.upgrade().is_some_and(|p| p.parked.take() >= 64) {
+            // SAFETY: mi_collect only walks this thread's own heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+            open.peak.set(now);
         }
     });
 }

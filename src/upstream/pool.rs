@@ -105,7 +105,8 @@ impl Pool {
             next_addr: Cell::new(0),
             stats: Cell::new(PoolStats::default()),
         });
-        spawn_sweeper(Rc::downgrade(&pool), pool.target.idle_timeout);
+        let every = (pool.target.idle_timeout / 2).max(Duration::from_millis(100));
+        crate::tick::every(every, Rc::downgrade(&pool), Pool::sweep);
         pool
     }
 
@@ -348,19 +349,6 @@ impl Drop for ConnectingGuard<'_> {
         self.0.h2_connecting.set(false);
         self.0.h2_connected.notify_waiters();
     }
-}
-
-fn spawn_sweeper(pool: Weak<Pool>, idle_timeout: Duration) {
-    let every = (idle_timeout / 2).max(Duration::from_millis(100));
-    monoio::spawn(async move {
-        loop {
-            monoio::time::sleep(every).await;
-            match pool.upgrade() {
-                Some(p) => p.sweep(),
-                None => return,
-            }
-        }
-    });
 }
 
 fn clone_request(req: &Request<ReqBody>) -> Request<ReqBody> {
