@@ -13,6 +13,7 @@
 //! - [`server`]: the data-plane runtime, generic over its handler: pinned per-core monoio loops,
 //!   SO_REUSEPORT listeners, connections, lingering close, drain. Names no registry type.
 //! - [`body`]: the one response body type handed to hyper.
+//! - [`limit`]: per-client-IP budgets (request rate, fan-outs), shared by the cores.
 //! - [`cache`]: the mapping tiers (core shard → process-wide map → …) and remembered answers.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
 //!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], per-project circuit
@@ -25,9 +26,9 @@
 //! - [`config`]: every environment variable, parsed and validated in one place.
 //! - [`names`]: the distribution grammar of names, tags and digests.
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
+//! - `fuzz_targets` (hidden): the fuzz targets' bodies, replayed by the tests.
 //!
-//! Still to come: Redis sharing of mappings (a [`cache::Tier`]), metrics on `METRICS_ADDR`, the
-//! per-IP rate limit.
+//! Still to come: Redis sharing of mappings (a [`cache::Tier`]), metrics on `METRICS_ADDR`.
 
 pub mod body;
 pub mod cache;
