@@ -6,13 +6,13 @@
 //! **Parking.** hyper keeps a read and a write buffer (8 KiB each, and more once grown) for as long
 //! as it serves a connection, whether a request is in flight or not, so ten thousand idle keep-alive
 //! clients would hold hundreds of MiB. So hyper serves a connection only while it is busy: once no
-//! request has been in flight for a whole [`PARK_AFTER`] period (checked by a per-core sweep, so
+//! request has been in flight for a whole `PARK_AFTER` period (checked by a per-core sweep, so
 //! a busy connection pays nothing per request), every response byte is flushed, everything read so
-//! far ends on a request head's boundary and the socket has nothing more to read, [`Parkable`] tells
+//! far ends on a request head's boundary and the socket has nothing more to read, `Parkable` tells
 //! hyper the stream ended; hyper finishes cleanly without closing the socket, drops its buffers, and
 //! hands the socket back. The parked connection is then the socket and this small task, waiting for the
 //! client's next bytes (for `HEADER_READ_TIMEOUT`, hyper's own idle limit), which go to a new hyper
-//! connection, ahead of whatever follows ([`Rewind`]). A head that stops mid-way never parks: hyper's
+//! connection, ahead of whatever follows (`Rewind`). A head that stops mid-way never parks: hyper's
 //! header timeout keeps cutting slow clients.
 
 use std::cell::Cell;
