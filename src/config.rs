@@ -42,6 +42,7 @@ pub const ENV_REDIS_MASTER_NAME: &str = "REDIS_MASTER_NAME";
 pub const ENV_REDIS_PASSWORD: &str = "REDIS_PASSWORD";
 pub const ENV_REDIS_DB: &str = "REDIS_DB";
 pub const ENV_REDIS_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
+pub const ENV_REDIS_READ_TIMEOUT: &str = "REDIS_READ_TIMEOUT";
 pub const ENV_NEGATIVE_CACHE_TTL: &str = "NEGATIVE_CACHE_TTL";
 pub const ENV_STALE_WHILE_REVALIDATE: &str = "STALE_WHILE_REVALIDATE";
 pub const ENV_CIRCUIT_BREAKER_THRESHOLD: &str = "CIRCUIT_BREAKER_THRESHOLD";
@@ -196,6 +197,8 @@ pub struct Config {
     pub redis_db: u32,
     /// Namespaces every key, so several routers (or environments) can share one Redis.
     pub redis_key_prefix: String,
+    /// Longest a core waits for Redis on a local miss before it fans out without it.
+    pub redis_read_timeout: Duration,
     /// How long "no project has this name" is remembered; 0 disables negative caching.
     pub negative_cache_ttl: Duration,
     /// How long past `cache_ttl` a mapping is still served while it is refreshed; 0 disables.
@@ -344,6 +347,16 @@ impl Config {
             ranged_int(v, 0, i32::MAX as u64).map(|n| n as u32)
         });
         let redis_key_prefix = r.parse(ENV_REDIS_KEY_PREFIX, "hr", parse_token);
+        let redis_read_timeout = r.parse(
+            ENV_REDIS_READ_TIMEOUT,
+            "5ms",
+            |v| match positive_duration(v)? {
+                d if d > Duration::from_secs(10) => {
+                    Err("must be at most 10s: a core waits this long on a miss".into())
+                }
+                d => Ok(d),
+            },
+        );
         let negative_cache_ttl = r.parse(ENV_NEGATIVE_CACHE_TTL, "30s", any_duration);
         let stale_while_revalidate = r.parse(ENV_STALE_WHILE_REVALIDATE, "60s", any_duration);
         let circuit_breaker_threshold = r.parse(ENV_CIRCUIT_BREAKER_THRESHOLD, "5", |v| {
@@ -406,6 +419,7 @@ impl Config {
             redis_password,
             redis_db: redis_db.expect("checked"),
             redis_key_prefix: redis_key_prefix.expect("checked"),
+            redis_read_timeout: redis_read_timeout.expect("checked"),
             negative_cache_ttl: negative_cache_ttl.expect("checked"),
             stale_while_revalidate: stale_while_revalidate.expect("checked"),
             circuit_breaker_threshold: circuit_breaker_threshold.expect("checked"),

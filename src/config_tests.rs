@@ -546,6 +546,22 @@ fn redis_settings() {
     assert_eq!(c.redis_master_name, "harbor-router");
     assert_eq!(c.redis_password.unwrap().expose(), "redispw");
     assert_eq!(c.redis_key_prefix, "hr:prod");
+    assert_eq!(
+        c.redis_read_timeout,
+        Duration::from_millis(5),
+        "the default"
+    );
+    assert_eq!(
+        ok(&[(ENV_REDIS_READ_TIMEOUT, "40ms")]).redis_read_timeout,
+        Duration::from_millis(40)
+    );
+    for bad in ["0s", "11s", "soon", "-1ms"] {
+        assert_eq!(
+            refused(&[(ENV_REDIS_READ_TIMEOUT, bad)]),
+            [ENV_REDIS_READ_TIMEOUT],
+            "{bad}"
+        );
+    }
     for bad in ["s1:0", "s1:x", "s1,,s2", "a b:1", "[::1", "s1:70000"] {
         assert_eq!(
             refused(&[(ENV_REDIS_SENTINELS, bad)]),

@@ -7,12 +7,14 @@
 //! - [`Server`] (this file): binds the listeners, starts the workers and the control plane, and
 //!   hands back a [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
 //! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects and
-//!   publishes the [`snapshot`].
+//!   publishes the [`snapshot`] (and, with Redis, shares it through [`share`]).
 //! - [`registry`]: the registry protocol as the server's handler: routes, the pull path and its
 //!   phases, the per-core [`registry::State`].
 //! - [`server`]: the data-plane runtime, generic over its handler: pinned per-core monoio loops,
 //!   SO_REUSEPORT listeners, connections, lingering close, drain. Names no registry type.
 //! - [`body`]: the one response body type handed to hyper.
+//! - [`share`]: mappings, misses and the project list shared between pods through Redis
+//!   (Sentinel), on a thread of its own; the last mapping tier.
 //! - [`limit`]: per-client-IP budgets (request rate, fan-outs), shared by the cores.
 //! - [`cache`]: the mapping tiers (core shard → process-wide map → …) and remembered answers.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
@@ -28,7 +30,7 @@
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
 //! - `fuzz_targets` (hidden): the fuzz targets' bodies, replayed by the tests.
 //!
-//! Still to come: Redis sharing of mappings (a [`cache::Tier`]), metrics on `METRICS_ADDR`.
+//! Still to come: metrics on `METRICS_ADDR`.
 
 pub mod body;
 pub mod cache;
@@ -43,6 +45,7 @@ pub mod logging;
 pub mod names;
 pub mod registry;
 pub mod server;
+pub mod share;
 pub mod snapshot;
 pub mod stall;
 pub mod tick;
@@ -106,10 +109,21 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (report_tx, report_rx) = mpsc::channel();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let learned = Arc::new(cache::LearnedMap::default());
+        let redis = share::Shared::start(
+            &self.config,
+            self.snapshot.clone(),
+            learned.clone(),
+            shutdown_rx.clone(),
+        )
+        .context("cannot spawn the Redis thread")?;
+        let (shared, redis_thread) = redis.unzip();
         let process = ProcessState::new(
             self.config.clone(),
             self.harbor.clone(),
             self.snapshot.clone(),
+            learned,
+            shared.clone(),
         );
         let settings = server::Settings::from_config(&self.config);
         if self.config.workers > cores.len() && !cores.is_empty() {
@@ -139,11 +153,13 @@ impl Server {
             self.config.clone(),
             self.harbor.clone(),
             self.snapshot.clone(),
+            shared,
             shutdown_rx.clone(),
         )
         .context("cannot spawn the discovery thread")?;
+        let worker_count = workers.len();
         workers.push(discovery);
-        let worker_count = workers.len() - 1;
+        workers.extend(redis_thread);
         let running = Running {
             shutdown: shutdown_tx,
             workers,

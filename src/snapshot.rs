@@ -37,7 +37,8 @@ pub struct Snapshot {
     pub projects: Vec<Project>,
     /// When the discovery that produced this snapshot finished.
     pub built_at: Instant,
-    /// Counts published snapshots, starting at 1.
+    /// Counts published snapshots, starting at 1; 0 is a provisional list loaded from Redis at
+    /// start, used until discovery completes.
     pub generation: u64,
 }
 

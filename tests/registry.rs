@@ -20,6 +20,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 
 use harbor_router::registry::handle::handle;
+use harbor_router::registry::state::Lookup;
 use harbor_router::registry::{ProcessState, State};
 use harbor_router::server::Peer;
 use harbor_router::snapshot::{self, Project, SharedSnapshot, Snapshot, UpstreamKind};
@@ -63,7 +64,10 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<Stat
         generation: 1,
     })));
     let harbor = upstream::Harbor::from_config(&config).unwrap();
-    State::new(0, ProcessState::new(Arc::new(config), harbor, snapshot))
+    State::new(
+        0,
+        ProcessState::new(Arc::new(config), harbor, snapshot, Arc::default(), None),
+    )
 }
 
 struct Answered {
@@ -129,8 +133,10 @@ async fn until(what: &str, f: impl Fn() -> bool) {
 /// The mapping of `name` right now: its project and whether it is stale.
 async fn mapping(state: &State, name: &str) -> Option<(String, bool)> {
     let view = state.view().unwrap();
-    let found = state.lookup(&view, name, state.now()).await;
-    found.map(|(p, stale)| (p.name.clone(), stale))
+    match state.lookup(&view, name, "", state.now()).await {
+        Lookup::Mapped(p, stale) => Some((p.name.clone(), stale)),
+        _ => None,
+    }
 }
 
 fn error_code(a: &Answered) -> String {

@@ -88,8 +88,13 @@ impl Answers {
     }
 
     pub fn remember_miss(&mut self, key: &str, detail: Option<Bytes>, now: Instant) {
+        self.remember_miss_until(key, detail, now + self.ttls.miss);
+    }
+
+    /// Remembers a miss until `until` (a miss heard from another pod keeps the expiry it was stored
+    /// with).
+    pub fn remember_miss_until(&mut self, key: &str, detail: Option<Bytes>, until: Instant) {
         if !self.ttls.miss.is_zero() {
-            let until = now + self.ttls.miss;
             self.misses.insert(key.to_string(), Miss { until, detail });
         }
     }

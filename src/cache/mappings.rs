@@ -2,7 +2,9 @@
 //! order; a tier's answer is adopted by the shard and by the tiers before it (with its original
 //! learning instant, so it ages as it would have), so the next request stops earlier. Learning and
 //! forgetting go to every tier. Callers see one lookup, one learn, one forget: a new tier (a store
-//! shared between pods) is one more entry in the list, not an edit of every caller.
+//! shared between pods) is one more entry in the list, not an edit of every caller. A tier may also
+//! know that a pull is missing everywhere (a miss another pod found): the lookup then says so, and no
+//! later tier is asked.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -10,6 +12,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use quick_cache::unsync::Cache;
 
 use super::{Freshness, Mapping, Ttls};
@@ -17,17 +20,46 @@ use super::{Freshness, Mapping, Ttls};
 /// Names remembered per core.
 const MAPPINGS_PER_CORE: usize = 100_000;
 
+/// What a tier knows about a pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    Mapped(Mapping),
+    /// No project has it (with the registry's error body when the projects agreed on one), until
+    /// `until`.
+    Missing {
+        detail: Option<Bytes>,
+        until: Instant,
+    },
+}
+
 /// What a tier's lookup returns: it may have to wait (a network store does).
-pub type TierLookup<'a> = Pin<Box<dyn Future<Output = Option<Mapping>> + 'a>>;
+pub type TierLookup<'a> = Pin<Box<dyn Future<Output = Option<Heard>> + 'a>>;
 
 /// A place mappings are shared beyond one core. Asked only when the core's shard misses.
 pub trait Tier {
-    fn get<'a>(&'a self, name: &'a str) -> TierLookup<'a>;
+    /// What the tier knows of `name`, or of the pull whose miss key is `miss_key`.
+    fn get<'a>(&'a self, name: &'a str, miss_key: &'a str) -> TierLookup<'a>;
     fn learn(&self, name: &str, mapping: &Mapping);
+    /// `name` moved to another project (the one it was mapped to answered 404).
+    fn moved(&self, name: &str, mapping: &Mapping) {
+        self.learn(name, mapping);
+    }
     /// Forgets `name` if this tier still maps it to `project`.
     fn forget(&self, name: &str, project: &str);
+    /// No project has the pull `key` (a fan-out said so); remembered for `ttl`.
+    fn missed(&self, _key: &str, _detail: Option<&Bytes>, _ttl: Duration) {}
     /// Drops what is older than `max_age` (called by one core, off the request path).
     fn sweep(&self, _now: Instant, _max_age: Duration) {}
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Known(Known),
+    Missing {
+        detail: Option<Bytes>,
+        until: Instant,
+    },
 }
 
 /// A usable mapping.
@@ -61,14 +93,20 @@ impl Mappings {
         self.known(m, now)
     }
 
-    /// The shard, then each tier in order.
-    pub async fn lookup(&self, name: &str, now: Instant) -> Option<Known> {
+    /// The shard, then each tier in order. `miss_key` names the pull, for tiers that remember
+    /// misses.
+    pub async fn lookup(&self, name: &str, miss_key: &str, now: Instant) -> Option<Lookup> {
         if let Some(k) = self.local(name, now) {
-            return Some(k);
+            return Some(Lookup::Known(k));
         }
         for (i, tier) in self.tiers.iter().enumerate() {
-            let Some(m) = tier.get(name).await else {
-                continue;
+            let m = match tier.get(name, miss_key).await {
+                None => continue,
+                Some(Heard::Missing { detail, until }) if now < until => {
+                    return Some(Lookup::Missing { detail, until })
+                }
+                Some(Heard::Missing { .. }) => continue,
+                Some(Heard::Mapped(m)) => m,
             };
             let Some(known) = self.known(&m, now) else {
                 continue;
@@ -77,21 +115,46 @@ impl Mappings {
                 earlier.learn(name, &m);
             }
             self.shard.borrow_mut().insert(name.to_string(), m);
-            return Some(known);
+            return Some(Lookup::Known(known));
         }
         None
     }
 
-    /// `name` lives in `project`, as found at `now`: every tier learns it.
+    /// `name` lives in `project`, as found at `now`: every tier learns it. When this core had it
+    /// in another project, the tiers hear that it moved.
     pub fn learn(&self, name: &str, project: &str, now: Instant) {
         let m = Mapping {
             project: project.to_string(),
             learned_at: now,
         };
+        let moved = self
+            .shard
+            .borrow()
+            .get(name)
+            .is_some_and(|old| old.project != project);
         for tier in &self.tiers {
-            tier.learn(name, &m);
+            if moved {
+                tier.moved(name, &m);
+            } else {
+                tier.learn(name, &m);
+            }
         }
         self.shard.borrow_mut().insert(name.to_string(), m);
+    }
+
+    /// Another pod says `name` moved: this core's copy follows, if it has one.
+    pub fn heard(&self, name: &str, mapping: Mapping) {
+        let mut shard = self.shard.borrow_mut();
+        if let Some(mut old) = shard.get_mut(name) {
+            *old = mapping;
+        }
+    }
+
+    /// No project has the pull `key`: the tiers remember it for `ttl`.
+    pub fn missed(&self, key: &str, detail: Option<&Bytes>, ttl: Duration) {
+        for tier in &self.tiers {
+            tier.missed(key, detail, ttl);
+        }
     }
 
     /// `name` is not in `project` after all (the project is gone): every tier forgets it.
@@ -190,8 +253,8 @@ mod tests {
         assert_eq!(core_b.local("nginx", t0), None, "not in b's shard yet");
         let later = t0 + Duration::from_secs(301);
         assert_eq!(
-            block_on(core_b.lookup("nginx", later)),
-            known("dockerhub", true),
+            block_on(core_b.lookup("nginx", "", later)),
+            known("dockerhub", true).map(Lookup::Known),
             "found in the shared tier, stale by its original age"
         );
         assert_eq!(core_b.local("nginx", later), known("dockerhub", true));
@@ -213,7 +276,7 @@ mod tests {
         m.learn("a", "p", t0);
         let gone = t0 + Duration::from_secs(360);
         let fresh = Mappings::new(ttls(60), vec![Rc::new(shared.clone())]);
-        assert_eq!(block_on(fresh.lookup("a", gone)), None);
+        assert_eq!(block_on(fresh.lookup("a", "", gone)), None);
         m.sweep(gone, false);
         assert!(
             shared.mapping("a").is_some(),
@@ -226,5 +289,76 @@ mod tests {
             None,
             "swept, even when asked with an old now"
         );
+    }
+
+    /// A tier that answers from a fixed list and records what it is told.
+    #[derive(Default)]
+    struct Recording {
+        answer: RefCell<Option<Heard>>,
+        told: RefCell<Vec<String>>,
+    }
+
+    impl Tier for Recording {
+        fn get<'a>(&'a self, _name: &'a str, _miss_key: &'a str) -> TierLookup<'a> {
+            let a = self.answer.borrow().clone();
+            Box::pin(std::future::ready(a))
+        }
+        fn learn(&self, name: &str, m: &Mapping) {
+            self.told
+                .borrow_mut()
+                .push(format!("learn {name} {}", m.project));
+        }
+        fn moved(&self, name: &str, m: &Mapping) {
+            self.told
+                .borrow_mut()
+                .push(format!("moved {name} {}", m.project));
+        }
+        fn forget(&self, _name: &str, _project: &str) {}
+        fn missed(&self, key: &str, _detail: Option<&Bytes>, ttl: Duration) {
+            self.told
+                .borrow_mut()
+                .push(format!("missed {key} {}", ttl.as_secs()));
+        }
+    }
+
+    #[test]
+    fn a_tier_can_know_a_miss_and_hears_learns_moves_and_misses() {
+        let t0 = Instant::now();
+        let tier = Rc::new(Recording::default());
+        let m = Mappings::new(ttls(60), vec![tier.clone()]);
+        let until = t0 + Duration::from_secs(5);
+        *tier.answer.borrow_mut() = Some(Heard::Missing {
+            detail: None,
+            until,
+        });
+        assert_eq!(
+            block_on(m.lookup("x", "k", t0)),
+            Some(Lookup::Missing {
+                detail: None,
+                until
+            })
+        );
+        assert_eq!(
+            block_on(m.lookup("x", "k", until)),
+            None,
+            "an expired miss is not one"
+        );
+        m.learn("a", "p", t0);
+        m.learn("a", "p", t0);
+        m.learn("a", "q", t0);
+        m.missed("k", None, Duration::from_secs(30));
+        assert_eq!(
+            *tier.told.borrow(),
+            ["learn a p", "learn a p", "moved a q", "missed k 30"]
+        );
+        // Another pod moved `a`: this core's copy follows; a name it never had stays unknown.
+        let later = Mapping {
+            project: "r".into(),
+            learned_at: t0,
+        };
+        m.heard("a", later.clone());
+        m.heard("b", later);
+        assert_eq!(m.local("a", t0), known("r", false));
+        assert_eq!(m.local("b", t0), None);
     }
 }

@@ -1,8 +1,8 @@
 //! What a core remembers between requests, with expiry instants stored in the values and `now` passed
 //! in (quick_cache has no per-entry TTL):
 //! - [`Mappings`]: `name → project`, the one seam every lookup goes through, in tiers: the core's own
-//!   shard, then each shared [`Tier`] in order (the process-wide [`LearnedMap`] today, a store shared
-//!   between pods later). A mapping is fresh for `CACHE_TTL`, then served stale (and refreshed in the
+//!   shard, then each shared [`Tier`] in order: the process-wide [`LearnedMap`], then Redis when
+//!   configured (`crate::share`). A mapping is fresh for `CACHE_TTL`, then served stale (and refreshed in the
 //!   background) for `STALE_WHILE_REVALIDATE`, then gone.
 //! - [`Answers`]: remembered misses, manifests by digest and tag lists, per core.
 //!
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 pub use answers::{Answers, Kept};
 pub use learned::LearnedMap;
-pub use mappings::{Known, Mappings, Tier, TierLookup};
+pub use mappings::{Heard, Known, Lookup, Mappings, Tier, TierLookup};
 
 /// Where a name was found, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::share::Shared;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot, UpstreamKind};
 use crate::upstream::{self, AuthMode, Upstream, UpstreamError};
 
@@ -77,6 +78,7 @@ pub fn spawn(
     config: Arc<Config>,
     upstream: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
+    redis: Option<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -92,7 +94,7 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(run(config, upstream, snapshot, shutdown));
+            rt.block_on(run(config, upstream, snapshot, redis, shutdown));
         })
 }
 
@@ -100,6 +102,7 @@ async fn run(
     config: Arc<Config>,
     shared: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
+    redis: Option<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let client = Upstream::new(shared.clone());
@@ -114,7 +117,12 @@ async fn run(
         let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &user));
         monoio::select! {
             result = round => match result {
-                Ok(Ok(projects)) => publish(&config, &snapshot, projects, &mut generation),
+                Ok(Ok(projects)) => {
+                    publish(&config, &snapshot, projects, &mut generation);
+                    if let (Some(redis), Some(s)) = (&redis, snapshot.load().as_ref()) {
+                        redis.publish_projects(&s.projects);
+                    }
+                }
                 Ok(Err(e)) => keep(&snapshot, &e),
                 Err(_) => keep(&snapshot, &format!("the round took longer than {ROUND_LIMIT:?}")),
             },

@@ -56,7 +56,9 @@ pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
 
 /// `/healthz` and `/readyz`: 200 once discovery has published at least one proxy-cache project, 503
 /// before. `/readyz` also turns 503 when the project list is older than three discovery intervals
-/// (Harbor unreachable for that long). The body names the worker that answered, so an operator (or a
+/// (Harbor unreachable for that long). A project list loaded from Redis at start counts (the body
+/// says `"provisional": true` until discovery replaces it); Redis's own state is shown
+/// (`"redis": "up"`) but never decides. The body names the worker that answered, so an operator (or a
 /// test) can see every core serving.
 fn health(state: &State, readiness: bool) -> Response<Body> {
     let worker = state.worker();
@@ -89,9 +91,18 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
             if stale {
                 v["reason"] = "the project list is older than 3 discovery intervals: Harbor has not answered discovery since".into();
             }
+            if s.generation == 0 {
+                // Loaded from Redis at start; discovery has not completed yet.
+                v["provisional"] = true.into();
+            }
             (!stale, v)
         }
     };
+    let mut body = body;
+    if let Some(redis) = state.redis_status() {
+        // Shown, never a condition: Redis being down does not make a pod unready.
+        body["redis"] = redis.into();
+    }
     let status = if ok {
         StatusCode::OK
     } else {

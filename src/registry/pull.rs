@@ -2,7 +2,8 @@
 //! A pull's life is a short list of phases, each in its own module:
 //! 1. [`memory`]: answer from this core's memory (manifest by digest, tag list);
 //! 2. a remembered miss answers 404 at once;
-//! 3. [`mapped`]: with a mapping, one request to its project (a stale mapping is used, and
+//! 3. the mapping tiers (core shard, process map, Redis) give a mapping or a miss another pod found;
+//!    [`mapped`]: with a mapping, one request to its project (a stale mapping is used, and
 //!    [`refresh`]ed in the background); a 404 there falls through to
 //! 4. [`fanout`]: race the candidate projects (coalesced per core), learn the winner;
 //! 5. [`answer`]: translate the winner's answer for the client.
@@ -25,7 +26,7 @@ use super::ask::{Ask, Endpoint};
 use super::fanout::{self, Found};
 use super::mapped::{self, Mapped};
 use super::respond::{error, json};
-use super::state::State;
+use super::state::{Lookup, State};
 use super::{answer, forward, memory, refresh};
 
 /// Serves one pull request.
@@ -59,16 +60,20 @@ pub async fn serve(
     if let Some(detail) = state.miss(&key, now) {
         return not_found(&ask, detail);
     }
-    if let Some((project, stale)) = state.lookup(&snapshot, &ask.name, now).await {
-        if stale {
-            refresh::start(state, snapshot.clone(), &ask);
-        }
-        match mapped::request(state, project, &ask).await {
-            Mapped::Answer(res) => return *res,
-            Mapped::Gone => {
-                tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
+    match state.lookup(&snapshot, &ask.name, &key, now).await {
+        Lookup::Missing(detail) => return not_found(&ask, detail),
+        Lookup::Mapped(project, stale) => {
+            if stale {
+                refresh::start(state, snapshot.clone(), &ask);
+            }
+            match mapped::request(state, project, &ask).await {
+                Mapped::Answer(res) => return *res,
+                Mapped::Gone => {
+                    tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
+                }
             }
         }
+        Lookup::Unknown => {}
     }
     match fanout::find(state, &snapshot, &ask, &key, client).await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.

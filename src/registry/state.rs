@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::cache::{Answers, Kept, LearnedMap, Mappings, Tier, Ttls};
+use crate::cache::{Answers, Kept, LearnedMap, Lookup as Looked, Mappings, Tier, Ttls};
 use crate::config::Config;
 use crate::error::Error;
 use crate::flight::{Flights, Turn};
 use crate::limit::{Limits, Rate};
+use crate::share::Shared;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot};
 use crate::upstream::breaker::{Breakers, Ticket};
 use crate::upstream::{self, Upstream};
@@ -36,6 +37,8 @@ pub struct ProcessState {
     pub learned: Arc<LearnedMap>,
     /// Per-client-IP budgets, the same for every core.
     pub limits: Arc<Limits>,
+    /// The mappings shared between pods through Redis, when `REDIS_SENTINELS` is set.
+    pub shared: Option<Shared>,
 }
 
 impl ProcessState {
@@ -44,6 +47,8 @@ impl ProcessState {
         config: Arc<Config>,
         harbor: Arc<upstream::Harbor>,
         snapshot: SharedSnapshot,
+        learned: Arc<LearnedMap>,
+        shared: Option<Shared>,
     ) -> ProcessState {
         let limits = Limits::new(
             // Bursts: a second's worth of requests; five seconds' worth of fan-outs (a node that
@@ -58,10 +63,21 @@ impl ProcessState {
             config,
             harbor,
             snapshot,
-            learned: Arc::new(LearnedMap::default()),
+            learned,
             limits: Arc::new(limits),
+            shared,
         }
     }
+}
+
+/// What a lookup found for a pull.
+#[derive(Debug)]
+pub enum Lookup<'s> {
+    /// Mapped to this project; the `bool` says the mapping is stale (use it, and refresh it).
+    Mapped(&'s Project, bool),
+    /// Another pod found that no project has it (with the registry's error body, if any).
+    Missing(Option<Bytes>),
+    Unknown,
 }
 
 /// What a fan-out leader tells the requests that waited for it.
@@ -96,6 +112,8 @@ pub struct State {
     refreshing: Rc<RefCell<HashSet<String>>>,
     /// Per-client-IP budgets, shared with the other cores.
     limits: Arc<Limits>,
+    /// Redis, when configured (its status for the health answer).
+    shared: Option<Shared>,
     /// Added to the system clock: zero in service; tests move it to drive expiry and breakers.
     skew: Cell<Duration>,
 }
@@ -103,8 +121,23 @@ pub struct State {
 impl State {
     /// Builds worker `worker`'s state; call inside its runtime (it spawns the core's sweeper).
     pub fn new(worker: usize, process: ProcessState) -> Rc<State> {
-        let tiers: Vec<Rc<dyn Tier>> = vec![Rc::new(process.learned.clone())];
-        State::with_tiers(worker, process, tiers)
+        let mut tiers: Vec<Rc<dyn Tier>> = vec![Rc::new(process.learned.clone())];
+        if let Some(shared) = &process.shared {
+            tiers.push(Rc::new(shared.tier(process.snapshot.clone())));
+        }
+        let state = State::with_tiers(worker, process, tiers);
+        if let Some(shared) = &state.shared {
+            // Mappings other pods moved: this core's copies follow.
+            let mut changes = shared.register_core();
+            let weak = Rc::downgrade(&state);
+            monoio::spawn(async move {
+                while let Some((name, mapping)) = changes.recv().await {
+                    let Some(state) = weak.upgrade() else { return };
+                    state.mappings.heard(&name, mapping);
+                }
+            });
+        }
+        state
     }
 
     /// Like [`State::new`], with the shared mapping tiers given in lookup order.
@@ -114,6 +147,7 @@ impl State {
             harbor,
             snapshot,
             limits,
+            shared,
             ..
         } = process;
         let ttls = Ttls {
@@ -138,6 +172,7 @@ impl State {
             flights: Rc::default(),
             refreshing: Rc::default(),
             limits,
+            shared,
             skew: Cell::new(Duration::ZERO),
         });
         // Expired cache entries are dropped off the request path.
@@ -223,23 +258,38 @@ impl State {
         &self.upstream
     }
 
-    /// The project `name` is mapped to, if it is still in `snapshot`. A mapping to a project that is
-    /// gone from Harbor (or from the fan-out cut) is useless: it is forgotten.
-    /// The `bool` says the mapping is stale (use it, and refresh it).
+    /// The project `name` is mapped to, if it is still in `snapshot`, or a miss another pod found
+    /// for the pull `miss_key` (remembered here for the rest of its life). A mapping to a project
+    /// that is gone from Harbor (or from the fan-out cut) is useless: it is forgotten.
     pub async fn lookup<'s>(
         &self,
         snapshot: &'s Snapshot,
         name: &str,
+        miss_key: &str,
         now: Instant,
-    ) -> Option<(&'s Project, bool)> {
-        let known = self.mappings.lookup(name, now).await?;
+    ) -> Lookup<'s> {
+        let known = match self.mappings.lookup(name, miss_key, now).await {
+            None => return Lookup::Unknown,
+            Some(Looked::Missing { detail, until }) => {
+                self.answers
+                    .borrow_mut()
+                    .remember_miss_until(miss_key, detail.clone(), until);
+                return Lookup::Missing(detail);
+            }
+            Some(Looked::Known(known)) => known,
+        };
         match snapshot.project(&known.project) {
-            Some(p) => Some((p, known.stale)),
+            Some(p) => Lookup::Mapped(p, known.stale),
             None => {
                 self.forget(name, &known.project);
-                None
+                Lookup::Unknown
             }
         }
+    }
+
+    /// Redis's state for the health answer: `None` when Redis is not configured.
+    pub fn redis_status(&self) -> Option<&'static str> {
+        self.shared.as_ref().map(|s| s.status())
     }
 
     /// `name` lives in `project`.
@@ -266,7 +316,12 @@ impl State {
         self.answers.borrow().miss(key, now)
     }
 
+    /// A fan-out found that no project has the pull `key`: this core and the shared tiers remember it.
     pub fn remember_miss(&self, key: &str, detail: Option<Bytes>) {
+        let ttl = self.config.negative_cache_ttl;
+        if !ttl.is_zero() {
+            self.mappings.missed(key, detail.as_ref(), ttl);
+        }
         self.answers
             .borrow_mut()
             .remember_miss(key, detail, self.now());

@@ -1,0 +1,556 @@
+//! The Redis thread: one tokio runtime running the `redis` crate. It finds the master through
+//! Sentinel, serves the cores' queues (reads first, coalesced by name; writes in pipelines), listens
+//! for moved mappings and for Sentinel's `+switch-master`, and pings the master. Any error (the
+//! connection drops, the master answers `READONLY` after a failover, a command gets no answer within
+//! [`RESPONSE_LIMIT`]) sends it back through Sentinel to the current master; while it reconnects,
+//! with backoff and jitter, the cores serve from memory and fan-out. It logs once per state change.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, ConnectionAddr, RedisError};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::cache::{LearnedMap, Mapping};
+use crate::config::Config;
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+use super::schema::{
+    unix_ms, Keys, StoredChange, StoredMapping, StoredMiss, StoredProjects, PROJECTS_LIFE,
+    RECENT_MAX,
+};
+use super::{instant_of, Answer, Read, Shared, Status, Write};
+
+/// Longest wait for one command's answer (a frozen master is left after this).
+const RESPONSE_LIMIT: Duration = Duration::from_secs(1);
+/// Longest wait for Sentinel to name a master and for the connection to it.
+const CONNECT_LIMIT: Duration = Duration::from_secs(2);
+/// How often an idle connection is checked.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// Reconnect backoff bounds (each wait is jittered down to half).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Commands per pipeline.
+const BATCH: usize = 256;
+/// Longest the warm start may take.
+const WARM_LIMIT: Duration = Duration::from_secs(10);
+/// Mappings fetched per MGET at warm start.
+const WARM_CHUNK: usize = 1000;
+
+pub(super) struct Link {
+    pub config: Arc<Config>,
+    pub shared: Shared,
+    pub snapshot: SharedSnapshot,
+    pub learned: Arc<LearnedMap>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Why the link left a master.
+type Lost = String;
+
+impl Link {
+    pub fn run(self, writes: mpsc::Receiver<Write>, reads: mpsc::Receiver<Read>) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the Redis runtime; mappings stay in memory");
+                return;
+            }
+        };
+        rt.block_on(self.serve(writes, reads));
+    }
+
+    async fn serve(mut self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
+        let keys = Keys::new(&self.config.redis_key_prefix);
+        let mut sentinel = match self.sentinel_client() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid Redis Sentinel settings; mappings stay in memory");
+                return;
+            }
+        };
+        let mut backoff = BACKOFF_MIN;
+        let mut last_problem: Option<String> = None;
+        let mut warmed = false;
+        loop {
+            let connected = tokio::select! {
+                c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut sentinel)) => c,
+                _ = self.shutdown.changed() => return,
+            };
+            let (conn, master) = match connected {
+                Ok(Ok(c)) => c,
+                failed => {
+                    let problem = match failed {
+                        Ok(Err(e)) => describe(&e),
+                        _ => format!("no master within {CONNECT_LIMIT:?}"),
+                    };
+                    self.down(&mut last_problem, problem);
+                    let wait = jitter(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::select! {
+                        _ = idle(wait, &mut writes, &mut reads) => {}
+                        _ = self.shutdown.changed() => return,
+                    }
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            last_problem = None;
+            self.shared.set_state(Status::Up);
+            tracing::info!(master = %master, "Redis connected (through Sentinel); sharing mappings");
+            let mut conn = conn;
+            if !warmed {
+                match tokio::time::timeout(WARM_LIMIT, self.warm(&mut conn, &keys)).await {
+                    Ok(Ok(())) => warmed = true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %describe(&e), "warm start from Redis failed")
+                    }
+                    Err(_) => {
+                        tracing::warn!("warm start from Redis took longer than {WARM_LIMIT:?}")
+                    }
+                }
+            }
+            let lost = Arc::new(Notify::new());
+            let listeners = self.listen(&mut sentinel, &keys, lost.clone()).await;
+            let mut shutdown = self.shutdown.clone();
+            let why = tokio::select! {
+                why = self.work(&mut conn, &keys, &mut writes, &mut reads, &lost) => why,
+                _ = shutdown.changed() => {
+                    listeners.abort();
+                    return;
+                }
+            };
+            listeners.abort();
+            self.down(&mut last_problem, why);
+        }
+    }
+
+    /// Marks the link down and logs the problem when it is a new one.
+    fn down(&self, last: &mut Option<String>, problem: String) {
+        self.shared.set_state(Status::Down);
+        if last.as_deref() != Some(problem.as_str()) {
+            tracing::warn!(problem = %problem, "Redis unavailable; serving from memory and fan-out, retrying in the background");
+            *last = Some(problem);
+        }
+    }
+
+    fn sentinel_client(&self) -> Result<SentinelClient, RedisError> {
+        let c = &self.config;
+        let addrs = c
+            .redis_sentinels
+            .iter()
+            .map(|s| ConnectionAddr::Tcp(s.host.clone(), s.port));
+        let mut b =
+            SentinelClientBuilder::new(addrs, &c.redis_master_name, SentinelServerType::Master)?
+                .set_client_to_redis_db(i64::from(c.redis_db));
+        if let Some(pw) = &c.redis_password {
+            b = b.set_client_to_redis_password(pw.expose());
+        }
+        b.build()
+    }
+
+    /// Serves the queues on `conn` until something goes wrong; returns what.
+    async fn work(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &Keys,
+        writes: &mut mpsc::Receiver<Write>,
+        reads: &mut mpsc::Receiver<Read>,
+        lost: &Notify,
+    ) -> Lost {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut read_batch = Vec::with_capacity(BATCH);
+        let mut write_batch = Vec::with_capacity(BATCH);
+        loop {
+            let result = tokio::select! {
+                biased;
+                _ = lost.notified() => return "Sentinel switched the master, or the change listener stopped".into(),
+                n = reads.recv_many(&mut read_batch, BATCH) => {
+                    if n == 0 { return "the read queue closed".into() }
+                    serve_reads(conn, keys, &mut read_batch).await
+                }
+                n = writes.recv_many(&mut write_batch, BATCH) => {
+                    if n == 0 { return "the write queue closed".into() }
+                    let r = self.serve_writes(conn, keys, &mut write_batch).await;
+                    if writes.is_empty() && self.shared.inner.shedding.swap(false, Ordering::Relaxed) {
+                        tracing::info!(shed_total = self.shared.shed(), "Redis write queue drained; writes flow again");
+                    }
+                    r
+                }
+                _ = ping.tick() => redis::cmd("PING").query_async::<()>(conn).await,
+            };
+            if let Err(e) = result {
+                return describe(&e);
+            }
+        }
+    }
+
+    async fn serve_writes(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &Keys,
+        batch: &mut Vec<Write>,
+    ) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        let now = unix_ms(SystemTime::now());
+        for w in batch.drain(..) {
+            match w {
+                Write::Mapping {
+                    name,
+                    stored,
+                    life,
+                    moved,
+                } => {
+                    let value = serde_json::to_string(&stored).unwrap_or_default();
+                    let life_ms = life.as_millis() as u64;
+                    let left = life_ms.saturating_sub(now.saturating_sub(stored.at));
+                    if left == 0 {
+                        continue;
+                    }
+                    pipe.cmd("SET")
+                        .arg(keys.mapping(&name))
+                        .arg(&value)
+                        .arg("PX")
+                        .arg(left)
+                        .ignore();
+                    pipe.cmd("ZADD")
+                        .arg(keys.recent())
+                        .arg(stored.at)
+                        .arg(&name)
+                        .ignore();
+                    pipe.cmd("ZREMRANGEBYRANK")
+                        .arg(keys.recent())
+                        .arg(0)
+                        .arg(-(RECENT_MAX as i64) - 1)
+                        .ignore();
+                    pipe.cmd("PEXPIRE")
+                        .arg(keys.recent())
+                        .arg(life.as_millis() as u64)
+                        .ignore();
+                    if moved {
+                        let change = StoredChange::new(self.shared.inner.origin, &name, &stored);
+                        pipe.cmd("PUBLISH")
+                            .arg(keys.changes())
+                            .arg(serde_json::to_string(&change).unwrap_or_default())
+                            .ignore();
+                    }
+                }
+                Write::Miss { key, stored, ttl } => {
+                    pipe.cmd("SET")
+                        .arg(keys.miss(&key))
+                        .arg(serde_json::to_string(&stored).unwrap_or_default())
+                        .arg("PX")
+                        .arg(ttl.as_millis().max(1) as u64)
+                        .ignore();
+                }
+                Write::Projects(list) => {
+                    pipe.cmd("SET")
+                        .arg(keys.projects())
+                        .arg(serde_json::to_string(&list).unwrap_or_default())
+                        .arg("PX")
+                        .arg(PROJECTS_LIFE.as_millis() as u64)
+                        .ignore();
+                }
+            }
+        }
+        pipe.query_async::<()>(conn).await
+    }
+
+    /// Loads the project list (as a provisional snapshot when discovery has published nothing and
+    /// the list is young enough) and the recent mappings.
+    async fn warm(&self, conn: &mut MultiplexedConnection, keys: &Keys) -> Result<(), RedisError> {
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(keys.projects())
+            .query_async(conn)
+            .await?;
+        match raw.and_then(|r| StoredProjects::decode(&r, self.config.max_fanout_projects)) {
+            Some(list) => self.provisional(&list),
+            None => tracing::info!("no usable project list in Redis; waiting for discovery"),
+        }
+        let names: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(keys.recent())
+            .arg(0)
+            .arg(RECENT_MAX as i64 - 1)
+            .query_async(conn)
+            .await?;
+        let Some(snapshot) = self.snapshot.load_full() else {
+            return Ok(());
+        };
+        let life = self.shared.inner.mapping_life;
+        let mut loaded = 0usize;
+        for chunk in names.chunks(WARM_CHUNK) {
+            let mapping_keys: Vec<String> = chunk.iter().map(|n| keys.mapping(n)).collect();
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&mapping_keys)
+                .query_async(conn)
+                .await?;
+            for (name, raw) in chunk.iter().zip(values) {
+                let Some(m) = raw.and_then(|r| StoredMapping::decode(&r)) else {
+                    continue;
+                };
+                let learned_at = instant_of(m.at);
+                if !m.valid_in(&snapshot) || learned_at.elapsed() >= life {
+                    continue;
+                }
+                self.learned.insert(
+                    name,
+                    &Mapping {
+                        project: m.project,
+                        learned_at,
+                    },
+                );
+                loaded += 1;
+            }
+        }
+        tracing::info!(mappings = loaded, "warm start: mappings loaded from Redis");
+        Ok(())
+    }
+
+    /// Publishes `list` as a provisional snapshot, unless discovery was first or it is too old.
+    fn provisional(&self, list: &StoredProjects) {
+        let built_at = instant_of(list.at);
+        let age = built_at.elapsed();
+        let bound = self.config.discovery_interval * 3;
+        if age > bound {
+            tracing::info!(
+                age_seconds = age.as_secs(),
+                "the project list in Redis is older than 3 discovery intervals; not using it"
+            );
+            return;
+        }
+        let projects = list.projects();
+        let count = projects.len();
+        let provisional = Arc::new(Snapshot {
+            projects,
+            built_at,
+            generation: 0,
+        });
+        let before = self
+            .snapshot
+            .compare_and_swap(&None::<Arc<Snapshot>>, Some(provisional));
+        if before.is_none() {
+            tracing::info!(
+                projects = count,
+                age_seconds = age.as_secs(),
+                "serving with the project list from Redis until discovery completes"
+            );
+        }
+    }
+
+    /// Starts the listeners: moved mappings on the changes channel, and Sentinel's
+    /// `+switch-master`. Either one noticing a switch (or its connection ending) wakes `lost`.
+    async fn listen(
+        &self,
+        sentinel: &mut SentinelClient,
+        keys: &Keys,
+        lost: Arc<Notify>,
+    ) -> Listeners {
+        let mut tasks = Vec::new();
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(CONNECT_LIMIT, sentinel.async_get_client()).await
+        {
+            let changes = keys.changes();
+            let (shared, snapshot, learned, lost) = (
+                self.shared.clone(),
+                self.snapshot.clone(),
+                self.learned.clone(),
+                lost.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let subscribed = tokio::time::timeout(CONNECT_LIMIT, async {
+                    let mut ps = client.get_async_pubsub().await?;
+                    ps.subscribe(&changes).await?;
+                    Ok::<_, RedisError>(ps)
+                })
+                .await;
+                if let Ok(Ok(ps)) = subscribed {
+                    let mut messages = ps.into_on_message();
+                    use futures_util::StreamExt;
+                    while let Some(msg) = messages.next().await {
+                        heard(&shared, &snapshot, &learned, msg.get_payload_bytes());
+                    }
+                }
+                lost.notify_one();
+            }));
+        }
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(CONNECT_LIMIT, sentinel.async_get_sentinel_client()).await
+        {
+            let master = self.config.redis_master_name.clone();
+            tasks.push(tokio::spawn(async move {
+                let subscribed = tokio::time::timeout(CONNECT_LIMIT, async {
+                    let mut ps = client.get_async_pubsub().await?;
+                    ps.subscribe("+switch-master").await?;
+                    Ok::<_, RedisError>(ps)
+                })
+                .await;
+                let Ok(Ok(ps)) = subscribed else { return };
+                let mut messages = ps.into_on_message();
+                use futures_util::StreamExt;
+                while let Some(msg) = messages.next().await {
+                    let text = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+                    if text.split(' ').next() == Some(master.as_str()) {
+                        tracing::info!(switch = %text, "Sentinel switched the Redis master");
+                        lost.notify_one();
+                        return;
+                    }
+                }
+                // A sentinel going away is not a reason to leave the master.
+            }));
+        }
+        Listeners(tasks)
+    }
+}
+
+/// The listener tasks of one connection.
+struct Listeners(Vec<tokio::task::JoinHandle<()>>);
+
+impl Listeners {
+    fn abort(self) {
+        for t in self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// A moved mapping from another pod: checked against this pod's snapshot, then adopted by the
+/// process map and by every core that has a copy.
+fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, payload: &[u8]) {
+    let Some(change) = StoredChange::decode(payload) else {
+        return;
+    };
+    if change.origin == shared.inner.origin {
+        return;
+    }
+    let m = change.mapping();
+    if !snapshot.load().as_ref().is_some_and(|s| m.valid_in(s)) {
+        return;
+    }
+    let mapping = Mapping {
+        project: m.project,
+        learned_at: instant_of(m.at),
+    };
+    learned.insert(&change.name, &mapping);
+    if let Ok(cores) = shared.inner.cores.lock() {
+        for core in cores.iter() {
+            let _ = core.try_send((change.name.clone(), mapping.clone()));
+        }
+    }
+}
+
+/// Answers a batch of reads with one pipeline: one pair of GETs per distinct (name, miss key).
+async fn serve_reads(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    batch: &mut Vec<Read>,
+) -> Result<(), RedisError> {
+    let mut waiting: HashMap<(String, String), Vec<tokio::sync::oneshot::Sender<Answer>>> =
+        HashMap::new();
+    for r in batch.drain(..) {
+        if r.reply.is_closed() {
+            continue; // the core stopped waiting
+        }
+        waiting
+            .entry((r.name, r.miss_key))
+            .or_default()
+            .push(r.reply);
+    }
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    let order: Vec<(String, String)> = waiting.keys().cloned().collect();
+    for (name, miss_key) in &order {
+        pipe.cmd("GET").arg(keys.mapping(name));
+        pipe.cmd("GET").arg(keys.miss(miss_key));
+    }
+    let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+    for (i, key) in order.iter().enumerate() {
+        let answer = Answer {
+            mapping: values
+                .get(2 * i)
+                .cloned()
+                .flatten()
+                .and_then(|r| StoredMapping::decode(&r)),
+            miss: values
+                .get(2 * i + 1)
+                .cloned()
+                .flatten()
+                .and_then(|r| StoredMiss::decode(&r)),
+        };
+        for reply in waiting.remove(key).unwrap_or_default() {
+            let _ = reply.send(answer.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Asks Sentinel for the master and connects to it.
+async fn connect(
+    sentinel: &mut SentinelClient,
+) -> Result<(MultiplexedConnection, String), RedisError> {
+    let client = sentinel.async_get_client().await?;
+    let master = client.get_connection_info().addr().to_string();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_LIMIT))
+        .set_response_timeout(Some(RESPONSE_LIMIT));
+    let conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    Ok((conn, master))
+}
+
+/// While down: waits `wait`, dropping what the cores queued before they saw the state (reads are
+/// answered "nothing" by dropping them; writes would be stale by the time Redis is back).
+async fn idle(
+    wait: Duration,
+    writes: &mut mpsc::Receiver<Write>,
+    reads: &mut mpsc::Receiver<Read>,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let (mut dropped_writes, mut dropped_reads) = (Vec::new(), Vec::new());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return,
+            n = writes.recv_many(&mut dropped_writes, BATCH) => { if n == 0 { return } dropped_writes.clear() }
+            n = reads.recv_many(&mut dropped_reads, BATCH) => { if n == 0 { return } dropped_reads.clear() }
+        }
+    }
+}
+
+/// Half to all of `d`, so pods do not reconnect in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos() as u64);
+    let half = d / 2;
+    half + Duration::from_nanos(nanos % (half.as_nanos() as u64).max(1))
+}
+
+/// What went wrong, for the log, in the operator's terms. Never includes the password.
+fn describe(e: &RedisError) -> String {
+    use redis::ErrorKind;
+    if e.kind() == ErrorKind::AuthenticationFailed
+        || e.to_string().contains("WRONGPASS")
+        || e.to_string().contains("NOAUTH")
+    {
+        return "Redis refused the credentials: check REDIS_PASSWORD".into();
+    }
+    if e.to_string().contains("READONLY") {
+        return "the master became a replica (failover): asking Sentinel again".into();
+    }
+    if e.is_timeout() {
+        return format!("Redis gave no answer within {RESPONSE_LIMIT:?}");
+    }
+    if e.is_io_error() || e.is_connection_dropped() {
+        return format!("connection to Redis lost: {e}");
+    }
+    format!("Redis error: {e}")
+}

@@ -1,0 +1,334 @@
+//! Sharing what pods learn through Redis, found through Sentinel. Redis is an accelerator, never a
+//! dependency: every request is served correctly while it is slow, frozen, down, failing over,
+//! refusing the password or holding garbage.
+//!
+//! - One thread of its own ([`link`]) runs the `redis` crate on a tokio runtime; the cores talk to it
+//!   through bounded channels and never wait on it longer than `REDIS_READ_TIMEOUT`.
+//! - **Write-behind**: mappings learned by fan-outs, and misses, are queued fire-and-forget; a full
+//!   queue sheds the write (counted, logged once per state change).
+//! - **Read on miss** ([`RedisTier`], the last mapping tier): a core that misses its shard and the
+//!   process map asks Redis before it fans out; the link coalesces the reads of one name.
+//! - **Warm start**: discovery publishes the project list; a starting process loads it (as a
+//!   provisional snapshot, when young enough) and the recent mappings.
+//! - **Invalidation**: a mapping that moved is published on a channel; every pod's copies follow.
+//!
+//! Nothing here is touched by a request that hits its core's shard. The key schema is in [`schema`].
+
+mod link;
+pub mod schema;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::cache::{Heard, LearnedMap, Mapping, Tier, TierLookup};
+use crate::config::Config;
+use crate::snapshot::{Project, SharedSnapshot};
+
+use schema::{unix_ms, StoredMapping, StoredMiss, StoredProjects};
+
+/// Writes queued for the link before new ones are shed.
+const WRITE_QUEUE: usize = 8192;
+/// Reads queued for the link before a core stops asking (and fans out).
+const READ_QUEUE: usize = 1024;
+/// Changes queued per core.
+const CHANGE_QUEUE: usize = 1024;
+
+/// The link's state, as the health answer shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Connecting = 0,
+    Up = 1,
+    Down = 2,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Status {
+        match v {
+            1 => Status::Up,
+            2 => Status::Down,
+            _ => Status::Connecting,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Connecting => "connecting",
+            Status::Up => "up",
+            Status::Down => "down",
+        }
+    }
+}
+
+/// A write for the link.
+#[derive(Debug)]
+pub(crate) enum Write {
+    Mapping {
+        name: String,
+        stored: StoredMapping,
+        life: Duration,
+        /// Publish it: the name was mapped elsewhere before.
+        moved: bool,
+    },
+    Miss {
+        key: String,
+        stored: StoredMiss,
+        ttl: Duration,
+    },
+    Projects(StoredProjects),
+}
+
+/// A read for the link: the mapping of `name` and the miss `miss_key`.
+pub(crate) struct Read {
+    name: String,
+    miss_key: String,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// What Redis holds for one read (undecoded values are dropped by the link).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Answer {
+    mapping: Option<StoredMapping>,
+    miss: Option<StoredMiss>,
+}
+
+/// What the cores and the link share: the queues' senders and a few flags written on state changes
+/// (never per request on a hit).
+struct Inner {
+    writes: mpsc::Sender<Write>,
+    reads: mpsc::Sender<Read>,
+    status: AtomicU8,
+    /// A write was shed since the link last said the queue drained.
+    shedding: AtomicBool,
+    shed: AtomicU64,
+    /// Who this process is on the changes channel.
+    origin: u64,
+    read_timeout: Duration,
+    mapping_life: Duration,
+    /// Each core's change queue, registered when the core starts.
+    cores: Mutex<Vec<mpsc::Sender<(String, Mapping)>>>,
+}
+
+/// The cores' handle to Redis. Cloning shares it.
+#[derive(Clone)]
+pub struct Shared {
+    inner: Arc<Inner>,
+}
+
+impl Shared {
+    /// Starts the Redis thread when `REDIS_SENTINELS` is set. It fills `snapshot` with the
+    /// project list from Redis if discovery has published nothing yet, and `learned` with the recent
+    /// mappings; it stops when `shutdown` flips.
+    pub fn start(
+        config: &Arc<Config>,
+        snapshot: SharedSnapshot,
+        learned: Arc<LearnedMap>,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Option<(Shared, std::thread::JoinHandle<()>)>> {
+        if config.redis_sentinels.is_empty() {
+            return Ok(None);
+        }
+        let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
+        let (reads, read_rx) = mpsc::channel(READ_QUEUE);
+        let shared = Shared {
+            inner: Arc::new(Inner {
+                writes,
+                reads,
+                status: AtomicU8::new(Status::Connecting as u8),
+                shedding: AtomicBool::new(false),
+                shed: AtomicU64::new(0),
+                origin: origin_id(),
+                read_timeout: config.redis_read_timeout,
+                mapping_life: config.cache_ttl + config.stale_while_revalidate,
+                cores: Mutex::new(Vec::new()),
+            }),
+        };
+        let link = link::Link {
+            config: config.clone(),
+            shared: shared.clone(),
+            snapshot,
+            learned,
+            shutdown,
+        };
+        let thread = std::thread::Builder::new()
+            .name("hr-redis".into())
+            .spawn(move || link.run(write_rx, read_rx))?;
+        Ok(Some((shared, thread)))
+    }
+
+    pub fn status(&self) -> &'static str {
+        self.state().as_str()
+    }
+
+    fn state(&self) -> Status {
+        Status::from_u8(self.inner.status.load(Ordering::Relaxed))
+    }
+
+    fn set_state(&self, s: Status) {
+        self.inner.status.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Writes shed so far (the queue was full).
+    pub fn shed(&self) -> u64 {
+        self.inner.shed.load(Ordering::Relaxed)
+    }
+
+    /// A core's view of Redis, for its mapping tiers.
+    pub fn tier(&self, snapshot: SharedSnapshot) -> RedisTier {
+        RedisTier {
+            shared: self.clone(),
+            snapshot,
+        }
+    }
+
+    /// Registers a core: the returned queue delivers mappings other pods moved.
+    pub fn register_core(&self) -> mpsc::Receiver<(String, Mapping)> {
+        let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
+        if let Ok(mut cores) = self.inner.cores.lock() {
+            cores.push(tx);
+        }
+        rx
+    }
+
+    /// Discovery read `projects`: publish them for pods that start later.
+    pub fn publish_projects(&self, projects: &[Project]) {
+        self.write(Write::Projects(StoredProjects::new(
+            projects,
+            unix_ms(SystemTime::now()),
+        )));
+    }
+
+    /// Queues `w` unless Redis is down (nothing would take it) or the queue is full (shed).
+    fn write(&self, w: Write) {
+        if self.state() != Status::Up {
+            return;
+        }
+        if self.inner.writes.try_send(w).is_err() {
+            self.inner.shed.fetch_add(1, Ordering::Relaxed);
+            if !self.inner.shedding.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    queue = WRITE_QUEUE,
+                    "Redis write queue full: shedding writes (mappings stay in memory)"
+                );
+            }
+        }
+    }
+
+    /// Asks the link for `name` and `miss_key`, waiting at most `REDIS_READ_TIMEOUT`.
+    async fn read(&self, name: &str, miss_key: &str) -> Option<Answer> {
+        if self.state() != Status::Up {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        let read = Read {
+            name: name.to_string(),
+            miss_key: miss_key.to_string(),
+            reply,
+        };
+        self.inner.reads.try_send(read).ok()?;
+        monoio::time::timeout(self.inner.read_timeout, answer)
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// A random id for this process on the changes channel.
+fn origin_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(unix_ms(SystemTime::now()) as u128);
+    h.finish()
+}
+
+/// The instant `at` (unix ms) was, on this process's monotonic clock; never in the future.
+pub(crate) fn instant_of(at: u64) -> Instant {
+    let now = Instant::now();
+    let age = unix_ms(SystemTime::now()).saturating_sub(at);
+    now.checked_sub(Duration::from_millis(age)).unwrap_or(now)
+}
+
+/// Unix ms of the monotonic instant `t`.
+fn unix_ms_of(t: Instant) -> u64 {
+    let age = Instant::now().saturating_duration_since(t);
+    unix_ms(SystemTime::now()).saturating_sub(age.as_millis() as u64)
+}
+
+/// Redis as one core's last mapping tier. Its answers are checked against the current snapshot: a
+/// mapping to a project this pod does not know (by name and id) is not used.
+pub struct RedisTier {
+    shared: Shared,
+    snapshot: SharedSnapshot,
+}
+
+impl RedisTier {
+    fn stored(&self, mapping: &Mapping) -> Option<StoredMapping> {
+        let snapshot = self.snapshot.load();
+        let project = snapshot.as_ref()?.project(&mapping.project)?;
+        Some(StoredMapping::new(project, unix_ms_of(mapping.learned_at)))
+    }
+
+    fn write_mapping(&self, name: &str, mapping: &Mapping, moved: bool) {
+        if let Some(stored) = self.stored(mapping) {
+            self.shared.write(Write::Mapping {
+                name: name.to_string(),
+                stored,
+                life: self.shared.inner.mapping_life,
+                moved,
+            });
+        }
+    }
+}
+
+impl Tier for RedisTier {
+    fn get<'a>(&'a self, name: &'a str, miss_key: &'a str) -> TierLookup<'a> {
+        Box::pin(async move {
+            let answer = self.shared.read(name, miss_key).await?;
+            if let Some(m) = answer.mapping {
+                let snapshot = self.snapshot.load();
+                if snapshot.as_ref().is_some_and(|s| m.valid_in(s)) {
+                    return Some(Heard::Mapped(Mapping {
+                        project: m.project,
+                        learned_at: instant_of(m.at),
+                    }));
+                }
+            }
+            let miss = answer.miss?;
+            let left = miss.until.checked_sub(unix_ms(SystemTime::now()))?;
+            Some(Heard::Missing {
+                detail: miss.detail.map(Bytes::from),
+                until: Instant::now() + Duration::from_millis(left),
+            })
+        })
+    }
+
+    fn learn(&self, name: &str, mapping: &Mapping) {
+        self.write_mapping(name, mapping, false);
+    }
+
+    fn moved(&self, name: &str, mapping: &Mapping) {
+        self.write_mapping(name, mapping, true);
+    }
+
+    /// A wrong mapping in Redis is overwritten by the next learn and is never used for a project
+    /// the pod does not know; it is not deleted here (another pod may have written a better one).
+    fn forget(&self, _name: &str, _project: &str) {}
+
+    fn missed(&self, key: &str, detail: Option<&Bytes>, ttl: Duration) {
+        let until = unix_ms(SystemTime::now()) + ttl.as_millis() as u64;
+        self.shared.write(Write::Miss {
+            key: key.to_string(),
+            stored: StoredMiss {
+                v: schema::VERSION,
+                until,
+                detail: detail.and_then(|d| std::str::from_utf8(d).ok().map(str::to_string)),
+            },
+            ttl,
+        });
+    }
+}
