@@ -19,8 +19,9 @@ stage() { hr_log "$1 ($((SECONDS - start))s)"; }
 stage "toolchain"
 hr_rust
 # docker-registry: the real CNCF registry behind the stand-in Harbor; skopeo: seeds images and pulls;
-# nginx-light: the TLS front in the upstream tests.
-hr_apt ca-certificates docker-registry skopeo nginx-light
+# nginx-light: the TLS front in the upstream tests; redis-server, redis-sentinel, redis-tools: the real
+# Redis (master, replica, Sentinels) of the sharing tests.
+hr_apt ca-certificates docker-registry skopeo nginx-light redis-server redis-sentinel redis-tools
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check

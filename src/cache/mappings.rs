@@ -142,11 +142,15 @@ impl Mappings {
         self.shard.borrow_mut().insert(name.to_string(), m);
     }
 
-    /// Another pod says `name` moved: this core's copy follows, if it has one.
-    pub fn heard(&self, name: &str, mapping: Mapping) {
+    /// Another pod says `name` moved: this core's copy follows, if it has one (then `true`).
+    pub fn heard(&self, name: &str, mapping: Mapping) -> bool {
         let mut shard = self.shard.borrow_mut();
-        if let Some(mut old) = shard.get_mut(name) {
-            *old = mapping;
+        match shard.get_mut(name) {
+            Some(mut old) => {
+                *old = mapping;
+                true
+            }
+            None => false,
         }
     }
 

@@ -133,7 +133,15 @@ impl State {
             monoio::spawn(async move {
                 while let Some((name, mapping)) = changes.recv().await {
                     let Some(state) = weak.upgrade() else { return };
-                    state.mappings.heard(&name, mapping);
+                    let project = mapping.project.clone();
+                    if state.mappings.heard(&name, mapping) {
+                        tracing::debug!(
+                            worker = state.worker,
+                            name,
+                            project,
+                            "this core follows a mapping another pod moved"
+                        );
+                    }
                 }
             });
         }

@@ -33,7 +33,7 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(2);
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// Reconnect backoff bounds (each wait is jittered down to half).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Commands per pipeline.
 const BATCH: usize = 256;
 /// Longest the warm start may take.
@@ -116,6 +116,10 @@ impl Link {
                         tracing::warn!("warm start from Redis took longer than {WARM_LIMIT:?}")
                     }
                 }
+            }
+            // Discovery may have read the projects while Redis was away: share them now.
+            if let Some(s) = self.snapshot.load().as_ref().filter(|s| s.generation > 0) {
+                self.shared.publish_projects(&s.projects);
             }
             let lost = Arc::new(Notify::new());
             let listeners = self.listen(&mut sentinel, &keys, lost.clone()).await;
@@ -218,28 +222,23 @@ impl Link {
                         .arg(keys.mapping(&name))
                         .arg(&value)
                         .arg("PX")
-                        .arg(left)
-                        .ignore();
+                        .arg(left);
                     pipe.cmd("ZADD")
                         .arg(keys.recent())
                         .arg(stored.at)
-                        .arg(&name)
-                        .ignore();
+                        .arg(&name);
                     pipe.cmd("ZREMRANGEBYRANK")
                         .arg(keys.recent())
                         .arg(0)
-                        .arg(-(RECENT_MAX as i64) - 1)
-                        .ignore();
+                        .arg(-(RECENT_MAX as i64) - 1);
                     pipe.cmd("PEXPIRE")
                         .arg(keys.recent())
-                        .arg(life.as_millis() as u64)
-                        .ignore();
+                        .arg(life.as_millis() as u64);
                     if moved {
                         let change = StoredChange::new(self.shared.inner.origin, &name, &stored);
                         pipe.cmd("PUBLISH")
                             .arg(keys.changes())
-                            .arg(serde_json::to_string(&change).unwrap_or_default())
-                            .ignore();
+                            .arg(serde_json::to_string(&change).unwrap_or_default());
                     }
                 }
                 Write::Miss { key, stored, ttl } => {
@@ -247,20 +246,33 @@ impl Link {
                         .arg(keys.miss(&key))
                         .arg(serde_json::to_string(&stored).unwrap_or_default())
                         .arg("PX")
-                        .arg(ttl.as_millis().max(1) as u64)
-                        .ignore();
+                        .arg(ttl.as_millis().max(1) as u64);
                 }
                 Write::Projects(list) => {
                     pipe.cmd("SET")
                         .arg(keys.projects())
                         .arg(serde_json::to_string(&list).unwrap_or_default())
                         .arg("PX")
-                        .arg(PROJECTS_LIFE.as_millis() as u64)
-                        .ignore();
+                        .arg(PROJECTS_LIFE.as_millis() as u64);
                 }
             }
         }
-        pipe.query_async::<()>(conn).await
+        if pipe.is_empty() {
+            return Ok(());
+        }
+        // One refused command (a key of the wrong type) is not a reason to leave the master; a
+        // master that became a replica (READONLY) is.
+        let results: Vec<redis::RedisResult<redis::Value>> =
+            pipe.ignore_errors().query_async(conn).await?;
+        for r in results {
+            if let Err(e) = r {
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "Redis refused a write");
+            }
+        }
+        Ok(())
     }
 
     /// Loads the project list (as a provisional snapshot when discovery has published nothing and
@@ -437,6 +449,7 @@ fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, paylo
         project: m.project,
         learned_at: instant_of(m.at),
     };
+    tracing::debug!(name = %change.name, project = %mapping.project, "another pod moved a mapping; following");
     learned.insert(&change.name, &mapping);
     if let Ok(cores) = shared.inner.cores.lock() {
         for core in cores.iter() {
@@ -471,19 +484,19 @@ async fn serve_reads(
         pipe.cmd("GET").arg(keys.mapping(name));
         pipe.cmd("GET").arg(keys.miss(miss_key));
     }
-    let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+    // A key holding the wrong type fails its own GET, not the pipeline (nor the connection).
+    let values: Vec<redis::RedisResult<Option<Vec<u8>>>> =
+        pipe.ignore_errors().query_async(conn).await?;
+    let value = |i: usize| -> Option<Vec<u8>> {
+        match values.get(i) {
+            Some(Ok(v)) => v.clone(),
+            _ => None,
+        }
+    };
     for (i, key) in order.iter().enumerate() {
         let answer = Answer {
-            mapping: values
-                .get(2 * i)
-                .cloned()
-                .flatten()
-                .and_then(|r| StoredMapping::decode(&r)),
-            miss: values
-                .get(2 * i + 1)
-                .cloned()
-                .flatten()
-                .and_then(|r| StoredMiss::decode(&r)),
+            mapping: value(2 * i).and_then(|r| StoredMapping::decode(&r)),
+            miss: value(2 * i + 1).and_then(|r| StoredMiss::decode(&r)),
         };
         for reply in waiting.remove(key).unwrap_or_default() {
             let _ = reply.send(answer.clone());

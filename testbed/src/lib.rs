@@ -19,6 +19,7 @@ mod harbor;
 pub mod images;
 pub mod keys;
 mod proxy;
+pub mod redis;
 pub mod registry;
 mod standin;
 

@@ -39,6 +39,8 @@ pub(crate) struct State {
     /// (project, digest) pairs fetched once with GET: Harbor's blob HEAD answers 404 before that.
     pub fetched_blobs: Mutex<HashSet<(String, String)>>,
     pub registries_forbidden: AtomicBool,
+    /// Holds every `/api/v2.0/` answer while set (a slow Harbor API).
+    pub api_hold: Mutex<Option<crate::Gate>>,
     /// Bumped by `drop_connections`; every connection task watches it.
     pub drop_generation: watch::Sender<u64>,
     /// RFC 3339 time used as creation/update time of every object.
@@ -95,6 +97,7 @@ impl StandIn {
             faults: Mutex::new(HashMap::new()),
             fetched_blobs: Mutex::new(HashSet::new()),
             registries_forbidden: AtomicBool::new(false),
+            api_hold: Mutex::new(None),
             drop_generation: watch::channel(0).0,
             started: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)?,
@@ -154,6 +157,14 @@ impl StandIn {
     pub fn hold_heads(&self, project: &str) -> Held {
         let gate = crate::Gate::new();
         self.set_fault(project, Fault::HoldHeads(gate.clone()));
+        Held(gate)
+    }
+
+    /// Holds every answer of Harbor's API (projects, registries) until the gate is released (or
+    /// dropped): a Harbor whose API is slow.
+    pub fn hold_api(&self) -> Held {
+        let gate = crate::Gate::new();
+        *self.state.api_hold.lock().unwrap() = Some(gate.clone());
         Held(gate)
     }
 
@@ -228,6 +239,10 @@ async fn dispatch(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
     if path.starts_with("/api/v2.0/") {
         state.counters.lock().unwrap().api_requests += 1;
+        let held = state.api_hold.lock().unwrap().clone();
+        if let Some(gate) = held {
+            gate.pass().await;
+        }
         return crate::harbor::api(&state, &path, req.uri().query(), req.headers());
     }
     harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")

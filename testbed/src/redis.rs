@@ -1,0 +1,306 @@
+//! Real Redis for the sharing tests: a master, a replica and three Sentinels (Debian's
+//! `redis-server` and `redis-sentinel`), each a child process on a free loopback port, in a temporary
+//! directory, stopped by PID when the set is dropped. Commands go through `redis-cli`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The master name the Sentinels monitor.
+pub const MASTER_NAME: &str = "mymaster";
+/// How long Sentinels wait before they call a silent master down (short, so failover tests are).
+pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
+
+/// One Redis process.
+pub struct Node {
+    pub port: u16,
+    child: Child,
+    /// Stopped with SIGSTOP and not yet continued.
+    frozen: bool,
+}
+
+impl Node {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.frozen {
+            self.signal("CONT");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A master, a replica and three Sentinels.
+pub struct RedisSet {
+    pub password: Option<String>,
+    /// `[master, replica]` as started (after a failover the roles swap).
+    pub servers: Vec<Node>,
+    pub sentinels: Vec<Node>,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl RedisSet {
+    /// Starts the set and waits until the replica is in sync and every Sentinel knows the others.
+    pub fn start(password: Option<&str>) -> anyhow::Result<RedisSet> {
+        let dir = tempfile::Builder::new()
+            .prefix("testbed-redis-")
+            .tempdir()?;
+        let mut set = RedisSet {
+            password: password.map(str::to_string),
+            servers: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+        };
+        let master = set.server(None)?;
+        let master_port = master.port;
+        set.servers.push(master);
+        let replica = set.server(Some(master_port))?;
+        set.servers.push(replica);
+        set.wait("the replica is in sync", |s| {
+            s.cli(s.servers[1].port, &["INFO", "replication"])
+                .is_ok_and(|o| o.contains("master_link_status:up"))
+        })?;
+        for i in 0..3 {
+            let node = set.sentinel(i, master_port)?;
+            set.sentinels.push(node);
+        }
+        set.wait(
+            "every Sentinel knows the replica and the other Sentinels",
+            |s| {
+                s.sentinels.iter().all(|n| {
+                    s.cli(n.port, &["SENTINEL", "MASTER", MASTER_NAME])
+                        .is_ok_and(|o| {
+                            field(&o, "num-other-sentinels") == Some("2")
+                                && field(&o, "num-slaves") == Some("1")
+                        })
+                })
+            },
+        )?;
+        Ok(set)
+    }
+
+    fn server(&self, replica_of: Option<u16>) -> anyhow::Result<Node> {
+        let port = free_port()?;
+        let data = self.dir.path().join(format!("server-{port}"));
+        std::fs::create_dir_all(&data)?;
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&data);
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw, "--masterauth", pw]);
+        }
+        if let Some(m) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
+        }
+        let node = spawn(cmd, &data.join("log"), port)?;
+        self.wait_ping(port)?;
+        Ok(node)
+    }
+
+    fn sentinel(&self, i: usize, master_port: u16) -> anyhow::Result<Node> {
+        let port = free_port()?;
+        let dir = self.dir.path().join(format!("sentinel-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut conf = format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {MASTER_NAME} {}\nsentinel failover-timeout {MASTER_NAME} 10000\n\
+             sentinel parallel-syncs {MASTER_NAME} 1\n",
+            dir.display(),
+            DOWN_AFTER.as_millis()
+        );
+        if let Some(pw) = &self.password {
+            conf.push_str(&format!("sentinel auth-pass {MASTER_NAME} {pw}\n"));
+        }
+        let file = dir.join("sentinel.conf");
+        std::fs::write(&file, conf)?;
+        let mut cmd = Command::new("redis-sentinel");
+        cmd.arg(&file);
+        let node = spawn(cmd, &dir.join("log"), port)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "PING"])
+            .output()
+            .map_or(true, |o| {
+                !String::from_utf8_lossy(&o.stdout).contains("PONG")
+            })
+        {
+            if Instant::now() > deadline {
+                bail!("sentinel on {port} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    fn wait_ping(&self, port: u16) -> anyhow::Result<()> {
+        self.wait(&format!("redis on {port} answers"), |s| {
+            s.cli(port, &["PING"]).is_ok_and(|o| o.contains("PONG"))
+        })
+    }
+
+    /// Polls `f` every 20 ms for up to 30 s.
+    pub fn wait(&self, what: &str, f: impl Fn(&RedisSet) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f(self) {
+            if Instant::now() > deadline {
+                bail!("never happened: {what}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// `REDIS_SENTINELS` for these Sentinels.
+    pub fn sentinels_env(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs `redis-cli` against `port` (with the password for servers); its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &port.to_string(), "--no-auth-warning"]);
+        let is_sentinel = self.sentinels.iter().any(|n| n.port == port);
+        if let (Some(pw), false) = (&self.password, is_sentinel) {
+            cmd.args(["-a", pw]);
+        }
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("redis-cli")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The master's port as the Sentinels report it.
+    pub fn master_port(&self) -> anyhow::Result<u16> {
+        let out = self.cli(
+            self.sentinels[0].port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
+        )?;
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .context("no master address")
+    }
+
+    /// Runs a command on the current master.
+    pub fn master_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.cli(self.master_port()?, args)
+    }
+
+    /// The server process listening on `port`.
+    pub fn server_on(&mut self, port: u16) -> &mut Node {
+        self.servers
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a server of this set")
+    }
+
+    /// `kill -9` of the current master; returns its port.
+    pub fn kill_master(&mut self) -> anyhow::Result<u16> {
+        let port = self.master_port()?;
+        let node = self.server_on(port);
+        let _ = node.child.kill();
+        let _ = node.child.wait();
+        Ok(port)
+    }
+
+    /// SIGSTOP of the current master (continued by [`RedisSet::thaw`] or on drop); returns its port.
+    pub fn freeze_master(&mut self) -> anyhow::Result<u16> {
+        let port = self.master_port()?;
+        let node = self.server_on(port);
+        node.signal("STOP");
+        node.frozen = true;
+        Ok(port)
+    }
+
+    pub fn thaw(&mut self, port: u16) {
+        let node = self.server_on(port);
+        node.signal("CONT");
+        node.frozen = false;
+    }
+
+    /// Waits until the Sentinels name a master other than `old` and it accepts writes.
+    pub fn wait_failover(&self, old: u16) -> anyhow::Result<u16> {
+        self.wait("Sentinel promotes the replica", |s| {
+            s.master_port().is_ok_and(|p| {
+                p != old && s.cli(p, &["ROLE"]).is_ok_and(|r| r.starts_with("master"))
+            })
+        })?;
+        self.master_port()
+    }
+
+    /// Commands of `name` (lower case, e.g. `get`) the server on `port` has run.
+    pub fn calls(&self, port: u16, name: &str) -> anyhow::Result<u64> {
+        let out = self.cli(port, &["INFO", "commandstats"])?;
+        let prefix = format!("cmdstat_{name}:calls=");
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A `key:value` field of `SENTINEL MASTER`'s flat answer (one item per line).
+fn field<'a>(out: &'a str, name: &str) -> Option<&'a str> {
+    let mut lines = out.lines();
+    while let Some(l) = lines.next() {
+        if l == name {
+            return lines.next();
+        }
+    }
+    None
+}
+
+fn spawn(mut cmd: Command, log: &PathBuf, port: u16) -> anyhow::Result<Node> {
+    let out = std::fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?} (is Redis installed?)"))?;
+    Ok(Node {
+        port,
+        child,
+        frozen: false,
+    })
+}

@@ -1,0 +1,553 @@
+//! Sharing through Redis Sentinel, with real Redis: a master, a replica and three Sentinels started
+//! by the test bed, router binaries in front of the stand-in Harbor and the real registry. Pods
+//! share mappings and misses, a new pod starts warm (also while Harbor's API is slow), a moved
+//! mapping reaches the other pods, a failover loses no request, and Redis that is down, refuses the
+//! password or holds garbage changes nothing a client sees.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use testbed::images::ALL_MANIFEST_TYPES;
+use testbed::redis::RedisSet;
+use testbed::{Fault, HarborConfig, SeedImage, SeedKind, Testbed};
+
+use common::{request, wait_until, Response, Router};
+
+/// Projects of the default test bed.
+const PROJECTS: [&str; 4] = ["dockerhub", "ghcr", "k8s", "quay"];
+
+fn bed() -> Testbed {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    bed.seed(&testbed::default_images()).unwrap();
+    bed
+}
+
+/// A router (one worker unless `extra` says otherwise) sharing through `redis`, ready.
+fn pod(bed: &Testbed, redis: &RedisSet, extra: &[(&str, &str)]) -> Router {
+    let router = pod_unready(bed, redis, extra);
+    wait_until("the router is ready", || {
+        common::get(router.addr, "/readyz").status == 200
+    });
+    router
+}
+
+fn pod_unready(bed: &Testbed, redis: &RedisSet, extra: &[(&str, &str)]) -> Router {
+    let sentinels = redis.sentinels_env();
+    start_pod(bed, &sentinels, redis.password.as_deref(), extra)
+}
+
+/// A router with these Sentinels and Redis password; does not wait for readiness.
+fn start_pod(
+    bed: &Testbed,
+    sentinels: &str,
+    password: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Router {
+    let url = bed.harbor.url();
+    let mut env = vec![
+        ("WORKERS", "1"),
+        ("HARBOR_URL", url.as_str()),
+        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
+        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+        ("REDIS_SENTINELS", sentinels),
+        // A loaded test machine answers a loopback Redis read in well under this; the default (5ms)
+        // is for production, where a late answer only costs a fan-out.
+        ("REDIS_READ_TIMEOUT", "2s"),
+        ("FANOUT_BUDGET_PER_IP", "100000"),
+    ];
+    if let Some(pw) = password {
+        env.push(("REDIS_PASSWORD", pw));
+    }
+    env.extend_from_slice(extra);
+    Router::start(&env)
+}
+
+fn health(router: &Router) -> serde_json::Value {
+    common::get(router.addr, "/healthz").json()
+}
+
+fn wait_redis_up(router: &Router) {
+    wait_until("the router's Redis link is up", || {
+        health(router)["redis"] == "up"
+    });
+}
+
+fn manifest(router: &Router, method: &str, name: &str, reference: &str) -> Response {
+    let lines: Vec<String> = ALL_MANIFEST_TYPES
+        .iter()
+        .map(|t| format!("Accept: {t}"))
+        .collect();
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+    request(
+        router.addr,
+        method,
+        &format!("/v2/proxy/{name}/manifests/{reference}"),
+        &extra,
+    )
+}
+
+/// `/v2/` requests each project has seen (401 challenges aside).
+fn v2_counts(bed: &Testbed) -> Vec<u64> {
+    let c = bed.harbor.counters();
+    PROJECTS
+        .iter()
+        .map(|p| *c.v2_requests.get(*p).unwrap_or(&0))
+        .collect()
+}
+
+/// The stored mapping of `name` on the current master, if any.
+fn stored(redis: &RedisSet, name: &str) -> Option<serde_json::Value> {
+    let out = redis
+        .master_cli(&["GET", &format!("hr:v1:map:{name}")])
+        .ok()?;
+    serde_json::from_str(out.trim()).ok()
+}
+
+/// Commands that read or write data on `port` (PING and the Sentinels' own traffic aside).
+fn data_commands(redis: &RedisSet, port: u16) -> u64 {
+    [
+        "get",
+        "set",
+        "mget",
+        "zadd",
+        "zrevrange",
+        "publish",
+        "pexpire",
+    ]
+    .iter()
+    .map(|c| redis.calls(port, c).unwrap())
+    .sum()
+}
+
+#[test]
+fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
+    let redis = RedisSet::start(Some("redis-test-password")).unwrap();
+    let bed = bed();
+    let a = pod(&bed, &redis, &[]);
+    let b = pod(&bed, &redis, &[]);
+    wait_redis_up(&a);
+    wait_redis_up(&b);
+
+    assert_eq!(manifest(&a, "GET", "org/app", "v1").status, 200);
+    wait_until("a's mapping reaches Redis", || {
+        stored(&redis, "org/app").is_some_and(|v| v["project"] == "ghcr" && v["project_id"] == 2)
+    });
+    let before = v2_counts(&bed);
+    let res = manifest(&b, "GET", "org/app", "v1");
+    assert_eq!(res.status, 200);
+    let after = v2_counts(&bed);
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| x - y)
+            .collect::<Vec<_>>(),
+        [0, 1, 0, 0],
+        "b asked ghcr alone: no fan-out"
+    );
+
+    // A miss found by a fan-out on a is shared too.
+    let missing = manifest(&a, "GET", "nowhere/image", "v1");
+    assert_eq!(missing.status, 404);
+    wait_until("a's miss reaches Redis", || {
+        redis
+            .master_cli(&["KEYS", "hr:v1:miss:*"])
+            .is_ok_and(|o| !o.trim().is_empty())
+    });
+    let before = v2_counts(&bed);
+    let res = manifest(&b, "GET", "nowhere/image", "v1");
+    assert_eq!(res.status, 404);
+    assert_eq!(
+        res.body, missing.body,
+        "the same answer as the pod that found it"
+    );
+    assert_eq!(v2_counts(&bed), before, "b answered the shared miss itself");
+
+    // Hits (b's shard has both now) make no Redis call.
+    let master = redis.master_port().unwrap();
+    let commands = data_commands(&redis, master);
+    for _ in 0..50 {
+        assert_eq!(manifest(&b, "HEAD", "org/app", "v1").status, 200);
+        assert_eq!(manifest(&b, "GET", "nowhere/image", "v1").status, 404);
+    }
+    assert_eq!(
+        data_commands(&redis, master),
+        commands,
+        "no Redis command on a hit"
+    );
+}
+
+#[test]
+fn a_new_pod_starts_warm_while_harbor_api_is_slow() {
+    let redis = RedisSet::start(None).unwrap();
+    let bed = bed();
+    let a = pod(&bed, &redis, &[]);
+    wait_redis_up(&a);
+    assert_eq!(manifest(&a, "GET", "coreos/etcd", "v3.5.0").status, 200);
+    wait_until("a's mapping and project list reach Redis", || {
+        stored(&redis, "coreos/etcd").is_some()
+            && redis
+                .master_cli(&["EXISTS", "hr:v1:projects"])
+                .is_ok_and(|o| o.trim() == "1")
+    });
+
+    // Harbor's API holds every answer: the new pod's discovery cannot finish.
+    let held = bed.harbor.hold_api();
+    let api_before = bed.harbor.counters().api_requests;
+    let c = pod_unready(&bed, &redis, &[]);
+    wait_until("the new pod is ready with the list from Redis", || {
+        common::get(c.addr, "/readyz").status == 200
+    });
+    let h = health(&c);
+    assert_eq!(h["provisional"], true, "{h}");
+    assert_eq!(h["projects"], 4, "{h}");
+    assert!(
+        bed.harbor.counters().api_requests > api_before,
+        "the new pod's discovery is waiting on Harbor"
+    );
+    let before = v2_counts(&bed);
+    assert_eq!(manifest(&c, "GET", "coreos/etcd", "v3.5.0").status, 200);
+    let after = v2_counts(&bed);
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| x - y)
+            .collect::<Vec<_>>(),
+        [0, 0, 0, 1],
+        "the first request went to quay alone"
+    );
+
+    // Discovery completes: its own list replaces the provisional one.
+    held.release();
+    wait_until("the new pod's discovery replaces the list", || {
+        health(&c).get("provisional").is_none()
+    });
+}
+
+#[test]
+fn a_moved_mapping_reaches_the_other_pods() {
+    let redis = RedisSet::start(None).unwrap();
+    let bed = bed();
+    let image = |repo: &str| SeedImage {
+        repository: repo.into(),
+        tag: "v1".into(),
+        kind: SeedKind::OciManifest,
+        layer_bytes: 1024,
+    };
+    bed.seed(&[image("dockerhub/shared/tool")]).unwrap();
+    let a = pod(&bed, &redis, &[]);
+    let b = pod(&bed, &redis, &[("LOG_LEVEL", "debug")]);
+    wait_redis_up(&a);
+    wait_redis_up(&b);
+    assert_eq!(manifest(&a, "GET", "shared/tool", "v1").status, 200);
+    wait_until("the mapping reaches Redis", || {
+        stored(&redis, "shared/tool").is_some_and(|v| v["project"] == "dockerhub")
+    });
+    assert_eq!(manifest(&b, "GET", "shared/tool", "v1").status, 200);
+
+    // The image moves: dockerhub no longer has it, quay does.
+    bed.seed(&[image("quay/shared/tool")]).unwrap();
+    bed.harbor.set_fault("dockerhub", Fault::Status(404));
+    assert_eq!(manifest(&a, "GET", "shared/tool", "v1").status, 200);
+    assert!(stored(&redis, "shared/tool").is_some_and(|v| v["project"] == "quay"));
+    b.wait_log(|l| l.contains("this core follows a mapping another pod moved"));
+    let before = v2_counts(&bed);
+    assert_eq!(manifest(&b, "GET", "shared/tool", "v1").status, 200);
+    let after = v2_counts(&bed);
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| x - y)
+            .collect::<Vec<_>>(),
+        [0, 0, 0, 1],
+        "b went to quay at once, not to dockerhub first"
+    );
+}
+
+/// Requests through `router` until `stop`, mixing hits (a known image) and misses (names nobody
+/// has, so Redis reads and writes are on the path). Counts requests, failures and the slowest one.
+struct Load {
+    stop: AtomicBool,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    slowest_ms: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Load {
+    fn new() -> Load {
+        Load {
+            stop: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            slowest_ms: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    fn run(&self, router: &Router, thread: usize) {
+        let mut i = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            i += 1;
+            let started = Instant::now();
+            let (res, want) = if i % 2 == 0 {
+                (manifest(router, "HEAD", "org/app", "v1"), 200)
+            } else {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                let name = format!("missing-{thread}-{i}/image");
+                (manifest(router, "GET", &name, "v1"), 404)
+            };
+            let took = started.elapsed().as_millis() as u64;
+            self.slowest_ms.fetch_max(took, Ordering::Relaxed);
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            if res.status != want {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "request {i} of thread {thread}: {} (wanted {want})",
+                    res.status
+                );
+            }
+        }
+    }
+
+    fn wait_more(&self, n: u64) {
+        let target = self.sent.load(Ordering::Relaxed) + n;
+        wait_until("the load goes on", || {
+            self.sent.load(Ordering::Relaxed) >= target
+        });
+    }
+}
+
+/// Keys on the server on `port`.
+fn dbsize(redis: &RedisSet, port: u16) -> u64 {
+    redis
+        .cli(port, &["DBSIZE"])
+        .ok()
+        .and_then(|o| o.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_killed_master_fails_over_and_no_request_fails() {
+    let mut redis = RedisSet::start(None).unwrap();
+    let bed = bed();
+    let router = pod(
+        &bed,
+        &redis,
+        &[("WORKERS", "2"), ("REDIS_READ_TIMEOUT", "50ms")],
+    );
+    wait_redis_up(&router);
+    assert_eq!(manifest(&router, "GET", "org/app", "v1").status, 200);
+    let load = Load::new();
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let (load, router) = (&load, &router);
+            s.spawn(move || load.run(router, t));
+        }
+        let old = redis.master_port().unwrap();
+        wait_until("misses are written to Redis", || dbsize(&redis, old) > 20);
+        redis.kill_master().unwrap();
+        let new = redis.wait_failover(old).unwrap();
+        let promoted = Instant::now();
+        let keys = dbsize(&redis, new);
+        wait_until("writes resume on the new master", || {
+            dbsize(&redis, new) > keys + 10
+        });
+        let resumed = promoted.elapsed();
+        load.wait_more(50);
+        load.stop.store(true, Ordering::Relaxed);
+        assert!(
+            resumed < Duration::from_secs(10),
+            "writes resumed {resumed:?} after the promotion"
+        );
+        eprintln!("writes resumed {resumed:?} after the promotion");
+    });
+    assert_eq!(load.failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(load.misses.load(Ordering::Relaxed) > 20);
+    wait_redis_up(&router);
+}
+
+#[test]
+fn a_frozen_master_holds_no_request_beyond_the_budget() {
+    let mut redis = RedisSet::start(None).unwrap();
+    let bed = bed();
+    let router = pod(&bed, &redis, &[("REDIS_READ_TIMEOUT", "50ms")]);
+    wait_redis_up(&router);
+    assert_eq!(manifest(&router, "GET", "org/app", "v1").status, 200);
+    let load = Load::new();
+    std::thread::scope(|s| {
+        let (l, r) = (&load, &router);
+        s.spawn(move || l.run(r, 0));
+        load.wait_more(20);
+        let frozen = redis.freeze_master().unwrap();
+        load.slowest_ms.store(0, Ordering::Relaxed);
+        // Frozen for longer than the link's command limit (1 s) and the Sentinels' down-after
+        // (1 s): a request that waited on the master would take that long.
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            load.wait_more(1);
+        }
+        let slowest = load.slowest_ms.load(Ordering::Relaxed);
+        load.stop.store(true, Ordering::Relaxed);
+        redis.thaw(frozen);
+        assert!(
+            slowest < 900,
+            "the slowest request while the master was frozen took {slowest} ms"
+        );
+        eprintln!("slowest request while the master was frozen: {slowest} ms");
+    });
+    assert_eq!(load.failed.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn redis_down_or_refusing_the_password_changes_nothing_a_client_sees() {
+    // Nothing listens on these Sentinel ports.
+    let closed: Vec<String> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+        })
+        .collect();
+    let bed = bed();
+    let url = bed.harbor.url();
+    let sentinels = closed.join(",");
+    let down = Router::start(&[
+        ("WORKERS", "1"),
+        ("HARBOR_URL", url.as_str()),
+        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
+        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+        ("REDIS_SENTINELS", sentinels.as_str()),
+    ]);
+    wait_until("ready without Redis", || {
+        common::get(down.addr, "/readyz").status == 200
+    });
+    wait_until("health shows Redis down", || {
+        health(&down)["redis"] == "down"
+    });
+    for _ in 0..3 {
+        assert_eq!(manifest(&down, "GET", "org/app", "v1").status, 200);
+        assert_eq!(manifest(&down, "GET", "nowhere/x", "v1").status, 404);
+    }
+    // Retries go on in the background; the problem is logged once, not per attempt or request.
+    down.wait_log(|l| l.contains("Redis unavailable"));
+    let logged = down
+        .logs()
+        .iter()
+        .filter(|l| l.contains("Redis unavailable"))
+        .count();
+    assert_eq!(logged, 1, "{:#?}", down.logs());
+
+    let redis = RedisSet::start(Some("the-right-one")).unwrap();
+    let sentinels = redis.sentinels_env();
+    let refused = start_pod(&bed, &sentinels, Some("wrong-secret-7f3a"), &[]);
+    wait_until("ready while Redis refuses", || {
+        common::get(refused.addr, "/readyz").status == 200
+    });
+    let line = refused.wait_log(|l| l.contains("Redis unavailable"));
+    assert!(line.contains("REDIS_PASSWORD"), "{line}");
+    assert_eq!(health(&refused)["redis"], "down");
+    assert_eq!(manifest(&refused, "GET", "org/app", "v1").status, 200);
+    assert!(
+        !refused
+            .logs()
+            .iter()
+            .any(|l| l.contains("wrong-secret-7f3a")),
+        "the password never appears in a log"
+    );
+}
+
+#[test]
+fn garbage_and_future_values_are_ignored_and_overwritten() {
+    let redis = RedisSet::start(None).unwrap();
+    let bed = bed();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let set = |key: &str, value: &str| {
+        redis.master_cli(&["SET", key, value]).unwrap();
+        redis
+            .master_cli(&[
+                "ZADD",
+                "hr:v1:recent",
+                &now,
+                key.trim_start_matches("hr:v1:map:"),
+            ])
+            .unwrap();
+    };
+    set("hr:v1:map:org/app", "garbage");
+    set(
+        "hr:v1:map:coreos/etcd",
+        r#"{"v":2,"project":"quay","project_id":3,"at":1}"#,
+    );
+    set(
+        "hr:v1:map:library/nginx",
+        &format!(r#"{{"v":1,"project":"evil","project_id":99,"at":{now}}}"#),
+    );
+    // The right project's name with another project's id (dockerhub is 1): not the same project.
+    set(
+        "hr:v1:map:pause",
+        &format!(r#"{{"v":1,"project":"dockerhub","project_id":4,"at":{now}}}"#),
+    );
+    set("hr:v1:map:wrong/type", "x");
+    redis.master_cli(&["DEL", "hr:v1:map:wrong/type"]).unwrap();
+    redis
+        .master_cli(&["LPUSH", "hr:v1:map:wrong/type", "x"])
+        .unwrap();
+    redis
+        .master_cli(&["SET", "hr:v1:projects", "{not json"])
+        .unwrap();
+    redis
+        .master_cli(&["SET", "hr:v2:map:org/app", "from the future"])
+        .unwrap();
+
+    let router = pod(&bed, &redis, &[("LOG_LEVEL", "debug")]);
+    wait_redis_up(&router);
+    let h = health(&router);
+    assert!(
+        h.get("provisional").is_none(),
+        "a garbage list is not used: {h}"
+    );
+    for (name, tag, project) in [
+        ("org/app", "v1", "ghcr"),
+        ("coreos/etcd", "v3.5.0", "quay"),
+        ("library/nginx", "latest", "dockerhub"),
+        ("pause", "3.9", "k8s"),
+    ] {
+        let before = v2_counts(&bed);
+        assert_eq!(manifest(&router, "GET", name, tag).status, 200, "{name}");
+        let after = v2_counts(&bed);
+        let winner = PROJECTS.iter().position(|p| *p == project).unwrap();
+        assert_eq!(
+            after[winner] - before[winner],
+            1,
+            "{name}: found by one fan-out"
+        );
+        wait_until("the bad value is overwritten", || {
+            stored(&redis, name).is_some_and(|v| v["project"] == project && v["v"] == 1)
+        });
+    }
+    assert!(
+        !router
+            .logs()
+            .iter()
+            .any(|l| l.contains("mapped project answered 404")),
+        "no request went to a project named by a value the pod cannot trust"
+    );
+    // A key of the wrong type fails that read alone: the pull is served, the link stays up.
+    assert_eq!(manifest(&router, "GET", "wrong/type", "v1").status, 404);
+    assert_eq!(health(&router)["redis"], "up");
+    assert_eq!(
+        redis
+            .master_cli(&["GET", "hr:v2:map:org/app"])
+            .unwrap()
+            .trim(),
+        "from the future",
+        "another schema's keys are left alone"
+    );
+}
