@@ -38,6 +38,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const BATCH: usize = 256;
 /// Longest the warm start may take.
 const WARM_LIMIT: Duration = Duration::from_secs(10);
+/// A connection that lasted this long resets the reconnect backoff.
+const STEADY: Duration = Duration::from_secs(10);
 /// Mappings fetched per MGET at warm start.
 const WARM_CHUNK: usize = 1000;
 
@@ -67,7 +69,7 @@ impl Link {
         rt.block_on(self.serve(writes, reads));
     }
 
-    async fn serve(mut self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
+    async fn serve(self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
         let keys = Keys::new(&self.config.redis_key_prefix);
         let mut sentinel = match self.sentinel_client() {
             Ok(c) => c,
@@ -79,61 +81,69 @@ impl Link {
         let mut backoff = BACKOFF_MIN;
         let mut last_problem: Option<String> = None;
         let mut warmed = false;
+        let mut shutdown = self.shutdown.clone();
         loop {
             let connected = tokio::select! {
                 c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut sentinel)) => c,
-                _ = self.shutdown.changed() => return,
+                _ = shutdown.changed() => return,
             };
-            let (conn, master) = match connected {
-                Ok(Ok(c)) => c,
-                failed => {
-                    let problem = match failed {
-                        Ok(Err(e)) => describe(&e),
-                        _ => format!("no master within {CONNECT_LIMIT:?}"),
+            match connected {
+                Ok(Ok((mut conn, master))) => {
+                    last_problem = None;
+                    self.shared.set_state(Status::Up);
+                    tracing::info!(master = %master, "Redis connected (through Sentinel); sharing mappings");
+                    let since = std::time::Instant::now();
+                    let why = tokio::select! {
+                        why = self.connected(&mut conn, &mut sentinel, &keys, &mut warmed, &mut writes, &mut reads) => why,
+                        _ = shutdown.changed() => return,
                     };
-                    self.down(&mut last_problem, problem);
-                    let wait = jitter(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    tokio::select! {
-                        _ = idle(wait, &mut writes, &mut reads) => {}
-                        _ = self.shutdown.changed() => return,
-                    }
-                    continue;
-                }
-            };
-            backoff = BACKOFF_MIN;
-            last_problem = None;
-            self.shared.set_state(Status::Up);
-            tracing::info!(master = %master, "Redis connected (through Sentinel); sharing mappings");
-            let mut conn = conn;
-            if !warmed {
-                match tokio::time::timeout(WARM_LIMIT, self.warm(&mut conn, &keys)).await {
-                    Ok(Ok(())) => warmed = true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %describe(&e), "warm start from Redis failed")
-                    }
-                    Err(_) => {
-                        tracing::warn!("warm start from Redis took longer than {WARM_LIMIT:?}")
+                    self.down(&mut last_problem, why);
+                    if since.elapsed() >= STEADY {
+                        backoff = BACKOFF_MIN;
                     }
                 }
+                Ok(Err(e)) => self.down(&mut last_problem, describe(&e)),
+                Err(_) => self.down(
+                    &mut last_problem,
+                    format!("no master within {CONNECT_LIMIT:?}"),
+                ),
             }
-            // Discovery may have read the projects while Redis was away: share them now.
-            if let Some(s) = self.snapshot.load().as_ref().filter(|s| s.generation > 0) {
-                self.shared.publish_projects(&s.projects);
+            let wait = jitter(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = idle(wait, &mut writes, &mut reads) => {}
+                _ = shutdown.changed() => return,
             }
-            let lost = Arc::new(Notify::new());
-            let listeners = self.listen(&mut sentinel, &keys, lost.clone()).await;
-            let mut shutdown = self.shutdown.clone();
-            let why = tokio::select! {
-                why = self.work(&mut conn, &keys, &mut writes, &mut reads, &lost) => why,
-                _ = shutdown.changed() => {
-                    listeners.abort();
-                    return;
-                }
-            };
-            listeners.abort();
-            self.down(&mut last_problem, why);
         }
+    }
+
+    /// Uses a fresh connection to the master until it fails: warm start (once per process), the
+    /// listeners, the queues. Returns why it stopped.
+    async fn connected(
+        &self,
+        conn: &mut MultiplexedConnection,
+        sentinel: &mut SentinelClient,
+        keys: &Keys,
+        warmed: &mut bool,
+        writes: &mut mpsc::Receiver<Write>,
+        reads: &mut mpsc::Receiver<Read>,
+    ) -> Lost {
+        if !*warmed {
+            match tokio::time::timeout(WARM_LIMIT, self.warm(conn, keys)).await {
+                Ok(Ok(())) => *warmed = true,
+                Ok(Err(e)) => tracing::warn!(error = %describe(&e), "warm start from Redis failed"),
+                Err(_) => tracing::warn!("warm start from Redis took longer than {WARM_LIMIT:?}"),
+            }
+        }
+        // Discovery may have read the projects while Redis was away: share them now.
+        if let Some(s) = self.snapshot.load().as_ref().filter(|s| s.generation > 0) {
+            self.shared.publish_projects(&s.projects);
+        }
+        let lost = Arc::new(Notify::new());
+        let listeners = self.listen(sentinel, keys, lost.clone()).await;
+        let why = self.work(conn, keys, writes, reads, &lost).await;
+        drop(listeners);
+        why
     }
 
     /// Marks the link down and logs the problem when it is a new one.
@@ -382,12 +392,15 @@ impl Link {
                     Ok::<_, RedisError>(ps)
                 })
                 .await;
-                if let Ok(Ok(ps)) = subscribed {
-                    let mut messages = ps.into_on_message();
-                    use futures_util::StreamExt;
-                    while let Some(msg) = messages.next().await {
-                        heard(&shared, &snapshot, &learned, msg.get_payload_bytes());
-                    }
+                let Ok(Ok(ps)) = subscribed else {
+                    // The master's other commands still work; the next connection tries again.
+                    tracing::warn!("cannot subscribe to moved mappings on the Redis master; other pods' moves are not heard until the link reconnects");
+                    return;
+                };
+                let mut messages = ps.into_on_message();
+                use futures_util::StreamExt;
+                while let Some(msg) = messages.next().await {
+                    heard(&shared, &snapshot, &learned, msg.get_payload_bytes());
                 }
                 lost.notify_one();
             }));
@@ -421,12 +434,12 @@ impl Link {
     }
 }
 
-/// The listener tasks of one connection.
+/// The listener tasks of one connection; stopped when it is left (or the link stops).
 struct Listeners(Vec<tokio::task::JoinHandle<()>>);
 
-impl Listeners {
-    fn abort(self) {
-        for t in self.0 {
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for t in &self.0 {
             t.abort();
         }
     }
@@ -458,29 +471,42 @@ fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, paylo
     }
 }
 
+/// Readers waiting for one (name, miss key).
+type Waiting = Vec<((String, String), Vec<tokio::sync::oneshot::Sender<Answer>>)>;
+
+/// Groups a batch of reads by what they ask, so cores missing the same name at once cost one read;
+/// reads whose core stopped waiting are dropped.
+fn group(batch: &mut Vec<Read>) -> Waiting {
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut waiting: Waiting = Vec::new();
+    for r in batch.drain(..) {
+        if r.reply.is_closed() {
+            continue;
+        }
+        let key = (r.name, r.miss_key);
+        match index.get(&key) {
+            Some(&i) => waiting[i].1.push(r.reply),
+            None => {
+                index.insert(key.clone(), waiting.len());
+                waiting.push((key, vec![r.reply]));
+            }
+        }
+    }
+    waiting
+}
+
 /// Answers a batch of reads with one pipeline: one pair of GETs per distinct (name, miss key).
 async fn serve_reads(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
     batch: &mut Vec<Read>,
 ) -> Result<(), RedisError> {
-    let mut waiting: HashMap<(String, String), Vec<tokio::sync::oneshot::Sender<Answer>>> =
-        HashMap::new();
-    for r in batch.drain(..) {
-        if r.reply.is_closed() {
-            continue; // the core stopped waiting
-        }
-        waiting
-            .entry((r.name, r.miss_key))
-            .or_default()
-            .push(r.reply);
-    }
+    let waiting = group(batch);
     if waiting.is_empty() {
         return Ok(());
     }
     let mut pipe = redis::pipe();
-    let order: Vec<(String, String)> = waiting.keys().cloned().collect();
-    for (name, miss_key) in &order {
+    for ((name, miss_key), _) in &waiting {
         pipe.cmd("GET").arg(keys.mapping(name));
         pipe.cmd("GET").arg(keys.miss(miss_key));
     }
@@ -493,12 +519,12 @@ async fn serve_reads(
             _ => None,
         }
     };
-    for (i, key) in order.iter().enumerate() {
+    for (i, (_, replies)) in waiting.into_iter().enumerate() {
         let answer = Answer {
             mapping: value(2 * i).and_then(|r| StoredMapping::decode(&r)),
             miss: value(2 * i + 1).and_then(|r| StoredMiss::decode(&r)),
         };
-        for reply in waiting.remove(key).unwrap_or_default() {
+        for reply in replies {
             let _ = reply.send(answer.clone());
         }
     }
@@ -566,4 +592,48 @@ fn describe(e: &RedisError) -> String {
         return format!("connection to Redis lost: {e}");
     }
     format!("Redis error: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(name: &str, miss_key: &str) -> (Read, tokio::sync::oneshot::Receiver<Answer>) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let r = Read {
+            name: name.into(),
+            miss_key: miss_key.into(),
+            reply,
+        };
+        (r, rx)
+    }
+
+    #[test]
+    fn reads_of_one_name_are_grouped_and_abandoned_ones_dropped() {
+        let (a1, _k1) = read("nginx", "m1");
+        let (a2, _k2) = read("nginx", "m1");
+        let (b, _k3) = read("nginx", "m2");
+        let (c, gone) = read("alpine", "m3");
+        drop(gone);
+        let (d, _k4) = read("nginx", "m1");
+        let mut batch = vec![a1, a2, b, c, d];
+        let g = group(&mut batch);
+        let shape: Vec<(&str, &str, usize)> = g
+            .iter()
+            .map(|((n, m), w)| (n.as_str(), m.as_str(), w.len()))
+            .collect();
+        assert_eq!(shape, [("nginx", "m1", 3), ("nginx", "m2", 1)]);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_all() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_millis(100));
+            assert!(
+                j >= Duration::from_millis(50) && j <= Duration::from_millis(100),
+                "{j:?}"
+            );
+        }
+    }
 }
