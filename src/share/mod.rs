@@ -132,7 +132,26 @@ impl Shared {
         if config.redis_sentinels.is_empty() {
             return Ok(None);
         }
-        let (writes, write_rx) = mpsc::channel(WRITE_QUEUE);
+        let (shared, write_rx, read_rx) = Shared::new(config, WRITE_QUEUE);
+        let link = link::Link {
+            config: config.clone(),
+            shared: shared.clone(),
+            snapshot,
+            learned,
+            shutdown,
+        };
+        let thread = std::thread::Builder::new()
+            .name("hr-redis".into())
+            .spawn(move || link.run(write_rx, read_rx))?;
+        Ok(Some((shared, thread)))
+    }
+
+    /// The handle and the link's ends of its queues.
+    fn new(
+        config: &Config,
+        write_queue: usize,
+    ) -> (Shared, mpsc::Receiver<Write>, mpsc::Receiver<Read>) {
+        let (writes, write_rx) = mpsc::channel(write_queue);
         let (reads, read_rx) = mpsc::channel(READ_QUEUE);
         let shared = Shared {
             inner: Arc::new(Inner {
@@ -147,17 +166,7 @@ impl Shared {
                 cores: Mutex::new(Vec::new()),
             }),
         };
-        let link = link::Link {
-            config: config.clone(),
-            shared: shared.clone(),
-            snapshot,
-            learned,
-            shutdown,
-        };
-        let thread = std::thread::Builder::new()
-            .name("hr-redis".into())
-            .spawn(move || link.run(write_rx, read_rx))?;
-        Ok(Some((shared, thread)))
+        (shared, write_rx, read_rx)
     }
 
     pub fn status(&self) -> &'static str {
@@ -330,5 +339,72 @@ impl Tier for RedisTier {
             },
             ttl,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let env = std::collections::HashMap::from([("HARBOR_URL", "http://harbor.test")]);
+        Config::from_lookup(|k| match env.get(k) {
+            Some(v) => crate::config::Lookup::Value(v.to_string()),
+            None => crate::config::Lookup::Unset,
+        })
+        .unwrap()
+    }
+
+    fn miss(key: &str) -> Write {
+        Write::Miss {
+            key: key.into(),
+            stored: StoredMiss {
+                v: schema::VERSION,
+                until: 0,
+                detail: None,
+            },
+            ttl: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn writes_wait_for_the_link_and_a_full_queue_sheds_them() {
+        let (shared, mut writes, _reads) = Shared::new(&config(), 2);
+        shared.write(miss("before"));
+        assert!(writes.try_recv().is_err(), "not queued while connecting");
+        shared.set_state(Status::Up);
+        for k in ["a", "b", "c", "d"] {
+            shared.write(miss(k));
+        }
+        assert_eq!(shared.shed(), 2, "two fit, two are shed");
+        assert!(shared.inner.shedding.load(Ordering::Relaxed));
+        let queued: Vec<String> = std::iter::from_fn(|| writes.try_recv().ok())
+            .map(|w| match w {
+                Write::Miss { key, .. } => key,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(queued, ["a", "b"]);
+        shared.set_state(Status::Down);
+        shared.write(miss("down"));
+        assert!(writes.try_recv().is_err(), "not queued while down");
+        assert_eq!(shared.shed(), 2, "skipped while down, not shed");
+    }
+
+    #[test]
+    fn monotonic_and_unix_times_convert_both_ways() {
+        let now = unix_ms(SystemTime::now());
+        let t = instant_of(now - 60_000);
+        let age = t.elapsed();
+        assert!(
+            age >= Duration::from_secs(59) && age < Duration::from_secs(62),
+            "{age:?}"
+        );
+        let back = unix_ms_of(t);
+        assert!(back.abs_diff(now - 60_000) < 1000);
+        assert!(
+            instant_of(now + 3_600_000) <= Instant::now(),
+            "never in the future"
+        );
     }
 }
