@@ -120,7 +120,7 @@ async fn run(
                 Ok(Ok(projects)) => {
                     publish(&config, &snapshot, projects, &mut generation);
                     if let (Some(redis), Some(s)) = (&redis, snapshot.load().as_ref()) {
-                        redis.publish_projects(&s.projects);
+                        redis.publish_projects(s);
                     }
                 }
                 Ok(Err(e)) => keep(&snapshot, &e),

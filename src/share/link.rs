@@ -70,7 +70,7 @@ impl Link {
     }
 
     async fn serve(self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
-        let keys = Keys::new(&self.config.redis_key_prefix);
+        let keys = Keys::new(&self.config.redis_key_prefix, self.config.redis_db);
         let mut sentinel = match self.sentinel_client() {
             Ok(c) => c,
             Err(e) => {
@@ -128,20 +128,21 @@ impl Link {
         writes: &mut mpsc::Receiver<Write>,
         reads: &mut mpsc::Receiver<Read>,
     ) -> Lost {
-        if !*warmed {
-            match tokio::time::timeout(WARM_LIMIT, self.warm(conn, keys)).await {
-                Ok(Ok(())) => *warmed = true,
-                Ok(Err(e)) => tracing::warn!(error = %describe(&e), "warm start from Redis failed"),
-                Err(_) => tracing::warn!("warm start from Redis took longer than {WARM_LIMIT:?}"),
-            }
+        let warm = async {
+            self.load_list(conn, keys).await?;
+            self.load_mappings(conn, keys, warmed).await
+        };
+        if let Err(e) = warm.await {
+            return describe(&e);
         }
-        // Discovery may have read the projects while Redis was away: share them now.
-        if let Some(s) = self.snapshot.load().as_ref().filter(|s| s.generation > 0) {
-            self.shared.publish_projects(&s.projects);
+        // Discovery may have read the projects while Redis was away: share them now (with the time
+        // it read them, so a list that is already old is not passed off as a fresh one).
+        if let Some(s) = self.snapshot.load().as_ref() {
+            self.shared.publish_projects(s);
         }
         let lost = Arc::new(Notify::new());
         let listeners = self.listen(sentinel, keys, lost.clone()).await;
-        let why = self.work(conn, keys, writes, reads, &lost).await;
+        let why = self.work(conn, keys, writes, reads, &lost, warmed).await;
         drop(listeners);
         why
     }
@@ -178,6 +179,7 @@ impl Link {
         writes: &mut mpsc::Receiver<Write>,
         reads: &mut mpsc::Receiver<Read>,
         lost: &Notify,
+        warmed: &mut bool,
     ) -> Lost {
         let mut ping = tokio::time::interval(PING_EVERY);
         let mut read_batch = Vec::with_capacity(BATCH);
@@ -198,7 +200,11 @@ impl Link {
                     }
                     r
                 }
-                _ = ping.tick() => redis::cmd("PING").query_async::<()>(conn).await,
+                // Warm start waits for a snapshot to check mappings against; the tick retries it.
+                _ = ping.tick() => match self.load_mappings(conn, keys, warmed).await {
+                    Ok(()) => redis::cmd("PING").query_async::<()>(conn).await,
+                    Err(e) => Err(e),
+                },
             };
             if let Err(e) = result {
                 return describe(&e);
@@ -245,7 +251,7 @@ impl Link {
                         .arg(keys.recent())
                         .arg(life.as_millis() as u64);
                     if moved {
-                        let change = StoredChange::new(self.shared.inner.origin, &name, &stored);
+                        let change = StoredChange::new(&name, &stored);
                         pipe.cmd("PUBLISH")
                             .arg(keys.changes())
                             .arg(serde_json::to_string(&change).unwrap_or_default());
@@ -285,40 +291,98 @@ impl Link {
         Ok(())
     }
 
-    /// Loads the project list (as a provisional snapshot when discovery has published nothing and
-    /// the list is young enough) and the recent mappings.
-    async fn warm(&self, conn: &mut MultiplexedConnection, keys: &Keys) -> Result<(), RedisError> {
-        let raw: Option<Vec<u8>> = redis::cmd("GET")
+    /// Before the first discovery: loads the project list, as a provisional snapshot when it is
+    /// young enough. Refused or unreadable values are logged, not a reason to leave the master.
+    async fn load_list(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &Keys,
+    ) -> Result<(), RedisError> {
+        if self.snapshot.load().is_some() {
+            return Ok(());
+        }
+        let raw: Option<Vec<u8>> = match redis::cmd("GET")
             .arg(keys.projects())
             .query_async(conn)
-            .await?;
-        match raw.and_then(|r| StoredProjects::decode(&r, self.config.max_fanout_projects)) {
-            Some(list) => self.provisional(&list),
+            .await
+        {
+            Ok(raw) => raw,
+            Err(e) if connection_trouble(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "cannot read the project list in Redis");
+                None
+            }
+        };
+        let now = unix_ms(SystemTime::now());
+        match raw.and_then(|r| StoredProjects::decode(&r, self.config.max_fanout_projects, now)) {
+            Some(list) => self.provisional(&list, now),
             None => tracing::info!("no usable project list in Redis; waiting for discovery"),
         }
+        Ok(())
+    }
+
+    /// Once per process, as soon as a snapshot exists to check them against: loads the newest
+    /// mappings into the process map. Sets `done` once it has run (whatever it found).
+    async fn load_mappings(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &Keys,
+        done: &mut bool,
+    ) -> Result<(), RedisError> {
+        if *done {
+            return Ok(());
+        }
+        let Some(snapshot) = self.snapshot.load_full() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(WARM_LIMIT, self.read_mappings(conn, keys, &snapshot)).await {
+            Ok(Ok(loaded)) => {
+                tracing::info!(mappings = loaded, "warm start: mappings loaded from Redis")
+            }
+            Ok(Err(e)) if connection_trouble(&e) => return Err(e),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %describe(&e), "warm start: cannot read the recent mappings in Redis")
+            }
+            Err(_) => tracing::warn!(
+                "warm start from Redis took longer than {WARM_LIMIT:?}; went on without the rest"
+            ),
+        }
+        *done = true;
+        Ok(())
+    }
+
+    async fn read_mappings(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &Keys,
+        snapshot: &Snapshot,
+    ) -> Result<usize, RedisError> {
         let names: Vec<String> = redis::cmd("ZREVRANGE")
             .arg(keys.recent())
             .arg(0)
             .arg(RECENT_MAX as i64 - 1)
             .query_async(conn)
             .await?;
-        let Some(snapshot) = self.snapshot.load_full() else {
-            return Ok(());
-        };
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| crate::names::valid_name(n).is_ok())
+            .collect();
         let life = self.shared.inner.mapping_life;
+        let now = unix_ms(SystemTime::now());
         let mut loaded = 0usize;
         for chunk in names.chunks(WARM_CHUNK) {
             let mapping_keys: Vec<String> = chunk.iter().map(|n| keys.mapping(n)).collect();
+            // MGET answers nil for a key of another type.
             let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
                 .arg(&mapping_keys)
                 .query_async(conn)
                 .await?;
             for (name, raw) in chunk.iter().zip(values) {
-                let Some(m) = raw.and_then(|r| StoredMapping::decode(&r)) else {
+                let Some(m) = raw.and_then(|r| StoredMapping::decode(&r, now)) else {
                     continue;
                 };
                 let learned_at = instant_of(m.at);
-                if !m.valid_in(&snapshot) || learned_at.elapsed() >= life {
+                if !m.valid_in(snapshot) || learned_at.elapsed() >= life {
                     continue;
                 }
                 self.learned.insert(
@@ -331,14 +395,13 @@ impl Link {
                 loaded += 1;
             }
         }
-        tracing::info!(mappings = loaded, "warm start: mappings loaded from Redis");
-        Ok(())
+        Ok(loaded)
     }
 
     /// Publishes `list` as a provisional snapshot, unless discovery was first or it is too old.
-    fn provisional(&self, list: &StoredProjects) {
+    fn provisional(&self, list: &StoredProjects, now: u64) {
+        let age = Duration::from_millis(now.saturating_sub(list.at));
         let built_at = instant_of(list.at);
-        let age = built_at.elapsed();
         let bound = self.config.discovery_interval * 3;
         if age > bound {
             tracing::info!(
@@ -445,15 +508,12 @@ impl Drop for Listeners {
     }
 }
 
-/// A moved mapping from another pod: checked against this pod's snapshot, then adopted by the
-/// process map and by every core that has a copy.
+/// A moved mapping (from another pod, or from another core of this one): checked against this
+/// pod's snapshot, then adopted by the process map and by every core that has a copy.
 fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, payload: &[u8]) {
-    let Some(change) = StoredChange::decode(payload) else {
+    let Some(change) = StoredChange::decode(payload, unix_ms(SystemTime::now())) else {
         return;
     };
-    if change.origin == shared.inner.origin {
-        return;
-    }
     let m = change.mapping();
     if !snapshot.load().as_ref().is_some_and(|s| m.valid_in(s)) {
         return;
@@ -462,7 +522,7 @@ fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, paylo
         project: m.project,
         learned_at: instant_of(m.at),
     };
-    tracing::debug!(name = %change.name, project = %mapping.project, "another pod moved a mapping; following");
+    tracing::debug!(name = %change.name, project = %mapping.project, "a mapping moved; following");
     learned.insert(&change.name, &mapping);
     if let Ok(cores) = shared.inner.cores.lock() {
         for core in cores.iter() {
@@ -519,9 +579,10 @@ async fn serve_reads(
             _ => None,
         }
     };
+    let now = unix_ms(SystemTime::now());
     for (i, (_, replies)) in waiting.into_iter().enumerate() {
         let answer = Answer {
-            mapping: value(2 * i).and_then(|r| StoredMapping::decode(&r)),
+            mapping: value(2 * i).and_then(|r| StoredMapping::decode(&r, now)),
             miss: value(2 * i + 1).and_then(|r| StoredMiss::decode(&r)),
         };
         for reply in replies {
@@ -571,6 +632,15 @@ fn jitter(d: Duration) -> Duration {
         .map_or(0, |t| t.subsec_nanos() as u64);
     let half = d / 2;
     half + Duration::from_nanos(nanos % (half.as_nanos() as u64).max(1))
+}
+
+/// An error that says the connection (or the master behind it) is no longer usable, as opposed to
+/// one command refused (a key of the wrong type).
+fn connection_trouble(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
 }
 
 /// What went wrong, for the log, in the operator's terms. Never includes the password.

@@ -26,9 +26,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cache::{Heard, LearnedMap, Mapping, Tier, TierLookup};
 use crate::config::Config;
-use crate::snapshot::{Project, SharedSnapshot};
+use crate::snapshot::{SharedSnapshot, Snapshot};
 
-use schema::{unix_ms, StoredMapping, StoredMiss, StoredProjects};
+use schema::{fingerprint, unix_ms, StoredMapping, StoredMiss, StoredProjects};
 
 /// Writes queued for the link before new ones are shed.
 const WRITE_QUEUE: usize = 8192;
@@ -105,10 +105,10 @@ struct Inner {
     /// A write was shed since the link last said the queue drained.
     shedding: AtomicBool,
     shed: AtomicU64,
-    /// Who this process is on the changes channel.
-    origin: u64,
     read_timeout: Duration,
     mapping_life: Duration,
+    /// This pod's `NEGATIVE_CACHE_TTL`: the longest a shared miss is believed here (0: never).
+    miss_life: Duration,
     /// Each core's change queue, registered when the core starts.
     cores: Mutex<Vec<mpsc::Sender<(String, Mapping)>>>,
 }
@@ -160,9 +160,9 @@ impl Shared {
                 status: AtomicU8::new(Status::Connecting as u8),
                 shedding: AtomicBool::new(false),
                 shed: AtomicU64::new(0),
-                origin: origin_id(),
                 read_timeout: config.redis_read_timeout,
                 mapping_life: config.cache_ttl + config.stale_while_revalidate,
+                miss_life: config.negative_cache_ttl,
                 cores: Mutex::new(Vec::new()),
             }),
         };
@@ -203,11 +203,14 @@ impl Shared {
         rx
     }
 
-    /// Discovery read `projects`: publish them for pods that start later.
-    pub fn publish_projects(&self, projects: &[Project]) {
+    /// Publishes a list discovery read, with the time it was read, for pods that start later.
+    pub fn publish_projects(&self, snapshot: &Snapshot) {
+        if snapshot.generation == 0 {
+            return; // provisional: it came from Redis
+        }
         self.write(Write::Projects(StoredProjects::new(
-            projects,
-            unix_ms(SystemTime::now()),
+            &snapshot.projects,
+            unix_ms_of(snapshot.built_at),
         )));
     }
 
@@ -244,15 +247,6 @@ impl Shared {
             .ok()?
             .ok()
     }
-}
-
-/// A random id for this process on the changes channel.
-fn origin_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(unix_ms(SystemTime::now()) as u128);
-    h.finish()
 }
 
 /// The instant `at` (unix ms) was, on this process's monotonic clock; never in the future.
@@ -298,20 +292,31 @@ impl Tier for RedisTier {
     fn get<'a>(&'a self, name: &'a str, miss_key: &'a str) -> TierLookup<'a> {
         Box::pin(async move {
             let answer = self.shared.read(name, miss_key).await?;
-            if let Some(m) = answer.mapping {
-                let snapshot = self.snapshot.load();
-                if snapshot.as_ref().is_some_and(|s| m.valid_in(s)) {
-                    return Some(Heard::Mapped(Mapping {
-                        project: m.project,
-                        learned_at: instant_of(m.at),
-                    }));
-                }
+            let snapshot = self.snapshot.load_full()?;
+            if let Some(m) = answer.mapping.filter(|m| m.valid_in(&snapshot)) {
+                return Some(Heard::Mapped(Mapping {
+                    project: m.project,
+                    learned_at: instant_of(m.at),
+                }));
             }
-            let miss = answer.miss?;
-            let left = miss.until.checked_sub(unix_ms(SystemTime::now()))?;
+            // A miss counts only for the same projects, and never longer than this pod's own
+            // NEGATIVE_CACHE_TTL (0: misses are not remembered here at all); one that claims to
+            // last longer than this pod would have written it is not believed.
+            let miss = answer
+                .miss
+                .filter(|m| m.projects == fingerprint(&snapshot.projects))?;
+            let life = self.shared.inner.miss_life;
+            let left = Duration::from_millis(miss.until.checked_sub(unix_ms(SystemTime::now()))?);
+            if left > life + schema::CLOCK_SKEW {
+                return None;
+            }
+            let left = left.min(life);
+            if left.is_zero() {
+                return None;
+            }
             Some(Heard::Missing {
                 detail: miss.detail.map(Bytes::from),
-                until: Instant::now() + Duration::from_millis(left),
+                until: Instant::now() + left,
             })
         })
     }
@@ -330,11 +335,15 @@ impl Tier for RedisTier {
 
     fn missed(&self, key: &str, detail: Option<&Bytes>, ttl: Duration) {
         let until = unix_ms(SystemTime::now()) + ttl.as_millis() as u64;
+        let Some(snapshot) = self.snapshot.load_full() else {
+            return;
+        };
         self.shared.write(Write::Miss {
             key: key.to_string(),
             stored: StoredMiss {
                 v: schema::VERSION,
                 until,
+                projects: fingerprint(&snapshot.projects),
                 detail: detail.and_then(|d| std::str::from_utf8(d).ok().map(str::to_string)),
             },
             ttl,
@@ -361,6 +370,7 @@ mod tests {
             stored: StoredMiss {
                 v: schema::VERSION,
                 until: 0,
+                projects: 0,
                 detail: None,
             },
             ttl: Duration::from_secs(1),

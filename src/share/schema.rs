@@ -7,10 +7,10 @@
 //! | key | type | value | expiry |
 //! |---|---|---|---|
 //! | `map:<name>` | string | `{"v":1,"project":…,"project_id":…,"at":<unix ms>}` | `CACHE_TTL + STALE_WHILE_REVALIDATE` |
-//! | `miss:<sha256 of the miss key>` | string | `{"v":1,"until":<unix ms>,"detail":…}` | `NEGATIVE_CACHE_TTL` |
+//! | `miss:<sha256 of the miss key>` | string | `{"v":1,"until":<unix ms>,"projects":<fingerprint>,"detail":…}` | `NEGATIVE_CACHE_TTL` |
 //! | `recent` | sorted set | names, scored by learning time (unix ms), the newest [`RECENT_MAX`] | refreshed on each write, mapping life |
 //! | `projects` | string | `{"v":1,"at":<unix ms>,"projects":[…]}` as discovery read them | [`PROJECTS_LIFE`] |
-//! | `changes` | channel | `{"v":1,"origin":…,"name":…,"project":…,"project_id":…,"at":…}` | — |
+//! | `changes:<REDIS_DB>` | channel | `{"v":1,"name":…,"project":…,"project_id":…,"at":…}` | — |
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,17 +24,46 @@ pub const VERSION: u32 = 1;
 pub const RECENT_MAX: usize = 50_000;
 /// How long a published project list is kept (a reader also checks its age against its own bound).
 pub const PROJECTS_LIFE: Duration = Duration::from_secs(24 * 3600);
+/// Largest mapping, miss or change value read; anything larger is not one of ours.
+pub const MAX_VALUE: usize = 8 * 1024;
+/// Largest project list read (1000 projects with long URLs fit).
+pub const MAX_PROJECTS_VALUE: usize = 1 << 20;
+/// Largest registry error body passed on from a shared miss (as for a fan-out's own).
+pub const MAX_DETAIL: usize = 4 * 1024;
+/// How far in the future a stored time may be (clocks of pods differ a little); beyond, the value
+/// is refused.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Whether unix time `at` (ms) is not later than `now` plus the allowed skew.
+pub fn not_future(at: u64, now: u64) -> bool {
+    at <= now + CLOCK_SKEW.as_millis() as u64
+}
+
+/// Identifies a project list by its projects' names and ids (FNV-1a, stable across builds): a miss
+/// is used only by a pod that knows the same projects as the pod that found it.
+pub fn fingerprint(projects: &[Project]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in projects {
+        for b in p.name.bytes().chain([0]).chain(p.id.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
 
 /// The key names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     base: String,
+    db: u32,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Keys {
+    pub fn new(prefix: &str, db: u32) -> Keys {
         Keys {
             base: format!("{prefix}:v{VERSION}:"),
+            db,
         }
     }
 
@@ -60,8 +89,10 @@ impl Keys {
         format!("{}projects", self.base)
     }
 
+    /// Pub/sub ignores the database number: the channel names it, so environments that share one
+    /// Redis through `REDIS_DB` do not hear each other's moves.
     pub fn changes(&self) -> String {
-        format!("{}changes", self.base)
+        format!("{}changes:{}", self.base, self.db)
     }
 }
 
@@ -90,10 +121,14 @@ impl StoredMapping {
         }
     }
 
-    /// Reads a stored value; `None` for anything but a version-1 mapping.
-    pub fn decode(raw: &[u8]) -> Option<StoredMapping> {
+    /// Reads a stored value; `None` for anything but a version-1 mapping learned no later than
+    /// `now` (unix ms, give or take [`CLOCK_SKEW`]).
+    pub fn decode(raw: &[u8], now: u64) -> Option<StoredMapping> {
+        if raw.len() > MAX_VALUE {
+            return None;
+        }
         let m: StoredMapping = serde_json::from_slice(raw).ok()?;
-        (m.v == VERSION).then_some(m)
+        (m.v == VERSION && not_future(m.at, now)).then_some(m)
     }
 
     /// Usable in `snapshot`: the project is there under the same name and id.
@@ -109,24 +144,48 @@ impl StoredMapping {
 pub struct StoredMiss {
     pub v: u32,
     pub until: u64,
+    /// The [`fingerprint`] of the project list the fan-out asked.
+    pub projects: u64,
     /// The registry's own error body when the projects agreed on one that says more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
 impl StoredMiss {
+    /// Reads a stored miss; `None` for anything but a version-1 miss. A detail that is not a
+    /// registry error body of at most [`MAX_DETAIL`] bytes is dropped (the router's own 404 is
+    /// answered instead).
     pub fn decode(raw: &[u8]) -> Option<StoredMiss> {
-        let m: StoredMiss = serde_json::from_slice(raw).ok()?;
+        if raw.len() > MAX_VALUE {
+            return None;
+        }
+        let mut m: StoredMiss = serde_json::from_slice(raw).ok()?;
+        if m.detail.as_deref().is_some_and(|d| !registry_error(d)) {
+            m.detail = None;
+        }
         (m.v == VERSION).then_some(m)
     }
+}
+
+/// `{"errors":[{"code":"…",…},…]}` with at least one error, at most [`MAX_DETAIL`] bytes.
+fn registry_error(body: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Errors {
+        errors: Vec<Code>,
+    }
+    #[derive(Deserialize)]
+    struct Code {
+        #[allow(dead_code)]
+        code: String,
+    }
+    body.len() <= MAX_DETAIL
+        && serde_json::from_str::<Errors>(body).is_ok_and(|e| !e.errors.is_empty())
 }
 
 /// A change of mapping, published on `changes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredChange {
     pub v: u32,
-    /// The publishing process, so it ignores its own messages.
-    pub origin: u64,
     pub name: String,
     #[serde(flatten)]
     pub mapping: StoredMappingFields,
@@ -141,10 +200,9 @@ pub struct StoredMappingFields {
 }
 
 impl StoredChange {
-    pub fn new(origin: u64, name: &str, m: &StoredMapping) -> StoredChange {
+    pub fn new(name: &str, m: &StoredMapping) -> StoredChange {
         StoredChange {
             v: VERSION,
-            origin,
             name: name.to_string(),
             mapping: StoredMappingFields {
                 project: m.project.clone(),
@@ -154,9 +212,15 @@ impl StoredChange {
         }
     }
 
-    pub fn decode(raw: &[u8]) -> Option<StoredChange> {
+    pub fn decode(raw: &[u8], now: u64) -> Option<StoredChange> {
+        if raw.len() > MAX_VALUE {
+            return None;
+        }
         let c: StoredChange = serde_json::from_slice(raw).ok()?;
-        (c.v == VERSION && crate::names::valid_name(&c.name).is_ok()).then_some(c)
+        (c.v == VERSION
+            && crate::names::valid_name(&c.name).is_ok()
+            && not_future(c.mapping.at, now))
+        .then_some(c)
     }
 
     pub fn mapping(&self) -> StoredMapping {
@@ -211,10 +275,17 @@ impl StoredProjects {
         }
     }
 
-    /// Reads a stored list; `None` for another version, the wrong shape, an empty list, or a project
-    /// whose name is not a project name.
-    pub fn decode(raw: &[u8], max_projects: usize) -> Option<StoredProjects> {
+    /// Reads a stored list; `None` for another version, the wrong shape, an empty list, a project
+    /// whose name is not a project name, or a list read later than `now` (unix ms, give or take
+    /// [`CLOCK_SKEW`]).
+    pub fn decode(raw: &[u8], max_projects: usize, now: u64) -> Option<StoredProjects> {
+        if raw.len() > MAX_PROJECTS_VALUE {
+            return None;
+        }
         let l: StoredProjects = serde_json::from_slice(raw).ok()?;
+        if !not_future(l.at, now) {
+            return None;
+        }
         let names_ok = l
             .projects
             .iter()
@@ -263,7 +334,12 @@ mod tests {
 
     #[test]
     fn keys_are_versioned_and_bounded() {
-        let k = Keys::new("hr");
+        let k = Keys::new("hr", 3);
+        assert_eq!(
+            k.changes(),
+            "hr:v1:changes:3",
+            "pub/sub ignores the db: the channel names it"
+        );
         assert_eq!(k.mapping("library/nginx"), "hr:v1:map:library/nginx");
         assert_eq!(k.projects(), "hr:v1:projects");
         let long = "m ".to_string() + &"a,".repeat(5000);
@@ -278,9 +354,14 @@ mod tests {
             built_at: Instant::now(),
             generation: 1,
         };
-        let m = StoredMapping::new(&snap.projects[0], 1234);
+        let m = StoredMapping::new(&snap.projects[0], 100_000);
         let raw = serde_json::to_vec(&m).unwrap();
-        let back = StoredMapping::decode(&raw).unwrap();
+        let back = StoredMapping::decode(&raw, 100_000).unwrap();
+        assert_eq!(
+            StoredMapping::decode(&raw, 0),
+            None,
+            "learned in the future (beyond the skew)"
+        );
         assert_eq!(back, m);
         assert!(back.valid_in(&snap));
         let garbage: [&[u8]; 6] = [
@@ -293,7 +374,7 @@ mod tests {
         ];
         for g in garbage {
             assert_eq!(
-                StoredMapping::decode(g),
+                StoredMapping::decode(g, u64::MAX / 2),
                 None,
                 "{:?}",
                 String::from_utf8_lossy(g)
@@ -317,11 +398,20 @@ mod tests {
         unknown.kind = UpstreamKind::Unknown;
         unknown.upstream_url = None;
         let projects = vec![project("dockerhub", 1), unknown];
-        let raw = serde_json::to_vec(&StoredProjects::new(&projects, 99)).unwrap();
-        let back = StoredProjects::decode(&raw, 50).unwrap();
-        assert_eq!(back.at, 99);
+        let raw = serde_json::to_vec(&StoredProjects::new(&projects, 100_000)).unwrap();
+        let back = StoredProjects::decode(&raw, 50, 100_000).unwrap();
+        assert_eq!(
+            StoredProjects::decode(&raw, 50, 0),
+            None,
+            "read in the future"
+        );
+        assert_eq!(back.at, 100_000);
         assert_eq!(back.projects(), projects);
-        assert_eq!(StoredProjects::decode(&raw, 1), None, "longer than the cut");
+        assert_eq!(
+            StoredProjects::decode(&raw, 1, 100_000),
+            None,
+            "longer than the cut"
+        );
         for bad in [
             br#"{"v":1,"at":1,"projects":[]}"#.as_slice(),
             br#"{"v":3,"at":1,"projects":[{"name":"a","id":1,"registry_id":1}]}"#,
@@ -329,33 +419,55 @@ mod tests {
             br#"{"v":1,"at":1,"projects":[{"name":"a","id":1,"registry_id":0}]}"#,
             b"\xff\xfe",
         ] {
-            assert_eq!(StoredProjects::decode(bad, 50), None);
+            assert_eq!(StoredProjects::decode(bad, 50, 99), None);
         }
+    }
+
+    #[test]
+    fn fingerprints_follow_names_and_ids() {
+        let a = [project("dockerhub", 1), project("ghcr", 2)];
+        let b = [project("dockerhub", 1), project("ghcr", 3)];
+        let c = [project("dockerhub", 1)];
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&c));
     }
 
     #[test]
     fn changes_round_trip() {
         let m = StoredMapping::new(&project("ghcr", 2), 5);
-        let c = StoredChange::new(77, "org/app", &m);
+        let c = StoredChange::new("org/app", &m);
         let raw = serde_json::to_vec(&c).unwrap();
-        let back = StoredChange::decode(&raw).unwrap();
-        assert_eq!(back.origin, 77);
+        let back = StoredChange::decode(&raw, 5).unwrap();
         assert_eq!(back.mapping(), m);
-        let bad_name = StoredChange::new(77, "../Bad", &m);
+        let bad_name = StoredChange::new("../Bad", &m);
         assert_eq!(
-            StoredChange::decode(&serde_json::to_vec(&bad_name).unwrap()),
+            StoredChange::decode(&serde_json::to_vec(&bad_name).unwrap(), 5),
             None
         );
-        let misses: [&[u8]; 3] = [
-            br#"{"v":1,"until":5}"#,
-            br#"{"v":1,"until":5,"detail":"x"}"#,
-            br#"{"v":0,"until":5}"#,
-        ];
-        assert!(StoredMiss::decode(misses[0]).is_some());
+        let ok = br#"{"v":1,"until":5,"projects":7}"#;
+        assert_eq!(StoredMiss::decode(ok).unwrap().projects, 7);
+        let told = br#"{"v":1,"until":5,"projects":7,"detail":"{\"errors\":[{\"code\":\"MANIFEST_UNKNOWN\"}]}"}"#;
+        assert!(StoredMiss::decode(told).unwrap().detail.is_some());
+        let evil = br#"{"v":1,"until":5,"projects":7,"detail":"<html>buy now</html>"}"#;
         assert_eq!(
-            StoredMiss::decode(misses[1]).unwrap().detail.as_deref(),
-            Some("x")
+            StoredMiss::decode(evil).unwrap().detail,
+            None,
+            "not a registry error"
         );
-        assert!(StoredMiss::decode(misses[2]).is_none());
+        let huge = format!(
+            r#"{{"v":1,"until":5,"projects":7,"detail":"{{\"errors\":[{{\"code\":\"{}\"}}]}}"}}"#,
+            "X".repeat(5000)
+        );
+        assert_eq!(
+            StoredMiss::decode(huge.as_bytes()).unwrap().detail,
+            None,
+            "too long"
+        );
+        assert!(StoredMiss::decode(br#"{"v":0,"until":5,"projects":7}"#).is_none());
+        assert!(
+            StoredMiss::decode(br#"{"v":1,"until":5}"#).is_none(),
+            "no fingerprint"
+        );
     }
 }

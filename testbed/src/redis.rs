@@ -99,8 +99,42 @@ impl RedisSet {
         Ok(set)
     }
 
+    /// Starts `make(port)` on a free port and waits until the process answering there is the one
+    /// started (another test may take a port between its release and Redis's bind): a few tries.
+    fn start_on_free_port(
+        &self,
+        sentinel: bool,
+        make: impl Fn(u16) -> anyhow::Result<Node>,
+    ) -> anyhow::Result<Node> {
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut node = make(port)?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let pid = self
+                    .cli_as(port, !sentinel, &["INFO", "server"])
+                    .ok()
+                    .and_then(|o| field_colon(&o, "process_id").map(str::to_string));
+                if pid == Some(node.pid().to_string()) {
+                    return Ok(node);
+                }
+                if node.child.try_wait()?.is_some() {
+                    break; // lost the port to another process: try another
+                }
+                if Instant::now() > deadline {
+                    bail!("redis on port {port} did not start");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        bail!("no free port for redis after 5 tries")
+    }
+
     fn server(&self, replica_of: Option<u16>) -> anyhow::Result<Node> {
-        let port = free_port()?;
+        self.start_on_free_port(false, |port| self.server_on_port(port, replica_of))
+    }
+
+    fn server_on_port(&self, port: u16, replica_of: Option<u16>) -> anyhow::Result<Node> {
         let data = self.dir.path().join(format!("server-{port}"));
         std::fs::create_dir_all(&data)?;
         let mut cmd = Command::new("redis-server");
@@ -114,13 +148,14 @@ impl RedisSet {
         if let Some(m) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
         }
-        let node = spawn(cmd, &data.join("log"), port)?;
-        self.wait_ping(port)?;
-        Ok(node)
+        spawn(cmd, &data.join("log"), port)
     }
 
     fn sentinel(&self, i: usize, master_port: u16) -> anyhow::Result<Node> {
-        let port = free_port()?;
+        self.start_on_free_port(true, |port| self.sentinel_on_port(i, port, master_port))
+    }
+
+    fn sentinel_on_port(&self, i: usize, port: u16, master_port: u16) -> anyhow::Result<Node> {
         let dir = self.dir.path().join(format!("sentinel-{i}"));
         std::fs::create_dir_all(&dir)?;
         let mut conf = format!(
@@ -137,27 +172,7 @@ impl RedisSet {
         std::fs::write(&file, conf)?;
         let mut cmd = Command::new("redis-sentinel");
         cmd.arg(&file);
-        let node = spawn(cmd, &dir.join("log"), port)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "PING"])
-            .output()
-            .map_or(true, |o| {
-                !String::from_utf8_lossy(&o.stdout).contains("PONG")
-            })
-        {
-            if Instant::now() > deadline {
-                bail!("sentinel on {port} did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(node)
-    }
-
-    fn wait_ping(&self, port: u16) -> anyhow::Result<()> {
-        self.wait(&format!("redis on {port} answers"), |s| {
-            s.cli(port, &["PING"]).is_ok_and(|o| o.contains("PONG"))
-        })
+        spawn(cmd, &dir.join("log"), port)
     }
 
     /// Polls `f` every 20 ms for up to 30 s.
@@ -183,10 +198,14 @@ impl RedisSet {
 
     /// Runs `redis-cli` against `port` (with the password for servers); its output.
     pub fn cli(&self, port: u16, args: &[&str]) -> anyhow::Result<String> {
+        let is_sentinel = self.sentinels.iter().any(|n| n.port == port);
+        self.cli_as(port, !is_sentinel, args)
+    }
+
+    fn cli_as(&self, port: u16, auth: bool, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &port.to_string(), "--no-auth-warning"]);
-        let is_sentinel = self.sentinels.iter().any(|n| n.port == port);
-        if let (Some(pw), false) = (&self.password, is_sentinel) {
+        if let (Some(pw), true) = (&self.password, auth) {
             cmd.args(["-a", pw]);
         }
         let out = cmd
@@ -277,6 +296,13 @@ impl RedisSet {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A `key:value` line of an `INFO` answer.
+fn field_colon<'a>(out: &'a str, name: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 /// A `key:value` field of `SENTINEL MASTER`'s flat answer (one item per line).
