@@ -37,6 +37,7 @@ pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 pub const ENV_LOG_LEVEL: &str = "LOG_LEVEL";
 pub const ENV_LOG_FORMAT: &str = "LOG_FORMAT";
+pub const ENV_ACCESS_LOG: &str = "ACCESS_LOG";
 pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
 pub const ENV_REDIS_MASTER_NAME: &str = "REDIS_MASTER_NAME";
 pub const ENV_REDIS_PASSWORD: &str = "REDIS_PASSWORD";
@@ -131,6 +132,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which requests get an access log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    /// Answers with a status of 400 or more.
+    Errors,
+    All,
+}
+
 /// Which io driver each data-plane core runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoDriver {
@@ -190,6 +200,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub log_level: LogLevel,
     pub log_format: LogFormat,
+    pub access_log: AccessLog,
     /// Empty: mappings live in memory only.
     pub redis_sentinels: Vec<SentinelAddr>,
     pub redis_master_name: String,
@@ -336,6 +347,14 @@ impl Config {
         let metrics_addr = r.parse(ENV_METRICS_ADDR, ":9090", parse_listen_addr);
         let log_level = r.parse(ENV_LOG_LEVEL, "info", parse_log_level);
         let log_format = r.parse(ENV_LOG_FORMAT, "pretty", parse_log_format);
+        let access_log = r.parse(ENV_ACCESS_LOG, "errors", |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "off" | "none" => Ok(AccessLog::Off),
+                "errors" => Ok(AccessLog::Errors),
+                "all" => Ok(AccessLog::All),
+                _ => Err("must be off, errors or all".to_string()),
+            }
+        });
         let redis_sentinels = r.parse(ENV_REDIS_SENTINELS, "", parse_sentinels);
         let redis_master_name = r.parse(ENV_REDIS_MASTER_NAME, "mymaster", parse_token);
         let redis_password = r
@@ -414,6 +433,7 @@ impl Config {
             metrics_addr: metrics_addr.expect("checked"),
             log_level: log_level.expect("checked"),
             log_format: log_format.expect("checked"),
+            access_log: access_log.expect("checked"),
             redis_sentinels: redis_sentinels.expect("checked"),
             redis_master_name: redis_master_name.expect("checked"),
             redis_password,

@@ -36,12 +36,14 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod counter;
 pub mod error;
 pub mod flight;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod limit;
 pub mod logging;
+pub mod metrics;
 pub mod names;
 pub mod registry;
 pub mod server;
@@ -72,6 +74,7 @@ pub struct Server {
     config: Arc<Config>,
     listeners: Vec<std::net::TcpListener>,
     local_addr: SocketAddr,
+    metrics_listener: std::net::TcpListener,
     harbor: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
 }
@@ -83,10 +86,13 @@ impl Server {
         let harbor = upstream::Harbor::from_config(&config)?;
         let listeners = server::listener::bind(config.listen_addr, config.workers)?;
         let local_addr = listeners[0].local_addr()?;
+        let metrics_listener = std::net::TcpListener::bind(config.metrics_addr)
+            .with_context(|| format!("cannot listen on METRICS_ADDR {}", config.metrics_addr))?;
         Ok(Server {
             config: Arc::new(config),
             listeners,
             local_addr,
+            metrics_listener,
             harbor,
             snapshot: snapshot::shared(),
         })
@@ -118,12 +124,14 @@ impl Server {
         )
         .context("cannot spawn the Redis thread")?;
         let (shared, redis_thread) = redis.unzip();
+        let metrics = metrics::Metrics::new(self.snapshot.clone(), shared.clone());
         let process = ProcessState::new(
             self.config.clone(),
             self.harbor.clone(),
             self.snapshot.clone(),
             learned,
             shared.clone(),
+            metrics.clone(),
         );
         let settings = server::Settings::from_config(&self.config);
         if self.config.workers > cores.len() && !cores.is_empty() {
@@ -138,12 +146,14 @@ impl Server {
             let core = cores.get(id % cores.len().max(1)).copied();
             let (process, shutdown, report) =
                 (process.clone(), shutdown_rx.clone(), report_tx.clone());
+            let stats = Arc::new(server::Stats::default());
+            metrics.add_worker(id, stats.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("hr-worker-{id}"))
                 .spawn(move || {
                     pin(id, core);
                     let make = move || State::new(id, process);
-                    server::run_worker(id, listener, settings, make, shutdown, report)
+                    server::run_worker(id, listener, settings, make, shutdown, report, stats)
                 })
                 .context("cannot spawn a worker thread")?;
             workers.push(handle);
@@ -154,11 +164,17 @@ impl Server {
             self.harbor.clone(),
             self.snapshot.clone(),
             shared,
+            metrics.clone(),
             shutdown_rx.clone(),
         )
         .context("cannot spawn the discovery thread")?;
+        let metrics_addr = self.metrics_listener.local_addr()?;
+        let admin =
+            metrics::serve::spawn(self.metrics_listener, metrics.clone(), shutdown_rx.clone())
+                .context("cannot spawn the metrics thread")?;
         let worker_count = workers.len();
         workers.push(discovery);
+        workers.push(admin);
         workers.extend(redis_thread);
         let running = Running {
             shutdown: shutdown_tx,
@@ -172,9 +188,16 @@ impl Server {
                 return Err(e);
             }
         };
-        let uring = drivers.iter().filter(|d| **d == Driver::IoUring).count();
+        for (id, d) in &drivers {
+            metrics.set_driver(*id, d.as_str());
+        }
+        let uring = drivers
+            .iter()
+            .filter(|(_, d)| *d == Driver::IoUring)
+            .count();
         tracing::info!(
             addr = %running.local_addr,
+            metrics_addr = %metrics_addr,
             workers = drivers.len(),
             io_uring = uring,
             epoll = drivers.len() - uring,
@@ -192,11 +215,11 @@ fn pin(worker: usize, core: Option<core_affinity::CoreId>) {
     }
 }
 
-/// Waits for `count` workers to report their runtime.
+/// Waits for `count` workers to report their runtime: (worker, driver) in the order they started.
 fn started(
     count: usize,
     reports: &mpsc::Receiver<server::StartReport>,
-) -> anyhow::Result<Vec<Driver>> {
+) -> anyhow::Result<Vec<(usize, Driver)>> {
     let mut drivers = Vec::with_capacity(count);
     for _ in 0..count {
         match reports.recv_timeout(WORKER_START_LIMIT) {

@@ -66,7 +66,14 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<Stat
     let harbor = upstream::Harbor::from_config(&config).unwrap();
     State::new(
         0,
-        ProcessState::new(Arc::new(config), harbor, snapshot, Arc::default(), None),
+        ProcessState::new(
+            Arc::new(config),
+            harbor,
+            snapshot.clone(),
+            Arc::default(),
+            None,
+            harbor_router::metrics::Metrics::new(snapshot, None),
+        ),
     )
 }
 

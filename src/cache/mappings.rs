@@ -94,16 +94,22 @@ impl Mappings {
     }
 
     /// The shard, then each tier in order. `miss_key` names the pull, for tiers that remember
-    /// misses.
-    pub async fn lookup(&self, name: &str, miss_key: &str, now: Instant) -> Option<Lookup> {
+    /// misses. Also says how deep the lookup went: the layer that answered (0 the shard, 1 the
+    /// first tier, …), or the number of layers asked when none did.
+    pub async fn lookup(
+        &self,
+        name: &str,
+        miss_key: &str,
+        now: Instant,
+    ) -> (Option<Lookup>, usize) {
         if let Some(k) = self.local(name, now) {
-            return Some(Lookup::Known(k));
+            return (Some(Lookup::Known(k)), 0);
         }
         for (i, tier) in self.tiers.iter().enumerate() {
             let m = match tier.get(name, miss_key).await {
                 None => continue,
                 Some(Heard::Missing { detail, until }) if now < until => {
-                    return Some(Lookup::Missing { detail, until })
+                    return (Some(Lookup::Missing { detail, until }), i + 1)
                 }
                 Some(Heard::Missing { .. }) => continue,
                 Some(Heard::Mapped(m)) => m,
@@ -115,9 +121,9 @@ impl Mappings {
                 earlier.learn(name, &m);
             }
             self.shard.borrow_mut().insert(name.to_string(), m);
-            return Some(Lookup::Known(known));
+            return (Some(Lookup::Known(known)), i + 1);
         }
-        None
+        (None, 1 + self.tiers.len())
     }
 
     /// `name` lives in `project`, as found at `now`: every tier learns it. When this core had it
@@ -258,7 +264,7 @@ mod tests {
         let later = t0 + Duration::from_secs(301);
         assert_eq!(
             block_on(core_b.lookup("nginx", "", later)),
-            known("dockerhub", true).map(Lookup::Known),
+            (known("dockerhub", true).map(Lookup::Known), 1),
             "found in the shared tier, stale by its original age"
         );
         assert_eq!(core_b.local("nginx", later), known("dockerhub", true));
@@ -280,7 +286,7 @@ mod tests {
         m.learn("a", "p", t0);
         let gone = t0 + Duration::from_secs(360);
         let fresh = Mappings::new(ttls(60), vec![Rc::new(shared.clone())]);
-        assert_eq!(block_on(fresh.lookup("a", "", gone)), None);
+        assert_eq!(block_on(fresh.lookup("a", "", gone)), (None, 2));
         m.sweep(gone, false);
         assert!(
             shared.mapping("a").is_some(),
@@ -337,14 +343,17 @@ mod tests {
         });
         assert_eq!(
             block_on(m.lookup("x", "k", t0)),
-            Some(Lookup::Missing {
-                detail: None,
-                until
-            })
+            (
+                Some(Lookup::Missing {
+                    detail: None,
+                    until
+                }),
+                1
+            )
         );
         assert_eq!(
             block_on(m.lookup("x", "k", until)),
-            None,
+            (None, 2),
             "an expired miss is not one"
         );
         m.learn("a", "p", t0);

@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::share::Shared;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot, UpstreamKind};
 use crate::upstream::{self, AuthMode, Upstream, UpstreamError};
@@ -79,6 +80,7 @@ pub fn spawn(
     upstream: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
     redis: Option<Shared>,
+    metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -94,7 +96,7 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(run(config, upstream, snapshot, redis, shutdown));
+            rt.block_on(run(config, upstream, snapshot, redis, metrics, shutdown));
         })
 }
 
@@ -103,6 +105,7 @@ async fn run(
     shared: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
     redis: Option<Shared>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let client = Upstream::new(shared.clone());
@@ -112,22 +115,27 @@ async fn run(
         .map(|c| c.username.clone())
         .unwrap_or_else(|| "(anonymous)".into());
     let mut generation = 0;
+    let mut failing = Failing::default();
     loop {
         shared.refresh_addresses();
+        let started = Instant::now();
         let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &user));
-        monoio::select! {
+        let failed = monoio::select! {
             result = round => match result {
                 Ok(Ok(projects)) => {
                     publish(&config, &snapshot, projects, &mut generation);
                     if let (Some(redis), Some(s)) = (&redis, snapshot.load().as_ref()) {
                         redis.publish_projects(s);
                     }
+                    None
                 }
-                Ok(Err(e)) => keep(&snapshot, &e),
-                Err(_) => keep(&snapshot, &format!("the round took longer than {ROUND_LIMIT:?}")),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("the round took longer than {ROUND_LIMIT:?}")),
             },
             _ = shutdown.changed() => return,
-        }
+        };
+        metrics.discovery.round(failed.is_none(), started.elapsed());
+        failing.after(&snapshot, failed);
         let wait = match snapshot.load().as_ref() {
             Some(s) if !s.projects.is_empty() => config.discovery_interval,
             _ => config.discovery_interval.min(FIRST_RETRY),
@@ -139,9 +147,41 @@ async fn run(
     }
 }
 
-fn keep(snapshot: &SharedSnapshot, error: &dyn std::fmt::Display) {
-    let kept = snapshot.load().as_ref().map_or(0, |s| s.projects.len());
-    tracing::warn!(error = %error, kept_projects = kept, "discovery failed; keeping the last good project list");
+/// Discovery's health, logged once per change: the first failed round (and each new reason) at warn,
+/// the first good round after failures at info; the rounds in between only count.
+#[derive(Default)]
+struct Failing {
+    since: Option<Instant>,
+    rounds: u64,
+    reason: Option<String>,
+}
+
+impl Failing {
+    fn after(&mut self, snapshot: &SharedSnapshot, failed: Option<String>) {
+        match failed {
+            Some(error) => {
+                self.rounds += 1;
+                let since = *self.since.get_or_insert_with(Instant::now);
+                if self.reason.as_deref() != Some(error.as_str()) {
+                    let kept = snapshot.load().as_ref().map_or(0, |s| s.projects.len());
+                    tracing::warn!(error = %error, kept_projects = kept, failing_for_seconds = since.elapsed().as_secs(),
+                        "discovery failed; keeping the last good project list (logged again when the reason changes or discovery recovers)");
+                    self.reason = Some(error);
+                }
+            }
+            None => {
+                if let Some(since) = self.since.take() {
+                    tracing::info!(
+                        failed_rounds = self.rounds,
+                        failing_for_seconds = since.elapsed().as_secs(),
+                        "discovery recovered: Harbor's API answers again"
+                    );
+                }
+                self.rounds = 0;
+                self.reason = None;
+            }
+        }
+    }
 }
 
 fn publish(

@@ -4,17 +4,21 @@
 //! and "What counts as a failure": only what no client can provoke by its choice of name or
 //! reference, that is no answer at all, a timeout, or 502/503/504).
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
+use crate::metrics::labels;
 use crate::snapshot::Project;
 use crate::upstream::pool::UpstreamBody;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::UpstreamError;
 
 use super::ask::{Ask, Endpoint};
 use super::forward;
+use super::state::State;
 
 /// Largest 404 body kept (and remembered with a miss) to be passed on: registry errors are small.
 const MAX_DETAIL: usize = 4096;
@@ -45,13 +49,33 @@ impl<T> Verdict<T> {
 
 /// Sends `ask` to `project` (following Harbor's same-project redirects).
 pub async fn send(
-    upstream: &Upstream,
+    state: &State,
     project: &Project,
     ask: &Ask,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let (method, path, headers) = ask.request(project);
     let headers = headers.as_ref().unwrap_or(&ask.headers);
-    forward::send(upstream, project, method, path, headers).await
+    let started = Instant::now();
+    let sent = forward::send(state.upstream(), project, method, path, headers).await;
+    state.project_metrics(&project.name, |m| match &sent {
+        Ok(res) => m.answered(res.status(), started.elapsed()),
+        Err(e) => m.failed(error_kind(e)),
+    });
+    sent
+}
+
+/// The metrics' name for why a request got no answer.
+pub fn error_kind(e: &UpstreamError) -> labels::UpstreamError {
+    use labels::UpstreamError as K;
+    match e {
+        UpstreamError::NoAddress
+        | UpstreamError::Connect(_)
+        | UpstreamError::Tls(_)
+        | UpstreamError::Handshake(_) => K::Connect,
+        UpstreamError::ConnectTimeout(_) | UpstreamError::ResponseTimeout(_) => K::Timeout,
+        UpstreamError::Token(_) => K::Token,
+        UpstreamError::Request(_) | UpstreamError::BadPath(_) => K::Protocol,
+    }
 }
 
 /// What an answer's status says about the project, for `ask`.
@@ -94,11 +118,12 @@ pub fn judge(ask: &Ask, status: StatusCode) -> Judgement {
 /// Sends `ask` to `project` and judges the answer. A winning answer is handed back with its body
 /// (a tag list already read whole: only a non-empty list wins).
 pub async fn attempt(
-    upstream: &Upstream,
+    state: &State,
     project: &Project,
     ask: &Ask,
 ) -> Verdict<Response<UpstreamBody>> {
-    let res = match send(upstream, project, ask).await {
+    let upstream = state.upstream();
+    let res = match send(state, project, ask).await {
         Ok(res) => res,
         Err(e) => return Verdict::Failed(e.to_string()),
     };

@@ -23,6 +23,7 @@ use http::Response;
 
 use crate::error::Error;
 use crate::flight::Turn;
+use crate::metrics::labels::{self, RaceKind, RaceOutcome, Rejected};
 use crate::snapshot::{Project, Snapshot};
 use crate::upstream::pool::UpstreamBody;
 
@@ -40,6 +41,16 @@ pub enum Outcome<'a> {
     Failed(Error),
 }
 
+impl Outcome<'_> {
+    pub fn label(&self) -> RaceOutcome {
+        match self {
+            Outcome::Won(..) => RaceOutcome::Found,
+            Outcome::NotFound(_) => RaceOutcome::NotFound,
+            Outcome::Failed(_) => RaceOutcome::Failed,
+        }
+    }
+}
+
 /// What a client request learns from the fan-out it led or waited for.
 pub enum Found<'s> {
     /// This request led the race: the winner's answer to `ask.locator()`.
@@ -52,33 +63,43 @@ pub enum Found<'s> {
 
 /// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
 /// a miss. Leading a fan-out costs `client` one unit of its fan-out budget; waiting for one is free.
+/// `attempts` counts the requests sent (for the access log).
 pub async fn find<'s>(
     state: &State,
     snapshot: &'s Snapshot,
     ask: &Ask,
     key: &str,
     client: IpAddr,
+    attempts: &mut u32,
 ) -> Found<'s> {
     let locator = ask.locator();
     loop {
         let leader = match state.join_fan_out(key) {
             Turn::Lead(leader) => leader,
-            Turn::Follow(rx) => match rx.await {
-                Ok(FanOutResult::Found(p)) => match snapshot.project(&p) {
-                    Some(project) => return Found::Known(project),
-                    None => return Found::NotFound(None),
-                },
-                Ok(FanOutResult::NotFound(detail)) => return Found::NotFound(detail),
-                Ok(FanOutResult::Failed(e)) => return Found::Failed(e),
-                Err(_) => continue, // the leading request was cancelled: lead ourselves
-            },
+            Turn::Follow(rx) => {
+                state.metrics().coalesced.inc();
+                match rx.await {
+                    Ok(FanOutResult::Found(p)) => match snapshot.project(&p) {
+                        Some(project) => return Found::Known(project),
+                        None => return Found::NotFound(None),
+                    },
+                    Ok(FanOutResult::NotFound(detail)) => return Found::NotFound(detail),
+                    Ok(FanOutResult::Failed(e)) => return Found::Failed(e),
+                    Err(_) => continue, // the leading request was cancelled: lead ourselves
+                }
+            }
         };
         if let Err(e) = state.admit_fan_out(client) {
             // Dropping the lead lets a waiting request (maybe another client's) lead instead.
             drop(leader);
+            state.metrics().rejected(Rejected::FanOutBudget);
             return Found::Failed(e);
         }
-        return match race(state, &snapshot.projects, &locator).await {
+        let mut asked = 0;
+        let outcome = race(state, &snapshot.projects, &locator, &mut asked).await;
+        *attempts += asked as u32;
+        state.metrics().race(RaceKind::Request, outcome.label());
+        return match outcome {
             Outcome::Won(project, res) => {
                 state.learn(&ask.name, &project.name);
                 leader.finish(FanOutResult::Found(project.name.clone()));
@@ -97,8 +118,14 @@ pub async fn find<'s>(
     }
 }
 
-/// Sends `ask` to every admitted candidate and returns the first win.
-pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Outcome<'a> {
+/// Sends `ask` to every admitted candidate and returns the first win; `asked` is set to the number
+/// of projects asked.
+pub async fn race<'a>(
+    state: &State,
+    candidates: &'a [Project],
+    ask: &Ask,
+    asked: &mut usize,
+) -> Outcome<'a> {
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
     let mut skipped = false;
@@ -116,10 +143,13 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
             continue;
         };
         running.push(async move {
-            let attempt = attempt::attempt(state.upstream(), project, ask);
+            let attempt = attempt::attempt(state, project, ask);
             let verdict = match monoio::time::timeout(timeout, attempt).await {
                 Ok(v) => v,
                 Err(_) => {
+                    state.project_metrics(&project.name, |m| {
+                        m.failed(labels::UpstreamError::Timeout)
+                    });
                     Verdict::Failed(format!("no answer within RESOLVER_TIMEOUT ({timeout:?})"))
                 }
             };
@@ -127,6 +157,8 @@ pub async fn race<'a>(state: &State, candidates: &'a [Project], ask: &Ask) -> Ou
             (project, verdict)
         });
     }
+    *asked = running.len();
+    state.metrics().race_width(running.len());
     if running.is_empty() && !skipped {
         return Outcome::Failed(Error::NameInvalid {
             reason: "the name is too long for every proxy-cache project: with the project's prefix it exceeds the registry's 255 characters",

@@ -4,16 +4,20 @@
 
 use std::rc::Rc;
 
-use http::{Request, Response, StatusCode};
+use http::header::CONTENT_LENGTH;
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::Body;
+use crate::config::AccessLog;
+use crate::metrics::labels::{Endpoint, Method as MethodLabel, Rejected};
 use crate::registry::route::{self, Route};
 use crate::server::Handler;
 
 use super::pull;
 use super::respond::{error, json, API_VERSION, API_VERSION_HEADER};
 use super::state::State;
+use super::trace::{self, Trace, REQUEST_ID};
 
 impl Handler for State {
     type Body = Body;
@@ -24,29 +28,87 @@ impl Handler for State {
 }
 
 /// Routes and answers one request. Never fails: every problem becomes a registry error response.
+/// Counts it, and logs it as `ACCESS_LOG` asks.
 pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     let (parts, _body) = req.into_parts();
     let parsed = route::parse(&parts.method, parts.uri.path(), state.proxy_project());
+    let endpoint = match &parsed {
+        Ok(Route::Base) => Endpoint::Base,
+        Ok(Route::Healthz | Route::Readyz) => Endpoint::Health,
+        Ok(Route::Manifest { .. }) => Endpoint::Manifest,
+        Ok(Route::Blob { .. }) => Endpoint::Blob,
+        Ok(Route::TagsList { .. }) => Endpoint::Tags,
+        Ok(Route::Referrers { .. }) => Endpoint::Referrers,
+        Err(_) => Endpoint::Other,
+    };
+    let method = match parts.method {
+        Method::GET => MethodLabel::Get,
+        Method::HEAD => MethodLabel::Head,
+        _ => MethodLabel::Other,
+    };
+    let name = parsed.as_ref().ok().and_then(Route::name);
+    let access = state.access_log();
+    let mut trace = Trace::new(&parts.headers, || state.request_id(), access);
+    let client = state.client_ip(&parts);
+    let mut res = answer(state, &parts, parsed, client, &mut trace).await;
+    let status = res.status();
+    let metrics = state.metrics();
+    metrics.request(endpoint, method, status);
+    let pull = !matches!(
+        endpoint,
+        Endpoint::Base | Endpoint::Health | Endpoint::Other
+    );
+    if pull {
+        metrics.pull(trace.route, endpoint == Endpoint::Blob, trace.elapsed());
+    }
+    if access != AccessLog::Off && endpoint != Endpoint::Health {
+        let bytes = res
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        trace::log(
+            access,
+            &trace,
+            &parts.method,
+            endpoint,
+            name,
+            status,
+            bytes,
+            client,
+        );
+    }
+    res.headers_mut().insert(REQUEST_ID, trace.id);
+    res
+}
+
+async fn answer(
+    state: &Rc<State>,
+    parts: &http::request::Parts,
+    parsed: Result<Route<'_>, crate::error::Error>,
+    client: std::net::IpAddr,
+    trace: &mut Trace,
+) -> Response<Body> {
     match parsed {
         // Probes are never limited.
         Ok(Route::Healthz) => return health(state, false),
         Ok(Route::Readyz) => return health(state, true),
         _ => {}
     }
-    let client = state.client_ip(&parts);
     if let Err(e) = state.admit_request(client) {
+        state.metrics().rejected(Rejected::RateLimit);
         return error(&e);
     }
     let route = match parsed {
         Ok(r) => r,
         Err(e) => {
+            state.metrics().rejected(Rejected::Invalid);
             tracing::debug!(method = %parts.method, path = parts.uri.path(), code = e.code(), "refused");
             return error(&e);
         }
     };
     let mut res = match route {
         Route::Base => json(StatusCode::OK, &b"{}"[..]),
-        _ => pull::serve(state, &parts, &route, client).await,
+        _ => pull::serve(state, parts, &route, client, trace).await,
     };
     res.headers_mut()
         .entry(API_VERSION_HEADER)

@@ -28,7 +28,7 @@ pub async fn request(state: &State, project: &Project, ask: &Ask) -> Mapped {
             reason: "the project that has this image is failing; its circuit is open",
         }));
     };
-    let res = match attempt::send(state.upstream(), project, ask).await {
+    let res = match attempt::send(state, project, ask).await {
         Ok(res) => res,
         Err(e) => {
             state.record(ticket, true);

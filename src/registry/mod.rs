@@ -27,5 +27,6 @@ pub mod refresh;
 pub mod respond;
 pub mod route;
 pub mod state;
+pub mod trace;
 
 pub use state::{ProcessState, State};

@@ -19,6 +19,7 @@ use http::{Method, Response};
 
 use crate::body::Body;
 use crate::error::Error;
+use crate::metrics::labels::{Found as Seen, Layer, Route as Answered};
 use crate::registry::route::Route;
 use crate::snapshot::Project;
 
@@ -27,14 +28,16 @@ use super::fanout::{self, Found};
 use super::mapped::{self, Mapped};
 use super::respond::{error, json};
 use super::state::{Lookup, State};
+use super::trace::{Trace, REQUEST_ID};
 use super::{answer, forward, memory, refresh};
 
-/// Serves one pull request.
+/// Serves one pull request; `trace` learns how.
 pub async fn serve(
     state: &Rc<State>,
     req: &Parts,
     route: &Route<'_>,
     client: IpAddr,
+    trace: &mut Trace,
 ) -> Response<Body> {
     let Some((name, endpoint)) = Endpoint::of(route, req.uri.query()) else {
         return error(&Error::NameUnknown {
@@ -46,26 +49,42 @@ pub async fn serve(
             reason: "no proxy-cache project is known yet: Harbor discovery has not succeeded",
         });
     };
+    let mut headers = forward::headers_up(&req.headers);
+    headers.insert(REQUEST_ID, trace.id.clone());
     let ask = Ask {
         name,
         endpoint,
         head: req.method == Method::HEAD,
-        headers: forward::headers_up(&req.headers),
+        headers,
     };
     let now = state.now();
-    if let Some(res) = memory::answer(state, &ask, &req.headers, now) {
-        return res;
+    let metrics = state.metrics();
+    if ask.memory_key().is_some() {
+        if let Some(res) = memory::answer(state, &ask, &req.headers, now) {
+            metrics.lookup(Layer::Memory, Seen::Hit);
+            trace.route = Answered::Memory;
+            return res;
+        }
+        metrics.lookup(Layer::Memory, Seen::Miss);
     }
     let key = ask.key();
     if let Some(detail) = state.miss(&key, now) {
+        metrics.lookup(Layer::Core, Seen::Negative);
+        trace.route = Answered::Negative;
         return not_found(&ask, detail);
     }
     match state.lookup(&snapshot, &ask.name, &key, now).await {
-        Lookup::Missing(detail) => return not_found(&ask, detail),
+        Lookup::Missing(detail) => {
+            trace.route = Answered::Negative;
+            return not_found(&ask, detail);
+        }
         Lookup::Mapped(project, stale) => {
             if stale {
                 refresh::start(state, snapshot.clone(), &ask);
             }
+            trace.route = Answered::Mapped;
+            trace.project(&project.name);
+            trace.attempts += 1;
             match mapped::request(state, project, &ask).await {
                 Mapped::Answer(res) => return *res,
                 Mapped::Gone => {
@@ -75,15 +94,25 @@ pub async fn serve(
         }
         Lookup::Unknown => {}
     }
-    match fanout::find(state, &snapshot, &ask, &key, client).await {
+    trace.route = Answered::FanOut;
+    match fanout::find(state, &snapshot, &ask, &key, client, &mut trace.attempts).await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
         Found::Won(project, _) | Found::Known(project)
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
         {
+            trace.project(&project.name);
+            trace.attempts += 1;
             answer_mapped(state, project, &ask).await
         }
-        Found::Won(project, res) => answer::answer(state, project, &ask, *res).await,
-        Found::Known(project) => answer_mapped(state, project, &ask).await,
+        Found::Won(project, res) => {
+            trace.project(&project.name);
+            answer::answer(state, project, &ask, *res).await
+        }
+        Found::Known(project) => {
+            trace.project(&project.name);
+            trace.attempts += 1;
+            answer_mapped(state, project, &ask).await
+        }
         Found::NotFound(detail) => not_found(&ask, detail),
         Found::Failed(e) => error(&e),
     }

@@ -6,6 +6,7 @@
 
 use std::rc::Rc;
 
+use crate::metrics::labels::RaceKind;
 use crate::snapshot::Snapshot;
 
 use super::ask::Ask;
@@ -21,7 +22,9 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
     let probe = ask.probe();
     monoio::spawn(async move {
         let _claim = claim;
-        match fanout::race(&state, &snapshot.projects, &probe).await {
+        let outcome = fanout::race(&state, &snapshot.projects, &probe, &mut 0).await;
+        state.metrics().race(RaceKind::Refresh, outcome.label());
+        match outcome {
             Outcome::Won(project, res) => {
                 state.learn(&probe.name, &project.name);
                 state.upstream().drain(res.into_body()).await;

@@ -48,6 +48,19 @@ impl Reference<'_> {
     }
 }
 
+impl<'a> Route<'a> {
+    /// The repository name of a pull route.
+    pub fn name(&self) -> Option<&'a str> {
+        match *self {
+            Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::TagsList { name }
+            | Route::Referrers { name, .. } => Some(name),
+            Route::Base | Route::Healthz | Route::Readyz => None,
+        }
+    }
+}
+
 /// Parses one request. `proxy` is `PROXY_PROJECT`; `path` is the raw path without the query.
 pub fn parse<'a>(method: &Method, path: &'a str, proxy: &str) -> Result<Route<'a>, Error> {
     if method != Method::GET && method != Method::HEAD {

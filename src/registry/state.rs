@@ -6,22 +6,25 @@
 //! never touched by a hit.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
 
 use crate::cache::{Answers, Kept, LearnedMap, Lookup as Looked, Mappings, Tier, Ttls};
-use crate::config::Config;
+use crate::config::{AccessLog, Config};
 use crate::error::Error;
 use crate::flight::{Flights, Turn};
 use crate::limit::{Limits, Rate};
+use crate::metrics::labels::{Circuit, Found, Layer};
+use crate::metrics::{CoreMetrics, Metrics, ProjectMetrics};
 use crate::share::Shared;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot};
-use crate::upstream::breaker::{Breakers, Ticket};
+use crate::upstream::breaker::{Breakers, Ticket, Transition};
 use crate::upstream::{self, Upstream};
 
 /// How often a core drops expired cache entries (off the request path).
@@ -39,6 +42,8 @@ pub struct ProcessState {
     pub limits: Arc<Limits>,
     /// The mappings shared between pods through Redis, when `REDIS_SENTINELS` is set.
     pub shared: Option<Shared>,
+    /// Where each core registers its counters for the scrape.
+    pub metrics: Arc<Metrics>,
 }
 
 impl ProcessState {
@@ -49,6 +54,7 @@ impl ProcessState {
         snapshot: SharedSnapshot,
         learned: Arc<LearnedMap>,
         shared: Option<Shared>,
+        metrics: Arc<Metrics>,
     ) -> ProcessState {
         let limits = Limits::new(
             // Bursts: a second's worth of requests; five seconds' worth of fan-outs (a node that
@@ -66,6 +72,7 @@ impl ProcessState {
             learned,
             limits: Arc::new(limits),
             shared,
+            metrics,
         }
     }
 }
@@ -114,6 +121,12 @@ pub struct State {
     limits: Arc<Limits>,
     /// Redis, when configured (its status for the health answer).
     shared: Option<Shared>,
+    /// This core's counters (read by the scrape thread).
+    metrics: Arc<CoreMetrics>,
+    /// This core's counters per project, by name (the scrape reads them through `metrics`).
+    project_metrics: RefCell<HashMap<String, Arc<ProjectMetrics>>>,
+    /// Requests this core has numbered (for request ids).
+    requests: Cell<u64>,
     /// Added to the system clock: zero in service; tests move it to drive expiry and breakers.
     skew: Cell<Duration>,
 }
@@ -156,6 +169,7 @@ impl State {
             snapshot,
             limits,
             shared,
+            metrics: process_metrics,
             ..
         } = process;
         let ttls = Ttls {
@@ -165,6 +179,9 @@ impl State {
             manifest: config.manifest_cache_ttl,
         };
         let manifest_bytes = config.manifest_cache_bytes / config.workers.max(1) as u64;
+        let upstream = Upstream::new(harbor);
+        let metrics = Arc::new(CoreMetrics::new(worker, upstream.stats()));
+        process_metrics.add_core(metrics.clone());
         let state = Rc::new(State {
             worker,
             mappings: Mappings::new(ttls, tiers),
@@ -173,7 +190,7 @@ impl State {
                 config.circuit_breaker_threshold,
                 config.circuit_breaker_timeout,
             ),
-            upstream: Upstream::new(harbor),
+            upstream,
             config,
             snapshot,
             view: RefCell::new(None),
@@ -181,6 +198,9 @@ impl State {
             refreshing: Rc::default(),
             limits,
             shared,
+            metrics,
+            project_metrics: RefCell::default(),
+            requests: Cell::new(0),
             skew: Cell::new(Duration::ZERO),
         });
         // Expired cache entries are dropped off the request path.
@@ -266,6 +286,36 @@ impl State {
         &self.upstream
     }
 
+    pub fn access_log(&self) -> AccessLog {
+        self.config.access_log
+    }
+
+    /// A new request id: this process's prefix, the worker, and the core's request count (unique
+    /// within the process; across pods, the prefix makes a clash unlikely).
+    pub fn request_id(&self) -> HeaderValue {
+        let n = self.requests.get() + 1;
+        self.requests.set(n);
+        let id = format!("{:08x}{:02x}{n:010x}", process_prefix(), self.worker & 0xff);
+        HeaderValue::from_str(&id).expect("hex digits")
+    }
+
+    /// This core's counters.
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.metrics
+    }
+
+    /// Runs `f` on this core's counters for `project` (created on the project's first use).
+    pub fn project_metrics(&self, project: &str, f: impl FnOnce(&ProjectMetrics)) {
+        if let Some(m) = self.project_metrics.borrow().get(project) {
+            return f(m);
+        }
+        let m = self.metrics.add_project(project);
+        f(&m);
+        self.project_metrics
+            .borrow_mut()
+            .insert(project.to_string(), m);
+    }
+
     /// The project `name` is mapped to, if it is still in `snapshot`, or a miss another pod found
     /// for the pull `miss_key` (remembered here for the rest of its life). A mapping to a project
     /// that is gone from Harbor (or from the fan-out cut) is useless: it is forgotten.
@@ -276,7 +326,9 @@ impl State {
         miss_key: &str,
         now: Instant,
     ) -> Lookup<'s> {
-        let known = match self.mappings.lookup(name, miss_key, now).await {
+        let (found, depth) = self.mappings.lookup(name, miss_key, now).await;
+        self.count_lookup(&found, depth);
+        let known = match found {
             None => return Lookup::Unknown,
             Some(Looked::Missing { detail, until }) => {
                 self.answers
@@ -292,6 +344,25 @@ impl State {
                 self.forget(name, &known.project);
                 Lookup::Unknown
             }
+        }
+    }
+
+    /// Counts a mapping lookup at each layer it asked: a miss at each layer before `depth`, and
+    /// what the layer at `depth` found (layers: the core's shard, the process map, Redis).
+    fn count_lookup(&self, found: &Option<Looked>, depth: usize) {
+        const LAYERS: [Layer; 3] = [Layer::Core, Layer::Process, Layer::Redis];
+        let m = &self.metrics;
+        for layer in LAYERS.iter().take(depth) {
+            m.lookup(*layer, Found::Miss);
+        }
+        let result = match found {
+            None => return,
+            Some(Looked::Missing { .. }) => Found::Negative,
+            Some(Looked::Known(k)) if k.stale => Found::Stale,
+            Some(Looked::Known(_)) => Found::Hit,
+        };
+        if let Some(layer) = LAYERS.get(depth) {
+            m.lookup(*layer, result);
         }
     }
 
@@ -315,8 +386,39 @@ impl State {
     }
 
     /// Records how an admitted request went.
+    /// Circuits are per core: each transition is logged (and counted) by the core it happened on,
+    /// with the core's id.
     pub fn record(&self, ticket: Ticket, failed: bool) {
-        ticket.record(failed, self.now());
+        let (t, project) = ticket.record(failed, self.now());
+        let worker = self.worker;
+        let to = match t {
+            Transition::Opened => {
+                tracing::warn!(
+                    project,
+                    worker,
+                    "circuit opened on this core: the project is left out until it recovers"
+                );
+                Circuit::Open
+            }
+            Transition::Reopened => {
+                tracing::warn!(
+                    project,
+                    worker,
+                    "circuit probe failed on this core: still open"
+                );
+                Circuit::Open
+            }
+            Transition::Closed => {
+                tracing::info!(
+                    project,
+                    worker,
+                    "circuit closed on this core: the project recovered"
+                );
+                Circuit::Closed
+            }
+            Transition::Unchanged => return,
+        };
+        self.project_metrics(&project, |m| m.circuit(to));
     }
 
     /// `Some` when `key` is a remembered miss, with the registry's error body if it had one.
@@ -376,6 +478,18 @@ impl State {
         // One core sweeps the shared tiers for everyone.
         self.mappings.sweep(now, self.worker == 0);
     }
+}
+
+/// Random per process (hashed from the process id and the start time), so request ids of two pods
+/// differ.
+fn process_prefix() -> u32 {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PREFIX.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish() as u32
+    })
 }
 
 /// Held by a running refresh of a name; dropped when it ends (or is cancelled).

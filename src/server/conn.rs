@@ -60,9 +60,18 @@ pub(super) struct Parking {
     /// Connections parked since the allocator was last asked to give memory back.
     pub(super) parked: Cell<usize>,
     idle: std::cell::RefCell<Vec<(std::task::Waker, Rc<Flow>)>>,
+    /// The worker's counters (bytes sent are counted as they are written).
+    pub(super) stats: std::sync::Arc<super::Stats>,
 }
 
 impl Parking {
+    pub(super) fn new(stats: std::sync::Arc<super::Stats>) -> Parking {
+        Parking {
+            stats,
+            ..Default::default()
+        }
+    }
+
     /// One sweep: a new epoch, and every idle connection woken to check it.
     pub(super) fn sweep(&self) {
         self.epoch.set(self.epoch.get() + 1);
@@ -321,8 +330,13 @@ impl Parkable {
     /// Notes a write: bytes went out, or some could not (hyper still holds them); either way the
     /// connection has something unflushed.
     fn wrote(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
-        if matches!(r, Poll::Pending | Poll::Ready(Ok(1..))) {
-            self.flow.unflushed.set(true);
+        match r {
+            Poll::Ready(Ok(n @ 1..)) => {
+                self.flow.unflushed.set(true);
+                self.parking.stats.bytes_sent.add(n as u64);
+            }
+            Poll::Pending => self.flow.unflushed.set(true),
+            _ => {}
         }
         r
     }

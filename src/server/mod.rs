@@ -15,7 +15,7 @@ pub mod listener;
 use std::cell::Cell;
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use monoio_compat::hyper::MonoioTimer;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, IoDriver};
+use crate::counter::{Counter, Gauge};
 
 /// Largest request head accepted (request line plus headers). Registry requests are small; a bearer
 /// token is a few KiB. Larger heads get 431 from hyper.
@@ -107,8 +108,22 @@ impl Driver {
     }
 }
 
-/// What a worker thread tells the starter once its runtime is built (or failed to build).
-pub type StartReport = Result<Driver, String>;
+/// One worker's connection counters: written by the worker, read by the metrics scrape.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Client connections accepted.
+    pub accepted: Counter,
+    /// Client connections closed at once because the worker's share of `MAX_CONNECTIONS` was open.
+    pub refused: Counter,
+    /// Client connections open now (parked ones included).
+    pub open: Gauge,
+    /// Bytes written to clients (heads and bodies).
+    pub bytes_sent: Counter,
+}
+
+/// What a worker thread tells the starter once its runtime is built (its id and driver), or why it
+/// could not be.
+pub type StartReport = Result<(usize, Driver), String>;
 
 /// Runs worker `id` on the current thread until shutdown has drained. Reports the driver (or why no
 /// runtime could be built) on `report` before serving. `make` builds the core's handler inside the
@@ -120,6 +135,7 @@ pub fn run_worker<H, F>(
     make: F,
     shutdown: watch::Receiver<bool>,
     report: mpsc::Sender<StartReport>,
+    stats: Arc<Stats>,
 ) where
     H: Handler,
     F: FnOnce() -> Rc<H>,
@@ -127,8 +143,8 @@ pub fn run_worker<H, F>(
     let report_err = report.clone();
     let serve = move |driver: Driver| {
         tracing::info!(worker = id, driver = driver.as_str(), "worker started");
-        let _ = report.send(Ok(driver));
-        accept_loop(id, listener, settings, make, shutdown)
+        let _ = report.send(Ok((id, driver)));
+        accept_loop(id, listener, settings, make, shutdown, stats)
     };
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
@@ -168,6 +184,7 @@ async fn accept_loop<H, F>(
     settings: Settings,
     make: F,
     mut shutdown: watch::Receiver<bool>,
+    stats: Arc<Stats>,
 ) where
     H: Handler,
     F: FnOnce() -> Rc<H>,
@@ -179,7 +196,7 @@ async fn accept_loop<H, F>(
             return;
         }
     };
-    let parking = Rc::new(conn::Parking::default());
+    let parking = Rc::new(conn::Parking::new(stats.clone()));
     // Advances this core's parking epoch (see `conn`).
     crate::tick::every(
         conn::PARK_AFTER,
@@ -194,7 +211,10 @@ async fn accept_loop<H, F>(
         idle_timeout: settings.header_read_timeout,
         parking,
     });
-    let open = Rc::new(OpenConns::default());
+    let open = Rc::new(OpenConns {
+        stats: stats.clone(),
+        ..Default::default()
+    });
     spawn_memory_return(Rc::downgrade(&open), Rc::downgrade(&core.parking));
     let mut last_refusal_logged: Option<std::time::Instant> = None;
     loop {
@@ -207,6 +227,7 @@ async fn accept_loop<H, F>(
                     if open.count() >= settings.max_connections {
                         // Closed at once: the client sees its connection end, the loop moves on.
                         drop(stream);
+                        stats.refused.inc();
                         let now = std::time::Instant::now();
                         if last_refusal_logged.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
                             last_refusal_logged = Some(now);
@@ -216,6 +237,7 @@ async fn accept_loop<H, F>(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    stats.accepted.inc();
                     let guard = open.enter();
                     monoio::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
                 }
@@ -267,11 +289,14 @@ struct OpenConns {
     /// The most connections open at once since memory was last given back.
     peak: Cell<usize>,
     closed: Notify,
+    /// The open count, for the metrics.
+    stats: Arc<Stats>,
 }
 
 impl OpenConns {
     fn enter(self: &Rc<Self>) -> ConnGuard {
         self.count.set(self.count.get() + 1);
+        self.stats.open.set(self.count.get() as i64);
         self.peak.set(self.peak.get().max(self.count.get()));
         ConnGuard(self.clone())
     }
@@ -298,6 +323,7 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         let n = self.0.count.get() - 1;
         self.0.count.set(n);
+        self.0.stats.open.set(n as i64);
         if n == 0 {
             self.0.closed.notify_waiters();
         }

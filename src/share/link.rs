@@ -150,6 +150,7 @@ impl Link {
     /// Marks the link down and logs the problem when it is a new one.
     fn down(&self, last: &mut Option<String>, problem: String) {
         self.shared.set_state(Status::Down);
+        self.shared.inner.errors.inc();
         if last.as_deref() != Some(problem.as_str()) {
             tracing::warn!(problem = %problem, "Redis unavailable; serving from memory and fan-out, retrying in the background");
             *last = Some(problem);
@@ -190,10 +191,12 @@ impl Link {
                 _ = lost.notified() => return "Sentinel switched the master, or the change listener stopped".into(),
                 n = reads.recv_many(&mut read_batch, BATCH) => {
                     if n == 0 { return "the read queue closed".into() }
+                    self.shared.inner.reads_done.add(n as u64);
                     serve_reads(conn, keys, &mut read_batch).await
                 }
                 n = writes.recv_many(&mut write_batch, BATCH) => {
                     if n == 0 { return "the write queue closed".into() }
+                    self.shared.inner.writes_done.add(n as u64);
                     let r = self.serve_writes(conn, keys, &mut write_batch).await;
                     if writes.is_empty() && self.shared.inner.shedding.swap(false, Ordering::Relaxed) {
                         tracing::info!(shed_total = self.shared.shed(), "Redis write queue drained; writes flow again");

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cache::{Heard, LearnedMap, Mapping, Tier, TierLookup};
 use crate::config::Config;
+use crate::counter::Counter;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 use schema::{fingerprint, unix_ms, StoredMapping, StoredMiss, StoredProjects};
@@ -105,12 +106,28 @@ struct Inner {
     /// A write was shed since the link last said the queue drained.
     shedding: AtomicBool,
     shed: AtomicU64,
+    /// Reads answered, writes sent, times the link left (or could not reach) a master: the link's.
+    reads_done: Counter,
+    writes_done: Counter,
+    errors: Counter,
+    /// Reads a core stopped waiting for (`REDIS_READ_TIMEOUT`): written by the cores, rarely.
+    read_timeouts: Counter,
     read_timeout: Duration,
     mapping_life: Duration,
     /// This pod's `NEGATIVE_CACHE_TTL`: the longest a shared miss is believed here (0: never).
     miss_life: Duration,
     /// Each core's change queue, registered when the core starts.
     cores: Mutex<Vec<mpsc::Sender<(String, Mapping)>>>,
+}
+
+/// What the link has done, as counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub errors: u64,
+    pub shed: u64,
+    pub read_timeouts: u64,
 }
 
 /// The cores' handle to Redis. Cloning shares it.
@@ -160,6 +177,10 @@ impl Shared {
                 status: AtomicU8::new(Status::Connecting as u8),
                 shedding: AtomicBool::new(false),
                 shed: AtomicU64::new(0),
+                reads_done: Counter::default(),
+                writes_done: Counter::default(),
+                errors: Counter::default(),
+                read_timeouts: Counter::default(),
                 read_timeout: config.redis_read_timeout,
                 mapping_life: config.cache_ttl + config.stale_while_revalidate,
                 miss_life: config.negative_cache_ttl,
@@ -184,6 +205,17 @@ impl Shared {
     /// Writes shed so far (the queue was full).
     pub fn shed(&self) -> u64 {
         self.inner.shed.load(Ordering::Relaxed)
+    }
+
+    /// The link's counters, for the metrics.
+    pub fn stats(&self) -> RedisStats {
+        RedisStats {
+            reads: self.inner.reads_done.get(),
+            writes: self.inner.writes_done.get(),
+            errors: self.inner.errors.get(),
+            shed: self.shed(),
+            read_timeouts: self.inner.read_timeouts.get(),
+        }
     }
 
     /// A core's view of Redis, for its mapping tiers.
@@ -242,10 +274,13 @@ impl Shared {
             reply,
         };
         self.inner.reads.try_send(read).ok()?;
-        monoio::time::timeout(self.inner.read_timeout, answer)
-            .await
-            .ok()?
-            .ok()
+        match monoio::time::timeout(self.inner.read_timeout, answer).await {
+            Ok(answer) => answer.ok(),
+            Err(_) => {
+                self.inner.read_timeouts.inc_shared();
+                None
+            }
+        }
     }
 }
 

@@ -4,8 +4,9 @@
 //! owns the state and the rules, with time passed in so tests drive it.
 //! Why tokens rather than Basic on every request: docs/architecture.md, "The upstream client".
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quick_cache::unsync::Cache;
@@ -125,7 +126,8 @@ type Fetched = Result<HeaderValue, String>;
 pub struct TokenCache {
     tokens: RefCell<Cache<String, Cached>>,
     flights: Rc<Flights<Fetched>>,
-    fetches: Cell<u64>,
+    /// Token fetches and cache hits, read by the metrics.
+    stats: Arc<super::Stats>,
     /// The realm and service of the last challenge seen: where to ask for tokens before a request
     /// is challenged (one request for the scopes of a whole fan-out).
     service: RefCell<Option<Challenge>>,
@@ -133,10 +135,16 @@ pub struct TokenCache {
 
 impl Default for TokenCache {
     fn default() -> Self {
+        TokenCache::new(Arc::default())
+    }
+}
+
+impl TokenCache {
+    pub fn new(stats: Arc<super::Stats>) -> TokenCache {
         TokenCache {
             tokens: RefCell::new(Cache::new(TOKENS_PER_CORE)),
             flights: Rc::default(),
-            fetches: Cell::new(0),
+            stats,
             service: RefCell::new(None),
         }
     }
@@ -169,7 +177,7 @@ impl TokenCache {
         match self.flights.join(scope) {
             Turn::Follow(rx) => Ticket::Wait(rx),
             Turn::Lead(leader) => {
-                self.fetches.set(self.fetches.get() + 1);
+                self.stats.token_fetches.inc();
                 Ticket::Fetch(FetchGuard {
                     cache: self.clone(),
                     scope: scope.to_string(),
@@ -190,7 +198,7 @@ impl TokenCache {
 
     /// Token fetches started by this core (the coalescing tests count them).
     pub fn fetches(&self) -> u64 {
-        self.fetches.get()
+        self.stats.token_fetches.get()
     }
 
     /// Remembers where `challenge` sends clients for tokens.
@@ -226,7 +234,7 @@ impl TokenCache {
             return None;
         }
         let service = self.service.borrow().clone()?;
-        self.fetches.set(self.fetches.get() + 1);
+        self.stats.token_fetches.inc();
         Some(Challenge {
             scope: Some(missing.join(" ")),
             ..service

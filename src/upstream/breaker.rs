@@ -167,28 +167,19 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Records the request's outcome (`failed` as the attempt judge defines it) and logs a change of
-    /// state.
-    pub fn record(mut self, failed: bool, now: Instant) -> Transition {
+    /// Records the request's outcome (`failed` as the attempt judge defines it); returns the change
+    /// of state (the caller logs it) and the project's name.
+    pub fn record(mut self, failed: bool, now: Instant) -> (Transition, String) {
         self.probe = false;
-        let project = self.project.as_str();
-        let t = self.breakers.with(project, |b| {
+        let project = std::mem::take(&mut self.project);
+        let t = self.breakers.with(&project, |b| {
             if failed {
                 b.on_failure(now)
             } else {
                 b.on_success()
             }
         });
-        match t {
-            Transition::Opened => tracing::warn!(
-                project,
-                "circuit opened: the project is left out until it recovers"
-            ),
-            Transition::Reopened => tracing::warn!(project, "circuit probe failed: still open"),
-            Transition::Closed => tracing::info!(project, "circuit closed: the project recovered"),
-            Transition::Unchanged => {}
-        }
-        t
+        (t, project)
     }
 }
 
@@ -296,7 +287,7 @@ mod tests {
         let now = Instant::now();
         let all = Breakers::new(1, T);
         let t = all.admit("a", now).expect("unknown projects are closed");
-        assert_eq!(t.record(true, now), Transition::Opened);
+        assert_eq!(t.record(true, now).0, Transition::Opened);
         assert!(all.admit("a", now).is_none());
         assert!(all.admit("b", now).is_some(), "per project");
         let later = now + T;
@@ -306,7 +297,7 @@ mod tests {
         let probe = all
             .admit("a", later)
             .expect("a dropped probe frees the slot");
-        assert_eq!(probe.record(false, later), Transition::Closed);
+        assert_eq!(probe.record(false, later).0, Transition::Closed);
         let t = all.admit("a", later).expect("closed");
         drop(t);
         assert!(

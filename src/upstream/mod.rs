@@ -27,6 +27,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use rustls::pki_types::ServerName;
 
 use crate::config::{Config, HarborUrl};
+use crate::counter::{Counter, Gauge};
 use auth::{scope_for_path, Challenge, Ticket, TokenCache};
 use pool::{Pool, PoolStats, Target, UpstreamBody};
 
@@ -174,6 +175,26 @@ pub struct Upstream {
     /// write their (atomic) reference counts from every core.
     authority: http::uri::Authority,
     host_header: HeaderValue,
+    stats: Arc<Stats>,
+}
+
+/// One core's client counters: written by that core, read by the metrics scrape.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections_opened: Counter,
+    /// Connections whose task is running (HTTP/1.1 and HTTP/2).
+    pub open: Gauge,
+    /// Idle HTTP/1.1 connections in the pool.
+    pub idle: Gauge,
+    pub requests: Counter,
+    /// Requests sent on a pooled connection.
+    pub reused: Counter,
+    /// Requests sent again after a pooled connection failed before any answer.
+    pub retried: Counter,
+    /// Token requests to Harbor's token service (one per scope or batch of scopes).
+    pub token_fetches: Counter,
+    /// Requests sent with a fresh token from the cache (no challenge, no token request).
+    pub token_hits: Counter,
 }
 
 impl Upstream {
@@ -183,13 +204,20 @@ impl Upstream {
             .expect("an authority parses again");
         let host_header = HeaderValue::from_bytes(harbor.host_header.as_bytes())
             .expect("a header value parses again");
+        let stats = Arc::new(Stats::default());
         Upstream {
-            pool: Pool::new(harbor.target.clone()),
+            pool: Pool::new(harbor.target.clone(), stats.clone()),
             harbor,
-            tokens: Rc::new(TokenCache::default()),
+            tokens: Rc::new(TokenCache::new(stats.clone())),
+            stats,
             authority,
             host_header,
         }
+    }
+
+    /// This client's counters, for the metrics.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -234,6 +262,7 @@ impl Upstream {
         let scope = scope_for_path(req.uri().path());
         let sent = scope.and_then(|s| self.tokens.cached(&s, Instant::now()).map(|t| (s, t)));
         if let Some((_, token)) = &sent {
+            self.stats.token_hits.inc();
             req.headers_mut().insert(AUTHORIZATION, token.clone());
         }
         let res = self.send_timed(req).await?;

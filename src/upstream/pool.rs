@@ -30,7 +30,7 @@ use monoio::io::IntoPollIo;
 use monoio_compat::hyper::{MonoioExecutor, MonoioIo, MonoioTimer};
 use rustls::pki_types::ServerName;
 
-use super::{tls, UpstreamError};
+use super::{tls, Stats, UpstreamError};
 use crate::stall::StallTimer;
 
 /// Request bodies: the router only sends GET and HEAD upstream.
@@ -68,7 +68,7 @@ struct Idle {
     since: Instant,
 }
 
-/// Counters a test (and later the metrics) can read.
+/// A snapshot of a pool's counters (tests read it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
     pub connections_opened: u64,
@@ -90,11 +90,12 @@ pub struct Pool {
     h2_declined: Cell<bool>,
     /// Which of Harbor's addresses the next connection tries first (spreads connections).
     next_addr: Cell<usize>,
-    stats: Cell<PoolStats>,
+    /// Written by this core, read by the metrics scrape.
+    stats: Arc<Stats>,
 }
 
 impl Pool {
-    pub fn new(target: Arc<Target>) -> Rc<Pool> {
+    pub fn new(target: Arc<Target>, stats: Arc<Stats>) -> Rc<Pool> {
         let pool = Rc::new(Pool {
             target,
             idle: RefCell::new(VecDeque::new()),
@@ -103,7 +104,7 @@ impl Pool {
             h2_connected: tokio::sync::Notify::new(),
             h2_declined: Cell::new(false),
             next_addr: Cell::new(0),
-            stats: Cell::new(PoolStats::default()),
+            stats,
         });
         let every = (pool.target.idle_timeout / 2).max(Duration::from_millis(100));
         crate::tick::every(every, Rc::downgrade(&pool), Pool::sweep);
@@ -111,7 +112,13 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        self.stats.get()
+        let s = &self.stats;
+        PoolStats {
+            connections_opened: s.connections_opened.get(),
+            requests: s.requests.get(),
+            reused: s.reused.get(),
+            retried: s.retried.get(),
+        }
     }
 
     /// Idle HTTP/1.1 connections right now.
@@ -119,28 +126,22 @@ impl Pool {
         self.idle.borrow().len()
     }
 
-    fn bump(&self, f: impl FnOnce(&mut PoolStats)) {
-        let mut s = self.stats.get();
-        f(&mut s);
-        self.stats.set(s);
-    }
-
     /// Sends one request and returns the response with its body still streaming.
     pub async fn send(
         self: &Rc<Self>,
         req: Request<ReqBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.bump(|s| s.requests += 1);
+        self.stats.requests.inc();
         let (sender, reused) = self.acquire().await?;
         if !reused {
             return self.send_on(sender, req).await;
         }
-        self.bump(|s| s.reused += 1);
+        self.stats.reused.inc();
         let retry = clone_request(&req);
         match self.send_on(sender, req).await {
             Err(e) if e.before_response() => {
                 tracing::debug!(error = %e, "reused upstream connection failed; retrying on a new one");
-                self.bump(|s| s.retried += 1);
+                self.stats.retried.inc();
                 let (sender, _) = self.acquire().await?;
                 self.send_on(sender, retry).await
             }
@@ -221,12 +222,15 @@ impl Pool {
         }
         let now = Instant::now();
         let mut idle = self.idle.borrow_mut();
+        let mut found = None;
         while let Some(c) = idle.pop_back() {
             if !c.sender.is_closed() && now.duration_since(c.since) < self.target.idle_timeout {
-                return Some(Sender::H1(c.sender));
+                found = Some(Sender::H1(c.sender));
+                break;
             }
         }
-        None
+        self.stats.idle.set(idle.len() as i64);
+        found
     }
 
     /// Takes back an HTTP/1.1 connection whose response was read to the end.
@@ -242,15 +246,16 @@ impl Pool {
             sender,
             since: Instant::now(),
         });
+        self.stats.idle.set(idle.len() as i64);
     }
 
     /// Drops idle connections past `IDLE_CONN_TIMEOUT` (or closed by the server).
     pub fn sweep(&self) {
         let now = Instant::now();
         let timeout = self.target.idle_timeout;
-        self.idle
-            .borrow_mut()
-            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+        self.stats.idle.set(idle.len() as i64);
     }
 
     async fn connect(&self) -> Result<Sender, UpstreamError> {
@@ -258,7 +263,7 @@ impl Pool {
         let sender = monoio::time::timeout(timeout, self.connect_inner())
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(timeout))??;
-        self.bump(|s| s.connections_opened += 1);
+        self.stats.connections_opened.inc();
         match &sender {
             Sender::H2(s) => *self.h2.borrow_mut() = Some(s.clone()),
             Sender::H1(_) if self.target.http2 => self.h2_declined.set(true),
@@ -292,7 +297,7 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let io = stream.into_poll_io().map_err(UpstreamError::Connect)?;
         match &self.target.tls {
-            None => handshake(MonoioIo::new(io), self.target.http2).await,
+            None => handshake(MonoioIo::new(io), self.target.http2, &self.stats).await,
             Some((config, name)) => {
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
                 let tls = connector
@@ -300,13 +305,13 @@ impl Pool {
                     .await
                     .map_err(UpstreamError::Tls)?;
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
-                handshake(MonoioIo::new(tls), h2).await
+                handshake(MonoioIo::new(tls), h2, &self.stats).await
             }
         }
     }
 }
 
-async fn handshake<I>(io: I, h2: bool) -> Result<Sender, UpstreamError>
+async fn handshake<I>(io: I, h2: bool, stats: &Arc<Stats>) -> Result<Sender, UpstreamError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
 {
@@ -321,7 +326,9 @@ where
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
+        let open = OpenGuard::new(stats);
         monoio::spawn(async move {
+            let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
@@ -332,12 +339,30 @@ where
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
+        let open = OpenGuard::new(stats);
         monoio::spawn(async move {
+            let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
         Ok(Sender::H1(sender))
+    }
+}
+
+/// Counts a connection open for as long as its task runs.
+struct OpenGuard(Arc<Stats>);
+
+impl OpenGuard {
+    fn new(stats: &Arc<Stats>) -> OpenGuard {
+        stats.open.add(1);
+        OpenGuard(stats.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.add(-1);
     }
 }
 

@@ -160,6 +160,8 @@ pub struct Counters {
     pub connections_accepted: u64,
     /// Every distinct `Authorization` value seen on `/v2/` requests (tests check what leaked).
     pub authorizations: std::collections::BTreeSet<String>,
+    /// Every distinct `X-Request-Id` seen on `/v2/` requests (challenged ones included).
+    pub request_ids: std::collections::BTreeSet<String>,
 }
 
 fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {

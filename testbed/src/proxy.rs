@@ -153,6 +153,10 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let a = String::from_utf8_lossy(a.as_bytes()).into_owned();
             state.counters.lock().unwrap().authorizations.insert(a);
         }
+        if let Some(id) = req.headers().get("x-request-id") {
+            let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
+            state.counters.lock().unwrap().request_ids.insert(id);
+        }
         let fault = state.faults.lock().unwrap().get(&p.project).cloned();
         match fault {
             Some(Fault::Hold(gate)) => hold = Some(gate),

@@ -1,0 +1,154 @@
+//! The bounded label values, as enums indexing fixed arrays of counters: a label value is an index,
+//! never a string built per request. Never an image name, a tag or a client address.
+
+/// Defines an enum of label values with `ALL`, `COUNT`, `as_str` and `index`.
+macro_rules! label {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub const COUNT: usize = $name::ALL.len();
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+label!(
+    /// What a request asked for (`endpoint`).
+    Endpoint {
+        Base => "base",
+        Manifest => "manifest",
+        Blob => "blob",
+        Tags => "tags",
+        Referrers => "referrers",
+        Health => "health",
+        Other => "other",
+    }
+);
+
+label!(
+    /// The request method (`method`).
+    Method {
+        Get => "GET",
+        Head => "HEAD",
+        Other => "other",
+    }
+);
+
+label!(
+    /// The status class of an answer (`status`).
+    Status {
+        Informational => "1xx",
+        Success => "2xx",
+        Redirect => "3xx",
+        ClientError => "4xx",
+        ServerError => "5xx",
+    }
+);
+
+impl Status {
+    pub fn of(code: http::StatusCode) -> Status {
+        match code.as_u16() {
+            200..=299 => Status::Success,
+            300..=399 => Status::Redirect,
+            400..=499 => Status::ClientError,
+            500.. => Status::ServerError,
+            _ => Status::Informational,
+        }
+    }
+}
+
+label!(
+    /// How a pull was answered (`route`), in the order the pull's phases run.
+    Route {
+        Memory => "memory",
+        Negative => "negative",
+        Mapped => "mapped",
+        FanOut => "fanout",
+        Refused => "refused",
+    }
+);
+
+label!(
+    /// Where a lookup looked (`layer`).
+    Layer {
+        Core => "core",
+        Memory => "memory",
+        Process => "process",
+        Redis => "redis",
+    }
+);
+
+label!(
+    /// What a lookup found (`result`).
+    Found {
+        Hit => "hit",
+        Stale => "stale",
+        Negative => "negative",
+        Miss => "miss",
+    }
+);
+
+label!(
+    /// Why a race ran (`kind`): a client's request, or the background refresh of a stale mapping.
+    RaceKind {
+        Request => "request",
+        Refresh => "refresh",
+    }
+);
+
+label!(
+    /// How a race ended (`outcome`).
+    RaceOutcome {
+        Found => "found",
+        NotFound => "not_found",
+        Failed => "failed",
+    }
+);
+
+label!(
+    /// Why the router refused a request itself (`reason`).
+    Rejected {
+        RateLimit => "rate_limit",
+        FanOutBudget => "fanout_budget",
+        Invalid => "invalid",
+    }
+);
+
+label!(
+    /// Why a request to Harbor got no usable answer (`kind`).
+    UpstreamError {
+        Connect => "connect",
+        Timeout => "timeout",
+        ServerError => "5xx",
+        Protocol => "protocol",
+        Token => "token",
+    }
+);
+
+label!(
+    /// Where a project's circuit went (`to`).
+    Circuit {
+        Open => "open",
+        Closed => "closed",
+    }
+);
+
+label!(
+    /// The Redis link's state (`state`).
+    RedisState {
+        Connecting => "connecting",
+        Up => "up",
+        Down => "down",
+    }
+);

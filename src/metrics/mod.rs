@@ -1,0 +1,633 @@
+//! Prometheus metrics, counted without cross-core writes and served off the data-plane cores.
+//!
+//! - Each core owns a [`CoreMetrics`] (and its client's `upstream::Stats`, its server's
+//!   `server::Stats`): single-writer counters (`crate::counter`), a plain add on the core that owns
+//!   them. Control threads own theirs (discovery here, Redis in `share`).
+//! - The scrape ([`Metrics::render`], on the metrics thread of [`serve`]) reads every core's counters
+//!   and sums them: `core` is never a label (only `harbor_router_worker_info` names each worker).
+//! - Every name is in this file, with the `harbor_router_` prefix and its unit; labels are the
+//!   bounded enums of [`labels`]. docs/observability.md lists them all.
+
+pub mod encode;
+pub mod labels;
+pub mod serve;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use crate::counter::{Counter, Gauge, Histogram, COUNT_BOUNDS};
+use crate::share::Shared;
+use crate::snapshot::SharedSnapshot;
+
+use encode::{Encoder, HistogramValue};
+use labels::*;
+
+/// One core's registry counters. Written by its core only.
+pub struct CoreMetrics {
+    pub worker: usize,
+    /// `[endpoint][method][status]`
+    requests: Vec<Counter>,
+    /// Time to the response head of pulls, by how they were answered.
+    pull_duration: Vec<Histogram>,
+    /// Time to the response head of blob pulls (what a client waits before the first byte).
+    blob_first_byte: Histogram,
+    /// `[layer][found]`
+    lookups: Vec<Counter>,
+    /// `[kind][outcome]`
+    races: Vec<Counter>,
+    /// Projects asked by each race.
+    race_width: Histogram,
+    /// Requests that waited for another request's fan-out instead of leading one.
+    pub coalesced: Counter,
+    rejected: Vec<Counter>,
+    /// This core's per-project counters, appended (rarely: a project's first request) by the core.
+    projects: Mutex<Vec<(String, Arc<ProjectMetrics>)>>,
+    upstream: Arc<crate::upstream::Stats>,
+}
+
+/// One core's counters for one project.
+pub struct ProjectMetrics {
+    /// `[status]` of the answers to requests sent to the project.
+    answers: Vec<Counter>,
+    /// `[kind]` of requests that got no usable answer.
+    errors: Vec<Counter>,
+    /// Time to the answer's head.
+    duration: Histogram,
+    /// `[to]`
+    transitions: Vec<Counter>,
+    /// 1 while this core's circuit for the project is open (or half-open).
+    pub circuit_open: Gauge,
+}
+
+impl Default for ProjectMetrics {
+    fn default() -> Self {
+        ProjectMetrics {
+            answers: counters(Status::COUNT),
+            errors: counters(UpstreamError::COUNT),
+            duration: Histogram::durations(),
+            transitions: counters(Circuit::COUNT),
+            circuit_open: Gauge::default(),
+        }
+    }
+}
+
+impl ProjectMetrics {
+    pub fn answered(&self, status: http::StatusCode, took: std::time::Duration) {
+        self.answers[Status::of(status).index()].inc();
+        if status.is_server_error() {
+            self.errors[UpstreamError::ServerError.index()].inc();
+        }
+        self.duration.observe_duration(took);
+    }
+
+    pub fn failed(&self, kind: UpstreamError) {
+        self.errors[kind.index()].inc();
+    }
+
+    pub fn circuit(&self, to: Circuit) {
+        self.transitions[to.index()].inc();
+        self.circuit_open.set(i64::from(to == Circuit::Open));
+    }
+}
+
+fn counters(n: usize) -> Vec<Counter> {
+    (0..n).map(|_| Counter::default()).collect()
+}
+
+impl CoreMetrics {
+    pub fn new(worker: usize, upstream: Arc<crate::upstream::Stats>) -> CoreMetrics {
+        CoreMetrics {
+            worker,
+            requests: counters(Endpoint::COUNT * Method::COUNT * Status::COUNT),
+            pull_duration: (0..Route::COUNT).map(|_| Histogram::durations()).collect(),
+            blob_first_byte: Histogram::durations(),
+            lookups: counters(Layer::COUNT * Found::COUNT),
+            races: counters(RaceKind::COUNT * RaceOutcome::COUNT),
+            race_width: Histogram::new(COUNT_BOUNDS),
+            coalesced: Counter::default(),
+            rejected: counters(Rejected::COUNT),
+            projects: Mutex::new(Vec::new()),
+            upstream,
+        }
+    }
+
+    #[inline]
+    pub fn request(&self, endpoint: Endpoint, method: Method, status: http::StatusCode) {
+        let i = (endpoint.index() * Method::COUNT + method.index()) * Status::COUNT
+            + Status::of(status).index();
+        self.requests[i].inc();
+    }
+
+    #[inline]
+    pub fn pull(&self, route: Route, blob: bool, took: std::time::Duration) {
+        self.pull_duration[route.index()].observe_duration(took);
+        if blob {
+            self.blob_first_byte.observe_duration(took);
+        }
+    }
+
+    #[inline]
+    pub fn lookup(&self, layer: Layer, found: Found) {
+        self.lookups[layer.index() * Found::COUNT + found.index()].inc();
+    }
+
+    pub fn race(&self, kind: RaceKind, outcome: RaceOutcome) {
+        self.races[kind.index() * RaceOutcome::COUNT + outcome.index()].inc();
+    }
+
+    pub fn race_width(&self, projects: usize) {
+        self.race_width.observe(projects as u64);
+    }
+
+    pub fn rejected(&self, why: Rejected) {
+        self.rejected[why.index()].inc();
+    }
+
+    /// Registers a new project's counters (the core keeps its own map for lookups).
+    pub fn add_project(&self, name: &str) -> Arc<ProjectMetrics> {
+        let m = Arc::new(ProjectMetrics::default());
+        if let Ok(mut p) = self.projects.lock() {
+            p.push((name.to_string(), m.clone()));
+        }
+        m
+    }
+}
+
+/// Discovery's counters, written by the discovery thread.
+pub struct DiscoveryMetrics {
+    /// `[ok, failed]`
+    runs: [Counter; 2],
+    duration: Histogram,
+    /// Unix time (s) of the last round that published a list.
+    pub last_success: Gauge,
+}
+
+impl DiscoveryMetrics {
+    pub fn round(&self, ok: bool, took: std::time::Duration) {
+        self.runs[usize::from(!ok)].inc();
+        self.duration.observe_duration(took);
+        if ok {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_success.set(now as i64);
+        }
+    }
+}
+
+/// A worker's place in the metrics: its connection counters, and its registry counters once its
+/// state exists.
+struct Worker {
+    id: usize,
+    driver: &'static str,
+    server: Arc<crate::server::Stats>,
+    core: Option<Arc<CoreMetrics>>,
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    workers: Mutex<Vec<Worker>>,
+    pub discovery: DiscoveryMetrics,
+    snapshot: SharedSnapshot,
+    redis: Option<Shared>,
+}
+
+impl Metrics {
+    pub fn new(snapshot: SharedSnapshot, redis: Option<Shared>) -> Arc<Metrics> {
+        Arc::new(Metrics {
+            workers: Mutex::new(Vec::new()),
+            discovery: DiscoveryMetrics {
+                runs: [Counter::default(), Counter::default()],
+                duration: Histogram::durations(),
+                last_success: Gauge::default(),
+            },
+            snapshot,
+            redis,
+        })
+    }
+
+    /// Worker `id`'s connection counters (called by the starter, before the worker runs).
+    pub fn add_worker(&self, id: usize, server: Arc<crate::server::Stats>) {
+        if let Ok(mut w) = self.workers.lock() {
+            w.push(Worker {
+                id,
+                driver: "starting",
+                server,
+                core: None,
+            });
+        }
+    }
+
+    /// Worker `id`'s io driver, once it runs.
+    pub fn set_driver(&self, id: usize, driver: &'static str) {
+        if let Ok(mut w) = self.workers.lock() {
+            if let Some(w) = w.iter_mut().find(|w| w.id == id) {
+                w.driver = driver;
+            }
+        }
+    }
+
+    /// Worker `id`'s registry counters (called by the worker when it builds its state).
+    pub fn add_core(&self, core: Arc<CoreMetrics>) {
+        if let Ok(mut w) = self.workers.lock() {
+            if let Some(w) = w.iter_mut().find(|w| w.id == core.worker) {
+                w.core = Some(core);
+            } else {
+                w.push(Worker {
+                    id: core.worker,
+                    driver: "unknown",
+                    server: Arc::default(),
+                    core: Some(core),
+                });
+            }
+        }
+    }
+
+    /// One scrape: every family, summed over the cores.
+    pub fn render(&self, open_metrics: bool) -> String {
+        let mut e = Encoder::new(open_metrics);
+        let workers = match self.workers.lock() {
+            Ok(w) => w
+                .iter()
+                .map(|w| (w.id, w.driver, w.server.clone(), w.core.clone()))
+                .collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        let cores: Vec<&Arc<CoreMetrics>> = workers.iter().filter_map(|w| w.3.as_ref()).collect();
+        let sum = |f: &dyn Fn(&CoreMetrics) -> u64| cores.iter().map(|c| f(c)).sum::<u64>();
+
+        e.gauge(
+            "harbor_router_build_info",
+            "The router's version (value 1).",
+            [(
+                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+                1.0,
+            )],
+        );
+        e.gauge(
+            "harbor_router_worker_info",
+            "One per data-plane worker, with its io driver (value 1).",
+            workers.iter().map(|w| {
+                (
+                    vec![("worker", w.0.to_string()), ("io_driver", w.1.to_string())],
+                    1.0,
+                )
+            }),
+        );
+
+        // Requests.
+        let mut requests = Vec::new();
+        for ep in Endpoint::ALL {
+            for m in Method::ALL {
+                for st in Status::ALL {
+                    let i = (ep.index() * Method::COUNT + m.index()) * Status::COUNT + st.index();
+                    let v = sum(&|c| c.requests[i].get());
+                    if v > 0 {
+                        requests.push((
+                            vec![
+                                ("endpoint", ep.as_str().to_string()),
+                                ("method", m.as_str().to_string()),
+                                ("status", st.as_str().to_string()),
+                            ],
+                            v,
+                        ));
+                    }
+                }
+            }
+        }
+        e.counter(
+            "harbor_router_requests_total",
+            "Requests answered, by endpoint, method and status class.",
+            requests,
+        );
+        e.histogram(
+            "harbor_router_pull_duration_seconds",
+            "Time from a pull's arrival to its response head, by how it was answered: memory (this core's memory), negative (a remembered miss), mapped (one request to the known project), fanout (the projects raced), refused (answered by the router without Harbor).",
+            1e6,
+            Route::ALL.iter().map(|r| {
+                let mut h = HistogramValue::default();
+                for c in &cores {
+                    h.merge(&c.pull_duration[r.index()]);
+                }
+                (vec![("route", r.as_str().to_string())], h)
+            }),
+        );
+        let mut blob = HistogramValue::default();
+        for c in &cores {
+            blob.merge(&c.blob_first_byte);
+        }
+        e.histogram(
+            "harbor_router_blob_first_byte_seconds",
+            "Time from a blob pull's arrival to its response head: what a client waits for the first byte.",
+            1e6,
+            [(vec![], blob)],
+        );
+        let mut lookups = Vec::new();
+        for l in Layer::ALL {
+            for f in Found::ALL {
+                let i = l.index() * Found::COUNT + f.index();
+                lookups.push((
+                    vec![
+                        ("layer", l.as_str().to_string()),
+                        ("result", f.as_str().to_string()),
+                    ],
+                    sum(&|c| c.lookups[i].get()),
+                ));
+            }
+        }
+        e.counter(
+            "harbor_router_cache_lookups_total",
+            "Cache lookups by layer (core: the core's mapping shard; memory: manifests by digest and tag lists; process: the process-wide mapping map; redis) and result (hit, stale, negative, miss).",
+            lookups,
+        );
+        let mut races = Vec::new();
+        for k in RaceKind::ALL {
+            for o in RaceOutcome::ALL {
+                let i = k.index() * RaceOutcome::COUNT + o.index();
+                races.push((
+                    vec![
+                        ("kind", k.as_str().to_string()),
+                        ("outcome", o.as_str().to_string()),
+                    ],
+                    sum(&|c| c.races[i].get()),
+                ));
+            }
+        }
+        e.counter(
+            "harbor_router_fanouts_total",
+            "Races of the candidate projects: for a client's request (a fan-out) or a background refresh, by outcome.",
+            races,
+        );
+        let mut width = HistogramValue::default();
+        for c in &cores {
+            width.merge(&c.race_width);
+        }
+        e.histogram(
+            "harbor_router_fanout_width_projects",
+            "Projects asked by each race.",
+            1.0,
+            [(vec![], width)],
+        );
+        e.counter(
+            "harbor_router_fanout_coalesced_total",
+            "Requests that waited for another request's fan-out on their core instead of leading one.",
+            [(vec![], sum(&|c| c.coalesced.get()))],
+        );
+        e.counter(
+            "harbor_router_rejected_requests_total",
+            "Requests the router refused itself: rate_limit (RATE_LIMIT_PER_IP), fanout_budget (FANOUT_BUDGET_PER_IP), invalid (malformed or not a registry request).",
+            Rejected::ALL.iter().map(|r| {
+                (
+                    vec![("reason", r.as_str().to_string())],
+                    sum(&|c| c.rejected[r.index()].get()),
+                )
+            }),
+        );
+
+        // Client connections.
+        let server = |f: &dyn Fn(&crate::server::Stats) -> i64| -> i64 {
+            workers.iter().map(|w| f(&w.2)).sum()
+        };
+        e.gauge(
+            "harbor_router_client_connections",
+            "Client connections open (idle keep-alive ones included).",
+            [(vec![], server(&|s| s.open.get()) as f64)],
+        );
+        e.counter(
+            "harbor_router_client_connections_accepted_total",
+            "Client connections accepted.",
+            [(vec![], server(&|s| s.accepted.get() as i64) as u64)],
+        );
+        e.counter(
+            "harbor_router_client_connections_refused_total",
+            "Client connections closed at once because MAX_CONNECTIONS were open.",
+            [(vec![], server(&|s| s.refused.get() as i64) as u64)],
+        );
+        e.counter(
+            "harbor_router_response_bytes_total",
+            "Bytes written to clients (response heads and bodies).",
+            [(vec![], server(&|s| s.bytes_sent.get() as i64) as u64)],
+        );
+
+        self.render_upstream(&mut e, &cores);
+        self.render_discovery(&mut e);
+        self.render_redis(&mut e);
+        e.finish()
+    }
+
+    fn render_upstream(&self, e: &mut Encoder, cores: &[&Arc<CoreMetrics>]) {
+        let up = |f: &dyn Fn(&crate::upstream::Stats) -> i64| -> i64 {
+            cores.iter().map(|c| f(&c.upstream)).sum()
+        };
+        e.gauge(
+            "harbor_router_upstream_connections",
+            "Connections to Harbor: open (all), idle (HTTP/1.1 ones waiting in the pool).",
+            [
+                (
+                    vec![("state", "open".to_string())],
+                    up(&|s| s.open.get()) as f64,
+                ),
+                (
+                    vec![("state", "idle".to_string())],
+                    up(&|s| s.idle.get()) as f64,
+                ),
+            ],
+        );
+        e.counter(
+            "harbor_router_upstream_connections_opened_total",
+            "Connections to Harbor opened.",
+            [(vec![], up(&|s| s.connections_opened.get() as i64) as u64)],
+        );
+        e.counter(
+            "harbor_router_upstream_requests_reused_total",
+            "Requests to Harbor sent on a pooled connection.",
+            [(vec![], up(&|s| s.reused.get() as i64) as u64)],
+        );
+        e.counter(
+            "harbor_router_upstream_requests_retried_total",
+            "Requests to Harbor sent again because a pooled connection failed before any answer.",
+            [(vec![], up(&|s| s.retried.get() as i64) as u64)],
+        );
+        e.counter(
+            "harbor_router_token_fetches_total",
+            "Requests to Harbor's token service.",
+            [(vec![], up(&|s| s.token_fetches.get() as i64) as u64)],
+        );
+        e.counter(
+            "harbor_router_token_cache_hits_total",
+            "Requests that found a fresh registry token in their core's cache.",
+            [(vec![], up(&|s| s.token_hits.get() as i64) as u64)],
+        );
+
+        // Per project, summed over the cores.
+        #[derive(Default)]
+        struct Sum {
+            answers: Vec<u64>,
+            errors: Vec<u64>,
+            duration: HistogramValue,
+            transitions: Vec<u64>,
+            open: i64,
+        }
+        let mut projects: BTreeMap<String, Sum> = BTreeMap::new();
+        for c in cores {
+            let Ok(list) = c.projects.lock() else {
+                continue;
+            };
+            for (name, m) in list.iter() {
+                let s = projects.entry(name.clone()).or_default();
+                add_into(&mut s.answers, &m.answers);
+                add_into(&mut s.errors, &m.errors);
+                add_into(&mut s.transitions, &m.transitions);
+                s.duration.merge(&m.duration);
+                s.open += m.circuit_open.get();
+            }
+        }
+        let project = |p: &str| ("project", p.to_string());
+        e.counter(
+            "harbor_router_upstream_responses_total",
+            "Answers from Harbor to pull requests, by project and status class.",
+            projects.iter().flat_map(|(p, s)| {
+                Status::ALL.iter().filter_map(move |st| {
+                    let v = s.answers[st.index()];
+                    (v > 0).then(|| (vec![project(p), ("status", st.as_str().to_string())], v))
+                })
+            }),
+        );
+        e.counter(
+            "harbor_router_upstream_errors_total",
+            "Requests to a project that got no usable answer, by kind: connect, timeout, 5xx, protocol, token.",
+            projects.iter().flat_map(|(p, s)| {
+                UpstreamError::ALL.iter().map(move |k| {
+                    (
+                        vec![project(p), ("kind", k.as_str().to_string())],
+                        s.errors[k.index()],
+                    )
+                })
+            }),
+        );
+        e.histogram(
+            "harbor_router_upstream_duration_seconds",
+            "Time from sending a pull request to a project to its answer's head.",
+            1e6,
+            projects
+                .iter()
+                .map(|(p, s)| (vec![project(p)], s.duration.clone())),
+        );
+        e.gauge(
+            "harbor_router_circuit_open_cores",
+            "Cores whose circuit for the project is open (or half-open, letting one probe through).",
+            projects.iter().map(|(p, s)| (vec![project(p)], s.open as f64)),
+        );
+        e.counter(
+            "harbor_router_circuit_transitions_total",
+            "Circuit transitions of a project on a core: to open (opened, or a probe failed), to closed (a probe succeeded).",
+            projects.iter().flat_map(|(p, s)| {
+                Circuit::ALL.iter().map(move |t| {
+                    (
+                        vec![project(p), ("to", t.as_str().to_string())],
+                        s.transitions[t.index()],
+                    )
+                })
+            }),
+        );
+    }
+
+    fn render_discovery(&self, e: &mut Encoder) {
+        let d = &self.discovery;
+        e.counter(
+            "harbor_router_discovery_runs_total",
+            "Discovery rounds, by result (ok: a list was published; failed: the last list was kept).",
+            [
+                (vec![("result", "ok".to_string())], d.runs[0].get()),
+                (vec![("result", "failed".to_string())], d.runs[1].get()),
+            ],
+        );
+        let mut h = HistogramValue::default();
+        h.merge(&d.duration);
+        e.histogram(
+            "harbor_router_discovery_duration_seconds",
+            "Time one discovery round took.",
+            1e6,
+            [(vec![], h)],
+        );
+        let snapshot = self.snapshot.load();
+        let (projects, age, provisional) = match snapshot.as_ref() {
+            Some(s) => (
+                s.projects.len() as f64,
+                s.age(Instant::now()).as_secs_f64(),
+                f64::from(u8::from(s.generation == 0)),
+            ),
+            None => (0.0, 0.0, 0.0),
+        };
+        e.gauge(
+            "harbor_router_projects",
+            "Proxy-cache projects in the routing list.",
+            [(vec![], projects)],
+        );
+        e.gauge(
+            "harbor_router_project_list_age_seconds",
+            "Age of the routing list (since discovery read it); 0 before the first list.",
+            [(vec![], age)],
+        );
+        e.gauge(
+            "harbor_router_project_list_provisional",
+            "1 while the routing list is the one loaded from Redis at start, before the first discovery.",
+            [(vec![], provisional)],
+        );
+        e.gauge(
+            "harbor_router_discovery_last_success_timestamp_seconds",
+            "Unix time of the last discovery round that published a list; 0 before the first.",
+            [(vec![], d.last_success.get() as f64)],
+        );
+    }
+
+    fn render_redis(&self, e: &mut Encoder) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let stats = redis.stats();
+        e.gauge(
+            "harbor_router_redis_state",
+            "The Redis link's state: 1 for the current one of connecting, up, down.",
+            RedisState::ALL.iter().map(|s| {
+                (
+                    vec![("state", s.as_str().to_string())],
+                    f64::from(u8::from(s.as_str() == redis.status())),
+                )
+            }),
+        );
+        e.counter(
+            "harbor_router_redis_operations_total",
+            "Redis operations: read (a core's read on a miss), write (a mapping, miss or list written).",
+            [
+                (vec![("op", "read".to_string())], stats.reads),
+                (vec![("op", "write".to_string())], stats.writes),
+            ],
+        );
+        e.counter(
+            "harbor_router_redis_errors_total",
+            "Times the Redis link left the master (connection lost, READONLY, no answer, switch) or could not reach one.",
+            [(vec![], stats.errors)],
+        );
+        e.counter(
+            "harbor_router_redis_shed_writes_total",
+            "Writes dropped because the Redis write queue was full.",
+            [(vec![], stats.shed)],
+        );
+        e.counter(
+            "harbor_router_redis_read_timeouts_total",
+            "Misses that waited REDIS_READ_TIMEOUT for Redis and fanned out without it.",
+            [(vec![], stats.read_timeouts)],
+        );
+    }
+}
+
+fn add_into(into: &mut Vec<u64>, from: &[Counter]) {
+    if into.is_empty() {
+        into.resize(from.len(), 0);
+    }
+    for (a, c) in into.iter_mut().zip(from) {
+        *a += c.get();
+    }
+}

@@ -1,0 +1,334 @@
+//! `/metrics` end to end: the router binary in front of the stand-in Harbor and the real registry,
+//! known traffic (hits, a fan-out, a remembered miss, a blob, a manifest from memory, an upstream
+//! error), then exact counts from a scrape; `promtool check metrics` on the text format; OpenMetrics
+//! when asked for; the access log.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use testbed::images::ALL_MANIFEST_TYPES;
+use testbed::{Fault, HarborConfig, SeedImage, SeedKind, Testbed};
+
+use common::{request, wait_until, Response, Router};
+
+struct Env {
+    bed: Testbed,
+    router: Router,
+    metrics: SocketAddr,
+    seeded: Vec<testbed::Seeded>,
+}
+
+fn start(extra: &[(&str, &str)]) -> Env {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[SeedImage {
+            repository: "ghcr/org/app".into(),
+            tag: "v1".into(),
+            kind: SeedKind::OciManifest,
+            layer_bytes: 4096,
+        }])
+        .unwrap();
+    let url = bed.harbor.url();
+    let mut env = vec![
+        ("WORKERS", "1"),
+        ("HARBOR_URL", url.as_str()),
+        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
+        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+    ];
+    env.extend_from_slice(extra);
+    let router = Router::start(&env);
+    let line = router.wait_log(|l| l.contains(r#""message":"listening""#));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let metrics = v["metrics_addr"].as_str().unwrap().parse().unwrap();
+    wait_until("the router is ready", || {
+        common::get(router.addr, "/readyz").status == 200
+    });
+    Env {
+        bed,
+        router,
+        metrics,
+        seeded,
+    }
+}
+
+impl Env {
+    fn manifest(&self, method: &str, name: &str, reference: &str) -> Response {
+        let lines: Vec<String> = ALL_MANIFEST_TYPES
+            .iter()
+            .map(|t| format!("Accept: {t}"))
+            .collect();
+        let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+        request(
+            self.router.addr,
+            method,
+            &format!("/v2/proxy/{name}/manifests/{reference}"),
+            &extra,
+        )
+    }
+
+    fn scrape(&self, accept: Option<&str>) -> Response {
+        let extra: Vec<String> = accept.map(|a| format!("Accept: {a}")).into_iter().collect();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        request(self.metrics, "GET", "/metrics", &extra)
+    }
+
+    /// `name{labels}` → value of one text-format scrape.
+    fn samples(&self) -> BTreeMap<String, f64> {
+        let res = self.scrape(None);
+        assert_eq!(res.status, 200);
+        parse(&String::from_utf8(res.body).unwrap())
+    }
+}
+
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn get(s: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *s.get(key)
+        .unwrap_or_else(|| panic!("no sample {key}; have:\n{}", keys(s)))
+}
+
+fn keys(s: &BTreeMap<String, f64>) -> String {
+    s.keys().cloned().collect::<Vec<_>>().join("\n")
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package) on `text`.
+fn promtool(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed by scripts/test.sh");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn known_traffic_gives_exact_counts() {
+    let env = start(&[]);
+    let app = &env.seeded[0];
+    // A fan-out finds the image (ghcr wins), then three mapped hits.
+    assert_eq!(env.manifest("GET", "org/app", "v1").status, 200);
+    for _ in 0..3 {
+        assert_eq!(env.manifest("GET", "org/app", "v1").status, 200);
+    }
+    // By digest: asked once (mapped), then answered from memory.
+    assert_eq!(env.manifest("GET", "org/app", &app.digest).status, 200);
+    assert_eq!(env.manifest("GET", "org/app", &app.digest).status, 200);
+    // A blob, mapped.
+    let blob = request(
+        env.router.addr,
+        "GET",
+        &format!("/v2/proxy/org/app/blobs/{}", app.blobs[0]),
+        &[],
+    );
+    assert_eq!(blob.status, 200);
+    // A miss found by a fan-out, then remembered.
+    assert_eq!(env.manifest("GET", "nowhere/x", "v1").status, 404);
+    assert_eq!(env.manifest("GET", "nowhere/x", "v1").status, 404);
+    // An upstream error: quay answers 503 in the next fan-out (which ghcr does not win either).
+    env.bed.harbor.set_fault("quay", Fault::Status(503));
+    assert_eq!(env.manifest("GET", "other/y", "v1").status, 502);
+    env.bed.harbor.clear_faults();
+    // A refusal.
+    assert_eq!(request(env.router.addr, "GET", "/v2/nope", &[]).status, 404);
+
+    let s = env.samples();
+    let req = |endpoint: &str, status: &str| {
+        get(
+            &s,
+            &format!(
+                r#"harbor_router_requests_total{{endpoint="{endpoint}",method="GET",status="{status}"}}"#
+            ),
+        )
+    };
+    assert_eq!(req("manifest", "2xx"), 6.0);
+    assert_eq!(req("manifest", "4xx"), 2.0);
+    assert_eq!(req("manifest", "5xx"), 1.0);
+    assert_eq!(req("blob", "2xx"), 1.0);
+    assert_eq!(req("other", "4xx"), 1.0);
+    let route = |r: &str| {
+        get(
+            &s,
+            &format!(r#"harbor_router_pull_duration_seconds_count{{route="{r}"}}"#),
+        )
+    };
+    assert_eq!(route("fanout"), 3.0, "org/app, nowhere/x, other/y");
+    assert_eq!(
+        route("mapped"),
+        5.0,
+        "3 tag hits, the digest once, the blob"
+    );
+    assert_eq!(route("memory"), 1.0);
+    assert_eq!(route("negative"), 1.0);
+    assert_eq!(get(&s, "harbor_router_blob_first_byte_seconds_count"), 1.0);
+    let fanouts = |o: &str| {
+        get(
+            &s,
+            &format!(r#"harbor_router_fanouts_total{{kind="request",outcome="{o}"}}"#),
+        )
+    };
+    assert_eq!(fanouts("found"), 1.0);
+    assert_eq!(fanouts("not_found"), 1.0);
+    assert_eq!(fanouts("failed"), 1.0);
+    assert_eq!(get(&s, "harbor_router_fanout_width_projects_count"), 3.0);
+    assert_eq!(get(&s, "harbor_router_fanout_width_projects_sum"), 12.0);
+    let lookup = |layer: &str, result: &str| {
+        get(
+            &s,
+            &format!(r#"harbor_router_cache_lookups_total{{layer="{layer}",result="{result}"}}"#),
+        )
+    };
+    assert_eq!(lookup("core", "hit"), 5.0);
+    assert_eq!(lookup("core", "negative"), 1.0);
+    assert_eq!(lookup("core", "miss"), 3.0);
+    assert_eq!(lookup("process", "miss"), 3.0);
+    assert_eq!(lookup("memory", "hit"), 1.0);
+    assert_eq!(lookup("memory", "miss"), 1.0);
+    assert_eq!(
+        get(
+            &s,
+            r#"harbor_router_upstream_errors_total{project="quay",kind="5xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &s,
+            r#"harbor_router_upstream_responses_total{project="quay",status="5xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &s,
+            r#"harbor_router_upstream_responses_total{project="ghcr",status="2xx"}"#
+        ),
+        6.0,
+        "the fan-out's win, 3 tag hits, the digest, the blob"
+    );
+    assert_eq!(
+        get(
+            &s,
+            r#"harbor_router_rejected_requests_total{reason="invalid"}"#
+        ),
+        1.0
+    );
+    assert_eq!(get(&s, "harbor_router_projects"), 4.0);
+    assert!(get(&s, r#"harbor_router_discovery_runs_total{result="ok"}"#) >= 1.0);
+    assert!(get(&s, "harbor_router_response_bytes_total") > 4096.0);
+    assert!(get(&s, "harbor_router_client_connections_accepted_total") >= 13.0);
+    assert!(get(&s, r#"harbor_router_upstream_connections{state="open"}"#) >= 1.0);
+    assert!(get(&s, "harbor_router_token_fetches_total") >= 1.0);
+    assert!(get(&s, "harbor_router_token_cache_hits_total") >= 1.0);
+    assert_eq!(get(&s, r#"harbor_router_build_info{version="0.1.0"}"#), 1.0);
+    assert!(
+        keys(&s).contains("harbor_router_worker_info{worker=\"0\",io_driver="),
+        "{}",
+        keys(&s)
+    );
+    assert!(
+        !keys(&s).contains("org/app") && !keys(&s).contains("127.0.0.1"),
+        "never an image name or a client address"
+    );
+
+    // The text format passes promtool; OpenMetrics is served when asked for.
+    let text = String::from_utf8(env.scrape(None).body).unwrap();
+    promtool(&text);
+    let om = env.scrape(Some(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    ));
+    assert!(om
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let om = String::from_utf8(om.body).unwrap();
+    assert!(om.ends_with("# EOF\n"));
+    assert!(om.contains("# TYPE harbor_router_requests counter\n"));
+    assert!(om.contains("harbor_router_requests_total{"));
+    let res = request(env.metrics, "GET", "/", &[]);
+    assert_eq!(res.status, 404);
+}
+
+#[test]
+fn the_access_log_follows_a_pull_into_harbor() {
+    let env = start(&[("ACCESS_LOG", "all")]);
+    let res = request(
+        env.router.addr,
+        "GET",
+        "/v2/proxy/org/app/manifests/v1",
+        &[
+            "X-Request-Id: pull-42",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+        ],
+    );
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("x-request-id"), Some("pull-42"));
+    let line = env
+        .router
+        .wait_log(|l| l.contains(r#""request_id":"pull-42""#));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["target"], "access", "{v}");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["endpoint"], "manifest");
+    assert_eq!(v["name"], "org/app");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["route"], "fanout");
+    assert_eq!(v["project"], "ghcr");
+    assert_eq!(v["attempts"], 4);
+    assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["bytes"].as_u64().unwrap() > 0);
+    // Harbor saw the id on the requests of this pull.
+    assert!(
+        env.bed.harbor.counters().request_ids.contains("pull-42"),
+        "{:?}",
+        env.bed.harbor.counters().request_ids
+    );
+    // A request without an id gets one.
+    let res = env.manifest("HEAD", "org/app", "v1");
+    let id = res.header("x-request-id").unwrap().to_string();
+    assert_eq!(id.len(), 20, "{id}");
+    env.router.wait_log(|l| {
+        l.contains(&format!(r#""request_id":"{id}""#)) && l.contains(r#""route":"mapped""#)
+    });
+}
+
+#[test]
+fn the_default_access_log_has_errors_only() {
+    let env = start(&[]);
+    assert_eq!(env.manifest("GET", "org/app", "v1").status, 200);
+    assert_eq!(env.manifest("GET", "nowhere/z", "v1").status, 404);
+    env.router
+        .wait_log(|l| l.contains(r#""target":"access""#) && l.contains(r#""name":"nowhere/z""#));
+    assert!(
+        !env.router
+            .logs()
+            .iter()
+            .any(|l| l.contains(r#""target":"access""#) && l.contains(r#""name":"org/app""#)),
+        "a 200 is not logged by default"
+    );
+}
