@@ -64,6 +64,24 @@ fn start_pod(
     Router::start(&env)
 }
 
+/// One metrics scrape of `router`: `name{labels}` → value.
+fn scrape(router: &Router) -> std::collections::BTreeMap<String, f64> {
+    let line = router.wait_log(|l| l.contains(r#""message":"listening""#));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["metrics_addr"].as_str().unwrap().parse().unwrap();
+    let res = common::get(addr, "/metrics");
+    assert_eq!(res.status, 200);
+    String::from_utf8(res.body)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
 fn health(router: &Router) -> serde_json::Value {
     common::get(router.addr, "/healthz").json()
 }
@@ -177,6 +195,19 @@ fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
         commands,
         "no Redis command on a hit"
     );
+    // The metrics show the link and what went through it.
+    let m = scrape(&b);
+    assert_eq!(m[r#"harbor_router_redis_state{state="up"}"#], 1.0);
+    assert!(m[r#"harbor_router_redis_operations_total{op="read"}"#] >= 2.0);
+    assert_eq!(
+        m[r#"harbor_router_cache_lookups_total{layer="redis",result="hit"}"#],
+        1.0
+    );
+    assert_eq!(
+        m[r#"harbor_router_cache_lookups_total{layer="redis",result="negative"}"#],
+        1.0
+    );
+    assert!(scrape(&a)[r#"harbor_router_redis_operations_total{op="write"}"#] >= 2.0);
 }
 
 #[test]
@@ -445,6 +476,10 @@ fn redis_down_or_refusing_the_password_changes_nothing_a_client_sees() {
         .filter(|l| l.contains("Redis unavailable"))
         .count();
     assert_eq!(logged, 1, "{:#?}", down.logs());
+    let m = scrape(&down);
+    assert_eq!(m[r#"harbor_router_redis_state{state="down"}"#], 1.0);
+    assert_eq!(m[r#"harbor_router_redis_state{state="up"}"#], 0.0);
+    assert!(m["harbor_router_redis_errors_total"] >= 1.0);
 
     let redis = RedisSet::start(Some("the-right-one")).unwrap();
     let sentinels = redis.sentinels_env();
