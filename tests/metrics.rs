@@ -332,3 +332,109 @@ fn the_default_access_log_has_errors_only() {
         "a 200 is not logged by default"
     );
 }
+
+/// Every `harbor_router_…` name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("harbor_router_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        if end > "harbor_router_".len() {
+            names.push(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The rule groups of the PrometheusRule (everything under `spec:`), as a plain rules file.
+fn rule_groups() -> String {
+    let s = std::fs::read_to_string("deploy/monitoring/prometheusrule.yaml").unwrap();
+    let mut lines = s.lines().skip_while(|l| *l != "spec:");
+    lines.next();
+    lines
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = std::env::temp_dir().join(format!("hr-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rules.yaml"), rule_groups()).unwrap();
+    std::fs::copy(
+        "deploy/monitoring/rules-test.yaml",
+        dir.join("rules-test.yaml"),
+    )
+    .unwrap();
+    for args in [
+        vec!["check", "rules", "rules.yaml"],
+        vec!["test", "rules", "rules-test.yaml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_dashboard_and_the_rules_name_only_metrics_that_exist() {
+    let env = start(&[]);
+    let text = String::from_utf8(env.scrape(None).body).unwrap();
+    // Families from the TYPE lines; histograms expose _bucket, _sum and _count.
+    let mut exposed = std::collections::BTreeSet::new();
+    for l in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let mut parts = l.split(' ');
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        exposed.insert(name.to_string());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exposed.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    assert!(exposed.len() >= 36, "{exposed:?}");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("deploy/monitoring/grafana-dashboard.json").unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 20);
+    exprs.push(rule_groups());
+    exprs.push(std::fs::read_to_string("docs/observability.md").unwrap());
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(
+                exposed.contains(&name),
+                "{name} is not exposed (in {e:.80})"
+            );
+        }
+    }
+    // And every exposed family is documented.
+    let doc = std::fs::read_to_string("docs/observability.md").unwrap();
+    for l in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = l.split(' ').next().unwrap();
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "{name} is missing from docs/observability.md"
+        );
+    }
+}

@@ -145,8 +145,9 @@ label!(
 );
 
 label!(
-    /// The Redis link's state (`state`).
+    /// The Redis link's state (`state`): `off` when `REDIS_SENTINELS` is not set.
     RedisState {
+        Off => "off",
         Connecting => "connecting",
         Up => "up",
         Down => "down",
