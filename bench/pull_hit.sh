@@ -136,7 +136,9 @@ nginx_worker=$(pgrep -P "$nginx_master" | head -n1)
 [ -n "$nginx_worker" ] || die "no nginx worker process"
 
 router_port=$(hr_free_port)
-# ROUTER_ENV adds variables to the router's environment, e.g. ROUTER_ENV="IO_DRIVER=epoll".
+# ROUTER_ENV adds variables to the router's environment, e.g. ROUTER_ENV="IO_DRIVER=epoll"; for the
+# access log's cost, ROUTER_ENV="LOG_LEVEL=info LOG_FORMAT=json ACCESS_LOG=all" (access lines are
+# written at info; the log goes to a file in the run's temporary directory).
 env WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn \
   HARBOR_URL=http://127.0.0.1:$nginx_port ${ROUTER_ENV:-} target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)
@@ -257,5 +259,11 @@ printf '%s\n' "${results[@]}" | awk '
       rcpu["router-tag"], rcpu["router-digest"], rcpu["router-blob"], ncpu["nginx-tag"], ncpu["nginx-blob"]
   }'
 if [ -s "$work/router.log" ]; then
-  echo; echo "router log (warnings):"; cat "$work/router.log"
+  # With ROUTER_ENV="LOG_LEVEL=info LOG_FORMAT=json ACCESS_LOG=all" (measuring the access log's cost)
+  # the log holds millions of access lines: count them, show the rest.
+  access=$(grep -c '"target":"access"' "$work/router.log" || true)
+  [ "$access" -gt 0 ] && { echo; echo "router access lines written: $access"; }
+  if grep -v '"target":"access"' "$work/router.log" | grep -q .; then
+    echo; echo "router log (other lines):"; grep -v '"target":"access"' "$work/router.log" | head -50
+  fi
 fi

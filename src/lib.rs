@@ -10,6 +10,7 @@
 //!   publishes the [`snapshot`] (and, with Redis, shares it through [`share`]).
 //! - [`registry`]: the registry protocol as the server's handler: routes, the pull path and its
 //!   phases, the per-core [`registry::State`].
+//! - [`metrics`]: every metric, counted per core and summed by the `/metrics` thread.
 //! - [`server`]: the data-plane runtime, generic over its handler: pinned per-core monoio loops,
 //!   SO_REUSEPORT listeners, connections, lingering close, drain. Names no registry type.
 //! - [`body`]: the one response body type handed to hyper.
@@ -21,6 +22,7 @@
 //!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], per-project circuit
 //!   breakers [`upstream::breaker`].
 //! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
+//! - [`counter`]: counters, gauges and histograms with one writer, read by the scrape.
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
 //! - [`tick`]: periodic per-core work on a value, for as long as it lives.
 //! - [`logging`]: pretty or JSON logs through `tracing`.
@@ -29,8 +31,6 @@
 //! - [`names`]: the distribution grammar of names, tags and digests.
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
 //! - `fuzz_targets` (hidden): the fuzz targets' bodies, replayed by the tests.
-//!
-//! Still to come: metrics on `METRICS_ADDR`.
 
 pub mod body;
 pub mod cache;

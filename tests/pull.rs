@@ -45,12 +45,7 @@ fn start_with(
     let seeded = bed.seed(images).unwrap();
     before_router(&bed);
     let url = bed.harbor.url();
-    let mut all = vec![
-        ("WORKERS", "1"),
-        ("HARBOR_URL", url.as_str()),
-        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
-        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
-    ];
+    let mut all = common::bed_env(&url);
     all.extend_from_slice(env);
     let router = Router::start(&all);
     wait_until("the router is ready", || {

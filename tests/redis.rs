@@ -9,11 +9,10 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use testbed::images::ALL_MANIFEST_TYPES;
 use testbed::redis::RedisSet;
 use testbed::{Fault, HarborConfig, SeedImage, SeedKind, Testbed};
 
-use common::{request, wait_until, Response, Router};
+use common::{grown, wait_until, Response, Router};
 
 /// Projects of the default test bed.
 const PROJECTS: [&str; 4] = ["dockerhub", "ghcr", "k8s", "quay"];
@@ -46,40 +45,19 @@ fn start_pod(
     extra: &[(&str, &str)],
 ) -> Router {
     let url = bed.harbor.url();
-    let mut env = vec![
-        ("WORKERS", "1"),
-        ("HARBOR_URL", url.as_str()),
-        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
-        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+    let mut env = common::bed_env(&url);
+    env.extend([
         ("REDIS_SENTINELS", sentinels),
         // A loaded test machine answers a loopback Redis read in well under this; the default (5ms)
         // is for production, where a late answer only costs a fan-out.
         ("REDIS_READ_TIMEOUT", "2s"),
         ("FANOUT_BUDGET_PER_IP", "100000"),
-    ];
+    ]);
     if let Some(pw) = password {
         env.push(("REDIS_PASSWORD", pw));
     }
     env.extend_from_slice(extra);
     Router::start(&env)
-}
-
-/// One metrics scrape of `router`: `name{labels}` → value.
-fn scrape(router: &Router) -> std::collections::BTreeMap<String, f64> {
-    let line = router.wait_log(|l| l.contains(r#""message":"listening""#));
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = v["metrics_addr"].as_str().unwrap().parse().unwrap();
-    let res = common::get(addr, "/metrics");
-    assert_eq!(res.status, 200);
-    String::from_utf8(res.body)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect()
 }
 
 fn health(router: &Router) -> serde_json::Value {
@@ -93,17 +71,7 @@ fn wait_redis_up(router: &Router) {
 }
 
 fn manifest(router: &Router, method: &str, name: &str, reference: &str) -> Response {
-    let lines: Vec<String> = ALL_MANIFEST_TYPES
-        .iter()
-        .map(|t| format!("Accept: {t}"))
-        .collect();
-    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
-    request(
-        router.addr,
-        method,
-        &format!("/v2/proxy/{name}/manifests/{reference}"),
-        &extra,
-    )
+    common::manifest(router.addr, method, name, reference)
 }
 
 /// `/v2/` requests each project has seen (401 challenges aside).
@@ -157,11 +125,7 @@ fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
     assert_eq!(res.status, 200);
     let after = v2_counts(&bed);
     assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(x, y)| x - y)
-            .collect::<Vec<_>>(),
+        grown(&after, &before),
         [0, 1, 0, 0],
         "b asked ghcr alone: no fan-out"
     );
@@ -196,7 +160,7 @@ fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
         "no Redis command on a hit"
     );
     // The metrics show the link and what went through it.
-    let m = scrape(&b);
+    let m = b.scrape();
     assert_eq!(m[r#"harbor_router_redis_state{state="up"}"#], 1.0);
     assert!(m[r#"harbor_router_redis_operations_total{op="read"}"#] >= 2.0);
     assert_eq!(
@@ -207,7 +171,7 @@ fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
         m[r#"harbor_router_cache_lookups_total{layer="redis",result="negative"}"#],
         1.0
     );
-    assert!(scrape(&a)[r#"harbor_router_redis_operations_total{op="write"}"#] >= 2.0);
+    assert!(a.scrape()[r#"harbor_router_redis_operations_total{op="write"}"#] >= 2.0);
 }
 
 #[test]
@@ -242,11 +206,7 @@ fn a_new_pod_starts_warm_while_harbor_api_is_slow() {
     assert_eq!(manifest(&c, "GET", "coreos/etcd", "v3.5.0").status, 200);
     let after = v2_counts(&bed);
     assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(x, y)| x - y)
-            .collect::<Vec<_>>(),
+        grown(&after, &before),
         [0, 0, 0, 1],
         "the first request went to quay alone"
     );
@@ -291,11 +251,7 @@ fn a_moved_mapping_reaches_the_other_pods() {
     assert_eq!(manifest(&b, "GET", "shared/tool", "v1").status, 200);
     let after = v2_counts(&bed);
     assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(x, y)| x - y)
-            .collect::<Vec<_>>(),
+        grown(&after, &before),
         [0, 0, 0, 1],
         "b went to quay at once, not to dockerhub first"
     );
@@ -451,13 +407,9 @@ fn redis_down_or_refusing_the_password_changes_nothing_a_client_sees() {
     let bed = bed();
     let url = bed.harbor.url();
     let sentinels = closed.join(",");
-    let down = Router::start(&[
-        ("WORKERS", "1"),
-        ("HARBOR_URL", url.as_str()),
-        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
-        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
-        ("REDIS_SENTINELS", sentinels.as_str()),
-    ]);
+    let mut env = common::bed_env(&url);
+    env.push(("REDIS_SENTINELS", sentinels.as_str()));
+    let down = Router::start(&env);
     wait_until("ready without Redis", || {
         common::get(down.addr, "/readyz").status == 200
     });
@@ -476,7 +428,7 @@ fn redis_down_or_refusing_the_password_changes_nothing_a_client_sees() {
         .filter(|l| l.contains("Redis unavailable"))
         .count();
     assert_eq!(logged, 1, "{:#?}", down.logs());
-    let m = scrape(&down);
+    let m = down.scrape();
     assert_eq!(m[r#"harbor_router_redis_state{state="down"}"#], 1.0);
     assert_eq!(m[r#"harbor_router_redis_state{state="up"}"#], 0.0);
     assert!(m["harbor_router_redis_errors_total"] >= 1.0);

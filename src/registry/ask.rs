@@ -175,6 +175,17 @@ impl Ask {
         )
     }
 
+    /// Whether answers to this pull may be kept in memory (manifests by digest, tag lists).
+    pub fn kept_in_memory(&self) -> bool {
+        matches!(
+            self.endpoint,
+            Endpoint::Manifest {
+                by_digest: true,
+                ..
+            } | Endpoint::Tags { .. }
+        )
+    }
+
     /// Where the kept answers of this pull live in memory (manifests by digest, tag lists).
     pub fn memory_key(&self) -> Option<String> {
         match &self.endpoint {

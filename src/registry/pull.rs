@@ -49,17 +49,15 @@ pub async fn serve(
             reason: "no proxy-cache project is known yet: Harbor discovery has not succeeded",
         });
     };
-    let mut headers = forward::headers_up(&req.headers);
-    headers.insert(REQUEST_ID, trace.id.clone());
-    let ask = Ask {
+    let mut ask = Ask {
         name,
         endpoint,
         head: req.method == Method::HEAD,
-        headers,
+        headers: forward::headers_up(&req.headers),
     };
     let now = state.now();
     let metrics = state.metrics();
-    if ask.memory_key().is_some() {
+    if ask.kept_in_memory() {
         if let Some(res) = memory::answer(state, &ask, &req.headers, now) {
             metrics.lookup(Layer::Memory, Seen::Hit);
             trace.route = Answered::Memory;
@@ -73,6 +71,8 @@ pub async fn serve(
         trace.route = Answered::Negative;
         return not_found(&ask, detail);
     }
+    // From here on the pull may go to Harbor: the request id goes with it.
+    ask.headers.insert(REQUEST_ID, trace.id.clone());
     match state.lookup(&snapshot, &ask.name, &key, now).await {
         Lookup::Missing(detail) => {
             trace.route = Answered::Negative;

@@ -295,8 +295,16 @@ impl State {
     pub fn request_id(&self) -> HeaderValue {
         let n = self.requests.get() + 1;
         self.requests.set(n);
-        let id = format!("{:08x}{:02x}{n:010x}", process_prefix(), self.worker & 0xff);
-        HeaderValue::from_str(&id).expect("hex digits")
+        // 8 hex digits of the process, 2 of the worker, 10 of the count: written in place.
+        let mut id = [0u8; 20];
+        let digits = (u128::from(process_prefix()) << 48)
+            | (((self.worker & 0xff) as u128) << 40)
+            | u128::from(n & 0xff_ffff_ffff);
+        for (i, b) in id.iter_mut().enumerate() {
+            let nibble = (digits >> (4 * (19 - i))) & 0xf;
+            *b = b"0123456789abcdef"[nibble as usize];
+        }
+        HeaderValue::from_bytes(&id).expect("hex digits")
     }
 
     /// This core's counters.

@@ -6,12 +6,12 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::config::AccessLog;
 use crate::metrics::labels::{Endpoint, Route};
 
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Longest client request id passed on.
 const MAX_ID: usize = 128;
@@ -31,7 +31,7 @@ pub struct Trace {
 impl Trace {
     pub fn new(client: &HeaderMap, make_id: impl FnOnce() -> HeaderValue, log: AccessLog) -> Trace {
         let id = client
-            .get(REQUEST_ID)
+            .get(&REQUEST_ID)
             .filter(|v| sensible_id(v.as_bytes()))
             .cloned()
             .unwrap_or_else(make_id);

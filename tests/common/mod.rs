@@ -167,6 +167,20 @@ impl Router {
         }
     }
 
+    /// Where the router serves `/metrics` (from its `listening` line).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_log(|l| l.contains(r#""message":"listening""#));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["metrics_addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// One scrape of `/metrics`: `name{labels}` → value.
+    pub fn scrape(&self) -> std::collections::BTreeMap<String, f64> {
+        let res = get(self.metrics_addr(), "/metrics");
+        assert_eq!(res.status, 200);
+        samples(&String::from_utf8(res.body).unwrap())
+    }
+
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.0.lock().unwrap().clone()
@@ -279,6 +293,48 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, extra: &[&str]) -> Re
 
 pub fn get(addr: SocketAddr, path: &str) -> Response {
     request(addr, "GET", path, &[])
+}
+
+/// The environment of a router (one worker) in front of the test bed's Harbor at `harbor_url`, as
+/// its robot.
+pub fn bed_env(harbor_url: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("WORKERS", "1"),
+        ("HARBOR_URL", harbor_url),
+        ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
+        ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
+    ]
+}
+
+/// `METHOD /v2/proxy/<name>/manifests/<reference>`, accepting every manifest type.
+pub fn manifest(addr: SocketAddr, method: &str, name: &str, reference: &str) -> Response {
+    let lines: Vec<String> = testbed::images::ALL_MANIFEST_TYPES
+        .iter()
+        .map(|t| format!("Accept: {t}"))
+        .collect();
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+    request(
+        addr,
+        method,
+        &format!("/v2/proxy/{name}/manifests/{reference}"),
+        &extra,
+    )
+}
+
+/// Samples of a text-format scrape: `name{labels}` → value.
+pub fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// What each of `after`'s counts grew by since `before`.
+pub fn grown(after: &[u64], before: &[u64]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a - b).collect()
 }
 
 /// Parses one response from the front of `bytes`; returns it and the bytes it used. The body is read
