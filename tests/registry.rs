@@ -52,12 +52,10 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<Stat
         projects: projects
             .iter()
             .enumerate()
-            .map(|(i, name)| Project {
-                name: name.to_string(),
-                id: i as i64 + 1,
-                registry_id: i as i64 + 1,
-                kind: UpstreamKind::Other("quay".into()),
-                upstream_url: None,
+            .map(|(i, name)| {
+                let id = i as i64 + 1;
+                let kind = UpstreamKind::Other("quay".into());
+                Project::new(name.to_string(), id, id, kind, None)
             })
             .collect(),
         built_at: Instant::now(),

@@ -248,13 +248,7 @@ pub async fn discover(client: &Upstream, user: &str) -> Result<Vec<Project>, Dis
                 .get(&registry_id)
                 .cloned()
                 .unwrap_or((UpstreamKind::Unknown, None));
-            Project {
-                name: p.name,
-                id: p.project_id,
-                registry_id,
-                kind,
-                upstream_url,
-            }
+            Project::new(p.name, p.project_id, registry_id, kind, upstream_url)
         })
         .collect();
     projects.sort_by(|a, b| a.name.cmp(&b.name));
@@ -416,13 +410,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn project(name: &str) -> Project {
-        Project {
-            name: name.into(),
-            id: 1,
-            registry_id: 1,
-            kind: UpstreamKind::Other("quay".into()),
-            upstream_url: None,
-        }
+        Project::new(name.into(), 1, 1, UpstreamKind::Other("quay".into()), None)
     }
 
     fn names(s: &SharedSnapshot) -> Vec<String> {

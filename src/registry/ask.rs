@@ -281,13 +281,7 @@ mod tests {
     }
 
     fn hub() -> Project {
-        Project {
-            name: "hub".into(),
-            id: 1,
-            registry_id: 1,
-            kind: UpstreamKind::DockerHub,
-            upstream_url: None,
-        }
+        Project::new("hub".into(), 1, 1, UpstreamKind::DockerHub, None)
     }
 
     #[test]

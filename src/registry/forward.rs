@@ -150,13 +150,7 @@ mod tests {
     use http::HeaderValue;
 
     fn project(kind: UpstreamKind) -> Project {
-        Project {
-            name: "hub".into(),
-            id: 1,
-            registry_id: 1,
-            kind,
-            upstream_url: None,
-        }
+        Project::new("hub".into(), 1, 1, kind, None)
     }
 
     #[test]

@@ -299,16 +299,13 @@ impl StoredProjects {
         let mut out: Vec<Project> = self
             .projects
             .iter()
-            .map(|p| Project {
-                name: p.name.clone(),
-                id: p.id,
-                registry_id: p.registry_id,
-                kind: match p.kind.as_deref() {
+            .map(|p| {
+                let kind = match p.kind.as_deref() {
                     Some("docker-hub") => UpstreamKind::DockerHub,
                     Some(k) => UpstreamKind::Other(k.to_string()),
                     None => UpstreamKind::Unknown,
-                },
-                upstream_url: p.url.clone(),
+                };
+                Project::new(p.name.clone(), p.id, p.registry_id, kind, p.url.clone())
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -323,13 +320,13 @@ mod tests {
     use std::time::Instant;
 
     fn project(name: &str, id: i64) -> Project {
-        Project {
-            name: name.into(),
+        Project::new(
+            name.into(),
             id,
-            registry_id: id,
-            kind: UpstreamKind::DockerHub,
-            upstream_url: Some("https://hub.docker.com".into()),
-        }
+            id,
+            UpstreamKind::DockerHub,
+            Some("https://hub.docker.com".into()),
+        )
     }
 
     #[test]
@@ -394,9 +391,7 @@ mod tests {
 
     #[test]
     fn project_lists_round_trip_and_bad_ones_are_refused() {
-        let mut unknown = project("quay", 3);
-        unknown.kind = UpstreamKind::Unknown;
-        unknown.upstream_url = None;
+        let unknown = Project::new("quay".into(), 3, 3, UpstreamKind::Unknown, None);
         let projects = vec![project("dockerhub", 1), unknown];
         let raw = serde_json::to_vec(&StoredProjects::new(&projects, 100_000)).unwrap();
         let back = StoredProjects::decode(&raw, 50, 100_000).unwrap();
