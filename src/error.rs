@@ -35,6 +35,9 @@ pub enum Error {
     /// The path is not under `/v2/<PROXY_PROJECT>/`, or names no registry endpoint.
     #[error("repository name not known to registry")]
     NameUnknown { detail: &'static str },
+    /// A mirror request names a registry (`ns`) that no proxy-cache project mirrors.
+    #[error("repository name not known to registry")]
+    RegistryUnknown { host: String },
     /// The repository name breaks the distribution name grammar.
     #[error("invalid repository name")]
     NameInvalid { reason: &'static str },
@@ -64,7 +67,7 @@ impl Error {
             Error::TooManyRequests { .. } | Error::ClientRateLimited { .. } => "TOOMANYREQUESTS",
             Error::Denied { .. } => "DENIED",
             Error::BadGateway { .. } => "UNAVAILABLE",
-            Error::NameUnknown { .. } => "NAME_UNKNOWN",
+            Error::NameUnknown { .. } | Error::RegistryUnknown { .. } => "NAME_UNKNOWN",
             Error::NameInvalid { .. } => "NAME_INVALID",
             Error::DigestInvalid { .. } => "DIGEST_INVALID",
             // Not in the OCI spec's table; the CNCF distribution registry defines it for this case.
@@ -82,7 +85,7 @@ impl Error {
             }
             Error::Denied { .. } => StatusCode::FORBIDDEN,
             Error::BadGateway { .. } => StatusCode::BAD_GATEWAY,
-            Error::NameUnknown { .. } => StatusCode::NOT_FOUND,
+            Error::NameUnknown { .. } | Error::RegistryUnknown { .. } => StatusCode::NOT_FOUND,
             Error::NameInvalid { .. } | Error::DigestInvalid { .. } | Error::TagInvalid { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -103,7 +106,16 @@ impl Error {
     }
 
     /// The `detail` member: why, in words an operator can act on.
-    fn detail(&self) -> &'static str {
+    fn detail(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Error::RegistryUnknown { host } => {
+                format!("no proxy-cache project mirrors the registry {host}").into()
+            }
+            other => other.fixed_detail().into(),
+        }
+    }
+
+    fn fixed_detail(&self) -> &'static str {
         match self {
             Error::ManifestUnknown => "no proxy-cache project has this manifest",
             Error::BlobUnknown => "no proxy-cache project has this blob",
@@ -120,6 +132,7 @@ impl Error {
                 "only GET and HEAD are served: the router routes pulls; push to a Harbor project directly"
             }
             Error::PushUnsupported => "pushes are not routed; push to a Harbor project directly",
+            Error::RegistryUnknown { .. } => "no proxy-cache project mirrors this registry",
         }
     }
 

@@ -118,6 +118,8 @@ pub struct Ask {
     pub head: bool,
     /// The client's headers that go to Harbor ([`forward::headers_up`]).
     pub headers: HeaderMap,
+    /// The registry the client named (`ns`, canonical), for a mirror request.
+    pub registry: Option<String>,
 }
 
 impl Ask {
@@ -134,6 +136,7 @@ impl Ask {
                 },
                 head: true,
                 headers: self.headers.clone(),
+                registry: self.registry.clone(),
             },
             _ => self.clone(),
         }
@@ -167,12 +170,25 @@ impl Ask {
             .collect();
         accepts.sort_unstable();
         format!(
-            "{} {} {} {}",
+            "{} {} {} {}{}",
             self.endpoint.kind(),
             self.name,
             self.endpoint,
-            accepts.join(",")
+            accepts.join(","),
+            // Keys of mirror requests end in " @<registry>" (a name has no spaces).
+            self.registry
+                .as_deref()
+                .map_or(String::new(), |r| format!(" @{r}"))
         )
+    }
+
+    /// The key of this pull's `name → project` mapping: the name, or `<registry> <name>` for a
+    /// mirror request (a space is in no name, so the two kinds of key never meet).
+    pub fn mapping_key(&self) -> std::borrow::Cow<'_, str> {
+        match &self.registry {
+            None => std::borrow::Cow::Borrowed(&self.name),
+            Some(r) => std::borrow::Cow::Owned(format!("{r} {}", self.name)),
+        }
     }
 
     /// Whether answers to this pull may be kept in memory (manifests by digest, tag lists).
@@ -192,8 +208,8 @@ impl Ask {
             Endpoint::Manifest {
                 reference,
                 by_digest: true,
-            } => Some(format!("{}@{reference}", self.name)),
-            Endpoint::Tags { query } => Some(format!("{}?{query}", self.name)),
+            } => Some(format!("{}@{reference}", self.mapping_key())),
+            Endpoint::Tags { query } => Some(format!("{}?{query}", self.mapping_key())),
             _ => None,
         }
     }
@@ -277,6 +293,7 @@ mod tests {
             endpoint,
             head,
             headers,
+            registry: None,
         }
     }
 

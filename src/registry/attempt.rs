@@ -211,6 +211,7 @@ mod tests {
             endpoint,
             head,
             headers: HeaderMap::new(),
+            registry: None,
         }
     }
 

@@ -63,10 +63,13 @@ pub enum Found<'s> {
 
 /// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
 /// a miss. Leading a fan-out costs `client` one unit of its fan-out budget; waiting for one is free.
+/// `candidates` are the projects that may have it (all of them, or a mirror request's registry's);
 /// `attempts` counts the requests sent (for the access log).
+#[allow(clippy::too_many_arguments)]
 pub async fn find<'s>(
     state: &State,
     snapshot: &'s Snapshot,
+    candidates: &[&'s Project],
     ask: &Ask,
     key: &str,
     client: IpAddr,
@@ -96,12 +99,12 @@ pub async fn find<'s>(
             return Found::Failed(e);
         }
         let mut asked = 0;
-        let outcome = race(state, &snapshot.projects, &locator, &mut asked).await;
+        let outcome = race(state, candidates, &locator, &mut asked).await;
         *attempts += asked as u32;
         state.metrics().race(RaceKind::Request, outcome.label());
         return match outcome {
             Outcome::Won(project, res) => {
-                state.learn(&ask.name, &project.name);
+                state.learn(&ask.mapping_key(), &project.name);
                 leader.finish(FanOutResult::Found(project.name.clone()));
                 Found::Won(project, res)
             }
@@ -122,14 +125,19 @@ pub async fn find<'s>(
 /// of projects asked.
 pub async fn race<'a>(
     state: &State,
-    candidates: &'a [Project],
+    candidates: &[&'a Project],
     ask: &Ask,
     asked: &mut usize,
 ) -> Outcome<'a> {
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
     let mut skipped = false;
-    let fitting = || candidates.iter().filter(|p| forward::fits(p, &ask.name));
+    let fitting = || {
+        candidates
+            .iter()
+            .copied()
+            .filter(|p| forward::fits(p, &ask.name))
+    };
     let repositories =
         fitting().map(|p| format!("{}/{}", p.name, forward::project_name(p, &ask.name)));
     state

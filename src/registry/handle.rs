@@ -5,7 +5,7 @@
 use std::rc::Rc;
 
 use http::header::CONTENT_LENGTH;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::Body;
@@ -14,10 +14,13 @@ use crate::metrics::labels::{Endpoint, Method as MethodLabel, Rejected};
 use crate::registry::route::{self, Route};
 use crate::server::Handler;
 
-use super::pull;
 use super::respond::{error, json, API_VERSION, API_VERSION_HEADER};
 use super::state::State;
 use super::trace::{self, Trace, REQUEST_ID};
+use super::{mirror, pull};
+
+/// The registry a mirror answer is for (the distribution spec's "Registry Proxying").
+const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
 
 impl Handler for State {
     type Body = Body;
@@ -31,7 +34,12 @@ impl Handler for State {
 /// Counts it, and logs it as `ACCESS_LOG` asks.
 pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     let (parts, _body) = req.into_parts();
-    let parsed = route::parse(&parts.method, parts.uri.path(), state.proxy_project());
+    // A mirror request names its registry (`ns`): it may use the root form too.
+    let ns = mirror::ns_of(parts.uri.query());
+    let parsed = match ns {
+        Some(_) => route::parse_mirror(&parts.method, parts.uri.path(), state.proxy_project()),
+        None => route::parse(&parts.method, parts.uri.path(), state.proxy_project()),
+    };
     let endpoint = match &parsed {
         Ok(Route::Base) => Endpoint::Base,
         Ok(Route::Healthz | Route::Readyz) => Endpoint::Health,
@@ -50,7 +58,8 @@ pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     let access = state.access_log();
     let mut trace = Trace::new(&parts.headers, || state.request_id(), access);
     let client = state.client_ip(&parts);
-    let mut res = answer(state, &parts, parsed, client, &mut trace).await;
+    let namespace = ns.as_ref().and_then(|n| n.as_ref().ok()).cloned();
+    let mut res = answer(state, &parts, parsed, ns, client, &mut trace).await;
     let status = res.status();
     let metrics = state.metrics();
     metrics.request(endpoint, method, status);
@@ -78,6 +87,10 @@ pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
         );
     }
     res.headers_mut().insert(REQUEST_ID, trace.id);
+    if let Some(Ok(v)) = namespace.map(|n| HeaderValue::from_str(&n)) {
+        // The distribution spec's "Registry Proxying": the registry the answer is for.
+        res.headers_mut().insert(OCI_NAMESPACE, v);
+    }
     res
 }
 
@@ -85,6 +98,7 @@ async fn answer(
     state: &Rc<State>,
     parts: &http::request::Parts,
     parsed: Result<Route<'_>, crate::error::Error>,
+    ns: Option<Result<String, crate::error::Error>>,
     client: std::net::IpAddr,
     trace: &mut Trace,
 ) -> Response<Body> {
@@ -108,7 +122,13 @@ async fn answer(
     };
     let mut res = match route {
         Route::Base => json(StatusCode::OK, &b"{}"[..]),
-        _ => pull::serve(state, parts, &route, client, trace).await,
+        _ => match ns.transpose() {
+            Ok(registry) => pull::serve(state, parts, &route, client, registry, trace).await,
+            Err(e) => {
+                state.metrics().rejected(Rejected::Invalid);
+                error(&e)
+            }
+        },
     };
     res.headers_mut()
         .entry(API_VERSION_HEADER)

@@ -22,6 +22,7 @@ pub mod forward;
 pub mod handle;
 pub mod mapped;
 pub mod memory;
+pub mod mirror;
 pub mod pull;
 pub mod refresh;
 pub mod respond;

@@ -21,7 +21,7 @@ use crate::body::Body;
 use crate::error::Error;
 use crate::metrics::labels::{Found as Seen, Layer, Route as Answered};
 use crate::registry::route::Route;
-use crate::snapshot::Project;
+use crate::snapshot::{Project, Snapshot};
 
 use super::ask::{Ask, Endpoint};
 use super::fanout::{self, Found};
@@ -29,14 +29,16 @@ use super::mapped::{self, Mapped};
 use super::respond::{error, json};
 use super::state::{Lookup, State};
 use super::trace::{Trace, REQUEST_ID};
-use super::{answer, forward, memory, refresh};
+use super::{answer, forward, memory, mirror, refresh};
 
-/// Serves one pull request; `trace` learns how.
+/// Serves one pull request; `trace` learns how. `registry` is the registry a mirror request names
+/// (`ns`, canonical).
 pub async fn serve(
     state: &Rc<State>,
     req: &Parts,
     route: &Route<'_>,
     client: IpAddr,
+    registry: Option<String>,
     trace: &mut Trace,
 ) -> Response<Body> {
     let Some((name, endpoint)) = Endpoint::of(route, req.uri.query()) else {
@@ -54,6 +56,7 @@ pub async fn serve(
         endpoint,
         head: req.method == Method::HEAD,
         headers: forward::headers_up(&req.headers),
+        registry,
     };
     let now = state.now();
     let metrics = state.metrics();
@@ -71,13 +74,26 @@ pub async fn serve(
         trace.route = Answered::Negative;
         return not_found(&ask, detail);
     }
+    let candidates = candidates(state, &snapshot, &ask);
+    if candidates.is_empty() {
+        // Only a mirror request can have none: no project mirrors its registry.
+        return error(&Error::RegistryUnknown {
+            host: ask.registry.clone().unwrap_or_default(),
+        });
+    }
     // From here on the pull may go to Harbor: the request id goes with it.
     ask.headers.insert(REQUEST_ID, trace.id.clone());
-    match state.lookup(&snapshot, &ask.name, &key, now).await {
+    match state.lookup(&snapshot, &ask.mapping_key(), &key, now).await {
         Lookup::Missing(detail) => {
             trace.route = Answered::Negative;
             return not_found(&ask, detail);
         }
+        // A mirror request's mapping (keyed by registry) must still point into its registry.
+        Lookup::Mapped(project, _)
+            if ask
+                .registry
+                .as_deref()
+                .is_some_and(|host| !mirror::serves(&snapshot, project, host)) => {}
         Lookup::Mapped(project, stale) => {
             if stale {
                 refresh::start(state, snapshot.clone(), &ask);
@@ -95,7 +111,16 @@ pub async fn serve(
         Lookup::Unknown => {}
     }
     trace.route = Answered::FanOut;
-    match fanout::find(state, &snapshot, &ask, &key, client, &mut trace.attempts).await {
+    let found = fanout::find(
+        state,
+        &snapshot,
+        &candidates,
+        &ask,
+        &key,
+        client,
+        &mut trace.attempts,
+    );
+    match found.await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
         Found::Won(project, _) | Found::Known(project)
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
@@ -115,6 +140,14 @@ pub async fn serve(
         }
         Found::NotFound(detail) => not_found(&ask, detail),
         Found::Failed(e) => error(&e),
+    }
+}
+
+/// The projects that may have `ask`: every one, or for a mirror request those of its registry.
+pub fn candidates<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask) -> Vec<&'s Project> {
+    match &ask.registry {
+        None => snapshot.projects.iter().collect(),
+        Some(host) => mirror::candidates(snapshot, host, state.mirror_gap_logged()),
     }
 }
 

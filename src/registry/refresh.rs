@@ -15,18 +15,19 @@ use super::state::State;
 
 /// Starts refreshing `ask.name`'s mapping in the background, unless a refresh of it is running.
 pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
-    let Some(claim) = state.claim_refresh(&ask.name) else {
+    let Some(claim) = state.claim_refresh(&ask.mapping_key()) else {
         return;
     };
     let state = state.clone();
     let probe = ask.probe();
     monoio::spawn(async move {
         let _claim = claim;
-        let outcome = fanout::race(&state, &snapshot.projects, &probe, &mut 0).await;
+        let candidates = super::pull::candidates(&state, &snapshot, &probe);
+        let outcome = fanout::race(&state, &candidates, &probe, &mut 0).await;
         state.metrics().race(RaceKind::Refresh, outcome.label());
         match outcome {
             Outcome::Won(project, res) => {
-                state.learn(&probe.name, &project.name);
+                state.learn(&probe.mapping_key(), &project.name);
                 state.upstream().drain(res.into_body()).await;
             }
             Outcome::NotFound(_) => {}

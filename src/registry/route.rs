@@ -82,6 +82,27 @@ pub fn parse<'a>(method: &Method, path: &'a str, proxy: &str) -> Result<Route<'a
     parse_endpoint(tail)
 }
 
+/// Parses a mirror request (one that names its registry in `ns`). The `PROXY_PROJECT` form
+/// (`/v2/<PROXY_PROJECT>/<name>/…`, containerd's `override_path = true`) comes first; any other
+/// `/v2/<name>/…` is the root form (a plain mirror entry). So an image whose first path component is
+/// `PROXY_PROJECT` (a Docker Hub user named like it) is reached only in the `PROXY_PROJECT` form:
+/// `/v2/<PROXY_PROJECT>/<PROXY_PROJECT>/<rest>/…`.
+pub fn parse_mirror<'a>(method: &Method, path: &'a str, proxy: &str) -> Result<Route<'a>, Error> {
+    let proxied = path
+        .strip_prefix("/v2/")
+        .and_then(|p| p.strip_prefix(proxy))
+        .is_some_and(|p| p.starts_with('/'));
+    match path.strip_prefix("/v2/") {
+        Some(tail) if !proxied && !tail.is_empty() => {
+            if method != Method::GET && method != Method::HEAD {
+                return Err(Error::MethodNotAllowed);
+            }
+            parse_endpoint(tail)
+        }
+        _ => parse(method, path, proxy),
+    }
+}
+
 /// `<name>/<endpoint>` after the proxy prefix.
 fn parse_endpoint(tail: &str) -> Result<Route<'_>, Error> {
     const UNKNOWN: Error = Error::NameUnknown {

@@ -220,3 +220,36 @@ fn proxy_prefix_is_configurable() {
         Err("NAME_UNKNOWN")
     );
 }
+
+#[test]
+fn mirror_requests_take_both_forms() {
+    let m = |path| parse_mirror(&Method::GET, path, "proxy");
+    assert_eq!(
+        m("/v2/proxy/library/nginx/manifests/1").unwrap().name(),
+        Some("library/nginx"),
+        "the PROXY_PROJECT form (override_path)"
+    );
+    assert_eq!(
+        m("/v2/library/nginx/manifests/1").unwrap().name(),
+        Some("library/nginx"),
+        "the root form"
+    );
+    assert_eq!(
+        m("/v2/proxy/proxy/tool/manifests/1").unwrap().name(),
+        Some("proxy/tool"),
+        "an image under a user named like PROXY_PROJECT, in the PROXY_PROJECT form"
+    );
+    assert_eq!(
+        m("/v2/proxy/tool/manifests/1").unwrap().name(),
+        Some("tool"),
+        "the PROXY_PROJECT form wins a collision"
+    );
+    assert!(matches!(m("/v2/"), Ok(Route::Base)));
+    assert!(matches!(m("/healthz"), Ok(Route::Healthz)));
+    assert!(m("/v2/Bad/manifests/1").is_err());
+    assert!(parse_mirror(&Method::POST, "/v2/a/blobs/uploads/", "proxy").is_err());
+    assert!(
+        parse(&Method::GET, "/v2/library/nginx/manifests/1", "proxy").is_err(),
+        "without ns the root form is not routed"
+    );
+}

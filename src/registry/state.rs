@@ -127,6 +127,8 @@ pub struct State {
     project_metrics: RefCell<HashMap<String, Arc<ProjectMetrics>>>,
     /// Requests this core has numbered (for request ids).
     requests: Cell<u64>,
+    /// A mirror request found no project known to mirror its registry (logged once per core).
+    mirror_gap_logged: Cell<bool>,
     /// Added to the system clock: zero in service; tests move it to drive expiry and breakers.
     skew: Cell<Duration>,
 }
@@ -201,6 +203,7 @@ impl State {
             metrics,
             project_metrics: RefCell::default(),
             requests: Cell::new(0),
+            mirror_gap_logged: Cell::new(false),
             skew: Cell::new(Duration::ZERO),
         });
         // Expired cache entries are dropped off the request path.
@@ -284,6 +287,11 @@ impl State {
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// Whether this core logged that a registry has no known project (see `mirror`).
+    pub fn mirror_gap_logged(&self) -> &Cell<bool> {
+        &self.mirror_gap_logged
     }
 
     pub fn access_log(&self) -> AccessLog {

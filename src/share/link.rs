@@ -368,7 +368,7 @@ impl Link {
             .await?;
         let names: Vec<String> = names
             .into_iter()
-            .filter(|n| crate::names::valid_name(n).is_ok())
+            .filter(|n| super::schema::valid_mapping_key(n))
             .collect();
         let life = self.shared.inner.mapping_life;
         let now = unix_ms(SystemTime::now());

@@ -182,6 +182,17 @@ fn registry_error(body: &str) -> bool {
         && serde_json::from_str::<Errors>(body).is_ok_and(|e| !e.errors.is_empty())
 }
 
+/// A mapping's key: a repository name, or `<registry> <name>` for a mirror request's mapping.
+pub fn valid_mapping_key(key: &str) -> bool {
+    match key.split_once(' ') {
+        Some((host, name)) => {
+            crate::snapshot::canonical_host(host).as_deref() == Some(host)
+                && crate::names::valid_name(name).is_ok()
+        }
+        None => crate::names::valid_name(key).is_ok(),
+    }
+}
+
 /// A change of mapping, published on `changes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredChange {
@@ -217,10 +228,7 @@ impl StoredChange {
             return None;
         }
         let c: StoredChange = serde_json::from_slice(raw).ok()?;
-        (c.v == VERSION
-            && crate::names::valid_name(&c.name).is_ok()
-            && not_future(c.mapping.at, now))
-        .then_some(c)
+        (c.v == VERSION && valid_mapping_key(&c.name) && not_future(c.mapping.at, now)).then_some(c)
     }
 
     pub fn mapping(&self) -> StoredMapping {
@@ -435,6 +443,11 @@ mod tests {
         let raw = serde_json::to_vec(&c).unwrap();
         let back = StoredChange::decode(&raw, 5).unwrap();
         assert_eq!(back.mapping(), m);
+        let mirror = StoredChange::new("ghcr.io org/app", &m);
+        assert!(StoredChange::decode(&serde_json::to_vec(&mirror).unwrap(), 5).is_some());
+        for bad in ["../Bad", "GHCR.io org/app", "ghcr.io Bad", "a b c"] {
+            assert!(!valid_mapping_key(bad), "{bad}");
+        }
         let bad_name = StoredChange::new("../Bad", &m);
         assert_eq!(
             StoredChange::decode(&serde_json::to_vec(&bad_name).unwrap(), 5),

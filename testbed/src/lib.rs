@@ -162,6 +162,8 @@ pub struct Counters {
     pub authorizations: std::collections::BTreeSet<String>,
     /// Every distinct `X-Request-Id` seen on `/v2/` requests (challenged ones included).
     pub request_ids: std::collections::BTreeSet<String>,
+    /// Every distinct query string seen on `/v2/` requests.
+    pub queries: std::collections::BTreeSet<String>,
 }
 
 fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {

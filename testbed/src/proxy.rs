@@ -153,6 +153,9 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let a = String::from_utf8_lossy(a.as_bytes()).into_owned();
             state.counters.lock().unwrap().authorizations.insert(a);
         }
+        if let Some(q) = req.uri().query() {
+            state.counters.lock().unwrap().queries.insert(q.to_string());
+        }
         if let Some(id) = req.headers().get("x-request-id") {
             let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
             state.counters.lock().unwrap().request_ids.insert(id);

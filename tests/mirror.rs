@@ -1,0 +1,150 @@
+//! Registry-aware mirroring against the stand-in Harbor and the real registry: a request that names
+//! its registry (`?ns=<host>`, as containerd sends to a mirror) is served only by the projects that
+//! mirror that registry, in the `PROXY_PROJECT` form and in the root form, cold and warm, in both
+//! orders; a registry nobody mirrors gets 404 `NAME_UNKNOWN` naming it; `ns` never reaches Harbor.
+
+mod common;
+
+use testbed::images::ALL_MANIFEST_TYPES;
+use testbed::{HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
+
+use common::{request, wait_until, Response, Router};
+
+fn image(repository: &str, layer_bytes: usize) -> SeedImage {
+    SeedImage {
+        repository: repository.into(),
+        tag: "v1".into(),
+        kind: SeedKind::OciManifest,
+        layer_bytes,
+    }
+}
+
+/// The test bed with `shared/tool:v1` in ghcr and in quay (different content) and Docker Hub's
+/// `library/alpine:v1`.
+fn bed() -> (Testbed, Vec<Seeded>) {
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[
+            image("ghcr/shared/tool", 1000),
+            image("quay/shared/tool", 2000),
+            image("dockerhub/library/alpine", 500),
+        ])
+        .unwrap();
+    assert_ne!(seeded[0].digest, seeded[1].digest);
+    (bed, seeded)
+}
+
+fn router(bed: &Testbed) -> Router {
+    let url = bed.harbor.url();
+    let router = Router::start(&common::bed_env(&url));
+    wait_until("the router is ready", || {
+        common::get(router.addr, "/readyz").status == 200
+    });
+    router
+}
+
+fn pull(router: &Router, path: &str) -> Response {
+    let lines: Vec<String> = ALL_MANIFEST_TYPES
+        .iter()
+        .map(|t| format!("Accept: {t}"))
+        .collect();
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+    request(router.addr, "GET", path, &extra)
+}
+
+fn digest(res: &Response) -> String {
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    res.header("docker-content-digest").unwrap().to_string()
+}
+
+const PROXY_FORM: &str = "/v2/proxy/shared/tool/manifests/v1";
+const ROOT_FORM: &str = "/v2/shared/tool/manifests/v1";
+
+#[test]
+fn each_registry_gets_its_own_image_in_both_forms_cold_and_warm() {
+    let (bed, seeded) = bed();
+    let (ghcr, quay) = (&seeded[0].digest, &seeded[1].digest);
+    for order in [["ghcr.io", "quay.io"], ["quay.io", "ghcr.io"]] {
+        let router = router(&bed);
+        for round in ["cold", "warm"] {
+            for ns in order {
+                let want = if ns == "ghcr.io" { ghcr } else { quay };
+                for form in [PROXY_FORM, ROOT_FORM] {
+                    let res = pull(&router, &format!("{form}?ns={ns}"));
+                    assert_eq!(&digest(&res), want, "{ns} {form} {round} {order:?}");
+                    assert_eq!(res.header("oci-namespace"), Some(ns));
+                }
+            }
+        }
+    }
+    // Docker Hub by any of its names, with its library/ rule; ns never reaches Harbor.
+    let router = router(&bed);
+    for ns in ["docker.io", "registry-1.docker.io", "index.docker.io"] {
+        let res = pull(&router, &format!("/v2/alpine/manifests/v1?ns={ns}"));
+        assert_eq!(digest(&res), seeded[2].digest, "{ns}");
+        assert_eq!(res.header("oci-namespace"), Some("docker.io"));
+    }
+    assert!(
+        !bed.harbor
+            .counters()
+            .queries
+            .iter()
+            .any(|q| q.contains("ns=")),
+        "{:?}",
+        bed.harbor.counters().queries
+    );
+}
+
+#[test]
+fn a_mirror_request_never_takes_another_registrys_image() {
+    let (bed, seeded) = bed();
+    let router = router(&bed);
+    // quay answers last: a router that raced every project would serve ghcr's image.
+    let held = bed.harbor.hold("quay");
+    let quay_before = *bed.harbor.counters().v2_requests.get("quay").unwrap_or(&0);
+    let res = std::thread::scope(|s| {
+        let pulling = s.spawn(|| pull(&router, &format!("{PROXY_FORM}?ns=quay.io")));
+        wait_until("the request reached quay", || {
+            *bed.harbor.counters().v2_requests.get("quay").unwrap_or(&0) > quay_before
+        });
+        held.release();
+        pulling.join().unwrap()
+    });
+    assert_eq!(digest(&res), seeded[1].digest);
+    assert_eq!(
+        bed.harbor.counters().v2_requests.get("ghcr"),
+        None,
+        "ghcr was never asked"
+    );
+}
+
+#[test]
+fn unknown_registries_and_requests_without_ns() {
+    let (bed, seeded) = bed();
+    let router = router(&bed);
+    let res = pull(&router, &format!("{ROOT_FORM}?ns=registry.example.org"));
+    assert_eq!(res.status, 404);
+    assert_eq!(res.error_code(), "NAME_UNKNOWN");
+    assert!(
+        String::from_utf8_lossy(&res.body).contains("registry.example.org"),
+        "the detail names the host"
+    );
+    assert_eq!(
+        pull(&router, &format!("{ROOT_FORM}?ns=bad%2Fhost")).status,
+        404
+    );
+    // Without ns: the root form is not routed, the PROXY_PROJECT form races every project.
+    let res = pull(&router, ROOT_FORM);
+    assert_eq!(res.status, 404);
+    assert_eq!(res.error_code(), "NAME_UNKNOWN");
+    let res = pull(&router, PROXY_FORM);
+    assert!([&seeded[0].digest, &seeded[1].digest].contains(&&digest(&res)));
+    assert_eq!(res.header("oci-namespace"), None);
+    // An ns-less mapping does not leak into a mirror request, nor the other way round.
+    let ghcr = digest(&pull(&router, &format!("{PROXY_FORM}?ns=ghcr.io")));
+    let quay = digest(&pull(&router, &format!("{PROXY_FORM}?ns=quay.io")));
+    assert_eq!(
+        (ghcr, quay),
+        (seeded[0].digest.clone(), seeded[1].digest.clone())
+    );
+}
