@@ -243,6 +243,32 @@ fn known_traffic_gives_exact_counts() {
     assert!(om.ends_with("# EOF\n"));
     assert!(om.contains("# TYPE harbor_router_requests counter\n"));
     assert!(om.contains("harbor_router_requests_total{"));
+    // Every counter family is named without `_total`, its samples with it; every histogram series
+    // ends with a `+Inf` bucket.
+    for family in om.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = family.split_once(' ').unwrap();
+        match kind {
+            "counter" => {
+                assert!(!name.ends_with("_total"), "{name}");
+                assert!(om.contains(&format!("\n{name}_total")), "{name}");
+            }
+            "histogram" => {
+                let buckets = om.matches(&format!("\n{name}_bucket")).count();
+                let counts = om.matches(&format!("\n{name}_count")).count();
+                let inf = om
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with(&format!("{name}_bucket")) && l.contains("le=\"+Inf\"")
+                    })
+                    .count();
+                assert!(
+                    buckets > 0 && inf == counts,
+                    "{name}: {inf} +Inf, {counts} series"
+                );
+            }
+            _ => {}
+        }
+    }
     let res = request(env.metrics, "GET", "/", &[]);
     assert_eq!(res.status, 404);
 }

@@ -23,6 +23,9 @@ const MAPPINGS_PER_CORE: usize = 100_000;
 /// What a tier knows about a pull.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Heard {
+    /// The tier was not asked (a store that is down, or too busy): it knows nothing, and the
+    /// lookup does not count it as asked.
+    NotAsked,
     Mapped(Mapping),
     /// No project has it (with the registry's error body when the projects agreed on one), until
     /// `until`.
@@ -62,6 +65,15 @@ pub enum Lookup {
     },
 }
 
+/// Which layers a lookup asked: layer 0 is the shard, layer `i + 1` tier `i`. With an answer, the
+/// layer at `depth` gave it and the ones before missed; without one, the `depth` layers before
+/// missed. A layer whose bit is set in `skipped` was not asked at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    pub depth: usize,
+    pub skipped: u32,
+}
+
 /// A usable mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
@@ -94,22 +106,30 @@ impl Mappings {
     }
 
     /// The shard, then each tier in order. `miss_key` names the pull, for tiers that remember
-    /// misses. Also says how deep the lookup went: the layer that answered (0 the shard, 1 the
-    /// first tier, …), or the number of layers asked when none did.
+    /// misses. Also says which layers were asked ([`Asked`]).
     pub async fn lookup(
         &self,
         name: &str,
         miss_key: &str,
         now: Instant,
-    ) -> (Option<Lookup>, usize) {
+    ) -> (Option<Lookup>, Asked) {
+        let mut asked = Asked {
+            depth: 0,
+            skipped: 0,
+        };
         if let Some(k) = self.local(name, now) {
-            return (Some(Lookup::Known(k)), 0);
+            return (Some(Lookup::Known(k)), asked);
         }
         for (i, tier) in self.tiers.iter().enumerate() {
+            asked.depth = i + 1;
             let m = match tier.get(name, miss_key).await {
                 None => continue,
+                Some(Heard::NotAsked) => {
+                    asked.skipped |= 1 << (i + 1);
+                    continue;
+                }
                 Some(Heard::Missing { detail, until }) if now < until => {
-                    return (Some(Lookup::Missing { detail, until }), i + 1)
+                    return (Some(Lookup::Missing { detail, until }), asked)
                 }
                 Some(Heard::Missing { .. }) => continue,
                 Some(Heard::Mapped(m)) => m,
@@ -121,9 +141,10 @@ impl Mappings {
                 earlier.learn(name, &m);
             }
             self.shard.borrow_mut().insert(name.to_string(), m);
-            return (Some(Lookup::Known(known)), i + 1);
+            return (Some(Lookup::Known(known)), asked);
         }
-        (None, 1 + self.tiers.len())
+        asked.depth = 1 + self.tiers.len();
+        (None, asked)
     }
 
     /// `name` lives in `project`, as found at `now`: every tier learns it. When this core had it
@@ -264,7 +285,13 @@ mod tests {
         let later = t0 + Duration::from_secs(301);
         assert_eq!(
             block_on(core_b.lookup("nginx", "", later)),
-            (known("dockerhub", true).map(Lookup::Known), 1),
+            (
+                known("dockerhub", true).map(Lookup::Known),
+                Asked {
+                    depth: 1,
+                    skipped: 0
+                }
+            ),
             "found in the shared tier, stale by its original age"
         );
         assert_eq!(core_b.local("nginx", later), known("dockerhub", true));
@@ -286,7 +313,7 @@ mod tests {
         m.learn("a", "p", t0);
         let gone = t0 + Duration::from_secs(360);
         let fresh = Mappings::new(ttls(60), vec![Rc::new(shared.clone())]);
-        assert_eq!(block_on(fresh.lookup("a", "", gone)), (None, 2));
+        assert_eq!(block_on(fresh.lookup("a", "", gone)).0, None);
         m.sweep(gone, false);
         assert!(
             shared.mapping("a").is_some(),
@@ -348,13 +375,31 @@ mod tests {
                     detail: None,
                     until
                 }),
-                1
+                Asked {
+                    depth: 1,
+                    skipped: 0
+                }
             )
         );
         assert_eq!(
             block_on(m.lookup("x", "k", until)),
-            (None, 2),
+            (
+                None,
+                Asked {
+                    depth: 2,
+                    skipped: 0
+                }
+            ),
             "an expired miss is not one"
+        );
+        *tier.answer.borrow_mut() = Some(Heard::NotAsked);
+        assert_eq!(
+            block_on(m.lookup("x", "k", until)).1,
+            Asked {
+                depth: 2,
+                skipped: 0b10
+            },
+            "a tier that was not asked is marked"
         );
         m.learn("a", "p", t0);
         m.learn("a", "p", t0);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 pub use answers::{Answers, Kept};
 pub use learned::LearnedMap;
-pub use mappings::{Heard, Known, Lookup, Mappings, Tier, TierLookup};
+pub use mappings::{Asked, Heard, Known, Lookup, Mappings, Tier, TierLookup};
 
 /// Where a name was found, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,11 +18,20 @@ pub struct HistogramValue {
 }
 
 impl HistogramValue {
-    /// Adds another core's histogram over the same bounds.
+    /// An empty histogram over `bounds` (every bucket, `+Inf` included, at 0).
+    pub fn new(bounds: &'static [u64]) -> HistogramValue {
+        HistogramValue {
+            bounds,
+            buckets: vec![0; bounds.len() + 1],
+            sum: 0,
+            count: 0,
+        }
+    }
+
+    /// Adds another core's histogram (over the same bounds).
     pub fn merge(&mut self, h: &crate::counter::Histogram) {
-        if self.buckets.is_empty() {
-            self.bounds = h.bounds();
-            self.buckets = vec![0; h.bounds().len() + 1];
+        if self.buckets.len() != h.bounds().len() + 1 {
+            *self = HistogramValue::new(h.bounds());
         }
         for (mine, theirs) in self.buckets.iter_mut().zip(h.buckets()) {
             *mine += theirs;
@@ -172,7 +181,7 @@ mod tests {
         let h = crate::counter::Histogram::new(&[1_000, 500_000]);
         h.observe(200);
         h.observe(700_000);
-        let mut v = HistogramValue::default();
+        let mut v = HistogramValue::new(&[1_000, 500_000]);
         v.merge(&h);
         v.merge(&h);
         for om in [false, true] {

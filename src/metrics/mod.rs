@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use crate::counter::{Counter, Gauge, Histogram, COUNT_BOUNDS};
+use crate::counter::{Counter, Gauge, Histogram, COUNT_BOUNDS, DURATION_BOUNDS_MICROS};
 use crate::share::Shared;
 use crate::snapshot::SharedSnapshot;
 
@@ -306,14 +306,14 @@ impl Metrics {
             "Time from a pull's arrival to its response head, by how it was answered: memory (this core's memory), negative (a remembered miss), mapped (one request to the known project), fanout (the projects raced), refused (answered by the router without Harbor).",
             1e6,
             Route::ALL.iter().map(|r| {
-                let mut h = HistogramValue::default();
+                let mut h = HistogramValue::new(DURATION_BOUNDS_MICROS);
                 for c in &cores {
                     h.merge(&c.pull_duration[r.index()]);
                 }
                 (vec![("route", r.as_str().to_string())], h)
             }),
         );
-        let mut blob = HistogramValue::default();
+        let mut blob = HistogramValue::new(DURATION_BOUNDS_MICROS);
         for c in &cores {
             blob.merge(&c.blob_first_byte);
         }
@@ -359,7 +359,7 @@ impl Metrics {
             "Races of the candidate projects: for a client's request (a fan-out) or a background refresh, by outcome.",
             races,
         );
-        let mut width = HistogramValue::default();
+        let mut width = HistogramValue::new(COUNT_BOUNDS);
         for c in &cores {
             width.merge(&c.race_width);
         }
@@ -460,8 +460,9 @@ impl Metrics {
             [(vec![], up(&|s| s.token_hits.get() as i64) as u64)],
         );
 
-        // Per project, summed over the cores.
-        #[derive(Default)]
+        // Per project, summed over the cores: the projects of the current list only (one removed
+        // from Harbor, or past MAX_FANOUT_PROJECTS, leaves the scrape; its counters resume if it
+        // comes back).
         struct Sum {
             answers: Vec<u64>,
             errors: Vec<u64>,
@@ -469,13 +470,21 @@ impl Metrics {
             transitions: Vec<u64>,
             open: i64,
         }
+        let current = self.snapshot.load();
+        let listed = |name: &str| current.as_ref().is_some_and(|s| s.project(name).is_some());
         let mut projects: BTreeMap<String, Sum> = BTreeMap::new();
         for c in cores {
             let Ok(list) = c.projects.lock() else {
                 continue;
             };
-            for (name, m) in list.iter() {
-                let s = projects.entry(name.clone()).or_default();
+            for (name, m) in list.iter().filter(|(n, _)| listed(n)) {
+                let s = projects.entry(name.clone()).or_insert_with(|| Sum {
+                    answers: Vec::new(),
+                    errors: Vec::new(),
+                    duration: HistogramValue::new(DURATION_BOUNDS_MICROS),
+                    transitions: Vec::new(),
+                    open: 0,
+                });
                 add_into(&mut s.answers, &m.answers);
                 add_into(&mut s.errors, &m.errors);
                 add_into(&mut s.transitions, &m.transitions);
@@ -543,7 +552,7 @@ impl Metrics {
                 (vec![("result", "failed".to_string())], d.runs[1].get()),
             ],
         );
-        let mut h = HistogramValue::default();
+        let mut h = HistogramValue::new(DURATION_BOUNDS_MICROS);
         h.merge(&d.duration);
         e.histogram(
             "harbor_router_discovery_duration_seconds",

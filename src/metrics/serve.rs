@@ -1,7 +1,8 @@
 //! `GET /metrics` on `METRICS_ADDR`, served by a thread of its own (a small tokio runtime), never by a
-//! data-plane core. One request per connection; a client gets [`READ_LIMIT`] to send its head and
-//! at most [`MAX_CLIENTS`] are served at once (more are closed at once), so a slow or hostile client
-//! on the admin port costs a scrape nothing but a connection slot.
+//! data-plane core. One request per connection; a client gets [`READ_LIMIT`] to send its head (a
+//! scraper sends it at once) and at most [`MAX_CLIENTS`] are served at once; past that, new
+//! connections are closed at once. A client that keeps that many idle connections open can delay
+//! scrapes, and nothing else: keep the admin port to the scrapers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +13,13 @@ use tokio::sync::{watch, Semaphore};
 use super::Metrics;
 
 /// Longest wait for a request head.
-const READ_LIMIT: Duration = Duration::from_secs(5);
+const READ_LIMIT: Duration = Duration::from_secs(2);
+/// Pause after a failed accept (out of descriptors): the loop must not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
 /// Connections served at once.
-const MAX_CLIENTS: usize = 16;
+const MAX_CLIENTS: usize = 64;
 
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPEN_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -53,7 +56,10 @@ pub fn spawn(
                 loop {
                     tokio::select! {
                         accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
+                            let Ok((stream, _)) = accepted else {
+                                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                                continue;
+                            };
                             let Ok(slot) = slots.clone().try_acquire_owned() else {
                                 continue; // dropped: closed at once
                             };

@@ -76,11 +76,14 @@ pub async fn find<'s>(
     attempts: &mut u32,
 ) -> Found<'s> {
     let locator = ask.locator();
+    let mut waited = false;
     loop {
         let leader = match state.join_fan_out(key) {
             Turn::Lead(leader) => leader,
             Turn::Follow(rx) => {
-                state.metrics().coalesced.inc();
+                if !std::mem::replace(&mut waited, true) {
+                    state.metrics().coalesced.inc();
+                }
                 match rx.await {
                     Ok(FanOutResult::Found(p)) => match snapshot.project(&p) {
                         Some(project) => return Found::Known(project),

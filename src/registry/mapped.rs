@@ -21,13 +21,15 @@ pub enum Mapped {
     Gone,
 }
 
-/// Sends `ask` to `project` and answers with what it said.
-pub async fn request(state: &State, project: &Project, ask: &Ask) -> Mapped {
+/// Sends `ask` to `project` and answers with what it said; `attempts` counts the request when it
+/// is sent (not when the project's circuit is open).
+pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
     let Some(ticket) = state.admit(&project.name) else {
         return answered(error(&Error::Unavailable {
             reason: "the project that has this image is failing; its circuit is open",
         }));
     };
+    *attempts += 1;
     let res = match attempt::send(state, project, ask).await {
         Ok(res) => res,
         Err(e) => {

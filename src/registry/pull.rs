@@ -100,10 +100,10 @@ pub async fn serve(
             }
             trace.route = Answered::Mapped;
             trace.project(&project.name);
-            trace.attempts += 1;
-            match mapped::request(state, project, &ask).await {
+            match mapped::request(state, project, &ask, &mut trace.attempts).await {
                 Mapped::Answer(res) => return *res,
                 Mapped::Gone => {
+                    trace.project = None;
                     tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
                 }
             }
@@ -120,14 +120,18 @@ pub async fn serve(
         client,
         &mut trace.attempts,
     );
-    match found.await {
+    let found = found.await;
+    if let Found::Failed(Error::ClientRateLimited { .. }) = found {
+        // Refused before any project was asked (the client's fan-out budget).
+        trace.route = Answered::Refused;
+    }
+    match found {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
         Found::Won(project, _) | Found::Known(project)
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
         {
             trace.project(&project.name);
-            trace.attempts += 1;
-            answer_mapped(state, project, &ask).await
+            answer_mapped(state, project, &ask, &mut trace.attempts).await
         }
         Found::Won(project, res) => {
             trace.project(&project.name);
@@ -135,8 +139,7 @@ pub async fn serve(
         }
         Found::Known(project) => {
             trace.project(&project.name);
-            trace.attempts += 1;
-            answer_mapped(state, project, &ask).await
+            answer_mapped(state, project, &ask, &mut trace.attempts).await
         }
         Found::NotFound(detail) => not_found(&ask, detail),
         Found::Failed(e) => error(&e),
@@ -160,8 +163,13 @@ fn not_found(ask: &Ask, detail: Option<bytes::Bytes>) -> Response<Body> {
 }
 
 /// The answer of a project found by a fan-out, asked again for this request.
-async fn answer_mapped(state: &State, project: &Project, ask: &Ask) -> Response<Body> {
-    match mapped::request(state, project, ask).await {
+async fn answer_mapped(
+    state: &State,
+    project: &Project,
+    ask: &Ask,
+    attempts: &mut u32,
+) -> Response<Body> {
+    match mapped::request(state, project, ask, attempts).await {
         Mapped::Answer(res) => *res,
         Mapped::Gone => error(&ask.endpoint.not_found()),
     }

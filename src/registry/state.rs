@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderValue;
 
-use crate::cache::{Answers, Kept, LearnedMap, Lookup as Looked, Mappings, Tier, Ttls};
+use crate::cache::{Answers, Asked, Kept, LearnedMap, Lookup as Looked, Mappings, Tier, Ttls};
 use crate::config::{AccessLog, Config};
 use crate::error::Error;
 use crate::flight::{Flights, Turn};
@@ -342,8 +342,8 @@ impl State {
         miss_key: &str,
         now: Instant,
     ) -> Lookup<'s> {
-        let (found, depth) = self.mappings.lookup(name, miss_key, now).await;
-        self.count_lookup(&found, depth);
+        let (found, asked) = self.mappings.lookup(name, miss_key, now).await;
+        self.count_lookup(&found, asked);
         let known = match found {
             None => return Lookup::Unknown,
             Some(Looked::Missing { detail, until }) => {
@@ -363,13 +363,17 @@ impl State {
         }
     }
 
-    /// Counts a mapping lookup at each layer it asked: a miss at each layer before `depth`, and
-    /// what the layer at `depth` found (layers: the core's shard, the process map, Redis).
-    fn count_lookup(&self, found: &Option<Looked>, depth: usize) {
+    /// Counts a mapping lookup at each layer it asked: a miss at each layer before `asked.depth`
+    /// (but those not asked), and what the layer at `depth` found (layers: the core's shard, the
+    /// process map, Redis).
+    fn count_lookup(&self, found: &Option<Looked>, asked: Asked) {
         const LAYERS: [Layer; 3] = [Layer::Core, Layer::Process, Layer::Redis];
         let m = &self.metrics;
-        for layer in LAYERS.iter().take(depth) {
-            m.lookup(*layer, Found::Miss);
+        let depth = asked.depth;
+        for (i, layer) in LAYERS.iter().enumerate().take(depth) {
+            if asked.skipped & (1 << i) == 0 {
+                m.lookup(*layer, Found::Miss);
+            }
         }
         let result = match found {
             None => return,
@@ -496,7 +500,7 @@ impl State {
     }
 }
 
-/// Random per process (hashed from the process id and the start time), so request ids of two pods
+/// Random per process (the process id through a randomly keyed hash), so request ids of two pods
 /// differ.
 fn process_prefix() -> u32 {
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();

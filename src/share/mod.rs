@@ -90,6 +90,15 @@ pub(crate) struct Read {
     reply: oneshot::Sender<Answer>,
 }
 
+/// How a core's read went.
+enum ReadOutcome {
+    Answered(Answer),
+    /// Asked, but no answer in time: counted as a miss at the Redis layer.
+    TimedOut,
+    /// Not sent (the link is down, or its read queue is full).
+    NotAsked,
+}
+
 /// What Redis holds for one read (undecoded values are dropped by the link).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Answer {
@@ -263,9 +272,9 @@ impl Shared {
     }
 
     /// Asks the link for `name` and `miss_key`, waiting at most `REDIS_READ_TIMEOUT`.
-    async fn read(&self, name: &str, miss_key: &str) -> Option<Answer> {
+    async fn read(&self, name: &str, miss_key: &str) -> ReadOutcome {
         if self.state() != Status::Up {
-            return None;
+            return ReadOutcome::NotAsked;
         }
         let (reply, answer) = oneshot::channel();
         let read = Read {
@@ -273,12 +282,16 @@ impl Shared {
             miss_key: miss_key.to_string(),
             reply,
         };
-        self.inner.reads.try_send(read).ok()?;
+        if self.inner.reads.try_send(read).is_err() {
+            return ReadOutcome::NotAsked;
+        }
         match monoio::time::timeout(self.inner.read_timeout, answer).await {
-            Ok(answer) => answer.ok(),
+            Ok(Ok(answer)) => ReadOutcome::Answered(answer),
+            // The link dropped the read (it lost the master meanwhile).
+            Ok(Err(_)) => ReadOutcome::TimedOut,
             Err(_) => {
                 self.inner.read_timeouts.inc_shared();
-                None
+                ReadOutcome::TimedOut
             }
         }
     }
@@ -326,7 +339,11 @@ impl RedisTier {
 impl Tier for RedisTier {
     fn get<'a>(&'a self, name: &'a str, miss_key: &'a str) -> TierLookup<'a> {
         Box::pin(async move {
-            let answer = self.shared.read(name, miss_key).await?;
+            let answer = match self.shared.read(name, miss_key).await {
+                ReadOutcome::Answered(a) => a,
+                ReadOutcome::TimedOut => return None,
+                ReadOutcome::NotAsked => return Some(Heard::NotAsked),
+            };
             let snapshot = self.snapshot.load_full()?;
             if let Some(m) = answer.mapping.filter(|m| m.valid_in(&snapshot)) {
                 return Some(Heard::Mapped(Mapping {

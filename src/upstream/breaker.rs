@@ -78,13 +78,15 @@ impl Breaker {
         }
     }
 
+    /// A success closes the circuit, whatever state it was in: the probe succeeded, or a request
+    /// admitted before the circuit opened succeeded late (the project answers again).
     pub fn on_success(&mut self) -> Transition {
-        let was_half_open = matches!(self.state, State::HalfOpen { .. });
+        let was_closed = matches!(self.state, State::Closed { .. });
         self.state = State::Closed { failures: 0 };
-        if was_half_open {
-            Transition::Closed
-        } else {
+        if was_closed {
             Transition::Unchanged
+        } else {
+            Transition::Closed
         }
     }
 
@@ -311,5 +313,20 @@ mod tests {
         let now = Instant::now();
         let mut b = Breaker::new(0, T);
         assert_eq!(b.on_failure(now), Transition::Opened);
+    }
+
+    #[test]
+    fn a_late_success_closes_an_open_circuit_and_says_so() {
+        let now = Instant::now();
+        let mut b = Breaker::new(1, Duration::from_secs(30));
+        assert_eq!(b.on_failure(now), Transition::Opened);
+        assert_eq!(b.admit(now), Admission::Rejected);
+        assert_eq!(
+            b.on_success(),
+            Transition::Closed,
+            "a request admitted before it opened"
+        );
+        assert_eq!(b.admit(now), Admission::Allowed);
+        assert_eq!(b.on_success(), Transition::Unchanged);
     }
 }
