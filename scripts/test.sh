@@ -21,8 +21,8 @@ hr_rust
 # docker-registry: the real CNCF registry behind the stand-in Harbor; skopeo: seeds images and pulls;
 # nginx-light: the TLS front in the upstream tests; redis-server, redis-sentinel, redis-tools: the real
 # Redis (master, replica, Sentinels) of the sharing tests; prometheus: promtool checks the metrics
-# and the alert rules.
-hr_apt ca-certificates docker-registry skopeo nginx-light redis-server redis-sentinel redis-tools prometheus
+# and the alert rules; containerd: node-style pulls (ctr) through the router as a registry mirror.
+hr_apt ca-certificates docker-registry skopeo nginx-light redis-server redis-sentinel redis-tools prometheus containerd
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,8 +19,8 @@ fn image(repository: &str, layer_bytes: usize) -> SeedImage {
     }
 }
 
-/// The test bed with `shared/tool:v1` in ghcr and in quay (different content) and Docker Hub's
-/// `library/alpine:v1`.
+/// The test bed with `shared/tool:v1` in ghcr and in quay (different content), Docker Hub's
+/// `library/alpine:v1` and registry.k8s.io's `pause:v1`.
 fn bed() -> (Testbed, Vec<Seeded>) {
     let bed = Testbed::start(HarborConfig::default()).unwrap();
     let seeded = bed
@@ -28,6 +28,7 @@ fn bed() -> (Testbed, Vec<Seeded>) {
             image("ghcr/shared/tool", 1000),
             image("quay/shared/tool", 2000),
             image("dockerhub/library/alpine", 500),
+            image("k8s/pause", 300),
         ])
         .unwrap();
     assert_ne!(seeded[0].digest, seeded[1].digest);
@@ -146,5 +147,80 @@ fn unknown_registries_and_requests_without_ns() {
     assert_eq!(
         (ghcr, quay),
         (seeded[0].digest.clone(), seeded[1].digest.clone())
+    );
+}
+
+/// hosts.toml for `registry`, sending pulls to the router in one of the two forms containerd knows.
+fn hosts_toml(
+    dir: &std::path::Path,
+    registry: &str,
+    router: std::net::SocketAddr,
+    override_path: bool,
+) {
+    let d = dir.join(registry);
+    std::fs::create_dir_all(&d).unwrap();
+    let (url, extra) = if override_path {
+        (
+            format!("http://{router}/v2/proxy"),
+            "  override_path = true\n",
+        )
+    } else {
+        (format!("http://{router}"), "")
+    };
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"https://{registry}\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{extra}"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn containerd_pulls_each_registry_through_the_router() {
+    let (bed, seeded) = bed();
+    let router = router(&bed);
+    let node = testbed::containerd::Containerd::start().unwrap();
+    let images = [
+        ("ghcr.io/shared/tool:v1", &seeded[0].digest),
+        ("quay.io/shared/tool:v1", &seeded[1].digest),
+        ("docker.io/library/alpine:v1", &seeded[2].digest),
+        ("registry.k8s.io/pause:v1", &seeded[3].digest),
+    ];
+    // The router's caches are cold for the first form and order, warm after; containerd's own
+    // content is forgotten after each pull, so every pull goes to the router.
+    for override_path in [true, false] {
+        let hosts = node.hosts_dir(if override_path {
+            "hosts-proxy"
+        } else {
+            "hosts-root"
+        });
+        for registry in ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"] {
+            hosts_toml(&hosts, registry, router.addr, override_path);
+        }
+        for reversed in [false, true] {
+            let mut order = images.to_vec();
+            if reversed {
+                order.reverse();
+            }
+            for (reference, want) in order {
+                let got = node
+                    .pull(&hosts, reference)
+                    .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", node.log()));
+                assert_eq!(
+                    &got, want,
+                    "{reference} (override_path = {override_path}, reversed = {reversed})"
+                );
+                node.forget(reference);
+            }
+        }
+    }
+    // Every pull went through the router, naming its registry.
+    let m = router.scrape();
+    assert!(m[r#"harbor_router_upstream_responses_total{project="k8s",status="2xx"}"#] >= 1.0);
+    assert_eq!(
+        m.get(r#"harbor_router_requests_total{endpoint="manifest",method="GET",status="4xx"}"#),
+        None,
+        "no pull was refused"
     );
 }

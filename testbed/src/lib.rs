@@ -15,6 +15,7 @@
 //! - `client.rs`   a tiny blocking HTTP/1.0 client for readiness polls and read-backs
 
 pub mod client;
+pub mod containerd;
 mod harbor;
 pub mod images;
 pub mod keys;
