@@ -141,6 +141,19 @@ fn unknown_registries_and_requests_without_ns() {
     let res = pull(&router, PROXY_FORM);
     assert!([&seeded[0].digest, &seeded[1].digest].contains(&&digest(&res)));
     assert_eq!(res.header("oci-namespace"), None);
+    // A tag list names the repository as the client did, in either form.
+    for (path, name) in [
+        ("/v2/shared/tool/tags/list?ns=ghcr.io", "shared/tool"),
+        (
+            "/v2/proxy/shared/tool/tags/list?ns=ghcr.io",
+            "proxy/shared/tool",
+        ),
+    ] {
+        let res = request(router.addr, "GET", path, &[]);
+        assert_eq!(res.status, 200, "{path}");
+        assert_eq!(res.json()["name"], name, "{path}");
+        assert_eq!(res.json()["tags"], serde_json::json!(["v1"]));
+    }
     // An ns-less mapping does not leak into a mirror request, nor the other way round.
     let ghcr = digest(&pull(&router, &format!("{PROXY_FORM}?ns=ghcr.io")));
     let quay = digest(&pull(&router, &format!("{PROXY_FORM}?ns=quay.io")));

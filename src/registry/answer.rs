@@ -64,7 +64,7 @@ pub async fn answer(
             };
         }
         Endpoint::Referrers { .. } => {
-            rewrite_project_links(&mut headers, project, &ask.name, state.proxy_project())
+            rewrite_project_links(&mut headers, project, ask, state.proxy_project())
         }
         _ => {}
     }
@@ -163,8 +163,8 @@ async fn tags(
         });
     };
     let proxy = state.proxy_project();
-    let body = renamed_tag_list(bytes, &format!("{proxy}/{}", ask.name));
-    rewrite_project_links(&mut headers, project, &ask.name, proxy);
+    let body = renamed_tag_list(bytes, &ask.client_repository(proxy));
+    rewrite_project_links(&mut headers, project, ask, proxy);
     if let Some(key) = ask.memory_key() {
         state.keep_tags(&key, keepable(&headers, &body));
     }
@@ -186,8 +186,10 @@ pub fn renamed_tag_list(bytes: Bytes, name: &str) -> Bytes {
 /// Points `Link` headers (pagination) at the router's `/v2/<proxy>/<name>/` instead of the project's
 /// path for the name, in either of its spellings (Harbor may have redirected `nginx` to
 /// `library/nginx` when the router did not know the project was Docker Hub).
-fn rewrite_project_links(headers: &mut HeaderMap, project: &Project, name: &str, proxy: &str) {
-    let to = format!("/v2/{proxy}/{name}/");
+/// Points `Link` headers at the path the client used (its form, its repository).
+fn rewrite_project_links(headers: &mut HeaderMap, project: &Project, ask: &Ask, proxy: &str) {
+    let name = ask.name.as_str();
+    let to = format!("/v2/{}/", ask.client_repository(proxy));
     rewrite_links(headers, &format!("/v2/{}/{}/", project.name, name), &to);
     if !name.contains('/') {
         rewrite_links(

@@ -120,6 +120,8 @@ pub struct Ask {
     pub headers: HeaderMap,
     /// The registry the client named (`ns`, canonical), for a mirror request.
     pub registry: Option<String>,
+    /// The client sent it in the root form (`/v2/<name>/…`, a mirror request).
+    pub root: bool,
 }
 
 impl Ask {
@@ -137,6 +139,7 @@ impl Ask {
                 head: true,
                 headers: self.headers.clone(),
                 registry: self.registry.clone(),
+                root: self.root,
             },
             _ => self.clone(),
         }
@@ -182,6 +185,16 @@ impl Ask {
         )
     }
 
+    /// The repository as the client named it: `<PROXY_PROJECT>/<name>`, or `<name>` in the root
+    /// form.
+    pub fn client_repository(&self, proxy: &str) -> String {
+        if self.root {
+            self.name.clone()
+        } else {
+            format!("{proxy}/{}", self.name)
+        }
+    }
+
     /// The key of this pull's `name → project` mapping: the name, or `<registry> <name>` for a
     /// mirror request (a space is in no name, so the two kinds of key never meet).
     pub fn mapping_key(&self) -> std::borrow::Cow<'_, str> {
@@ -209,7 +222,12 @@ impl Ask {
                 reference,
                 by_digest: true,
             } => Some(format!("{}@{reference}", self.mapping_key())),
-            Endpoint::Tags { query } => Some(format!("{}?{query}", self.mapping_key())),
+            // A kept tag list names the repository as its client did: the form is in the key.
+            Endpoint::Tags { query } => Some(format!(
+                "{}?{query}{}",
+                self.mapping_key(),
+                if self.root { " root" } else { "" }
+            )),
             _ => None,
         }
     }
@@ -294,6 +312,7 @@ mod tests {
             head,
             headers,
             registry: None,
+            root: false,
         }
     }
 

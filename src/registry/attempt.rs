@@ -212,6 +212,7 @@ mod tests {
             head,
             headers: HeaderMap::new(),
             registry: None,
+            root: false,
         }
     }
 

@@ -14,10 +14,11 @@ use crate::metrics::labels::{Endpoint, Method as MethodLabel, Rejected};
 use crate::registry::route::{self, Route};
 use crate::server::Handler;
 
+use super::mirror::{self, MirrorRequest};
+use super::pull;
 use super::respond::{error, json, API_VERSION, API_VERSION_HEADER};
 use super::state::State;
 use super::trace::{self, Trace, REQUEST_ID};
-use super::{mirror, pull};
 
 /// The registry a mirror answer is for (the distribution spec's "Registry Proxying").
 const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
@@ -123,7 +124,16 @@ async fn answer(
     let mut res = match route {
         Route::Base => json(StatusCode::OK, &b"{}"[..]),
         _ => match ns.transpose() {
-            Ok(registry) => pull::serve(state, parts, &route, client, registry, trace).await,
+            Ok(registry) => {
+                let root = !parts
+                    .uri
+                    .path()
+                    .strip_prefix("/v2/")
+                    .and_then(|p| p.strip_prefix(state.proxy_project()))
+                    .is_some_and(|p| p.starts_with('/'));
+                let mirror = registry.map(|registry| MirrorRequest { registry, root });
+                pull::serve(state, parts, &route, client, mirror, trace).await
+            }
             Err(e) => {
                 state.metrics().rejected(Rejected::Invalid);
                 error(&e)

@@ -14,6 +14,15 @@ use std::cell::Cell;
 use crate::error::Error;
 use crate::snapshot::{canonical_host, Project, Snapshot};
 
+/// A request that names its registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorRequest {
+    /// The registry host, canonical.
+    pub registry: String,
+    /// Sent in the root form (`/v2/<name>/…`) rather than under `PROXY_PROJECT`.
+    pub root: bool,
+}
+
 /// The registry a request names, from its query: `Some(Ok(host))` for a usable `ns`, `Some(Err)`
 /// for one that is not a host, `None` without `ns`.
 pub fn ns_of(query: Option<&str>) -> Option<Result<String, Error>> {

@@ -26,19 +26,20 @@ use crate::snapshot::{Project, Snapshot};
 use super::ask::{Ask, Endpoint};
 use super::fanout::{self, Found};
 use super::mapped::{self, Mapped};
+use super::mirror::{self, MirrorRequest};
 use super::respond::{error, json};
 use super::state::{Lookup, State};
 use super::trace::{Trace, REQUEST_ID};
-use super::{answer, forward, memory, mirror, refresh};
+use super::{answer, forward, memory, refresh};
 
-/// Serves one pull request; `trace` learns how. `registry` is the registry a mirror request names
-/// (`ns`, canonical).
+/// Serves one pull request; `trace` learns how. `mirror` says which registry a mirror request
+/// names, and in which form it came.
 pub async fn serve(
     state: &Rc<State>,
     req: &Parts,
     route: &Route<'_>,
     client: IpAddr,
-    registry: Option<String>,
+    mirror: Option<MirrorRequest>,
     trace: &mut Trace,
 ) -> Response<Body> {
     let Some((name, endpoint)) = Endpoint::of(route, req.uri.query()) else {
@@ -56,7 +57,8 @@ pub async fn serve(
         endpoint,
         head: req.method == Method::HEAD,
         headers: forward::headers_up(&req.headers),
-        registry,
+        root: mirror.as_ref().is_some_and(|m| m.root),
+        registry: mirror.map(|m| m.registry),
     };
     let now = state.now();
     let metrics = state.metrics();
