@@ -29,6 +29,7 @@ pub const ENV_MAX_FANOUT_PROJECTS: &str = "MAX_FANOUT_PROJECTS";
 pub const ENV_HTTP2_PRIOR_KNOWLEDGE: &str = "HTTP2_PRIOR_KNOWLEDGE";
 pub const ENV_RATE_LIMIT_PER_IP: &str = "RATE_LIMIT_PER_IP";
 pub const ENV_FANOUT_BUDGET_PER_IP: &str = "FANOUT_BUDGET_PER_IP";
+pub const ENV_FANOUT_ORDER: &str = "FANOUT_ORDER";
 pub const ENV_TRUSTED_PROXIES: &str = "TRUSTED_PROXIES";
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 pub const ENV_MAX_IDLE_CONNS_PER_HOST: &str = "MAX_IDLE_CONNS_PER_HOST";
@@ -186,6 +187,9 @@ pub struct Config {
     pub rate_limit_per_ip: u32,
     /// Fan-outs (requests that ask every project) per second per client IP, across all cores.
     pub fanout_budget_per_ip: u32,
+    /// Preferred projects, first first: among the projects that have an image, the earliest wins.
+    /// Empty: the fastest answer wins.
+    pub fanout_order: Vec<String>,
     /// Peers whose `X-Forwarded-For` is believed (load balancers, ingress controllers).
     pub trusted_proxies: Vec<Cidr>,
     /// Client connections open at once, across the workers (each worker takes its share).
@@ -332,6 +336,17 @@ impl Config {
         let rate_limit_per_ip = r.parse(ENV_RATE_LIMIT_PER_IP, "0", |v| {
             ranged_int(v, 0, u32::MAX as u64).map(|n| n as u32)
         });
+        let fanout_order = r.parse(ENV_FANOUT_ORDER, "", |v| {
+            let mut out: Vec<String> = Vec::new();
+            for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                let name = parse_project_name(name).map_err(|e| format!("{name:?}: {e}"))?;
+                if out.contains(&name) {
+                    return Err(format!("{name:?} is listed twice"));
+                }
+                out.push(name);
+            }
+            Ok(out)
+        });
         let fanout_budget_per_ip = r.parse(ENV_FANOUT_BUDGET_PER_IP, "10", |v| {
             ranged_int(v, 1, 1_000_000).map(|n| n as u32)
         });
@@ -425,6 +440,7 @@ impl Config {
             http2_prior_knowledge: http2_prior_knowledge.expect("checked"),
             rate_limit_per_ip: rate_limit_per_ip.expect("checked"),
             fanout_budget_per_ip: fanout_budget_per_ip.expect("checked"),
+            fanout_order: fanout_order.expect("checked"),
             trusted_proxies: trusted_proxies.expect("checked"),
             max_connections: max_connections.expect("checked"),
             max_idle_conns_per_host: max_idle_conns_per_host.expect("checked"),

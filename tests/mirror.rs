@@ -237,3 +237,31 @@ fn containerd_pulls_each_registry_through_the_router() {
         "no pull was refused"
     );
 }
+
+#[test]
+fn with_fanout_order_the_preferred_project_serves_a_shared_name_cold_and_warm() {
+    let (bed, seeded) = bed();
+    let url = bed.harbor.url();
+    let answered = |p: &str| *bed.harbor.counters().answered.get(p).unwrap_or(&0);
+    for _ in 0..3 {
+        let mut env = common::bed_env(&url);
+        env.push(("FANOUT_ORDER", "quay,ghcr"));
+        let router = Router::start(&env);
+        wait_until("the router is ready", || {
+            common::get(router.addr, "/readyz").status == 200
+        });
+        // quay, preferred, answers after ghcr has answered.
+        let held = bed.harbor.hold("quay");
+        let ghcr_before = answered("ghcr");
+        let res = std::thread::scope(|s| {
+            let pulling = s.spawn(|| pull(&router, PROXY_FORM));
+            wait_until("ghcr answered first", || answered("ghcr") > ghcr_before);
+            held.release();
+            pulling.join().unwrap()
+        });
+        assert_eq!(digest(&res), seeded[1].digest, "cold: quay's image");
+        for _ in 0..3 {
+            assert_eq!(digest(&pull(&router, PROXY_FORM)), seeded[1].digest, "warm");
+        }
+    }
+}

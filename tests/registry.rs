@@ -672,3 +672,57 @@ fn a_client_cannot_spend_more_than_its_fan_out_budget() {
         assert_eq!(res.status, StatusCode::NOT_FOUND);
     });
 }
+
+#[test]
+fn with_a_fanout_order_the_preferred_project_wins_even_when_it_answers_last() {
+    let fake = FakeHarbor::start();
+    fake.answer("a", manifest());
+    fake.answer("b", manifest());
+    fake.hold("b");
+    run(async {
+        let s = state(&fake, &["a", "b"], &[("FANOUT_ORDER", "b,a")]);
+        let pending = spawn_get(&s, APP);
+        until("both projects asked", || {
+            fake.requests("a") == 1 && fake.requests("b") == 1
+        })
+        .await;
+        // a has answered (a win); b, preferred, answers later and still wins.
+        fake.release("b");
+        assert_eq!(pending.await.status, StatusCode::OK);
+        assert_eq!(mapping(&s, "org/app").await, Some(("b".into(), false)));
+    });
+}
+
+#[test]
+fn a_second_choice_is_learned_briefly_and_the_preferred_project_takes_over() {
+    let fake = FakeHarbor::start();
+    fake.answer("a", manifest());
+    fake.answer("b", Answer::with(503, &[], b""));
+    run(async {
+        let s = state(
+            &fake,
+            &["a", "b"],
+            &[
+                ("FANOUT_ORDER", "b,a"),
+                ("CACHE_TTL", "300s"),
+                ("STALE_WHILE_REVALIDATE", "1h"),
+            ],
+        );
+        assert_eq!(
+            get(&s, APP).await.status,
+            StatusCode::OK,
+            "a serves while b fails"
+        );
+        assert_eq!(mapping(&s, "org/app").await, Some(("a".into(), false)));
+        // A second choice goes stale after 30 s, not CACHE_TTL.
+        s.advance_clock(Duration::from_secs(31));
+        assert_eq!(mapping(&s, "org/app").await, Some(("a".into(), true)));
+        fake.answer("b", manifest());
+        assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+        until("the refresh moved the mapping to b", || {
+            futures_util::FutureExt::now_or_never(mapping(&s, "org/app"))
+                == Some(Some(("b".into(), false)))
+        })
+        .await;
+    });
+}

@@ -32,6 +32,17 @@ use super::attempt::{self, Verdict};
 use super::forward;
 use super::state::{FanOutResult, State};
 
+/// What a race did besides its outcome.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RaceInfo {
+    /// Projects asked.
+    pub asked: usize,
+    /// With `FANOUT_ORDER`: the winner won because a project preferred to it failed (or its
+    /// circuit was open), not because that project said "not here". Such a mapping is learned for
+    /// a short life, so the preferred project takes over when it recovers.
+    pub second_choice: bool,
+}
+
 /// How a race ended.
 #[derive(Debug)]
 pub enum Outcome<'a> {
@@ -101,13 +112,13 @@ pub async fn find<'s>(
             state.metrics().rejected(Rejected::FanOutBudget);
             return Found::Failed(e);
         }
-        let mut asked = 0;
-        let outcome = race(state, candidates, &locator, &mut asked).await;
-        *attempts += asked as u32;
+        let mut info = RaceInfo::default();
+        let outcome = race(state, candidates, &locator, &mut info).await;
+        *attempts += info.asked as u32;
         state.metrics().race(RaceKind::Request, outcome.label());
         return match outcome {
             Outcome::Won(project, res) => {
-                state.learn(&ask.mapping_key(), &project.name);
+                state.learn_won(&ask.mapping_key(), &project.name, info.second_choice);
                 leader.finish(FanOutResult::Found(project.name.clone()));
                 Found::Won(project, res)
             }
@@ -124,13 +135,15 @@ pub async fn find<'s>(
     }
 }
 
-/// Sends `ask` to every admitted candidate and returns the first win; `asked` is set to the number
-/// of projects asked.
+/// Sends `ask` to every admitted candidate and returns the first win; `info` says the number
+/// of projects asked. With `FANOUT_ORDER`, a win is held until every project preferred to it has
+/// answered "not here" or failed (each bounded by `RESOLVER_TIMEOUT`): the most preferred project
+/// that has it wins, whatever answered first.
 pub async fn race<'a>(
     state: &State,
     candidates: &[&'a Project],
     ask: &Ask,
-    asked: &mut usize,
+    info: &mut RaceInfo,
 ) -> Outcome<'a> {
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
@@ -147,12 +160,22 @@ pub async fn race<'a>(
         .upstream()
         .prefetch_tokens(repositories, timeout)
         .await;
-    for project in fitting() {
+    // Ranks: FANOUT_ORDER's position; unlisted projects after it, by name (the candidates' order).
+    let rank_of = |i: usize, p: &Project| state.fanout_rank(&p.name).unwrap_or(1000 + i);
+    let ordered = state.fanout_ordered();
+    // Ranks of the projects that cannot answer (circuit open) or failed: a win ranked below one of
+    // them is a second choice.
+    let mut unavailable: Vec<usize> = Vec::new();
+    let mut pending: Vec<usize> = Vec::new();
+    for (i, project) in fitting().enumerate() {
+        let rank = rank_of(i, project);
         let Some(ticket) = state.admit(&project.name) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.
             skipped = true;
+            unavailable.push(rank);
             continue;
         };
+        pending.push(rank);
         running.push(async move {
             let attempt = attempt::attempt(state, project, ask);
             let verdict = match monoio::time::timeout(timeout, attempt).await {
@@ -165,10 +188,10 @@ pub async fn race<'a>(
                 }
             };
             state.record(ticket, verdict.is_failure());
-            (project, verdict)
+            (project, rank, verdict)
         });
     }
-    *asked = running.len();
+    info.asked = running.len();
     state.metrics().race_width(running.len());
     if running.is_empty() && !skipped {
         return Outcome::Failed(Error::NameInvalid {
@@ -187,9 +210,18 @@ pub async fn race<'a>(
     let mut retry_after = None;
     let mut rate_limited = false;
     let mut failed = false;
-    while let Some((project, verdict)) = running.next().await {
+    // With FANOUT_ORDER: the best win so far, held until nothing better can come.
+    let mut held: Option<(usize, &'a Project, Response<UpstreamBody>)> = None;
+    while let Some((project, rank, verdict)) = running.next().await {
+        pending.retain(|r| *r != rank);
         match verdict {
-            Verdict::Win(res) => return Outcome::Won(project, Box::new(res)),
+            Verdict::Win(res) if !ordered => return Outcome::Won(project, Box::new(res)),
+            Verdict::Win(res) => {
+                if held.as_ref().is_none_or(|(r, _, _)| rank < *r) {
+                    // A worse held win is dropped (its request is cancelled).
+                    held = Some((rank, project, res));
+                }
+            }
             Verdict::NotHere(Some(body)) => match &detail {
                 None => detail = Some(body),
                 Some(d) => details_agree &= *d == body,
@@ -199,12 +231,24 @@ pub async fn race<'a>(
                 all_not_here = false;
                 rate_limited = true;
                 retry_after = retry_after.or(h);
+                unavailable.push(rank);
             }
-            Verdict::Refused => all_not_here = false,
+            Verdict::Refused => {
+                all_not_here = false;
+                unavailable.push(rank);
+            }
             Verdict::Failed(why) => {
                 all_not_here = false;
                 failed = true;
+                unavailable.push(rank);
                 tracing::debug!(project = %project.name, why, "fan-out attempt failed");
+            }
+        }
+        if let Some((best, _, _)) = &held {
+            if pending.iter().all(|r| r > best) {
+                let (best, project, res) = held.take().expect("held");
+                info.second_choice = unavailable.iter().any(|r| *r < best);
+                return Outcome::Won(project, Box::new(res));
             }
         }
     }

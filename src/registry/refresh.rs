@@ -23,11 +23,12 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
     monoio::spawn(async move {
         let _claim = claim;
         let candidates = super::pull::candidates(&state, &snapshot, &probe);
-        let outcome = fanout::race(&state, &candidates, &probe, &mut 0).await;
+        let mut info = fanout::RaceInfo::default();
+        let outcome = fanout::race(&state, &candidates, &probe, &mut info).await;
         state.metrics().race(RaceKind::Refresh, outcome.label());
         match outcome {
             Outcome::Won(project, res) => {
-                state.learn(&probe.mapping_key(), &project.name);
+                state.learn_won(&probe.mapping_key(), &project.name, info.second_choice);
                 state.upstream().drain(res.into_body()).await;
             }
             Outcome::NotFound(_) => {}

@@ -27,6 +27,9 @@ use crate::snapshot::{Project, SharedSnapshot, Snapshot};
 use crate::upstream::breaker::{Breakers, Ticket, Transition};
 use crate::upstream::{self, Upstream};
 
+/// How long a second-choice mapping is fresh (see [`State::learn_won`]).
+pub const SECOND_CHOICE_LIFE: Duration = Duration::from_secs(30);
+
 /// How often a core drops expired cache entries (off the request path).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -394,6 +397,29 @@ impl State {
     /// `name` lives in `project`.
     pub fn learn(&self, name: &str, project: &str) {
         self.mappings.learn(name, project, self.now());
+    }
+
+    /// `name` lives in `project`, found by a race. A second choice (`FANOUT_ORDER`'s preferred
+    /// project failed) is learned for [`SECOND_CHOICE_LIFE`] only: it goes stale then, and the
+    /// refresh lets the preferred project take over once it answers again.
+    pub fn learn_won(&self, name: &str, project: &str, second_choice: bool) {
+        if !second_choice {
+            return self.learn(name, project);
+        }
+        let ttl = self.config.cache_ttl;
+        let aged = ttl.saturating_sub(SECOND_CHOICE_LIFE.min(ttl));
+        let learned_at = self.now().checked_sub(aged).unwrap_or_else(|| self.now());
+        self.mappings.learn(name, project, learned_at);
+    }
+
+    /// `project`'s rank in `FANOUT_ORDER` (0 first), if it is listed.
+    pub fn fanout_rank(&self, project: &str) -> Option<usize> {
+        self.config.fanout_order.iter().position(|p| p == project)
+    }
+
+    /// Whether `FANOUT_ORDER` decides races (else the fastest answer wins).
+    pub fn fanout_ordered(&self) -> bool {
+        !self.config.fanout_order.is_empty()
     }
 
     pub fn forget(&self, name: &str, project: &str) {
