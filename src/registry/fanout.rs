@@ -161,7 +161,7 @@ pub async fn race<'a>(
         .prefetch_tokens(repositories, timeout)
         .await;
     // Ranks: FANOUT_ORDER's position; unlisted projects after it, by name (the candidates' order).
-    let rank_of = |i: usize, p: &Project| state.fanout_rank(&p.name).unwrap_or(1000 + i);
+    let rank_of = |i: usize, p: &Project| state.fanout_rank(&p.name).unwrap_or(usize::MAX / 2 + i);
     let ordered = state.fanout_ordered();
     // Ranks of the projects that cannot answer (circuit open) or failed: a win ranked below one of
     // them is a second choice.
