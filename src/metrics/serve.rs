@@ -24,34 +24,25 @@ const MAX_CLIENTS: usize = 64;
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPEN_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `listener` until `shutdown` flips.
+/// Serves `listener` until `shutdown` flips. The runtime is built here, before the thread starts,
+/// so a start that returned has every descriptor of it open (and fails if it cannot be built).
 pub fn spawn(
     listener: std::net::TcpListener,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = {
+        let _entered = rt.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
     std::thread::Builder::new()
         .name("hr-metrics".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the metrics runtime; /metrics is not served");
-                    return;
-                }
-            };
             rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot register the metrics listener");
-                        return;
-                    }
-                };
                 let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
                 loop {
                     tokio::select! {
