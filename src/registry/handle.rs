@@ -125,12 +125,7 @@ async fn answer(
         Route::Base => json(StatusCode::OK, &b"{}"[..]),
         _ => match ns.transpose() {
             Ok(registry) => {
-                let root = !parts
-                    .uri
-                    .path()
-                    .strip_prefix("/v2/")
-                    .and_then(|p| p.strip_prefix(state.proxy_project()))
-                    .is_some_and(|p| p.starts_with('/'));
+                let root = route::proxy_tail(parts.uri.path(), state.proxy_project()).is_none();
                 let mirror = registry.map(|registry| MirrorRequest { registry, root });
                 pull::serve(state, parts, &route, client, mirror, trace).await
             }

@@ -72,14 +72,17 @@ pub fn parse<'a>(method: &Method, path: &'a str, proxy: &str) -> Result<Route<'a
         "/v2" | "/v2/" => return Ok(Route::Base),
         _ => {}
     }
-    let tail = path
-        .strip_prefix("/v2/")
-        .and_then(|p| p.strip_prefix(proxy))
-        .and_then(|p| p.strip_prefix('/'))
-        .ok_or(Error::NameUnknown {
-            detail: "only /v2/<PROXY_PROJECT>/<name>/… is routed",
-        })?;
+    let tail = proxy_tail(path, proxy).ok_or(Error::NameUnknown {
+        detail: "only /v2/<PROXY_PROJECT>/<name>/… is routed",
+    })?;
     parse_endpoint(tail)
+}
+
+/// What follows `/v2/<PROXY_PROJECT>/` in `path`; `None` when the path is not in that form.
+pub fn proxy_tail<'a>(path: &'a str, proxy: &str) -> Option<&'a str> {
+    path.strip_prefix("/v2/")?
+        .strip_prefix(proxy)?
+        .strip_prefix('/')
 }
 
 /// Parses a mirror request (one that names its registry in `ns`). The `PROXY_PROJECT` form
@@ -88,12 +91,8 @@ pub fn parse<'a>(method: &Method, path: &'a str, proxy: &str) -> Result<Route<'a
 /// `PROXY_PROJECT` (a Docker Hub user named like it) is reached only in the `PROXY_PROJECT` form:
 /// `/v2/<PROXY_PROJECT>/<PROXY_PROJECT>/<rest>/…`.
 pub fn parse_mirror<'a>(method: &Method, path: &'a str, proxy: &str) -> Result<Route<'a>, Error> {
-    let proxied = path
-        .strip_prefix("/v2/")
-        .and_then(|p| p.strip_prefix(proxy))
-        .is_some_and(|p| p.starts_with('/'));
     match path.strip_prefix("/v2/") {
-        Some(tail) if !proxied && !tail.is_empty() => {
+        Some(tail) if proxy_tail(path, proxy).is_none() && !tail.is_empty() => {
             if method != Method::GET && method != Method::HEAD {
                 return Err(Error::MethodNotAllowed);
             }
