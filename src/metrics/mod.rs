@@ -386,28 +386,29 @@ impl Metrics {
         );
 
         // Client connections.
-        let server = |f: &dyn Fn(&crate::server::Stats) -> i64| -> i64 {
+        let server = |f: &dyn Fn(&crate::server::Stats) -> u64| -> u64 {
             workers.iter().map(|w| f(&w.2)).sum()
         };
+        let open: i64 = workers.iter().map(|w| w.2.open.get()).sum();
         e.gauge(
             "harbor_router_client_connections",
             "Client connections open (idle keep-alive ones included).",
-            [(vec![], server(&|s| s.open.get()) as f64)],
+            [(vec![], open as f64)],
         );
         e.counter(
             "harbor_router_client_connections_accepted_total",
             "Client connections accepted.",
-            [(vec![], server(&|s| s.accepted.get() as i64) as u64)],
+            [(vec![], server(&|s| s.accepted.get()))],
         );
         e.counter(
             "harbor_router_client_connections_refused_total",
             "Client connections closed at once because MAX_CONNECTIONS were open.",
-            [(vec![], server(&|s| s.refused.get() as i64) as u64)],
+            [(vec![], server(&|s| s.refused.get()))],
         );
         e.counter(
             "harbor_router_response_bytes_total",
             "Bytes written to clients (response heads and bodies).",
-            [(vec![], server(&|s| s.bytes_sent.get() as i64) as u64)],
+            [(vec![], server(&|s| s.bytes_sent.get()))],
         );
 
         self.render_upstream(&mut e, &cores);
@@ -417,8 +418,11 @@ impl Metrics {
     }
 
     fn render_upstream(&self, e: &mut Encoder, cores: &[&Arc<CoreMetrics>]) {
-        let up = |f: &dyn Fn(&crate::upstream::Stats) -> i64| -> i64 {
+        let up = |f: &dyn Fn(&crate::upstream::Stats) -> u64| -> u64 {
             cores.iter().map(|c| f(&c.upstream)).sum()
+        };
+        let gauge = |f: &dyn Fn(&crate::upstream::Stats) -> i64| -> f64 {
+            cores.iter().map(|c| f(&c.upstream)).sum::<i64>() as f64
         };
         e.gauge(
             "harbor_router_upstream_connections",
@@ -426,38 +430,38 @@ impl Metrics {
             [
                 (
                     vec![("state", "open".to_string())],
-                    up(&|s| s.open.get()) as f64,
+                    gauge(&|s| s.open.get()),
                 ),
                 (
                     vec![("state", "idle".to_string())],
-                    up(&|s| s.idle.get()) as f64,
+                    gauge(&|s| s.idle.get()),
                 ),
             ],
         );
         e.counter(
             "harbor_router_upstream_connections_opened_total",
             "Connections to Harbor opened.",
-            [(vec![], up(&|s| s.connections_opened.get() as i64) as u64)],
+            [(vec![], up(&|s| s.connections_opened.get()))],
         );
         e.counter(
             "harbor_router_upstream_requests_reused_total",
             "Requests to Harbor sent on a pooled connection.",
-            [(vec![], up(&|s| s.reused.get() as i64) as u64)],
+            [(vec![], up(&|s| s.reused.get()))],
         );
         e.counter(
             "harbor_router_upstream_requests_retried_total",
             "Requests to Harbor sent again because a pooled connection failed before any answer.",
-            [(vec![], up(&|s| s.retried.get() as i64) as u64)],
+            [(vec![], up(&|s| s.retried.get()))],
         );
         e.counter(
             "harbor_router_token_fetches_total",
             "Requests to Harbor's token service.",
-            [(vec![], up(&|s| s.token_fetches.get() as i64) as u64)],
+            [(vec![], up(&|s| s.token_fetches.get()))],
         );
         e.counter(
             "harbor_router_token_cache_hits_total",
             "Requests that found a fresh registry token in their core's cache.",
-            [(vec![], up(&|s| s.token_hits.get() as i64) as u64)],
+            [(vec![], up(&|s| s.token_hits.get()))],
         );
 
         // Per project, summed over the cores: the projects of the current list only (one removed
