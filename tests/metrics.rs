@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
-use testbed::{Fault, HarborConfig, SeedImage, SeedKind, Testbed};
+use testbed::{Fault, Testbed};
 
 use common::{request, wait_until, Response, Router};
 
@@ -21,15 +21,8 @@ struct Env {
 }
 
 fn start(extra: &[(&str, &str)]) -> Env {
-    let bed = Testbed::start(HarborConfig::default()).unwrap();
-    let seeded = bed
-        .seed(&[SeedImage {
-            repository: "ghcr/org/app".into(),
-            tag: "v1".into(),
-            kind: SeedKind::OciManifest,
-            layer_bytes: 4096,
-        }])
-        .unwrap();
+    let (bed, app) = common::bed_with_app();
+    let seeded = vec![app];
     let url = bed.harbor.url();
     let mut env = common::bed_env(&url);
     env.extend_from_slice(extra);

@@ -5,7 +5,6 @@
 
 mod common;
 
-use testbed::images::ALL_MANIFEST_TYPES;
 use testbed::{HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
 
 use common::{request, wait_until, Response, Router};
@@ -45,12 +44,7 @@ fn router(bed: &Testbed) -> Router {
 }
 
 fn pull(router: &Router, path: &str) -> Response {
-    let lines: Vec<String> = ALL_MANIFEST_TYPES
-        .iter()
-        .map(|t| format!("Accept: {t}"))
-        .collect();
-    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
-    request(router.addr, "GET", path, &extra)
+    common::pull(router.addr, "GET", path)
 }
 
 fn digest(res: &Response) -> String {

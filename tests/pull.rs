@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use testbed::images::ALL_MANIFEST_TYPES;
 use testbed::{Fault, HarborConfig, Held, SeedImage, SeedKind, Seeded, Testbed};
 
 use common::{request, rss, wait_until, Response, Router, DEADLINE};
@@ -58,27 +57,13 @@ fn start_with(
     }
 }
 
-fn accept_lines() -> Vec<String> {
-    ALL_MANIFEST_TYPES
-        .iter()
-        .map(|t| format!("Accept: {t}"))
-        .collect()
-}
-
 impl Env {
     fn get_manifest(&self, name: &str, reference: &str) -> Response {
         self.manifest("GET", name, reference)
     }
 
     fn manifest(&self, method: &str, name: &str, reference: &str) -> Response {
-        let lines = accept_lines();
-        let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
-        request(
-            self.router.addr,
-            method,
-            &format!("/v2/proxy/{name}/manifests/{reference}"),
-            &extra,
-        )
+        common::manifest(self.router.addr, method, name, reference)
     }
 
     fn manifest_requests(&self, project: &str) -> u64 {
@@ -449,7 +434,7 @@ fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
                     let mut req = "GET /v2/proxy/org/app/manifests/v1 HTTP/1.1\r\nHost: t\r\n\
                                    Connection: close\r\n"
                         .to_string();
-                    for line in accept_lines() {
+                    for line in common::accept_lines() {
                         req.push_str(&line);
                         req.push_str("\r\n");
                     }
@@ -571,7 +556,7 @@ fn manifests_by_digest_are_served_from_memory_with_the_same_headers() {
     assert!(first.header("ETag").is_some() && first.header("Content-Type").is_some());
     // A client revalidating what it has gets 304, without a body.
     let etag = format!("If-None-Match: {}", first.header("ETag").unwrap());
-    let lines = accept_lines();
+    let lines = common::accept_lines();
     let mut extra: Vec<&str> = lines.iter().map(String::as_str).collect();
     extra.push(&etag);
     let revalidated = request(

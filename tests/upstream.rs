@@ -14,25 +14,11 @@ use sha2::{Digest, Sha256};
 
 use harbor_router::config::Config;
 use harbor_router::upstream::{self, AuthMode, Upstream};
-use testbed::{HarborConfig, SeedImage, SeedKind, Seeded, Testbed};
+use testbed::{HarborConfig, Seeded, Testbed};
 
 use common::nginx::TlsFront;
 use common::relay::Relay;
 use common::run;
-
-fn testbed_with_image() -> (Testbed, Seeded) {
-    let bed = Testbed::start(HarborConfig::default()).unwrap();
-    let seeded = bed
-        .seed(&[SeedImage {
-            repository: "ghcr/org/app".into(),
-            tag: "v1".into(),
-            kind: SeedKind::OciManifest,
-            layer_bytes: 4096,
-        }])
-        .unwrap()
-        .remove(0);
-    (bed, seeded)
-}
 
 fn client_config(harbor_url: &str, extra: &[(&str, &str)]) -> Config {
     let mut vars = vec![
@@ -148,7 +134,7 @@ fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expec
 
 #[test]
 fn http1_token_flow_reuse_and_killed_connections() {
-    let (bed, seeded) = testbed_with_image();
+    let (bed, seeded) = common::bed_with_app();
     let relay = Relay::start(bed.harbor.addr(), true);
     let config = client_config(&format!("http://{}", relay.addr), &[]);
     scenario(&bed, &seeded, &relay, config, false);
@@ -156,7 +142,7 @@ fn http1_token_flow_reuse_and_killed_connections() {
 
 #[test]
 fn http2_prior_knowledge() {
-    let (bed, seeded) = testbed_with_image();
+    let (bed, seeded) = common::bed_with_app();
     let relay = Relay::start(bed.harbor.addr(), true);
     let config = client_config(
         &format!("http://{}", relay.addr),
@@ -167,7 +153,7 @@ fn http2_prior_knowledge() {
 
 #[test]
 fn tls_with_a_private_ca() {
-    let (bed, seeded) = testbed_with_image();
+    let (bed, seeded) = common::bed_with_app();
     let nginx = TlsFront::start(bed.harbor.addr());
     let relay = Relay::start(nginx.addr, true);
     let ca = nginx.ca_file.to_str().unwrap().to_string();
@@ -209,7 +195,7 @@ fn tls_refuses_an_unknown_ca() {
 
 #[test]
 fn idle_connections_are_bounded_and_expire() {
-    let (bed, seeded) = testbed_with_image();
+    let (bed, seeded) = common::bed_with_app();
     let config = client_config(
         &bed.harbor.url(),
         &[
@@ -254,7 +240,7 @@ fn idle_connections_are_bounded_and_expire() {
 
 #[test]
 fn a_hanging_harbor_hits_the_response_timeout() {
-    let (bed, seeded) = testbed_with_image();
+    let (bed, seeded) = common::bed_with_app();
     let config = client_config(&bed.harbor.url(), &[("UPSTREAM_RESPONSE_TIMEOUT", "300ms")]);
     let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {

@@ -306,19 +306,43 @@ pub fn bed_env(harbor_url: &str) -> Vec<(&str, &str)> {
     ]
 }
 
-/// `METHOD /v2/proxy/<name>/manifests/<reference>`, accepting every manifest type.
-pub fn manifest(addr: SocketAddr, method: &str, name: &str, reference: &str) -> Response {
-    let lines: Vec<String> = testbed::images::ALL_MANIFEST_TYPES
+/// An `Accept` line for every manifest type.
+pub fn accept_lines() -> Vec<String> {
+    testbed::images::ALL_MANIFEST_TYPES
         .iter()
         .map(|t| format!("Accept: {t}"))
-        .collect();
+        .collect()
+}
+
+/// `METHOD path`, accepting every manifest type.
+pub fn pull(addr: SocketAddr, method: &str, path: &str) -> Response {
+    let lines = accept_lines();
     let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
-    request(
+    request(addr, method, path, &extra)
+}
+
+/// `METHOD /v2/proxy/<name>/manifests/<reference>`, accepting every manifest type.
+pub fn manifest(addr: SocketAddr, method: &str, name: &str, reference: &str) -> Response {
+    pull(
         addr,
         method,
         &format!("/v2/proxy/{name}/manifests/{reference}"),
-        &extra,
     )
+}
+
+/// A test bed with one image, `ghcr/org/app:v1` (an OCI manifest, a 4 KiB layer).
+pub fn bed_with_app() -> (testbed::Testbed, testbed::Seeded) {
+    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[testbed::SeedImage {
+            repository: "ghcr/org/app".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::OciManifest,
+            layer_bytes: 4096,
+        }])
+        .unwrap()
+        .remove(0);
+    (bed, seeded)
 }
 
 /// Samples of a text-format scrape: `name{labels}` → value.
