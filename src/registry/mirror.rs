@@ -61,6 +61,14 @@ pub fn candidates<'s>(
     unknown
 }
 
+/// Whether any project may serve a request for `host` ([`candidates`] would not be empty).
+pub fn mirrored(snapshot: &Snapshot, host: &str) -> bool {
+    snapshot
+        .projects
+        .iter()
+        .any(|p| p.registry.is_none() || p.registry.as_deref() == Some(host))
+}
+
 /// Whether `project` may serve a request for `host` (see [`candidates`]).
 pub fn serves(snapshot: &Snapshot, project: &Project, host: &str) -> bool {
     match project.registry.as_deref() {
@@ -141,5 +149,11 @@ mod tests {
         assert!(serves(&s, &s.projects[3], "registry.k8s.io"));
         let known = snapshot(vec![p("quay", other("quay"), Some("https://quay.io"))]);
         assert!(candidates(&known, "ghcr.io", &gap).is_empty());
+        assert!(!mirrored(&known, "ghcr.io"));
+        assert!(mirrored(&known, "quay.io"));
+        assert!(
+            mirrored(&s, "registry.k8s.io"),
+            "through the unknown project"
+        );
     }
 }

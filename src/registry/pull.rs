@@ -76,12 +76,12 @@ pub async fn serve(
         trace.route = Answered::Negative;
         return not_found(&ask, detail);
     }
-    let candidates = candidates(state, &snapshot, &ask);
-    if candidates.is_empty() {
-        // Only a mirror request can have none: no project mirrors its registry.
-        return error(&Error::RegistryUnknown {
-            host: ask.registry.clone().unwrap_or_default(),
-        });
+    if let Some(host) = ask.registry.as_deref() {
+        if !mirror::mirrored(&snapshot, host) {
+            return error(&Error::RegistryUnknown {
+                host: host.to_string(),
+            });
+        }
     }
     // From here on the pull may go to Harbor: the request id goes with it.
     ask.headers.insert(REQUEST_ID, trace.id.clone());
@@ -113,6 +113,7 @@ pub async fn serve(
         Lookup::Unknown => {}
     }
     trace.route = Answered::FanOut;
+    let candidates = candidates(state, &snapshot, &ask);
     let found = fanout::find(
         state,
         &snapshot,
