@@ -47,6 +47,7 @@ pub const ENV_REDIS_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
 pub const ENV_REDIS_READ_TIMEOUT: &str = "REDIS_READ_TIMEOUT";
 pub const ENV_NEGATIVE_CACHE_TTL: &str = "NEGATIVE_CACHE_TTL";
 pub const ENV_STALE_WHILE_REVALIDATE: &str = "STALE_WHILE_REVALIDATE";
+pub const ENV_STALE_IF_ERROR: &str = "STALE_IF_ERROR";
 pub const ENV_CIRCUIT_BREAKER_THRESHOLD: &str = "CIRCUIT_BREAKER_THRESHOLD";
 pub const ENV_CIRCUIT_BREAKER_TIMEOUT: &str = "CIRCUIT_BREAKER_TIMEOUT";
 pub const ENV_WORKERS: &str = "WORKERS";
@@ -218,6 +219,9 @@ pub struct Config {
     pub negative_cache_ttl: Duration,
     /// How long past `cache_ttl` a mapping is still served while it is refreshed; 0 disables.
     pub stale_while_revalidate: Duration,
+    /// How long after its last confirmation a tag's answer may stand in when every project that
+    /// could confirm it fails; 0 disables.
+    pub stale_if_error: Duration,
     /// Consecutive failures that open a project's circuit.
     pub circuit_breaker_threshold: u32,
     /// How long an open circuit stays open before one probe is let through.
@@ -393,6 +397,7 @@ impl Config {
         );
         let negative_cache_ttl = r.parse(ENV_NEGATIVE_CACHE_TTL, "30s", any_duration);
         let stale_while_revalidate = r.parse(ENV_STALE_WHILE_REVALIDATE, "60s", any_duration);
+        let stale_if_error = r.parse(ENV_STALE_IF_ERROR, "24h", any_duration);
         let circuit_breaker_threshold = r.parse(ENV_CIRCUIT_BREAKER_THRESHOLD, "5", |v| {
             ranged_int(v, 1, 1_000_000).map(|n| n as u32)
         });
@@ -458,6 +463,7 @@ impl Config {
             redis_read_timeout: redis_read_timeout.expect("checked"),
             negative_cache_ttl: negative_cache_ttl.expect("checked"),
             stale_while_revalidate: stale_while_revalidate.expect("checked"),
+            stale_if_error: stale_if_error.expect("checked"),
             circuit_breaker_threshold: circuit_breaker_threshold.expect("checked"),
             circuit_breaker_timeout: circuit_breaker_timeout.expect("checked"),
             manifest_cache_bytes: manifest_cache_bytes.expect("checked"),

@@ -94,6 +94,7 @@ fn defaults() {
     assert_eq!(c.redis_key_prefix, "hr");
     assert_eq!(c.negative_cache_ttl, Duration::from_secs(30));
     assert_eq!(c.stale_while_revalidate, Duration::from_secs(60));
+    assert_eq!(c.stale_if_error, Duration::from_secs(24 * 3600));
     assert_eq!(c.circuit_breaker_threshold, 5);
     assert_eq!(c.circuit_breaker_timeout, Duration::from_secs(30));
     let cores = std::thread::available_parallelism().unwrap().get();
@@ -328,6 +329,7 @@ fn durations() {
         ENV_IDLE_CONN_TIMEOUT,
         ENV_NEGATIVE_CACHE_TTL,
         ENV_STALE_WHILE_REVALIDATE,
+        ENV_STALE_IF_ERROR,
         ENV_CIRCUIT_BREAKER_TIMEOUT,
         ENV_SHUTDOWN_TIMEOUT,
         ENV_HEADER_READ_TIMEOUT,
@@ -353,6 +355,7 @@ fn durations() {
                 ENV_IDLE_CONN_TIMEOUT => c.idle_conn_timeout,
                 ENV_NEGATIVE_CACHE_TTL => c.negative_cache_ttl,
                 ENV_STALE_WHILE_REVALIDATE => c.stale_while_revalidate,
+                ENV_STALE_IF_ERROR => c.stale_if_error,
                 ENV_CIRCUIT_BREAKER_TIMEOUT => c.circuit_breaker_timeout,
                 ENV_SHUTDOWN_TIMEOUT => c.shutdown_timeout,
                 ENV_HEADER_READ_TIMEOUT => c.header_read_timeout,
@@ -378,13 +381,15 @@ fn durations() {
             assert_eq!(e.value.as_deref(), Some(bad));
         }
     }
-    // Zero disables these three ...
+    // Zero disables these ...
     let c = ok(&[
         (ENV_NEGATIVE_CACHE_TTL, "0s"),
         (ENV_STALE_WHILE_REVALIDATE, "0s"),
+        (ENV_STALE_IF_ERROR, "0s"),
         (ENV_SHUTDOWN_TIMEOUT, "0s"),
     ]);
     assert!(c.negative_cache_ttl.is_zero() && c.stale_while_revalidate.is_zero());
+    assert!(c.stale_if_error.is_zero());
     assert!(c.shutdown_timeout.is_zero());
     // ... and is meaningless for the others.
     for var in [

@@ -147,7 +147,11 @@ fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
     );
     assert_eq!(v2_counts(&bed), before, "b answered the shared miss itself");
 
-    // Hits (b's shard has both now) make no Redis call.
+    // Hits (b's shard has both now) make no Redis call, once b's own write (the tag it learned with
+    // its first answer) went out.
+    wait_until("b's tag write went out", || {
+        b.scrape()[r#"harbor_router_redis_operations_total{op="write"}"#] >= 1.0
+    });
     let master = redis.master_port().unwrap();
     let commands = data_commands(&redis, master);
     for _ in 0..50 {
@@ -654,4 +658,61 @@ fn an_old_project_list_is_not_passed_off_as_fresh() {
     c.wait_log(|l| l.contains("older than 3 discovery intervals"));
     assert_eq!(common::get(c.addr, "/readyz").status, 503);
     drop(held);
+}
+
+#[test]
+fn a_pod_that_never_saw_a_tag_answers_it_from_what_another_pod_shared() {
+    let redis = RedisSet::start(None).unwrap();
+    let bed = bed();
+    let a = pod(&bed, &redis, &[]);
+    let b = pod(&bed, &redis, &[]);
+    wait_redis_up(&a);
+    wait_redis_up(&b);
+    let fresh = manifest(&a, "GET", "org/app", "v1");
+    assert_eq!(fresh.status, 200);
+    let digest = fresh.header("docker-content-digest").unwrap().to_string();
+    let tag_keys = || {
+        redis
+            .master_cli(&["KEYS", "hr:v1:tag:*"])
+            .map(|o| o.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0)
+    };
+    wait_until("a's tag reaches Redis", || tag_keys() == 1);
+    let master = redis.master_port().unwrap();
+    let sets = redis.calls(master, "set").unwrap();
+    for _ in 0..20 {
+        assert_eq!(manifest(&a, "GET", "org/app", "v1").status, 200);
+    }
+    assert_eq!(
+        redis.calls(master, "set").unwrap(),
+        sets,
+        "a tag confirmed again is not written again"
+    );
+
+    // Harbor's tag lookups fail: b never saw the tag, Redis tells it what a saw.
+    for p in PROJECTS {
+        bed.harbor
+            .set_fault(p, Fault::TagLookups(Box::new(Fault::Status(503))));
+    }
+    let head = manifest(&b, "HEAD", "org/app", "v1");
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("docker-content-digest"), Some(digest.as_str()));
+    assert_eq!(
+        head.header("warning"),
+        Some("110 harbor-router \"Response is Stale\"")
+    );
+    let get = manifest(&b, "GET", "org/app", "v1");
+    assert_eq!(get.status, 200);
+    assert_eq!(get.header("docker-content-digest"), Some(digest.as_str()));
+    assert!(get.header("warning").is_some());
+    use sha2::Digest as _;
+    assert_eq!(
+        format!("sha256:{:x}", sha2::Sha256::digest(&get.body)),
+        digest,
+        "the manifest by its digest, from Harbor's store"
+    );
+    // A tag nobody resolved has nothing to stand in.
+    let res = manifest(&b, "GET", "library/alpine", "3.19");
+    assert!(res.status >= 502, "{}", res.status);
+    assert_eq!(res.header("warning"), None);
 }

@@ -5,17 +5,22 @@
 //!   configured (`crate::share`). A mapping is fresh for `CACHE_TTL`, then served stale (and refreshed in the
 //!   background) for `STALE_WHILE_REVALIDATE`, then gone.
 //! - [`Answers`]: remembered misses, manifests by digest and tag lists, per core.
+//! - [`LastGood`]: what each tag last resolved to, per core, for answers when every project fails.
 //!
 //! Nothing a core reads on a hit is shared with another core: the shared tiers are read on a local
 //! miss only and written on a learn, never on a hit.
 
 mod answers;
+mod last_good;
 mod learned;
 mod mappings;
 
 use std::time::{Duration, Instant};
 
 pub use answers::{Answers, Kept};
+pub use last_good::{
+    Confirmed, LastGood, Resolved, Seen, LAST_GOOD_BYTES_PER_CORE, LAST_GOOD_PER_CORE,
+};
 pub use learned::LearnedMap;
 pub use mappings::{Asked, Heard, Known, Lookup, Mappings, Tier, TierLookup};
 

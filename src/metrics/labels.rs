@@ -76,6 +76,18 @@ label!(
         Mapped => "mapped",
         FanOut => "fanout",
         Refused => "refused",
+        Stale => "stale",
+    }
+);
+
+label!(
+    /// Why a tag was answered with its last-known-good digest (`reason`): every project that could
+    /// confirm it answered 429 (rate_limited), 503 or had its circuit open (unavailable), or failed
+    /// otherwise: no answer, a timeout, 502, 504 (failed).
+    StaleReason {
+        RateLimited => "rate_limited",
+        Unavailable => "unavailable",
+        Failed => "failed",
     }
 );
 
@@ -141,6 +153,15 @@ label!(
     Circuit {
         Open => "open",
         Closed => "closed",
+    }
+);
+
+label!(
+    /// A project's circuit (`lane`): tag lookups need Harbor's upstream, content by digest does not
+    /// (see `upstream::breaker`).
+    Lane {
+        Tags => "tags",
+        Content => "content",
     }
 );
 

@@ -41,6 +41,8 @@ pub struct CoreMetrics {
     /// Requests that waited for another request's fan-out instead of leading one.
     pub coalesced: Counter,
     rejected: Vec<Counter>,
+    /// `[reason]` of tags answered with their last-known-good digest.
+    stale: Vec<Counter>,
     /// This core's per-project counters, appended (rarely: a project's first request) by the core.
     projects: Mutex<Vec<(String, Arc<ProjectMetrics>)>>,
     upstream: Arc<crate::upstream::Stats>,
@@ -54,10 +56,10 @@ pub struct ProjectMetrics {
     errors: Vec<Counter>,
     /// Time to the answer's head.
     duration: Histogram,
-    /// `[to]`
+    /// `[lane][to]`
     transitions: Vec<Counter>,
-    /// 1 while this core's circuit for the project is open (or half-open).
-    pub circuit_open: Gauge,
+    /// `[lane]`: 1 while this core's circuit for the project is open (or half-open).
+    circuit_open: [Gauge; Lane::COUNT],
 }
 
 impl Default for ProjectMetrics {
@@ -66,8 +68,8 @@ impl Default for ProjectMetrics {
             answers: counters(Status::COUNT),
             errors: counters(UpstreamError::COUNT),
             duration: Histogram::durations(),
-            transitions: counters(Circuit::COUNT),
-            circuit_open: Gauge::default(),
+            transitions: counters(Lane::COUNT * Circuit::COUNT),
+            circuit_open: Default::default(),
         }
     }
 }
@@ -85,9 +87,9 @@ impl ProjectMetrics {
         self.errors[kind.index()].inc();
     }
 
-    pub fn circuit(&self, to: Circuit) {
-        self.transitions[to.index()].inc();
-        self.circuit_open.set(i64::from(to == Circuit::Open));
+    pub fn circuit(&self, lane: Lane, to: Circuit) {
+        self.transitions[lane.index() * Circuit::COUNT + to.index()].inc();
+        self.circuit_open[lane.index()].set(i64::from(to == Circuit::Open));
     }
 }
 
@@ -107,6 +109,7 @@ impl CoreMetrics {
             race_width: Histogram::new(COUNT_BOUNDS),
             coalesced: Counter::default(),
             rejected: counters(Rejected::COUNT),
+            stale: counters(StaleReason::COUNT),
             projects: Mutex::new(Vec::new()),
             upstream,
         }
@@ -142,6 +145,10 @@ impl CoreMetrics {
 
     pub fn rejected(&self, why: Rejected) {
         self.rejected[why.index()].inc();
+    }
+
+    pub fn stale(&self, why: StaleReason) {
+        self.stale[why.index()].inc();
     }
 
     /// Registers a new project's counters (the core keeps its own map for lookups).
@@ -384,6 +391,16 @@ impl Metrics {
                 )
             }),
         );
+        e.counter(
+            "harbor_router_stale_answers_total",
+            "Tags answered with their last-known-good digest (STALE_IF_ERROR) because every project that could confirm them failed: rate_limited (429), unavailable (503, or circuits open), failed (no answer, a timeout, 502, 504).",
+            StaleReason::ALL.iter().map(|r| {
+                (
+                    vec![("reason", r.as_str().to_string())],
+                    sum(&|c| c.stale[r.index()].get()),
+                )
+            }),
+        );
 
         // Client connections.
         let server = |f: &dyn Fn(&crate::server::Stats) -> u64| -> u64 {
@@ -472,7 +489,7 @@ impl Metrics {
             errors: Vec<u64>,
             duration: HistogramValue,
             transitions: Vec<u64>,
-            open: i64,
+            open: [i64; Lane::COUNT],
         }
         let current = self.snapshot.load();
         let listed = |name: &str| current.as_ref().is_some_and(|s| s.project(name).is_some());
@@ -487,13 +504,15 @@ impl Metrics {
                     errors: Vec::new(),
                     duration: HistogramValue::new(DURATION_BOUNDS_MICROS),
                     transitions: Vec::new(),
-                    open: 0,
+                    open: [0; Lane::COUNT],
                 });
                 add_into(&mut s.answers, &m.answers);
                 add_into(&mut s.errors, &m.errors);
                 add_into(&mut s.transitions, &m.transitions);
                 s.duration.merge(&m.duration);
-                s.open += m.circuit_open.get();
+                for (sum, g) in s.open.iter_mut().zip(&m.circuit_open) {
+                    *sum += g.get();
+                }
             }
         }
         let project = |p: &str| ("project", p.to_string());
@@ -527,20 +546,27 @@ impl Metrics {
                 .iter()
                 .map(|(p, s)| (vec![project(p)], s.duration.clone())),
         );
+        let lane = |l: &Lane| ("lane", l.as_str().to_string());
         e.gauge(
             "harbor_router_circuit_open_cores",
-            "Cores whose circuit for the project is open (or half-open, letting one probe through).",
-            projects.iter().map(|(p, s)| (vec![project(p)], s.open as f64)),
+            "Cores whose circuit for the project's lane (tags, content) is open (or half-open, letting one probe through).",
+            projects.iter().flat_map(|(p, s)| {
+                Lane::ALL
+                    .iter()
+                    .map(move |l| (vec![project(p), lane(l)], s.open[l.index()] as f64))
+            }),
         );
         e.counter(
             "harbor_router_circuit_transitions_total",
-            "Circuit transitions of a project on a core: to open (opened, or a probe failed), to closed (a probe succeeded).",
+            "Circuit transitions of a project's lane on a core: to open (opened, or a probe failed), to closed (a probe succeeded).",
             projects.iter().flat_map(|(p, s)| {
-                Circuit::ALL.iter().map(move |t| {
-                    (
-                        vec![project(p), ("to", t.as_str().to_string())],
-                        s.transitions[t.index()],
-                    )
+                Lane::ALL.iter().flat_map(move |l| {
+                    Circuit::ALL.iter().map(move |t| {
+                        (
+                            vec![project(p), lane(l), ("to", t.as_str().to_string())],
+                            s.transitions[l.index() * Circuit::COUNT + t.index()],
+                        )
+                    })
                 })
             }),
         );

@@ -11,6 +11,7 @@ use http::{HeaderMap, Method};
 use crate::error::Error;
 use crate::registry::route::{Reference, Route};
 use crate::snapshot::Project;
+use crate::upstream::breaker::Lane;
 
 use super::forward;
 
@@ -228,6 +229,28 @@ impl Ask {
                 self.mapping_key(),
                 if self.root { " root" } else { "" }
             )),
+            _ => None,
+        }
+    }
+
+    /// The breaker lane of this pull: tag lookups need Harbor's upstream, content by digest does not.
+    pub fn lane(&self) -> Lane {
+        match self.endpoint {
+            Endpoint::Manifest {
+                by_digest: false, ..
+            }
+            | Endpoint::Tags { .. } => Lane::Tags,
+            _ => Lane::Content,
+        }
+    }
+
+    /// A manifest by tag: what a last-known-good answer may stand in for.
+    pub fn tag(&self) -> Option<&str> {
+        match &self.endpoint {
+            Endpoint::Manifest {
+                reference,
+                by_digest: false,
+            } => Some(reference),
             _ => None,
         }
     }

@@ -33,8 +33,11 @@ use super::forward;
 use super::state::{FanOutResult, State};
 
 /// What a race did besides its outcome.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RaceInfo {
+    /// For a tag: the projects that answered "not here" (a last-known-good answer from one of them
+    /// must not stand in for the others' failures).
+    pub not_here: Vec<String>,
     /// Projects asked.
     pub asked: usize,
     /// With `FANOUT_ORDER`: the winner won because a project preferred to it failed (or its
@@ -128,6 +131,10 @@ pub async fn find<'s>(
                 Found::NotFound(detail)
             }
             Outcome::Failed(e) => {
+                // Before the waiters wake: they look for a last-known-good answer too.
+                for project in &info.not_here {
+                    state.forget_tag(key, project);
+                }
                 leader.finish(FanOutResult::Failed(e.clone()));
                 Found::Failed(e)
             }
@@ -169,7 +176,7 @@ pub async fn race<'a>(
     let mut pending: Vec<usize> = Vec::new();
     for (i, project) in fitting().enumerate() {
         let rank = rank_of(i, project);
-        let Some(ticket) = state.admit(&project.name) else {
+        let Some(ticket) = state.admit(&project.name, ask.lane()) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.
             skipped = true;
             unavailable.push(rank);
@@ -212,8 +219,12 @@ pub async fn race<'a>(
     let mut failed = false;
     // With FANOUT_ORDER: the best win so far, held until nothing better can come.
     let mut held: Option<(usize, &'a Project, Response<UpstreamBody>)> = None;
+    let tag = ask.tag().is_some();
     while let Some((project, rank, verdict)) = running.next().await {
         pending.retain(|r| *r != rank);
+        if tag && matches!(verdict, Verdict::NotHere(_)) {
+            info.not_here.push(project.name.clone());
+        }
         match verdict {
             Verdict::Win(res) if !ordered => return Outcome::Won(project, Box::new(res)),
             Verdict::Win(res) => {

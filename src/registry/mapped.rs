@@ -6,7 +6,9 @@ use http::Response;
 
 use crate::body::Body;
 use crate::error::Error;
+use crate::metrics::labels::UpstreamError as UpstreamErrorKind;
 use crate::snapshot::Project;
+use crate::upstream::UpstreamError;
 
 use super::answer;
 use super::ask::Ask;
@@ -22,15 +24,27 @@ pub enum Mapped {
 }
 
 /// Sends `ask` to `project` and answers with what it said; `attempts` counts the request when it
-/// is sent (not when the project's circuit is open).
+/// is sent (not when the project's circuit is open). A tag lookup waits at most `RESOLVER_TIMEOUT`
+/// for the answer's head, as a fan-out attempt does: past it, a last-known-good answer can stand in.
 pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
-    let Some(ticket) = state.admit(&project.name) else {
+    let Some(ticket) = state.admit(&project.name, ask.lane()) else {
         return answered(error(&Error::Unavailable {
             reason: "the project that has this image is failing; its circuit is open",
         }));
     };
     *attempts += 1;
-    let res = match attempt::send(state, project, ask).await {
+    let sent = if ask.tag().is_some() {
+        let limit = state.resolver_timeout();
+        monoio::time::timeout(limit, attempt::send(state, project, ask))
+            .await
+            .unwrap_or_else(|_| {
+                state.project_metrics(&project.name, |m| m.failed(UpstreamErrorKind::Timeout));
+                Err(UpstreamError::ResponseTimeout(limit))
+            })
+    } else {
+        attempt::send(state, project, ask).await
+    };
+    let res = match sent {
         Ok(res) => res,
         Err(e) => {
             state.record(ticket, true);

@@ -9,7 +9,7 @@
 //! - [`ask`]: one owned description of what a pull asks a project for.
 //! - [`attempt`]: sending an ask to one project, and the one judge of the answer.
 //! - [`pull`]: a pull's phases, in order: [`memory`], [`mapped`], [`fanout`] (with [`refresh`] for
-//!   stale mappings), [`answer`].
+//!   stale mappings), [`answer`]; [`stale`] for tags every project failed to confirm.
 //! - [`forward`]: project paths, headers up and down, Harbor's same-project redirects.
 //! - [`respond`]: building responses and registry errors.
 
@@ -27,6 +27,7 @@ pub mod pull;
 pub mod refresh;
 pub mod respond;
 pub mod route;
+pub mod stale;
 pub mod state;
 pub mod trace;
 

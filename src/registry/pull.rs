@@ -6,7 +6,9 @@
 //!    [`mapped`]: with a mapping, one request to its project (a stale mapping is used, and
 //!    [`refresh`]ed in the background); a 404 there falls through to
 //! 4. [`fanout`]: race the candidate projects (coalesced per core), learn the winner;
-//! 5. [`answer`]: translate the winner's answer for the client.
+//! 5. [`answer`]: translate the winner's answer for the client;
+//! 6. for a tag: remember what it resolved to, or, when every project that could confirm it failed,
+//!    answer with what it last resolved to ([`stale`]).
 //!
 //! The mapping moves when a fan-out after a mapped 404 finds another project, and stays otherwise
 //! (a missing tag of a mapped image must not cost every later pull a fan-out).
@@ -30,7 +32,7 @@ use super::mirror::{self, MirrorRequest};
 use super::respond::{error, json};
 use super::state::{Lookup, State};
 use super::trace::{Trace, REQUEST_ID};
-use super::{answer, forward, memory, refresh};
+use super::{answer, forward, memory, refresh, stale};
 
 /// Serves one pull request; `trace` learns how. `mirror` says which registry a mirror request
 /// names, and in which form it came.
@@ -85,27 +87,60 @@ pub async fn serve(
     }
     // From here on the pull may go to Harbor: the request id goes with it.
     ask.headers.insert(REQUEST_ID, trace.id.clone());
-    match state.lookup(&snapshot, &ask.mapping_key(), &key, now).await {
+    let mut by = None;
+    let res = ask_harbor(state, &snapshot, &ask, &key, client, trace, &mut by).await;
+    if ask.tag().is_none() || !state.stale_if_error() {
+        return res;
+    }
+    if let Some(project) = by {
+        stale::remember(state, &key, project, &res);
+    }
+    // Every project that could confirm the tag failed (not: the client's own budget refused it).
+    let failed = stale::failure(res.status()).filter(|_| trace.route != Answered::Refused);
+    if let Some(why) = failed {
+        if let Some(stale) = stale::answer(state, &snapshot, &ask, &key, why, trace).await {
+            return stale;
+        }
+    }
+    res
+}
+
+/// The mapped project's answer, else the fan-out's; `by` learns the project whose answer it is.
+async fn ask_harbor<'s>(
+    state: &Rc<State>,
+    snapshot: &'s Rc<Snapshot>,
+    ask: &Ask,
+    key: &str,
+    client: IpAddr,
+    trace: &mut Trace,
+    by: &mut Option<&'s Project>,
+) -> Response<Body> {
+    let now = state.now();
+    match state.lookup(snapshot, &ask.mapping_key(), key, now).await {
         Lookup::Missing(detail) => {
             trace.route = Answered::Negative;
-            return not_found(&ask, detail);
+            return not_found(ask, detail);
         }
         // A mirror request's mapping (keyed by registry) must still point into its registry.
         Lookup::Mapped(project, _)
             if ask
                 .registry
                 .as_deref()
-                .is_some_and(|host| !mirror::serves(&snapshot, project, host)) => {}
+                .is_some_and(|host| !mirror::serves(snapshot, project, host)) => {}
         Lookup::Mapped(project, stale) => {
             if stale {
-                refresh::start(state, snapshot.clone(), &ask);
+                refresh::start(state, snapshot.clone(), ask);
             }
             trace.route = Answered::Mapped;
             trace.project(&project.name);
-            match mapped::request(state, project, &ask, &mut trace.attempts).await {
-                Mapped::Answer(res) => return *res,
+            match mapped::request(state, project, ask, &mut trace.attempts).await {
+                Mapped::Answer(res) => {
+                    *by = Some(project);
+                    return *res;
+                }
                 Mapped::Gone => {
                     trace.project = None;
+                    state.forget_tag(key, &project.name);
                     tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
                 }
             }
@@ -113,13 +148,13 @@ pub async fn serve(
         Lookup::Unknown => {}
     }
     trace.route = Answered::FanOut;
-    let candidates = candidates(state, &snapshot, &ask);
+    let candidates = candidates(state, snapshot, ask);
     let found = fanout::find(
         state,
-        &snapshot,
+        snapshot,
         &candidates,
-        &ask,
-        &key,
+        ask,
+        key,
         client,
         &mut trace.attempts,
     );
@@ -134,17 +169,19 @@ pub async fn serve(
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
         {
             trace.project(&project.name);
-            answer_mapped(state, project, &ask, &mut trace.attempts).await
+            answer_mapped(state, project, ask, &mut trace.attempts).await
         }
         Found::Won(project, res) => {
             trace.project(&project.name);
-            answer::answer(state, project, &ask, *res).await
+            *by = Some(project);
+            answer::answer(state, project, ask, *res).await
         }
         Found::Known(project) => {
             trace.project(&project.name);
-            answer_mapped(state, project, &ask, &mut trace.attempts).await
+            *by = Some(project);
+            answer_mapped(state, project, ask, &mut trace.attempts).await
         }
-        Found::NotFound(detail) => not_found(&ask, detail),
+        Found::NotFound(detail) => not_found(ask, detail),
         Found::Failed(e) => error(&e),
     }
 }

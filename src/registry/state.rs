@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderValue;
 
-use crate::cache::{Answers, Asked, Kept, LearnedMap, Lookup as Looked, Mappings, Tier, Ttls};
+use crate::cache::{
+    Answers, Asked, Confirmed, Kept, LastGood, LearnedMap, Lookup as Looked, Mappings, Resolved,
+    Seen, Tier, Ttls, LAST_GOOD_BYTES_PER_CORE, LAST_GOOD_PER_CORE,
+};
 use crate::config::{AccessLog, Config};
 use crate::error::Error;
 use crate::flight::{Flights, Turn};
@@ -24,7 +27,7 @@ use crate::metrics::labels::{Circuit, Found, Layer};
 use crate::metrics::{CoreMetrics, Metrics, ProjectMetrics};
 use crate::share::Shared;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot};
-use crate::upstream::breaker::{Breakers, Ticket, Transition};
+use crate::upstream::breaker::{Breakers, Lane, Ticket, Transition};
 use crate::upstream::{self, Upstream};
 
 /// How long a second-choice mapping is fresh (see [`State::learn_won`]).
@@ -114,6 +117,10 @@ pub struct State {
     mappings: Mappings,
     /// Misses, manifests by digest and tag lists remembered by this core.
     answers: RefCell<Answers>,
+    /// What tags last resolved to on this core (`STALE_IF_ERROR`).
+    last_good: RefCell<LastGood>,
+    /// Stale answers since the last log line about them, and when that line was written.
+    stale_log: Cell<(u64, Option<Instant>)>,
     /// This core's circuit breakers, by project.
     breakers: Rc<Breakers>,
     /// Fan-outs in flight, for coalescing.
@@ -191,6 +198,12 @@ impl State {
             worker,
             mappings: Mappings::new(ttls, tiers),
             answers: RefCell::new(Answers::new(ttls, manifest_bytes)),
+            last_good: RefCell::new(LastGood::new(
+                config.stale_if_error,
+                LAST_GOOD_PER_CORE,
+                LAST_GOOD_BYTES_PER_CORE,
+            )),
+            stale_log: Cell::new((0, None)),
             breakers: Breakers::new(
                 config.circuit_breaker_threshold,
                 config.circuit_breaker_timeout,
@@ -426,29 +439,32 @@ impl State {
         self.mappings.forget(name, project);
     }
 
-    /// A ticket to send one request to `project`, or `None` when its circuit is open.
-    pub fn admit(&self, project: &str) -> Option<Ticket> {
-        self.breakers.admit(project, self.now())
+    /// A ticket to send one request of `lane` to `project`, or `None` when that circuit is open.
+    pub fn admit(&self, project: &str, lane: Lane) -> Option<Ticket> {
+        self.breakers.admit(project, lane, self.now())
     }
 
     /// Records how an admitted request went.
     /// Circuits are per core: each transition is logged (and counted) by the core it happened on,
     /// with the core's id.
     pub fn record(&self, ticket: Ticket, failed: bool) {
-        let (t, project) = ticket.record(failed, self.now());
+        let (t, project, lane) = ticket.record(failed, self.now());
         let worker = self.worker;
+        let lane_name = lane.as_str();
         let to = match t {
             Transition::Opened => {
                 tracing::warn!(
                     project,
+                    lane = lane_name,
                     worker,
-                    "circuit opened on this core: the project is left out until it recovers"
+                    "circuit opened on this core: the project's lane is left out until it recovers"
                 );
                 Circuit::Open
             }
             Transition::Reopened => {
                 tracing::warn!(
                     project,
+                    lane = lane_name,
                     worker,
                     "circuit probe failed on this core: still open"
                 );
@@ -457,6 +473,7 @@ impl State {
             Transition::Closed => {
                 tracing::info!(
                     project,
+                    lane = lane_name,
                     worker,
                     "circuit closed on this core: the project recovered"
                 );
@@ -464,7 +481,7 @@ impl State {
             }
             Transition::Unchanged => return,
         };
-        self.project_metrics(&project, |m| m.circuit(to));
+        self.project_metrics(&project, |m| m.circuit(lane, to));
     }
 
     /// `Some` when `key` is a remembered miss, with the registry's error body if it had one.
@@ -501,6 +518,67 @@ impl State {
         self.answers.borrow_mut().keep_tags(key, kept, self.now());
     }
 
+    /// Whether tags are remembered for `STALE_IF_ERROR`.
+    pub fn stale_if_error(&self) -> bool {
+        self.last_good.borrow().enabled()
+    }
+
+    /// `project` answered the tag pull `key` with `seen`: remembered, and shared through Redis when
+    /// this core learned it, saw it change, or last shared it a while ago (never on every hit).
+    pub fn confirm_tag(&self, key: &str, seen: Seen<'_>, project: &Project) {
+        let now = self.now();
+        let how = self.last_good.borrow_mut().confirm(key, seen, now);
+        if how == Confirmed::Same {
+            return;
+        }
+        if let Some(shared) = &self.shared {
+            if let Some((resolved, _)) = self.last_good.borrow().get(key, now) {
+                shared.share_tag(key, &resolved, project, Instant::now());
+            }
+        }
+    }
+
+    /// What the tag pull `key` last resolved to, and how long ago: this core's memory, else
+    /// (with Redis) what another pod shared, remembered here from then on.
+    pub async fn last_good(&self, key: &str, snapshot: &Snapshot) -> Option<(Resolved, Duration)> {
+        let now = self.now();
+        if let Some(found) = self.last_good.borrow().get(key, now) {
+            return Some(found);
+        }
+        let shared = self.shared.as_ref().filter(|_| self.stale_if_error())?;
+        let (resolved, at) = shared.tag(key, snapshot).await?;
+        let age = Instant::now().saturating_duration_since(at);
+        let at = now.checked_sub(age).unwrap_or(now);
+        self.last_good.borrow_mut().heard(key, resolved.clone(), at);
+        Some((resolved, age))
+    }
+
+    /// `project` said the tag pull `key` is not there: if that is where the tag last resolved, the
+    /// tag is forgotten here (a 404 is an answer; it is never masked by an older one).
+    pub fn forget_tag(&self, key: &str, project: &str) {
+        self.last_good.borrow_mut().forget(key, project);
+    }
+
+    /// Counts a stale answer; logs the first, then at most one line a minute with the count since.
+    pub fn served_stale(&self, name: &str, project: &str, age: Duration, why: &str) {
+        let (count, last) = self.stale_log.get();
+        let now = self.now();
+        if last.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(60)) {
+            self.stale_log.set((count + 1, last));
+            return;
+        }
+        tracing::warn!(
+            worker = self.worker,
+            name,
+            project,
+            age_s = age.as_secs(),
+            why,
+            since_last_line = count,
+            "every project failed: answered a tag with its last-known-good digest (STALE_IF_ERROR)"
+        );
+        self.stale_log.set((0, Some(now)));
+    }
+
     /// Leads the fan-out for `key`, or waits for the one in flight.
     pub fn join_fan_out(&self, key: &str) -> Turn<FanOutResult> {
         self.flights.join(key)
@@ -521,6 +599,7 @@ impl State {
     fn sweep(&self) {
         let now = self.now();
         self.answers.borrow_mut().sweep(now);
+        self.last_good.borrow_mut().sweep(now);
         // One core sweeps the shared tiers for everyone.
         self.mappings.sweep(now, self.worker == 0);
     }

@@ -20,10 +20,10 @@ use crate::config::Config;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 use super::schema::{
-    unix_ms, Keys, StoredChange, StoredMapping, StoredMiss, StoredProjects, PROJECTS_LIFE,
-    RECENT_MAX,
+    unix_ms, Keys, StoredChange, StoredMapping, StoredMiss, StoredProjects, StoredTag,
+    PROJECTS_LIFE, RECENT_MAX,
 };
-use super::{instant_of, Answer, Read, Shared, Status, Write};
+use super::{instant_of, Answer, Asking, Read, Shared, Status, Write};
 
 /// Longest wait for one command's answer (a frozen master is left after this).
 const RESPONSE_LIMIT: Duration = Duration::from_secs(1);
@@ -266,6 +266,18 @@ impl Link {
                         .arg(serde_json::to_string(&stored).unwrap_or_default())
                         .arg("PX")
                         .arg(ttl.as_millis().max(1) as u64);
+                }
+                Write::Tag { key, stored, life } => {
+                    let life_ms = life.as_millis() as u64;
+                    let left = life_ms.saturating_sub(now.saturating_sub(stored.at));
+                    if left == 0 {
+                        continue;
+                    }
+                    pipe.cmd("SET")
+                        .arg(keys.tag(&key))
+                        .arg(serde_json::to_string(&stored).unwrap_or_default())
+                        .arg("PX")
+                        .arg(left);
                 }
                 Write::Projects(list) => {
                     pipe.cmd("SET")
@@ -534,19 +546,19 @@ fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, paylo
     }
 }
 
-/// Readers waiting for one (name, miss key).
-type Waiting = Vec<((String, String), Vec<tokio::sync::oneshot::Sender<Answer>>)>;
+/// Readers waiting for one answer.
+type Waiting = Vec<(Asking, Vec<tokio::sync::oneshot::Sender<Answer>>)>;
 
 /// Groups a batch of reads by what they ask, so cores missing the same name at once cost one read;
 /// reads whose core stopped waiting are dropped.
 fn group(batch: &mut Vec<Read>) -> Waiting {
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut index: HashMap<Asking, usize> = HashMap::new();
     let mut waiting: Waiting = Vec::new();
     for r in batch.drain(..) {
         if r.reply.is_closed() {
             continue;
         }
-        let key = (r.name, r.miss_key);
+        let key = r.asking;
         match index.get(&key) {
             Some(&i) => waiting[i].1.push(r.reply),
             None => {
@@ -558,7 +570,8 @@ fn group(batch: &mut Vec<Read>) -> Waiting {
     waiting
 }
 
-/// Answers a batch of reads with one pipeline: one pair of GETs per distinct (name, miss key).
+/// Answers a batch of reads with one pipeline: a pair of GETs per distinct (name, miss key), one
+/// GET per distinct tag.
 async fn serve_reads(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
@@ -569,9 +582,16 @@ async fn serve_reads(
         return Ok(());
     }
     let mut pipe = redis::pipe();
-    for ((name, miss_key), _) in &waiting {
-        pipe.cmd("GET").arg(keys.mapping(name));
-        pipe.cmd("GET").arg(keys.miss(miss_key));
+    for (asking, _) in &waiting {
+        match asking {
+            Asking::Lookup { name, miss_key } => {
+                pipe.cmd("GET").arg(keys.mapping(name));
+                pipe.cmd("GET").arg(keys.miss(miss_key));
+            }
+            Asking::Tag(key) => {
+                pipe.cmd("GET").arg(keys.tag(key));
+            }
+        }
     }
     // A key holding the wrong type fails its own GET, not the pipeline (nor the connection).
     let values: Vec<redis::RedisResult<Option<Vec<u8>>>> =
@@ -583,10 +603,24 @@ async fn serve_reads(
         }
     };
     let now = unix_ms(SystemTime::now());
-    for (i, (_, replies)) in waiting.into_iter().enumerate() {
-        let answer = Answer {
-            mapping: value(2 * i).and_then(|r| StoredMapping::decode(&r, now)),
-            miss: value(2 * i + 1).and_then(|r| StoredMiss::decode(&r)),
+    let mut i = 0;
+    for (asking, replies) in waiting {
+        let answer = match asking {
+            Asking::Lookup { .. } => {
+                i += 2;
+                Answer {
+                    mapping: value(i - 2).and_then(|r| StoredMapping::decode(&r, now)),
+                    miss: value(i - 1).and_then(|r| StoredMiss::decode(&r)),
+                    tag: None,
+                }
+            }
+            Asking::Tag(_) => {
+                i += 1;
+                Answer {
+                    tag: value(i - 1).and_then(|r| StoredTag::decode(&r, now)),
+                    ..Answer::default()
+                }
+            }
         };
         for reply in replies {
             let _ = reply.send(answer.clone());
@@ -672,13 +706,16 @@ mod tests {
     use super::*;
 
     fn read(name: &str, miss_key: &str) -> (Read, tokio::sync::oneshot::Receiver<Answer>) {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let r = Read {
+        let asking = Asking::Lookup {
             name: name.into(),
             miss_key: miss_key.into(),
-            reply,
         };
-        (r, rx)
+        asked(asking)
+    }
+
+    fn asked(asking: Asking) -> (Read, tokio::sync::oneshot::Receiver<Answer>) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        (Read { asking, reply }, rx)
     }
 
     #[test]
@@ -689,13 +726,23 @@ mod tests {
         let (c, gone) = read("alpine", "m3");
         drop(gone);
         let (d, _k4) = read("nginx", "m1");
-        let mut batch = vec![a1, a2, b, c, d];
+        let (t1, _k5) = asked(Asking::Tag("m1".into()));
+        let (t2, _k6) = asked(Asking::Tag("m1".into()));
+        let mut batch = vec![a1, a2, b, c, d, t1, t2];
         let g = group(&mut batch);
-        let shape: Vec<(&str, &str, usize)> = g
+        let shape: Vec<(String, usize)> = g
             .iter()
-            .map(|((n, m), w)| (n.as_str(), m.as_str(), w.len()))
+            .map(|(a, w)| {
+                let what = match a {
+                    Asking::Lookup { name, miss_key } => format!("{name} {miss_key}"),
+                    Asking::Tag(key) => format!("tag {key}"),
+                };
+                (what, w.len())
+            })
             .collect();
-        assert_eq!(shape, [("nginx", "m1", 3), ("nginx", "m2", 1)]);
+        let want = [("nginx m1", 3), ("nginx m2", 1), ("tag m1", 2)];
+        let want: Vec<(String, usize)> = want.iter().map(|(a, n)| (a.to_string(), *n)).collect();
+        assert_eq!(shape, want);
         assert!(batch.is_empty());
     }
 

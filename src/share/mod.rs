@@ -11,6 +11,9 @@
 //! - **Warm start**: discovery publishes the project list; a starting process loads it (as a
 //!   provisional snapshot, when young enough) and the recent mappings.
 //! - **Invalidation**: a mapping that moved is published on a channel; every pod's copies follow.
+//! - **Last-known-good tags**: what a tag resolved to is written when a core learns it or sees it
+//!   change (and again after a quarter of `STALE_IF_ERROR`, never per hit), and read only when every
+//!   project that could confirm a tag failed and the core remembers nothing of it.
 //!
 //! Nothing here is touched by a request that hits its core's shard. The key schema is in [`schema`].
 
@@ -22,14 +25,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::cache::{Heard, LearnedMap, Mapping, Tier, TierLookup};
+use crate::cache::{Heard, LearnedMap, Mapping, Resolved, Tier, TierLookup};
 use crate::config::Config;
 use crate::counter::Counter;
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::snapshot::{Project, SharedSnapshot, Snapshot};
 
-use schema::{fingerprint, unix_ms, StoredMapping, StoredMiss, StoredProjects};
+use schema::{fingerprint, unix_ms, StoredMapping, StoredMiss, StoredProjects, StoredTag};
 
 /// Writes queued for the link before new ones are shed.
 const WRITE_QUEUE: usize = 8192;
@@ -81,12 +85,25 @@ pub(crate) enum Write {
         ttl: Duration,
     },
     Projects(StoredProjects),
+    Tag {
+        key: String,
+        stored: StoredTag,
+        life: Duration,
+    },
 }
 
-/// A read for the link: the mapping of `name` and the miss `miss_key`.
+/// What a read asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Asking {
+    /// The mapping of `name` and the miss `miss_key`.
+    Lookup { name: String, miss_key: String },
+    /// The last-known-good answer of the tag pull `key`.
+    Tag(String),
+}
+
+/// A read for the link.
 pub(crate) struct Read {
-    name: String,
-    miss_key: String,
+    asking: Asking,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -104,6 +121,7 @@ enum ReadOutcome {
 pub(crate) struct Answer {
     mapping: Option<StoredMapping>,
     miss: Option<StoredMiss>,
+    tag: Option<StoredTag>,
 }
 
 /// What the cores and the link share: the queues' senders and a few flags written on state changes
@@ -125,6 +143,8 @@ struct Inner {
     mapping_life: Duration,
     /// This pod's `NEGATIVE_CACHE_TTL`: the longest a shared miss is believed here (0: never).
     miss_life: Duration,
+    /// This pod's `STALE_IF_ERROR`: how long a shared tag lives, and the oldest believed here.
+    tag_life: Duration,
     /// Each core's change queue, registered when the core starts.
     cores: Mutex<Vec<mpsc::Sender<(String, Mapping)>>>,
 }
@@ -193,6 +213,7 @@ impl Shared {
                 read_timeout: config.redis_read_timeout,
                 mapping_life: config.cache_ttl + config.stale_while_revalidate,
                 miss_life: config.negative_cache_ttl,
+                tag_life: config.stale_if_error,
                 cores: Mutex::new(Vec::new()),
             }),
         };
@@ -271,17 +292,58 @@ impl Shared {
         }
     }
 
-    /// Asks the link for `name` and `miss_key`, waiting at most `REDIS_READ_TIMEOUT`.
-    async fn read(&self, name: &str, miss_key: &str) -> ReadOutcome {
+    /// Shares what the tag pull `key` resolved to (in `project`, confirmed at `at`).
+    pub fn share_tag(&self, key: &str, resolved: &Resolved, project: &Project, at: Instant) {
+        let life = self.inner.tag_life;
+        if life.is_zero() {
+            return;
+        }
+        let (Ok(digest), Ok(media_type)) = (resolved.digest.to_str(), resolved.media_type.to_str())
+        else {
+            return;
+        };
+        self.write(Write::Tag {
+            key: key.to_string(),
+            stored: StoredTag {
+                v: schema::VERSION,
+                digest: digest.to_string(),
+                media_type: media_type.to_string(),
+                length: resolved.length,
+                project: project.name.clone(),
+                project_id: project.id,
+                at: unix_ms_of(at),
+            },
+            life,
+        });
+    }
+
+    /// What another pod last saw the tag pull `key` resolve to, and when, if that names a project
+    /// of `snapshot` and is younger than `STALE_IF_ERROR`; waits at most `REDIS_READ_TIMEOUT`.
+    pub async fn tag(&self, key: &str, snapshot: &Snapshot) -> Option<(Resolved, Instant)> {
+        let ReadOutcome::Answered(answer) = self.read(Asking::Tag(key.to_string())).await else {
+            return None;
+        };
+        let t = answer.tag.filter(|t| t.valid_in(snapshot))?;
+        let at = instant_of(t.at);
+        if at.elapsed() >= self.inner.tag_life {
+            return None;
+        }
+        let resolved = Resolved {
+            digest: HeaderValue::from_str(&t.digest).ok()?,
+            media_type: HeaderValue::from_str(&t.media_type).ok()?,
+            length: t.length,
+            project: t.project,
+        };
+        Some((resolved, at))
+    }
+
+    /// Asks the link, waiting at most `REDIS_READ_TIMEOUT`.
+    async fn read(&self, asking: Asking) -> ReadOutcome {
         if self.state() != Status::Up {
             return ReadOutcome::NotAsked;
         }
         let (reply, answer) = oneshot::channel();
-        let read = Read {
-            name: name.to_string(),
-            miss_key: miss_key.to_string(),
-            reply,
-        };
+        let read = Read { asking, reply };
         if self.inner.reads.try_send(read).is_err() {
             return ReadOutcome::NotAsked;
         }
@@ -339,7 +401,11 @@ impl RedisTier {
 impl Tier for RedisTier {
     fn get<'a>(&'a self, name: &'a str, miss_key: &'a str) -> TierLookup<'a> {
         Box::pin(async move {
-            let answer = match self.shared.read(name, miss_key).await {
+            let asking = Asking::Lookup {
+                name: name.to_string(),
+                miss_key: miss_key.to_string(),
+            };
+            let answer = match self.shared.read(asking).await {
                 ReadOutcome::Answered(a) => a,
                 ReadOutcome::TimedOut => return None,
                 ReadOutcome::NotAsked => return Some(Heard::NotAsked),

@@ -9,6 +9,7 @@
 //! | `map:<name>` | string | `{"v":1,"project":…,"project_id":…,"at":<unix ms>}` | `CACHE_TTL + STALE_WHILE_REVALIDATE` |
 //! | `miss:<sha256 of the miss key>` | string | `{"v":1,"until":<unix ms>,"projects":<fingerprint>,"detail":…}` | `NEGATIVE_CACHE_TTL` |
 //! | `recent` | sorted set | names, scored by learning time (unix ms), the newest [`RECENT_MAX`] | refreshed on each write, mapping life |
+//! | `tag:<sha256 of the pull key>` | string | `{"v":1,"digest":…,"media_type":…,"length":…,"project":…,"project_id":…,"at":<unix ms>}` | `STALE_IF_ERROR` from `at` |
 //! | `projects` | string | `{"v":1,"at":<unix ms>,"projects":[…]}` as discovery read them | [`PROJECTS_LIFE`] |
 //! | `changes:<REDIS_DB>` | channel | `{"v":1,"name":…,"project":…,"project_id":…,"at":…}` | — |
 
@@ -73,10 +74,20 @@ impl Keys {
 
     /// Miss keys hold the client's Accept set: hashed, so a key's size is bounded whatever it asks.
     pub fn miss(&self, key: &str) -> String {
+        self.hashed("miss:", key)
+    }
+
+    /// A last-known-good tag, by its pull key (name, tag, Accept set, registry): hashed as misses are.
+    pub fn tag(&self, key: &str) -> String {
+        self.hashed("tag:", key)
+    }
+
+    fn hashed(&self, kind: &str, key: &str) -> String {
+        use std::fmt::Write;
         let digest = Sha256::digest(key.as_bytes());
-        let mut out = format!("{}miss:", self.base);
+        let mut out = format!("{}{kind}", self.base);
         for b in digest {
-            out.push_str(&format!("{b:02x}"));
+            let _ = write!(out, "{b:02x}");
         }
         out
     }
@@ -129,6 +140,54 @@ impl StoredMapping {
         }
         let m: StoredMapping = serde_json::from_slice(raw).ok()?;
         (m.v == VERSION && not_future(m.at, now)).then_some(m)
+    }
+
+    /// Usable in `snapshot`: the project is there under the same name and id.
+    pub fn valid_in(&self, snapshot: &Snapshot) -> bool {
+        snapshot
+            .project(&self.project)
+            .is_some_and(|p| p.id == self.project_id)
+    }
+}
+
+/// A last-known-good tag as stored: what the tag resolved to, in which project, confirmed when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTag {
+    pub v: u32,
+    pub digest: String,
+    pub media_type: String,
+    pub length: u64,
+    pub project: String,
+    pub project_id: i64,
+    pub at: u64,
+}
+
+/// Longest media type believed from a stored tag.
+const MAX_MEDIA_TYPE: usize = 255;
+
+impl StoredTag {
+    /// Reads a stored tag; `None` for anything but a version-1 tag confirmed no later than `now`,
+    /// whose digest is a digest, whose media type is a plain `type/subtype` and whose length a
+    /// manifest may have.
+    pub fn decode(raw: &[u8], now: u64) -> Option<StoredTag> {
+        if raw.len() > MAX_VALUE {
+            return None;
+        }
+        let t: StoredTag = serde_json::from_slice(raw).ok()?;
+        let media_type_ok = t.media_type.len() <= MAX_MEDIA_TYPE
+            && t.media_type.split_once('/').is_some_and(|(a, b)| {
+                !a.is_empty()
+                    && !b.is_empty()
+                    && t.media_type
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"/.+-_".contains(&c))
+            });
+        let ok = t.v == VERSION
+            && not_future(t.at, now)
+            && crate::names::valid_digest(&t.digest).is_ok()
+            && media_type_ok
+            && t.length <= crate::names::MAX_MANIFEST_BYTES;
+        ok.then_some(t)
     }
 
     /// Usable in `snapshot`: the project is there under the same name and id.
@@ -350,6 +409,60 @@ mod tests {
         let long = "m ".to_string() + &"a,".repeat(5000);
         assert_eq!(k.miss(&long).len(), "hr:v1:miss:".len() + 64);
         assert_ne!(k.miss("a"), k.miss("b"));
+        assert_eq!(k.tag(&long).len(), "hr:v1:tag:".len() + 64);
+        assert_ne!(k.tag("a"), k.miss("a"), "tags and misses never share a key");
+    }
+
+    #[test]
+    fn tags_round_trip_and_reject_what_they_cannot_trust() {
+        let snap = Snapshot {
+            projects: vec![project("dockerhub", 1)],
+            built_at: Instant::now(),
+            generation: 1,
+        };
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let t = StoredTag {
+            v: VERSION,
+            digest: digest.clone(),
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            length: 1234,
+            project: "dockerhub".into(),
+            project_id: 1,
+            at: 100_000,
+        };
+        let raw = serde_json::to_vec(&t).unwrap();
+        assert_eq!(StoredTag::decode(&raw, 100_000), Some(t.clone()));
+        assert!(t.valid_in(&snap));
+        assert_eq!(StoredTag::decode(&raw, 0), None, "confirmed in the future");
+        let bad = [
+            StoredTag {
+                digest: "sha256:short".into(),
+                ..t.clone()
+            },
+            StoredTag {
+                media_type: "text/html\r\nSet-Cookie: a=b".into(),
+                ..t.clone()
+            },
+            StoredTag {
+                media_type: "nonsense".into(),
+                ..t.clone()
+            },
+            StoredTag {
+                length: 1 << 40,
+                ..t.clone()
+            },
+            StoredTag { v: 2, ..t.clone() },
+        ];
+        for b in bad {
+            let raw = serde_json::to_vec(&b).unwrap();
+            assert_eq!(StoredTag::decode(&raw, 100_000), None, "{b:?}");
+        }
+        assert_eq!(StoredTag::decode(b"garbage", 100_000), None);
+        assert!(!StoredTag {
+            project_id: 9,
+            ..t.clone()
+        }
+        .valid_in(&snap));
     }
 
     #[test]

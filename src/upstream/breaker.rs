@@ -9,6 +9,12 @@
 //! A request admitted by a breaker holds a [`Ticket`] that records its outcome; a ticket dropped
 //! without one (the request lost a race, or its client went away) frees the half-open probe.
 //!
+//! A project has two breakers, one per [`Lane`]: tag lookups (manifests by tag, tag lists) need
+//! Harbor to ask the project's upstream registry, while content by digest (manifests, blobs,
+//! referrers) Harbor serves from its own store once it holds it. An upstream outage fails the first
+//! and not the second; one breaker for both would refuse the content Harbor still serves, and with it
+//! every pull that survives on a last-known-good tag.
+//!
 //! Each core keeps its own breakers: recording an outcome on every request would otherwise be a write
 //! shared by all cores on the hot path. The cost is that each core learns of an outage on its own
 //! (`THRESHOLD` failures per core), which for a handful of cores is a handful of extra failed requests.
@@ -17,6 +23,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+pub use crate::metrics::labels::Lane;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -121,10 +129,10 @@ impl Breaker {
     }
 }
 
-/// One core's breakers, by project name.
+/// One core's breakers, by lane and project name.
 #[derive(Debug)]
 pub struct Breakers {
-    map: RefCell<HashMap<String, Breaker>>,
+    lanes: [RefCell<HashMap<String, Breaker>>; Lane::COUNT],
     threshold: u32,
     open_for: Duration,
 }
@@ -132,24 +140,26 @@ pub struct Breakers {
 impl Breakers {
     pub fn new(threshold: u32, open_for: Duration) -> Rc<Breakers> {
         Rc::new(Breakers {
-            map: RefCell::new(HashMap::new()),
+            lanes: Default::default(),
             threshold,
             open_for,
         })
     }
 
-    /// A ticket to send one request to `project` at `now`, or `None` when its circuit is open.
-    pub fn admit(self: &Rc<Self>, project: &str, now: Instant) -> Option<Ticket> {
-        let admission = self.with(project, |b| b.admit(now));
+    /// A ticket to send one request of `lane` to `project` at `now`, or `None` when that circuit is
+    /// open.
+    pub fn admit(self: &Rc<Self>, project: &str, lane: Lane, now: Instant) -> Option<Ticket> {
+        let admission = self.with(project, lane, |b| b.admit(now));
         (admission != Admission::Rejected).then(|| Ticket {
             breakers: self.clone(),
             project: project.to_string(),
+            lane,
             probe: admission == Admission::Probe,
         })
     }
 
-    fn with<T>(&self, project: &str, f: impl FnOnce(&mut Breaker) -> T) -> T {
-        let mut map = self.map.borrow_mut();
+    fn with<T>(&self, project: &str, lane: Lane, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut map = self.lanes[lane.index()].borrow_mut();
         if let Some(b) = map.get_mut(project) {
             return f(b);
         }
@@ -165,30 +175,32 @@ impl Breakers {
 pub struct Ticket {
     breakers: Rc<Breakers>,
     project: String,
+    lane: Lane,
     probe: bool,
 }
 
 impl Ticket {
     /// Records the request's outcome (`failed` as the attempt judge defines it); returns the change
-    /// of state (the caller logs it) and the project's name.
-    pub fn record(mut self, failed: bool, now: Instant) -> (Transition, String) {
+    /// of state (the caller logs it), the project's name and the lane.
+    pub fn record(mut self, failed: bool, now: Instant) -> (Transition, String, Lane) {
         self.probe = false;
         let project = std::mem::take(&mut self.project);
-        let t = self.breakers.with(&project, |b| {
+        let t = self.breakers.with(&project, self.lane, |b| {
             if failed {
                 b.on_failure(now)
             } else {
                 b.on_success()
             }
         });
-        (t, project)
+        (t, project, self.lane)
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.probe {
-            self.breakers.with(&self.project, Breaker::on_abandoned);
+            self.breakers
+                .with(&self.project, self.lane, Breaker::on_abandoned);
         }
     }
 }
@@ -288,24 +300,45 @@ mod tests {
     fn tickets_record_and_a_dropped_probe_ticket_frees_the_probe() {
         let now = Instant::now();
         let all = Breakers::new(1, T);
-        let t = all.admit("a", now).expect("unknown projects are closed");
+        let t = all
+            .admit("a", Lane::Tags, now)
+            .expect("unknown projects are closed");
         assert_eq!(t.record(true, now).0, Transition::Opened);
-        assert!(all.admit("a", now).is_none());
-        assert!(all.admit("b", now).is_some(), "per project");
+        assert!(all.admit("a", Lane::Tags, now).is_none());
+        assert!(all.admit("b", Lane::Tags, now).is_some(), "per project");
         let later = now + T;
-        let probe = all.admit("a", later).expect("half-open: one probe");
-        assert!(all.admit("a", later).is_none(), "the probe is out");
+        let probe = all
+            .admit("a", Lane::Tags, later)
+            .expect("half-open: one probe");
+        assert!(
+            all.admit("a", Lane::Tags, later).is_none(),
+            "the probe is out"
+        );
         drop(probe);
         let probe = all
-            .admit("a", later)
+            .admit("a", Lane::Tags, later)
             .expect("a dropped probe frees the slot");
         assert_eq!(probe.record(false, later).0, Transition::Closed);
-        let t = all.admit("a", later).expect("closed");
+        let t = all.admit("a", Lane::Tags, later).expect("closed");
         drop(t);
         assert!(
-            all.admit("a", later).is_some(),
+            all.admit("a", Lane::Tags, later).is_some(),
             "dropping a closed-state ticket changes nothing"
         );
+    }
+
+    #[test]
+    fn lanes_open_apart() {
+        let now = Instant::now();
+        let all = Breakers::new(1, T);
+        let t = all.admit("a", Lane::Tags, now).expect("closed");
+        assert_eq!(t.record(true, now).0, Transition::Opened);
+        assert!(all.admit("a", Lane::Tags, now).is_none());
+        let t = all
+            .admit("a", Lane::Content, now)
+            .expect("tag lookups failing leave content by digest flowing");
+        assert_eq!(t.record(false, now).0, Transition::Unchanged);
+        assert!(all.admit("a", Lane::Tags, now).is_none(), "still open");
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub enum Fault {
     /// Blob requests: answer `307 Temporary Redirect` to this URL, as Harbor does with object
     /// storage (a presigned URL on another host). Other requests are served normally.
     RedirectBlobs(String),
+    /// The inner fault, for manifests by tag only (Harbor's tag lookups need the upstream; what it
+    /// holds by digest it serves from its own store).
+    TagLookups(Box<Fault>),
 }
 
 /// A gate for [`Fault::Hold`]: closed until released, then open for good.

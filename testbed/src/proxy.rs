@@ -160,7 +160,12 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
             state.counters.lock().unwrap().request_ids.insert(id);
         }
-        let fault = state.faults.lock().unwrap().get(&p.project).cloned();
+        let mut fault = state.faults.lock().unwrap().get(&p.project).cloned();
+        if let Some(Fault::TagLookups(inner)) = fault {
+            let by_tag = p.kind == Kind::Manifest
+                && !p.suffix.rsplit('/').next().unwrap_or("").contains(':');
+            fault = by_tag.then_some(*inner);
+        }
         match fault {
             Some(Fault::Hold(gate)) => hold = Some(gate),
             Some(Fault::HoldHeads(gate)) if req.method() == Method::HEAD => hold = Some(gate),
@@ -175,7 +180,7 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                     .body(full(Bytes::new()))
                     .expect("redirect");
             }
-            Some(Fault::RedirectBlobs(_) | Fault::HoldHeads(_)) | None => {}
+            Some(Fault::RedirectBlobs(_) | Fault::HoldHeads(_) | Fault::TagLookups(_)) | None => {}
         }
     }
     let spec = parsed

@@ -1,6 +1,6 @@
 //! A TCP relay the test controls: it forwards connections to a target, or refuses them (accept and
-//! close at once), and can cut every relayed connection. Used to make Harbor "go away" and come back
-//! without fixed ports.
+//! close at once), can cut every relayed connection, and can close its port for good (connections
+//! are then refused by the kernel). Used to make Harbor "go away" and come back without fixed ports.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 pub struct Relay {
     pub addr: SocketAddr,
     forward: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Relay {
@@ -19,10 +21,14 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let flag = Arc::new(AtomicBool::new(forward));
+        let closing = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (f, o) = (flag.clone(), open.clone());
-        std::thread::spawn(move || {
+        let (f, o, c) = (flag.clone(), open.clone(), closing.clone());
+        let thread = std::thread::spawn(move || {
             for client in listener.incoming() {
+                if c.load(Ordering::SeqCst) {
+                    return; // the listener is dropped: the port refuses from now on
+                }
                 let Ok(client) = client else { continue };
                 if !f.load(Ordering::SeqCst) {
                     drop(client);
@@ -45,8 +51,21 @@ impl Relay {
         Relay {
             addr,
             forward: flag,
+            closing,
             open,
+            thread: Some(thread),
         }
+    }
+
+    /// Closes the port and cuts every connection: from now on a connection is refused.
+    pub fn close(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
+        // Wakes the accept loop, which sees the flag and drops the listener.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.cut_all();
     }
 
     /// From now on, new connections are forwarded (true) or refused (false).

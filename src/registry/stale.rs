@@ -1,0 +1,136 @@
+//! Last-known-good tags (`STALE_IF_ERROR`). Resolving a tag needs Harbor to ask the upstream
+//! registry; the manifest by digest and the blobs Harbor then serves from its own store. So when
+//! every project that could confirm a tag fails (by the attempt judge's rules: no answer, a timeout,
+//! 502–504, 429, circuits open), a tag confirmed within `STALE_IF_ERROR` is answered with the digest
+//! it last resolved to:
+//! - a HEAD from memory (digest, media type, length);
+//! - a GET with the manifest by that digest, from this core's manifest memory or asked of the
+//!   project that last answered the tag, by digest (and checked against it, as every manifest by
+//!   digest is).
+//!
+//! Either answer carries `Warning: 110 harbor-router "Response is Stale"` and an `Age`. An answer
+//! is never masked: a 404 (or any other answer that is not a failure) goes to the client, and a tag
+//! whose own project said 404 is forgotten. A tag a project answers is always served fresh.
+
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+use crate::cache::Seen;
+use crate::metrics::labels::{Route, StaleReason};
+use crate::snapshot::{Project, Snapshot};
+
+use super::ask::{Ask, Endpoint};
+use super::mapped::{self, Mapped};
+use super::respond::{respond, whole};
+use super::state::State;
+use super::trace::Trace;
+
+/// What a stale answer says, in the `Warning` header (RFC 9111 §5.5, warn-code 110).
+pub const WARNING: HeaderValue =
+    HeaderValue::from_static("110 harbor-router \"Response is Stale\"");
+
+const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// Remembers what `project`'s 200 to the tag pull `key` resolved to, from its headers.
+pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body>) {
+    if res.status() != StatusCode::OK {
+        return;
+    }
+    let h = res.headers();
+    let (Some(digest), Some(media_type), Some(length)) = (
+        h.get(&DIGEST),
+        h.get(CONTENT_TYPE),
+        h.get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+    ) else {
+        return;
+    };
+    let digest_ok = digest
+        .to_str()
+        .is_ok_and(|d| crate::names::valid_digest(d).is_ok());
+    if !digest_ok {
+        return;
+    }
+    let seen = Seen {
+        digest,
+        media_type,
+        length,
+        project: &project.name,
+    };
+    state.confirm_tag(key, seen, project);
+}
+
+/// Why an answer to a tag is a failure a last-known-good answer may stand in for; `None` when it
+/// is an answer (a 404 above all).
+pub fn failure(status: StatusCode) -> Option<StaleReason> {
+    match status.as_u16() {
+        429 => Some(StaleReason::RateLimited),
+        503 => Some(StaleReason::Unavailable),
+        502 | 504 => Some(StaleReason::Failed),
+        _ => None,
+    }
+}
+
+/// The last-known-good answer to the tag pull `ask` (`key`), if there is one and it can be served;
+/// `None` leaves the failure to be answered.
+pub async fn answer(
+    state: &State,
+    snapshot: &Snapshot,
+    ask: &Ask,
+    key: &str,
+    why: StaleReason,
+    trace: &mut Trace,
+) -> Option<Response<Body>> {
+    let (resolved, age) = state.last_good(key, snapshot).await?;
+    let project = snapshot.project(&resolved.project)?;
+    let digest = resolved.digest.to_str().ok()?.to_string();
+    let mut res = if ask.head {
+        let mut h = HeaderMap::with_capacity(6);
+        h.insert(CONTENT_TYPE, resolved.media_type.clone());
+        h.insert(DIGEST, resolved.digest.clone());
+        h.insert(ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).ok()?);
+        h.insert(CONTENT_LENGTH, HeaderValue::from(resolved.length));
+        respond(StatusCode::OK, h, Body::Empty)
+    } else {
+        by_digest(state, project, ask, digest, &mut trace.attempts).await?
+    };
+    let h = res.headers_mut();
+    h.insert(http::header::WARNING, WARNING);
+    h.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+    state.metrics().stale(why);
+    state.served_stale(&ask.name, &project.name, age, why.as_str());
+    trace.route = Route::Stale;
+    trace.project(&project.name);
+    Some(res)
+}
+
+/// The manifest `digest` for a GET of a tag: from this core's memory, else asked of `project`.
+async fn by_digest(
+    state: &State,
+    project: &Project,
+    ask: &Ask,
+    digest: String,
+    attempts: &mut u32,
+) -> Option<Response<Body>> {
+    let pinned = Ask {
+        endpoint: Endpoint::Manifest {
+            reference: digest,
+            by_digest: true,
+        },
+        head: false,
+        ..ask.clone()
+    };
+    if let Some(kept) = pinned
+        .memory_key()
+        .and_then(|k| state.manifest(&k, state.now()))
+    {
+        return Some(whole(StatusCode::OK, kept.headers, kept.body, false));
+    }
+    // Bounded like a tag lookup: Harbor answers what it holds by digest at once, or not at all.
+    let asked = mapped::request(state, project, &pinned, attempts);
+    match monoio::time::timeout(state.resolver_timeout(), asked).await {
+        Ok(Mapped::Answer(res)) if res.status() == StatusCode::OK => Some(*res),
+        _ => None,
+    }
+}
