@@ -76,7 +76,8 @@ pub fn log(
 ) {
     let wanted = match log {
         AccessLog::Off => false,
-        AccessLog::Errors => status.as_u16() >= 400,
+        // A stale answer is a 200 that stands in for a failure: logged with the errors.
+        AccessLog::Errors => status.as_u16() >= 400 || trace.route == Route::Stale,
         AccessLog::All => true,
     };
     if !wanted {
