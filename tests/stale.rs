@@ -251,3 +251,37 @@ fn skopeo_pulls_a_tag_while_harbors_tag_lookups_fail() {
     assert_eq!(res.status, 503);
     assert_eq!(res.header("warning"), None);
 }
+
+#[test]
+fn a_fan_out_that_fails_everywhere_stands_in_too_unless_the_tags_project_said_404() {
+    let (bed, app) = bed_with_app();
+    let url = bed.harbor.url();
+    // No mapping outlives a request: every pull fans out over every project.
+    let router = router(
+        &url,
+        &[
+            ("CACHE_TTL", "1ms"),
+            ("STALE_WHILE_REVALIDATE", "0s"),
+            ("NEGATIVE_CACHE_TTL", "0s"),
+        ],
+    );
+    let addr = router.addr;
+    assert_fresh(&manifest(addr, "HEAD", "org/app", "v1"), &app, "first");
+    fail_every_project(&bed, Fault::Status(502));
+    assert_stale(
+        &manifest(addr, "HEAD", "org/app", "v1"),
+        &app,
+        true,
+        "every project of the fan-out failed",
+    );
+    // The tag's own project says 404 while the others fail: that is an answer about the tag, and
+    // the remembered digest is forgotten, not served.
+    bed.harbor.set_fault("ghcr", Fault::Status(404));
+    let res = manifest(addr, "HEAD", "org/app", "v1");
+    assert_eq!(res.status, 502);
+    assert_eq!(res.header("warning"), None);
+    bed.harbor.set_fault("ghcr", Fault::Status(502));
+    let res = manifest(addr, "HEAD", "org/app", "v1");
+    assert_eq!(res.status, 502, "forgotten");
+    assert_eq!(res.header("warning"), None);
+}
