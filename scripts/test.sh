@@ -38,6 +38,26 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked --workspace --all-targets -- "${filter[@]}" 2>&1 | tee "$log"
 
+if [ "${#filter[@]}" -eq 0 ]; then
+  # The benchmark scripts, once each, briefly, on the debug binary just built: they must keep working.
+  # Only that they produce a result for every scenario is checked; their figures are never a test.
+  stage "benchmark smoke run (bench/run.sh --smoke)"
+  smoke=$(mktemp)
+  bench/run.sh --smoke --out "$smoke"
+  python3 - "$smoke" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+want = {"base", "tag", "tag-p99", "digest", "blob-1", "blob-16", "slow-readers", "idle",
+        "cold-fanout-3", "cold-fanout-50", "workers", "io-driver"}
+seen = {f["scenario"] for f in r["figures"]}
+missing = want - seen
+if missing:
+    sys.exit(f"benchmark smoke run: no figures for {sorted(missing)}")
+print(f"benchmark smoke run: {len(r['figures'])} figures from {len(seen)} scenarios")
+PY
+  rm -f "$smoke"
+fi
+
 stage "done"
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
