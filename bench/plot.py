@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Charts from one bench/run.py result: each scenario's router figure next to its nginx reference
+(medians of the interleaved rounds), and every figure against its target. Written as PNG files."""
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROUTER = "#2b6cb0"
+NGINX = "#a0aec0"
+
+
+def bars(ax, title, labels, router, nginx, unit, ref_name):
+    xs = range(len(labels))
+    w = 0.38
+    ax.bar([x - w / 2 for x in xs], router, w, label="harbor-router", color=ROUTER)
+    ax.bar([x + w / 2 for x in xs], nginx, w, label=ref_name, color=NGINX)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    for x, v in zip(xs, router):
+        ax.annotate(f"{v:,.0f}", (x - w / 2, v), ha="center", va="bottom", fontsize=8)
+    for x, v in zip(xs, nginx):
+        ax.annotate(f"{v:,.0f}", (x + w / 2, v), ha="center", va="bottom", fontsize=8)
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit("usage: bench/plot RESULT.json [OUT_DIR]")
+    result = json.load(open(sys.argv[1]))
+    out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks")
+    os.makedirs(out, exist_ok=True)
+    med = {k: v["median"] for k, v in result["results"].items() if isinstance(v, dict) and "median" in v}
+    note = f"{result['machine']['cores']} cores, {result['when']}; medians of interleaved rounds"
+    written = []
+
+    # Requests per second and CPU per request: the request-bound scenarios.
+    cases = [("base", "nginx-return", "/v2/"), ("tag", "nginx-proxy", "tag (proxied)"),
+             ("tag-p99", "nginx-proxy", "tag, 8 conns"), ("digest", "nginx-static", "digest")]
+    cases = [c for c in cases if c[0] in med]
+    if cases:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        labels = [c[2] for c in cases]
+        bars(a, "Requests per second (higher is better)", labels,
+             [med[s]["router"]["rps"] for s, _, _ in cases], [med[s][r]["rps"] for s, r, _ in cases],
+             "req/s", "nginx (proxy_pass, return, or static file)")
+        bars(b, "Server CPU per request (lower is better)", labels,
+             [med[s]["router"]["cpu_us_per_req"] for s, _, _ in cases],
+             [med[s][r]["cpu_us_per_req"] for s, r, _ in cases], "µs", "nginx")
+        fig.suptitle(note, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out, "requests.png")
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    blobs = [s for s in ("blob-1", "blob-16") if s in med]
+    if blobs:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        labels = [s.replace("blob-", "") + " client(s)" for s in blobs]
+        bars(a, "Blob throughput (higher is better)", labels,
+             [med[s]["router"]["bytes_per_s"] / (1 << 20) for s in blobs],
+             [med[s]["nginx-proxy"]["bytes_per_s"] / (1 << 20) for s in blobs], "MiB/s", "nginx proxy_pass")
+        bars(b, "Server CPU per MiB (lower is better)", labels,
+             [med[s]["router"]["cpu_us_per_mib"] for s in blobs],
+             [med[s]["nginx-proxy"]["cpu_us_per_mib"] for s in blobs], "µs/MiB", "nginx proxy_pass")
+        fig.suptitle(note, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out, "blobs.png")
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    # Cold fan-out latency: routed vs the project's own.
+    fans = [k for k in ("cold-fanout-3", "cold-fanout-50") if k in result["results"]]
+    if fans:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        labels = [k.rsplit("-", 1)[1] + " projects" for k in fans]
+        bars(ax, "Cold pull, time to first byte (median)", labels,
+             [result["results"][k]["routed_us"]["p50"] for k in fans],
+             [result["results"][k]["direct_us"]["p50"] for k in fans], "µs", "the project asked directly")
+        fig.suptitle(note, fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out, "cold-fanout.png")
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    for p in written:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
