@@ -39,6 +39,11 @@ pub type ReqBody = Empty<Bytes>;
 /// HTTP/2 flow control for a connection shared by many streams: a small per-stream window keeps a few
 /// stalled blob readers from starving the others; a large connection window keeps throughput up.
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Largest read buffer of an HTTP/1.1 connection to Harbor (hyper's default grows to ~400 KiB). A
+/// streamed body is read ahead into it while the client takes the previous frame, so under slow
+/// clients it is memory held per stream. 128 KiB: 16 slow readers cost a third of the memory, at the
+/// same blob throughput (bench/run.sh slow-readers and blob).
+const UPSTREAM_READ_BUFFER: usize = 128 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// Clients cancel blob downloads often; the default reset budget ends in GOAWAY after ~80 cancels.
 const H2_MAX_RESET_STREAMS: usize = 4096;
@@ -336,6 +341,7 @@ where
         Ok(Sender::H2(sender))
     } else {
         let (sender, conn) = http1::Builder::new()
+            .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
