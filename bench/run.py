@@ -342,10 +342,18 @@ http {{
             m = re.match(r"\s+([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.+)$", line)
             if m:
                 top.append({"percent": float(m.group(1)), "dso": m.group(2), "symbol": m.group(3).strip()})
+        dsos = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso"],
+                              capture_output=True, text=True).stdout
+        by_dso = {}
+        for line in dsos.splitlines():
+            m = re.match(r"\s+([\d.]+)%\s+(\S+)", line)
+            if m:
+                by_dso[m.group(2)] = float(m.group(1))
+        log(f"  {scenario}: the router's samples by binary: " + ", ".join(f"{k} {v:.1f}%" for k, v in by_dso.items()))
         log(f"  {scenario}: profile of the router (flat, share of samples):")
         for t in top[:25]:
             log(f"    {t['percent']:5.1f}%  {t['dso'][:20]:20}  {t['symbol'][:110]}")
-        return top
+        return {"by_dso": by_dso, "top": top}
 
     def figure(self, scenario, name, value, target, met, unit=""):
         self.figures.append({"scenario": scenario, "figure": name, "value": value, "unit": unit,
@@ -599,6 +607,7 @@ http {{
         direct, routed = [], []
         dconn = http.client.HTTPConnection("127.0.0.1", port)
         rconn = http.client.HTTPConnection("127.0.0.1", r.port)
+        cpu_before = cpu_ticks(r.pid)
         for i in range(n):
             name = f"cold/n{i}-{os.getpid()}-{projects}"
             t0 = time.perf_counter()
@@ -617,15 +626,18 @@ http {{
                 raise SystemExit(f"routed cold pull answered {res.status}")
             direct.append((t1 - t0) * 1e6)
             routed.append((t3 - t2) * 1e6)
+        cpu_per_pull = (cpu_ticks(r.pid) - cpu_before) * TICK_US / n
         tokens = metric(r.metrics, "harbor_router_token_fetches_total") - tokens_before
         width = metric(r.metrics, "harbor_router_fanout_width_projects_sum")
         name = f"cold-fanout-{projects}"
         med_d, med_r = statistics.median(direct), statistics.median(routed)
         self.results[name] = {"pulls": n, "direct_us": summary(direct), "routed_us": summary(routed),
-                              "token_requests_per_pull": tokens / n, "projects_asked_total": width}
+                              "token_requests_per_pull": tokens / n, "projects_asked_total": width,
+                              "router_cpu_us_per_pull": cpu_per_pull}
         self.figure(name, f"time to first byte − the project's own, {projects} projects (median)",
                     (med_r - med_d) / 1000, "≤ 1 ms", med_r - med_d <= 1000,
-                    f"ms ({med_r:.0f} vs {med_d:.0f} µs; p90 {percentile(routed, 90):.0f} vs {percentile(direct, 90):.0f} µs)")
+                    f"ms ({med_r:.0f} vs {med_d:.0f} µs; p90 {percentile(routed, 90):.0f} vs {percentile(direct, 90):.0f} µs; "
+                    f"router CPU {cpu_per_pull:.0f} µs a pull)")
         self.figure(name, "token requests per cold pull", tokens / n, "1", abs(tokens / n - 1) < 0.05)
         self.kill(r)
         self.kill(fan)
