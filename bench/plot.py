@@ -6,11 +6,8 @@ import json
 import os
 import sys
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
+plt = None  # matplotlib.pyplot, imported by main() when charts are drawn
 ROUTER = "#2b6cb0"
 NGINX = "#a0aec0"
 
@@ -24,17 +21,43 @@ def bars(ax, title, labels, router, nginx, unit, ref_name):
     ax.set_xticklabels(labels)
     ax.set_ylabel(unit)
     ax.set_title(title)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    ax.margins(y=0.12)
+
+    def label(v):
+        return f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
     for x, v in zip(xs, router):
-        ax.annotate(f"{v:,.0f}", (x - w / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.annotate(label(v), (x - w / 2, v), ha="center", va="bottom", fontsize=7)
     for x, v in zip(xs, nginx):
-        ax.annotate(f"{v:,.0f}", (x + w / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.annotate(label(v), (x + w / 2, v), ha="center", va="bottom", fontsize=7)
+
+
+def markdown(result):
+    """The figures as a Markdown table, for docs/benchmarks.md."""
+    rows = ["| scenario | figure | measured | target | met |", "|---|---|---|---|---|"]
+    for f in result["figures"]:
+        v = f["value"]
+        value = f"{v:.2f}" if isinstance(v, float) else str(v)
+        unit = f" {f['unit']}" if f["unit"] else ""
+        met = {True: "yes", False: "**no**", None: "—"}[f["met"]]
+        rows.append(f"| {f['scenario']} | {f['figure']} | {value}{unit} | {f['target']} | {met} |")
+    return "\n".join(rows)
 
 
 def main():
     if len(sys.argv) < 2:
-        sys.exit("usage: bench/plot RESULT.json [OUT_DIR]")
+        sys.exit("usage: bench/plot RESULT.json [OUT_DIR] | bench/plot --markdown RESULT.json")
+    if sys.argv[1] == "--markdown":
+        print(markdown(json.load(open(sys.argv[2]))))
+        return
     result = json.load(open(sys.argv[1]))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    global plt
+    import matplotlib.pyplot as plt
+
     out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks")
     os.makedirs(out, exist_ok=True)
     med = {k: v["median"] for k, v in result["results"].items() if isinstance(v, dict) and "median" in v}
