@@ -56,22 +56,10 @@ hr_work
 
 die() { echo "fanout_order.sh: $*" >&2; exit 1; }
 
-# wait_for FILE SED-EXPR PID: prints the first match of SED-EXPR in FILE, waiting up to 60 s.
-wait_for() {
-  local v=""
-  for _ in $(seq 1 600); do
-    v=$(sed -n "$2" "$1" 2>/dev/null | head -n1)
-    [ -n "$v" ] && { echo "$v"; return 0; }
-    kill -0 "$3" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "gave up waiting; log $1:" >&2; cat "$1" >&2; return 1
-}
-
 hr_log "starting the stand-in Harbor and the registry, seeding images"
 target/release/harbor-standin >"$work/standin.json" 2>"$work/standin.log" &
 pids+=($!)
-standin=$(wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
+standin=$(hr_wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
 field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"v": v}))' "$standin" "$1"; }
 harbor_url=$(field 'v["harbor_url"]')
 expected=$(field '[i["digest"] for i in v["images"] if i["repository"] == "ghcr/org/app" and i["tag"] == "v1"][0]')
@@ -89,7 +77,7 @@ start_router() {
     "$@" target/release/harbor-router >"$log" 2>&1 &
   pids+=($!)
   printf -v "${name}_pid" %s "$!"
-  line=$(wait_for "$log" '/"message":"listening"/p' "$!")
+  line=$(hr_wait_for "$log" '/"message":"listening"/p' "$!")
   printf -v "${name}_addr" %s "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["addr"])' "$line")"
   printf -v "${name}_metrics" %s "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["metrics_addr"])' "$line")"
 }

@@ -18,22 +18,10 @@ cargo build --locked -q -p testbed --bin harbor-standin
 
 hr_work
 
-# wait_for FILE SED-EXPR PID: prints the first match of SED-EXPR in FILE, waiting up to 60 s.
-wait_for() {
-  local v=""
-  for _ in $(seq 1 600); do
-    v=$(sed -n "$2" "$1" 2>/dev/null | head -n1)
-    [ -n "$v" ] && { echo "$v"; return 0; }
-    kill -0 "$3" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "gave up waiting; log $1:" >&2; cat "$1" >&2; return 1
-}
-
 hr_log "starting the stand-in Harbor and the registry, seeding images"
 target/debug/harbor-standin >"$work/standin.json" 2>"$work/standin.log" &
 pids+=($!)
-standin=$(wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
+standin=$(hr_wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
 field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"v": v}))' "$standin" "$1"; }
 harbor_url=$(field 'v["harbor_url"]')
 
@@ -42,8 +30,8 @@ HARBOR_URL=$harbor_url HARBOR_USERNAME=$(field 'v["robot_user"]') HARBOR_PASSWOR
   LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 LOG_FORMAT=json WORKERS=${WORKERS:-2} \
   DISCOVERY_INTERVAL=${DISCOVERY_INTERVAL:-10s} target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)
-addr=$(wait_for "$work/router.log" 's/.*"message":"listening","addr":"\([^"]*\)".*/\1/p' "${pids[-1]}")
-wait_for "$work/router.log" '/proxy-cache projects discovered/p' "${pids[-1]}" >/dev/null
+addr=$(hr_wait_for "$work/router.log" 's/.*"message":"listening","addr":"\([^"]*\)".*/\1/p' "${pids[-1]}")
+hr_wait_for "$work/router.log" '/proxy-cache projects discovered/p' "${pids[-1]}" >/dev/null
 
 echo
 echo "\$ curl -s http://$addr/readyz"

@@ -74,6 +74,19 @@ hr_wait_port() {
   done
 }
 
+# hr_wait_for FILE SED-EXPR PID: prints the first match of SED-EXPR in FILE, waiting up to 60 s while
+# PID lives.
+hr_wait_for() {
+  local v=""
+  for _ in $(seq 1 600); do
+    v=$(sed -n "$2" "$1" 2>/dev/null | head -n1)
+    [ -n "$v" ] && { echo "$v"; return 0; }
+    kill -0 "$3" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "gave up waiting; log $1:" >&2; cat "$1" >&2; return 1
+}
+
 # hr_work: makes $work (a temp dir) and $pids (an array: add every process started); on exit, stops
 # every process in $pids, waits for them and removes $work. Ctrl-C and SIGTERM exit with 130.
 hr_work() {
