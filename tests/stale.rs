@@ -285,3 +285,48 @@ fn a_fan_out_that_fails_everywhere_stands_in_too_unless_the_tags_project_said_40
     assert_eq!(res.status, 502, "forgotten");
     assert_eq!(res.header("warning"), None);
 }
+
+#[test]
+fn a_tag_no_project_has_any_more_or_one_that_refuses_is_not_stood_in_for() {
+    let (bed, app) = bed_with_app();
+    let url = bed.harbor.url();
+    let fan_out_always = [
+        ("CACHE_TTL", "1ms"),
+        ("STALE_WHILE_REVALIDATE", "0s"),
+        ("NEGATIVE_CACHE_TTL", "0s"),
+    ];
+    let router = router(&url, &fan_out_always);
+    let addr = router.addr;
+    assert_fresh(&manifest(addr, "HEAD", "org/app", "v1"), &app, "first");
+    // Every project refuses (the robot lost its rights, say): an answer, not a failure.
+    fail_every_project(&bed, Fault::Status(403));
+    let res = manifest(addr, "HEAD", "org/app", "v1");
+    assert_eq!(res.header("warning"), None, "{}", res.status);
+    assert_ne!(res.status, 200);
+    // Deleted upstream: every project says 404, then Harbor fails: the deleted tag is not served.
+    bed.harbor.clear_faults();
+    assert_fresh(&manifest(addr, "HEAD", "org/app", "v1"), &app, "again");
+    bed.harbor.set_fault("ghcr", Fault::Status(404));
+    assert_eq!(manifest(addr, "HEAD", "org/app", "v1").status, 404);
+    fail_every_project(&bed, Fault::Status(502));
+    let res = manifest(addr, "HEAD", "org/app", "v1");
+    assert_eq!(res.status, 502);
+    assert_eq!(
+        res.header("warning"),
+        None,
+        "forgotten when no project had it"
+    );
+
+    // A mapped project that refuses: its 403 is the answer.
+    let mapped = self::router(&url, &[]);
+    bed.harbor.clear_faults();
+    assert_fresh(
+        &manifest(mapped.addr, "HEAD", "org/app", "v1"),
+        &app,
+        "mapped",
+    );
+    bed.harbor.set_fault("ghcr", Fault::Status(403));
+    let res = manifest(mapped.addr, "HEAD", "org/app", "v1");
+    assert_eq!(res.status, 403);
+    assert_eq!(res.header("warning"), None);
+}

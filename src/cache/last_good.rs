@@ -38,11 +38,10 @@ pub struct Seen<'a> {
 }
 
 impl Seen<'_> {
+    /// The same answer: the same digest from the same project. (A HEAD and a GET of one tag may
+    /// differ in how `Content-Type` is spelled; that is not a change worth sharing.)
     fn matches(&self, r: &Resolved) -> bool {
-        *self.digest == r.digest
-            && *self.media_type == r.media_type
-            && self.length == r.length
-            && self.project == r.project
+        *self.digest == r.digest && self.project == r.project
     }
 
     /// An owned copy: the values are copied out of the answer's read buffer (a slice would pin the
@@ -141,6 +140,9 @@ impl LastGood {
                 Confirmed::Due
             } else {
                 e.at = now;
+                if e.resolved.length != seen.length || e.resolved.media_type != *seen.media_type {
+                    e.resolved = seen.owned();
+                }
                 return Confirmed::Same;
             };
             *e = Entry {
@@ -180,10 +182,17 @@ impl LastGood {
         (age < self.life).then(|| (e.resolved.clone(), age))
     }
 
-    /// Drops `key` if it last resolved in `project` (which said the tag is not there).
-    pub fn forget(&mut self, key: &str, project: &str) {
+    /// Drops `key` if it last resolved in `project` (which said the tag is not there); `true` when
+    /// it did.
+    pub fn forget(&mut self, key: &str, project: &str) -> bool {
         self.entries
-            .remove_if(key, |e| e.resolved.project == project);
+            .remove_if(key, |e| e.resolved.project == project)
+            .is_some()
+    }
+
+    /// Drops `key`, whichever project it resolved in (no project has the tag any more).
+    pub fn forget_any(&mut self, key: &str) -> bool {
+        self.entries.remove(key).is_some()
     }
 
     /// Drops what has aged out (called from a per-core timer, not on requests).
@@ -320,12 +329,15 @@ mod tests {
         );
         c.heard("j", resolved("sha256:j"), t0);
         assert_eq!(c.get("j", t0).unwrap().0.digest, "sha256:j");
-        c.forget("j", "quay");
+        assert!(!c.forget("j", "quay"));
         assert!(
             c.get("j", t0).is_some(),
             "another project's 404 says nothing of it"
         );
-        c.forget("j", "ghcr");
+        assert!(c.forget("j", "ghcr"));
+        assert!(c.get("j", t0).is_none());
+        c.heard("j", resolved("sha256:j"), t0);
+        assert!(c.forget_any("j"));
         assert!(c.get("j", t0).is_none());
     }
 }

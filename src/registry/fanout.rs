@@ -35,9 +35,12 @@ use super::state::{FanOutResult, State};
 /// What a race did besides its outcome.
 #[derive(Debug, Default, Clone)]
 pub struct RaceInfo {
-    /// For a tag: the projects that answered "not here" (a last-known-good answer from one of them
-    /// must not stand in for the others' failures).
+    /// For a tag: the projects that answered "not here" (the tag is forgotten where it last
+    /// resolved in one of them).
     pub not_here: Vec<String>,
+    /// For a tag: the projects that answered at all ("not here", or 401, 403, 500: not a failure). A
+    /// last-known-good answer from one of them must not stand in for the others' failures.
+    pub answered: Vec<String>,
     /// Projects asked.
     pub asked: usize,
     /// With `FANOUT_ORDER`: the winner won because a project preferred to it failed (or its
@@ -72,7 +75,8 @@ pub enum Found<'s> {
     /// Another request led it: the project is known, this request sends its own.
     Known(&'s Project),
     NotFound(Option<Bytes>),
-    Failed(Error),
+    /// With the projects that answered rather than failed (for a tag; see [`RaceInfo::answered`]).
+    Failed(Error, Vec<String>),
 }
 
 /// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
@@ -104,7 +108,7 @@ pub async fn find<'s>(
                         None => return Found::NotFound(None),
                     },
                     Ok(FanOutResult::NotFound(detail)) => return Found::NotFound(detail),
-                    Ok(FanOutResult::Failed(e)) => return Found::Failed(e),
+                    Ok(FanOutResult::Failed(e, answered)) => return Found::Failed(e, answered),
                     Err(_) => continue, // the leading request was cancelled: lead ourselves
                 }
             }
@@ -113,7 +117,7 @@ pub async fn find<'s>(
             // Dropping the lead lets a waiting request (maybe another client's) lead instead.
             drop(leader);
             state.metrics().rejected(Rejected::FanOutBudget);
-            return Found::Failed(e);
+            return Found::Failed(e, Vec::new());
         }
         let mut info = RaceInfo::default();
         let outcome = race(state, candidates, &locator, &mut info).await;
@@ -126,6 +130,10 @@ pub async fn find<'s>(
                 Found::Won(project, res)
             }
             Outcome::NotFound(detail) => {
+                if ask.tag().is_some() {
+                    // No project has the tag: nothing may stand in for it any more.
+                    state.forget_tag_everywhere(key, true);
+                }
                 state.remember_miss(key, detail.clone());
                 leader.finish(FanOutResult::NotFound(detail.clone()));
                 Found::NotFound(detail)
@@ -135,8 +143,8 @@ pub async fn find<'s>(
                 for project in &info.not_here {
                     state.forget_tag(key, project);
                 }
-                leader.finish(FanOutResult::Failed(e.clone()));
-                Found::Failed(e)
+                leader.finish(FanOutResult::Failed(e.clone(), info.answered.clone()));
+                Found::Failed(e, info.answered)
             }
         };
     }
@@ -222,8 +230,15 @@ pub async fn race<'a>(
     let tag = ask.tag().is_some();
     while let Some((project, rank, verdict)) = running.next().await {
         pending.retain(|r| *r != rank);
-        if tag && matches!(verdict, Verdict::NotHere(_)) {
-            info.not_here.push(project.name.clone());
+        if tag {
+            match verdict {
+                Verdict::NotHere(_) => {
+                    info.not_here.push(project.name.clone());
+                    info.answered.push(project.name.clone());
+                }
+                Verdict::Refused => info.answered.push(project.name.clone()),
+                _ => {}
+            }
         }
         match verdict {
             Verdict::Win(res) if !ordered => return Outcome::Won(project, Box::new(res)),

@@ -11,7 +11,7 @@ use crate::snapshot::Project;
 use crate::upstream::UpstreamError;
 
 use super::answer;
-use super::ask::Ask;
+use super::ask::{Ask, Endpoint};
 use super::attempt::{self, Judgement};
 use super::respond::error;
 use super::state::State;
@@ -19,21 +19,26 @@ use super::state::State;
 /// A mapped request's result.
 pub enum Mapped {
     Answer(Box<Response<Body>>),
+    /// A failure by the judge's rules: the circuit is open, no answer in time, 502–504 or 429. The
+    /// answer for the client (Harbor's, read whole, so its connection is reused; or the router's).
+    Failed(Box<Response<Body>>),
     /// The mapped project answered 404.
     Gone,
 }
 
 /// Sends `ask` to `project` and answers with what it said; `attempts` counts the request when it
-/// is sent (not when the project's circuit is open). A tag lookup waits at most `RESOLVER_TIMEOUT`
-/// for the answer's head, as a fan-out attempt does: past it, a last-known-good answer can stand in.
+/// is sent (not when the project's circuit is open). A manifest request waits at most
+/// `RESOLVER_TIMEOUT` for the answer's head, as a fan-out attempt does: past it, a tag's
+/// last-known-good answer can stand in (and a manifest is small: Harbor that cannot start one in that
+/// time is failing).
 pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
     let Some(ticket) = state.admit(&project.name, ask.lane()) else {
-        return answered(error(&Error::Unavailable {
+        return failed(error(&Error::Unavailable {
             reason: "the project that has this image is failing; its circuit is open",
         }));
     };
     *attempts += 1;
-    let sent = if ask.tag().is_some() {
+    let sent = if matches!(ask.endpoint, Endpoint::Manifest { .. }) {
         let limit = state.resolver_timeout();
         monoio::time::timeout(limit, attempt::send(state, project, ask))
             .await
@@ -49,7 +54,7 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         Err(e) => {
             state.record(ticket, true);
             tracing::warn!(project = %project.name, error = %e, "upstream request failed");
-            return answered(error(&Error::BadGateway {
+            return failed(error(&Error::BadGateway {
                 reason: "Harbor failed or timed out",
             }));
         }
@@ -60,6 +65,13 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
     if judgement == Judgement::NotHere {
         state.upstream().drain(res.into_body()).await;
         return Mapped::Gone;
+    }
+    if judgement == Judgement::Failed || judgement == Judgement::RateLimited {
+        // Harbor's error, passed on whole (a small body: the connection goes back to the pool).
+        let (parts, body) = res.into_parts();
+        let body = state.upstream().read_small(body).await.unwrap_or_default();
+        let headers = super::forward::headers_down(&parts.headers);
+        return failed(super::respond::whole(parts.status, headers, body, ask.head));
     }
     if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
         state.upstream().drain(res.into_body()).await;
@@ -72,4 +84,8 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
 
 fn answered(res: Response<Body>) -> Mapped {
     Mapped::Answer(Box::new(res))
+}
+
+fn failed(res: Response<Body>) -> Mapped {
+    Mapped::Failed(Box::new(res))
 }

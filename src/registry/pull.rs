@@ -87,25 +87,39 @@ pub async fn serve(
     }
     // From here on the pull may go to Harbor: the request id goes with it.
     ask.headers.insert(REQUEST_ID, trace.id.clone());
-    let mut by = None;
-    let res = ask_harbor(state, &snapshot, &ask, &key, client, trace, &mut by).await;
+    let mut said = Said::default();
+    let res = ask_harbor(state, &snapshot, &ask, &key, client, trace, &mut said).await;
     if ask.tag().is_none() || !state.stale_if_error() {
         return res;
     }
-    if let Some(project) = by {
+    if let Some(project) = said.by {
         stale::remember(state, &key, project, &res);
     }
-    // Every project that could confirm the tag failed (not: the client's own budget refused it).
-    let failed = stale::failure(res.status()).filter(|_| trace.route != Answered::Refused);
-    if let Some(why) = failed {
-        if let Some(stale) = stale::answer(state, &snapshot, &ask, &key, why, trace).await {
+    // Every project that could confirm the tag failed, by the judge's rules.
+    if said.failed {
+        let why = stale::failure(res.status());
+        if let Some(stale) =
+            stale::answer(state, &snapshot, &ask, &key, why, &said.answered, trace).await
+        {
             return stale;
         }
     }
     res
 }
 
-/// The mapped project's answer, else the fan-out's; `by` learns the project whose answer it is.
+/// What the projects asked for a pull said, beyond the answer itself.
+#[derive(Default)]
+struct Said<'s> {
+    /// The project whose answer this is (a 2xx, or what the mapped project said).
+    by: Option<&'s Project>,
+    /// The answer stands for a failure by the judge's rules (no answer in time, 502–504, 429, open
+    /// circuits), not for anything a project answered, nor the router refusing the client.
+    failed: bool,
+    /// For a tag: the projects that answered (404, 401, 403, 500…) rather than failed.
+    answered: Vec<String>,
+}
+
+/// The mapped project's answer, else the fan-out's; `said` learns who said what.
 async fn ask_harbor<'s>(
     state: &Rc<State>,
     snapshot: &'s Rc<Snapshot>,
@@ -113,12 +127,15 @@ async fn ask_harbor<'s>(
     key: &str,
     client: IpAddr,
     trace: &mut Trace,
-    by: &mut Option<&'s Project>,
+    said: &mut Said<'s>,
 ) -> Response<Body> {
     let now = state.now();
     match state.lookup(snapshot, &ask.mapping_key(), key, now).await {
         Lookup::Missing(detail) => {
             trace.route = Answered::Negative;
+            if ask.tag().is_some() {
+                state.forget_tag_everywhere(key, false);
+            }
             return not_found(ask, detail);
         }
         // A mirror request's mapping (keyed by registry) must still point into its registry.
@@ -135,12 +152,19 @@ async fn ask_harbor<'s>(
             trace.project(&project.name);
             match mapped::request(state, project, ask, &mut trace.attempts).await {
                 Mapped::Answer(res) => {
-                    *by = Some(project);
+                    said.by = Some(project);
+                    return *res;
+                }
+                Mapped::Failed(res) => {
+                    said.failed = true;
                     return *res;
                 }
                 Mapped::Gone => {
                     trace.project = None;
                     state.forget_tag(key, &project.name);
+                    if ask.tag().is_some() {
+                        said.answered.push(project.name.clone());
+                    }
                     tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
                 }
             }
@@ -158,31 +182,34 @@ async fn ask_harbor<'s>(
         client,
         &mut trace.attempts,
     );
-    let found = found.await;
-    if let Found::Failed(Error::ClientRateLimited { .. }) = found {
-        // Refused before any project was asked (the client's fan-out budget).
-        trace.route = Answered::Refused;
-    }
-    match found {
+    match found.await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
         Found::Won(project, _) | Found::Known(project)
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
         {
             trace.project(&project.name);
-            answer_mapped(state, project, ask, &mut trace.attempts).await
+            answer_mapped(state, project, ask, &mut trace.attempts, said).await
         }
         Found::Won(project, res) => {
             trace.project(&project.name);
-            *by = Some(project);
+            said.by = Some(project);
             answer::answer(state, project, ask, *res).await
         }
         Found::Known(project) => {
             trace.project(&project.name);
-            *by = Some(project);
-            answer_mapped(state, project, ask, &mut trace.attempts).await
+            answer_mapped(state, project, ask, &mut trace.attempts, said).await
         }
         Found::NotFound(detail) => not_found(ask, detail),
-        Found::Failed(e) => error(&e),
+        Found::Failed(e @ Error::ClientRateLimited { .. }, _) => {
+            // Refused before any project was asked (the client's fan-out budget).
+            trace.route = Answered::Refused;
+            error(&e)
+        }
+        Found::Failed(e, answered) => {
+            said.failed = true;
+            said.answered = answered;
+            error(&e)
+        }
     }
 }
 
@@ -203,14 +230,28 @@ fn not_found(ask: &Ask, detail: Option<bytes::Bytes>) -> Response<Body> {
 }
 
 /// The answer of a project found by a fan-out, asked again for this request.
-async fn answer_mapped(
+async fn answer_mapped<'s>(
     state: &State,
-    project: &Project,
+    project: &'s Project,
     ask: &Ask,
     attempts: &mut u32,
+    said: &mut Said<'s>,
 ) -> Response<Body> {
     match mapped::request(state, project, ask, attempts).await {
-        Mapped::Answer(res) => *res,
-        Mapped::Gone => error(&ask.endpoint.not_found()),
+        Mapped::Answer(res) => {
+            said.by = Some(project);
+            *res
+        }
+        Mapped::Failed(res) => {
+            said.failed = true;
+            *res
+        }
+        Mapped::Gone => {
+            state.forget_tag(&ask.key(), &project.name);
+            if ask.tag().is_some() {
+                said.answered.push(project.name.clone());
+            }
+            error(&ask.endpoint.not_found())
+        }
     }
 }

@@ -61,29 +61,38 @@ pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body
     state.confirm_tag(key, seen, project);
 }
 
-/// Why an answer to a tag is a failure a last-known-good answer may stand in for; `None` when it
-/// is an answer (a 404 above all).
-pub fn failure(status: StatusCode) -> Option<StaleReason> {
+/// How a failure (by the judge's rules) is counted, from the status answered for it.
+pub fn failure(status: StatusCode) -> StaleReason {
     match status.as_u16() {
-        429 => Some(StaleReason::RateLimited),
-        503 => Some(StaleReason::Unavailable),
-        502 | 504 => Some(StaleReason::Failed),
-        _ => None,
+        429 => StaleReason::RateLimited,
+        503 => StaleReason::Unavailable,
+        _ => StaleReason::Failed,
     }
 }
 
 /// The last-known-good answer to the tag pull `ask` (`key`), if there is one and it can be served;
-/// `None` leaves the failure to be answered.
+/// `None` leaves the failure to be answered. `answered` are the projects that answered this pull
+/// rather than failed: a last-known-good answer from one of them does not stand in.
 pub async fn answer(
     state: &State,
     snapshot: &Snapshot,
     ask: &Ask,
     key: &str,
     why: StaleReason,
+    answered: &[String],
     trace: &mut Trace,
 ) -> Option<Response<Body>> {
     let (resolved, age) = state.last_good(key, snapshot).await?;
+    if answered.contains(&resolved.project) {
+        return None;
+    }
     let project = snapshot.project(&resolved.project)?;
+    // A mirror request is answered only from a project of the registry it names.
+    if let Some(host) = ask.registry.as_deref() {
+        if !super::mirror::serves(snapshot, project, host) {
+            return None;
+        }
+    }
     let digest = resolved.digest.to_str().ok()?.to_string();
     let mut res = if ask.head {
         let mut h = HeaderMap::with_capacity(6);
@@ -113,7 +122,7 @@ async fn by_digest(
     digest: String,
     attempts: &mut u32,
 ) -> Option<Response<Body>> {
-    let pinned = Ask {
+    let mut pinned = Ask {
         endpoint: Endpoint::Manifest {
             reference: digest,
             by_digest: true,
@@ -121,16 +130,18 @@ async fn by_digest(
         head: false,
         ..ask.clone()
     };
+    // The client's conditions were about the tag: the manifest is asked whole.
+    pinned.headers.remove(http::header::IF_NONE_MATCH);
+    pinned.headers.remove(http::header::IF_MODIFIED_SINCE);
     if let Some(kept) = pinned
         .memory_key()
         .and_then(|k| state.manifest(&k, state.now()))
     {
         return Some(whole(StatusCode::OK, kept.headers, kept.body, false));
     }
-    // Bounded like a tag lookup: Harbor answers what it holds by digest at once, or not at all.
-    let asked = mapped::request(state, project, &pinned, attempts);
-    match monoio::time::timeout(state.resolver_timeout(), asked).await {
-        Ok(Mapped::Answer(res)) if res.status() == StatusCode::OK => Some(*res),
+    // Bounded by RESOLVER_TIMEOUT (a manifest request), judged and recorded in the content lane.
+    match mapped::request(state, project, &pinned, attempts).await {
+        Mapped::Answer(res) if res.status() == StatusCode::OK => Some(*res),
         _ => None,
     }
 }

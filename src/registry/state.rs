@@ -99,7 +99,8 @@ pub enum FanOutResult {
     Found(String),
     /// With the registry's error body when the projects agreed on more than "not found".
     NotFound(Option<Bytes>),
-    Failed(Error),
+    /// With the projects that answered (404, 401, …) rather than failed, for a tag.
+    Failed(Error, Vec<String>),
 }
 
 /// One core's registry state.
@@ -554,9 +555,22 @@ impl State {
     }
 
     /// `project` said the tag pull `key` is not there: if that is where the tag last resolved, the
-    /// tag is forgotten here (a 404 is an answer; it is never masked by an older one).
+    /// tag is forgotten here and in Redis (a 404 is an answer; it is never masked by an older one).
     pub fn forget_tag(&self, key: &str, project: &str) {
-        self.last_good.borrow_mut().forget(key, project);
+        if self.last_good.borrow_mut().forget(key, project) {
+            if let Some(shared) = &self.shared {
+                shared.forget_tag(key);
+            }
+        }
+    }
+
+    /// No project has the tag pull `key` (every one said "not here"): forgotten here, and in Redis
+    /// when `share` (the pod that found the miss says so; one that heard it need not repeat it).
+    pub fn forget_tag_everywhere(&self, key: &str, share: bool) {
+        self.last_good.borrow_mut().forget_any(key);
+        if let (true, Some(shared)) = (share, &self.shared) {
+            shared.forget_tag(key);
+        }
     }
 
     /// Counts a stale answer; logs the first, then at most one line a minute with the count since.

@@ -279,6 +279,9 @@ impl Link {
                         .arg("PX")
                         .arg(left);
                 }
+                Write::ForgetTag(key) => {
+                    pipe.cmd("DEL").arg(keys.tag(&key));
+                }
                 Write::Projects(list) => {
                     pipe.cmd("SET")
                         .arg(keys.projects())

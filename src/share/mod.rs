@@ -90,6 +90,8 @@ pub(crate) enum Write {
         stored: StoredTag,
         life: Duration,
     },
+    /// A tag no longer to be stood in for (a project answered that it is not there).
+    ForgetTag(String),
 }
 
 /// What a read asks for.
@@ -315,6 +317,13 @@ impl Shared {
             },
             life,
         });
+    }
+
+    /// Drops the shared last-known-good answer of the tag pull `key`.
+    pub fn forget_tag(&self, key: &str) {
+        if !self.inner.tag_life.is_zero() {
+            self.write(Write::ForgetTag(key.to_string()));
+        }
     }
 
     /// What another pod last saw the tag pull `key` resolve to, and when, if that names a project
