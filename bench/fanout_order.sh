@@ -57,12 +57,9 @@ hr_work
 die() { echo "fanout_order.sh: $*" >&2; exit 1; }
 
 hr_log "starting the stand-in Harbor and the registry, seeding images"
-target/release/harbor-standin >"$work/standin.json" 2>"$work/standin.log" &
-pids+=($!)
-standin=$(hr_wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
-field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"v": v}))' "$standin" "$1"; }
-harbor_url=$(field 'v["harbor_url"]')
-expected=$(field '[i["digest"] for i in v["images"] if i["repository"] == "ghcr/org/app" and i["tag"] == "v1"][0]')
+hr_standin target/release/harbor-standin
+harbor_url=$(hr_standin_field 'v["harbor_url"]')
+expected=$(hr_standin_field '[i["digest"] for i in v["images"] if i["repository"] == "ghcr/org/app" and i["tag"] == "v1"][0]')
 [ -n "$expected" ] || die "the test bed seeded no ghcr/org/app:v1"
 
 # start_router NAME [VAR=VALUE...]: starts a router with a clean environment; sets <NAME>_pid,
@@ -71,7 +68,7 @@ start_router() {
   local name=$1 log=$work/router-$1.log line
   shift
   env -i PATH="$PATH" \
-    HARBOR_URL="$harbor_url" HARBOR_USERNAME="$(field 'v["robot_user"]')" HARBOR_PASSWORD="$(field 'v["robot_password"]')" \
+    HARBOR_URL="$harbor_url" HARBOR_USERNAME="$(hr_standin_field 'v["robot_user"]')" HARBOR_PASSWORD="$(hr_standin_field 'v["robot_password"]')" \
     WORKERS=1 LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 LOG_FORMAT=json \
     CACHE_TTL=1us STALE_WHILE_REVALIDATE=0s NEGATIVE_CACHE_TTL=0s FANOUT_BUDGET_PER_IP=1000000 \
     "$@" target/release/harbor-router >"$log" 2>&1 &

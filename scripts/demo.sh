@@ -19,14 +19,11 @@ cargo build --locked -q -p testbed --bin harbor-standin
 hr_work
 
 hr_log "starting the stand-in Harbor and the registry, seeding images"
-target/debug/harbor-standin >"$work/standin.json" 2>"$work/standin.log" &
-pids+=($!)
-standin=$(hr_wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
-field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"v": v}))' "$standin" "$1"; }
-harbor_url=$(field 'v["harbor_url"]')
+hr_standin target/debug/harbor-standin
+harbor_url=$(hr_standin_field 'v["harbor_url"]')
 
 hr_log "starting harbor-router against $harbor_url"
-HARBOR_URL=$harbor_url HARBOR_USERNAME=$(field 'v["robot_user"]') HARBOR_PASSWORD=$(field 'v["robot_password"]') \
+HARBOR_URL=$harbor_url HARBOR_USERNAME=$(hr_standin_field 'v["robot_user"]') HARBOR_PASSWORD=$(hr_standin_field 'v["robot_password"]') \
   LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 LOG_FORMAT=json WORKERS=${WORKERS:-2} \
   DISCOVERY_INTERVAL=${DISCOVERY_INTERVAL:-10s} target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)
@@ -46,7 +43,7 @@ for line in open(sys.argv[1]):
 print("  " + last)' "$work/router.log"
 echo
 echo "Images in the stand-in Harbor:"
-field '"\n".join("  %s:%s  %s" % (i["repository"], i["tag"], i["digest"]) for i in v["images"])'
+hr_standin_field '"\n".join("  %s:%s  %s" % (i["repository"], i["tag"], i["digest"]) for i in v["images"])'
 hr_log "pulling through the router with skopeo, naming no project"
 for ref in proxy/nginx:latest proxy/library/alpine:3.19 proxy/org/app:v1 proxy/coreos/etcd:v3.5.0 proxy/pause:3.9; do
   digest=$(skopeo inspect --raw --tls-verify=false "docker://$addr/$ref" | sha256sum | cut -d' ' -f1)
@@ -61,7 +58,7 @@ Try:
   skopeo list-tags --tls-verify=false docker://$addr/proxy/coreos/etcd
   curl -s http://$addr/readyz
   # the stand-in Harbor itself, where a client has to name the project:
-  skopeo inspect --tls-verify=false --creds '$(field 'v["robot_user"]')':$(field 'v["robot_password"]') docker://${harbor_url#http://}/dockerhub/library/nginx:latest
+  skopeo inspect --tls-verify=false --creds '$(hr_standin_field 'v["robot_user"]')':$(hr_standin_field 'v["robot_password"]') docker://${harbor_url#http://}/dockerhub/library/nginx:latest
 
 Logs: $work/router.log, $work/standin.log
 Press Ctrl-C to stop.

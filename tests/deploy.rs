@@ -314,17 +314,7 @@ fn links_to_the_docs_resolve() {
         }
     }
     let mut deploy_files = vec![PathBuf::from("Dockerfile")];
-    let mut dirs = vec![PathBuf::from("deploy")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else {
-                deploy_files.push(p);
-            }
-        }
-    }
+    deploy_files.extend(files_under("deploy"));
     for f in &deploy_files {
         let text = std::fs::read_to_string(f).unwrap_or_default();
         for word in text.split(|c: char| c.is_whitespace() || "(),;'\"".contains(c)) {
@@ -363,15 +353,9 @@ fn the_operator_docs_name_real_metrics_alerts_and_log_lines() {
     let observability = std::fs::read_to_string("docs/observability.md").unwrap();
     let rules = std::fs::read_to_string("deploy/monitoring/prometheusrule.yaml").unwrap();
     let mut code = String::new();
-    let mut dirs = vec![PathBuf::from("src")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                code.push_str(&std::fs::read_to_string(&p).unwrap());
-            }
+    for p in files_under("src") {
+        if p.extension().is_some_and(|x| x == "rs") {
+            code.push_str(&std::fs::read_to_string(&p).unwrap());
         }
     }
     let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -433,4 +417,21 @@ fn normalize(path: &str) -> String {
         }
     }
     parts.join("/")
+}
+
+/// Every file below `dir`, at any depth.
+fn files_under(dir: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![PathBuf::from(dir)];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
 }

@@ -17,6 +17,13 @@ use common::{bed_with_app, manifest, wait_until, Response, Router};
 /// The proxy-cache projects of the default test bed.
 const PROJECTS: [&str; 4] = ["dockerhub", "ghcr", "k8s", "quay"];
 const WARNING: &str = "110 harbor-router \"Response is Stale\"";
+/// No mapping outlives a request (a pull takes more than a microsecond), nor a miss: every pull fans
+/// out over every project. (`1ms` is not enough: the next pull may come within it.)
+const FAN_OUT_ALWAYS: [(&str, &str); 3] = [
+    ("CACHE_TTL", "1us"),
+    ("STALE_WHILE_REVALIDATE", "0s"),
+    ("NEGATIVE_CACHE_TTL", "0s"),
+];
 
 /// A router in front of Harbor at `url`, ready.
 fn router(url: &str, vars: &[(&str, &str)]) -> Router {
@@ -256,15 +263,7 @@ fn skopeo_pulls_a_tag_while_harbors_tag_lookups_fail() {
 fn a_fan_out_that_fails_everywhere_stands_in_too_unless_the_tags_project_said_404() {
     let (bed, app) = bed_with_app();
     let url = bed.harbor.url();
-    // No mapping outlives a request: every pull fans out over every project.
-    let router = router(
-        &url,
-        &[
-            ("CACHE_TTL", "1ms"),
-            ("STALE_WHILE_REVALIDATE", "0s"),
-            ("NEGATIVE_CACHE_TTL", "0s"),
-        ],
-    );
+    let router = router(&url, &FAN_OUT_ALWAYS);
     let addr = router.addr;
     assert_fresh(&manifest(addr, "HEAD", "org/app", "v1"), &app, "first");
     fail_every_project(&bed, Fault::Status(502));
@@ -290,12 +289,7 @@ fn a_fan_out_that_fails_everywhere_stands_in_too_unless_the_tags_project_said_40
 fn a_tag_no_project_has_any_more_or_one_that_refuses_is_not_stood_in_for() {
     let (bed, app) = bed_with_app();
     let url = bed.harbor.url();
-    let fan_out_always = [
-        ("CACHE_TTL", "1ms"),
-        ("STALE_WHILE_REVALIDATE", "0s"),
-        ("NEGATIVE_CACHE_TTL", "0s"),
-    ];
-    let router = router(&url, &fan_out_always);
+    let router = router(&url, &FAN_OUT_ALWAYS);
     let addr = router.addr;
     assert_fresh(&manifest(addr, "HEAD", "org/app", "v1"), &app, "first");
     // Every project refuses (the robot lost its rights, say): an answer, not a failure.

@@ -87,6 +87,20 @@ hr_wait_for() {
   echo "gave up waiting; log $1:" >&2; cat "$1" >&2; return 1
 }
 
+# hr_standin BINARY: starts the test bed's stand-in Harbor (and its seeded registry) from BINARY, as a
+# process of hr_work's, and waits for its JSON line (harbor_url, robot_user, robot_password, images):
+# kept in $standin for hr_standin_field.
+hr_standin() {
+  "$1" >"$work/standin.json" 2>"$work/standin.log" &
+  pids+=($!)
+  standin=$(hr_wait_for "$work/standin.json" '/harbor_url/p' "${pids[-1]}")
+}
+
+# hr_standin_field EXPR: prints the Python expression EXPR over `v`, the stand-in's JSON line.
+hr_standin_field() {
+  python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, {"v": v}))' "$standin" "$1"
+}
+
 # hr_work: makes $work (a temp dir) and $pids (an array: add every process started); on exit, stops
 # every process in $pids, waits for them and removes $work. Ctrl-C and SIGTERM exit with 130.
 hr_work() {

@@ -1,7 +1,14 @@
 //! The bounded label values, as enums indexing fixed arrays of counters: a label value is an index,
 //! never a string built per request. Never an image name, a tag or a client address.
 
-/// Defines an enum of label values with `ALL`, `COUNT`, `as_str` and `index`.
+/// A bounded label: its values, each a name and an index into a fixed array of counters.
+pub trait Label: Copy + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+    fn index(self) -> usize;
+}
+
+/// Defines an enum of label values with `ALL`, `COUNT`, `as_str` and `index` (and [`Label`]).
 macro_rules! label {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$doc])*
@@ -18,6 +25,16 @@ macro_rules! label {
 
             pub fn index(self) -> usize {
                 self as usize
+            }
+        }
+
+        impl Label for $name {
+            const ALL: &'static [$name] = $name::ALL;
+            fn as_str(self) -> &'static str {
+                $name::as_str(self)
+            }
+            fn index(self) -> usize {
+                $name::index(self)
             }
         }
     };

@@ -93,6 +93,30 @@ impl ProjectMetrics {
     }
 }
 
+/// A family's samples, one per value of the label `name`.
+fn by_label<L: Label>(name: &'static str, value: impl Fn(L) -> u64) -> Vec<(encode::Labels, u64)> {
+    L::ALL
+        .iter()
+        .map(|&l| (vec![(name, l.as_str().to_string())], value(l)))
+        .collect()
+}
+
+/// A family's samples, one per pair of values of the labels `a` and `b`.
+fn by_labels<A: Label, B: Label>(
+    a: &'static str,
+    b: &'static str,
+    value: impl Fn(A, B) -> u64,
+) -> Vec<(encode::Labels, u64)> {
+    let mut samples = Vec::with_capacity(A::ALL.len() * B::ALL.len());
+    for &x in A::ALL {
+        for &y in B::ALL {
+            let labels = vec![(a, x.as_str().to_string()), (b, y.as_str().to_string())];
+            samples.push((labels, value(x, y)));
+        }
+    }
+    samples
+}
+
 fn counters(n: usize) -> Vec<Counter> {
     (0..n).map(|_| Counter::default()).collect()
 }
@@ -330,41 +354,19 @@ impl Metrics {
             1e6,
             [(vec![], blob)],
         );
-        let mut lookups = Vec::new();
-        for l in Layer::ALL {
-            for f in Found::ALL {
-                let i = l.index() * Found::COUNT + f.index();
-                lookups.push((
-                    vec![
-                        ("layer", l.as_str().to_string()),
-                        ("result", f.as_str().to_string()),
-                    ],
-                    sum(&|c| c.lookups[i].get()),
-                ));
-            }
-        }
         e.counter(
             "harbor_router_cache_lookups_total",
             "Cache lookups by layer (core: the core's mapping shard; memory: manifests by digest and tag lists; process: the process-wide mapping map; redis) and result (hit, stale, negative, miss).",
-            lookups,
+            by_labels("layer", "result", |l: Layer, f: Found| {
+                sum(&|c| c.lookups[l.index() * Found::COUNT + f.index()].get())
+            }),
         );
-        let mut races = Vec::new();
-        for k in RaceKind::ALL {
-            for o in RaceOutcome::ALL {
-                let i = k.index() * RaceOutcome::COUNT + o.index();
-                races.push((
-                    vec![
-                        ("kind", k.as_str().to_string()),
-                        ("outcome", o.as_str().to_string()),
-                    ],
-                    sum(&|c| c.races[i].get()),
-                ));
-            }
-        }
         e.counter(
             "harbor_router_fanouts_total",
             "Races of the candidate projects: for a client's request (a fan-out) or a background refresh, by outcome.",
-            races,
+            by_labels("kind", "outcome", |k: RaceKind, o: RaceOutcome| {
+                sum(&|c| c.races[k.index() * RaceOutcome::COUNT + o.index()].get())
+            }),
         );
         let mut width = HistogramValue::new(COUNT_BOUNDS);
         for c in &cores {
@@ -384,22 +386,12 @@ impl Metrics {
         e.counter(
             "harbor_router_rejected_requests_total",
             "Requests the router refused itself: rate_limit (RATE_LIMIT_PER_IP), fanout_budget (FANOUT_BUDGET_PER_IP), invalid (malformed or not a registry request).",
-            Rejected::ALL.iter().map(|r| {
-                (
-                    vec![("reason", r.as_str().to_string())],
-                    sum(&|c| c.rejected[r.index()].get()),
-                )
-            }),
+            by_label("reason", |r: Rejected| sum(&|c| c.rejected[r.index()].get())),
         );
         e.counter(
             "harbor_router_stale_answers_total",
             "Tags answered with their last-known-good digest (STALE_IF_ERROR) because every project that could confirm them failed: rate_limited (429), unavailable (503, or circuits open), failed (no answer, a timeout, 502, 504).",
-            StaleReason::ALL.iter().map(|r| {
-                (
-                    vec![("reason", r.as_str().to_string())],
-                    sum(&|c| c.stale[r.index()].get()),
-                )
-            }),
+            by_label("reason", |r: StaleReason| sum(&|c| c.stale[r.index()].get())),
         );
 
         // Client connections.

@@ -150,24 +150,12 @@ async fn ask_harbor<'s>(
             }
             trace.route = Answered::Mapped;
             trace.project(&project.name);
-            match mapped::request(state, project, ask, &mut trace.attempts).await {
-                Mapped::Answer(res) => {
-                    said.by = Some(project);
-                    return *res;
-                }
-                Mapped::Failed(res) => {
-                    said.failed = true;
-                    return *res;
-                }
-                Mapped::Gone => {
-                    trace.project = None;
-                    state.forget_tag(key, &project.name);
-                    if ask.tag().is_some() {
-                        said.answered.push(project.name.clone());
-                    }
-                    tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
-                }
+            let mapped = mapped::request(state, project, ask, &mut trace.attempts).await;
+            if let Some(res) = heard(state, ask, key, project, mapped, said) {
+                return res;
             }
+            trace.project = None;
+            tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
         }
         Lookup::Unknown => {}
     }
@@ -188,7 +176,7 @@ async fn ask_harbor<'s>(
             if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
         {
             trace.project(&project.name);
-            answer_mapped(state, project, ask, &mut trace.attempts, said).await
+            answer_mapped(state, project, ask, key, &mut trace.attempts, said).await
         }
         Found::Won(project, res) => {
             trace.project(&project.name);
@@ -197,7 +185,7 @@ async fn ask_harbor<'s>(
         }
         Found::Known(project) => {
             trace.project(&project.name);
-            answer_mapped(state, project, ask, &mut trace.attempts, said).await
+            answer_mapped(state, project, ask, key, &mut trace.attempts, said).await
         }
         Found::NotFound(detail) => not_found(ask, detail),
         Found::Failed(e @ Error::ClientRateLimited { .. }, _) => {
@@ -234,24 +222,40 @@ async fn answer_mapped<'s>(
     state: &State,
     project: &'s Project,
     ask: &Ask,
+    key: &str,
     attempts: &mut u32,
     said: &mut Said<'s>,
 ) -> Response<Body> {
-    match mapped::request(state, project, ask, attempts).await {
+    let mapped = mapped::request(state, project, ask, attempts).await;
+    heard(state, ask, key, project, mapped, said)
+        .unwrap_or_else(|| error(&ask.endpoint.not_found()))
+}
+
+/// What `project`, asked for the pull `key` alone, said, told to `said`: its answer, or `None` when
+/// it said 404 (a tag it last resolved is forgotten, and it counts as having answered).
+fn heard<'s>(
+    state: &State,
+    ask: &Ask,
+    key: &str,
+    project: &'s Project,
+    mapped: Mapped,
+    said: &mut Said<'s>,
+) -> Option<Response<Body>> {
+    match mapped {
         Mapped::Answer(res) => {
             said.by = Some(project);
-            *res
+            Some(*res)
         }
         Mapped::Failed(res) => {
             said.failed = true;
-            *res
+            Some(*res)
         }
         Mapped::Gone => {
-            state.forget_tag(&ask.key(), &project.name);
             if ask.tag().is_some() {
+                state.forget_tag(key, &project.name);
                 said.answered.push(project.name.clone());
             }
-            error(&ask.endpoint.not_found())
+            None
         }
     }
 }

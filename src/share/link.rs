@@ -232,11 +232,9 @@ impl Link {
                     moved,
                 } => {
                     let value = serde_json::to_string(&stored).unwrap_or_default();
-                    let life_ms = life.as_millis() as u64;
-                    let left = life_ms.saturating_sub(now.saturating_sub(stored.at));
-                    if left == 0 {
+                    let Some(left) = life_left(life, stored.at, now) else {
                         continue;
-                    }
+                    };
                     pipe.cmd("SET")
                         .arg(keys.mapping(&name))
                         .arg(&value)
@@ -268,11 +266,9 @@ impl Link {
                         .arg(ttl.as_millis().max(1) as u64);
                 }
                 Write::Tag { key, stored, life } => {
-                    let life_ms = life.as_millis() as u64;
-                    let left = life_ms.saturating_sub(now.saturating_sub(stored.at));
-                    if left == 0 {
+                    let Some(left) = life_left(life, stored.at, now) else {
                         continue;
-                    }
+                    };
                     pipe.cmd("SET")
                         .arg(keys.tag(&key))
                         .arg(serde_json::to_string(&stored).unwrap_or_default())
@@ -547,6 +543,12 @@ fn heard(shared: &Shared, snapshot: &SharedSnapshot, learned: &LearnedMap, paylo
             let _ = core.try_send((change.name.clone(), mapping.clone()));
         }
     }
+}
+
+/// Milliseconds left of a value's `life` counted from `at` (unix ms), at `now`; `None` when none.
+fn life_left(life: Duration, at: u64, now: u64) -> Option<u64> {
+    let left = (life.as_millis() as u64).saturating_sub(now.saturating_sub(at));
+    (left > 0).then_some(left)
 }
 
 /// Readers waiting for one answer.

@@ -113,6 +113,12 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Whether `snapshot` has project `name` with id `id` (a stored value naming a project this pod
+/// does not know, or the same name with another id, is not used).
+fn known_project(snapshot: &Snapshot, name: &str, id: i64) -> bool {
+    snapshot.project(name).is_some_and(|p| p.id == id)
+}
+
 /// A mapping as stored: the project's name and id as discovery knows them, and when it was learned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMapping {
@@ -144,9 +150,7 @@ impl StoredMapping {
 
     /// Usable in `snapshot`: the project is there under the same name and id.
     pub fn valid_in(&self, snapshot: &Snapshot) -> bool {
-        snapshot
-            .project(&self.project)
-            .is_some_and(|p| p.id == self.project_id)
+        known_project(snapshot, &self.project, self.project_id)
     }
 }
 
@@ -192,9 +196,7 @@ impl StoredTag {
 
     /// Usable in `snapshot`: the project is there under the same name and id.
     pub fn valid_in(&self, snapshot: &Snapshot) -> bool {
-        snapshot
-            .project(&self.project)
-            .is_some_and(|p| p.id == self.project_id)
+        known_project(snapshot, &self.project, self.project_id)
     }
 }
 
