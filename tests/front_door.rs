@@ -482,10 +482,12 @@ fn idle_connections_park_in_a_few_kib_and_their_memory_returns() {
     common::wait_until("descriptors back to the baseline", || {
         common::fds(pid) <= base_fds
     });
-    // At least half of what the parked connections held goes back to the system.
+    // At least three quarters of what the parked connections held goes back to the system (all of
+    // it but the tables a burst grows, when the allocator commits on demand; half stayed resident
+    // when it committed its arenas eagerly).
     let after = common::wait_for("memory given back after the burst", || {
         let now = common::rss(pid);
-        (now <= base_rss + held.saturating_sub(base_rss) / 2).then_some(now)
+        (now <= base_rss + held.saturating_sub(base_rss) / 4).then_some(now)
     });
     eprintln!("rss: base {base_rss}, {n} parked {held}, after close {after}");
 }

@@ -83,21 +83,37 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
+    // The runtime is built on the thread (it is not `Send`); the start waits for it, so a router
+    // that says "listening" has every thread it will run, and one that cannot build it does not start.
+    let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
         .name("hr-discovery".into())
         .spawn(move || {
-            let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
                 .enable_timer()
-                .build()
-            {
-                Ok(rt) => rt,
+                .build();
+            let mut rt = match built {
+                Ok(rt) => {
+                    let _ = built_tx.send(Ok(()));
+                    rt
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot start the discovery runtime");
+                    let _ = built_tx.send(Err(e));
                     return;
                 }
             };
             rt.block_on(run(config, upstream, snapshot, redis, metrics, shutdown));
-        })
+        })?;
+    match built_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot start the discovery runtime: {e}"),
+        )),
+        Err(_) => Err(std::io::Error::other(
+            "the discovery thread exited before its runtime was up",
+        )),
+    }
 }
 
 async fn run(

@@ -55,17 +55,13 @@ pub(super) struct Link {
 type Lost = String;
 
 impl Link {
-    pub fn run(self, writes: mpsc::Receiver<Write>, reads: mpsc::Receiver<Read>) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the Redis runtime; mappings stay in memory");
-                return;
-            }
-        };
+    /// Serves the queues on `rt` (built by the starter, so a router that says "listening" has it).
+    pub fn run(
+        self,
+        rt: tokio::runtime::Runtime,
+        writes: mpsc::Receiver<Write>,
+        reads: mpsc::Receiver<Read>,
+    ) {
         rt.block_on(self.serve(writes, reads));
     }
 

@@ -188,9 +188,15 @@ impl Shared {
             learned,
             shutdown,
         };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot start the Redis runtime: {e}"))
+            })?;
         let thread = std::thread::Builder::new()
             .name("hr-redis".into())
-            .spawn(move || link.run(write_rx, read_rx))?;
+            .spawn(move || link.run(rt, write_rx, read_rx))?;
         Ok(Some((shared, thread)))
     }
 
