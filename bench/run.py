@@ -170,6 +170,9 @@ http {{
             "HARBOR_URL": f"http://127.0.0.1:{harbor_port}",
             "FANOUT_BUDGET_PER_IP": "1000000",
         }
+        # Allocator settings pass through, so they can be compared (MIMALLOC_ARENA_EAGER_COMMIT=2
+        # is mimalloc's own default on Linux; the router's is on-demand commit).
+        env.update({k: v for k, v in os.environ.items() if k.startswith("MIMALLOC_")})
         env.update(extra or {})
         p = self.spawn([self.args.binary], name, env=env, cpu=cpu)
         p.port = port
