@@ -611,7 +611,33 @@ http {{
         dconn = http.client.HTTPConnection("127.0.0.1", port)
         rconn = http.client.HTTPConnection("127.0.0.1", r.port)
         cpu_before = cpu_ticks(r.pid)
-        for i in range(n):
+        self.cold_pulls(projects, range(n), dconn, rconn, direct, routed)
+        cpu_per_pull = (cpu_ticks(r.pid) - cpu_before) * TICK_US / n
+        tokens = metric(r.metrics, "harbor_router_token_fetches_total") - tokens_before
+        width = metric(r.metrics, "harbor_router_fanout_width_projects_sum")
+        opened = metric(r.metrics, "harbor_router_upstream_connections_opened_total")
+        name = f"cold-fanout-{projects}"
+        med_d, med_r = statistics.median(direct), statistics.median(routed)
+        self.results[name] = {"pulls": n, "direct_us": summary(direct), "routed_us": summary(routed),
+                              "token_requests_per_pull": tokens / n, "projects_asked_total": width,
+                              "upstream_connections_opened": opened,
+                              "router_cpu_us_per_pull": cpu_per_pull}
+        self.figure(name, f"time to first byte − the project's own, {projects} projects (median)",
+                    (med_r - med_d) / 1000, "≤ 1 ms", med_r - med_d <= 1000,
+                    f"ms ({med_r:.0f} vs {med_d:.0f} µs; p90 {percentile(routed, 90):.0f} vs {percentile(direct, 90):.0f} µs; "
+                    f"router CPU {cpu_per_pull:.0f} µs a pull)")
+        self.figure(name, "token requests per cold pull", tokens / n, "1", abs(tokens / n - 1) < 0.05)
+        if self.args.profile:
+            self.profiled = r.pid
+            self.results[name]["profile"] = self.perf(
+                name, lambda: self.cold_pulls(projects, range(n, 2 * n), dconn, rconn, [], []))
+        self.kill(r)
+        self.kill(fan)
+
+    def cold_pulls(self, projects, indices, dconn, rconn, direct, routed):
+        """Cold pulls of new names (`indices`), each asked of p0 directly and through the router;
+        the times to first byte go to `direct` and `routed`."""
+        for i in indices:
             name = f"cold/n{i}-{os.getpid()}-{projects}"
             t0 = time.perf_counter()
             dconn.request("GET", f"/v2/p0/{name}/manifests/v1", headers={"Accept": ACCEPT, "Authorization": "Bearer t"})
@@ -629,21 +655,6 @@ http {{
                 raise SystemExit(f"routed cold pull answered {res.status}")
             direct.append((t1 - t0) * 1e6)
             routed.append((t3 - t2) * 1e6)
-        cpu_per_pull = (cpu_ticks(r.pid) - cpu_before) * TICK_US / n
-        tokens = metric(r.metrics, "harbor_router_token_fetches_total") - tokens_before
-        width = metric(r.metrics, "harbor_router_fanout_width_projects_sum")
-        name = f"cold-fanout-{projects}"
-        med_d, med_r = statistics.median(direct), statistics.median(routed)
-        self.results[name] = {"pulls": n, "direct_us": summary(direct), "routed_us": summary(routed),
-                              "token_requests_per_pull": tokens / n, "projects_asked_total": width,
-                              "router_cpu_us_per_pull": cpu_per_pull}
-        self.figure(name, f"time to first byte − the project's own, {projects} projects (median)",
-                    (med_r - med_d) / 1000, "≤ 1 ms", med_r - med_d <= 1000,
-                    f"ms ({med_r:.0f} vs {med_d:.0f} µs; p90 {percentile(routed, 90):.0f} vs {percentile(direct, 90):.0f} µs; "
-                    f"router CPU {cpu_per_pull:.0f} µs a pull)")
-        self.figure(name, "token requests per cold pull", tokens / n, "1", abs(tokens / n - 1) < 0.05)
-        self.kill(r)
-        self.kill(fan)
 
     def kill(self, p):
         if p.poll() is None:

@@ -314,6 +314,56 @@ fn a_hanging_project_does_not_delay_the_answer() {
     );
 }
 
+/// The losers of a race finish after the winner is served: their answers are read and their
+/// connections go back to the pool, so the next cold pull opens no connection to Harbor.
+#[test]
+fn a_race_lets_its_losers_finish_and_their_connections_are_reused() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[],
+    );
+    let metric = |name: &str| env.router.scrape().get(name).copied().unwrap_or(0.0);
+    let idle = r#"harbor_router_upstream_connections{state="idle"}"#;
+    let opened = "harbor_router_upstream_connections_opened_total";
+    // Every other project's answer is held: ghcr wins while their requests are in flight.
+    let held: Vec<Held> = NOT_GHCR.iter().map(|p| env.bed.harbor.hold(p)).collect();
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 200);
+    wait_until("every project asked", || {
+        NOT_GHCR.iter().all(|p| env.manifest_requests(p) == 1)
+    });
+    drop(held);
+    wait_until("the losers' connections back in the pool", || {
+        metric(idle) >= 4.0
+    });
+    let before = metric(opened);
+    let res = env.get_manifest("org/nowhere", "v1");
+    assert_eq!(res.status, 404);
+    assert_eq!(
+        metric(opened),
+        before,
+        "the second race reused the first one's connections"
+    );
+}
+
+/// A project that hangs while another wins still has its attempt judged: the circuit opens.
+#[test]
+fn a_project_that_hangs_while_another_wins_opens_its_circuit() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[
+            ("CIRCUIT_BREAKER_THRESHOLD", "1"),
+            ("CIRCUIT_BREAKER_TIMEOUT", "1h"),
+            ("RESOLVER_TIMEOUT", "1s"),
+        ],
+    );
+    env.bed.harbor.set_fault("quay", Fault::Hang);
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 200, "ghcr won without waiting for quay");
+    env.router
+        .wait_log(|l| l.contains("circuit opened") && l.contains(r#""project":"quay""#));
+}
+
 #[test]
 fn circuits_open_on_failures_and_keep_the_project_out() {
     let env = start(

@@ -1,9 +1,10 @@
 //! Finding the project that has a pull: the coalesced fan-out. On one core the first request for a
 //! key leads, the others wait for its result; the leader races the candidate projects: one attempt
 //! per project whose circuit admits it, all in flight at once on this core, each bounded by
-//! `RESOLVER_TIMEOUT`. The first attempt that wins ends the race; the others are dropped, which
-//! cancels their requests (an HTTP/1.1 connection with a request in flight is closed, never returned
-//! to the pool; on HTTP/2 only the stream is reset).
+//! `RESOLVER_TIMEOUT`. The first attempt that wins ends the race; the others finish off the request,
+//! in a task of the core's own ([`finish_in_background`]): dropping them would close every HTTP/1.1
+//! connection with a request in flight, so each cold pull would open (and, over TLS, handshake) a
+//! connection to Harbor for nearly every project asked.
 //!
 //! The verdicts of the attempts that finished decide a race nobody won: every project said "not
 //! here" → not found (negative-cacheable; with the registry's own error when the projects that said
@@ -15,7 +16,9 @@
 //! from every attempt that got a verdict; an attempt cancelled before its verdict frees its probe
 //! (the ticket is dropped).
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -85,7 +88,7 @@ pub enum Found<'s> {
 /// `attempts` counts the requests sent (for the access log).
 #[allow(clippy::too_many_arguments)]
 pub async fn find<'s>(
-    state: &State,
+    state: &Rc<State>,
     snapshot: &'s Snapshot,
     candidates: &[&'s Project],
     ask: &Ask,
@@ -155,7 +158,7 @@ pub async fn find<'s>(
 /// answered "not here" or failed (each bounded by `RESOLVER_TIMEOUT`): the most preferred project
 /// that has it wins, whatever answered first.
 pub async fn race<'a>(
-    state: &State,
+    state: &Rc<State>,
     candidates: &[&'a Project],
     ask: &Ask,
     info: &mut RaceInfo,
@@ -163,18 +166,21 @@ pub async fn race<'a>(
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
     let mut skipped = false;
-    let fitting = || {
-        candidates
-            .iter()
-            .copied()
-            .filter(|p| forward::fits(p, &ask.name))
-    };
-    let repositories =
-        fitting().map(|p| format!("{}/{}", p.name, forward::project_name(p, &ask.name)));
+    let fitting: Vec<&'a Project> = candidates
+        .iter()
+        .copied()
+        .filter(|p| forward::fits(p, &ask.name))
+        .collect();
+    let repositories = fitting
+        .iter()
+        .map(|p| format!("{}/{}", p.name, forward::project_name(p, &ask.name)));
     state
         .upstream()
         .prefetch_tokens(repositories, timeout)
         .await;
+    // The attempts own what they use, so those still running when the race is decided can finish
+    // in the background.
+    let shared_ask = Rc::new(ask.clone());
     // Ranks: FANOUT_ORDER's position; unlisted projects after it, by name (the candidates' order).
     let rank_of = |i: usize, p: &Project| state.fanout_rank(&p.name).unwrap_or(usize::MAX / 2 + i);
     let ordered = state.fanout_ordered();
@@ -182,7 +188,7 @@ pub async fn race<'a>(
     // them is a second choice.
     let mut unavailable: Vec<usize> = Vec::new();
     let mut pending: Vec<usize> = Vec::new();
-    for (i, project) in fitting().enumerate() {
+    for (i, project) in fitting.iter().enumerate() {
         let rank = rank_of(i, project);
         let Some(ticket) = state.admit(&project.name, ask.lane()) else {
             // A project left out cannot say "not here": the outcome can no longer be NotFound.
@@ -191,8 +197,9 @@ pub async fn race<'a>(
             continue;
         };
         pending.push(rank);
+        let (state, ask, project) = (state.clone(), shared_ask.clone(), (*project).clone());
         running.push(async move {
-            let attempt = attempt::attempt(state, project, ask);
+            let attempt = attempt::attempt(&state, &project, &ask);
             let verdict = match monoio::time::timeout(timeout, attempt).await {
                 Ok(v) => v,
                 Err(_) => {
@@ -203,7 +210,7 @@ pub async fn race<'a>(
                 }
             };
             state.record(ticket, verdict.is_failure());
-            (project, rank, verdict)
+            (i, rank, verdict)
         });
     }
     info.asked = running.len();
@@ -228,7 +235,8 @@ pub async fn race<'a>(
     // With FANOUT_ORDER: the best win so far, held until nothing better can come.
     let mut held: Option<(usize, &'a Project, Response<UpstreamBody>)> = None;
     let tag = ask.tag().is_some();
-    while let Some((project, rank, verdict)) = running.next().await {
+    while let Some((i, rank, verdict)) = running.next().await {
+        let project = fitting[i];
         pending.retain(|r| *r != rank);
         if tag {
             match verdict {
@@ -241,11 +249,18 @@ pub async fn race<'a>(
             }
         }
         match verdict {
-            Verdict::Win(res) if !ordered => return Outcome::Won(project, Box::new(res)),
+            Verdict::Win(res) if !ordered => {
+                finish_in_background(state, running);
+                return Outcome::Won(project, Box::new(res));
+            }
             Verdict::Win(res) => {
+                // The worse of two wins is read to its end in the background, and let go.
                 if held.as_ref().is_none_or(|(r, _, _)| rank < *r) {
-                    // A worse held win is dropped (its request is cancelled).
-                    held = Some((rank, project, res));
+                    if let Some((_, _, worse)) = held.replace((rank, project, res)) {
+                        drain_later(state, worse);
+                    }
+                } else {
+                    drain_later(state, res);
                 }
             }
             Verdict::NotHere(Some(body)) => match &detail {
@@ -274,6 +289,7 @@ pub async fn race<'a>(
             if pending.iter().all(|r| r > best) {
                 let (best, project, res) = held.take().expect("held");
                 info.second_choice = unavailable.iter().any(|r| *r < best);
+                finish_in_background(state, running);
                 return Outcome::Won(project, Box::new(res));
             }
         }
@@ -291,4 +307,32 @@ pub async fn race<'a>(
             reason: "no proxy-cache project answered: Harbor failed or timed out",
         })
     }
+}
+
+/// Lets the attempts still running when a race is decided finish in a task of this core: each is
+/// bounded by `RESOLVER_TIMEOUT` and records its verdict (so a project that hangs while others win
+/// still opens its circuit), and each answer is read to its end, so its HTTP/1.1 connection goes
+/// back to the pool instead of being closed. A second win's body is drained the same way (small
+/// bodies only; a large one is dropped with its connection).
+fn finish_in_background<F>(state: &Rc<State>, mut running: FuturesUnordered<F>)
+where
+    F: Future<Output = (usize, usize, Verdict<Response<UpstreamBody>>)> + 'static,
+{
+    if running.is_empty() {
+        return;
+    }
+    let state = state.clone();
+    monoio::spawn(async move {
+        while let Some((_, _, verdict)) = running.next().await {
+            if let Verdict::Win(res) = verdict {
+                drain_later(&state, res);
+            }
+        }
+    });
+}
+
+/// Reads a win nobody will serve to its end in a task of this core, so its connection is reused.
+fn drain_later(state: &Rc<State>, res: Response<UpstreamBody>) {
+    let state = state.clone();
+    monoio::spawn(async move { state.upstream().drain(res.into_body()).await });
 }
