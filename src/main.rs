@@ -19,23 +19,29 @@ const EXIT_CONFIG: u8 = 64;
 /// Could not start (port taken, no runtime): `EX_UNAVAILABLE`.
 const EXIT_START: u8 = 69;
 
-/// `mi_option_arena_eager_commit` in mimalloc.h's option enum.
+/// `mi_option_arena_eager_commit` in mimalloc.h's option enum (the same index in mimalloc v2 and v3;
+/// check it when libmimalloc-sys moves to a new mimalloc).
+#[cfg(target_os = "linux")]
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Arenas committed on demand rather than at once. On Linux (overcommit) mimalloc commits its
 /// arenas eagerly by default, and what it purges there stays resident, so the memory a burst of
 /// connections held would never go back to the system. Runs as a constructor, before the first
-/// allocation reserves an arena; `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still wins.
+/// allocation reserves an arena; the option set in the environment (under its name or its legacy
+/// one) still wins.
+#[cfg(target_os = "linux")]
 extern "C" fn allocator_settings() {
     // SAFETY: getenv reads the environment the loader set up (no thread runs yet) and allocates
-    // nothing; mi_option_set sets a plain option.
+    // nothing; mi_option_set stores a plain option.
     unsafe {
-        if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+        let set = |name: &std::ffi::CStr| !libc::getenv(name.as_ptr()).is_null();
+        if !set(c"MIMALLOC_ARENA_EAGER_COMMIT") && !set(c"MIMALLOC_EAGER_REGION_COMMIT") {
             libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
         }
     }
 }
 
+#[cfg(target_os = "linux")]
 #[used]
 #[link_section = ".init_array"]
 static ALLOCATOR_SETTINGS: extern "C" fn() = allocator_settings;

@@ -150,7 +150,7 @@ fn error_code(a: &Answered) -> String {
 }
 
 #[test]
-fn the_first_win_ends_the_race_and_cancels_the_losers() {
+fn the_first_win_ends_the_race_and_the_losers_finish_after_it() {
     let fake = FakeHarbor::start();
     fake.answer("b", manifest());
     fake.hold("b");
@@ -163,20 +163,50 @@ fn the_first_win_ends_the_race_and_cancels_the_losers() {
         })
         .await;
         fake.release("b");
+        // b's answer is served while c's request is still in flight.
         let res = pending.await;
         assert_eq!(res.status, StatusCode::OK);
         assert_eq!(&res.body[..], br#"{"schemaVersion":2}"#);
         assert_eq!(res.headers["content-type"], MANIFEST_TYPE);
-        until("c's request cancelled", || fake.cancelled("c") == 1).await;
         assert_eq!(mapping(&s, "org/app").await, Some(("b".into(), false)));
-        // Learned: the next request goes to b alone.
+        // c answers later: its request was not cancelled, and its connection is pooled again.
+        fake.release("c");
+        until("c's connection back in the pool", || {
+            s.upstream().idle_count() == 3
+        })
+        .await;
+        assert_eq!(fake.cancelled("c"), 0);
+        let opened = s.upstream().pool_stats().connections_opened;
+        // Learned: the next request goes to b alone, on a pooled connection.
         assert_eq!(get(&s, APP).await.status, StatusCode::OK);
         assert_eq!(
             (fake.requests("a"), fake.requests("b"), fake.requests("c")),
             (1, 2, 1)
         );
+        assert_eq!(s.upstream().pool_stats().connections_opened, opened);
     });
-    fake.release("c");
+}
+
+#[test]
+fn losers_past_the_idle_connection_limit_are_cancelled() {
+    let fake = FakeHarbor::start();
+    fake.answer("b", manifest());
+    fake.hold("a");
+    fake.hold("c");
+    run(async {
+        // Two losers, room for one idle connection: they are dropped with the race.
+        let vars = [
+            ("MAX_IDLE_CONNS_PER_HOST", "1"),
+            ("RESOLVER_TIMEOUT", "60s"),
+        ];
+        let s = state(&fake, &["a", "b", "c"], &vars);
+        let res = get(&s, APP).await;
+        assert_eq!(res.status, StatusCode::OK);
+        until("the losers' requests cancelled", || {
+            fake.cancelled("a") == 1 && fake.cancelled("c") == 1
+        })
+        .await;
+    });
 }
 
 #[test]

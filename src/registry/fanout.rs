@@ -312,18 +312,21 @@ pub async fn race<'a>(
 /// Lets the attempts still running when a race is decided finish in a task of this core: each is
 /// bounded by `RESOLVER_TIMEOUT` and records its verdict (so a project that hangs while others win
 /// still opens its circuit), and each answer is read to its end, so its HTTP/1.1 connection goes
-/// back to the pool instead of being closed. A second win's body is drained the same way (small
-/// bodies only; a large one is dropped with its connection).
+/// back to the pool instead of being closed. A second win's body is drained the same way (a small
+/// body, within `UPSTREAM_RESPONSE_TIMEOUT`; a large one is dropped with its connection). At most
+/// `MAX_IDLE_CONNS_PER_HOST` attempts per core finish this way, and none over HTTP/2: past that,
+/// or there, they are dropped (cancelled) as the race ends.
 fn finish_in_background<F>(state: &Rc<State>, mut running: FuturesUnordered<F>)
 where
     F: Future<Output = (usize, usize, Verdict<Response<UpstreamBody>>)> + 'static,
 {
-    if running.is_empty() {
+    if running.is_empty() || !state.take_leftovers(running.len()) {
         return;
     }
     let state = state.clone();
     monoio::spawn(async move {
         while let Some((_, _, verdict)) = running.next().await {
+            state.leftover_done();
             if let Verdict::Win(res) = verdict {
                 drain_later(&state, res);
             }

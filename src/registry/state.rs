@@ -142,6 +142,8 @@ pub struct State {
     mirror_gap_logged: Cell<bool>,
     /// Added to the system clock: zero in service; tests move it to drive expiry and breakers.
     skew: Cell<Duration>,
+    /// Race attempts finishing after their race was decided (see `fanout::finish_in_background`).
+    leftovers: Cell<usize>,
 }
 
 impl State {
@@ -222,6 +224,7 @@ impl State {
             requests: Cell::new(0),
             mirror_gap_logged: Cell::new(false),
             skew: Cell::new(Duration::ZERO),
+            leftovers: Cell::new(0),
         });
         // Expired cache entries are dropped off the request path.
         crate::tick::every(SWEEP_EVERY, Rc::downgrade(&state), State::sweep);
@@ -274,6 +277,23 @@ impl State {
                 reason:
                     "this client asked for more unknown images than FANOUT_BUDGET_PER_IP allows",
             })
+    }
+
+    /// Takes `n` more decided races' attempts to finish in the background, if that keeps them
+    /// within `MAX_IDLE_CONNS_PER_HOST` (more would not be pooled anyway) and Harbor's connections
+    /// are HTTP/1.1 (an HTTP/2 request dropped resets a stream; its connection stays).
+    pub fn take_leftovers(&self, n: usize) -> bool {
+        let total = self.leftovers.get() + n;
+        if self.upstream.multiplexed() || total > self.config.max_idle_conns_per_host {
+            return false;
+        }
+        self.leftovers.set(total);
+        true
+    }
+
+    /// One attempt taken by [`State::take_leftovers`] has finished.
+    pub fn leftover_done(&self) {
+        self.leftovers.set(self.leftovers.get().saturating_sub(1));
     }
 
     /// Longest wait for one fan-out attempt.

@@ -224,6 +224,16 @@ impl Upstream {
         self.pool.stats()
     }
 
+    /// Idle HTTP/1.1 connections in this core's pool.
+    pub fn idle_count(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Whether requests to Harbor share an HTTP/2 connection (offered, and not declined).
+    pub fn multiplexed(&self) -> bool {
+        self.pool.multiplexed()
+    }
+
     /// Whether an absolute URL points at Harbor itself (`HARBOR_URL`'s host and port).
     pub fn is_harbor(&self, uri: &Uri) -> bool {
         let origin = &self.harbor.origin;

@@ -126,6 +126,11 @@ impl Pool {
         }
     }
 
+    /// Whether requests share an HTTP/2 connection: offered, and Harbor has not chosen HTTP/1.1.
+    pub fn multiplexed(&self) -> bool {
+        self.target.http2 && !self.h2_declined.get()
+    }
+
     /// Idle HTTP/1.1 connections right now.
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().len()
