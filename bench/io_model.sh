@@ -28,15 +28,14 @@ for mode in poll completion; do
   port[$mode]=$(hr_wait_for "$work/$mode.port" '/^[0-9]\+$/p' "${pid[$mode]}")
 done
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 declare -A cpu_sum req_sum
 printf '%-11s %6s %12s %14s\n' server round "req/s" "CPU µs/req"
 for r in $(seq 1 "$rounds"); do
   for mode in poll completion; do
-    before=$(ticks "${pid[$mode]}")
+    before=$(hr_cpu_ticks "${pid[$mode]}")
     out=$(taskset -c 1 wrk -t1 -c"$conns" -d"$duration" "http://127.0.0.1:${port[$mode]}/v2/")
-    after=$(ticks "${pid[$mode]}")
+    after=$(hr_cpu_ticks "${pid[$mode]}")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     us=$(awk -v t=$((after - before)) -v n="$requests" -v hz="$hz" 'BEGIN {printf "%.2f", t * 1e6 / hz / n}')

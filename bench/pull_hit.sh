@@ -191,17 +191,15 @@ after=$(nginx_requests)
   die "20 pulls by digest cost nginx $((after - before)) requests: the router is not answering them from memory"
 echo "  digest: 20 pulls cost nginx $((after - before - 1)) requests (answered from the router's memory)"
 
-# cpu_ticks PID: user + system CPU time of a process (all its threads), in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 # run NAME URL CONNS: one wrk run; prints
 # "NAME RPS P50_US P99_US UPSTREAM_PER_REQUEST ROUTER_CPU_US_PER_REQ NGINX_CPU_US_PER_REQ".
 run() {
   local out=$work/$1.txt b a rb ra nb na
-  b=$(nginx_requests); rb=$(cpu_ticks "$router_pid"); nb=$(cpu_ticks "$nginx_worker")
+  b=$(nginx_requests); rb=$(hr_cpu_ticks "$router_pid"); nb=$(hr_cpu_ticks "$nginx_worker")
   wrk -t1 -c"$3" -d"$duration" --latency -H "$accept" "$2" >"$out"
-  ra=$(cpu_ticks "$router_pid"); na=$(cpu_ticks "$nginx_worker")
+  ra=$(hr_cpu_ticks "$router_pid"); na=$(hr_cpu_ticks "$nginx_worker")
   a=$(nginx_requests)
   if grep -q 'Non-2xx' "$out"; then cat "$out" >&2; die "$1: wrk saw non-2xx answers"; fi
   grep -q 'Socket errors' "$out" && { echo "  $1: $(grep 'Socket errors' "$out")" >&2; }

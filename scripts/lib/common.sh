@@ -117,3 +117,7 @@ hr_work() {
 hr_free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
+
+# hr_cpu_ticks PID: user + system CPU time of a process (all its threads), in clock ticks
+# (getconf CLK_TCK a second).
+hr_cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
