@@ -2,61 +2,25 @@
 //! `X-Total-Count` and `Link`), `GET /api/v2.0/registries/{id}`, and the token service
 //! `GET /service/token` that signs JWTs the real registry accepts.
 //!
-//! Owns caller classification (anonymous, robot, admin, bad credentials) and the access rules.
-//! Does not touch `/v2/` (see `proxy.rs`).
+//! Credentials Harbor does not accept are anonymous here, as in Harbor (`auth.rs`): the project
+//! list shows public projects only, `registries/{id}` answers 401, `systeminfo` leaves out the
+//! version, and the token service grants anonymous rights (401 only when no scope is asked). Does
+//! not touch `/v2/` (see `proxy.rs`).
 
 use std::sync::atomic::Ordering;
 
-use base64::Engine;
 use http::{header, HeaderMap, Response, StatusCode};
 use serde_json::json;
 
-use crate::standin::{harbor_error, json_response, Body, State};
-use crate::{ProjectSpec, ADMIN_PASSWORD, ADMIN_USER};
+use crate::auth::{classify, robot_may_pull, Caller};
+use crate::standin::{full, harbor_error, json_response, Body, State};
+use crate::{ProjectSpec, Shift, ADMIN_USER};
 
-/// Who is calling, from the `Authorization` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Caller {
-    Anonymous,
-    Robot(String),
-    Admin,
-    /// Credentials present but wrong (or a scheme the API does not take): 401.
-    Invalid,
-}
-
-pub(crate) fn classify(state: &State, headers: &HeaderMap) -> Caller {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Caller::Anonymous;
-    };
-    let Some(encoded) = value.to_str().ok().and_then(|v| v.strip_prefix("Basic ")) else {
-        return Caller::Invalid;
-    };
-    let Some(decoded) = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-    else {
-        return Caller::Invalid;
-    };
-    let Some((user, password)) = decoded.split_once(':') else {
-        return Caller::Invalid;
-    };
-    if user == ADMIN_USER && password == ADMIN_PASSWORD {
-        return Caller::Admin;
-    }
-    match &state.config.robot {
-        Some((u, p)) if u == user && p == password => Caller::Robot(user.to_string()),
-        _ => Caller::Invalid,
-    }
-}
+/// The registry's own token realm (the registry trusts Harbor's core; seeding pushes through it).
+pub(crate) const REGISTRY_REALM_PATH: &str = "/service/registry-token";
 
 fn unauthorized() -> Response<Body> {
-    let mut resp = harbor_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "unauthorized");
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        http::HeaderValue::from_static("Basic realm=\"harbor\""),
-    );
-    resp
+    harbor_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "UnAuthorized")
 }
 
 /// Splits a query string into decoded `(key, value)` pairs, repeated keys kept in order.
@@ -104,11 +68,12 @@ pub(crate) fn api(
     headers: &HeaderMap,
 ) -> Response<Body> {
     let caller = classify(state, headers);
-    if caller == Caller::Invalid {
-        return unauthorized();
-    }
     if path == "/api/v2.0/projects" {
         return projects(state, &caller, query);
+    }
+    if path == "/api/v2.0/systeminfo" {
+        state.counters.lock().unwrap().systeminfo_requests += 1;
+        return systeminfo(state, &caller);
     }
     if let Some(id) = path.strip_prefix("/api/v2.0/registries/") {
         return registry(state, &caller, id);
@@ -116,9 +81,29 @@ pub(crate) fn api(
     harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")
 }
 
-fn project_json(state: &State, index: usize, p: &ProjectSpec) -> serde_json::Value {
+/// `GET /api/v2.0/systeminfo`: the version only for an authenticated caller
+/// (`src/server/v2.0/handler/systeminfo.go`, `WithProtectedInfo`).
+fn systeminfo(state: &State, caller: &Caller) -> Response<Body> {
     let mut v = json!({
-        "project_id": index as i64 + 1,
+        "auth_mode": "db_auth", "primary_auth_mode": false, "self_registration": false,
+        "banner_message": "", "oidc_provider_name": "",
+    });
+    if *caller != Caller::Anonymous {
+        v["harbor_version"] = json!(state.config.version);
+        v["external_url"] = json!(state.url);
+        v["registry_url"] = json!(state.url.trim_start_matches("http://"));
+        v["read_only"] = json!(false);
+        v["has_ca_root"] = json!(false);
+        v["project_creation_restriction"] = json!("everyone");
+        v["notification_enable"] = json!(true);
+        v["current_time"] = json!(state.started);
+    }
+    json_response(StatusCode::OK, &v)
+}
+
+fn project_json(state: &State, id: i64, p: &ProjectSpec) -> serde_json::Value {
+    let mut v = json!({
+        "project_id": id,
         "name": p.name,
         "owner_id": 1,
         "owner_name": "admin",
@@ -154,14 +139,21 @@ fn projects(state: &State, caller: &Caller, query: Option<&str>) -> Response<Bod
             "validation failure: page_size in query should be less than or equal to 100",
         );
     }
+    // Harbor counts and lists in two queries, each against the list as it is then.
     let visible: Vec<serde_json::Value> = state
-        .config
         .projects
+        .lock()
+        .unwrap()
         .iter()
-        .enumerate()
         .filter(|(_, p)| *caller != Caller::Anonymous || p.public)
-        .map(|(i, p)| project_json(state, i, p))
+        .map(|(id, p)| project_json(state, *id, p))
         .collect();
+    state.counters.lock().unwrap().project_pages += 1;
+    if page == 1 {
+        if let Some(shift) = state.switches().shift.take() {
+            apply(state, shift);
+        }
+    }
     let total = visible.len() as i64;
     let start = ((page - 1) * page_size).min(total) as usize;
     let end = (page * page_size).min(total) as usize;
@@ -188,6 +180,19 @@ fn projects(state: &State, caller: &Caller, query: Option<&str>) -> Response<Bod
     resp
 }
 
+/// Creates or deletes a project (the list stays sorted by name, as Harbor lists it).
+fn apply(state: &State, shift: Shift) {
+    let mut projects = state.projects.lock().unwrap();
+    match shift {
+        Shift::Create(spec) => {
+            let id = projects.iter().map(|(id, _)| *id).max().unwrap_or(0) + 1;
+            projects.push((id, spec));
+            projects.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        }
+        Shift::Delete(name) => projects.retain(|(_, p)| p.name != name),
+    }
+}
+
 fn registry(state: &State, caller: &Caller, id: &str) -> Response<Body> {
     if *caller == Caller::Anonymous {
         return unauthorized();
@@ -197,10 +202,11 @@ fn registry(state: &State, caller: &Caller, id: &str) -> Response<Body> {
     }
     let found = id.parse::<i64>().ok().and_then(|id| {
         state
-            .config
             .projects
+            .lock()
+            .unwrap()
             .iter()
-            .filter_map(|p| p.registry.as_ref())
+            .filter_map(|(_, p)| p.registry.clone())
             .find(|r| r.id == id)
     });
     let Some(r) = found else {
@@ -221,13 +227,43 @@ fn registry(state: &State, caller: &Caller, id: &str) -> Response<Body> {
     )
 }
 
-/// `GET /service/token?service=…&scope=…[&scope=…]`
+/// `GET /service/token?service=…&scope=…[&scope=…]`: Harbor's token service
+/// (`src/core/service/token/creator.go`). Credentials it does not accept are anonymous; an anonymous
+/// request that asks no scope is refused (401, empty body), one that asks scopes gets a token with
+/// anonymous rights (pull on public projects).
 pub(crate) fn token(state: &State, query: Option<&str>, headers: &HeaderMap) -> Response<Body> {
     let caller = classify(state, headers);
-    if caller == Caller::Invalid {
-        return unauthorized();
-    }
     let pairs = query_pairs(query);
+    let asked = pairs.iter().any(|(k, _)| k == "scope");
+    if caller == Caller::Anonymous && !asked {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(header::CONTENT_LENGTH, 0)
+            .body(full(bytes::Bytes::new()))
+            .expect("401");
+    }
+    sign(state, &caller, &pairs, |claims| state.auth.issue(claims))
+}
+
+/// The registry's own realm: the same rules, signed with the key the registry trusts (the stand-in
+/// rotates only the key of the tokens clients get). Seeding pushes with the admin through it.
+pub(crate) fn registry_token(
+    state: &State,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let caller = classify(state, headers);
+    sign(state, &caller, &query_pairs(query), |claims| {
+        state.auth.registry_keys.sign_jwt(claims)
+    })
+}
+
+fn sign(
+    state: &State,
+    caller: &Caller,
+    pairs: &[(String, String)],
+    signer: impl Fn(&serde_json::Value) -> anyhow::Result<String>,
+) -> Response<Body> {
     let service = pairs
         .iter()
         .find(|(k, _)| k == "service")
@@ -237,15 +273,15 @@ pub(crate) fn token(state: &State, query: Option<&str>, headers: &HeaderMap) -> 
         .iter()
         .filter(|(k, _)| k == "scope")
         .flat_map(|(_, v)| v.split(' ').map(str::to_string).collect::<Vec<_>>())
-        .filter_map(|scope| grant(state, &caller, &scope))
+        .filter_map(|scope| grant(state, caller, &scope))
         .collect();
     let now = time::OffsetDateTime::now_utc();
     let iat = now.unix_timestamp();
     let ttl = state.config.token_ttl.as_secs() as i64;
-    let sub = match &caller {
+    let sub = match caller {
         Caller::Robot(u) => u.clone(),
         Caller::Admin => ADMIN_USER.to_string(),
-        _ => String::new(),
+        Caller::Anonymous => String::new(),
     };
     let claims = json!({
         "iss": crate::keys::ISSUER, "sub": sub, "aud": service,
@@ -253,7 +289,7 @@ pub(crate) fn token(state: &State, query: Option<&str>, headers: &HeaderMap) -> 
         "jti": format!("{:032x}", rand::random::<u128>()),
         "access": access,
     });
-    let token = match state.keys.sign_jwt(&claims) {
+    let token = match signer(&claims) {
         Ok(t) => t,
         Err(e) => {
             return harbor_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &e.to_string())
@@ -274,10 +310,10 @@ fn grant(state: &State, caller: &Caller, scope: &str) -> Option<serde_json::Valu
         return None;
     }
     let project = name.split('/').next()?;
-    let spec = state.config.projects.iter().find(|p| p.name == project);
+    let spec = state.project(project);
     let allowed: &[&str] = match (caller, spec) {
         (Caller::Admin, _) => &["pull", "push", "delete", "*"],
-        (Caller::Robot(_), Some(_)) => &["pull"],
+        (Caller::Robot(_), Some(p)) if robot_may_pull(state, &p) => &["pull"],
         (Caller::Anonymous, Some(p)) if p.public => &["pull"],
         _ => &[],
     };

@@ -1,5 +1,6 @@
 //! Token signing keys: an ECDSA P-256 key, a self-signed certificate the registry trusts through
-//! `auth.token.rootcertbundle`, and the ES256 JWT signer the stand-in's token service uses.
+//! `auth.token.rootcertbundle`, and the ES256 JWT signer and verifier the stand-in uses (its token
+//! service signs the tokens clients get; its `/v2/` front checks them, as Harbor's core does).
 //!
 //! distribution 2.8 finds the verification key by the JWT header's `kid`, which must equal the libtrust
 //! key id of a key in the root bundle: SHA-256 of the DER SubjectPublicKeyInfo, first 240 bits, base32
@@ -11,7 +12,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use base64::Engine;
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::signature::{
+    EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+    ECDSA_P256_SHA256_FIXED_SIGNING,
+};
 use sha2::{Digest, Sha256};
 
 /// The issuer written into the registry config and into every token.
@@ -24,7 +28,9 @@ pub struct TokenKeys {
     signer: Arc<EcdsaKeyPair>,
     /// libtrust key id, the JWT `kid`.
     kid: String,
-    /// The certificate PEM the registry loads as its root bundle.
+    /// The certificate PEM the registry loads as its root bundle (empty for an [`ephemeral`] key).
+    ///
+    /// [`ephemeral`]: TokenKeys::ephemeral
     cert_path: PathBuf,
 }
 
@@ -56,6 +62,23 @@ impl TokenKeys {
         })
     }
 
+    /// A key that lives in memory only (no certificate on disk): the stand-in's signing key after a
+    /// rotation, which the registry behind it never needs to trust.
+    pub fn ephemeral() -> anyhow::Result<TokenKeys> {
+        let key = rcgen::KeyPair::generate().context("generate P-256 key")?;
+        let signer = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &SystemRandom::new(),
+        )
+        .map_err(|e| anyhow::anyhow!("load signing key: {e}"))?;
+        Ok(TokenKeys {
+            signer: Arc::new(signer),
+            kid: libtrust_key_id(&key.public_key_der()),
+            cert_path: PathBuf::new(),
+        })
+    }
+
     /// Path of the certificate PEM (the registry's `rootcertbundle`).
     pub fn cert_path(&self) -> &Path {
         &self.cert_path
@@ -80,6 +103,27 @@ impl TokenKeys {
             .sign(&SystemRandom::new(), signing_input.as_bytes())
             .map_err(|e| anyhow::anyhow!("sign token: {e}"))?;
         Ok(format!("{signing_input}.{}", b64.encode(sig.as_ref())))
+    }
+
+    /// The claims of `token` when it is a compact ES256 JWT signed by this key (with this key's
+    /// `kid`); `None` for anything else. Times and audience are the caller's to check.
+    pub fn verify_jwt(&self, token: &str) -> Option<serde_json::Value> {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.split('.');
+        let (header, claims, sig) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let head: serde_json::Value = serde_json::from_slice(&b64.decode(header).ok()?).ok()?;
+        if head.get("alg")?.as_str()? != "ES256" || head.get("kid")?.as_str()? != self.kid {
+            return None;
+        }
+        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.signer.public_key());
+        let signing_input = &token[..header.len() + 1 + claims.len()];
+        public
+            .verify(signing_input.as_bytes(), &b64.decode(sig).ok()?)
+            .ok()?;
+        serde_json::from_slice(&b64.decode(claims).ok()?).ok()
     }
 }
 
@@ -122,6 +166,21 @@ mod tests {
         assert_eq!(base32_nopad(b"f"), "MY");
         assert_eq!(base32_nopad(b"fooba"), "MZXW6YTB");
         assert_eq!(base32_nopad(b"foobar"), "MZXW6YTBOI");
+    }
+
+    #[test]
+    fn tokens_verify_only_with_their_key() {
+        let key = TokenKeys::ephemeral().unwrap();
+        let other = TokenKeys::ephemeral().unwrap();
+        let claims = serde_json::json!({"sub": "robot$x", "n": 1});
+        let token = key.sign_jwt(&claims).unwrap();
+        assert_eq!(key.verify_jwt(&token), Some(claims));
+        assert_eq!(other.verify_jwt(&token), None, "another key's token");
+        let mut forged = token.clone();
+        forged.insert(token.find('.').unwrap() + 2, 'x');
+        assert_eq!(key.verify_jwt(&forged), None, "changed claims");
+        assert_eq!(key.verify_jwt("a.b"), None);
+        assert_eq!(key.verify_jwt(""), None);
     }
 
     #[test]

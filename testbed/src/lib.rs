@@ -8,12 +8,15 @@
 //! # Layout
 //! - `keys.rs`     ES256 signing key, self-signed cert for the registry, libtrust `kid`
 //! - `registry.rs` the docker-registry child process: config, readiness, kill on drop
-//! - `standin.rs`  the server: runtime thread, HTTP/1.1 + h2c, dispatch, counters, faults
-//! - `harbor.rs`   `/api/v2.0/projects`, `/api/v2.0/registries/{id}`, `/service/token`
-//! - `proxy.rs`    `/v2/` forwarding and Harbor's quirks (301, tags 200, blob HEAD 404, faults)
+//! - `standin.rs`  the server: runtime thread, HTTP/1.1 only, dispatch, counters, faults, switches
+//! - `auth.rs`     who a request is, as Harbor's core decides it: token checks, challenges, rights
+//! - `harbor.rs`   `/api/v2.0/projects`, `/registries/{id}`, `/systeminfo`, `/service/token`
+//! - `proxy.rs`    `/v2/` forwarding and Harbor's quirks (301, tags 200, blob HEAD 404, empty
+//!   digests, faults)
 //! - `images.rs`   OCI layouts built in Rust, pushed with skopeo
 //! - `client.rs`   a tiny blocking HTTP/1.0 client for readiness polls and read-backs
 
+mod auth;
 pub mod client;
 pub mod containerd;
 mod harbor;
@@ -71,7 +74,12 @@ pub struct HarborConfig {
     pub robot: Option<(String, String)>,
     /// `expires_in` of issued tokens.
     pub token_ttl: Duration,
+    /// `harbor_version` in `/api/v2.0/systeminfo` (shown to authenticated callers only).
+    pub version: String,
 }
+
+/// Harbor's version the stand-in reports by default.
+pub const DEFAULT_VERSION: &str = "v2.14.0-8f7ab1c2";
 
 impl Default for HarborConfig {
     fn default() -> Self {
@@ -82,6 +90,7 @@ impl Default for HarborConfig {
                 DEFAULT_ROBOT_PASSWORD.to_string(),
             )),
             token_ttl: Duration::from_secs(30 * 60),
+            version: DEFAULT_VERSION.to_string(),
         }
     }
 }
@@ -106,6 +115,37 @@ pub enum Fault {
     /// The inner fault, for manifests by tag only (Harbor's tag lookups need the upstream; what it
     /// holds by digest it serves from its own store).
     TagLookups(Box<Fault>),
+    /// Manifest GETs are refused by the project's vulnerability policy: `412
+    /// PROJECTPOLICYVIOLATION` (`src/server/middleware/vulnerable/vulnerable.go`); HEADs and blobs
+    /// pass.
+    Policy,
+}
+
+/// When Harbor answers a manifest GET by tag with `Docker-Content-Digest: ""` and `Etag: ""`: it
+/// does whenever it fetches the manifest from the upstream (`repoproxy/proxy.go`,
+/// `proxyManifestGet`, which sets the headers from the request's digest, empty for a tag); a tag
+/// it holds locally at the upstream's digest comes from its registry with the real one. A HEAD
+/// always carries the real digest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EmptyDigests {
+    /// The first GET of each (project, repository, tag): fetched upstream, then held (Harbor's way).
+    #[default]
+    FirstFetch,
+    /// Every GET by tag (the tag moves upstream between pulls).
+    Always,
+    /// Never (a Harbor that already holds everything).
+    Never,
+}
+
+/// A change to the project list while a reader pages through it (Harbor counts and lists in
+/// separate queries, sorted by name: a project created before a page shifts later ones down, one
+/// deleted shifts them up).
+#[derive(Debug, Clone)]
+pub enum Shift {
+    /// A project is created (it gets the next id).
+    Create(ProjectSpec),
+    /// The project of this name is deleted.
+    Delete(String),
 }
 
 /// A gate for [`Fault::Hold`]: closed until released, then open for good.
@@ -168,6 +208,13 @@ pub struct Counters {
     pub request_ids: std::collections::BTreeSet<String>,
     /// Every distinct query string seen on `/v2/` requests.
     pub queries: std::collections::BTreeSet<String>,
+    /// `/v2/` requests refused although they carried `Authorization` (a token Harbor no longer
+    /// accepts, or one without the project): answered `401 Basic realm="harbor"`.
+    pub refused: u64,
+    /// `/api/v2.0/systeminfo` requests.
+    pub systeminfo_requests: u64,
+    /// Project list pages served.
+    pub project_pages: u64,
 }
 
 fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {
@@ -183,12 +230,18 @@ fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {
     }
 }
 
-/// dockerhub, ghcr, quay, k8s proxy-cache projects and the non-proxy public `library-local`.
+/// dockerhub, ghcr, quay, k8s proxy-cache projects and the non-proxy public `library-local`. ghcr
+/// and quay are private, as proxy caches pulled by a robot account often are: only the robot's
+/// token may pull from them, so a token Harbor stops accepting shows.
 pub fn default_projects() -> Vec<ProjectSpec> {
+    let private = |p: ProjectSpec| ProjectSpec {
+        public: false,
+        ..p
+    };
     vec![
         proxy("dockerhub", 1, "docker-hub", "https://hub.docker.com"),
-        proxy("ghcr", 2, "github-ghcr", "https://ghcr.io"),
-        proxy("quay", 3, "quay", "https://quay.io"),
+        private(proxy("ghcr", 2, "github-ghcr", "https://ghcr.io")),
+        private(proxy("quay", 3, "quay", "https://quay.io")),
         proxy("k8s", 4, "docker-registry", "https://registry.k8s.io"),
         ProjectSpec {
             name: "library-local".to_string(),
@@ -242,7 +295,13 @@ impl Testbed {
         let dir = tempfile::Builder::new().prefix("testbed-").tempdir()?;
         let keys = TokenKeys::generate(dir.path())?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let realm = format!("http://{}/service/token", listener.local_addr()?);
+        // The registry's own realm: Harbor's registry trusts Harbor's core, not the tokens clients
+        // get (those are checked by the stand-in, whose signing key a test may rotate).
+        let realm = format!(
+            "http://{}{}",
+            listener.local_addr()?,
+            harbor::REGISTRY_REALM_PATH
+        );
         let registry = Registry::start(&keys, &realm)?;
         let harbor = StandIn::start_on(listener, config, keys, Some(registry.addr()))?;
         Ok(Testbed {
@@ -252,10 +311,14 @@ impl Testbed {
         })
     }
 
-    /// A token for `scopes` (e.g. `repository:ghcr/org/app:pull`) from the stand-in, as `creds`
-    /// (None = anonymous).
+    /// A token the registry behind the stand-in accepts, for `scopes` (e.g.
+    /// `repository:ghcr/org/app:pull`), as `creds` (None = anonymous): from the registry's own realm.
     pub fn token(&self, creds: Option<(&str, &str)>, scopes: &[&str]) -> anyhow::Result<String> {
-        let mut path = format!("/service/token?service={}", registry::SERVICE);
+        let mut path = format!(
+            "{}?service={}",
+            harbor::REGISTRY_REALM_PATH,
+            registry::SERVICE
+        );
         for s in scopes {
             path.push_str(&format!("&scope={s}"));
         }

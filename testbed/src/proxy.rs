@@ -1,9 +1,13 @@
-//! `/v2/` forwarding to the real registry with Harbor's proxy-cache quirks on top:
-//! docker-hub single-segment 301, `tags/list` 200-empty for unknown repositories, blob `HEAD` 404
-//! until the blob was fetched with GET (#22609), and the per-project faults of [`Fault`].
+//! `/v2/` forwarding to the real registry with Harbor's proxy-cache quirks on top: Harbor's own
+//! authentication first (`auth.rs`: tokens checked by the stand-in, challenges as Harbor words
+//! them), then docker-hub single-segment 301, `tags/list` 200-empty for unknown repositories, blob
+//! `HEAD` 404 until the blob was fetched with GET (#22609), an empty `Docker-Content-Digest` on a
+//! manifest GET by tag fetched upstream ([`EmptyDigests`]), and the per-project faults of [`Fault`]
+//! in Harbor's words (`src/lib/http/error.go`).
 //!
 //! Request headers (repeated `Accept` lines included) and response status/headers/body pass through
-//! unchanged and streamed; only hop-by-hop headers are dropped.
+//! unchanged and streamed; only hop-by-hop headers are dropped, and `Authorization` is replaced by
+//! the stand-in's internal token (Harbor's registry trusts Harbor's core, not the client).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,8 +21,9 @@ use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::auth::{refusal, rights};
 use crate::standin::{full, harbor_error, json_response, Body, BoxError, State};
-use crate::Fault;
+use crate::{EmptyDigests, Fault};
 
 /// What a `/v2/<project>/<name>/<kind>` path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,26 +76,28 @@ fn parse(rest: &str) -> Option<V2Path> {
     })
 }
 
+/// A fault's answer in Harbor's words (`src/lib/http/error.go`: a 5xx is always "internal server
+/// error"; a rate limit is `TOO_MANY_REQUEST` with no `Retry-After`).
 fn fault_response(status: u16, kind: &Kind) -> Response<Body> {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let code = match (status.as_u16(), kind) {
-        (404, Kind::Manifest) => "MANIFEST_UNKNOWN",
-        (404, Kind::Blob(_)) => "BLOB_UNKNOWN",
-        (404, _) => "NAME_UNKNOWN",
-        (401, _) => "UNAUTHORIZED",
-        (403, _) => "DENIED",
-        (429, _) => "TOOMANYREQUESTS",
-        (503, _) => "UNAVAILABLE",
-        _ => "UNKNOWN",
+    let (code, message) = match (status.as_u16(), kind) {
+        (404, Kind::Manifest) => ("MANIFEST_UNKNOWN", "manifest unknown"),
+        (404, Kind::Blob(_)) => ("BLOB_UNKNOWN", "blob unknown to registry"),
+        (404, _) => ("NAME_UNKNOWN", "repository name not known to registry"),
+        // An upstream 401 relayed on a blob: no challenge with it.
+        (401, _) => ("UNAUTHORIZED", "unauthorized"),
+        (403, _) => ("DENIED", "requested access to the resource is denied"),
+        (412, _) => ("PROJECTPOLICYVIOLATION", POLICY_MESSAGE),
+        (429, _) => ("TOO_MANY_REQUEST", "too many requests to upstream registry"),
+        (500, _) => ("UNKNOWN", "internal server error"),
+        (503, _) => ("UNAVAILABLE", "service unavailable"),
+        _ => ("UNKNOWN", "injected fault"),
     };
-    let message = status.canonical_reason().unwrap_or("injected fault");
-    let mut resp = harbor_error(status, code, &message.to_ascii_lowercase());
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("7"));
-    }
-    resp
+    harbor_error(status, code, message)
 }
+
+/// Harbor's vulnerability-policy refusal (`src/server/middleware/vulnerable/vulnerable.go`).
+const POLICY_MESSAGE: &str = "current image with 2 vulnerabilities cannot be pulled due to configured policy in 'Prevent images with vulnerability severity of \"High\" or higher from running.' To continue with pull, please contact your project administrator to exempt matched vulnerabilities through configuring the CVE allowlist.";
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -136,6 +143,39 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
     res
 }
 
+/// Harbor's `v2auth` check, or `None` when the request may go on: `/v2/` itself needs an
+/// authenticated caller; a repository needs pull on its project, and a GET or HEAD without
+/// `Authorization` is always challenged.
+fn authorize(state: &State, req: &Request<Incoming>, parsed: Option<&V2Path>) -> Option<Response<Body>> {
+    let headers = req.headers();
+    if let Some(a) = headers.get(header::AUTHORIZATION) {
+        let a = String::from_utf8_lossy(a.as_bytes()).into_owned();
+        state.counters.lock().unwrap().authorizations.insert(a);
+    }
+    let carried = headers.contains_key(header::AUTHORIZATION);
+    let rights = rights(state, headers);
+    let refused = match parsed.filter(|p| !p.name.is_empty()) {
+        None => (!rights.authenticated()).then(|| refusal(state, headers, None, "unauthorized")),
+        Some(p) => {
+            let repository = format!("{}/{}", p.project, p.name);
+            let scope = format!("repository:{repository}:pull");
+            let cli = matches!(*req.method(), Method::GET | Method::HEAD);
+            if !carried && cli {
+                Some(refusal(state, headers, Some(&scope), "authorize header needed to send HEAD to repository"))
+            } else if !rights.may_pull(state, &p.project) {
+                let message = format!("unauthorized to access repository: {repository}, action: pull");
+                Some(refusal(state, headers, Some(&scope), &message))
+            } else {
+                None
+            }
+        }
+    };
+    if refused.is_some() && carried {
+        state.counters.lock().unwrap().refused += 1;
+    }
+    refused
+}
+
 async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let state = state.clone();
     let rest = req
@@ -145,14 +185,13 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         .unwrap_or("")
         .to_string();
     let parsed = parse(&rest);
+    if let Some(refused) = authorize(&state, &req, parsed.as_ref()) {
+        return refused;
+    }
     let mut reset_mid_body = false;
     let mut hold = None;
     if let Some(p) = &parsed {
         count(&state, p, 1);
-        if let Some(a) = req.headers().get(header::AUTHORIZATION) {
-            let a = String::from_utf8_lossy(a.as_bytes()).into_owned();
-            state.counters.lock().unwrap().authorizations.insert(a);
-        }
         if let Some(q) = req.uri().query() {
             state.counters.lock().unwrap().queries.insert(q.to_string());
         }
@@ -167,6 +206,9 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             fault = by_tag.then_some(*inner);
         }
         match fault {
+            Some(Fault::Policy) if p.kind == Kind::Manifest && req.method() == Method::GET => {
+                return fault_response(412, &p.kind)
+            }
             Some(Fault::Hold(gate)) => hold = Some(gate),
             Some(Fault::HoldHeads(gate)) if req.method() == Method::HEAD => hold = Some(gate),
             Some(Fault::Status(code)) => return fault_response(code, &p.kind),
@@ -180,13 +222,15 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                     .body(full(Bytes::new()))
                     .expect("redirect");
             }
-            Some(Fault::RedirectBlobs(_) | Fault::HoldHeads(_) | Fault::TagLookups(_)) | None => {}
+            Some(
+                Fault::RedirectBlobs(_) | Fault::HoldHeads(_) | Fault::TagLookups(_) | Fault::Policy,
+            )
+            | None => {}
         }
     }
-    let spec = parsed
-        .as_ref()
-        .and_then(|p| state.config.projects.iter().find(|s| s.name == p.project));
+    let spec = parsed.as_ref().and_then(|p| state.project(&p.project));
     let proxy_kind = spec
+        .as_ref()
         .and_then(|s| s.registry.as_ref())
         .map(|r| r.kind.as_str());
     if let (Some(p), Some("docker-hub")) = (&parsed, proxy_kind) {
@@ -206,18 +250,19 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
     }
     let method = req.method().clone();
-    let mut resp = match forward(&state, req).await {
+    let repository = parsed
+        .as_ref()
+        .filter(|p| !p.name.is_empty())
+        .map(|p| format!("{}/{}", p.project, p.name))
+        .unwrap_or_default();
+    let mut resp = match forward(&state, req, &repository).await {
         Ok(r) => r,
         Err(e) => {
             return harbor_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &e.to_string());
         }
     };
     strip_hop_by_hop(resp.headers_mut());
-    if let (Some(p), StatusCode::UNAUTHORIZED) = (&parsed, resp.status()) {
-        // A challenge is not an answer: the client comes back with a token. Counting only answered
-        // requests lets tests count what a client asked for, whatever its token state.
-        count(&state, p, -1);
-    } else if let Some(gate) = hold {
+    if let Some(gate) = hold {
         gate.pass().await;
     }
     let (Some(p), true) = (&parsed, proxy_kind.is_some()) else {
@@ -264,17 +309,46 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 resp.map(box_incoming)
             }
         }
+        (Kind::Manifest, &Method::GET) if resp.status() == StatusCode::OK => {
+            let tag = p.suffix.rsplit('/').next().unwrap_or("");
+            if !tag.contains(':') && fetched_upstream(&state, p, tag) {
+                // `proxyManifestGet` sets the headers from the request's digest: empty for a tag.
+                let h = resp.headers_mut();
+                h.insert("docker-content-digest", http::HeaderValue::from_static(""));
+                h.insert(header::ETAG, http::HeaderValue::from_static(""));
+            }
+            resp.map(box_incoming)
+        }
         _ => resp.map(box_incoming),
     };
     strip_hop_by_hop(out.headers_mut());
     out
 }
 
+/// Whether Harbor fetched this GET of `tag` from the upstream (rather than its own store).
+fn fetched_upstream(state: &State, p: &V2Path, tag: &str) -> bool {
+    let mut s = state.switches();
+    match s.digests {
+        EmptyDigests::Always => true,
+        EmptyDigests::Never => false,
+        EmptyDigests::FirstFetch => {
+            let key = (p.project.clone(), p.name.clone(), tag.to_string());
+            s.fetched_tags.insert(key)
+        }
+    }
+}
+
 fn box_incoming(b: Incoming) -> Body {
     b.map_err(|e| Box::new(e) as BoxError).boxed()
 }
 
-async fn forward(state: &State, req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
+/// Sends the request on to the registry with the stand-in's own token for `repository` (empty for
+/// `/v2/` itself).
+async fn forward(
+    state: &State,
+    req: Request<Incoming>,
+    repository: &str,
+) -> anyhow::Result<Response<Incoming>> {
     let registry = state
         .registry
         .ok_or_else(|| anyhow::anyhow!("no registry behind this stand-in"))?;
@@ -287,6 +361,9 @@ async fn forward(state: &State, req: Request<Incoming>) -> anyhow::Result<Respon
     parts.uri = format!("http://{registry}{path_and_query}").parse()?;
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::AUTHORIZATION, state.auth.internal(repository));
     let resp = state
         .client
         .request(Request::from_parts(parts, body))

@@ -1,6 +1,7 @@
 //! The stand-in Harbor server: one tokio runtime on its own thread, one listener on 127.0.0.1,
-//! HTTP/1.1 and h2c (prior knowledge) on the same port, request dispatch to `harbor.rs` (API and
-//! token service) and `proxy.rs` (`/v2/`), counters, fault table and connection dropping.
+//! HTTP/1.1 only (Harbor's nginx templates have no `http2`, and harbor-core speaks no h2c), request
+//! dispatch to `harbor.rs` (API and token service) and `proxy.rs` (`/v2/`), counters, the fault
+//! table, the switches and connection dropping.
 //!
 //! Owns the shared [`State`] and the response helpers; the Harbor rules live in the other modules.
 
@@ -19,8 +20,9 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{oneshot, watch};
 
+use crate::auth::Auth;
 use crate::keys::TokenKeys;
-use crate::{Counters, Fault, HarborConfig, Registry};
+use crate::{Counters, EmptyDigests, Fault, HarborConfig, ProjectSpec, Registry, Shift};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The response body type of every handler: upstream bodies stream through boxed.
@@ -29,8 +31,12 @@ pub(crate) type Body = BoxBody<Bytes, BoxError>;
 /// Everything the handlers share.
 pub(crate) struct State {
     pub config: HarborConfig,
-    /// Signs tokens; the registry trusts its certificate.
-    pub keys: TokenKeys,
+    /// The projects with their ids, sorted by name as Harbor lists them; a [`Shift`] changes them.
+    pub projects: Mutex<Vec<(i64, ProjectSpec)>>,
+    /// Tokens: the signing key of client tokens, the internal ones for the registry.
+    pub auth: Auth,
+    /// `http://127.0.0.1:PORT`: the token service's realm.
+    pub url: String,
     /// Where `/v2/` goes; None answers 502.
     pub registry: Option<SocketAddr>,
     pub client: Client<HttpConnector, Incoming>,
@@ -39,12 +45,40 @@ pub(crate) struct State {
     /// (project, digest) pairs fetched once with GET: Harbor's blob HEAD answers 404 before that.
     pub fetched_blobs: Mutex<HashSet<(String, String)>>,
     pub registries_forbidden: AtomicBool,
+    /// Harbor behaviours a test turns on or off (see [`Switches`]).
+    pub switches: Mutex<Switches>,
     /// Holds every `/api/v2.0/` answer while set (a slow Harbor API).
     pub api_hold: Mutex<Option<crate::Gate>>,
     /// Bumped by `drop_connections`; every connection task watches it.
     pub drop_generation: watch::Sender<u64>,
     /// RFC 3339 time used as creation/update time of every object.
     pub started: String,
+}
+
+/// The behaviours a test switches, beyond the per-project faults.
+#[derive(Default)]
+pub(crate) struct Switches {
+    /// Harbor no longer accepts the robot (expired, disabled, its secret rotated): anonymous.
+    pub robot_refused: bool,
+    /// Projects the robot may not pull from.
+    pub robot_denied: std::collections::HashSet<String>,
+    pub digests: EmptyDigests,
+    /// `(project, repository, tag)` already fetched upstream by a GET: Harbor holds them locally.
+    pub fetched_tags: std::collections::HashSet<(String, String, String)>,
+    /// Applied once, right after the next listing's first page was served.
+    pub shift: Option<Shift>,
+}
+
+impl State {
+    pub fn switches(&self) -> std::sync::MutexGuard<'_, Switches> {
+        self.switches.lock().unwrap()
+    }
+
+    /// The project called `name`, if any.
+    pub fn project(&self, name: &str) -> Option<ProjectSpec> {
+        let projects = self.projects.lock().unwrap();
+        projects.iter().find(|(_, p)| p.name == name).map(|(_, p)| p.clone())
+    }
 }
 
 /// The stand-in Harbor API, on its own thread, bound to 127.0.0.1.
@@ -88,15 +122,26 @@ impl StandIn {
             let _guard = rt.enter();
             Client::builder(TokioExecutor::new()).build_http()
         };
+        let mut projects: Vec<(i64, ProjectSpec)> = config
+            .projects
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, p)| (i as i64 + 1, p))
+            .collect();
+        projects.sort_by(|a, b| a.1.name.cmp(&b.1.name));
         let state = Arc::new(State {
+            projects: Mutex::new(projects),
             config,
-            keys,
+            auth: Auth::new(keys),
+            url: format!("http://{addr}"),
             registry,
             client,
             counters: Mutex::new(Counters::default()),
             faults: Mutex::new(HashMap::new()),
             fetched_blobs: Mutex::new(HashSet::new()),
             registries_forbidden: AtomicBool::new(false),
+            switches: Mutex::default(),
             api_hold: Mutex::new(None),
             drop_generation: watch::channel(0).0,
             started: time::OffsetDateTime::now_utc()
@@ -183,6 +228,46 @@ impl StandIn {
             .registries_forbidden
             .store(yes, Ordering::Relaxed);
     }
+
+    /// A redeploy with a new signing key: every token issued so far is refused (Harbor treats the
+    /// request as anonymous), new ones are signed with the new key.
+    pub fn rotate_signing_key(&self) {
+        self.state.auth.rotate().expect("a new signing key");
+    }
+
+    /// Every token issued so far is refused from now on (a project deleted and recreated, a core
+    /// pod whose clock disagrees), while the key stays.
+    pub fn revoke_tokens(&self) {
+        self.state.auth.revoke();
+    }
+
+    /// Harbor stops accepting the robot's credentials (expired, disabled, secret regenerated): the
+    /// robot is anonymous everywhere, as Harbor treats it.
+    pub fn set_robot_refused(&self, yes: bool) {
+        self.state.switches().robot_refused = yes;
+    }
+
+    /// Takes the robot's pull permission on `project` away (or gives it back); tokens already
+    /// issued keep what they named.
+    pub fn set_robot_denied(&self, project: &str, yes: bool) {
+        let mut s = self.state.switches();
+        if yes {
+            s.robot_denied.insert(project.to_string());
+        } else {
+            s.robot_denied.remove(project);
+        }
+    }
+
+    /// When a manifest GET by tag answers with `Docker-Content-Digest: ""` (see [`EmptyDigests`]).
+    pub fn set_empty_digests(&self, mode: EmptyDigests) {
+        self.state.switches().digests = mode;
+    }
+
+    /// Changes the project list once, right after the next listing's first page: pages shift
+    /// under a reader that pages through it.
+    pub fn shift_pages(&self, shift: Shift) {
+        self.state.switches().shift = Some(shift);
+    }
 }
 
 impl Drop for StandIn {
@@ -218,8 +303,10 @@ async fn serve(
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(dispatch(st, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            // HTTP/1.1 only: a client that opens with HTTP/2's preface gets hyper's refusal, as from
+            // Harbor's nginx.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = dropped.changed() => {}
@@ -236,6 +323,9 @@ async fn dispatch(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if path == "/service/token" {
         state.counters.lock().unwrap().token_requests += 1;
         return crate::harbor::token(&state, req.uri().query(), req.headers());
+    }
+    if path == crate::harbor::REGISTRY_REALM_PATH {
+        return crate::harbor::registry_token(&state, req.uri().query(), req.headers());
     }
     if path.starts_with("/api/v2.0/") {
         state.counters.lock().unwrap().api_requests += 1;

@@ -27,6 +27,7 @@ fn start(projects: Vec<ProjectSpec>) -> StandIn {
         projects,
         robot: Some((ROBOT.0.into(), ROBOT.1.into())),
         token_ttl: std::time::Duration::from_secs(600),
+        ..Default::default()
     };
     StandIn::start(config, None).unwrap()
 }
@@ -98,7 +99,7 @@ async fn projects_paginate_with_link_and_total() {
 }
 
 #[tokio::test]
-async fn anonymous_sees_public_only_and_bad_credentials_are_401() {
+async fn anonymous_and_bad_credentials_see_public_projects_only() {
     let harbor = start(many_projects(250));
     let url = format!("{}/api/v2.0/projects?page=2&page_size=100", harbor.url());
     let resp = get(&url, None).await;
@@ -109,13 +110,19 @@ async fn anonymous_sees_public_only_and_bad_credentials_are_401() {
     assert_eq!(body.len(), 25);
     assert!(body.iter().all(|p| p["metadata"]["public"] == "true"));
 
-    let resp = get(&url, Some((ROBOT.0, "wrong"))).await;
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(
-        body,
-        serde_json::json!({"errors":[{"code":"UNAUTHORIZED","message":"unauthorized"}]})
-    );
+    // Harbor treats credentials it does not accept as anonymous (security/robot.go, basic_auth.go).
+    for wrong in [(ROBOT.0, "wrong"), ("nobody", "x")] {
+        let resp = get(&url, Some(wrong)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-total-count").as_deref(), Some("125"));
+    }
+    // So does it a robot it stopped accepting.
+    harbor.set_robot_refused(true);
+    let resp = get(&url, Some(ROBOT)).await;
+    assert_eq!(header(&resp, "x-total-count").as_deref(), Some("125"));
+    harbor.set_robot_refused(false);
+    let resp = get(&url, Some(ROBOT)).await;
+    assert_eq!(header(&resp, "x-total-count").as_deref(), Some("250"));
 
     let too_big = format!("{}/api/v2.0/projects?page_size=101", harbor.url());
     assert_eq!(
@@ -151,6 +158,74 @@ async fn registries_endpoint() {
     );
     harbor.set_registries_forbidden(false);
     assert_eq!(get(&url(2), Some(ROBOT)).await.status(), StatusCode::OK);
+    // A robot Harbor stopped accepting is anonymous: 401 here, where a valid robot gets 200 or 403.
+    harbor.set_robot_refused(true);
+    assert_eq!(
+        get(&url(2), Some(ROBOT)).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn systeminfo_names_the_version_to_authenticated_callers() {
+    let harbor = start(testbed::default_projects());
+    let url = format!("{}/api/v2.0/systeminfo", harbor.url());
+    let v: Value = get(&url, Some(ROBOT)).await.json().await.unwrap();
+    assert_eq!(v["harbor_version"], testbed::DEFAULT_VERSION);
+    assert_eq!(v["auth_mode"], "db_auth");
+    for caller in [None, Some((ROBOT.0, "wrong"))] {
+        let v: Value = get(&url, caller).await.json().await.unwrap();
+        assert!(v.get("harbor_version").is_none(), "{v}");
+        assert_eq!(v["auth_mode"], "db_auth");
+    }
+    harbor.set_robot_refused(true);
+    let v: Value = get(&url, Some(ROBOT)).await.json().await.unwrap();
+    assert!(v.get("harbor_version").is_none(), "{v}");
+    assert_eq!(harbor.counters().systeminfo_requests, 4);
+}
+
+#[tokio::test]
+async fn pages_shift_between_requests() {
+    use testbed::Shift;
+    let harbor = start(many_projects(150));
+    let page = |n: usize| {
+        let url = format!("{}/api/v2.0/projects?page={n}&page_size=100", harbor.url());
+        async move {
+            let resp = get(&url, Some(ROBOT)).await;
+            let total = header(&resp, "x-total-count").unwrap();
+            let names: Vec<String> = resp
+                .json::<Vec<Value>>()
+                .await
+                .unwrap()
+                .iter()
+                .map(|p| p["name"].as_str().unwrap().to_string())
+                .collect();
+            (total, names)
+        }
+    };
+    // Sorted by name, as Harbor lists them.
+    let (_, first) = page(1).await;
+    let mut sorted = first.clone();
+    sorted.sort();
+    assert_eq!(first, sorted);
+    // A project created after the first page: the second page starts with the first page's last.
+    harbor.shift_pages(Shift::Create(ProjectSpec {
+        name: "a-new".into(),
+        public: true,
+        registry: None,
+    }));
+    let (total, first) = page(1).await;
+    assert_eq!(total, "150");
+    let (total, second) = page(2).await;
+    assert_eq!(total, "151");
+    assert_eq!(second[0], first[99], "shifted down: one project twice");
+    // One deleted after the first page: the second page skips one.
+    harbor.shift_pages(Shift::Delete("a-new".into()));
+    let (_, first) = page(1).await;
+    let (total, second) = page(2).await;
+    assert_eq!(total, "150");
+    assert_eq!(first[99], "p098");
+    assert_eq!(second[0], "p100", "shifted up: p099 is on no page");
 }
 
 fn claims(token: &str) -> (Value, Value) {
@@ -165,6 +240,7 @@ fn claims(token: &str) -> (Value, Value) {
 async fn token_service_grants_by_caller() {
     let mut projects = testbed::default_projects();
     projects[1].public = false; // ghcr private
+    projects[2].public = true; // quay public
     let harbor = start(projects);
     let url = format!(
         "{}/service/token?service=harbor-registry&scope=repository%3Aghcr%2Forg%2Fapp%3Apull&scope=repository:quay/a/b:pull,push&account=x",
@@ -199,9 +275,26 @@ async fn token_service_grants_by_caller() {
         c["access"],
         serde_json::json!([{"type":"repository","name":"quay/a/b","actions":["pull"]}])
     );
+    // Credentials Harbor does not accept get anonymous rights when scopes are asked…
+    let resp = get(&url, Some((ROBOT.0, "bad"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, c) = claims(resp.json::<Value>().await.unwrap()["token"].as_str().unwrap());
+    assert_eq!(c["sub"], "");
     assert_eq!(
-        get(&url, Some((ROBOT.0, "bad"))).await.status(),
-        StatusCode::UNAUTHORIZED
+        c["access"],
+        serde_json::json!([{"type":"repository","name":"quay/a/b","actions":["pull"]}])
     );
-    assert_eq!(harbor.counters().token_requests, 3);
+    // … and a 401 when none is (src/core/service/token/creator.go).
+    let bare = format!("{}/service/token?service=harbor-registry", harbor.url());
+    assert_eq!(get(&bare, Some((ROBOT.0, "bad"))).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(get(&bare, None).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(get(&bare, Some(ROBOT)).await.status(), StatusCode::OK);
+    // A project the robot lost its permission on is not granted.
+    harbor.set_robot_denied("ghcr", true);
+    let (_, c) = claims(get(&url, Some(ROBOT)).await.json::<Value>().await.unwrap()["token"].as_str().unwrap());
+    assert_eq!(
+        c["access"],
+        serde_json::json!([{"type":"repository","name":"quay/a/b","actions":["pull"]}])
+    );
+    assert_eq!(harbor.counters().token_requests, 7);
 }

@@ -1,5 +1,5 @@
 //! The stand-in in front of the real registry: token flow, Harbor's /v2 quirks, faults, connection
-//! dropping, h2c, and seeding with media types preserved.
+//! dropping, no h2c, and seeding with media types preserved.
 
 use std::time::{Duration, Instant};
 
@@ -102,10 +102,20 @@ async fn token_flow_against_the_real_registry() {
         let path = format!("/v2/{}/manifests/{}", s.repository, s.tag);
         let resp = v2(&bed, reqwest::Method::GET, &path, &token).await;
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
-        assert_eq!(header(&resp, "docker-content-digest"), s.digest);
         assert_eq!(header(&resp, "content-type"), s.media_type);
+        // Fetched upstream by tag: Harbor sends the digest of the request, empty for a tag.
+        assert_eq!(header(&resp, "docker-content-digest"), "", "{path}");
+        assert_eq!(header(&resp, "etag"), "", "{path}");
+        let body = resp.bytes().await.unwrap();
+        let digest = format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(&body));
+        assert_eq!(digest, s.digest, "{path}");
+        // A HEAD carries the real digest, and so does the next GET (Harbor holds the tag now).
+        let resp = v2(&bed, reqwest::Method::HEAD, &path, &token).await;
+        assert_eq!(header(&resp, "docker-content-digest"), s.digest);
+        let resp = v2(&bed, reqwest::Method::GET, &path, &token).await;
+        assert_eq!(header(&resp, "docker-content-digest"), s.digest);
     }
-    // A token for another repository is refused by the registry.
+    // A token for another project is refused, with Harbor's Basic challenge (it carried one).
     let other = robot_token(&bed, &["quay/coreos/etcd"]).await;
     let resp = v2(
         &bed,
@@ -115,10 +125,13 @@ async fn token_flow_against_the_real_registry() {
     )
     .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    // Requests answered 401 are challenges, not answers: only the authorized GET counts.
+    assert_eq!(header(&resp, "www-authenticate"), r#"Basic realm="harbor""#);
+    assert!(resp.text().await.unwrap().contains("unauthorized to access repository: ghcr/org/app, action: pull"));
+    // Requests answered 401 are challenges, not answers: only the authorized ones count.
     let c = bed.harbor.counters();
-    assert_eq!(c.manifest_requests["ghcr"], 1);
-    assert_eq!(c.v2_requests["quay"], 1);
+    assert_eq!(c.manifest_requests["ghcr"], 3);
+    assert_eq!(c.v2_requests["quay"], 3);
+    assert_eq!(c.refused, 1);
 }
 
 #[tokio::test]
@@ -145,7 +158,9 @@ async fn separate_accept_lines_are_all_forwarded() {
         StatusCode::OK,
         "the second Accept line was lost"
     );
-    assert_eq!(header(&resp, "docker-content-digest"), seeded[0].digest);
+    let body = resp.bytes().await.unwrap();
+    let digest = format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(&body));
+    assert_eq!(digest, seeded[0].digest);
 }
 
 #[tokio::test]
@@ -229,18 +244,31 @@ async fn faults() {
     let path = "/v2/quay/coreos/etcd/manifests/v3.5.0";
     let get = reqwest::Method::GET;
 
+    // In Harbor's words (src/lib/http/error.go).
     bed.harbor.set_fault("quay", Fault::Status(500));
     let resp = v2(&bed, get.clone(), path, &token).await;
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(resp.text().await.unwrap().contains("\"errors\""));
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        serde_json::json!({"errors": [{"code": "UNKNOWN", "message": "internal server error"}]})
+    );
 
+    // A rate limit has no Retry-After.
     bed.harbor.set_fault("quay", Fault::Status(429));
     let resp = v2(&bed, get.clone(), path, &token).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(header(&resp, "retry-after"), "7");
-    assert!(resp.text().await.unwrap().contains("TOOMANYREQUESTS"));
+    assert!(resp.headers().get("retry-after").is_none());
+    assert!(resp.text().await.unwrap().contains("\"TOO_MANY_REQUEST\""));
 
-    // Other projects are unaffected.
+    // A vulnerability policy refuses manifest GETs; HEADs pass.
+    bed.harbor.set_fault("quay", Fault::Policy);
+    let resp = v2(&bed, get.clone(), path, &token).await;
+    assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED);
+    assert!(resp.text().await.unwrap().contains("\"PROJECTPOLICYVIOLATION\""));
+    let resp = v2(&bed, reqwest::Method::HEAD, path, &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // Other projects are unaffected (this token does not name ghcr: refused).
     let resp = v2(&bed, get.clone(), "/v2/ghcr/x/manifests/y", &token).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
@@ -280,6 +308,7 @@ async fn faults() {
     let t = Instant::now();
     let err = client()
         .get(format!("{}{path}", bed.harbor.url()))
+        .bearer_auth(&token)
         .timeout(Duration::from_millis(300))
         .send()
         .await
@@ -327,10 +356,9 @@ fn drop_connections_closes_keep_alive_connections() {
 }
 
 #[tokio::test]
-async fn h2c_prior_knowledge() {
-    use http_body_util::BodyExt;
-    let (bed, seeded) = bed_with(&[image("k8s/pause", "3.9", SeedKind::DockerSchema2)]);
-    let token = robot_token(&bed, &["k8s/pause"]).await;
+async fn no_h2c() {
+    // Harbor's nginx and core speak HTTP/1.1 on plain TCP: HTTP/2's preface gets no HTTP/2 answer.
+    let bed = Testbed::start(HarborConfig::default()).unwrap();
     let stream = tokio::net::TcpStream::connect(bed.harbor.addr())
         .await
         .unwrap();
@@ -341,20 +369,13 @@ async fn h2c_prior_knowledge() {
     .await
     .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get(format!("{}/v2/k8s/pause/manifests/3.9", bed.harbor.url()))
-        .header("authorization", format!("Bearer {token}"))
-        .header("accept", DOCKER_MANIFEST)
+    let req = http::Request::get(format!("{}/v2/", bed.harbor.url()))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()["docker-content-digest"],
-        seeded[0].digest.as_str()
-    );
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    assert!(!body.is_empty());
+    let sent = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("refused at once");
+    assert!(sent.is_err(), "an HTTP/2 answer: {sent:?}");
 }
 
 #[test]
