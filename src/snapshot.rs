@@ -110,6 +110,18 @@ pub struct Snapshot {
     /// Counts published snapshots, starting at 1; 0 is a provisional list loaded from Redis at
     /// start, used until discovery completes.
     pub generation: u64,
+    /// What discovery learned of Harbor itself.
+    pub harbor: HarborInfo,
+}
+
+/// What discovery learned of Harbor beyond the projects: shown by `/healthz` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HarborInfo {
+    /// `harbor_version` from `/api/v2.0/systeminfo` (Harbor shows it to authenticated callers only).
+    pub version: Option<String>,
+    /// Harbor no longer accepts the robot account named here (it treats the router as anonymous):
+    /// the projects are the last list read with working credentials.
+    pub refused_user: Option<String>,
 }
 
 impl Snapshot {

@@ -4,10 +4,10 @@
 mod common;
 
 use harbor_router::config::Config;
-use harbor_router::control::discovery::{discover, DiscoveryError};
+use harbor_router::control::discovery::{discover, Asked, Discovered, DiscoveryError};
 use harbor_router::snapshot::{Project, UpstreamKind};
 use harbor_router::upstream::{self, Upstream};
-use testbed::{HarborConfig, ProjectSpec, RegistrySpec, StandIn};
+use testbed::{HarborConfig, ProjectSpec, RegistrySpec, Shift, StandIn};
 
 use common::relay::Relay;
 use common::{get, wait_for, Router};
@@ -26,12 +26,21 @@ fn discover_once(
     harbor: &str,
     creds: Option<(&str, &str)>,
 ) -> Result<Vec<Project>, DiscoveryError> {
+    round(harbor, creds).map(|d| d.projects)
+}
+
+/// One round.
+fn round(harbor: &str, creds: Option<(&str, &str)>) -> Result<Discovered, DiscoveryError> {
     let config = config(harbor, creds);
     let shared = upstream::Harbor::from_config(&config).unwrap();
     let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
     common::run(async move {
         let client = Upstream::new(shared);
-        discover(&client, &user).await
+        let asked = Asked {
+            user: &user,
+            credentials: creds.is_some(),
+        };
+        discover(&client, &asked).await
     })
 }
 
@@ -96,8 +105,8 @@ fn follows_pagination_across_250_projects() {
         names(&found),
         want.iter().map(String::as_str).collect::<Vec<_>>()
     );
-    // 3 pages of 100, plus one read per distinct registry.
-    assert_eq!(harbor.counters().api_requests, 3 + 3);
+    // systeminfo, 3 pages of 100, one read per distinct registry.
+    assert_eq!(harbor.counters().api_requests, 1 + 3 + 3);
 }
 
 #[test]
@@ -118,12 +127,84 @@ fn anonymous_sees_public_projects_only() {
 
 #[test]
 fn bad_credentials_are_a_credentials_error_naming_the_user() {
+    // Harbor answers a wrong password as to an anonymous caller (public projects, 200): systeminfo
+    // without the version says so.
     let harbor = standin(testbed::default_projects());
     let err = discover_once(&harbor.url(), Some(("robot$router", "wrong-password"))).unwrap_err();
     assert!(matches!(err, DiscoveryError::Credentials { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("robot$router"), "{text}");
+    assert!(text.contains("no harbor_version"), "{text}");
     assert!(!text.contains("wrong-password"), "{text}");
+    // The same when Harbor stops accepting a robot it accepted.
+    let found = round(&harbor.url(), Some(ROBOT)).unwrap();
+    assert_eq!(found.version.as_deref(), Some(testbed::DEFAULT_VERSION));
+    harbor.set_robot_refused(true);
+    let err = discover_once(&harbor.url(), Some(ROBOT)).unwrap_err();
+    assert!(matches!(err, DiscoveryError::Credentials { .. }), "{err}");
+}
+
+#[test]
+fn without_systeminfo_a_refused_robot_shows_in_registries() {
+    let harbor = standin(testbed::default_projects());
+    harbor.hide_systeminfo(true);
+    let good = round(&harbor.url(), Some(ROBOT)).unwrap();
+    assert_eq!(good.version, None);
+    assert_eq!(names(&good.projects), ["dockerhub", "ghcr", "k8s", "quay"]);
+    harbor.set_robot_refused(true);
+    // registries/{id} answers 401, as to an anonymous caller (a valid robot gets 200 or 403).
+    let err = round(&harbor.url(), Some(ROBOT)).unwrap_err();
+    assert!(matches!(err, DiscoveryError::Credentials { .. }), "{err}");
+    assert!(err.to_string().contains("answered 401"), "{err}");
+    // Anonymous by configuration: the public list is the list.
+    let anon = round(&harbor.url(), None).unwrap();
+    assert_eq!(names(&anon.projects), ["dockerhub", "k8s"]);
+}
+
+#[test]
+fn pages_that_shift_while_they_are_read_lose_and_repeat_no_project() {
+    let projects: Vec<ProjectSpec> = (0..150)
+        .map(|i| ProjectSpec {
+            name: format!("p{i:03}"),
+            public: true,
+            registry: Some(RegistrySpec {
+                id: 1,
+                name: "hub".into(),
+                kind: "docker-hub".into(),
+                url: "https://hub.docker.com".into(),
+            }),
+        })
+        .collect();
+    let harbor = standin(projects);
+    let want: Vec<String> = (0..150).map(|i| format!("p{i:03}")).collect();
+    let proxy = |name: &str| ProjectSpec {
+        name: name.into(),
+        public: true,
+        registry: Some(RegistrySpec {
+            id: 1,
+            name: "hub".into(),
+            kind: "docker-hub".into(),
+            url: "https://hub.docker.com".into(),
+        }),
+    };
+    // A project created before the second page: p099 would be read twice.
+    harbor.shift_pages(Shift::Create(proxy("a-new")));
+    let found = discover_once(&harbor.url(), Some(ROBOT)).unwrap();
+    let mut with_new = want.clone();
+    with_new.insert(0, "a-new".into());
+    assert_eq!(
+        names(&found),
+        with_new.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // One deleted before the second page: p100 would be on no page.
+    harbor.shift_pages(Shift::Delete("a-new".into()));
+    let pages = harbor.counters().project_pages;
+    let found = discover_once(&harbor.url(), Some(ROBOT)).unwrap();
+    assert_eq!(
+        names(&found),
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(harbor.counters().project_pages - pages, 4, "read twice");
 }
 
 #[test]

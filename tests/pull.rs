@@ -578,10 +578,25 @@ fn rate_limits_pass_through_and_are_not_remembered() {
     let res = env.get_manifest("org/app", "v1");
     assert_eq!(res.status, 429);
     assert_eq!(res.error_code(), "TOOMANYREQUESTS");
-    assert_eq!(res.header("Retry-After"), Some("7"));
+    // Harbor's 429 carries no Retry-After (src/lib/http/error.go): the router adds its own.
+    assert_eq!(res.header("Retry-After"), Some("10"));
     let asked = env.v2_requests("ghcr");
     assert_eq!(env.get_manifest("org/app", "v1").status, 429);
     assert_eq!(env.v2_requests("ghcr"), asked + 1, "not negative-cached");
+}
+
+#[test]
+fn a_mapped_rate_limit_passes_harbors_error_with_a_retry_after() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
+        &[],
+    );
+    assert_eq!(env.get_manifest("org/app", "v1").status, 200);
+    env.bed.harbor.set_fault("ghcr", Fault::Status(429));
+    let res = env.get_manifest("org/app", "v1");
+    assert_eq!(res.status, 429);
+    assert_eq!(res.error_code(), "TOO_MANY_REQUEST", "Harbor's own error");
+    assert_eq!(res.header("Retry-After"), Some("10"));
 }
 
 #[test]

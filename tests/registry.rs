@@ -60,6 +60,7 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<Stat
             .collect(),
         built_at: Instant::now(),
         generation: 1,
+        harbor: Default::default(),
     })));
     let harbor = upstream::Harbor::from_config(&config).unwrap();
     State::new(

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::share::Shared;
-use crate::snapshot::{Project, SharedSnapshot, Snapshot, UpstreamKind};
+use crate::snapshot::{HarborInfo, Project, SharedSnapshot, Snapshot, UpstreamKind};
 use crate::upstream::{self, AuthMode, Upstream, UpstreamError};
 
 /// Harbor's largest page.
@@ -38,32 +38,47 @@ const MAX_API_BODY: usize = 8 * 1024 * 1024;
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 /// Longest one round may take (each request is bounded too; this bounds the sum).
 const ROUND_LIMIT: Duration = Duration::from_secs(300);
+/// Reads of the project list in one round when pages shift under it; then the reads are merged.
+pub const READS: usize = 3;
 
 /// Why one discovery round published nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("Harbor refused the credentials of user {user:?} ({status}): check HARBOR_USERNAME and HARBOR_PASSWORD")]
-    Credentials { status: StatusCode, user: String },
+    #[error("Harbor does not accept the credentials of user {user:?} ({evidence}): check that the robot account is enabled and not expired, and HARBOR_USERNAME and HARBOR_PASSWORD")]
+    Credentials { user: String, evidence: String },
     #[error("{what} answered {status}")]
     Status { what: String, status: StatusCode },
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("unreadable answer from {what}: {detail}")]
     Body { what: String, detail: String },
-    #[error("partial project list: {got} projects read, X-Total-Count says {total}")]
-    Partial { got: usize, total: usize },
     #[error("bad pagination link {0:?}")]
     Link(String),
     #[error("the project list has more than {0} pages; stopping")]
     TooManyPages(usize),
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Clone)]
 struct ApiProject {
     project_id: i64,
     name: String,
     #[serde(default)]
     registry_id: Option<i64>,
+}
+
+#[derive(serde::Deserialize)]
+struct ApiSystemInfo {
+    #[serde(default)]
+    harbor_version: Option<String>,
+}
+
+/// What one round read.
+#[derive(Debug, Clone, Default)]
+pub struct Discovered {
+    /// Every proxy-cache project with its upstream kind, sorted by name.
+    pub projects: Vec<Project>,
+    /// Harbor's version, when systeminfo named it.
+    pub version: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -130,23 +145,35 @@ async fn run(
         .as_ref()
         .map(|c| c.username.clone())
         .unwrap_or_else(|| "(anonymous)".into());
+    let credentials = config.harbor_credentials.is_some();
     let mut generation = 0;
     let mut failing = Failing::default();
     loop {
         shared.refresh_addresses();
         let started = Instant::now();
-        let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &user));
+        let asked = Asked {
+            user: &user,
+            credentials,
+        };
+        let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &asked));
         let failed = monoio::select! {
             result = round => match result {
-                Ok(Ok(projects)) => {
-                    publish(&config, &snapshot, projects, &mut generation);
+                Ok(Ok(found)) => {
+                    publish(&config, &snapshot, found, &mut generation);
                     if let (Some(redis), Some(s)) = (&redis, snapshot.load().as_ref()) {
                         redis.publish_projects(s);
                     }
                     None
                 }
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("the round took longer than {ROUND_LIMIT:?}")),
+                Ok(Err(e @ DiscoveryError::Credentials { .. })) => {
+                    keep_refused(&snapshot, &user, &mut generation);
+                    Some(Failure { error: e.to_string(), credentials: true })
+                }
+                Ok(Err(e)) => Some(Failure { error: e.to_string(), credentials: false }),
+                Err(_) => Some(Failure {
+                    error: format!("the round took longer than {ROUND_LIMIT:?}"),
+                    credentials: false,
+                }),
             },
             _ = shutdown.changed() => return,
         };
@@ -163,8 +190,24 @@ async fn run(
     }
 }
 
-/// Discovery's health, logged once per change: the first failed round (and each new reason) at warn,
-/// the first good round after failures at info; the rounds in between only count.
+/// Why a round published no new list.
+struct Failure {
+    error: String,
+    /// Harbor does not accept the robot: logged as an error, the list kept and marked.
+    credentials: bool,
+}
+
+/// What a round needs to know besides Harbor's answers.
+pub struct Asked<'a> {
+    /// The robot's name, for messages (never its secret).
+    pub user: &'a str,
+    /// Credentials are configured: Harbor treating the router as anonymous is a refusal.
+    pub credentials: bool,
+}
+
+/// Discovery's health, logged once per change: the first failed round (and each new reason) at warn
+/// (at error when Harbor does not accept the robot), the first good round after failures at info;
+/// the rounds in between only count.
 #[derive(Default)]
 struct Failing {
     since: Option<Instant>,
@@ -173,15 +216,21 @@ struct Failing {
 }
 
 impl Failing {
-    fn after(&mut self, snapshot: &SharedSnapshot, failed: Option<String>) {
+    fn after(&mut self, snapshot: &SharedSnapshot, failed: Option<Failure>) {
         match failed {
-            Some(error) => {
+            Some(Failure { error, credentials }) => {
                 self.rounds += 1;
                 let since = *self.since.get_or_insert_with(Instant::now);
                 if self.reason.as_deref() != Some(error.as_str()) {
                     let kept = snapshot.load().as_ref().map_or(0, |s| s.projects.len());
-                    tracing::warn!(error = %error, kept_projects = kept, failing_for_seconds = since.elapsed().as_secs(),
-                        "discovery failed; keeping the last good project list (logged again when the reason changes or discovery recovers)");
+                    let failing_for_seconds = since.elapsed().as_secs();
+                    if credentials {
+                        tracing::error!(error = %error, kept_projects = kept, failing_for_seconds,
+                            "Harbor does not accept the router's credentials; keeping the last project list read with them (logged again when the reason changes or discovery recovers)");
+                    } else {
+                        tracing::warn!(error = %error, kept_projects = kept, failing_for_seconds,
+                            "discovery failed; keeping the last good project list (logged again when the reason changes or discovery recovers)");
+                    }
                     self.reason = Some(error);
                 }
             }
@@ -200,12 +249,32 @@ impl Failing {
     }
 }
 
-fn publish(
-    config: &Config,
-    snapshot: &SharedSnapshot,
-    mut projects: Vec<Project>,
-    generation: &mut u64,
-) {
+/// After a round that found the robot refused: the last list stays, re-stamped (Harbor answered, so
+/// readiness does not age) and marked with the refusal; with no list yet, an empty one says why.
+fn keep_refused(snapshot: &SharedSnapshot, user: &str, generation: &mut u64) {
+    let previous = snapshot.load_full();
+    let (projects, version) = match previous.as_deref() {
+        Some(p) => (p.projects.clone(), p.harbor.version.clone()),
+        None => (Vec::new(), None),
+    };
+    *generation += 1;
+    snapshot.store(Some(Arc::new(Snapshot {
+        projects,
+        built_at: Instant::now(),
+        generation: *generation,
+        harbor: HarborInfo {
+            version,
+            refused_user: Some(user.to_string()),
+        },
+    })));
+}
+
+fn publish(config: &Config, snapshot: &SharedSnapshot, found: Discovered, generation: &mut u64) {
+    let Discovered {
+        mut projects,
+        version,
+        ..
+    } = found;
     let previous = snapshot.load_full();
     if projects.is_empty() {
         if let Some(prev) = previous.as_ref().filter(|p| !p.projects.is_empty()) {
@@ -237,16 +306,32 @@ fn publish(
         tracing::info!(projects = ?names, "proxy-cache projects discovered");
     }
     *generation += 1;
+    let version = version.or_else(|| previous.as_ref().and_then(|p| p.harbor.version.clone()));
     snapshot.store(Some(Arc::new(Snapshot {
         projects,
         built_at: Instant::now(),
         generation: *generation,
+        harbor: HarborInfo {
+            version,
+            refused_user: None,
+        },
     })));
 }
 
-/// One discovery round: every proxy-cache project with its upstream kind, sorted by name.
-pub async fn discover(client: &Upstream, user: &str) -> Result<Vec<Project>, DiscoveryError> {
-    let listed = list_projects(client, user).await?;
+/// One discovery round: Harbor's version, every proxy-cache project with its upstream kind, sorted
+/// by name; a [`DiscoveryError::Credentials`] when Harbor treats the configured robot as anonymous.
+pub async fn discover(client: &Upstream, asked: &Asked<'_>) -> Result<Discovered, DiscoveryError> {
+    let refused = |evidence: &str| DiscoveryError::Credentials {
+        user: asked.user.to_string(),
+        evidence: evidence.to_string(),
+    };
+    let info = systeminfo(client).await?;
+    if asked.credentials && matches!(info, Some(None)) {
+        return Err(refused(
+            "systeminfo answers as to an anonymous caller: no harbor_version",
+        ));
+    }
+    let listed = list_projects(client, asked.user).await?;
     let proxies: Vec<ApiProject> = listed
         .into_iter()
         .filter(|p| p.registry_id.unwrap_or(0) > 0)
@@ -254,7 +339,19 @@ pub async fn discover(client: &Upstream, user: &str) -> Result<Vec<Project>, Dis
     let registry_ids: BTreeSet<i64> = proxies.iter().filter_map(|p| p.registry_id).collect();
     let mut kinds = BTreeMap::new();
     for id in registry_ids {
-        kinds.insert(id, registry_kind(client, id).await?);
+        match registry_kind(client, id).await? {
+            Registry::Anonymous if asked.credentials => {
+                return Err(refused(&format!(
+                    "registries/{id} answered 401, as to an anonymous caller"
+                )))
+            }
+            Registry::Anonymous => {
+                kinds.insert(id, (UpstreamKind::Unknown, None));
+            }
+            Registry::Read(kind, url) => {
+                kinds.insert(id, (kind, url));
+            }
+        }
     }
     let mut projects: Vec<Project> = proxies
         .into_iter()
@@ -269,49 +366,131 @@ pub async fn discover(client: &Upstream, user: &str) -> Result<Vec<Project>, Dis
         .collect();
     projects.sort_by(|a, b| a.name.cmp(&b.name));
     projects.dedup_by(|a, b| a.name == b.name);
-    Ok(projects)
+    Ok(Discovered {
+        projects,
+        version: info.flatten(),
+    })
 }
 
+/// `GET /api/v2.0/systeminfo`: `Some(version)` as Harbor answered it (`Some(None)`: answered
+/// without a version, as to an anonymous caller), `None` when it tells nothing (an error status,
+/// an unreadable body: a proxy in front of Harbor, or an old Harbor).
+async fn systeminfo(client: &Upstream) -> Result<Option<Option<String>>, DiscoveryError> {
+    let res = client
+        .send(
+            Method::GET,
+            "/api/v2.0/systeminfo",
+            &json_accept(),
+            AuthMode::Basic,
+        )
+        .await?;
+    let status = res.status();
+    let body = read_body(res.into_body(), "systeminfo").await?;
+    if !status.is_success() {
+        tracing::debug!(%status, "systeminfo answered no version");
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<ApiSystemInfo>(&body)
+        .ok()
+        .map(|i| i.harbor_version.filter(|v| !v.is_empty() && v.len() <= 64)))
+}
+
+/// Reads the project list, again when it changed while it was read (see the module's rules).
 async fn list_projects(client: &Upstream, user: &str) -> Result<Vec<ApiProject>, DiscoveryError> {
+    let mut merged: BTreeMap<i64, ApiProject> = BTreeMap::new();
+    let mut why = String::new();
+    for _ in 0..READS {
+        let read = read_list(client, user).await?;
+        match read.inconsistency() {
+            None => {
+                if !why.is_empty() {
+                    tracing::info!(
+                        why,
+                        "the project list changed while it was read; read it again"
+                    );
+                }
+                return Ok(read.projects);
+            }
+            Some(w) => why = w,
+        }
+        for p in read.projects {
+            merged.insert(p.project_id, p);
+        }
+    }
+    tracing::warn!(
+        why,
+        reads = READS,
+        "the project list kept changing while it was read; using every project any read listed"
+    );
+    Ok(merged.into_values().collect())
+}
+
+/// One read of the project list, page by page.
+struct Read {
+    projects: Vec<ApiProject>,
+    /// `X-Total-Count` of each page.
+    totals: Vec<Option<usize>>,
+}
+
+impl Read {
+    /// Why this read cannot be the list as it is, if it cannot.
+    fn inconsistency(&self) -> Option<String> {
+        let ids: BTreeSet<i64> = self.projects.iter().map(|p| p.project_id).collect();
+        if ids.len() != self.projects.len() {
+            return Some("a project was listed twice (pages shifted)".into());
+        }
+        let totals: BTreeSet<usize> = self.totals.iter().flatten().copied().collect();
+        if totals.len() > 1 {
+            return Some(format!("X-Total-Count changed between pages: {totals:?}"));
+        }
+        match totals.first() {
+            Some(t) if *t != self.projects.len() => Some(format!(
+                "{} projects read, X-Total-Count says {t}",
+                self.projects.len()
+            )),
+            _ => None,
+        }
+    }
+}
+
+async fn read_list(client: &Upstream, user: &str) -> Result<Read, DiscoveryError> {
     let mut path = format!("/api/v2.0/projects?page=1&page_size={PAGE_SIZE}");
-    let mut all = Vec::new();
-    let mut total = None;
+    let mut read = Read {
+        projects: Vec::new(),
+        totals: Vec::new(),
+    };
     for _ in 0..MAX_PAGES {
         let (headers, body) = api_get(client, &path, "the project list", user).await?;
-        if total.is_none() {
-            total = headers
+        read.totals.push(
+            headers
                 .get("x-total-count")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<usize>().ok());
-        }
+                .and_then(|v| v.trim().parse::<usize>().ok()),
+        );
         let page: Vec<ApiProject> =
             serde_json::from_slice(&body).map_err(|e| DiscoveryError::Body {
                 what: "the project list".into(),
                 detail: e.to_string(),
             })?;
-        all.extend(page);
+        read.projects.extend(page);
         match next_link(&headers)? {
             Some(next) => path = next,
-            None => {
-                return match total {
-                    Some(t) if t != all.len() => Err(DiscoveryError::Partial {
-                        got: all.len(),
-                        total: t,
-                    }),
-                    _ => Ok(all),
-                }
-            }
+            None => return Ok(read),
         }
     }
     Err(DiscoveryError::TooManyPages(MAX_PAGES))
 }
 
+/// What `registries/{id}` said.
+enum Registry {
+    Read(UpstreamKind, Option<String>),
+    /// 401: Harbor treats the caller as anonymous.
+    Anonymous,
+}
+
 /// The upstream kind of registry `id`; a refusal (the robot may lack the permission) or an unknown
 /// id gives [`UpstreamKind::Unknown`] rather than failing the round.
-async fn registry_kind(
-    client: &Upstream,
-    id: i64,
-) -> Result<(UpstreamKind, Option<String>), DiscoveryError> {
+async fn registry_kind(client: &Upstream, id: i64) -> Result<Registry, DiscoveryError> {
     let path = format!("/api/v2.0/registries/{id}");
     let res = client
         .send(Method::GET, &path, &json_accept(), AuthMode::Basic)
@@ -329,12 +508,13 @@ async fn registry_kind(
                 "docker-hub" => UpstreamKind::DockerHub,
                 other => UpstreamKind::Other(other.to_string()),
             };
-            Ok((kind, r.url))
+            Ok(Registry::Read(kind, r.url))
         }
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
+        StatusCode::UNAUTHORIZED => Ok(Registry::Anonymous),
+        StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
             tracing::warn!(registry_id = id, %status,
                 "cannot read a proxy project's registry; its type is unknown, so Docker Hub's library/ prefix is not added for it");
-            Ok((UpstreamKind::Unknown, None))
+            Ok(Registry::Read(UpstreamKind::Unknown, None))
         }
         s => Err(DiscoveryError::Status {
             what: format!("registry {id}"),
@@ -358,8 +538,8 @@ async fn api_get(
     match status {
         s if s.is_success() => Ok((parts.headers, body)),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(DiscoveryError::Credentials {
-            status,
             user: user.to_string(),
+            evidence: format!("{what} answered {status}"),
         }),
         s => Err(DiscoveryError::Status {
             what: what.to_string(),
@@ -429,6 +609,13 @@ mod tests {
         Project::new(name.into(), 1, 1, UpstreamKind::Other("quay".into()), None)
     }
 
+    fn found(projects: Vec<Project>) -> Discovered {
+        Discovered {
+            projects,
+            ..Default::default()
+        }
+    }
+
     fn names(s: &SharedSnapshot) -> Vec<String> {
         s.load()
             .as_ref()
@@ -447,11 +634,11 @@ mod tests {
         let snap = crate::snapshot::shared();
         let mut generation = 0;
         // The first empty list is published (there is nothing better to keep).
-        publish(&config, &snap, vec![], &mut generation);
+        publish(&config, &snap, found(vec![]), &mut generation);
         assert!(snap.load().as_ref().unwrap().projects.is_empty());
         // Sorted input is cut at MAX_FANOUT_PROJECTS, keeping the first names.
         let list = vec![project("a"), project("b"), project("c")];
-        publish(&config, &snap, list, &mut generation);
+        publish(&config, &snap, found(list), &mut generation);
         assert_eq!(names(&snap), ["a", "b"]);
         assert_eq!(snap.load().as_ref().unwrap().generation, 2);
         // An empty list after a good one keeps the good one (re-stamped: Harbor did answer).
@@ -461,7 +648,7 @@ mod tests {
         aged.built_at -= hour;
         let before = aged.built_at;
         snap.store(Some(Arc::new(aged)));
-        publish(&config, &snap, vec![], &mut generation);
+        publish(&config, &snap, found(vec![]), &mut generation);
         assert_eq!(names(&snap), ["a", "b"]);
         assert_eq!(snap.load().as_ref().unwrap().generation, 3);
         assert!(
@@ -469,7 +656,7 @@ mod tests {
             "re-stamped when Harbor answered"
         );
         // A new good list replaces it.
-        publish(&config, &snap, vec![project("z")], &mut generation);
+        publish(&config, &snap, found(vec![project("z")]), &mut generation);
         assert_eq!(names(&snap), ["z"]);
     }
 

@@ -472,6 +472,16 @@ impl Metrics {
             "Requests that found a fresh registry token in their core's cache.",
             [(vec![], up(&|s| s.token_hits.get()))],
         );
+        e.counter(
+            "harbor_router_tokens_refused_total",
+            "Cached registry tokens Harbor refused before they expired (a signing key rotated, tokens revoked, the robot changed); each was dropped and fetched again.",
+            [(vec![], up(&|s| s.tokens_refused.get()))],
+        );
+        e.counter(
+            "harbor_router_upstream_h2c_refused_total",
+            "Times HTTP2_PRIOR_KNOWLEDGE met a Harbor that does not speak HTTP/2 without TLS; the core then uses HTTP/1.1.",
+            [(vec![], up(&|s| s.h2c_refused.get()))],
+        );
 
         // Per project, summed over the cores: the projects of the current list only (one removed
         // from Harbor, or past MAX_FANOUT_PROJECTS, leaves the scrape; its counters resume if it
@@ -605,6 +615,20 @@ impl Metrics {
             "harbor_router_project_list_provisional",
             "1 while the routing list is the one loaded from Redis at start, before the first discovery.",
             [(vec![], provisional)],
+        );
+        let harbor = snapshot
+            .as_ref()
+            .map(|s| s.harbor.clone())
+            .unwrap_or_default();
+        e.gauge(
+            "harbor_router_harbor_info",
+            "Harbor's version as its systeminfo names it (value 1); absent until discovery read it.",
+            harbor.version.map(|v| (vec![("version", v)], 1.0)),
+        );
+        e.gauge(
+            "harbor_router_harbor_credentials_refused",
+            "1 while Harbor does not accept the router's credentials (it treats the router as anonymous); the routing list is then the last one read with them.",
+            [(vec![], f64::from(u8::from(harbor.refused_user.is_some())))],
         );
         e.gauge(
             "harbor_router_discovery_last_success_timestamp_seconds",

@@ -2,10 +2,12 @@
 //! blob HEAD answered from its one-byte ranged GET; a manifest never larger than
 //! [`MAX_MANIFEST_BYTES`] (refused when announced larger, cut when not announced); a manifest by
 //! digest read whole, checked against its digest (sha256, sha384 or sha512) before any byte is sent,
-//! and kept; a tag list with its `name` and `Link` pointing at the router's path, kept.
+//! and kept; a manifest by tag that came without its digest (Harbor sends `Docker-Content-Digest: ""`
+//! for one it fetched from the upstream) read whole and given its digest; a tag list with its `name`
+//! and `Link` pointing at the router's path, kept.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, LINK};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LINK};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use sha2::{Digest, Sha256, Sha384, Sha512};
@@ -22,6 +24,8 @@ use super::forward;
 use super::memory::keepable;
 use super::respond::{error, respond, whole};
 use super::state::State;
+
+const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 
 /// `project`'s answer to `ask`, for the client.
 pub async fn answer(
@@ -63,6 +67,14 @@ pub async fn answer(
                 Err(e) => error(&e),
             };
         }
+        Endpoint::Manifest {
+            by_digest: false, ..
+        } if !ask.head && status == StatusCode::OK && !names_digest(&parts.headers) => {
+            return match digested(ask, headers, body).await {
+                Ok(res) => res,
+                Err(e) => error(&e),
+            };
+        }
         Endpoint::Referrers { .. } => {
             rewrite_project_links(&mut headers, project, ask, state.proxy_project())
         }
@@ -95,25 +107,7 @@ async fn manifest(
     headers: HeaderMap,
     body: UpstreamBody,
 ) -> Result<Response<Body>, Error> {
-    let bytes = match Limited::new(body, MAX_MANIFEST_BYTES as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let too_large = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            tracing::warn!(name = ask.name, digest, error = %e, "Harbor's manifest could not be read whole");
-            return Err(Error::BadGateway {
-                reason: if too_large {
-                    "Harbor's manifest is larger than the registry limit of 4 MiB"
-                } else {
-                    "Harbor's manifest could not be read"
-                },
-            });
-        }
-    };
+    let bytes = read_manifest(ask, digest, body).await?;
     if !matches_digest(digest, &bytes) {
         tracing::warn!(
             name = ask.name,
@@ -128,6 +122,58 @@ async fn manifest(
         state.keep_manifest(&key, keepable(&headers, &bytes));
     }
     Ok(whole(StatusCode::OK, headers, bytes, false))
+}
+
+/// Whether Harbor's answer names a well-formed `Docker-Content-Digest`.
+fn names_digest(headers: &HeaderMap) -> bool {
+    headers
+        .get(DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|d| crate::names::valid_digest(d).is_ok())
+}
+
+/// A manifest by tag whose answer came without a digest, read whole (at most
+/// [`MAX_MANIFEST_BYTES`]) and sent with its sha256 as `Docker-Content-Digest` and `ETag`: Harbor
+/// answers `Docker-Content-Digest: ""` and `Etag: ""` to a GET by tag it fetched from the upstream
+/// (`src/server/middleware/repoproxy/proxy.go`, `proxyManifestGet`), and clients that pin what they
+/// pulled (containerd, skopeo's `--digestfile`) need the digest. Answers that carry one stream.
+async fn digested(
+    ask: &Ask,
+    mut headers: HeaderMap,
+    body: UpstreamBody,
+) -> Result<Response<Body>, Error> {
+    let bytes = read_manifest(ask, "", body).await?;
+    let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
+    tracing::debug!(name = ask.name, %digest, "Harbor sent a manifest by tag without its digest; computed it");
+    let value = HeaderValue::from_str(&digest).expect("a digest is a header value");
+    let etag =
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("a quoted digest is a header value");
+    headers.insert(DIGEST, value);
+    headers.insert(ETAG, etag);
+    Ok(whole(StatusCode::OK, headers, bytes, false))
+}
+
+/// Reads a manifest whole (at most [`MAX_MANIFEST_BYTES`]).
+async fn read_manifest(ask: &Ask, reference: &str, body: UpstreamBody) -> Result<Bytes, Error> {
+    match Limited::new(body, MAX_MANIFEST_BYTES as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            tracing::warn!(name = ask.name, reference, error = %e, "Harbor's manifest could not be read whole");
+            Err(Error::BadGateway {
+                reason: if too_large {
+                    "Harbor's manifest is larger than the registry limit of 4 MiB"
+                } else {
+                    "Harbor's manifest could not be read"
+                },
+            })
+        }
+    }
 }
 
 /// Whether `bytes` hash to `digest` (`algorithm:hex`, as the route parser accepts it).

@@ -35,7 +35,14 @@ pub enum Verdict<T> {
     NotHere(Option<Bytes>),
     /// 429 from Harbor, with its `Retry-After`.
     RateLimited(Option<HeaderValue>),
-    /// An answer that is neither a win nor "not here" (401/403, another 4xx): not a breaker failure.
+    /// Harbor refused the router's credentials for this project (401 although the token flow ran,
+    /// or 403): the project may have it, the robot may not pull it. Not a breaker failure.
+    Denied,
+    /// The project has it and its policy refuses the pull (412 `PROJECTPOLICYVIOLATION`, a
+    /// vulnerability or signature policy): Harbor's answer, read whole, to pass on if nothing wins.
+    Policy(Response<UpstreamBody>),
+    /// Another answer that is neither a win nor "not here" (400, 500, another 4xx): not a breaker
+    /// failure.
     Refused,
     /// No answer (connection error, timeout) or 502/503/504: a breaker failure.
     Failed(String),
@@ -85,6 +92,8 @@ pub enum Judgement {
     Win,
     NotHere,
     RateLimited,
+    Denied,
+    Policy,
     Refused,
     Failed,
 }
@@ -108,6 +117,9 @@ pub fn judge(ask: &Ask, status: StatusCode) -> Judgement {
     match status.as_u16() {
         404 => Judgement::NotHere,
         429 => Judgement::RateLimited,
+        // The upstream client has already fetched a fresh token once (upstream::Upstream::send).
+        401 | 403 => Judgement::Denied,
+        412 => Judgement::Policy,
         // Harbor or its upstream is down or overloaded. A 500 is not counted: a name the registry
         // refuses (too long, say) makes one, and a client chooses the name.
         502..=504 => Judgement::Failed,
@@ -131,6 +143,15 @@ pub async fn attempt(
     match judge(ask, status) {
         Judgement::Win => {}
         Judgement::Failed => return Verdict::Failed(format!("Harbor answered {status}")),
+        Judgement::Policy => {
+            let (parts, body) = res.into_parts();
+            return match upstream.read_small(body).await {
+                Some(bytes) => {
+                    Verdict::Policy(Response::from_parts(parts, UpstreamBody::whole(bytes)))
+                }
+                None => Verdict::Refused,
+            };
+        }
         other => {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
             // Read the small body so the connection can be reused.
@@ -140,6 +161,7 @@ pub async fn attempt(
                     Verdict::NotHere(body.filter(|b| b.len() <= MAX_DETAIL && telling(b)))
                 }
                 Judgement::RateLimited => Verdict::RateLimited(retry_after),
+                Judgement::Denied => Verdict::Denied,
                 _ => Verdict::Refused,
             };
         }
@@ -250,7 +272,10 @@ mod tests {
             (ask(manifest(), false), 404, NotHere),
             (ask(manifest(), false), 416, Refused),
             (ask(manifest(), false), 429, RateLimited),
-            (ask(manifest(), false), 401, Refused),
+            (ask(manifest(), false), 401, Denied),
+            (ask(manifest(), false), 403, Denied),
+            (ask(blob(), false), 401, Denied),
+            (ask(manifest(), false), 412, Policy),
             (ask(manifest(), false), 500, Refused),
             (ask(manifest(), false), 502, Failed),
             (ask(manifest(), false), 503, Failed),

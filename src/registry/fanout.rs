@@ -9,8 +9,11 @@
 //! The verdicts of the attempts that finished decide a race nobody won: every project said "not
 //! here" → not found (negative-cacheable; with the registry's own error when the projects that said
 //! more than "not found" agree, such as "OCI index found, but accept header does not support OCI
-//! indexes"); some were rate-limited → 429 with Harbor's `Retry-After`;
-//! some were left out by their breaker and no other failed → 503; otherwise → 502. A project left
+//! indexes"); a project refused it by policy (412) → that answer, as Harbor sent it (the project
+//! has the image: it is learned); some were rate-limited → 429 with Harbor's `Retry-After` (or the
+//! router's); some failed → 502; some were left out by their breaker → 503; Harbor refused the
+//! router's credentials for some (and the others said "not here") → 403 `DENIED`, which is an
+//! answer, not a failure, and never a remembered miss. A project left
 //! out by its breaker never counts as "not here"; a project where the name would be longer than the
 //! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn
 //! from every attempt that got a verdict; an attempt cancelled before its verdict frees its probe
@@ -232,6 +235,9 @@ pub async fn race<'a>(
     let mut retry_after = None;
     let mut rate_limited = false;
     let mut failed = false;
+    let mut denied = false;
+    // A policy refusal (412): the project has it; passed on if nothing wins.
+    let mut policy: Option<(&'a Project, Response<UpstreamBody>)> = None;
     // With FANOUT_ORDER: the best win so far, held until nothing better can come.
     let mut held: Option<(usize, &'a Project, Response<UpstreamBody>)> = None;
     let tag = ask.tag().is_some();
@@ -244,7 +250,9 @@ pub async fn race<'a>(
                     info.not_here.push(project.name.clone());
                     info.answered.push(project.name.clone());
                 }
-                Verdict::Refused => info.answered.push(project.name.clone()),
+                Verdict::Refused | Verdict::Denied | Verdict::Policy(_) => {
+                    info.answered.push(project.name.clone())
+                }
                 _ => {}
             }
         }
@@ -278,6 +286,18 @@ pub async fn race<'a>(
                 all_not_here = false;
                 unavailable.push(rank);
             }
+            Verdict::Denied => {
+                all_not_here = false;
+                denied = true;
+                unavailable.push(rank);
+            }
+            Verdict::Policy(res) => {
+                all_not_here = false;
+                unavailable.push(rank);
+                if policy.is_none() {
+                    policy = Some((project, res));
+                }
+            }
             Verdict::Failed(why) => {
                 all_not_here = false;
                 failed = true;
@@ -296,12 +316,17 @@ pub async fn race<'a>(
     }
     if all_not_here {
         Outcome::NotFound(detail.filter(|_| details_agree))
+    } else if let Some((project, res)) = policy {
+        Outcome::Won(project, Box::new(res))
     } else if rate_limited {
         Outcome::Failed(Error::TooManyRequests { retry_after })
     } else if skipped && !failed {
         Outcome::Failed(Error::Unavailable {
             reason: "not found in the projects asked; the others' circuits are open",
         })
+    } else if denied && !failed {
+        // An answer: Harbor refused the robot where the image may be. Not a miss, not a failure.
+        Outcome::Failed(super::mapped::denied(true))
     } else {
         Outcome::Failed(Error::BadGateway {
             reason: "no proxy-cache project answered: Harbor failed or timed out",

@@ -145,8 +145,10 @@ async fn answer(
 /// before. `/readyz` also turns 503 when the project list is older than three discovery intervals
 /// (Harbor unreachable for that long). A project list loaded from Redis at start counts (the body
 /// says `"provisional": true` until discovery replaces it); Redis's own state is shown
-/// (`"redis": "up"`) but never decides. The body names the worker that answered, so an operator (or a
-/// test) can see every core serving.
+/// (`"redis": "up"`) but never decides, and so are Harbor's version and, when Harbor stopped
+/// accepting the robot, `"harbor_credentials": "refused"` (the list is then the last one read with
+/// working credentials; pulls from projects an anonymous caller cannot see fail with `DENIED`).
+/// The body names the worker that answered, so an operator (or a test) can see every core serving.
 fn health(state: &State, readiness: bool) -> Response<Body> {
     let worker = state.worker();
     let (ok, body) = match state.view() {
@@ -162,7 +164,11 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
             false,
             serde_json::json!({
                 "status": "unavailable",
-                "reason": "Harbor lists no proxy-cache project the robot can see",
+                "reason": if s.harbor.refused_user.is_some() {
+                    "Harbor does not accept the router's credentials (HARBOR_USERNAME, HARBOR_PASSWORD)"
+                } else {
+                    "Harbor lists no proxy-cache project the robot can see"
+                },
                 "worker": worker,
             }),
         ),
@@ -186,6 +192,15 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
         }
     };
     let mut body = body;
+    if let Some(s) = state.view() {
+        if let Some(v) = &s.harbor.version {
+            body["harbor_version"] = v.as_str().into();
+        }
+        if let Some(user) = &s.harbor.refused_user {
+            body["harbor_credentials"] = "refused".into();
+            body["harbor_user"] = user.as_str().into();
+        }
+    }
     if let Some(redis) = state.redis_status() {
         // Shown, never a condition: Redis being down does not make a pod unready.
         body["redis"] = redis.into();

@@ -2,6 +2,7 @@
 //! judged like any attempt (the breaker counts the same failures); a 404 means the image may have
 //! moved, and the caller falls back to one fan-out.
 
+use http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
 use http::Response;
 
 use crate::body::Body;
@@ -13,7 +14,7 @@ use crate::upstream::UpstreamError;
 use super::answer;
 use super::ask::{Ask, Endpoint};
 use super::attempt::{self, Judgement};
-use super::respond::error;
+use super::respond::{error, retry_after};
 use super::state::State;
 
 /// A mapped request's result.
@@ -67,20 +68,41 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         return Mapped::Gone;
     }
     if judgement == Judgement::Failed || judgement == Judgement::RateLimited {
-        // Harbor's error, passed on whole (a small body: the connection goes back to the pool).
+        // Harbor's error, passed on whole (a small body: the connection goes back to the pool),
+        // with a `Retry-After` for a rate limit (Harbor's own 429 carries none).
         let (parts, body) = res.into_parts();
         let body = state.upstream().read_small(body).await.unwrap_or_default();
-        let headers = super::forward::headers_down(&parts.headers);
+        let mut headers = super::forward::headers_down(&parts.headers);
+        if judgement == Judgement::RateLimited {
+            let after = retry_after(parts.headers.get(RETRY_AFTER));
+            headers.insert(RETRY_AFTER, after);
+        }
         return failed(super::respond::whole(parts.status, headers, body, ask.head));
     }
-    if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+    if judgement == Judgement::Denied {
+        let challenged =
+            status == http::StatusCode::FORBIDDEN || res.headers().contains_key(WWW_AUTHENTICATE);
         state.upstream().drain(res.into_body()).await;
-        return answered(error(&Error::Denied {
-            reason: "the router's robot account may not pull from the project that has this image",
-        }));
+        return answered(error(&denied(challenged)));
     }
     answered(answer::answer(state, project, ask, res).await)
 }
+
+/// What the client is told when Harbor refused a pull for lack of rights: `challenged` (a 401 with
+/// a challenge although the token flow ran, or a 403) means Harbor refused the router's
+/// credentials; a 401 without one is Harbor relaying its upstream's refusal of its own.
+pub fn denied(challenged: bool) -> Error {
+    Error::Denied {
+        reason: if challenged {
+            CREDENTIALS_REFUSED
+        } else {
+            "Harbor answered 401 without a challenge: the project's upstream registry refused Harbor's own credentials for it"
+        },
+    }
+}
+
+/// Why a pull Harbor refused for lack of rights fails (a registry error's detail).
+pub const CREDENTIALS_REFUSED: &str = "Harbor refused the router's credentials for the project that has this image: its robot account may not pull from that project, or Harbor no longer accepts the robot (the router's /healthz says which)";
 
 fn answered(res: Response<Body>) -> Mapped {
     Mapped::Answer(Box::new(res))

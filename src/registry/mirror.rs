@@ -90,6 +90,7 @@ mod tests {
             projects,
             built_at: std::time::Instant::now(),
             generation: 1,
+            harbor: Default::default(),
         }
     }
 

@@ -193,6 +193,8 @@ async fn ask_harbor<'s>(
             trace.route = Answered::Refused;
             error(&e)
         }
+        // Harbor refused the router's credentials: an answer, not a failure (nothing stands in).
+        Found::Failed(e @ Error::Denied { .. }, _) => error(&e),
         Found::Failed(e, answered) => {
             said.failed = true;
             said.answered = answered;

@@ -14,6 +14,34 @@ pub const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 pub const JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
 const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
 
+/// `Retry-After` of a rate limit when Harbor sends none (Harbor's own 429 never carries one,
+/// `src/lib/http/error.go`): long enough that a client does not hammer a rate-limited upstream,
+/// short enough that a pull resumes soon after the limit lifts.
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 10;
+/// Longest `Retry-After` in seconds passed on: a client told to wait longer would sit out an
+/// outage that may already be over.
+pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
+
+/// The `Retry-After` a rate-limited client gets: Harbor's when it sent one (delay-seconds capped at
+/// [`MAX_RETRY_AFTER_SECS`], an HTTP date as it is), else [`DEFAULT_RETRY_AFTER_SECS`].
+pub fn retry_after(harbor: Option<&HeaderValue>) -> HeaderValue {
+    let Some(v) = harbor.and_then(|v| v.to_str().ok()).map(str::trim) else {
+        return HeaderValue::from(DEFAULT_RETRY_AFTER_SECS);
+    };
+    if let Ok(secs) = v.parse::<u64>() {
+        return HeaderValue::from(secs.min(MAX_RETRY_AFTER_SECS));
+    }
+    match httpdate_like(v).then(|| HeaderValue::from_str(v)) {
+        Some(Ok(h)) => h,
+        _ => HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
+    }
+}
+
+/// Whether `v` looks like an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn httpdate_like(v: &str) -> bool {
+    v.len() == 29 && v.ends_with(" GMT") && v.as_bytes()[3] == b','
+}
+
 /// A response from its parts.
 pub fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
     let mut res = Response::new(body);
@@ -51,10 +79,8 @@ pub fn error(e: &Error) -> Response<Body> {
         h.insert(ALLOW, GET_HEAD);
     }
     match e {
-        Error::TooManyRequests {
-            retry_after: Some(v),
-        } => {
-            h.insert(RETRY_AFTER, v.clone());
+        Error::TooManyRequests { retry_after } => {
+            h.insert(RETRY_AFTER, self::retry_after(retry_after.as_ref()));
         }
         Error::ClientRateLimited {
             retry_after_secs, ..
@@ -64,4 +90,25 @@ pub fn error(e: &Error) -> Response<Body> {
         _ => {}
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_always_says_when_to_come_back() {
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(retry_after(None), "10");
+        assert_eq!(retry_after(Some(&v("7"))), "7");
+        assert_eq!(retry_after(Some(&v("86400"))), "3600");
+        assert_eq!(
+            retry_after(Some(&v("Wed, 02 Dec 2026 16:00:00 GMT"))),
+            "Wed, 02 Dec 2026 16:00:00 GMT"
+        );
+        assert_eq!(retry_after(Some(&v("soon"))), "10");
+        assert_eq!(retry_after(Some(&v("-1"))), "10");
+        let res = error(&Error::TooManyRequests { retry_after: None });
+        assert_eq!(res.headers()[RETRY_AFTER], "10");
+    }
 }

@@ -426,6 +426,7 @@ impl Link {
             projects,
             built_at,
             generation: 0,
+            harbor: Default::default(),
         });
         let before = self
             .snapshot

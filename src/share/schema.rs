@@ -421,6 +421,7 @@ mod tests {
             projects: vec![project("dockerhub", 1)],
             built_at: Instant::now(),
             generation: 1,
+            harbor: Default::default(),
         };
         let digest = format!("sha256:{}", "a".repeat(64));
         let t = StoredTag {
@@ -473,6 +474,7 @@ mod tests {
             projects: vec![project("dockerhub", 1), project("ghcr", 2)],
             built_at: Instant::now(),
             generation: 1,
+            harbor: Default::default(),
         };
         let m = StoredMapping::new(&snap.projects[0], 100_000);
         let raw = serde_json::to_vec(&m).unwrap();

@@ -2,6 +2,14 @@
 //! until shortly before they expire, and coalesce concurrent fetches of one scope into one request.
 //! The fetch itself (an HTTP request through the pool) is done by [`super::Upstream`]; this module
 //! owns the state and the rules, with time passed in so tests drive it.
+//!
+//! Harbor refuses tokens before they expire (a signing key rotated by a redeploy, clock skew between
+//! core pods, a project recreated, a robot given access after its token was issued), and it says so
+//! with `401 Basic realm="harbor"` (it words every refusal of a request that carried `Authorization`
+//! that way). A refused token is dropped under every scope it was stored for ([`TokenCache::drop_token`])
+//! and fetched again, once; a fresh token that is refused too is remembered as refused for
+//! [`REFUSED_LIFE`] ([`TokenCache::refused`]), so a robot that may not pull costs Harbor one token
+//! request (a password hash) per scope and interval, not one per pull.
 //! Why tokens rather than Basic on every request: docs/architecture.md, "The upstream client".
 
 use std::cell::RefCell;
@@ -26,6 +34,10 @@ const TOKENS_PER_CORE: usize = 10_000;
 const MAX_BATCH_QUERY: usize = 4096;
 /// `expires_in` when the token service does not say (the distribution spec's default).
 pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(60);
+/// How long a freshly fetched token that Harbor refused anyway is kept as refused: requests for its
+/// scope are sent with it (Harbor checks a token cheaply) and not retried, and no new token is asked
+/// for (each token request costs Harbor a password hash) until it ends.
+pub const REFUSED_LIFE: Duration = Duration::from_secs(10);
 
 /// A parsed `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +129,16 @@ pub fn scope_for_path(path: &str) -> Option<String> {
 struct Cached {
     header: HeaderValue,
     renew_at: Instant,
+    /// Harbor refused it although it was fresh (see [`REFUSED_LIFE`]).
+    refused: bool,
+}
+
+/// A cached token for a scope.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub header: HeaderValue,
+    /// Harbor refused this token moments ago: send it, but do not fetch another one yet.
+    pub refused: bool,
 }
 
 /// What a token fetch gives the requests that waited for it.
@@ -163,16 +185,19 @@ pub enum Ticket {
 }
 
 impl TokenCache {
-    /// The cached `Authorization` value for `scope`, if still fresh at `now`.
-    pub fn cached(&self, scope: &str, now: Instant) -> Option<HeaderValue> {
+    /// The cached token for `scope`, if still fresh (or still remembered as refused) at `now`.
+    pub fn cached(&self, scope: &str, now: Instant) -> Option<Token> {
         let tokens = self.tokens.borrow();
         let c = tokens.get(scope)?;
-        (now < c.renew_at).then(|| c.header.clone())
+        (now < c.renew_at).then(|| Token {
+            header: c.header.clone(),
+            refused: c.refused,
+        })
     }
 
     pub fn ticket(self: &Rc<Self>, scope: &str, now: Instant) -> Ticket {
-        if let Some(h) = self.cached(scope, now) {
-            return Ticket::Ready(h);
+        if let Some(t) = self.cached(scope, now) {
+            return Ticket::Ready(t.header);
         }
         match self.flights.join(scope) {
             Turn::Follow(rx) => Ticket::Wait(rx),
@@ -187,18 +212,69 @@ impl TokenCache {
         }
     }
 
-    /// Drops `scope`'s token if it is still `rejected` (Harbor answered 401 to it: the registry's
-    /// clock or keys disagree with the token, or the robot changed). A newer token is kept.
-    pub fn invalidate(&self, scope: &str, rejected: &HeaderValue) {
-        let mut tokens = self.tokens.borrow_mut();
-        if tokens.get(scope).is_some_and(|c| c.header == *rejected) {
-            tokens.remove(scope);
+    /// Leads the fetch of every scope of `scopes` that has no token at `now` and that nobody is
+    /// fetching (as many as fit one request of a few KiB): the batch of scopes that lost a refused
+    /// token, fetched in one request. Scopes being fetched already are left to that fetch.
+    pub fn lead_all(self: &Rc<Self>, scopes: &[String], now: Instant) -> Vec<FetchGuard> {
+        let mut room = MAX_BATCH_QUERY;
+        let mut guards = Vec::new();
+        for scope in scopes {
+            if self.cached(scope, now).is_some() {
+                continue;
+            }
+            room = room.saturating_sub(scope.len() * 3 + 7);
+            if room == 0 {
+                break;
+            }
+            if let Turn::Lead(leader) = self.flights.join(scope) {
+                guards.push(FetchGuard {
+                    cache: self.clone(),
+                    scope: scope.clone(),
+                    leader,
+                });
+            }
         }
+        if !guards.is_empty() {
+            self.stats.token_fetches.inc();
+        }
+        guards
     }
 
-    /// Token fetches started by this core (the coalescing tests count them).
+    /// Drops `rejected` under every scope it is stored for (Harbor answered 401 to it: its signing
+    /// key changed, the token was revoked, or the robot changed) and returns those scopes. A newer
+    /// token of a scope is kept.
+    pub fn drop_token(&self, rejected: &HeaderValue) -> Vec<String> {
+        let dropped = RefCell::new(Vec::new());
+        self.tokens.borrow_mut().retain(|scope, c| {
+            let keep = c.header != *rejected;
+            if !keep {
+                dropped.borrow_mut().push(scope.clone());
+            }
+            keep
+        });
+        dropped.into_inner()
+    }
+
+    /// Remembers that Harbor refused `header`, freshly fetched for `scope`, for [`REFUSED_LIFE`].
+    pub fn refused(&self, scope: &str, header: HeaderValue, now: Instant) {
+        self.tokens.borrow_mut().insert(
+            scope.to_string(),
+            Cached {
+                header,
+                renew_at: now + REFUSED_LIFE,
+                refused: true,
+            },
+        );
+    }
+
+    /// Token requests this core sent (the coalescing tests count them).
     pub fn fetches(&self) -> u64 {
         self.stats.token_fetches.get()
+    }
+
+    /// The realm and service tokens come from, once a challenge named them.
+    pub fn service(&self) -> Option<Challenge> {
+        self.service.borrow().clone()
     }
 
     /// Remembers where `challenge` sends clients for tokens.
@@ -262,12 +338,13 @@ impl TokenCache {
             Cached {
                 header,
                 renew_at: now + expires_in - margin,
+                refused: false,
             },
         );
     }
 }
 
-/// Held by the request fetching a scope's token.
+/// Held by the request fetching a scope's token; dropped unfinished, it lets the waiters fetch.
 pub struct FetchGuard {
     cache: Rc<TokenCache>,
     scope: String,
@@ -275,6 +352,11 @@ pub struct FetchGuard {
 }
 
 impl FetchGuard {
+    /// The scope this guard fetches.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
     /// Records the outcome: a token (with its life) or an error message, and wakes the waiters.
     pub fn finish(self, result: Result<(HeaderValue, Duration), String>, now: Instant) {
         let shared = match result {

@@ -74,11 +74,11 @@ fn tokens_are_cached_until_shortly_before_expiry() {
     };
     guard.finish(Ok((token("a"), Duration::from_secs(1800))), t0);
     assert_eq!(
-        cache.cached("s", t0 + Duration::from_secs(1769)),
+        cache.cached_header("s", t0 + Duration::from_secs(1769)),
         Some(token("a"))
     );
     assert_eq!(
-        cache.cached("s", t0 + Duration::from_secs(1770)),
+        cache.cached_header("s", t0 + Duration::from_secs(1770)),
         None,
         "renewed 30s early"
     );
@@ -96,13 +96,13 @@ fn tokens_are_cached_until_shortly_before_expiry() {
     };
     g.finish(Ok((token("b"), Duration::from_secs(60))), t0);
     assert!(cache
-        .cached("short", t0 + Duration::from_secs(53))
+        .cached_header("short", t0 + Duration::from_secs(53))
         .is_some());
     assert!(cache
-        .cached("short", t0 + Duration::from_secs(54))
+        .cached_header("short", t0 + Duration::from_secs(54))
         .is_none());
     // Scopes are independent.
-    assert_eq!(cache.cached("other", t0), None);
+    assert_eq!(cache.cached_header("other", t0), None);
 }
 
 #[test]
@@ -175,14 +175,14 @@ fn a_rejected_token_is_dropped_but_a_newer_one_kept() {
         panic!()
     };
     g.finish(Ok((token("old"), Duration::from_secs(1800))), now);
-    cache.invalidate("s", &token("other"));
+    cache.drop_token(&token("other"));
     assert_eq!(
-        cache.cached("s", now),
+        cache.cached_header("s", now),
         Some(token("old")),
         "only the rejected value is dropped"
     );
-    cache.invalidate("s", &token("old"));
-    assert_eq!(cache.cached("s", now), None);
+    cache.drop_token(&token("old"));
+    assert_eq!(cache.cached_header("s", now), None);
     assert!(matches!(cache.ticket("s", now), Ticket::Fetch(_)));
 }
 
@@ -194,7 +194,7 @@ fn absurd_lifetimes_are_clamped() {
         panic!()
     };
     g.finish(Ok((token("t"), Duration::from_secs(u64::MAX / 2))), now);
-    assert!(cache.cached("s", now + MAX_EXPIRES_IN).is_none());
+    assert!(cache.cached_header("s", now + MAX_EXPIRES_IN).is_none());
 }
 
 #[test]
@@ -228,9 +228,18 @@ fn a_batch_asks_for_every_missing_scope_at_the_last_token_service() {
         Some("repository:b:pull repository:c:pull")
     );
     cache.store_batch(&batch, &token("bc"), Duration::from_secs(60), now);
-    assert_eq!(cache.cached("repository:b:pull", now), Some(token("bc")));
-    assert_eq!(cache.cached("repository:c:pull", now), Some(token("bc")));
-    assert_eq!(cache.cached("repository:a:pull", now), Some(token("a")));
+    assert_eq!(
+        cache.cached_header("repository:b:pull", now),
+        Some(token("bc"))
+    );
+    assert_eq!(
+        cache.cached_header("repository:c:pull", now),
+        Some(token("bc"))
+    );
+    assert_eq!(
+        cache.cached_header("repository:a:pull", now),
+        Some(token("a"))
+    );
     assert!(cache.batch(&scopes, now).is_none(), "nothing missing");
     assert!(
         cache
@@ -253,4 +262,109 @@ fn a_batch_fits_one_request_of_a_few_kib() {
     let n = asked.split(' ').count();
     assert!((2..100).contains(&n), "{n} scopes in one request");
     assert!(asked.len() * 3 < 4096 + 1000, "{} bytes", asked.len());
+}
+
+impl TokenCache {
+    fn cached_header(&self, scope: &str, now: Instant) -> Option<HeaderValue> {
+        self.cached(scope, now).map(|t| t.header)
+    }
+}
+
+#[test]
+fn a_refused_token_is_dropped_under_every_scope_it_was_stored_for() {
+    let cache = TokenCache::default();
+    let now = Instant::now();
+    let batch = Challenge {
+        realm: "https://harbor/service/token".into(),
+        service: None,
+        scope: Some("repository:a:pull repository:b:pull repository:c:pull".into()),
+    };
+    cache.store_batch(&batch, &token("abc"), Duration::from_secs(1800), now);
+    cache.store(
+        "repository:d:pull",
+        token("d"),
+        Duration::from_secs(1800),
+        now,
+    );
+    let mut dropped = cache.drop_token(&token("abc"));
+    dropped.sort();
+    assert_eq!(
+        dropped,
+        [
+            "repository:a:pull",
+            "repository:b:pull",
+            "repository:c:pull"
+        ]
+    );
+    for s in ["a", "b", "c"] {
+        assert_eq!(
+            cache.cached_header(&format!("repository:{s}:pull"), now),
+            None
+        );
+    }
+    assert_eq!(
+        cache.cached_header("repository:d:pull", now),
+        Some(token("d"))
+    );
+    assert!(cache.drop_token(&token("abc")).is_empty(), "once");
+}
+
+#[test]
+fn a_token_refused_when_fresh_is_remembered_briefly() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    cache.refused("s", token("anon"), now);
+    let t = cache
+        .cached("s", now + REFUSED_LIFE - Duration::from_millis(1))
+        .unwrap();
+    assert!(t.refused);
+    assert_eq!(t.header, token("anon"));
+    assert!(
+        matches!(cache.ticket("s", now), Ticket::Ready(_)),
+        "no new token request while it is remembered"
+    );
+    assert_eq!(cache.fetches(), 0);
+    assert!(
+        cache.cached("s", now + REFUSED_LIFE).is_none(),
+        "then asked again"
+    );
+    assert!(matches!(
+        cache.ticket("s", now + REFUSED_LIFE),
+        Ticket::Fetch(_)
+    ));
+    // A token that works replaces it, unflagged.
+    cache.store("s", token("ok"), Duration::from_secs(60), now);
+    assert!(!cache.cached("s", now).unwrap().refused);
+}
+
+#[test]
+fn scopes_that_lost_a_token_are_fetched_in_one_batch() {
+    let cache = Rc::new(TokenCache::default());
+    let now = Instant::now();
+    let scopes: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|r| format!("repository:{r}:pull"))
+        .collect();
+    // b is being fetched by another request; c has a token.
+    let Ticket::Fetch(b) = cache.ticket(&scopes[1], now) else {
+        panic!()
+    };
+    cache.store(&scopes[2], token("c"), Duration::from_secs(60), now);
+    let before = cache.fetches();
+    let guards = cache.lead_all(&scopes, now);
+    let led: Vec<&str> = guards.iter().map(FetchGuard::scope).collect();
+    assert_eq!(led, ["repository:a:pull"]);
+    assert_eq!(cache.fetches(), before + 1, "one request for the batch");
+    // A request for a waits for the batch.
+    let Ticket::Wait(mut w) = cache.ticket(&scopes[0], now) else {
+        panic!("a is being fetched")
+    };
+    for g in guards {
+        g.finish(Ok((token("new"), Duration::from_secs(60))), now);
+    }
+    assert_eq!(w.try_recv().unwrap().unwrap(), token("new"));
+    assert_eq!(cache.cached_header(&scopes[0], now), Some(token("new")));
+    drop(b);
+    assert!(cache.lead_all(&[], now).is_empty());
+    assert_eq!(cache.fetches(), before + 1, "an empty batch asks nothing");
 }

@@ -193,6 +193,10 @@ pub struct Stats {
     pub retried: Counter,
     /// Token requests to Harbor's token service (one per scope or batch of scopes).
     pub token_fetches: Counter,
+    /// Cached tokens Harbor refused before they expired (each dropped and fetched again).
+    pub tokens_refused: Counter,
+    /// HTTP/2 with prior knowledge met a Harbor that does not speak it (then HTTP/1.1 is used).
+    pub h2c_refused: Counter,
     /// Requests sent with a fresh token from the cache (no challenge, no token request).
     pub token_hits: Counter,
 }
@@ -258,6 +262,14 @@ impl Upstream {
     }
 
     /// Sends a GET or HEAD for `path_and_query` on Harbor with `headers`, authenticating per `auth`.
+    ///
+    /// Registry requests go with the scope's cached token. A 401 with a challenge to a request that
+    /// had none is the token flow's first step (fetch, then send again); a 401 with a challenge,
+    /// Basic or Bearer, to a request that carried a token means Harbor refused it: the token is
+    /// dropped under every scope it was stored for, fetched again (in one request for all those
+    /// scopes) and the request sent once more. A fresh token refused too is remembered as refused
+    /// for its scope ([`auth::REFUSED_LIFE`]) and the 401 returned. A 401 without a challenge is an
+    /// answer (Harbor relays its upstream's refusal of a blob that way) and is returned as it is.
     pub async fn send(
         &self,
         method: Method,
@@ -270,38 +282,141 @@ impl Upstream {
             return self.send_basic(req).await;
         }
         let scope = scope_for_path(req.uri().path());
-        let sent = scope.and_then(|s| self.tokens.cached(&s, Instant::now()).map(|t| (s, t)));
-        if let Some((_, token)) = &sent {
+        let sent = scope
+            .as_ref()
+            .and_then(|s| self.tokens.cached(s, Instant::now()));
+        if let Some(token) = &sent {
             self.stats.token_hits.inc();
-            req.headers_mut().insert(AUTHORIZATION, token.clone());
+            req.headers_mut()
+                .insert(AUTHORIZATION, token.header.clone());
         }
         let res = self.send_timed(req).await?;
         if res.status() != StatusCode::UNAUTHORIZED {
             return Ok(res);
         }
-        let Some(challenge) = res
+        let Some(challenge) = res.headers().get(WWW_AUTHENTICATE) else {
+            return Ok(res);
+        };
+        let bearer = challenge.to_str().ok().and_then(Challenge::parse);
+        if let Some(c) = &bearer {
+            self.tokens.saw(c);
+        }
+        let token = match (&sent, bearer) {
+            // Refused moments ago with a fresh token: Harbor does not let the robot pull this.
+            (Some(t), _) if t.refused => return Ok(res),
+            (Some(t), bearer) => {
+                // Harbor refused a token we still believed in: never send it again. The scopes
+                // that lose it are claimed for one new token request before anything else runs,
+                // so the requests that meet the same refusal wait for that one.
+                let mut scopes = self.tokens.drop_token(&t.header);
+                if !scopes.is_empty() {
+                    self.stats.tokens_refused.inc();
+                    tracing::debug!(
+                        scopes = scopes.len(),
+                        "Harbor refused a cached token; fetching a new one"
+                    );
+                }
+                let scope = scope.clone().unwrap_or_default();
+                // This request's scope first, so it is in the batch whatever its size.
+                scopes.retain(|s| *s != scope);
+                scopes.insert(0, scope.clone());
+                let guards = self.tokens.lead_all(&scopes, Instant::now());
+                self.drain(res.into_body()).await;
+                self.refetch(bearer, scope, guards).await?
+            }
+            (None, Some(c)) => {
+                self.drain(res.into_body()).await;
+                self.bounded(self.token(&c)).await?
+            }
+            // A Basic challenge to a request that carried no token: nothing to fetch.
+            (None, None) => return Ok(res),
+        };
+        let mut req = self.request(method, path_and_query, headers)?;
+        req.headers_mut().insert(AUTHORIZATION, token.clone());
+        let res = self.send_timed(req).await?;
+        if res.status() == StatusCode::UNAUTHORIZED && res.headers().contains_key(WWW_AUTHENTICATE)
+        {
+            // A fresh token refused too: remembered, so the next pulls do not each cost Harbor a
+            // token request.
+            if let Some(scope) = &scope {
+                self.tokens.refused(scope, token, Instant::now());
+            }
+        }
+        Ok(res)
+    }
+
+    /// `fut` within the response timeout.
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let limit = self.harbor.response_timeout;
+        monoio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| UpstreamError::ResponseTimeout(limit))?
+    }
+
+    /// A new token for `scope` after Harbor refused the one stored for it: one request for the
+    /// scopes of `guards` (those that lost the token and that nobody else was fetching), or the
+    /// fetch in flight for `scope`. The token service is the one `bearer` names, else the one seen
+    /// last, else the one an unauthenticated `GET /v2/` names.
+    async fn refetch(
+        &self,
+        bearer: Option<Challenge>,
+        scope: String,
+        guards: Vec<auth::FetchGuard>,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let service = match bearer.or_else(|| self.tokens.service()) {
+            Some(s) => s,
+            None => self.bounded(self.discover_service()).await?,
+        };
+        let own = Challenge {
+            scope: Some(scope.clone()),
+            ..service.clone()
+        };
+        if guards.is_empty() {
+            // Another request is fetching this scope's token: share it.
+            return self.bounded(self.token(&own)).await;
+        }
+        let scopes: Vec<&str> = guards.iter().map(|g| g.scope()).collect();
+        let led = scopes.contains(&scope.as_str());
+        let batch = Challenge {
+            scope: Some(scopes.join(" ")),
+            ..service
+        };
+        let result = self.bounded(self.fetch_token(&batch)).await;
+        let shared = match &result {
+            Ok((h, ttl)) => Ok((h.clone(), *ttl)),
+            Err(e) => Err(e.to_string()),
+        };
+        let now = Instant::now();
+        for guard in guards {
+            guard.finish(shared.clone(), now);
+        }
+        match result {
+            Ok((h, _)) if led => Ok(h),
+            Ok(_) => self.bounded(self.token(&own)).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The token service, from the challenge to an unauthenticated `GET /v2/` (first contact).
+    async fn discover_service(&self) -> Result<Challenge, UpstreamError> {
+        let req = self.request(Method::GET, "/v2/", &HeaderMap::new())?;
+        let res = self.send_timed(req).await?;
+        let challenge = res
             .headers()
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
-            .and_then(Challenge::parse)
-        else {
-            return Ok(res);
-        };
-        self.tokens.saw(&challenge);
-        if let Some((scope, token)) = &sent {
-            // Harbor refused a token we still believed in: never send it again.
-            self.tokens.invalidate(scope, token);
-            self.tokens.invalidate(&challenge.key(), token);
-        }
-        // Read the small 401 body so the connection can be reused.
+            .and_then(Challenge::parse);
         self.drain(res.into_body()).await;
-        let limit = self.harbor.response_timeout;
-        let token = monoio::time::timeout(limit, self.token(&challenge))
-            .await
-            .map_err(|_| UpstreamError::ResponseTimeout(limit))??;
-        let mut req = self.request(method, path_and_query, headers)?;
-        req.headers_mut().insert(AUTHORIZATION, token);
-        self.send_timed(req).await
+        let challenge = challenge
+            .ok_or_else(|| UpstreamError::Token("Harbor's /v2/ names no token service".into()))?;
+        self.tokens.saw(&challenge);
+        Ok(Challenge {
+            scope: None,
+            ..challenge
+        })
     }
 
     fn request(

@@ -9,6 +9,12 @@
 //! A request that fails before any response on a *reused* connection (the server closed it while it was
 //! idle, or sent GOAWAY) is sent once more on a new connection: the pool only carries GET and HEAD, so
 //! that is always safe. A failure on a new connection is returned as it is.
+//!
+//! HTTP/2 with prior knowledge on plain TCP (h2c) is checked at first contact: Harbor's own nginx and
+//! core speak no h2c, and answer the HTTP/2 preface with HTTP/1.1 (or close). When the first request
+//! on a new h2c connection fails before any answer and the same request then succeeds over HTTP/1.1,
+//! the pool uses HTTP/1.1 from then on, and says so once per process, naming
+//! `HTTP2_PRIOR_KNOWLEDGE`, rather than failing every request.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -91,8 +97,11 @@ pub struct Pool {
     /// own, so a burst of first requests shares one connection.
     h2_connecting: Cell<bool>,
     h2_connected: tokio::sync::Notify,
-    /// HTTP/2 was offered and Harbor chose HTTP/1.1: stop serializing connects.
+    /// HTTP/2 was offered and Harbor chose HTTP/1.1 (by ALPN), or h2c was refused: stop serializing
+    /// connects, and on plain TCP connect with HTTP/1.1.
     h2_declined: Cell<bool>,
+    /// An h2c request was answered: the first-contact check is over.
+    h2c_confirmed: Cell<bool>,
     /// Which of Harbor's addresses the next connection tries first (spreads connections).
     next_addr: Cell<usize>,
     /// Written by this core, read by the metrics scrape.
@@ -108,6 +117,7 @@ impl Pool {
             h2_connecting: Cell::new(false),
             h2_connected: tokio::sync::Notify::new(),
             h2_declined: Cell::new(false),
+            h2c_confirmed: Cell::new(false),
             next_addr: Cell::new(0),
             stats,
         });
@@ -144,7 +154,20 @@ impl Pool {
         self.stats.requests.inc();
         let (sender, reused) = self.acquire().await?;
         if !reused {
-            return self.send_on(sender, req).await;
+            let first_h2c = self.target.tls.is_none()
+                && matches!(sender, Sender::H2(_))
+                && !self.h2c_confirmed.get();
+            if !first_h2c {
+                return self.send_on(sender, req).await;
+            }
+            let retry = clone_request(&req);
+            return match self.send_on(sender, req).await {
+                Err(e @ UpstreamError::Request(_)) => self.h2c_refused(retry, e).await,
+                other => {
+                    self.h2c_confirmed.set(other.is_ok());
+                    other
+                }
+            };
         }
         self.stats.reused.inc();
         let retry = clone_request(&req);
@@ -157,6 +180,38 @@ impl Pool {
             }
             other => other,
         }
+    }
+
+    /// The first h2c request failed with `error` before any answer: `retry` is sent over HTTP/1.1.
+    /// If that is answered, Harbor does not speak h2c, and the pool keeps to HTTP/1.1.
+    async fn h2c_refused(
+        self: &Rc<Self>,
+        retry: Request<ReqBody>,
+        error: UpstreamError,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.h2_declined.set(true);
+        *self.h2.borrow_mut() = None;
+        let answered = match self.acquire().await {
+            Ok((sender, _)) => self.send_on(sender, retry).await,
+            Err(e) => Err(e),
+        };
+        match &answered {
+            Ok(_) => {
+                self.stats.h2c_refused.inc();
+                static SAID: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::error!(
+                        harbor = ?self.target.addrs.load().first(),
+                        error = %error,
+                        "HTTP2_PRIOR_KNOWLEDGE=true, but Harbor does not speak HTTP/2 without TLS (h2c; Harbor's own nginx and core do not): using HTTP/1.1. Unset HTTP2_PRIOR_KNOWLEDGE, or use an https:// HARBOR_URL whose front offers h2 by ALPN"
+                    );
+                }
+            }
+            // HTTP/1.1 fails too: Harbor is failing, not refusing h2c. Try h2c again next time.
+            Err(_) => self.h2_declined.set(false),
+        }
+        answered
     }
 
     async fn send_on(
@@ -307,7 +362,10 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let io = stream.into_poll_io().map_err(UpstreamError::Connect)?;
         match &self.target.tls {
-            None => handshake(MonoioIo::new(io), self.target.http2, &self.stats).await,
+            None => {
+                let h2c = self.target.http2 && !self.h2_declined.get();
+                handshake(MonoioIo::new(io), h2c, &self.stats).await
+            }
             Some((config, name)) => {
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
                 let tls = connector

@@ -159,7 +159,10 @@ fn basic(headers: &HeaderMap) -> Option<(String, String)> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
-    let (u, p) = String::from_utf8(decoded).ok()?.split_once(':').map(|(u, p)| (u.to_string(), p.to_string()))?;
+    let (u, p) = String::from_utf8(decoded)
+        .ok()?
+        .split_once(':')
+        .map(|(u, p)| (u.to_string(), p.to_string()))?;
     Some((u, p))
 }
 
@@ -195,12 +198,19 @@ pub(crate) fn rights(state: &State, headers: &HeaderMap) -> Rights {
             if a["type"] != "repository" {
                 continue;
             }
-            let project = a["name"].as_str().unwrap_or("").split('/').next().unwrap_or("");
+            let project = a["name"]
+                .as_str()
+                .unwrap_or("")
+                .split('/')
+                .next()
+                .unwrap_or("");
             let actions = a["actions"].as_array().into_iter().flatten();
             // Like Harbor's map by project: a later entry for the same project replaces an earlier.
             access.insert(
                 project.to_string(),
-                actions.filter_map(|x| x.as_str().map(str::to_string)).collect(),
+                actions
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
             );
         }
         let subject = claims["sub"].as_str().unwrap_or("").to_string();
@@ -266,7 +276,10 @@ pub(crate) fn refusal(
     };
     let mut res = harbor_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
     let h = res.headers_mut();
-    h.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
     h.insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_str(&challenge).expect("a challenge is a header"),

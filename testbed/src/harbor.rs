@@ -84,6 +84,9 @@ pub(crate) fn api(
 /// `GET /api/v2.0/systeminfo`: the version only for an authenticated caller
 /// (`src/server/v2.0/handler/systeminfo.go`, `WithProtectedInfo`).
 fn systeminfo(state: &State, caller: &Caller) -> Response<Body> {
+    if state.switches().systeminfo_hidden {
+        return harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found");
+    }
     let mut v = json!({
         "auth_mode": "db_auth", "primary_auth_mode": false, "self_registration": false,
         "banner_message": "", "oidc_provider_name": "",

@@ -234,10 +234,7 @@ fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {
 /// and quay are private, as proxy caches pulled by a robot account often are: only the robot's
 /// token may pull from them, so a token Harbor stops accepting shows.
 pub fn default_projects() -> Vec<ProjectSpec> {
-    let private = |p: ProjectSpec| ProjectSpec {
-        public: false,
-        ..p
-    };
+    let private = |p: ProjectSpec| ProjectSpec { public: false, ..p };
     vec![
         proxy("dockerhub", 1, "docker-hub", "https://hub.docker.com"),
         private(proxy("ghcr", 2, "github-ghcr", "https://ghcr.io")),

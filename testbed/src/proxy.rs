@@ -146,7 +146,11 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
 /// Harbor's `v2auth` check, or `None` when the request may go on: `/v2/` itself needs an
 /// authenticated caller; a repository needs pull on its project, and a GET or HEAD without
 /// `Authorization` is always challenged.
-fn authorize(state: &State, req: &Request<Incoming>, parsed: Option<&V2Path>) -> Option<Response<Body>> {
+fn authorize(
+    state: &State,
+    req: &Request<Incoming>,
+    parsed: Option<&V2Path>,
+) -> Option<Response<Body>> {
     let headers = req.headers();
     if let Some(a) = headers.get(header::AUTHORIZATION) {
         let a = String::from_utf8_lossy(a.as_bytes()).into_owned();
@@ -161,9 +165,15 @@ fn authorize(state: &State, req: &Request<Incoming>, parsed: Option<&V2Path>) ->
             let scope = format!("repository:{repository}:pull");
             let cli = matches!(*req.method(), Method::GET | Method::HEAD);
             if !carried && cli {
-                Some(refusal(state, headers, Some(&scope), "authorize header needed to send HEAD to repository"))
+                Some(refusal(
+                    state,
+                    headers,
+                    Some(&scope),
+                    "authorize header needed to send HEAD to repository",
+                ))
             } else if !rights.may_pull(state, &p.project) {
-                let message = format!("unauthorized to access repository: {repository}, action: pull");
+                let message =
+                    format!("unauthorized to access repository: {repository}, action: pull");
                 Some(refusal(state, headers, Some(&scope), &message))
             } else {
                 None
@@ -223,7 +233,10 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                     .expect("redirect");
             }
             Some(
-                Fault::RedirectBlobs(_) | Fault::HoldHeads(_) | Fault::TagLookups(_) | Fault::Policy,
+                Fault::RedirectBlobs(_)
+                | Fault::HoldHeads(_)
+                | Fault::TagLookups(_)
+                | Fault::Policy,
             )
             | None => {}
         }

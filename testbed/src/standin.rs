@@ -67,6 +67,8 @@ pub(crate) struct Switches {
     pub fetched_tags: std::collections::HashSet<(String, String, String)>,
     /// Applied once, right after the next listing's first page was served.
     pub shift: Option<Shift>,
+    /// `/api/v2.0/systeminfo` answers 404 (a proxy in front of Harbor that does not pass it).
+    pub systeminfo_hidden: bool,
 }
 
 impl State {
@@ -77,7 +79,10 @@ impl State {
     /// The project called `name`, if any.
     pub fn project(&self, name: &str) -> Option<ProjectSpec> {
         let projects = self.projects.lock().unwrap();
-        projects.iter().find(|(_, p)| p.name == name).map(|(_, p)| p.clone())
+        projects
+            .iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(_, p)| p.clone())
     }
 }
 
@@ -261,6 +266,12 @@ impl StandIn {
     /// When a manifest GET by tag answers with `Docker-Content-Digest: ""` (see [`EmptyDigests`]).
     pub fn set_empty_digests(&self, mode: EmptyDigests) {
         self.state.switches().digests = mode;
+    }
+
+    /// `/api/v2.0/systeminfo` answers 404 (a front that does not pass it): a reader learns neither
+    /// the version nor, from it, whether its credentials are accepted.
+    pub fn hide_systeminfo(&self, yes: bool) {
+        self.state.switches().systeminfo_hidden = yes;
     }
 
     /// Changes the project list once, right after the next listing's first page: pages shift

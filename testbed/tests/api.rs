@@ -278,7 +278,11 @@ async fn token_service_grants_by_caller() {
     // Credentials Harbor does not accept get anonymous rights when scopes are asked…
     let resp = get(&url, Some((ROBOT.0, "bad"))).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let (_, c) = claims(resp.json::<Value>().await.unwrap()["token"].as_str().unwrap());
+    let (_, c) = claims(
+        resp.json::<Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap(),
+    );
     assert_eq!(c["sub"], "");
     assert_eq!(
         c["access"],
@@ -286,12 +290,19 @@ async fn token_service_grants_by_caller() {
     );
     // … and a 401 when none is (src/core/service/token/creator.go).
     let bare = format!("{}/service/token?service=harbor-registry", harbor.url());
-    assert_eq!(get(&bare, Some((ROBOT.0, "bad"))).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(&bare, Some((ROBOT.0, "bad"))).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(get(&bare, None).await.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(get(&bare, Some(ROBOT)).await.status(), StatusCode::OK);
     // A project the robot lost its permission on is not granted.
     harbor.set_robot_denied("ghcr", true);
-    let (_, c) = claims(get(&url, Some(ROBOT)).await.json::<Value>().await.unwrap()["token"].as_str().unwrap());
+    let (_, c) = claims(
+        get(&url, Some(ROBOT)).await.json::<Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap(),
+    );
     assert_eq!(
         c["access"],
         serde_json::json!([{"type":"repository","name":"quay/a/b","actions":["pull"]}])

@@ -63,7 +63,10 @@ const PUBLIC: &str = "/v2/k8s/pause/manifests/3.9";
 async fn a_rotated_key_or_revoked_tokens_make_a_request_anonymous() {
     let bed = bed();
     for change in ["rotate", "revoke"] {
-        let t = format!("Bearer {}", token(&bed, Some(ROBOT), &["ghcr/org/app", "k8s/pause"]).await);
+        let t = format!(
+            "Bearer {}",
+            token(&bed, Some(ROBOT), &["ghcr/org/app", "k8s/pause"]).await
+        );
         assert_eq!(head(&bed, PRIVATE, &t).await.0, StatusCode::OK);
         match change {
             "rotate" => bed.harbor.rotate_signing_key(),
@@ -76,8 +79,15 @@ async fn a_rotated_key_or_revoked_tokens_make_a_request_anonymous() {
         assert_eq!(challenge, r#"Basic realm="harbor""#, "{change}");
         assert_eq!(head(&bed, PUBLIC, &t).await.0, StatusCode::OK, "{change}");
         // A new token works.
-        let fresh = format!("Bearer {}", token(&bed, Some(ROBOT), &["ghcr/org/app"]).await);
-        assert_eq!(head(&bed, PRIVATE, &fresh).await.0, StatusCode::OK, "{change}");
+        let fresh = format!(
+            "Bearer {}",
+            token(&bed, Some(ROBOT), &["ghcr/org/app"]).await
+        );
+        assert_eq!(
+            head(&bed, PRIVATE, &fresh).await.0,
+            StatusCode::OK,
+            "{change}"
+        );
     }
     assert_eq!(bed.harbor.counters().refused, 2);
 }
@@ -95,14 +105,24 @@ async fn challenges_as_harbor_words_them() {
         )));
     }
     // A valid token without the project: refused, whether the project is public or not.
-    let other = format!("Bearer {}", token(&bed, Some(ROBOT), &["dockerhub/x"]).await);
+    let other = format!(
+        "Bearer {}",
+        token(&bed, Some(ROBOT), &["dockerhub/x"]).await
+    );
     for path in [PRIVATE, PUBLIC] {
         let (status, challenge) = head(&bed, path, &other).await;
-        assert_eq!((status, challenge.as_str()), (StatusCode::UNAUTHORIZED, r#"Basic realm="harbor""#), "{path}");
+        assert_eq!(
+            (status, challenge.as_str()),
+            (StatusCode::UNAUTHORIZED, r#"Basic realm="harbor""#),
+            "{path}"
+        );
     }
     // A garbage token is anonymous: the public project only.
     assert_eq!(head(&bed, PUBLIC, "Bearer x.y.z").await.0, StatusCode::OK);
-    assert_eq!(head(&bed, PRIVATE, "Bearer x.y.z").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        head(&bed, PRIVATE, "Bearer x.y.z").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     // The robot's Basic credentials are accepted on /v2/ too.
     let basic = basic_auth(ROBOT.0, ROBOT.1);
     assert_eq!(head(&bed, PRIVATE, &basic).await.0, StatusCode::OK);
@@ -120,16 +140,32 @@ async fn a_robot_harbor_stops_accepting_is_anonymous() {
     let bed = bed();
     bed.harbor.set_robot_refused(true);
     // Its token has anonymous rights: the public project only.
-    let t = format!("Bearer {}", token(&bed, Some(ROBOT), &["ghcr/org/app", "k8s/pause"]).await);
+    let t = format!(
+        "Bearer {}",
+        token(&bed, Some(ROBOT), &["ghcr/org/app", "k8s/pause"]).await
+    );
     assert_eq!(head(&bed, PUBLIC, &t).await.0, StatusCode::OK);
     assert_eq!(head(&bed, PRIVATE, &t).await.0, StatusCode::UNAUTHORIZED);
     bed.harbor.set_robot_refused(false);
-    assert_eq!(head(&bed, PRIVATE, &t).await.0, StatusCode::UNAUTHORIZED, "the token keeps what it named");
-    let t = format!("Bearer {}", token(&bed, Some(ROBOT), &["ghcr/org/app"]).await);
+    assert_eq!(
+        head(&bed, PRIVATE, &t).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the token keeps what it named"
+    );
+    let t = format!(
+        "Bearer {}",
+        token(&bed, Some(ROBOT), &["ghcr/org/app"]).await
+    );
     assert_eq!(head(&bed, PRIVATE, &t).await.0, StatusCode::OK);
     // A permission taken away: new tokens lack the project, old ones keep it.
     bed.harbor.set_robot_denied("ghcr", true);
     assert_eq!(head(&bed, PRIVATE, &t).await.0, StatusCode::OK);
-    let denied = format!("Bearer {}", token(&bed, Some(ROBOT), &["ghcr/org/app"]).await);
-    assert_eq!(head(&bed, PRIVATE, &denied).await.0, StatusCode::UNAUTHORIZED);
+    let denied = format!(
+        "Bearer {}",
+        token(&bed, Some(ROBOT), &["ghcr/org/app"]).await
+    );
+    assert_eq!(
+        head(&bed, PRIVATE, &denied).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }

@@ -126,7 +126,11 @@ async fn token_flow_against_the_real_registry() {
     .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&resp, "www-authenticate"), r#"Basic realm="harbor""#);
-    assert!(resp.text().await.unwrap().contains("unauthorized to access repository: ghcr/org/app, action: pull"));
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("unauthorized to access repository: ghcr/org/app, action: pull"));
     // Requests answered 401 are challenges, not answers: only the authorized ones count.
     let c = bed.harbor.counters();
     assert_eq!(c.manifest_requests["ghcr"], 3);
@@ -264,7 +268,11 @@ async fn faults() {
     bed.harbor.set_fault("quay", Fault::Policy);
     let resp = v2(&bed, get.clone(), path, &token).await;
     assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED);
-    assert!(resp.text().await.unwrap().contains("\"PROJECTPOLICYVIOLATION\""));
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("\"PROJECTPOLICYVIOLATION\""));
     let resp = v2(&bed, reqwest::Method::HEAD, path, &token).await;
     assert_eq!(resp.status(), StatusCode::OK);
 
