@@ -602,11 +602,14 @@ fn manifests_larger_than_4_mib_are_refused_or_cut() {
         );
         let (status, _) = send_raw(&s, APP).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
-        // Not announced (chunked): cut at the limit, a transfer the client sees truncated.
-        fake.answer(
-            "a",
-            Answer::with(200, &[("content-type", MANIFEST_TYPE)], &big).chunked(),
-        );
+        // Not announced (chunked), with its digest: streamed and cut at the limit, a transfer the
+        // client sees truncated.
+        let digest = format!("sha256:{}", "0".repeat(64));
+        let headers = [
+            ("content-type", MANIFEST_TYPE),
+            ("docker-content-digest", digest.as_str()),
+        ];
+        fake.answer("a", Answer::with(200, &headers, &big).chunked());
         let (status, body) = send_raw(&s, APP).await;
         assert_eq!(
             status,
@@ -614,6 +617,14 @@ fn manifests_larger_than_4_mib_are_refused_or_cut() {
             "the head went out before the size was known"
         );
         assert!(body.is_err(), "cut, never complete-looking");
+        // Without its digest (Harbor's answer to a tag it fetched upstream): read whole to hash it,
+        // so refused outright.
+        fake.answer(
+            "a",
+            Answer::with(200, &[("content-type", MANIFEST_TYPE)], &big).chunked(),
+        );
+        let (status, _) = send_raw(&s, APP).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
         // By digest: read whole first, so refused outright.
         let (status, _) = send_raw(&s, &by_digest("sha256", &big)).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);

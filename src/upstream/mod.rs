@@ -322,11 +322,12 @@ impl Upstream {
                 scopes.insert(0, scope.clone());
                 let guards = self.tokens.lead_all(&scopes, Instant::now());
                 self.drain(res.into_body()).await;
-                self.refetch(bearer, scope, guards).await?
+                // Boxed: a rare path, kept out of the size of every request's future.
+                Box::pin(self.refetch(bearer, scope, guards)).await?
             }
             (None, Some(c)) => {
                 self.drain(res.into_body()).await;
-                self.bounded(self.token(&c)).await?
+                Box::pin(self.bounded(self.token(&c))).await?
             }
             // A Basic challenge to a request that carried no token: nothing to fetch.
             (None, None) => return Ok(res),
