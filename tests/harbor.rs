@@ -350,3 +350,24 @@ fn harbors_version_is_in_health_and_metrics() {
     );
     assert_eq!(m.get(&key), Some(&1.0), "{m:?}");
 }
+
+#[test]
+fn an_upstream_refusal_relayed_without_a_challenge_is_not_a_token_problem() {
+    // Harbor relays its upstream's 401 on a blob with no WWW-Authenticate: the router's token is
+    // fine, so nothing is fetched again, and the client is told whose refusal it was.
+    let (bed, seeded) = bed();
+    let router = router(&bed, &[]);
+    assert_eq!(pull(&router, "org/app", "v1").status, 200);
+    let blob = &seeded[0].blobs[1];
+    let path = format!("/v2/proxy/org/app/blobs/{blob}");
+    assert_eq!(get(router.addr, &path).status, 200);
+    bed.harbor.set_fault("ghcr", Fault::Status(401));
+    let tokens = token_requests(&bed);
+    let res = get(router.addr, &path);
+    assert_eq!(res.status, 403);
+    assert_eq!(res.error_code(), "DENIED");
+    let detail = res.json()["errors"][0]["detail"].to_string();
+    assert!(detail.contains("upstream registry refused"), "{detail}");
+    assert_eq!(token_requests(&bed), tokens, "no token fetched for it");
+    assert_eq!(router.scrape()["harbor_router_tokens_refused_total"], 0.0);
+}
