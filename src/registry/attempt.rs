@@ -1,14 +1,14 @@
 //! One request to one project and the one judge of its answer, shared by the mapped request, every
-//! fan-out attempt and the background refresh: what wins, what proves "not here", what is a failure
-//! (and so counts against the project's breaker). The rules are in docs/architecture.md ("What wins",
-//! and "What counts as a failure": only what no client can provoke by its choice of name or
-//! reference, that is no answer at all, a timeout, or 502/503/504).
+//! fan-out attempt and the background refresh: [`judge`] turns Harbor's answer into the typed
+//! [`Heard`] that every later decision asks its questions of (see [`super::outcome`]). The rules are
+//! in docs/architecture.md ("What wins", and "What counts as a failure": only what no client can
+//! provoke by its choice of name or reference, that is no answer at all, a timeout, or 502/503/504).
 
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::RETRY_AFTER;
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use crate::metrics::labels;
@@ -18,6 +18,7 @@ use crate::upstream::UpstreamError;
 
 use super::ask::{Ask, Endpoint};
 use super::forward;
+use super::outcome::{Failure, Heard};
 use super::state::State;
 
 /// Largest 404 body kept (and remembered with a miss) to be passed on: registry errors are small.
@@ -26,31 +27,31 @@ const MAX_DETAIL: usize = 4096;
 /// Largest tag list read whole (to judge it, or to rewrite it).
 pub const MAX_TAG_LIST: usize = 4 << 20;
 
-/// What one attempt found in one project.
+/// What one attempt found in one project: the outcome, and what goes with it.
 #[derive(Debug)]
-pub enum Verdict<T> {
-    Win(T),
-    /// The project does not have it (404, or a tag list that proves nothing), with the registry's
-    /// error body when it says more than "not found" ([`telling`]).
-    NotHere(Option<Bytes>),
-    /// 429 from Harbor, with its `Retry-After`.
-    RateLimited(Option<HeaderValue>),
-    /// Harbor refused the router's credentials for this project (401 although the token flow ran,
-    /// or 403): the project may have it, the robot may not pull it. Not a breaker failure.
-    Denied,
-    /// The project has it and its policy refuses the pull (412 `PROJECTPOLICYVIOLATION`, a
-    /// vulnerability or signature policy): Harbor's answer, read whole, to pass on if nothing wins.
-    Policy(Response<UpstreamBody>),
-    /// Another answer that is neither a win nor "not here" (400, 500, another 4xx): not a breaker
-    /// failure.
-    Refused,
-    /// No answer (connection error, timeout) or 502/503/504: a breaker failure.
-    Failed(String),
+pub struct Verdict {
+    pub heard: Heard,
+    /// The answer to pass on: a win's (its body streaming; a tag list read whole), or a policy
+    /// refusal's (read whole).
+    pub answer: Option<Response<UpstreamBody>>,
+    /// A 404's registry error body when it says more than "not found" ([`telling`]).
+    pub detail: Option<Bytes>,
+    /// A 429's `Retry-After`.
+    pub retry_after: Option<HeaderValue>,
 }
 
-impl<T> Verdict<T> {
-    pub fn is_failure(&self) -> bool {
-        matches!(self, Verdict::Failed(_))
+impl Verdict {
+    pub fn of(heard: Heard) -> Verdict {
+        Verdict {
+            heard,
+            answer: None,
+            detail: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn failed(failure: Failure) -> Verdict {
+        Verdict::of(Heard::Failed(failure))
     }
 }
 
@@ -71,6 +72,14 @@ pub async fn send(
     sent
 }
 
+/// Why a request that got no answer failed.
+pub fn failure_of(e: &UpstreamError) -> Failure {
+    match e {
+        UpstreamError::ConnectTimeout(_) | UpstreamError::ResponseTimeout(_) => Failure::Timeout,
+        _ => Failure::Transport,
+    }
+}
+
 /// The metrics' name for why a request got no answer.
 pub fn error_kind(e: &UpstreamError) -> labels::UpstreamError {
     use labels::UpstreamError as K;
@@ -85,98 +94,81 @@ pub fn error_kind(e: &UpstreamError) -> labels::UpstreamError {
     }
 }
 
-/// What an answer's status says about the project, for `ask`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Judgement {
-    /// The project has it (for a tag list: if the list is not empty).
-    Win,
-    NotHere,
-    RateLimited,
-    Denied,
-    Policy,
-    Refused,
-    Failed,
-}
-
-impl Judgement {
-    /// Whether the project's breaker counts this as a failure.
-    pub fn is_failure(self) -> bool {
-        self == Judgement::Failed
-    }
-}
-
-/// The one judge of a project's answer to `ask`.
-pub fn judge(ask: &Ask, status: StatusCode) -> Judgement {
+/// The one judge of a project's answer to `ask`, from its status and headers.
+pub fn judge(ask: &Ask, status: StatusCode, headers: &HeaderMap) -> Heard {
     // An empty blob answers the one-byte range of a HEAD with 416: it is there.
     let empty_blob = ask.head && ask.is_blob() && status == StatusCode::RANGE_NOT_SATISFIABLE;
     // Only a blob may be redirected elsewhere (object storage); a manifest or a list never is.
     let redirected = ask.is_blob() && status.is_redirection();
     if status.is_success() || redirected || empty_blob {
-        return Judgement::Win;
+        return Heard::Has;
     }
     match status.as_u16() {
-        404 => Judgement::NotHere,
-        429 => Judgement::RateLimited,
-        // The upstream client has already fetched a fresh token once (upstream::Upstream::send).
-        401 | 403 => Judgement::Denied,
-        412 => Judgement::Policy,
+        404 => Heard::NotHere,
+        429 => Heard::Failed(Failure::RateLimited),
+        // The upstream client has already fetched a fresh token once (upstream::Upstream::send): a
+        // 401 with a challenge, or a 403, is Harbor refusing the router's credentials; a 401
+        // without one is Harbor relaying its upstream's refusal.
+        401 => Heard::Denied {
+            challenged: headers.contains_key(WWW_AUTHENTICATE),
+        },
+        403 => Heard::Denied { challenged: true },
+        412 => Heard::Policy,
         // Harbor or its upstream is down or overloaded. A 500 is not counted: a name the registry
         // refuses (too long, say) makes one, and a client chooses the name.
-        502..=504 => Judgement::Failed,
-        _ => Judgement::Refused,
+        s @ 502..=504 => Heard::Failed(Failure::Status(s)),
+        s => Heard::Refused(s),
     }
 }
 
 /// Sends `ask` to `project` and judges the answer. A winning answer is handed back with its body
-/// (a tag list already read whole: only a non-empty list wins).
-pub async fn attempt(
-    state: &State,
-    project: &Project,
-    ask: &Ask,
-) -> Verdict<Response<UpstreamBody>> {
+/// (a tag list already read whole: only a non-empty list wins); the other answers are read (small
+/// bodies) so their connections are reused.
+pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
     let upstream = state.upstream();
     let res = match send(state, project, ask).await {
         Ok(res) => res,
-        Err(e) => return Verdict::Failed(e.to_string()),
+        Err(e) => return Verdict::failed(failure_of(&e)),
     };
-    let status = res.status();
-    match judge(ask, status) {
-        Judgement::Win => {}
-        Judgement::Failed => return Verdict::Failed(format!("Harbor answered {status}")),
-        Judgement::Policy => {
+    let heard = judge(ask, res.status(), res.headers());
+    match heard {
+        Heard::Has => {}
+        Heard::Failed(Failure::Status(_)) => return Verdict::of(heard),
+        Heard::Policy => {
             let (parts, body) = res.into_parts();
             return match upstream.read_small(body).await {
-                Some(bytes) => {
-                    Verdict::Policy(Response::from_parts(parts, UpstreamBody::whole(bytes)))
-                }
-                None => Verdict::Refused,
+                Some(bytes) => Verdict {
+                    answer: Some(Response::from_parts(parts, UpstreamBody::whole(bytes))),
+                    ..Verdict::of(heard)
+                },
+                None => Verdict::of(Heard::Refused(412)),
             };
         }
-        other => {
+        _ => {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
-            // Read the small body so the connection can be reused.
             let body = upstream.read_small(res.into_body()).await;
-            return match other {
-                Judgement::NotHere => {
-                    Verdict::NotHere(body.filter(|b| b.len() <= MAX_DETAIL && telling(b)))
-                }
-                Judgement::RateLimited => Verdict::RateLimited(retry_after),
-                Judgement::Denied => Verdict::Denied,
-                _ => Verdict::Refused,
+            return Verdict {
+                detail: body.filter(|b| heard.is_absence() && b.len() <= MAX_DETAIL && telling(b)),
+                retry_after,
+                ..Verdict::of(heard)
             };
         }
     }
     if let Endpoint::Tags { .. } = ask.endpoint {
         let (parts, body) = res.into_parts();
         return match read_tag_list(body).await {
-            Ok((bytes, true)) => {
-                Verdict::Win(Response::from_parts(parts, UpstreamBody::whole(bytes)))
-            }
-            Ok((_, false)) => Verdict::NotHere(None),
-            Err(e) => Verdict::Failed(e),
+            Ok((bytes, true)) => Verdict {
+                answer: Some(Response::from_parts(parts, UpstreamBody::whole(bytes))),
+                ..Verdict::of(Heard::Has)
+            },
+            Ok((_, false)) => Verdict::of(Heard::NotHere),
+            Err(_) => Verdict::failed(Failure::Transport),
         };
     }
-    Verdict::Win(res)
+    Verdict {
+        answer: Some(res),
+        ..Verdict::of(Heard::Has)
+    }
 }
 
 /// Whether a 404 body is a registry error that says more than "not found" (for example "OCI index
@@ -225,7 +217,6 @@ pub fn lists_tags(body: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::registry::ask::Endpoint;
-    use http::HeaderMap;
 
     fn ask(endpoint: Endpoint, head: bool) -> Ask {
         Ask {
@@ -257,7 +248,9 @@ mod tests {
 
     #[test]
     fn the_judgements() {
-        use Judgement::*;
+        use Failure::*;
+        use Heard::*;
+        let (denied, upstream_401) = (Denied { challenged: true }, Denied { challenged: false });
         let blob = || Endpoint::Blob {
             digest: "sha256:0".into(),
         };
@@ -266,31 +259,43 @@ mod tests {
             by_digest: false,
         };
         let cases = [
-            (ask(manifest(), false), 200, Win),
-            (ask(manifest(), true), 200, Win),
-            (ask(manifest(), false), 307, Refused),
+            (ask(manifest(), false), 200, Has),
+            (ask(manifest(), true), 200, Has),
+            (ask(manifest(), false), 307, Refused(307)),
             (ask(manifest(), false), 404, NotHere),
-            (ask(manifest(), false), 416, Refused),
-            (ask(manifest(), false), 429, RateLimited),
-            (ask(manifest(), false), 401, Denied),
-            (ask(manifest(), false), 403, Denied),
-            (ask(blob(), false), 401, Denied),
+            (ask(manifest(), false), 416, Refused(416)),
+            (ask(manifest(), false), 429, Failed(RateLimited)),
+            (ask(manifest(), false), 401, upstream_401),
+            (ask(manifest(), false), 403, denied),
+            (ask(blob(), false), 401, upstream_401),
             (ask(manifest(), false), 412, Policy),
-            (ask(manifest(), false), 500, Refused),
-            (ask(manifest(), false), 502, Failed),
-            (ask(manifest(), false), 503, Failed),
-            (ask(manifest(), false), 504, Failed),
-            (ask(manifest(), false), 400, Refused),
-            (ask(blob(), true), 206, Win),
-            (ask(blob(), true), 416, Win),
-            (ask(blob(), false), 416, Refused),
-            (ask(blob(), false), 307, Win),
-            (ask(blob(), true), 302, Win),
+            (ask(manifest(), false), 500, Refused(500)),
+            (ask(manifest(), false), 502, Failed(Status(502))),
+            (ask(manifest(), false), 503, Failed(Status(503))),
+            (ask(manifest(), false), 504, Failed(Status(504))),
+            (ask(manifest(), false), 400, Refused(400)),
+            (ask(blob(), true), 206, Has),
+            (ask(blob(), true), 416, Has),
+            (ask(blob(), false), 416, Refused(416)),
+            (ask(blob(), false), 307, Has),
+            (ask(blob(), true), 302, Has),
             (ask(blob(), false), 404, NotHere),
         ];
         for (a, status, want) in cases {
-            let got = judge(&a, StatusCode::from_u16(status).unwrap());
+            let got = judge(&a, StatusCode::from_u16(status).unwrap(), &HeaderMap::new());
             assert_eq!(got, want, "{} head={} {status}", a.endpoint.kind(), a.head);
         }
+        // A 401 with Harbor's challenge: the router's credentials were refused.
+        let mut challenged = HeaderMap::new();
+        challenged.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"harbor\""),
+        );
+        let got = judge(
+            &ask(manifest(), false),
+            StatusCode::UNAUTHORIZED,
+            &challenged,
+        );
+        assert_eq!(got, denied);
     }
 }

@@ -1,23 +1,16 @@
 //! Finding the project that has a pull: the coalesced fan-out. On one core the first request for a
 //! key leads, the others wait for its result; the leader races the candidate projects: one attempt
 //! per project whose circuit admits it, all in flight at once on this core, each bounded by
-//! `RESOLVER_TIMEOUT`. The first attempt that wins ends the race; the others finish off the request,
-//! in a task of the core's own ([`finish_in_background`]): dropping them would close every HTTP/1.1
-//! connection with a request in flight, so each cold pull would open (and, over TLS, handshake) a
-//! connection to Harbor for nearly every project asked.
+//! `RESOLVER_TIMEOUT`. What wins and how a race nobody wins ends is decided by a pure tally
+//! ([`super::tally`]); this module does the IO. The attempts still running when a race is decided
+//! finish off the request in a task of the core's own ([`finish_in_background`]): dropping them
+//! would close every HTTP/1.1 connection with a request in flight, so each cold pull would open
+//! (and, over TLS, handshake) a connection to Harbor for nearly every project asked.
 //!
-//! The verdicts of the attempts that finished decide a race nobody won: every project said "not
-//! here" → not found (negative-cacheable; with the registry's own error when the projects that said
-//! more than "not found" agree, such as "OCI index found, but accept header does not support OCI
-//! indexes"); a project refused it by policy (412) → that answer, as Harbor sent it (the project
-//! has the image: it is learned); some were rate-limited → 429 with Harbor's `Retry-After` (or the
-//! router's); some failed → 502; some were left out by their breaker → 503; Harbor refused the
-//! router's credentials for some (and the others said "not here") → 403 `DENIED`, which is an
-//! answer, not a failure, and never a remembered miss. A project left
-//! out by its breaker never counts as "not here"; a project where the name would be longer than the
-//! registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`). Breakers learn
-//! from every attempt that got a verdict; an attempt cancelled before its verdict frees its probe
-//! (the ticket is dropped).
+//! A project left out by its breaker never counts as "not here"; a project where the name would be
+//! longer than the registry allows is not asked and cannot have it (none left: 400 `NAME_INVALID`).
+//! Breakers learn from every attempt that got a verdict; an attempt cancelled before its verdict
+//! frees its probe (the ticket is dropped).
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -29,24 +22,23 @@ use http::Response;
 
 use crate::error::Error;
 use crate::flight::Turn;
-use crate::metrics::labels::{self, RaceKind, RaceOutcome, Rejected};
+use crate::metrics::labels::{self, RaceKind, RaceOutcome, Rejected, StaleReason};
 use crate::snapshot::{Project, Snapshot};
 use crate::upstream::pool::UpstreamBody;
 
 use super::ask::Ask;
 use super::attempt::{self, Verdict};
 use super::forward;
+use super::outcome::{Failure, Heard};
 use super::state::{FanOutResult, State};
+pub use super::tally::Ending;
+use super::tally::Tally;
 
 /// What a race did besides its outcome.
 #[derive(Debug, Default, Clone)]
 pub struct RaceInfo {
-    /// For a tag: the projects that answered "not here" (the tag is forgotten where it last
-    /// resolved in one of them).
-    pub not_here: Vec<String>,
-    /// For a tag: the projects that answered at all ("not here", or 401, 403, 500: not a failure). A
-    /// last-known-good answer from one of them must not stand in for the others' failures.
-    pub answered: Vec<String>,
+    /// Who said what, in the order they answered (projects left out by their circuit included).
+    pub heard: Vec<(String, Heard)>,
     /// Projects asked.
     pub asked: usize,
     /// With `FANOUT_ORDER`: the winner won because a project preferred to it failed (or its
@@ -55,13 +47,27 @@ pub struct RaceInfo {
     pub second_choice: bool,
 }
 
+impl RaceInfo {
+    /// The projects that answered at all (not a failure): a last-known-good answer from one of them
+    /// must not stand in for the others' failures.
+    pub fn answered(&self) -> Vec<String> {
+        self.heard
+            .iter()
+            .filter(|(_, h)| h.answered())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+}
+
 /// How a race ended.
 #[derive(Debug)]
 pub enum Outcome<'a> {
+    /// A project has it: its answer (a policy refusal too, when nothing else won).
     Won(&'a Project, Box<Response<UpstreamBody>>),
     /// With the registry's error body when the projects that said more than "not found" agreed.
     NotFound(Option<Bytes>),
-    Failed(Error),
+    /// Nothing to serve: how it ended (a failure, a refusal).
+    Lost(Ending),
 }
 
 impl Outcome<'_> {
@@ -69,7 +75,51 @@ impl Outcome<'_> {
         match self {
             Outcome::Won(..) => RaceOutcome::Found,
             Outcome::NotFound(_) => RaceOutcome::NotFound,
-            Outcome::Failed(_) => RaceOutcome::Failed,
+            Outcome::Lost(_) => RaceOutcome::Failed,
+        }
+    }
+}
+
+impl Ending {
+    /// Whether the race's end stands for failures (a last-known-good answer may stand in), not for
+    /// what projects answered.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Ending::Failed | Ending::RateLimited(_) | Ending::Unavailable | Ending::AllOpen
+        )
+    }
+
+    /// How a stale answer standing in for this end is counted.
+    pub fn stale_reason(&self) -> StaleReason {
+        match self {
+            Ending::RateLimited(_) => StaleReason::RateLimited,
+            Ending::Unavailable | Ending::AllOpen => StaleReason::Unavailable,
+            _ => StaleReason::Failed,
+        }
+    }
+
+    /// The error the client gets.
+    pub fn error(&self) -> Error {
+        match self {
+            Ending::NotFound(_) | Ending::Policy(_) => Error::ManifestUnknown,
+            Ending::RateLimited(retry_after) => Error::TooManyRequests {
+                retry_after: retry_after.clone(),
+            },
+            Ending::Unavailable => Error::Unavailable {
+                reason: "not found in the projects asked; the others' circuits are open",
+            },
+            Ending::AllOpen => Error::Unavailable {
+                reason: "every proxy-cache project's circuit is open",
+            },
+            // Harbor refused the robot where the image may be.
+            Ending::Denied => super::mapped::denied(true),
+            Ending::NameTooLong => Error::NameInvalid {
+                reason: "the name is too long for every proxy-cache project: with the project's prefix it exceeds the registry's 255 characters",
+            },
+            Ending::Failed => Error::BadGateway {
+                reason: "no proxy-cache project answered: Harbor failed or timed out",
+            },
         }
     }
 }
@@ -81,8 +131,10 @@ pub enum Found<'s> {
     /// Another request led it: the project is known, this request sends its own.
     Known(&'s Project),
     NotFound(Option<Bytes>),
-    /// With the projects that answered rather than failed (for a tag; see [`RaceInfo::answered`]).
-    Failed(Error, Vec<String>),
+    /// Nobody won: how it ended, and the projects that answered rather than failed.
+    Lost(Ending, Vec<String>),
+    /// The client's fan-out budget is spent: no project was asked.
+    Refused(Error),
 }
 
 /// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
@@ -114,7 +166,7 @@ pub async fn find<'s>(
                         None => return Found::NotFound(None),
                     },
                     Ok(FanOutResult::NotFound(detail)) => return Found::NotFound(detail),
-                    Ok(FanOutResult::Failed(e, answered)) => return Found::Failed(e, answered),
+                    Ok(FanOutResult::Lost(e, answered)) => return Found::Lost(e, answered),
                     Err(_) => continue, // the leading request was cancelled: lead ourselves
                 }
             }
@@ -123,7 +175,7 @@ pub async fn find<'s>(
             // Dropping the lead lets a waiting request (maybe another client's) lead instead.
             drop(leader);
             state.metrics().rejected(Rejected::FanOutBudget);
-            return Found::Failed(e, Vec::new());
+            return Found::Refused(e);
         }
         let mut info = RaceInfo::default();
         let outcome = race(state, candidates, &locator, &mut info).await;
@@ -144,22 +196,25 @@ pub async fn find<'s>(
                 leader.finish(FanOutResult::NotFound(detail.clone()));
                 Found::NotFound(detail)
             }
-            Outcome::Failed(e) => {
+            Outcome::Lost(ending) => {
                 // Before the waiters wake: they look for a last-known-good answer too.
-                for project in &info.not_here {
-                    state.forget_tag(key, project);
+                if ask.tag().is_some() {
+                    for (project, _) in info.heard.iter().filter(|(_, h)| h.is_absence()) {
+                        state.forget_tag(key, project);
+                    }
                 }
-                leader.finish(FanOutResult::Failed(e.clone(), info.answered.clone()));
-                Found::Failed(e, info.answered)
+                let answered = info.answered();
+                leader.finish(FanOutResult::Lost(ending.clone(), answered.clone()));
+                Found::Lost(ending, answered)
             }
         };
     }
 }
 
-/// Sends `ask` to every admitted candidate and returns the first win; `info` says the number
-/// of projects asked. With `FANOUT_ORDER`, a win is held until every project preferred to it has
-/// answered "not here" or failed (each bounded by `RESOLVER_TIMEOUT`): the most preferred project
-/// that has it wins, whatever answered first.
+/// Sends `ask` to every admitted candidate and returns the first win ([`Tally`] decides); `info`
+/// says who said what and how many projects were asked. With `FANOUT_ORDER`, a win is held until
+/// every project preferred to it has answered "not here" or failed (each bounded by
+/// `RESOLVER_TIMEOUT`): the most preferred project that has it wins, whatever answered first.
 pub async fn race<'a>(
     state: &Rc<State>,
     candidates: &[&'a Project],
@@ -168,7 +223,6 @@ pub async fn race<'a>(
 ) -> Outcome<'a> {
     let timeout = state.resolver_timeout();
     let mut running = FuturesUnordered::new();
-    let mut skipped = false;
     let fitting: Vec<&'a Project> = candidates
         .iter()
         .copied()
@@ -186,20 +240,16 @@ pub async fn race<'a>(
     let shared_ask = Rc::new(ask.clone());
     // Ranks: FANOUT_ORDER's position; unlisted projects after it, by name (the candidates' order).
     let rank_of = |i: usize, p: &Project| state.fanout_rank(&p.name).unwrap_or(usize::MAX / 2 + i);
-    let ordered = state.fanout_ordered();
-    // Ranks of the projects that cannot answer (circuit open) or failed: a win ranked below one of
-    // them is a second choice.
-    let mut unavailable: Vec<usize> = Vec::new();
-    let mut pending: Vec<usize> = Vec::new();
+    let mut tally = Tally::new(fitting.len(), state.fanout_ordered());
     for (i, project) in fitting.iter().enumerate() {
         let rank = rank_of(i, project);
         let Some(ticket) = state.admit(&project.name, ask.lane()) else {
-            // A project left out cannot say "not here": the outcome can no longer be NotFound.
-            skipped = true;
-            unavailable.push(rank);
+            tally.skip(rank);
+            info.heard
+                .push((project.name.clone(), Heard::Failed(Failure::CircuitOpen)));
             continue;
         };
-        pending.push(rank);
+        tally.start(i, rank);
         let (state, ask, project) = (state.clone(), shared_ask.clone(), (*project).clone());
         running.push(async move {
             let attempt = attempt::attempt(&state, &project, &ask);
@@ -209,128 +259,52 @@ pub async fn race<'a>(
                     state.project_metrics(&project.name, |m| {
                         m.failed(labels::UpstreamError::Timeout)
                     });
-                    Verdict::Failed(format!("no answer within RESOLVER_TIMEOUT ({timeout:?})"))
+                    Verdict::failed(Failure::Timeout)
                 }
             };
-            state.record(ticket, verdict.is_failure());
-            (i, rank, verdict)
+            state.record(ticket, verdict.heard.counts_against_circuit());
+            (i, verdict)
         });
     }
     info.asked = running.len();
     state.metrics().race_width(running.len());
-    if running.is_empty() && !skipped {
-        return Outcome::Failed(Error::NameInvalid {
-            reason: "the name is too long for every proxy-cache project: with the project's prefix it exceeds the registry's 255 characters",
-        });
+    if let Some(ending) = tally.nothing_asked() {
+        return Outcome::Lost(ending);
     }
-    if running.is_empty() {
-        return Outcome::Failed(Error::Unavailable {
-            reason: "every proxy-cache project's circuit is open",
-        });
-    }
-    let mut all_not_here = !skipped;
-    // The telling 404 bodies: passed on only when they agree.
-    let mut detail: Option<Bytes> = None;
-    let mut details_agree = true;
-    let mut retry_after = None;
-    let mut rate_limited = false;
-    let mut failed = false;
-    let mut denied = false;
-    // A policy refusal (412): the project has it; passed on if nothing wins.
-    let mut policy: Option<(&'a Project, Response<UpstreamBody>)> = None;
-    // With FANOUT_ORDER: the best win so far, held until nothing better can come.
-    let mut held: Option<(usize, &'a Project, Response<UpstreamBody>)> = None;
-    let tag = ask.tag().is_some();
-    while let Some((i, rank, verdict)) = running.next().await {
-        let project = fitting[i];
-        pending.retain(|r| *r != rank);
-        if tag {
-            match verdict {
-                Verdict::NotHere(_) => {
-                    info.not_here.push(project.name.clone());
-                    info.answered.push(project.name.clone());
-                }
-                Verdict::Refused | Verdict::Denied | Verdict::Policy(_) => {
-                    info.answered.push(project.name.clone())
-                }
-                _ => {}
-            }
+    // The answers the tally may still take (held wins, a policy refusal), by slot.
+    let mut answers: Vec<Option<Response<UpstreamBody>>> = Vec::new();
+    answers.resize_with(fitting.len(), || None);
+    while let Some((i, verdict)) = running.next().await {
+        let Verdict {
+            heard,
+            answer,
+            detail,
+            retry_after,
+        } = verdict;
+        info.heard.push((fitting[i].name.clone(), heard));
+        if heard != Heard::NotHere {
+            tracing::debug!(project = %fitting[i].name, ?heard, "fan-out attempt");
         }
-        match verdict {
-            Verdict::Win(res) if !ordered => {
-                finish_in_background(state, running);
-                return Outcome::Won(project, Box::new(res));
-            }
-            Verdict::Win(res) => {
-                // The worse of two wins is read to its end in the background, and let go.
-                if held.as_ref().is_none_or(|(r, _, _)| rank < *r) {
-                    if let Some((_, _, worse)) = held.replace((rank, project, res)) {
-                        drain_later(state, worse);
-                    }
-                } else {
-                    drain_later(state, res);
-                }
-            }
-            Verdict::NotHere(Some(body)) => match &detail {
-                None => detail = Some(body),
-                Some(d) => details_agree &= *d == body,
-            },
-            Verdict::NotHere(None) => {}
-            Verdict::RateLimited(h) => {
-                all_not_here = false;
-                rate_limited = true;
-                retry_after = retry_after.or(h);
-                unavailable.push(rank);
-            }
-            Verdict::Refused => {
-                all_not_here = false;
-                unavailable.push(rank);
-            }
-            Verdict::Denied => {
-                all_not_here = false;
-                denied = true;
-                unavailable.push(rank);
-            }
-            Verdict::Policy(res) => {
-                all_not_here = false;
-                unavailable.push(rank);
-                if policy.is_none() {
-                    policy = Some((project, res));
-                }
-            }
-            Verdict::Failed(why) => {
-                all_not_here = false;
-                failed = true;
-                unavailable.push(rank);
-                tracing::debug!(project = %project.name, why, "fan-out attempt failed");
-            }
+        answers[i] = answer;
+        let step = tally.observe(i, heard, detail, retry_after);
+        if let Some(worse) = step.release.and_then(|s| answers[s].take()) {
+            // The worse of two wins is read to its end in the background, and let go.
+            drain_later(state, worse);
         }
-        if let Some((best, _, _)) = &held {
-            if pending.iter().all(|r| r > best) {
-                let (best, project, res) = held.take().expect("held");
-                info.second_choice = unavailable.iter().any(|r| *r < best);
-                finish_in_background(state, running);
-                return Outcome::Won(project, Box::new(res));
-            }
+        if let Some(take) = step.take {
+            info.second_choice = take.second_choice;
+            finish_in_background(state, running);
+            let res = answers[take.slot].take().expect("a win has its answer");
+            return Outcome::Won(fitting[take.slot], Box::new(res));
         }
     }
-    if all_not_here {
-        Outcome::NotFound(detail.filter(|_| details_agree))
-    } else if let Some((project, res)) = policy {
-        Outcome::Won(project, Box::new(res))
-    } else if rate_limited {
-        Outcome::Failed(Error::TooManyRequests { retry_after })
-    } else if skipped && !failed {
-        Outcome::Failed(Error::Unavailable {
-            reason: "not found in the projects asked; the others' circuits are open",
-        })
-    } else if denied && !failed {
-        // An answer: Harbor refused the robot where the image may be. Not a miss, not a failure.
-        Outcome::Failed(super::mapped::denied(true))
-    } else {
-        Outcome::Failed(Error::BadGateway {
-            reason: "no proxy-cache project answered: Harbor failed or timed out",
-        })
+    match tally.end() {
+        Ending::NotFound(detail) => Outcome::NotFound(detail),
+        Ending::Policy(slot) => match answers[slot].take() {
+            Some(res) => Outcome::Won(fitting[slot], Box::new(res)),
+            None => Outcome::Lost(Ending::Failed),
+        },
+        ending => Outcome::Lost(ending),
     }
 }
 
@@ -343,16 +317,16 @@ pub async fn race<'a>(
 /// or there, they are dropped (cancelled) as the race ends.
 fn finish_in_background<F>(state: &Rc<State>, mut running: FuturesUnordered<F>)
 where
-    F: Future<Output = (usize, usize, Verdict<Response<UpstreamBody>>)> + 'static,
+    F: Future<Output = (usize, Verdict)> + 'static,
 {
     if running.is_empty() || !state.take_leftovers(running.len()) {
         return;
     }
     let state = state.clone();
     monoio::spawn(async move {
-        while let Some((_, _, verdict)) = running.next().await {
+        while let Some((_, verdict)) = running.next().await {
             state.leftover_done();
-            if let Verdict::Win(res) = verdict {
+            if let Some(res) = verdict.answer {
                 drain_later(&state, res);
             }
         }

@@ -2,7 +2,7 @@
 //! judged like any attempt (the breaker counts the same failures); a 404 means the image may have
 //! moved, and the caller falls back to one fan-out.
 
-use http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::RETRY_AFTER;
 use http::Response;
 
 use crate::body::Body;
@@ -13,16 +13,18 @@ use crate::upstream::UpstreamError;
 
 use super::answer;
 use super::ask::{Ask, Endpoint};
-use super::attempt::{self, Judgement};
+use super::attempt;
+use super::outcome::{Failure, Heard};
 use super::respond::{error, retry_after};
 use super::state::State;
 
 /// A mapped request's result.
 pub enum Mapped {
     Answer(Box<Response<Body>>),
-    /// A failure by the judge's rules: the circuit is open, no answer in time, 502–504 or 429. The
-    /// answer for the client (Harbor's, read whole, so its connection is reused; or the router's).
-    Failed(Box<Response<Body>>),
+    /// A failure by the judge's rules (see [`Heard::may_stand_in`]): the circuit is open, no
+    /// answer in time, 502–504 or 429. The answer for the client (Harbor's, read whole, so its
+    /// connection is reused; or the router's), and the failure.
+    Failed(Box<Response<Body>>, Heard),
     /// The mapped project answered 404.
     Gone,
 }
@@ -34,9 +36,10 @@ pub enum Mapped {
 /// time is failing).
 pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
     let Some(ticket) = state.admit(&project.name, ask.lane()) else {
-        return failed(error(&Error::Unavailable {
+        let e = Error::Unavailable {
             reason: "the project that has this image is failing; its circuit is open",
-        }));
+        };
+        return failed(error(&e), Heard::Failed(Failure::CircuitOpen));
     };
     *attempts += 1;
     let sent = if matches!(ask.endpoint, Endpoint::Manifest { .. }) {
@@ -55,37 +58,39 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         Err(e) => {
             state.record(ticket, true);
             tracing::warn!(project = %project.name, error = %e, "upstream request failed");
-            return failed(error(&Error::BadGateway {
+            let heard = Heard::Failed(attempt::failure_of(&e));
+            let res = error(&Error::BadGateway {
                 reason: "Harbor failed or timed out",
-            }));
+            });
+            return failed(res, heard);
         }
     };
-    let status = res.status();
-    let judgement = attempt::judge(ask, status);
-    state.record(ticket, judgement.is_failure());
-    if judgement == Judgement::NotHere {
-        state.upstream().drain(res.into_body()).await;
-        return Mapped::Gone;
-    }
-    if judgement == Judgement::Failed || judgement == Judgement::RateLimited {
-        // Harbor's error, passed on whole (a small body: the connection goes back to the pool),
-        // with a `Retry-After` for a rate limit (Harbor's own 429 carries none).
-        let (parts, body) = res.into_parts();
-        let body = state.upstream().read_small(body).await.unwrap_or_default();
-        let mut headers = super::forward::headers_down(&parts.headers);
-        if judgement == Judgement::RateLimited {
-            let after = retry_after(parts.headers.get(RETRY_AFTER));
-            headers.insert(RETRY_AFTER, after);
+    let heard = attempt::judge(ask, res.status(), res.headers());
+    state.record(ticket, heard.counts_against_circuit());
+    match heard {
+        Heard::NotHere => {
+            state.upstream().drain(res.into_body()).await;
+            Mapped::Gone
         }
-        return failed(super::respond::whole(parts.status, headers, body, ask.head));
+        Heard::Failed(failure) => {
+            // Harbor's error, passed on whole (a small body: the connection goes back to the
+            // pool), with a `Retry-After` for a rate limit (Harbor's own 429 carries none).
+            let (parts, body) = res.into_parts();
+            let body = state.upstream().read_small(body).await.unwrap_or_default();
+            let mut headers = super::forward::headers_down(&parts.headers);
+            if failure == Failure::RateLimited {
+                let after = retry_after(parts.headers.get(RETRY_AFTER));
+                headers.insert(RETRY_AFTER, after);
+            }
+            let res = super::respond::whole(parts.status, headers, body, ask.head);
+            failed(res, heard)
+        }
+        Heard::Denied { challenged } => {
+            state.upstream().drain(res.into_body()).await;
+            answered(error(&denied(challenged)))
+        }
+        _ => answered(answer::answer(state, project, ask, res).await),
     }
-    if judgement == Judgement::Denied {
-        let challenged =
-            status == http::StatusCode::FORBIDDEN || res.headers().contains_key(WWW_AUTHENTICATE);
-        state.upstream().drain(res.into_body()).await;
-        return answered(error(&denied(challenged)));
-    }
-    answered(answer::answer(state, project, ask, res).await)
 }
 
 /// What the client is told when Harbor refused a pull for lack of rights: `challenged` (a 401 with
@@ -108,6 +113,6 @@ fn answered(res: Response<Body>) -> Mapped {
     Mapped::Answer(Box::new(res))
 }
 
-fn failed(res: Response<Body>) -> Mapped {
-    Mapped::Failed(Box::new(res))
+fn failed(res: Response<Body>, heard: Heard) -> Mapped {
+    Mapped::Failed(Box::new(res), heard)
 }

@@ -8,6 +8,8 @@
 //! - [`state`]: per-core state behind verbs (look up, learn, forget, admit, record, remember).
 //! - [`ask`]: one owned description of what a pull asks a project for.
 //! - [`attempt`]: sending an ask to one project, and the one judge of the answer.
+//! - [`outcome`]: the typed outcome of an answer ([`outcome::Heard`]) and the questions asked of it.
+//! - [`tally`]: a race's decision as a pure tally of outcomes.
 //! - [`pull`]: a pull's phases, in order: [`memory`], [`mapped`], [`fanout`] (with [`refresh`] for
 //!   stale mappings), [`answer`]; [`stale`] for tags every project failed to confirm.
 //! - [`forward`]: project paths, headers up and down, Harbor's same-project redirects.
@@ -23,12 +25,14 @@ pub mod handle;
 pub mod mapped;
 pub mod memory;
 pub mod mirror;
+pub mod outcome;
 pub mod pull;
 pub mod refresh;
 pub mod respond;
 pub mod route;
 pub mod stale;
 pub mod state;
+pub mod tally;
 pub mod trace;
 
 pub use state::{ProcessState, State};

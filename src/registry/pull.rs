@@ -21,7 +21,7 @@ use http::{Method, Response};
 
 use crate::body::Body;
 use crate::error::Error;
-use crate::metrics::labels::{Found as Seen, Layer, Route as Answered};
+use crate::metrics::labels::{Found as Seen, Layer, Route as Answered, StaleReason};
 use crate::registry::route::Route;
 use crate::snapshot::{Project, Snapshot};
 
@@ -32,10 +32,38 @@ use super::mirror::{self, MirrorRequest};
 use super::respond::{error, json};
 use super::state::{Lookup, State};
 use super::trace::{Trace, REQUEST_ID};
+
+// The phases of a pull, in order, are the functions below `serve`.
 use super::{answer, forward, memory, refresh, stale};
 
+/// One pull's context, carried through its phases (each phase takes the pull and the state it
+/// uses): what is asked, under which key, of which snapshot, for which client, what it did (the
+/// trace), and who said what (the [`Log`]).
+pub struct Pull<'s, 't> {
+    pub ask: Ask,
+    /// Coalescing, remembered misses and last-known-good tags key on it.
+    pub key: String,
+    pub snapshot: &'s Rc<Snapshot>,
+    pub client: IpAddr,
+    pub trace: &'t mut Trace,
+    pub log: Log<'s>,
+}
+
+/// Who said what for one pull, as the last phase needs it.
+#[derive(Default)]
+pub struct Log<'s> {
+    /// The project whose answer this is (a 2xx, or what the mapped project said).
+    pub by: Option<&'s Project>,
+    /// The answer stands for a failure by the judge's rules (no answer in time, 502–504, 429, open
+    /// circuits), counted as this; not for anything a project answered, nor the router refusing
+    /// the client.
+    pub failure: Option<StaleReason>,
+    /// The projects that answered (404, 401, 403, 500…) rather than failed.
+    pub answered: Vec<String>,
+}
+
 /// Serves one pull request; `trace` learns how. `mirror` says which registry a mirror request
-/// names, and in which form it came.
+/// names, and in which form it came. The phases, in order.
 pub async fn serve(
     state: &Rc<State>,
     req: &Parts,
@@ -54,7 +82,7 @@ pub async fn serve(
             reason: "no proxy-cache project is known yet: Harbor discovery has not succeeded",
         });
     };
-    let mut ask = Ask {
+    let ask = Ask {
         name,
         endpoint,
         head: req.method == Method::HEAD,
@@ -62,79 +90,92 @@ pub async fn serve(
         root: mirror.as_ref().is_some_and(|m| m.root),
         registry: mirror.map(|m| m.registry),
     };
-    let now = state.now();
-    let metrics = state.metrics();
-    if ask.kept_in_memory() {
-        if let Some(res) = memory::answer(state, &ask, &req.headers, now) {
-            metrics.lookup(Layer::Memory, Seen::Hit);
-            trace.route = Answered::Memory;
-            return res;
-        }
-        metrics.lookup(Layer::Memory, Seen::Miss);
-    }
-    let key = ask.key();
-    if let Some(detail) = state.miss(&key, now) {
-        metrics.lookup(Layer::Core, Seen::Negative);
-        trace.route = Answered::Negative;
-        return not_found(&ask, detail);
-    }
-    if let Some(host) = ask.registry.as_deref() {
-        if !mirror::mirrored(&snapshot, host) {
-            return error(&Error::RegistryUnknown {
-                host: host.to_string(),
-            });
-        }
-    }
-    // From here on the pull may go to Harbor: the request id goes with it.
-    ask.headers.insert(REQUEST_ID, trace.id.clone());
-    let mut said = Said::default();
-    let res = ask_harbor(state, &snapshot, &ask, &key, client, trace, &mut said).await;
-    if ask.tag().is_none() || !state.stale_if_error() {
+    let mut pull = Pull {
+        key: ask.key(),
+        ask,
+        snapshot: &snapshot,
+        client,
+        trace,
+        log: Log::default(),
+    };
+    if let Some(res) = from_memory(state, &pull, &req.headers) {
+        pull.trace.route = Answered::Memory;
         return res;
     }
-    if let Some(project) = said.by {
-        stale::remember(state, &key, project, &res);
+    if let Some(res) = remembered_miss(state, &mut pull) {
+        return res;
     }
-    // Every project that could confirm the tag failed, by the judge's rules.
-    if said.failed {
-        let why = stale::failure(res.status());
-        if let Some(stale) =
-            stale::answer(state, &snapshot, &ask, &key, why, &said.answered, trace).await
-        {
+    if let Some(res) = unmirrored(&pull) {
+        return res;
+    }
+    // From here on the pull may go to Harbor: the request id goes with it.
+    pull.ask.headers.insert(REQUEST_ID, pull.trace.id.clone());
+    let res = ask_harbor(state, &mut pull).await;
+    settle(state, &mut pull, res).await
+}
+
+/// Phase 1: a manifest by digest or a tag list this core keeps.
+fn from_memory(state: &State, pull: &Pull, headers: &http::HeaderMap) -> Option<Response<Body>> {
+    if !pull.ask.kept_in_memory() {
+        return None;
+    }
+    let metrics = state.metrics();
+    let res = memory::answer(state, &pull.ask, headers, state.now());
+    metrics.lookup(
+        Layer::Memory,
+        if res.is_some() { Seen::Hit } else { Seen::Miss },
+    );
+    res
+}
+
+/// Phase 2: a miss this core remembers answers 404 at once.
+fn remembered_miss(state: &State, pull: &mut Pull) -> Option<Response<Body>> {
+    let detail = state.miss(&pull.key, state.now())?;
+    state.metrics().lookup(Layer::Core, Seen::Negative);
+    pull.trace.route = Answered::Negative;
+    Some(not_found(&pull.ask, detail))
+}
+
+/// Phase 3: a mirror request for a registry no project mirrors.
+fn unmirrored(pull: &Pull) -> Option<Response<Body>> {
+    let host = pull.ask.registry.as_deref()?;
+    (!mirror::mirrored(pull.snapshot, host)).then(|| {
+        error(&Error::RegistryUnknown {
+            host: host.to_string(),
+        })
+    })
+}
+
+/// Phase 6: for a tag, remember what it resolved to; or, when every project that could confirm it
+/// failed, answer with what it last resolved to.
+async fn settle(state: &Rc<State>, pull: &mut Pull<'_, '_>, res: Response<Body>) -> Response<Body> {
+    if pull.ask.tag().is_none() || !state.stale_if_error() {
+        return res;
+    }
+    if let Some(project) = pull.log.by {
+        stale::remember(state, &pull.key, project, &res);
+    }
+    if let Some(why) = pull.log.failure {
+        if let Some(stale) = stale::answer(state, pull, why).await {
             return stale;
         }
     }
     res
 }
 
-/// What the projects asked for a pull said, beyond the answer itself.
-#[derive(Default)]
-struct Said<'s> {
-    /// The project whose answer this is (a 2xx, or what the mapped project said).
-    by: Option<&'s Project>,
-    /// The answer stands for a failure by the judge's rules (no answer in time, 502–504, 429, open
-    /// circuits), not for anything a project answered, nor the router refusing the client.
-    failed: bool,
-    /// For a tag: the projects that answered (404, 401, 403, 500…) rather than failed.
-    answered: Vec<String>,
-}
-
-/// The mapped project's answer, else the fan-out's; `said` learns who said what.
-async fn ask_harbor<'s>(
-    state: &Rc<State>,
-    snapshot: &'s Rc<Snapshot>,
-    ask: &Ask,
-    key: &str,
-    client: IpAddr,
-    trace: &mut Trace,
-    said: &mut Said<'s>,
-) -> Response<Body> {
+/// Phases 4 and 5: the mapped project's answer, else the fan-out's; the log learns who said what.
+async fn ask_harbor(state: &Rc<State>, pull: &mut Pull<'_, '_>) -> Response<Body> {
     let now = state.now();
-    match state.lookup(snapshot, &ask.mapping_key(), key, now).await {
+    let snapshot = pull.snapshot;
+    let ask = &pull.ask;
+    match state
+        .lookup(snapshot, &ask.mapping_key(), &pull.key, now)
+        .await
+    {
         Lookup::Missing(detail) => {
-            trace.route = Answered::Negative;
+            pull.trace.route = Answered::Negative;
             if ask.tag().is_some() {
-                state.forget_tag_everywhere(key, false);
+                state.forget_tag_everywhere(&pull.key, false);
             }
             return not_found(ask, detail);
         }
@@ -148,57 +189,56 @@ async fn ask_harbor<'s>(
             if stale {
                 refresh::start(state, snapshot.clone(), ask);
             }
-            trace.route = Answered::Mapped;
-            trace.project(&project.name);
-            let mapped = mapped::request(state, project, ask, &mut trace.attempts).await;
-            if let Some(res) = heard(state, ask, key, project, mapped, said) {
+            pull.trace.route = Answered::Mapped;
+            pull.trace.project(&project.name);
+            if let Some(res) = ask_mapped(state, pull, project).await {
                 return res;
             }
-            trace.project = None;
-            tracing::debug!(name = ask.name, project = %project.name, "mapped project answered 404; asking every project")
+            pull.trace.project = None;
+            tracing::debug!(name = pull.ask.name, project = %project.name, "mapped project answered 404; asking every project")
         }
         Lookup::Unknown => {}
     }
-    trace.route = Answered::FanOut;
-    let candidates = candidates(state, snapshot, ask);
+    pull.trace.route = Answered::FanOut;
+    let candidates = candidates(state, snapshot, &pull.ask);
     let found = fanout::find(
         state,
         snapshot,
         &candidates,
-        ask,
-        key,
-        client,
-        &mut trace.attempts,
+        &pull.ask,
+        &pull.key,
+        pull.client,
+        &mut pull.trace.attempts,
     );
     match found.await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
         Found::Won(project, _) | Found::Known(project)
-            if matches!(ask.endpoint, Endpoint::Referrers { .. }) =>
+            if matches!(pull.ask.endpoint, Endpoint::Referrers { .. }) =>
         {
-            trace.project(&project.name);
-            answer_mapped(state, project, ask, key, &mut trace.attempts, said).await
+            pull.trace.project(&project.name);
+            answer_mapped(state, pull, project).await
         }
         Found::Won(project, res) => {
-            trace.project(&project.name);
-            said.by = Some(project);
-            answer::answer(state, project, ask, *res).await
+            pull.trace.project(&project.name);
+            pull.log.by = Some(project);
+            answer::answer(state, project, &pull.ask, *res).await
         }
         Found::Known(project) => {
-            trace.project(&project.name);
-            answer_mapped(state, project, ask, key, &mut trace.attempts, said).await
+            pull.trace.project(&project.name);
+            answer_mapped(state, pull, project).await
         }
-        Found::NotFound(detail) => not_found(ask, detail),
-        Found::Failed(e @ Error::ClientRateLimited { .. }, _) => {
+        Found::NotFound(detail) => not_found(&pull.ask, detail),
+        Found::Refused(e) => {
             // Refused before any project was asked (the client's fan-out budget).
-            trace.route = Answered::Refused;
+            pull.trace.route = Answered::Refused;
             error(&e)
         }
-        // Harbor refused the router's credentials: an answer, not a failure (nothing stands in).
-        Found::Failed(e @ Error::Denied { .. }, _) => error(&e),
-        Found::Failed(e, answered) => {
-            said.failed = true;
-            said.answered = answered;
-            error(&e)
+        Found::Lost(ending, answered) => {
+            if ending.is_failure() {
+                pull.log.failure = Some(ending.stale_reason());
+            }
+            pull.log.answered = answered;
+            error(&ending.error())
         }
     }
 }
@@ -222,40 +262,34 @@ fn not_found(ask: &Ask, detail: Option<bytes::Bytes>) -> Response<Body> {
 /// The answer of a project found by a fan-out, asked again for this request.
 async fn answer_mapped<'s>(
     state: &State,
+    pull: &mut Pull<'s, '_>,
     project: &'s Project,
-    ask: &Ask,
-    key: &str,
-    attempts: &mut u32,
-    said: &mut Said<'s>,
 ) -> Response<Body> {
-    let mapped = mapped::request(state, project, ask, attempts).await;
-    heard(state, ask, key, project, mapped, said)
-        .unwrap_or_else(|| error(&ask.endpoint.not_found()))
+    ask_mapped(state, pull, project)
+        .await
+        .unwrap_or_else(|| error(&pull.ask.endpoint.not_found()))
 }
 
-/// What `project`, asked for the pull `key` alone, said, told to `said`: its answer, or `None` when
-/// it said 404 (a tag it last resolved is forgotten, and it counts as having answered).
-fn heard<'s>(
+/// What `project`, asked for this pull alone, said, told to the log: its answer, or `None` when it
+/// said 404 (a tag it last resolved is forgotten, and it counts as having answered).
+async fn ask_mapped<'s>(
     state: &State,
-    ask: &Ask,
-    key: &str,
+    pull: &mut Pull<'s, '_>,
     project: &'s Project,
-    mapped: Mapped,
-    said: &mut Said<'s>,
 ) -> Option<Response<Body>> {
-    match mapped {
+    match mapped::request(state, project, &pull.ask, &mut pull.trace.attempts).await {
         Mapped::Answer(res) => {
-            said.by = Some(project);
+            pull.log.by = Some(project);
             Some(*res)
         }
-        Mapped::Failed(res) => {
-            said.failed = true;
+        Mapped::Failed(res, heard) => {
+            pull.log.failure = Some(heard.stale_reason());
             Some(*res)
         }
         Mapped::Gone => {
-            if ask.tag().is_some() {
-                state.forget_tag(key, &project.name);
-                said.answered.push(project.name.clone());
+            if pull.ask.tag().is_some() {
+                state.forget_tag(&pull.key, &project.name);
+                pull.log.answered.push(project.name.clone());
             }
             None
         }

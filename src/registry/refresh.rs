@@ -32,8 +32,12 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
                 state.upstream().drain(res.into_body()).await;
             }
             Outcome::NotFound(_) => {}
-            Outcome::Failed(e) => {
-                tracing::debug!(name = probe.name, error = %e, "refresh failed; keeping the stale mapping")
+            Outcome::Lost(ending) => {
+                tracing::debug!(
+                    name = probe.name,
+                    ?ending,
+                    "refresh found nothing; keeping the stale mapping"
+                )
             }
         }
     });

@@ -18,13 +18,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use crate::body::Body;
 use crate::cache::Seen;
 use crate::metrics::labels::{Route, StaleReason};
-use crate::snapshot::{Project, Snapshot};
+use crate::snapshot::Project;
 
 use super::ask::{Ask, Endpoint};
 use super::mapped::{self, Mapped};
+use super::pull::Pull;
 use super::respond::{respond, whole};
 use super::state::State;
-use super::trace::Trace;
 
 /// What a stale answer says, in the `Warning` header (RFC 9111 §5.5, warn-code 110).
 pub const WARNING: HeaderValue =
@@ -61,29 +61,17 @@ pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body
     state.confirm_tag(key, seen, project);
 }
 
-/// How a failure (by the judge's rules) is counted, from the status answered for it.
-pub fn failure(status: StatusCode) -> StaleReason {
-    match status.as_u16() {
-        429 => StaleReason::RateLimited,
-        503 => StaleReason::Unavailable,
-        _ => StaleReason::Failed,
-    }
-}
-
-/// The last-known-good answer to the tag pull `ask` (`key`), if there is one and it can be served;
-/// `None` leaves the failure to be answered. `answered` are the projects that answered this pull
-/// rather than failed: a last-known-good answer from one of them does not stand in.
+/// The last-known-good answer to the tag pull `pull`, standing in for the failure `why`, if there
+/// is one and it can be served; `None` leaves the failure to be answered. A last-known-good answer
+/// of a project that answered this pull (its log says who) does not stand in.
 pub async fn answer(
     state: &State,
-    snapshot: &Snapshot,
-    ask: &Ask,
-    key: &str,
+    pull: &mut Pull<'_, '_>,
     why: StaleReason,
-    answered: &[String],
-    trace: &mut Trace,
 ) -> Option<Response<Body>> {
+    let (snapshot, ask, key) = (pull.snapshot, &pull.ask, pull.key.as_str());
     let (resolved, age) = state.last_good(key, snapshot).await?;
-    if answered.contains(&resolved.project) {
+    if pull.log.answered.contains(&resolved.project) {
         return None;
     }
     let project = snapshot.project(&resolved.project)?;
@@ -102,15 +90,15 @@ pub async fn answer(
         h.insert(CONTENT_LENGTH, HeaderValue::from(resolved.length));
         respond(StatusCode::OK, h, Body::Empty)
     } else {
-        by_digest(state, project, ask, digest, &mut trace.attempts).await?
+        by_digest(state, project, ask, digest, &mut pull.trace.attempts).await?
     };
     let h = res.headers_mut();
     h.insert(http::header::WARNING, WARNING);
     h.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
     state.metrics().stale(why);
     state.served_stale(&ask.name, &project.name, age, why.as_str());
-    trace.route = Route::Stale;
-    trace.project(&project.name);
+    pull.trace.route = Route::Stale;
+    pull.trace.project(&project.name);
     Some(res)
 }
 

@@ -99,8 +99,8 @@ pub enum FanOutResult {
     Found(String),
     /// With the registry's error body when the projects agreed on more than "not found".
     NotFound(Option<Bytes>),
-    /// With the projects that answered (404, 401, …) rather than failed, for a tag.
-    Failed(Error, Vec<String>),
+    /// Nobody won: how it ended, with the projects that answered (404, 401, …) rather than failed.
+    Lost(super::tally::Ending, Vec<String>),
 }
 
 /// One core's registry state.
