@@ -26,6 +26,7 @@
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
 //! - [`tick`]: periodic per-core work on a value, for as long as it lives.
 //! - [`logging`]: pretty or JSON logs through `tracing`.
+//! - [`clock`]: the clock a core decides with (a test's moves forward; production's cannot).
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
 //! - [`config`]: every environment variable, parsed and validated in one place.
 //! - [`names`]: the distribution grammar of names, tags and digests.
@@ -34,6 +35,7 @@
 
 pub mod body;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod counter;
@@ -126,7 +128,7 @@ impl Server {
         let (shared, redis_thread) = redis.unzip();
         let metrics = metrics::Metrics::new(self.snapshot.clone(), shared.clone());
         let process = ProcessState::new(
-            self.config.clone(),
+            Arc::new(registry::settings::Settings::from_config(&self.config)),
             self.harbor.clone(),
             self.snapshot.clone(),
             learned,

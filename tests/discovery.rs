@@ -3,6 +3,7 @@
 
 mod common;
 
+use harbor_router::clock::Clock;
 use harbor_router::config::Config;
 use harbor_router::control::discovery::{discover, Asked, Discovered, DiscoveryError};
 use harbor_router::snapshot::{Project, UpstreamKind};
@@ -35,7 +36,7 @@ fn round(harbor: &str, creds: Option<(&str, &str)>) -> Result<Discovered, Discov
     let shared = upstream::Harbor::from_config(&config).unwrap();
     let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
     common::run(async move {
-        let client = Upstream::new(shared);
+        let client = Upstream::new(shared, Clock::system());
         let asked = Asked {
             user: &user,
             credentials: creds.is_some(),

@@ -20,11 +20,10 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 
 use harbor_router::registry::handle::handle;
-use harbor_router::registry::state::Lookup;
-use harbor_router::registry::{ProcessState, State};
+use harbor_router::registry::testing::{self, TestCore};
+use harbor_router::registry::State;
 use harbor_router::server::Peer;
 use harbor_router::snapshot::{self, Project, SharedSnapshot, Snapshot, UpstreamKind};
-use harbor_router::upstream;
 
 use common::fake_harbor::{Answer, FakeHarbor};
 use common::{run, DEADLINE};
@@ -43,7 +42,7 @@ fn manifest() -> Answer {
 }
 
 /// One core's state in front of `fake`, with `projects` discovered (in that order).
-fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<State> {
+fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> TestCore {
     let mut all = vec![("WORKERS", "1")];
     all.extend_from_slice(vars);
     let config = common::config(&fake.url(), &all);
@@ -62,18 +61,7 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> Rc<Stat
         generation: 1,
         harbor: Default::default(),
     })));
-    let harbor = upstream::Harbor::from_config(&config).unwrap();
-    State::new(
-        0,
-        ProcessState::new(
-            Arc::new(config),
-            harbor,
-            snapshot.clone(),
-            Arc::default(),
-            None,
-            harbor_router::metrics::Metrics::new(snapshot, None),
-        ),
-    )
+    testing::core(&config, snapshot)
 }
 
 struct Answered {
@@ -137,12 +125,8 @@ async fn until(what: &str, f: impl Fn() -> bool) {
 }
 
 /// The mapping of `name` right now: its project and whether it is stale.
-async fn mapping(state: &State, name: &str) -> Option<(String, bool)> {
-    let view = state.view().unwrap();
-    match state.lookup(&view, name, "", state.now()).await {
-        Lookup::Mapped(p, stale) => Some((p.name.clone(), stale)),
-        _ => None,
-    }
+async fn mapping(core: &TestCore, name: &str) -> Option<(String, bool)> {
+    core.mapping(name).await
 }
 
 fn error_code(a: &Answered) -> String {
@@ -261,7 +245,7 @@ fn a_breaker_opens_after_failures_and_lets_one_probe_through_when_half_open() {
         assert_eq!(fake.requests("b"), 3);
 
         // Half-open after the timeout: one probe, held; a second request meanwhile skips a.
-        s.advance_clock(Duration::from_secs(31));
+        s.advance(Duration::from_secs(31));
         fake.answer("a", Answer::status(404));
         fake.hold("a");
         let probe = spawn_get(&s, "/v2/proxy/four/manifests/1");
@@ -289,7 +273,7 @@ fn a_probe_cancelled_with_its_request_frees_the_half_open_slot() {
     run(async {
         let s = state(&fake, &["a"], &[("CIRCUIT_BREAKER_THRESHOLD", "1")]);
         assert_eq!(get(&s, APP).await.status, StatusCode::BAD_GATEWAY);
-        s.advance_clock(Duration::from_secs(3600));
+        s.advance(Duration::from_secs(3600));
         fake.hold("a");
         // The client goes away once its probe reached a: its request (and the probe) are dropped.
         monoio::select! {
@@ -318,7 +302,7 @@ fn a_stale_mapping_answers_at_once_and_is_refreshed_in_the_background() {
             &[("CACHE_TTL", "10s"), ("STALE_WHILE_REVALIDATE", "1h")],
         );
         assert_eq!(get(&s, APP).await.status, StatusCode::OK);
-        s.advance_clock(Duration::from_secs(11));
+        s.advance(Duration::from_secs(11));
         assert_eq!(mapping(&s, "org/app").await, Some(("b".into(), true)));
         // The refresh's probe (a HEAD) is held at b: the clients do not wait for it.
         fake.hold("b HEAD");
@@ -360,7 +344,7 @@ fn misses_are_remembered_for_negative_cache_ttl_and_failures_are_not() {
             assert_eq!(error_code(&res), "MANIFEST_UNKNOWN");
         }
         assert_eq!((fake.requests("a"), fake.requests("b")), (1, 1));
-        s.advance_clock(Duration::from_secs(30));
+        s.advance(Duration::from_secs(30));
         assert_eq!(get(&s, APP).await.status, StatusCode::NOT_FOUND);
         assert_eq!(
             (fake.requests("a"), fake.requests("b")),
@@ -401,13 +385,13 @@ fn client_and_refresh_verdicts(method: &str, path: &str, answer: &Answer) -> (bo
                 &[("CACHE_TTL", "10s"), ("STALE_WHILE_REVALIDATE", "1h")],
             );
             s.learn(name, "a");
-            s.advance_clock(Duration::from_secs(11));
+            s.advance(Duration::from_secs(11));
             send(&s, method, path).await;
             // The client's request, one more when the mapped project said 404 (a fan-out), and
             // the refresh's probe.
             let asked = if answer.status == 404 { 3 } else { 2 };
             until("the refresh probed a", || fake.requests("a") == asked).await;
-            until("the refresh ended", || s.claim_refresh(name).is_some()).await;
+            until("the refresh ended", || !s.refreshing(name)).await;
             mapping(&s, name).await == Some(("a".into(), false))
         })
     };
@@ -709,7 +693,7 @@ fn a_client_cannot_spend_more_than_its_fan_out_budget() {
         let res = send_from(&s, "203.0.113.9", "GET", &unknown(6)).await;
         assert_eq!(res.status, StatusCode::NOT_FOUND);
         // The budget refills with time.
-        s.advance_clock(Duration::from_secs(1));
+        s.advance(Duration::from_secs(1));
         let res = send_from(&s, "198.51.100.7", "GET", &unknown(7)).await;
         assert_eq!(res.status, StatusCode::NOT_FOUND);
     });
@@ -757,7 +741,7 @@ fn a_second_choice_is_learned_briefly_and_the_preferred_project_takes_over() {
         );
         assert_eq!(mapping(&s, "org/app").await, Some(("a".into(), false)));
         // A second choice goes stale after 30 s, not CACHE_TTL.
-        s.advance_clock(Duration::from_secs(31));
+        s.advance(Duration::from_secs(31));
         assert_eq!(mapping(&s, "org/app").await, Some(("a".into(), true)));
         fake.answer("b", manifest());
         assert_eq!(get(&s, APP).await.status, StatusCode::OK);

@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
+use harbor_router::clock::Clock;
 use harbor_router::config::Config;
 use harbor_router::upstream::{self, AuthMode, Upstream};
 use testbed::{HarborConfig, Seeded, Testbed};
@@ -61,7 +62,7 @@ fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expec
     let shared = upstream::Harbor::from_config(&config).unwrap();
     let tokens_before = bed.harbor.counters().token_requests;
     run(async {
-        let up = Upstream::new(shared.clone());
+        let up = Upstream::new(shared.clone(), Clock::system());
         for _ in 0..5 {
             pull_manifest(&up, seeded).await;
         }
@@ -106,7 +107,7 @@ fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expec
         assert_eq!(up.token_fetches(), 1, "the token outlives connections");
 
         // Concurrent first requests for a new scope on one core share one token fetch.
-        let fresh = Rc::new(Upstream::new(shared.clone()));
+        let fresh = Rc::new(Upstream::new(shared.clone(), Clock::system()));
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let up = fresh.clone();
@@ -150,7 +151,7 @@ fn http2_prior_knowledge_against_a_harbor_without_h2c_falls_back_to_http1() {
     let config = client_config(&bed.harbor.url(), &[("HTTP2_PRIOR_KNOWLEDGE", "true")]);
     let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {
-        let up = Rc::new(Upstream::new(shared));
+        let up = Rc::new(Upstream::new(shared, Clock::system()));
         pull_manifest(&up, &seeded).await;
         assert_eq!(up.stats().h2c_refused.get(), 1);
         assert!(!up.multiplexed(), "HTTP/1.1 from now on");
@@ -193,7 +194,7 @@ fn tls_with_a_private_ca() {
 fn error_for(harbor_url: &str) -> upstream::UpstreamError {
     let shared = upstream::Harbor::from_config(&client_config(harbor_url, &[])).unwrap();
     run(async {
-        Upstream::new(shared)
+        Upstream::new(shared, Clock::system())
             .send(Method::GET, "/v2/", &HeaderMap::new(), AuthMode::Registry)
             .await
             .expect_err("the request must fail")
@@ -221,7 +222,7 @@ fn idle_connections_are_bounded_and_expire() {
     );
     let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {
-        let up = Rc::new(Upstream::new(shared));
+        let up = Rc::new(Upstream::new(shared, Clock::system()));
         pull_manifest(&up, &seeded).await; // token first, so the burst below is 6 plain requests
         let tasks: Vec<_> = (0..6)
             .map(|_| {
@@ -237,14 +238,10 @@ fn idle_connections_are_bounded_and_expire() {
             "{:?}",
             up.pool_stats()
         );
-        assert_eq!(
-            up.idle_connections(),
-            2,
-            "at most MAX_IDLE_CONNS_PER_HOST kept"
-        );
+        assert_eq!(up.idle_count(), 2, "at most MAX_IDLE_CONNS_PER_HOST kept");
         // The sweeper closes them after IDLE_CONN_TIMEOUT.
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while up.idle_connections() > 0 {
+        while up.idle_count() > 0 {
             assert!(
                 std::time::Instant::now() < end,
                 "idle connections never expired"
@@ -260,7 +257,7 @@ fn a_hanging_harbor_hits_the_response_timeout() {
     let config = client_config(&bed.harbor.url(), &[("UPSTREAM_RESPONSE_TIMEOUT", "300ms")]);
     let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {
-        let up = Upstream::new(shared);
+        let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await;
         bed.harbor.set_fault("ghcr", testbed::Fault::Hang);
         let started = std::time::Instant::now();
@@ -309,7 +306,7 @@ fn a_token_harbor_refuses_costs_one_token_request_not_its_life() {
     let (bed, seeded) = common::bed_with_app();
     let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
-        let up = Upstream::new(shared);
+        let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await;
         for change in ["rotate", "revoke"] {
             let tokens = bed.harbor.counters().token_requests;
@@ -335,7 +332,7 @@ fn a_robot_that_may_not_pull_is_asked_for_a_token_once_per_interval() {
     let (bed, seeded) = common::bed_with_app();
     let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
-        let up = Upstream::new(shared);
+        let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await;
         bed.harbor.set_robot_denied("ghcr", true);
         bed.harbor.revoke_tokens();
@@ -363,7 +360,7 @@ fn tokens_of_a_batch_are_fetched_again_in_one_request() {
     let (bed, seeded) = common::bed_with_app();
     let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
-        let up = Rc::new(Upstream::new(shared));
+        let up = Rc::new(Upstream::new(shared, Clock::system()));
         pull_manifest(&up, &seeded).await; // learns the token service
         let repos = ["quay/a", "quay/b", "ghcr/c"];
         up.prefetch_tokens(

@@ -55,9 +55,9 @@ pub trait Tier {
     fn sweep(&self, _now: Instant, _max_age: Duration) {}
 }
 
-/// What a lookup found.
+/// What a lookup found in the shard or a tier: a mapping, or a miss another pod found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
+pub enum Found {
     Known(Known),
     Missing {
         detail: Option<Bytes>,
@@ -107,18 +107,13 @@ impl Mappings {
 
     /// The shard, then each tier in order. `miss_key` names the pull, for tiers that remember
     /// misses. Also says which layers were asked ([`Asked`]).
-    pub async fn lookup(
-        &self,
-        name: &str,
-        miss_key: &str,
-        now: Instant,
-    ) -> (Option<Lookup>, Asked) {
+    pub async fn lookup(&self, name: &str, miss_key: &str, now: Instant) -> (Option<Found>, Asked) {
         let mut asked = Asked {
             depth: 0,
             skipped: 0,
         };
         if let Some(k) = self.local(name, now) {
-            return (Some(Lookup::Known(k)), asked);
+            return (Some(Found::Known(k)), asked);
         }
         for (i, tier) in self.tiers.iter().enumerate() {
             asked.depth = i + 1;
@@ -129,7 +124,7 @@ impl Mappings {
                     continue;
                 }
                 Some(Heard::Missing { detail, until }) if now < until => {
-                    return (Some(Lookup::Missing { detail, until }), asked)
+                    return (Some(Found::Missing { detail, until }), asked)
                 }
                 Some(Heard::Missing { .. }) => continue,
                 Some(Heard::Mapped(m)) => m,
@@ -141,7 +136,7 @@ impl Mappings {
                 earlier.learn(name, &m);
             }
             self.shard.borrow_mut().insert(name.to_string(), m);
-            return (Some(Lookup::Known(known)), asked);
+            return (Some(Found::Known(known)), asked);
         }
         asked.depth = 1 + self.tiers.len();
         (None, asked)
@@ -286,7 +281,7 @@ mod tests {
         assert_eq!(
             block_on(core_b.lookup("nginx", "", later)),
             (
-                known("dockerhub", true).map(Lookup::Known),
+                known("dockerhub", true).map(Found::Known),
                 Asked {
                     depth: 1,
                     skipped: 0
@@ -371,7 +366,7 @@ mod tests {
         assert_eq!(
             block_on(m.lookup("x", "k", t0)),
             (
-                Some(Lookup::Missing {
+                Some(Found::Missing {
                     detail: None,
                     until
                 }),

@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::share::Shared;
@@ -139,7 +140,7 @@ async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let client = Upstream::new(shared.clone());
+    let client = Upstream::new(shared.clone(), Clock::system());
     let user = config
         .harbor_credentials
         .as_ref()

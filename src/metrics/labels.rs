@@ -42,7 +42,7 @@ macro_rules! label {
 
 label!(
     /// What a request asked for (`endpoint`).
-    Endpoint {
+    Requested {
         Base => "base",
         Manifest => "manifest",
         Blob => "blob",
@@ -55,7 +55,7 @@ label!(
 
 label!(
     /// The request method (`method`).
-    Method {
+    Verb {
         Get => "GET",
         Head => "HEAD",
         Other => "other",
@@ -64,7 +64,7 @@ label!(
 
 label!(
     /// The status class of an answer (`status`).
-    Status {
+    StatusClass {
         Informational => "1xx",
         Success => "2xx",
         Redirect => "3xx",
@@ -73,21 +73,21 @@ label!(
     }
 );
 
-impl Status {
-    pub fn of(code: http::StatusCode) -> Status {
+impl StatusClass {
+    pub fn of(code: http::StatusCode) -> StatusClass {
         match code.as_u16() {
-            200..=299 => Status::Success,
-            300..=399 => Status::Redirect,
-            400..=499 => Status::ClientError,
-            500.. => Status::ServerError,
-            _ => Status::Informational,
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirect,
+            400..=499 => StatusClass::ClientError,
+            500.. => StatusClass::ServerError,
+            _ => StatusClass::Informational,
         }
     }
 }
 
 label!(
     /// How a pull was answered (`route`), in the order the pull's phases run.
-    Route {
+    Answered {
         Memory => "memory",
         Negative => "negative",
         Mapped => "mapped",
@@ -120,7 +120,7 @@ label!(
 
 label!(
     /// What a lookup found (`result`).
-    Found {
+    LookupResult {
         Hit => "hit",
         Stale => "stale",
         Negative => "negative",
@@ -156,7 +156,7 @@ label!(
 
 label!(
     /// Why a request to Harbor got no usable answer (`kind`).
-    UpstreamError {
+    ErrorKind {
         Connect => "connect",
         Timeout => "timeout",
         ServerError => "5xx",

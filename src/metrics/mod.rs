@@ -65,8 +65,8 @@ pub struct ProjectMetrics {
 impl Default for ProjectMetrics {
     fn default() -> Self {
         ProjectMetrics {
-            answers: counters(Status::COUNT),
-            errors: counters(UpstreamError::COUNT),
+            answers: counters(StatusClass::COUNT),
+            errors: counters(ErrorKind::COUNT),
             duration: Histogram::durations(),
             transitions: counters(Lane::COUNT * Circuit::COUNT),
             circuit_open: Default::default(),
@@ -76,14 +76,14 @@ impl Default for ProjectMetrics {
 
 impl ProjectMetrics {
     pub fn answered(&self, status: http::StatusCode, took: std::time::Duration) {
-        self.answers[Status::of(status).index()].inc();
+        self.answers[StatusClass::of(status).index()].inc();
         if status.is_server_error() {
-            self.errors[UpstreamError::ServerError.index()].inc();
+            self.errors[ErrorKind::ServerError.index()].inc();
         }
         self.duration.observe_duration(took);
     }
 
-    pub fn failed(&self, kind: UpstreamError) {
+    pub fn failed(&self, kind: ErrorKind) {
         self.errors[kind.index()].inc();
     }
 
@@ -125,10 +125,12 @@ impl CoreMetrics {
     pub fn new(worker: usize, upstream: Arc<crate::upstream::Stats>) -> CoreMetrics {
         CoreMetrics {
             worker,
-            requests: counters(Endpoint::COUNT * Method::COUNT * Status::COUNT),
-            pull_duration: (0..Route::COUNT).map(|_| Histogram::durations()).collect(),
+            requests: counters(Requested::COUNT * Verb::COUNT * StatusClass::COUNT),
+            pull_duration: (0..Answered::COUNT)
+                .map(|_| Histogram::durations())
+                .collect(),
             blob_first_byte: Histogram::durations(),
-            lookups: counters(Layer::COUNT * Found::COUNT),
+            lookups: counters(Layer::COUNT * LookupResult::COUNT),
             races: counters(RaceKind::COUNT * RaceOutcome::COUNT),
             race_width: Histogram::new(COUNT_BOUNDS),
             coalesced: Counter::default(),
@@ -140,14 +142,14 @@ impl CoreMetrics {
     }
 
     #[inline]
-    pub fn request(&self, endpoint: Endpoint, method: Method, status: http::StatusCode) {
-        let i = (endpoint.index() * Method::COUNT + method.index()) * Status::COUNT
-            + Status::of(status).index();
+    pub fn request(&self, endpoint: Requested, method: Verb, status: http::StatusCode) {
+        let i = (endpoint.index() * Verb::COUNT + method.index()) * StatusClass::COUNT
+            + StatusClass::of(status).index();
         self.requests[i].inc();
     }
 
     #[inline]
-    pub fn pull(&self, route: Route, blob: bool, took: std::time::Duration) {
+    pub fn pull(&self, route: Answered, blob: bool, took: std::time::Duration) {
         self.pull_duration[route.index()].observe_duration(took);
         if blob {
             self.blob_first_byte.observe_duration(took);
@@ -155,8 +157,8 @@ impl CoreMetrics {
     }
 
     #[inline]
-    pub fn lookup(&self, layer: Layer, found: Found) {
-        self.lookups[layer.index() * Found::COUNT + found.index()].inc();
+    pub fn lookup(&self, layer: Layer, found: LookupResult) {
+        self.lookups[layer.index() * LookupResult::COUNT + found.index()].inc();
     }
 
     pub fn race(&self, kind: RaceKind, outcome: RaceOutcome) {
@@ -309,10 +311,11 @@ impl Metrics {
 
         // Requests.
         let mut requests = Vec::new();
-        for ep in Endpoint::ALL {
-            for m in Method::ALL {
-                for st in Status::ALL {
-                    let i = (ep.index() * Method::COUNT + m.index()) * Status::COUNT + st.index();
+        for ep in Requested::ALL {
+            for m in Verb::ALL {
+                for st in StatusClass::ALL {
+                    let i =
+                        (ep.index() * Verb::COUNT + m.index()) * StatusClass::COUNT + st.index();
                     let v = sum(&|c| c.requests[i].get());
                     if v > 0 {
                         requests.push((
@@ -336,7 +339,7 @@ impl Metrics {
             "harbor_router_pull_duration_seconds",
             "Time from a pull's arrival to its response head, by how it was answered: memory (this core's memory), negative (a remembered miss), mapped (one request to the known project), fanout (the projects raced), refused (answered by the router without Harbor).",
             1e6,
-            Route::ALL.iter().map(|r| {
+            Answered::ALL.iter().map(|r| {
                 let mut h = HistogramValue::new(DURATION_BOUNDS_MICROS);
                 for c in &cores {
                     h.merge(&c.pull_duration[r.index()]);
@@ -357,8 +360,8 @@ impl Metrics {
         e.counter(
             "harbor_router_cache_lookups_total",
             "Cache lookups by layer (core: the core's mapping shard; memory: manifests by digest and tag lists; process: the process-wide mapping map; redis) and result (hit, stale, negative, miss).",
-            by_labels("layer", "result", |l: Layer, f: Found| {
-                sum(&|c| c.lookups[l.index() * Found::COUNT + f.index()].get())
+            by_labels("layer", "result", |l: Layer, f: LookupResult| {
+                sum(&|c| c.lookups[l.index() * LookupResult::COUNT + f.index()].get())
             }),
         );
         e.counter(
@@ -522,7 +525,7 @@ impl Metrics {
             "harbor_router_upstream_responses_total",
             "Answers from Harbor to pull requests, by project and status class.",
             projects.iter().flat_map(|(p, s)| {
-                Status::ALL.iter().filter_map(move |st| {
+                StatusClass::ALL.iter().filter_map(move |st| {
                     let v = s.answers[st.index()];
                     (v > 0).then(|| (vec![project(p), ("status", st.as_str().to_string())], v))
                 })
@@ -532,7 +535,7 @@ impl Metrics {
             "harbor_router_upstream_errors_total",
             "Requests to a project that got no usable answer, by kind: connect, timeout, 5xx, protocol, token.",
             projects.iter().flat_map(|(p, s)| {
-                UpstreamError::ALL.iter().map(move |k| {
+                ErrorKind::ALL.iter().map(move |k| {
                     (
                         vec![project(p), ("kind", k.as_str().to_string())],
                         s.errors[k.index()],

@@ -119,7 +119,9 @@ async fn manifest(
         });
     }
     if let Some(key) = ask.memory_key() {
-        state.keep_manifest(&key, keepable(&headers, &bytes));
+        state
+            .remembered
+            .keep_manifest(&key, keepable(&headers, &bytes));
     }
     Ok(whole(StatusCode::OK, headers, bytes, false))
 }
@@ -212,7 +214,7 @@ async fn tags(
     let body = renamed_tag_list(bytes, &ask.client_repository(proxy));
     rewrite_project_links(&mut headers, project, ask, proxy);
     if let Some(key) = ask.memory_key() {
-        state.keep_tags(&key, keepable(&headers, &body));
+        state.remembered.keep_tags(&key, keepable(&headers, &body));
     }
     whole(status, headers, body, ask.head)
 }

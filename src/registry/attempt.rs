@@ -65,7 +65,7 @@ pub async fn send(
     let headers = headers.as_ref().unwrap_or(&ask.headers);
     let started = Instant::now();
     let sent = forward::send(state.upstream(), project, method, path, headers).await;
-    state.project_metrics(&project.name, |m| match &sent {
+    state.counters.project(&project.name, |m| match &sent {
         Ok(res) => m.answered(res.status(), started.elapsed()),
         Err(e) => m.failed(error_kind(e)),
     });
@@ -81,8 +81,8 @@ pub fn failure_of(e: &UpstreamError) -> Failure {
 }
 
 /// The metrics' name for why a request got no answer.
-pub fn error_kind(e: &UpstreamError) -> labels::UpstreamError {
-    use labels::UpstreamError as K;
+pub fn error_kind(e: &UpstreamError) -> labels::ErrorKind {
+    use labels::ErrorKind as K;
     match e {
         UpstreamError::NoAddress
         | UpstreamError::Connect(_)

@@ -30,21 +30,33 @@ use super::ask::Ask;
 use super::attempt::{self, Verdict};
 use super::forward;
 use super::outcome::{Failure, Heard};
-use super::state::{FanOutResult, State};
+use super::routing::{Choice, FanOutResult};
+use super::state::State;
+use super::tags::Tell;
 pub use super::tally::Ending;
 use super::tally::Tally;
 
 /// What a race did besides its outcome.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct RaceInfo {
     /// Who said what, in the order they answered (projects left out by their circuit included).
     pub heard: Vec<(String, Heard)>,
     /// Projects asked.
     pub asked: usize,
-    /// With `FANOUT_ORDER`: the winner won because a project preferred to it failed (or its
-    /// circuit was open), not because that project said "not here". Such a mapping is learned for
-    /// a short life, so the preferred project takes over when it recovers.
-    pub second_choice: bool,
+    /// With `FANOUT_ORDER`: whether the winner won because a project preferred to it failed (or
+    /// its circuit was open), not because that project said "not here". Such a mapping is learned
+    /// for a short life, so the preferred project takes over when it recovers.
+    pub choice: Choice,
+}
+
+impl Default for RaceInfo {
+    fn default() -> RaceInfo {
+        RaceInfo {
+            heard: Vec::new(),
+            asked: 0,
+            choice: Choice::First,
+        }
+    }
 }
 
 impl RaceInfo {
@@ -154,7 +166,7 @@ pub async fn find<'s>(
     let locator = ask.locator();
     let mut waited = false;
     loop {
-        let leader = match state.join_fan_out(key) {
+        let leader = match state.routing.join_fan_out(key) {
             Turn::Lead(leader) => leader,
             Turn::Follow(rx) => {
                 if !std::mem::replace(&mut waited, true) {
@@ -171,7 +183,7 @@ pub async fn find<'s>(
                 }
             }
         };
-        if let Err(e) = state.admit_fan_out(client) {
+        if let Err(e) = state.budgets.admit_fan_out(client) {
             // Dropping the lead lets a waiting request (maybe another client's) lead instead.
             drop(leader);
             state.metrics().rejected(Rejected::FanOutBudget);
@@ -183,16 +195,22 @@ pub async fn find<'s>(
         state.metrics().race(RaceKind::Request, outcome.label());
         return match outcome {
             Outcome::Won(project, res) => {
-                state.learn_won(&ask.mapping_key(), &project.name, info.second_choice);
+                state
+                    .routing
+                    .learn_won(&ask.mapping_key(), &project.name, info.choice);
                 leader.finish(FanOutResult::Found(project.name.clone()));
                 Found::Won(project, res)
             }
             Outcome::NotFound(detail) => {
                 if ask.tag().is_some() {
                     // No project has the tag: nothing may stand in for it any more.
-                    state.forget_tag_everywhere(key, true);
+                    state.tags.forget_everywhere(key, Tell::OtherPods);
                 }
-                state.remember_miss(key, detail.clone());
+                let ttl = state.settings.ttls.miss;
+                state.routing.missed(key, detail.as_ref(), ttl);
+                if !ttl.is_zero() {
+                    state.remembered.remember_miss(key, detail.clone());
+                }
                 leader.finish(FanOutResult::NotFound(detail.clone()));
                 Found::NotFound(detail)
             }
@@ -200,7 +218,7 @@ pub async fn find<'s>(
                 // Before the waiters wake: they look for a last-known-good answer too.
                 if ask.tag().is_some() {
                     for (project, _) in info.heard.iter().filter(|(_, h)| h.is_absence()) {
-                        state.forget_tag(key, project);
+                        state.tags.forget(key, project);
                     }
                 }
                 let answered = info.answered();
@@ -221,7 +239,7 @@ pub async fn race<'a>(
     ask: &Ask,
     info: &mut RaceInfo,
 ) -> Outcome<'a> {
-    let timeout = state.resolver_timeout();
+    let timeout = state.settings.resolver_timeout;
     let mut running = FuturesUnordered::new();
     let fitting: Vec<&'a Project> = candidates
         .iter()
@@ -239,11 +257,11 @@ pub async fn race<'a>(
     // in the background.
     let shared_ask = Rc::new(ask.clone());
     // Ranks: FANOUT_ORDER's position; unlisted projects after it, by name (the candidates' order).
-    let rank_of = |i: usize, p: &Project| state.fanout_rank(&p.name).unwrap_or(usize::MAX / 2 + i);
-    let mut tally = Tally::new(fitting.len(), state.fanout_ordered());
+    let rank_of = |i: usize, p: &Project| state.routing.rank(&p.name).unwrap_or(usize::MAX / 2 + i);
+    let mut tally = Tally::new(fitting.len(), state.routing.ordered());
     for (i, project) in fitting.iter().enumerate() {
         let rank = rank_of(i, project);
-        let Some(ticket) = state.admit(&project.name, ask.lane()) else {
+        let Some(ticket) = state.circuits.admit(&project.name, ask.lane()) else {
             tally.skip(rank);
             info.heard
                 .push((project.name.clone(), Heard::Failed(Failure::CircuitOpen)));
@@ -256,13 +274,15 @@ pub async fn race<'a>(
             let verdict = match monoio::time::timeout(timeout, attempt).await {
                 Ok(v) => v,
                 Err(_) => {
-                    state.project_metrics(&project.name, |m| {
-                        m.failed(labels::UpstreamError::Timeout)
-                    });
+                    state
+                        .counters
+                        .project(&project.name, |m| m.failed(labels::ErrorKind::Timeout));
                     Verdict::failed(Failure::Timeout)
                 }
             };
-            state.record(ticket, verdict.heard.counts_against_circuit());
+            state
+                .circuits
+                .record(ticket, verdict.heard.counts_against_circuit());
             (i, verdict)
         });
     }
@@ -292,7 +312,9 @@ pub async fn race<'a>(
             drain_later(state, worse);
         }
         if let Some(take) = step.take {
-            info.second_choice = take.second_choice;
+            if take.second_choice {
+                info.choice = Choice::Second;
+            }
             finish_in_background(state, running);
             let res = answers[take.slot].take().expect("a win has its answer");
             return Outcome::Won(fitting[take.slot], Box::new(res));
@@ -319,13 +341,14 @@ fn finish_in_background<F>(state: &Rc<State>, mut running: FuturesUnordered<F>)
 where
     F: Future<Output = (usize, Verdict)> + 'static,
 {
-    if running.is_empty() || !state.take_leftovers(running.len()) {
+    let multiplexed = state.upstream.multiplexed();
+    if running.is_empty() || !state.routing.take_leftovers(running.len(), multiplexed) {
         return;
     }
     let state = state.clone();
     monoio::spawn(async move {
         while let Some((_, verdict)) = running.next().await {
-            state.leftover_done();
+            state.routing.leftover_done();
             if let Some(res) = verdict.answer {
                 drain_later(&state, res);
             }

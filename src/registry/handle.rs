@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::config::AccessLog;
-use crate::metrics::labels::{Endpoint, Method as MethodLabel, Rejected};
+use crate::metrics::labels::{Rejected, Requested, Verb};
 use crate::registry::route::{self, Route};
 use crate::server::Handler;
 
@@ -42,21 +42,21 @@ pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
         None => route::parse(&parts.method, parts.uri.path(), state.proxy_project()),
     };
     let endpoint = match &parsed {
-        Ok(Route::Base) => Endpoint::Base,
-        Ok(Route::Healthz | Route::Readyz) => Endpoint::Health,
-        Ok(Route::Manifest { .. }) => Endpoint::Manifest,
-        Ok(Route::Blob { .. }) => Endpoint::Blob,
-        Ok(Route::TagsList { .. }) => Endpoint::Tags,
-        Ok(Route::Referrers { .. }) => Endpoint::Referrers,
-        Err(_) => Endpoint::Other,
+        Ok(Route::Base) => Requested::Base,
+        Ok(Route::Healthz | Route::Readyz) => Requested::Health,
+        Ok(Route::Manifest { .. }) => Requested::Manifest,
+        Ok(Route::Blob { .. }) => Requested::Blob,
+        Ok(Route::TagsList { .. }) => Requested::Tags,
+        Ok(Route::Referrers { .. }) => Requested::Referrers,
+        Err(_) => Requested::Other,
     };
     let method = match parts.method {
-        Method::GET => MethodLabel::Get,
-        Method::HEAD => MethodLabel::Head,
-        _ => MethodLabel::Other,
+        Method::GET => Verb::Get,
+        Method::HEAD => Verb::Head,
+        _ => Verb::Other,
     };
     let name = parsed.as_ref().ok().and_then(Route::name);
-    let access = state.access_log();
+    let access = state.settings.access_log;
     let mut trace = Trace::new(&parts.headers, || state.request_id(), access);
     let client = state.client_ip(&parts);
     let namespace = ns.as_ref().and_then(|n| n.as_ref().ok()).cloned();
@@ -66,12 +66,12 @@ pub async fn handle<B>(state: &Rc<State>, req: Request<B>) -> Response<Body> {
     metrics.request(endpoint, method, status);
     let pull = !matches!(
         endpoint,
-        Endpoint::Base | Endpoint::Health | Endpoint::Other
+        Requested::Base | Requested::Health | Requested::Other
     );
     if pull {
-        metrics.pull(trace.route, endpoint == Endpoint::Blob, trace.elapsed());
+        metrics.pull(trace.route, endpoint == Requested::Blob, trace.elapsed());
     }
-    if access != AccessLog::Off && endpoint != Endpoint::Health {
+    if access != AccessLog::Off && endpoint != Requested::Health {
         let bytes = res
             .headers()
             .get(CONTENT_LENGTH)
@@ -109,7 +109,7 @@ async fn answer(
         Ok(Route::Readyz) => return health(state, true),
         _ => {}
     }
-    if let Err(e) = state.admit_request(client) {
+    if let Err(e) = state.budgets.admit_request(client) {
         state.metrics().rejected(Rejected::RateLimit);
         return error(&e);
     }
@@ -173,8 +173,8 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
             }),
         ),
         Some(s) => {
-            let age = s.age(std::time::Instant::now());
-            let stale = readiness && age > state.readiness_max_age();
+            let age = s.age(state.clock.now());
+            let stale = readiness && age > state.settings.readiness_max_age;
             let mut v = serde_json::json!({
                 "status": if stale { "unavailable" } else { "ok" },
                 "projects": s.projects.len(),

@@ -7,7 +7,7 @@ use http::Response;
 
 use crate::body::Body;
 use crate::error::Error;
-use crate::metrics::labels::UpstreamError as UpstreamErrorKind;
+use crate::metrics::labels::ErrorKind;
 use crate::snapshot::Project;
 use crate::upstream::UpstreamError;
 
@@ -35,7 +35,7 @@ pub enum Mapped {
 /// last-known-good answer can stand in (and a manifest is small: Harbor that cannot start one in that
 /// time is failing).
 pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
-    let Some(ticket) = state.admit(&project.name, ask.lane()) else {
+    let Some(ticket) = state.circuits.admit(&project.name, ask.lane()) else {
         let e = Error::Unavailable {
             reason: "the project that has this image is failing; its circuit is open",
         };
@@ -43,11 +43,13 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
     };
     *attempts += 1;
     let sent = if matches!(ask.endpoint, Endpoint::Manifest { .. }) {
-        let limit = state.resolver_timeout();
+        let limit = state.settings.resolver_timeout;
         monoio::time::timeout(limit, attempt::send(state, project, ask))
             .await
             .unwrap_or_else(|_| {
-                state.project_metrics(&project.name, |m| m.failed(UpstreamErrorKind::Timeout));
+                state
+                    .counters
+                    .project(&project.name, |m| m.failed(ErrorKind::Timeout));
                 Err(UpstreamError::ResponseTimeout(limit))
             })
     } else {
@@ -56,7 +58,7 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
     let res = match sent {
         Ok(res) => res,
         Err(e) => {
-            state.record(ticket, true);
+            state.circuits.record(ticket, true);
             tracing::warn!(project = %project.name, error = %e, "upstream request failed");
             let heard = Heard::Failed(attempt::failure_of(&e));
             let res = error(&Error::BadGateway {
@@ -66,7 +68,9 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         }
     };
     let heard = attempt::judge(ask, res.status(), res.headers());
-    state.record(ticket, heard.counts_against_circuit());
+    state
+        .circuits
+        .record(ticket, heard.counts_against_circuit());
     match heard {
         Heard::NotHere => {
             state.upstream().drain(res.into_body()).await;

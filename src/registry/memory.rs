@@ -2,8 +2,6 @@
 //! 304 when its `If-None-Match` names the digest) and a tag list kept for `CACHE_TTL`. Also what is
 //! kept: Harbor's headers without the per-response ones, copied out of hyper's read buffer.
 
-use std::time::Instant;
-
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, IF_NONE_MATCH};
 use http::{HeaderMap, Response, StatusCode};
@@ -12,22 +10,17 @@ use crate::body::Body;
 use crate::cache::Kept;
 
 use super::ask::{Ask, Endpoint};
+use super::remembered::Remembered;
 use super::respond::{respond, whole};
-use super::state::State;
 
 /// The answer to `ask` from this core's memory, if it has one. `client` are the client's headers.
-pub fn answer(
-    state: &State,
-    ask: &Ask,
-    client: &HeaderMap,
-    now: Instant,
-) -> Option<Response<Body>> {
+pub fn answer(remembered: &Remembered, ask: &Ask, client: &HeaderMap) -> Option<Response<Body>> {
     match &ask.endpoint {
         Endpoint::Manifest {
             reference,
             by_digest: true,
         } => {
-            let m = state.manifest(&ask.memory_key()?, now)?;
+            let m = remembered.manifest(&ask.memory_key()?)?;
             let ct = m.headers.get(CONTENT_TYPE)?.to_str().ok()?;
             if !accepts(client, ct) {
                 return None;
@@ -41,7 +34,7 @@ pub fn answer(
             Some(whole(StatusCode::OK, m.headers, m.body, ask.head))
         }
         Endpoint::Tags { .. } => {
-            let t = state.tags(&ask.memory_key()?, now)?;
+            let t = remembered.tags(&ask.memory_key()?)?;
             Some(whole(StatusCode::OK, t.headers, t.body, ask.head))
         }
         _ => None,

@@ -5,7 +5,10 @@
 //! - [`route`]: method and path → `Route`, validated by the name grammar.
 //! - [`handle`]: the handler: `/v2/`, health, refusals, the per-IP request limit, pulls.
 //! - [`client`]: who the client is (peer, or `X-Forwarded-For` behind a trusted proxy).
-//! - [`state`]: per-core state behind verbs (look up, learn, forget, admit, record, remember).
+//! - [`state`]: per-core state as handles, one per concern: `routing` (mappings, fan-outs in
+//!   flight, refreshes), `circuits`, `remembered` answers, last-known-good `tags`, `budgets`, the
+//!   `view` of the routing list, `counters`; [`settings`]: the registry's slice of the
+//!   configuration.
 //! - [`ask`]: one owned description of what a pull asks a project for.
 //! - [`attempt`]: sending an ask to one project, and the one judge of the answer.
 //! - [`outcome`]: the typed outcome of an answer ([`outcome::Heard`]) and the questions asked of it.
@@ -18,7 +21,10 @@
 pub mod answer;
 pub mod ask;
 pub mod attempt;
+pub(crate) mod budgets;
+pub(crate) mod circuits;
 pub mod client;
+pub(crate) mod counters;
 pub mod fanout;
 pub mod forward;
 pub mod handle;
@@ -28,11 +34,18 @@ pub mod mirror;
 pub mod outcome;
 pub mod pull;
 pub mod refresh;
+pub(crate) mod remembered;
 pub mod respond;
 pub mod route;
+pub(crate) mod routing;
+pub mod settings;
 pub mod stale;
 pub mod state;
+pub(crate) mod tags;
 pub mod tally;
+#[doc(hidden)]
+pub mod testing;
 pub mod trace;
+pub(crate) mod view;
 
 pub use state::{ProcessState, State};

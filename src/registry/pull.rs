@@ -21,7 +21,7 @@ use http::{Method, Response};
 
 use crate::body::Body;
 use crate::error::Error;
-use crate::metrics::labels::{Found as Seen, Layer, Route as Answered, StaleReason};
+use crate::metrics::labels::{Answered, Layer, LookupResult, StaleReason};
 use crate::registry::route::Route;
 use crate::snapshot::{Project, Snapshot};
 
@@ -30,7 +30,9 @@ use super::fanout::{self, Found};
 use super::mapped::{self, Mapped};
 use super::mirror::{self, MirrorRequest};
 use super::respond::{error, json};
-use super::state::{Lookup, State};
+use super::routing::{Freshness, Located};
+use super::state::State;
+use super::tags::Tell;
 use super::trace::{Trace, REQUEST_ID};
 
 // The phases of a pull, in order, are the functions below `serve`.
@@ -120,18 +122,22 @@ fn from_memory(state: &State, pull: &Pull, headers: &http::HeaderMap) -> Option<
         return None;
     }
     let metrics = state.metrics();
-    let res = memory::answer(state, &pull.ask, headers, state.now());
+    let res = memory::answer(&state.remembered, &pull.ask, headers);
     metrics.lookup(
         Layer::Memory,
-        if res.is_some() { Seen::Hit } else { Seen::Miss },
+        if res.is_some() {
+            LookupResult::Hit
+        } else {
+            LookupResult::Miss
+        },
     );
     res
 }
 
 /// Phase 2: a miss this core remembers answers 404 at once.
 fn remembered_miss(state: &State, pull: &mut Pull) -> Option<Response<Body>> {
-    let detail = state.miss(&pull.key, state.now())?;
-    state.metrics().lookup(Layer::Core, Seen::Negative);
+    let detail = state.remembered.miss(&pull.key)?;
+    state.metrics().lookup(Layer::Core, LookupResult::Negative);
     pull.trace.route = Answered::Negative;
     Some(not_found(&pull.ask, detail))
 }
@@ -149,7 +155,7 @@ fn unmirrored(pull: &Pull) -> Option<Response<Body>> {
 /// Phase 6: for a tag, remember what it resolved to; or, when every project that could confirm it
 /// failed, answer with what it last resolved to.
 async fn settle(state: &Rc<State>, pull: &mut Pull<'_, '_>, res: Response<Body>) -> Response<Body> {
-    if pull.ask.tag().is_none() || !state.stale_if_error() {
+    if pull.ask.tag().is_none() || !state.tags.enabled() {
         return res;
     }
     if let Some(project) = pull.log.by {
@@ -165,28 +171,32 @@ async fn settle(state: &Rc<State>, pull: &mut Pull<'_, '_>, res: Response<Body>)
 
 /// Phases 4 and 5: the mapped project's answer, else the fan-out's; the log learns who said what.
 async fn ask_harbor(state: &Rc<State>, pull: &mut Pull<'_, '_>) -> Response<Body> {
-    let now = state.now();
     let snapshot = pull.snapshot;
     let ask = &pull.ask;
     match state
-        .lookup(snapshot, &ask.mapping_key(), &pull.key, now)
+        .routing
+        .lookup(snapshot, &ask.mapping_key(), &pull.key)
         .await
     {
-        Lookup::Missing(detail) => {
+        Located::Missing { detail, until } => {
+            // Another pod found it missing: remembered here for the rest of its life there.
+            state
+                .remembered
+                .remember_miss_until(&pull.key, detail.clone(), until);
             pull.trace.route = Answered::Negative;
             if ask.tag().is_some() {
-                state.forget_tag_everywhere(&pull.key, false);
+                state.tags.forget_everywhere(&pull.key, Tell::ThisPod);
             }
             return not_found(ask, detail);
         }
         // A mirror request's mapping (keyed by registry) must still point into its registry.
-        Lookup::Mapped(project, _)
+        Located::Mapped { project, .. }
             if ask
                 .registry
                 .as_deref()
                 .is_some_and(|host| !mirror::serves(snapshot, project, host)) => {}
-        Lookup::Mapped(project, stale) => {
-            if stale {
+        Located::Mapped { project, freshness } => {
+            if freshness == Freshness::Stale {
                 refresh::start(state, snapshot.clone(), ask);
             }
             pull.trace.route = Answered::Mapped;
@@ -197,7 +207,7 @@ async fn ask_harbor(state: &Rc<State>, pull: &mut Pull<'_, '_>) -> Response<Body
             pull.trace.project = None;
             tracing::debug!(name = pull.ask.name, project = %project.name, "mapped project answered 404; asking every project")
         }
-        Lookup::Unknown => {}
+        Located::Unknown => {}
     }
     pull.trace.route = Answered::FanOut;
     let candidates = candidates(state, snapshot, &pull.ask);
@@ -288,7 +298,7 @@ async fn ask_mapped<'s>(
         }
         Mapped::Gone => {
             if pull.ask.tag().is_some() {
-                state.forget_tag(&pull.key, &project.name);
+                state.tags.forget(&pull.key, &project.name);
                 pull.log.answered.push(project.name.clone());
             }
             None

@@ -15,7 +15,7 @@ use super::state::State;
 
 /// Starts refreshing `ask.name`'s mapping in the background, unless a refresh of it is running.
 pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
-    let Some(claim) = state.claim_refresh(&ask.mapping_key()) else {
+    let Some(claim) = state.routing.claim_refresh(&ask.mapping_key()) else {
         return;
     };
     let state = state.clone();
@@ -28,7 +28,9 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
         state.metrics().race(RaceKind::Refresh, outcome.label());
         match outcome {
             Outcome::Won(project, res) => {
-                state.learn_won(&probe.mapping_key(), &project.name, info.second_choice);
+                state
+                    .routing
+                    .learn_won(&probe.mapping_key(), &project.name, info.choice);
                 state.upstream().drain(res.into_body()).await;
             }
             Outcome::NotFound(_) => {}

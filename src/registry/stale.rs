@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::body::Body;
 use crate::cache::Seen;
-use crate::metrics::labels::{Route, StaleReason};
+use crate::metrics::labels::{Answered, StaleReason};
 use crate::snapshot::Project;
 
 use super::ask::{Ask, Endpoint};
@@ -58,7 +58,7 @@ pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body
         length,
         project: &project.name,
     };
-    state.confirm_tag(key, seen, project);
+    state.tags.confirm(key, seen, project);
 }
 
 /// The last-known-good answer to the tag pull `pull`, standing in for the failure `why`, if there
@@ -70,7 +70,7 @@ pub async fn answer(
     why: StaleReason,
 ) -> Option<Response<Body>> {
     let (snapshot, ask, key) = (pull.snapshot, &pull.ask, pull.key.as_str());
-    let (resolved, age) = state.last_good(key, snapshot).await?;
+    let (resolved, age) = state.tags.last_good(key, snapshot).await?;
     if pull.log.answered.contains(&resolved.project) {
         return None;
     }
@@ -96,8 +96,10 @@ pub async fn answer(
     h.insert(http::header::WARNING, WARNING);
     h.insert(http::header::AGE, HeaderValue::from(age.as_secs()));
     state.metrics().stale(why);
-    state.served_stale(&ask.name, &project.name, age, why.as_str());
-    pull.trace.route = Route::Stale;
+    state
+        .tags
+        .served_stale(&ask.name, &project.name, age, why.as_str());
+    pull.trace.route = Answered::Stale;
     pull.trace.project(&project.name);
     Some(res)
 }
@@ -123,7 +125,7 @@ async fn by_digest(
     pinned.headers.remove(http::header::IF_MODIFIED_SINCE);
     if let Some(kept) = pinned
         .memory_key()
-        .and_then(|k| state.manifest(&k, state.now()))
+        .and_then(|k| state.remembered.manifest(&k))
     {
         return Some(whole(StatusCode::OK, kept.headers, kept.body, false));
     }

@@ -302,29 +302,17 @@ mod tests {
         const ALL: Ranks = &[Some(0), Some(1)];
         let all = ALL;
         let cases: &[(Ranks, Events, Ending)] = &[
-            (
-                all,
-                &[(0, NOT_HERE), (1, NOT_HERE)],
-                Ending::NotFound(None),
-            ),
+            (all, &[(0, NOT_HERE), (1, NOT_HERE)], Ending::NotFound(None)),
             (all, &[(0, NOT_HERE), (1, FAILED)], Ending::Failed),
             (
                 all,
                 &[(0, NOT_HERE), (1, LIMITED)],
                 Ending::RateLimited(None),
             ),
-            (
-                all,
-                &[(0, FAILED), (1, LIMITED)],
-                Ending::RateLimited(None),
-            ),
+            (all, &[(0, FAILED), (1, LIMITED)], Ending::RateLimited(None)),
             (all, &[(0, NOT_HERE), (1, DENIED)], Ending::Denied),
             (all, &[(0, FAILED), (1, DENIED)], Ending::Failed),
-            (
-                all,
-                &[(0, NOT_HERE), (1, Heard::Policy)],
-                Ending::Policy(1),
-            ),
+            (all, &[(0, NOT_HERE), (1, Heard::Policy)], Ending::Policy(1)),
             (all, &[(0, LIMITED), (1, Heard::Policy)], Ending::Policy(1)),
             (
                 all,

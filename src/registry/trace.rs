@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::config::AccessLog;
-use crate::metrics::labels::{Endpoint, Route};
+use crate::metrics::labels::{Answered, Requested};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -20,7 +20,7 @@ pub struct Trace {
     pub started: Instant,
     pub id: HeaderValue,
     /// How the pull was answered (`Refused` until a phase says otherwise).
-    pub route: Route,
+    pub route: Answered,
     /// The project that answered; kept only when the access log may print it.
     pub project: Option<String>,
     /// Requests sent to Harbor for this pull.
@@ -38,7 +38,7 @@ impl Trace {
         Trace {
             started: Instant::now(),
             id,
-            route: Route::Refused,
+            route: Answered::Refused,
             project: None,
             attempts: 0,
             keep_project: log != AccessLog::Off,
@@ -68,7 +68,7 @@ pub fn log(
     log: AccessLog,
     trace: &Trace,
     method: &Method,
-    endpoint: Endpoint,
+    endpoint: Requested,
     name: Option<&str>,
     status: StatusCode,
     bytes: Option<u64>,
@@ -77,7 +77,7 @@ pub fn log(
     let wanted = match log {
         AccessLog::Off => false,
         // A stale answer is a 200 that stands in for a failure: logged with the errors.
-        AccessLog::Errors => status.as_u16() >= 400 || trace.route == Route::Stale,
+        AccessLog::Errors => status.as_u16() >= 400 || trace.route == Answered::Stale,
         AccessLog::All => true,
     };
     if !wanted {

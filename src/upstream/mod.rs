@@ -16,7 +16,7 @@ pub mod tls;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use base64::Engine;
@@ -26,7 +26,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use rustls::pki_types::ServerName;
 
-use crate::config::{Config, HarborUrl};
+use crate::clock::Clock;
+use crate::config::{Config, Credentials, HarborUrl};
 use crate::counter::{Counter, Gauge};
 use auth::{scope_for_path, Challenge, Ticket, TokenCache};
 use pool::{Pool, PoolStats, Target, UpstreamBody};
@@ -78,6 +79,34 @@ pub enum AuthMode {
     Basic,
 }
 
+/// The configuration the client to Harbor reads: its slice of [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub url: HarborUrl,
+    pub ca_file: Option<String>,
+    pub credentials: Option<Credentials>,
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            url: config.harbor_url.clone(),
+            ca_file: config.harbor_ca_file.clone(),
+            credentials: config.harbor_credentials.clone(),
+            http2: config.http2_prior_knowledge,
+            connect_timeout: config.upstream_connect_timeout,
+            response_timeout: config.upstream_response_timeout,
+            max_idle: config.max_idle_conns_per_host,
+            idle_timeout: config.idle_conn_timeout,
+        }
+    }
+}
+
 /// Harbor as every core's client reaches it: origin, resolved addresses, TLS, credentials. Built
 /// once at start, shared read-only.
 pub struct Harbor {
@@ -91,14 +120,16 @@ pub struct Harbor {
 }
 
 impl Harbor {
-    /// Builds the shared client settings from the configuration: TLS config, resolved addresses.
+    /// Builds the shared client from the configuration: TLS config, resolved addresses.
     pub fn from_config(config: &Config) -> anyhow::Result<Arc<Harbor>> {
-        let url = &config.harbor_url;
+        Harbor::new(&Settings::from_config(config))
+    }
+
+    /// Builds the shared client from its settings: TLS config, resolved addresses.
+    pub fn new(settings: &Settings) -> anyhow::Result<Arc<Harbor>> {
+        let url = &settings.url;
         let tls = if url.tls {
-            let tls = tls::client_config(
-                config.harbor_ca_file.as_deref(),
-                config.http2_prior_knowledge,
-            )?;
+            let tls = tls::client_config(settings.ca_file.as_deref(), settings.http2)?;
             let name = ServerName::try_from(url.host.clone()).map_err(|e| {
                 anyhow::anyhow!(
                     "HARBOR_URL host {:?} is not a TLS server name: {e}",
@@ -115,15 +146,15 @@ impl Harbor {
         let target = Arc::new(Target {
             addrs,
             tls,
-            http2: config.http2_prior_knowledge,
-            connect_timeout: config.upstream_connect_timeout,
-            body_stall_timeout: config.upstream_response_timeout,
-            max_idle: config.max_idle_conns_per_host,
-            idle_timeout: config.idle_conn_timeout,
+            http2: settings.http2,
+            connect_timeout: settings.connect_timeout,
+            body_stall_timeout: settings.response_timeout,
+            max_idle: settings.max_idle,
+            idle_timeout: settings.idle_timeout,
         });
         let origin = url.origin();
         let uri: Uri = origin.parse()?;
-        let basic = config.harbor_credentials.as_ref().map(|c| {
+        let basic = settings.credentials.as_ref().map(|c| {
             let raw = format!("{}:{}", c.username, c.password.expose());
             let mut v = HeaderValue::from_str(&format!(
                 "Basic {}",
@@ -140,7 +171,7 @@ impl Harbor {
             authority: uri.authority().cloned().expect("origin has an authority"),
             host_header: HeaderValue::from_str(uri.authority().expect("authority").as_str())?,
             basic,
-            response_timeout: config.upstream_response_timeout,
+            response_timeout: settings.response_timeout,
         }))
     }
 
@@ -176,6 +207,8 @@ pub struct Upstream {
     authority: http::uri::Authority,
     host_header: HeaderValue,
     stats: Arc<Stats>,
+    /// Decides when tokens are renewed and how long a refusal is remembered.
+    clock: Clock,
 }
 
 /// One core's client counters: written by that core, read by the metrics scrape.
@@ -202,8 +235,9 @@ pub struct Stats {
 }
 
 impl Upstream {
-    /// Call on the thread (and inside the monoio runtime) that will use it.
-    pub fn new(harbor: Arc<Harbor>) -> Upstream {
+    /// Call on the thread (and inside the monoio runtime) that will use it; `clock` decides token
+    /// lives.
+    pub fn new(harbor: Arc<Harbor>, clock: Clock) -> Upstream {
         let authority = http::uri::Authority::try_from(harbor.authority.as_str())
             .expect("an authority parses again");
         let host_header = HeaderValue::from_bytes(harbor.host_header.as_bytes())
@@ -216,6 +250,7 @@ impl Upstream {
             stats,
             authority,
             host_header,
+            clock,
         }
     }
 
@@ -251,11 +286,6 @@ impl Upstream {
         host.eq_ignore_ascii_case(&origin.host) && uri.port_u16().unwrap_or(default) == origin.port
     }
 
-    /// Idle pooled HTTP/1.1 connections right now.
-    pub fn idle_connections(&self) -> usize {
-        self.pool.idle_count()
-    }
-
     /// Token fetches this client started.
     pub fn token_fetches(&self) -> u64 {
         self.tokens.fetches()
@@ -284,7 +314,7 @@ impl Upstream {
         let scope = scope_for_path(req.uri().path());
         let sent = scope
             .as_ref()
-            .and_then(|s| self.tokens.cached(s, Instant::now()));
+            .and_then(|s| self.tokens.cached(s, self.clock.now()));
         if let Some(token) = &sent {
             self.stats.token_hits.inc();
             req.headers_mut()
@@ -320,7 +350,7 @@ impl Upstream {
                 // This request's scope first, so it is in the batch whatever its size.
                 scopes.retain(|s| *s != scope);
                 scopes.insert(0, scope.clone());
-                let guards = self.tokens.lead_all(&scopes, Instant::now());
+                let guards = self.tokens.lead_all(&scopes, self.clock.now());
                 self.drain(res.into_body()).await;
                 // Boxed: a rare path, kept out of the size of every request's future.
                 Box::pin(self.refetch(bearer, scope, guards)).await?
@@ -340,7 +370,7 @@ impl Upstream {
             // A fresh token refused too: remembered, so the next pulls do not each cost Harbor a
             // token request.
             if let Some(scope) = &scope {
-                self.tokens.refused(scope, token, Instant::now());
+                self.tokens.refused(scope, token, self.clock.now());
             }
         }
         Ok(res)
@@ -390,7 +420,7 @@ impl Upstream {
             Ok((h, ttl)) => Ok((h.clone(), *ttl)),
             Err(e) => Err(e.to_string()),
         };
-        let now = Instant::now();
+        let now = self.clock.now();
         for guard in guards {
             guard.finish(shared.clone(), now);
         }
@@ -490,14 +520,15 @@ impl Upstream {
         let scopes: Vec<String> = repositories
             .map(|r| format!("repository:{r}:pull"))
             .collect();
-        let Some(batch) = self.tokens.batch(&scopes, Instant::now()) else {
+        let Some(batch) = self.tokens.batch(&scopes, self.clock.now()) else {
             return;
         };
         let limit = within.min(self.harbor.response_timeout);
         match monoio::time::timeout(limit, self.fetch_token(&batch)).await {
-            Ok(Ok((header, ttl))) => self
-                .tokens
-                .store_batch(&batch, &header, ttl, Instant::now()),
+            Ok(Ok((header, ttl))) => {
+                self.tokens
+                    .store_batch(&batch, &header, ttl, self.clock.now())
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, "batched token request failed"),
             Err(_) => tracing::debug!("batched token request timed out"),
         }
@@ -507,7 +538,7 @@ impl Upstream {
     async fn token(&self, challenge: &Challenge) -> Result<HeaderValue, UpstreamError> {
         let key = challenge.key();
         loop {
-            match self.tokens.ticket(&key, Instant::now()) {
+            match self.tokens.ticket(&key, self.clock.now()) {
                 Ticket::Ready(h) => return Ok(h),
                 Ticket::Wait(rx) => match rx.await {
                     Ok(Ok(h)) => return Ok(h),
@@ -520,7 +551,7 @@ impl Upstream {
                         Ok((h, ttl)) => Ok((h.clone(), *ttl)),
                         Err(e) => Err(e.to_string()),
                     };
-                    guard.finish(shared, Instant::now());
+                    guard.finish(shared, self.clock.now());
                     return result.map(|(h, _)| h);
                 }
             }
