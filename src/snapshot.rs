@@ -107,9 +107,11 @@ pub struct Snapshot {
     pub projects: Vec<Project>,
     /// When the discovery that produced this snapshot finished.
     pub built_at: Instant,
-    /// Counts published snapshots, starting at 1; 0 is a provisional list loaded from Redis at
-    /// start, used until discovery completes.
+    /// Counts published snapshots (each core copies a new one once); 0 for a list loaded from
+    /// Redis at start.
     pub generation: u64,
+    /// A list loaded from Redis at start that no discovery round has confirmed yet.
+    pub provisional: bool,
     /// What discovery learned of Harbor itself.
     pub harbor: HarborInfo,
 }

@@ -206,6 +206,18 @@ fn pages_that_shift_while_they_are_read_lose_and_repeat_no_project() {
         want.iter().map(String::as_str).collect::<Vec<_>>()
     );
     assert_eq!(harbor.counters().project_pages - pages, 4, "read twice");
+    // A list that changes under every read: the reads are merged, no project lost or repeated.
+    for name in ["a-1", "a-2", "a-3"] {
+        harbor.shift_pages(Shift::Create(proxy(name)));
+    }
+    let found = discover_once(&harbor.url(), Some(ROBOT)).unwrap();
+    let got = names(&found);
+    for p in want.iter().map(String::as_str).chain(["a-1", "a-2"]) {
+        assert!(got.contains(&p), "{p} missing");
+    }
+    let mut unique = got.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "no duplicate");
 }
 
 #[test]

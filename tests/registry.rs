@@ -33,11 +33,17 @@ const APP: &str = "/v2/proxy/org/app/manifests/v1";
 const BLOB: &str =
     "/v2/proxy/org/app/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
+/// A manifest as Harbor answers one it holds: with its digest (so a GET by tag streams it).
 fn manifest() -> Answer {
+    const BODY: &[u8] = br#"{"schemaVersion":2}"#;
+    let digest = format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(BODY));
     Answer::with(
         200,
-        &[("content-type", MANIFEST_TYPE)],
-        br#"{"schemaVersion":2}"#,
+        &[
+            ("content-type", MANIFEST_TYPE),
+            ("docker-content-digest", &digest),
+        ],
+        BODY,
     )
 }
 
@@ -60,6 +66,7 @@ fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> TestCor
         built_at: Instant::now(),
         generation: 1,
         harbor: Default::default(),
+        provisional: false,
     })));
     testing::core(&config, snapshot)
 }
@@ -612,15 +619,19 @@ fn manifests_larger_than_4_mib_are_refused_or_cut() {
         // By digest: read whole first, so refused outright.
         let (status, _) = send_raw(&s, &by_digest("sha256", &big)).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
-        // At the limit exactly: passed on.
+        // At the limit exactly: passed on, streamed with its digest and read whole without one.
         let limit = vec![b' '; 4 << 20];
-        fake.answer(
-            "a",
-            Answer::with(200, &[("content-type", MANIFEST_TYPE)], &limit).chunked(),
-        );
-        let (status, body) = send_raw(&s, APP).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body.unwrap().len(), 4 << 20);
+        for with_digest in [true, false] {
+            let headers: &[(&str, &str)] = if with_digest {
+                &headers
+            } else {
+                &[("content-type", MANIFEST_TYPE)]
+            };
+            fake.answer("a", Answer::with(200, headers, &limit).chunked());
+            let (status, body) = send_raw(&s, APP).await;
+            assert_eq!(status, StatusCode::OK, "with digest: {with_digest}");
+            assert_eq!(body.unwrap().len(), 4 << 20, "with digest: {with_digest}");
+        }
     });
 }
 

@@ -18,7 +18,7 @@ use harbor_router::config::Config;
 use harbor_router::upstream::{self, AuthMode, Upstream};
 use testbed::{HarborConfig, Seeded, Testbed};
 
-use common::nginx::TlsFront;
+use common::nginx::{Listen, TlsFront};
 use common::relay::Relay;
 use common::run;
 
@@ -145,10 +145,12 @@ fn http1_token_flow_reuse_and_killed_connections() {
 
 #[test]
 fn http2_prior_knowledge_against_a_harbor_without_h2c_falls_back_to_http1() {
-    // Harbor's nginx and core speak no h2c: the first request fails over HTTP/2, is sent again
-    // over HTTP/1.1, and the core keeps to HTTP/1.1.
+    // Harbor's own nginx speaks HTTP/1.1 on plain TCP: the first request fails over HTTP/2, is sent
+    // again over HTTP/1.1, and the core keeps to HTTP/1.1.
     let (bed, seeded) = common::bed_with_app();
-    let config = client_config(&bed.harbor.url(), &[("HTTP2_PRIOR_KNOWLEDGE", "true")]);
+    let nginx = TlsFront::listening(bed.harbor.addr(), Listen::Plain);
+    let url = format!("http://{}", nginx.addr);
+    let config = client_config(&url, &[("HTTP2_PRIOR_KNOWLEDGE", "true")]);
     let shared = upstream::Harbor::from_config(&config).unwrap();
     run(async {
         let up = Rc::new(Upstream::new(shared, Clock::system()));
@@ -165,6 +167,30 @@ fn http2_prior_knowledge_against_a_harbor_without_h2c_falls_back_to_http1() {
             t.await;
         }
         assert_eq!(up.stats().h2c_refused.get(), 1, "found out once");
+    });
+}
+
+#[test]
+fn http2_prior_knowledge_through_an_h2c_front() {
+    // A front that speaks h2c: one multiplexed connection, no fallback, whatever fails later.
+    let (bed, seeded) = common::bed_with_app();
+    let nginx = TlsFront::listening(bed.harbor.addr(), Listen::H2c);
+    let relay = Relay::start(nginx.addr, true);
+    let config = client_config(
+        &format!("http://{}", relay.addr),
+        &[("HTTP2_PRIOR_KNOWLEDGE", "true")],
+    );
+    scenario(&bed, &seeded, &relay, config, true);
+    let shared = upstream::Harbor::from_config(&client_config(
+        &format!("http://{}", nginx.addr),
+        &[("HTTP2_PRIOR_KNOWLEDGE", "true")],
+    ))
+    .unwrap();
+    run(async {
+        let up = Upstream::new(shared, Clock::system());
+        pull_manifest(&up, &seeded).await;
+        assert!(up.multiplexed());
+        assert_eq!(up.stats().h2c_refused.get(), 0);
     });
 }
 
@@ -388,5 +414,42 @@ fn tokens_of_a_batch_are_fetched_again_in_one_request() {
             t.await;
         }
         assert_eq!(bed.harbor.counters().token_requests - tokens, 1);
+    });
+}
+
+#[test]
+fn a_refusal_is_remembered_per_scope_whatever_its_batch_siblings_meet() {
+    // Two private scopes share a batched token; Harbor then treats the robot as anonymous. Pulls
+    // alternating between the two scopes must not each cost a token request.
+    let (bed, seeded) = common::bed_with_app();
+    let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
+    run(async {
+        let up = Upstream::new(shared, Clock::system());
+        pull_manifest(&up, &seeded).await; // learns the token service
+        let repos = ["ghcr/org/other", "quay/coreos/etcd"];
+        up.prefetch_tokens(
+            repos.iter().map(|r| r.to_string()),
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        bed.harbor.set_robot_refused(true);
+        bed.harbor.revoke_tokens();
+        let tokens = bed.harbor.counters().token_requests;
+        for _ in 0..10 {
+            for r in repos {
+                let path = format!("/v2/{r}/manifests/v1");
+                let res = up
+                    .send(Method::GET, &path, &accept_all(), AuthMode::Registry)
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 401);
+                let _ = res.into_body().collect().await;
+            }
+        }
+        let asked = bed.harbor.counters().token_requests - tokens;
+        assert!(
+            asked <= 2,
+            "{asked} token requests for 20 refused pulls over 2 scopes"
+        );
     });
 }

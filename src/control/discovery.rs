@@ -7,7 +7,7 @@
 //!   `Link: <…>; rel="next"` to the end (never guessing the end from a short page) and checking the
 //!   count against `X-Total-Count`; a project is a proxy cache when `registry_id > 0`; its upstream
 //!   type comes from `GET /api/v2.0/registries/{id}`.
-//! - A failed or partial discovery publishes nothing: the last good snapshot stays. An empty list is
+//! - A failed round publishes nothing: the last good snapshot stays. An empty list is
 //!   published only when there was nothing before (a robot that suddenly sees no project is more
 //!   likely a permissions accident than a Harbor without proxies).
 //! - Projects are sorted by name; when there are more than `MAX_FANOUT_PROJECTS`, the first ones by
@@ -53,13 +53,15 @@ pub enum DiscoveryError {
     Upstream(#[from] UpstreamError),
     #[error("unreadable answer from {what}: {detail}")]
     Body { what: String, detail: String },
+    #[error("the project list kept changing while it was read: {got} projects in every read together, fewer than the {total} Harbor counted")]
+    Unsettled { got: usize, total: usize },
     #[error("bad pagination link {0:?}")]
     Link(String),
     #[error("the project list has more than {0} pages; stopping")]
     TooManyPages(usize),
 }
 
-#[derive(serde::Deserialize, Clone)]
+#[derive(serde::Deserialize, Clone, Debug)]
 struct ApiProject {
     project_id: i64,
     name: String,
@@ -251,22 +253,31 @@ impl Failing {
 }
 
 /// After a round that found the robot refused: the last list stays, re-stamped (Harbor answered, so
-/// readiness does not age) and marked with the refusal; with no list yet, an empty one says why.
+/// readiness does not age) and marked with the refusal; a provisional list from Redis stays as it
+/// was, marked; with no list yet, an empty one says why.
 fn keep_refused(snapshot: &SharedSnapshot, user: &str, generation: &mut u64) {
     let previous = snapshot.load_full();
-    let (projects, version) = match previous.as_deref() {
-        Some(p) => (p.projects.clone(), p.harbor.version.clone()),
-        None => (Vec::new(), None),
+    // A list loaded from Redis stays what it was (provisional, with its age): no round confirmed it.
+    let (projects, version, built_at, provisional) = match previous.as_deref() {
+        Some(p) if p.provisional => (p.projects.clone(), None, p.built_at, true),
+        Some(p) => (
+            p.projects.clone(),
+            p.harbor.version.clone(),
+            Instant::now(),
+            false,
+        ),
+        None => (Vec::new(), None, Instant::now(), false),
     };
     *generation += 1;
     snapshot.store(Some(Arc::new(Snapshot {
         projects,
-        built_at: Instant::now(),
+        built_at,
         generation: *generation,
         harbor: HarborInfo {
             version,
             refused_user: Some(user.to_string()),
         },
+        provisional,
     })));
 }
 
@@ -316,6 +327,7 @@ fn publish(config: &Config, snapshot: &SharedSnapshot, found: Discovered, genera
             version,
             refused_user: None,
         },
+        provisional: false,
     })));
 }
 
@@ -391,42 +403,84 @@ async fn systeminfo(client: &Upstream) -> Result<Option<Option<String>>, Discove
         tracing::debug!(%status, "systeminfo answered no version");
         return Ok(None);
     }
+    // Absent means an anonymous caller; a version that is empty or absurdly long is Harbor's
+    // (only authenticated callers get the field) and is shown shortened.
     Ok(serde_json::from_slice::<ApiSystemInfo>(&body)
         .ok()
-        .map(|i| i.harbor_version.filter(|v| !v.is_empty() && v.len() <= 64)))
+        .map(|i| i.harbor_version.map(|v| shown_version(&v))))
+}
+
+/// A version as shown in `/healthz` and the metrics: printable ASCII, at most 64 characters,
+/// `unknown` when nothing is left.
+fn shown_version(v: &str) -> String {
+    let shown: String = v
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    if shown.is_empty() {
+        "unknown".into()
+    } else {
+        shown
+    }
 }
 
 /// Reads the project list, again when it changed while it was read (see the module's rules).
 async fn list_projects(client: &Upstream, user: &str) -> Result<Vec<ApiProject>, DiscoveryError> {
-    let mut merged: BTreeMap<i64, ApiProject> = BTreeMap::new();
-    let mut why = String::new();
+    let mut reads = Vec::with_capacity(READS);
     for _ in 0..READS {
         let read = read_list(client, user).await?;
-        match read.inconsistency() {
-            None => {
-                if !why.is_empty() {
-                    tracing::info!(
-                        why,
-                        "the project list changed while it was read; read it again"
-                    );
-                }
-                return Ok(read.projects);
-            }
-            Some(w) => why = w,
-        }
-        for p in read.projects {
-            merged.insert(p.project_id, p);
+        let settled = read.inconsistency().is_none();
+        reads.push(read);
+        if settled {
+            break;
         }
     }
+    settle(reads)
+}
+
+/// The list the reads of one round give: the last read if it is consistent (logged when earlier
+/// ones were not), else every project any read listed, unless together they hold fewer than Harbor
+/// counted at its lowest (a project was on no page of any read: the round fails, and the last list
+/// stays).
+fn settle(mut reads: Vec<Read>) -> Result<Vec<ApiProject>, DiscoveryError> {
+    let why: Vec<String> = reads.iter().filter_map(Read::inconsistency).collect();
+    let last = reads.pop().ok_or(DiscoveryError::TooManyPages(0))?;
+    if last.inconsistency().is_none() {
+        if let Some(why) = why.first() {
+            tracing::info!(
+                why,
+                "the project list changed while it was read; read it again"
+            );
+        }
+        return Ok(last.projects);
+    }
+    reads.push(last);
+    let fewest = reads
+        .iter()
+        .flat_map(|r| r.totals.iter().flatten())
+        .min()
+        .copied();
+    let mut merged: BTreeMap<i64, ApiProject> = BTreeMap::new();
+    for p in reads.into_iter().flat_map(|r| r.projects) {
+        merged.insert(p.project_id, p);
+    }
+    if let Some(total) = fewest.filter(|t| merged.len() < *t) {
+        return Err(DiscoveryError::Unsettled {
+            got: merged.len(),
+            total,
+        });
+    }
     tracing::warn!(
-        why,
-        reads = READS,
+        why = why.last().map(String::as_str).unwrap_or(""),
+        reads = why.len(),
         "the project list kept changing while it was read; using every project any read listed"
     );
     Ok(merged.into_values().collect())
 }
 
 /// One read of the project list, page by page.
+#[derive(Clone)]
 struct Read {
     projects: Vec<ApiProject>,
     /// `X-Total-Count` of each page.
@@ -667,6 +721,62 @@ mod tests {
             h.append(LINK, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    fn read(ids: &[i64], totals: &[usize]) -> Read {
+        Read {
+            projects: ids
+                .iter()
+                .map(|id| ApiProject {
+                    project_id: *id,
+                    name: format!("p{id}"),
+                    registry_id: Some(1),
+                })
+                .collect(),
+            totals: totals.iter().map(|t| Some(*t)).collect(),
+        }
+    }
+
+    #[test]
+    fn reads_that_disagree_are_merged_unless_one_project_is_on_no_page_of_any() {
+        let ids = |r: Result<Vec<ApiProject>, DiscoveryError>| -> Vec<i64> {
+            r.unwrap().iter().map(|p| p.project_id).collect()
+        };
+        // A consistent read is the list, whatever came before it.
+        assert_eq!(
+            ids(settle(vec![
+                read(&[1, 2, 2], &[3, 3]),
+                read(&[1, 2, 3], &[3, 3])
+            ])),
+            [1, 2, 3]
+        );
+        // Three inconsistent reads: merged by id, each project once.
+        let shifting = vec![
+            read(&[1, 2, 2, 3], &[3, 4]),
+            read(&[1, 2, 3, 3, 4], &[4, 5]),
+            read(&[1, 2, 3, 4, 4], &[5, 5]),
+        ];
+        assert_eq!(ids(settle(shifting)), [1, 2, 3, 4]);
+        // Together fewer than Harbor counted at its lowest: one project was on no page of any read.
+        let losing = vec![
+            read(&[1, 3], &[3, 3]),
+            read(&[1, 3], &[3, 3]),
+            read(&[3, 4], &[3, 3]),
+        ];
+        assert_eq!(ids(settle(losing)), [1, 3, 4], "three between them: enough");
+        let lost = vec![read(&[1, 3], &[3, 3]); 3];
+        assert!(matches!(
+            settle(lost),
+            Err(DiscoveryError::Unsettled { got: 2, total: 3 })
+        ));
+    }
+
+    #[test]
+    fn versions_are_shown_printable_and_short() {
+        assert_eq!(shown_version("v2.14.0-8f7ab1c2"), "v2.14.0-8f7ab1c2");
+        assert_eq!(shown_version(""), "unknown");
+        assert_eq!(shown_version("v2 \"x\"\n"), "v2\"x\"");
+        assert_eq!(shown_version(&"9".repeat(200)).len(), 64);
     }
 
     #[test]

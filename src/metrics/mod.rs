@@ -600,7 +600,7 @@ impl Metrics {
             Some(s) => (
                 s.projects.len() as f64,
                 s.age(Instant::now()).as_secs_f64(),
-                f64::from(u8::from(s.generation == 0)),
+                f64::from(u8::from(s.provisional)),
             ),
             None => (0.0, 0.0, 0.0),
         };

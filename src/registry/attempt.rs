@@ -110,7 +110,9 @@ pub fn judge(ask: &Ask, status: StatusCode, headers: &HeaderMap) -> Heard {
         // 401 with a challenge, or a 403, is Harbor refusing the router's credentials; a 401
         // without one is Harbor relaying its upstream's refusal.
         401 => Heard::Denied {
-            challenged: headers.contains_key(WWW_AUTHENTICATE),
+            challenged: headers
+                .get(WWW_AUTHENTICATE)
+                .is_some_and(crate::upstream::challenges),
         },
         403 => Heard::Denied { challenged: true },
         412 => Heard::Policy,

@@ -114,7 +114,7 @@ impl Ending {
     /// The error the client gets.
     pub fn error(&self) -> Error {
         match self {
-            Ending::NotFound(_) | Ending::Policy(_) => Error::ManifestUnknown,
+            Ending::NotFound(_) | Ending::Policy { .. } => Error::ManifestUnknown,
             Ending::RateLimited(retry_after) => Error::TooManyRequests {
                 retry_after: retry_after.clone(),
             },
@@ -124,8 +124,8 @@ impl Ending {
             Ending::AllOpen => Error::Unavailable {
                 reason: "every proxy-cache project's circuit is open",
             },
-            // Harbor refused the robot where the image may be.
-            Ending::Denied => super::mapped::denied(true),
+            // Harbor refused the robot (or relayed its upstream's refusal) where it may be.
+            Ending::Denied { challenged } => super::mapped::denied(*challenged),
             Ending::NameTooLong => Error::NameInvalid {
                 reason: "the name is too long for every proxy-cache project: with the project's prefix it exceeds the registry's 255 characters",
             },
@@ -322,8 +322,16 @@ pub async fn race<'a>(
     }
     match tally.end() {
         Ending::NotFound(detail) => Outcome::NotFound(detail),
-        Ending::Policy(slot) => match answers[slot].take() {
-            Some(res) => Outcome::Won(fitting[slot], Box::new(res)),
+        Ending::Policy {
+            slot,
+            second_choice,
+        } => match answers[slot].take() {
+            Some(res) => {
+                if second_choice {
+                    info.choice = Choice::Second;
+                }
+                Outcome::Won(fitting[slot], Box::new(res))
+            }
             None => Outcome::Lost(Ending::Failed),
         },
         ending => Outcome::Lost(ending),

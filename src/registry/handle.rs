@@ -184,7 +184,7 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
             if stale {
                 v["reason"] = "the project list is older than 3 discovery intervals: Harbor has not answered discovery since".into();
             }
-            if s.generation == 0 {
+            if s.provisional {
                 // Loaded from Redis at start; discovery has not completed yet.
                 v["provisional"] = true.into();
             }
@@ -196,9 +196,9 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
         if let Some(v) = &s.harbor.version {
             body["harbor_version"] = v.as_str().into();
         }
-        if let Some(user) = &s.harbor.refused_user {
+        if s.harbor.refused_user.is_some() {
+            // The user is named in the log, not to anyone who can reach the client listener.
             body["harbor_credentials"] = "refused".into();
-            body["harbor_user"] = user.as_str().into();
         }
     }
     if let Some(redis) = state.redis_status() {

@@ -105,7 +105,7 @@ pub fn denied(challenged: bool) -> Error {
         reason: if challenged {
             CREDENTIALS_REFUSED
         } else {
-            "Harbor answered 401 without a challenge: the project's upstream registry refused Harbor's own credentials for it"
+            "Harbor answered 401 without a challenge: the project's upstream registry refused Harbor's own credentials for it, or the project no longer exists"
         },
     }
 }

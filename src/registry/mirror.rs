@@ -91,6 +91,7 @@ mod tests {
             built_at: std::time::Instant::now(),
             generation: 1,
             harbor: Default::default(),
+            provisional: false,
         }
     }
 

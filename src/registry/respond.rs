@@ -22,24 +22,17 @@ pub const DEFAULT_RETRY_AFTER_SECS: u64 = 10;
 /// outage that may already be over.
 pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
 
-/// The `Retry-After` a rate-limited client gets: Harbor's when it sent one (delay-seconds capped at
-/// [`MAX_RETRY_AFTER_SECS`], an HTTP date as it is), else [`DEFAULT_RETRY_AFTER_SECS`].
+/// The `Retry-After` a rate-limited client gets: Harbor's when it sent delay-seconds (at least 1, at
+/// most [`MAX_RETRY_AFTER_SECS`]), else [`DEFAULT_RETRY_AFTER_SECS`] (a date, which would need the
+/// two clocks to agree, is replaced too).
 pub fn retry_after(harbor: Option<&HeaderValue>) -> HeaderValue {
-    let Some(v) = harbor.and_then(|v| v.to_str().ok()).map(str::trim) else {
-        return HeaderValue::from(DEFAULT_RETRY_AFTER_SECS);
-    };
-    if let Ok(secs) = v.parse::<u64>() {
-        return HeaderValue::from(secs.min(MAX_RETRY_AFTER_SECS));
-    }
-    match httpdate_like(v).then(|| HeaderValue::from_str(v)) {
-        Some(Ok(h)) => h,
-        _ => HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
-    }
-}
-
-/// Whether `v` looks like an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-fn httpdate_like(v: &str) -> bool {
-    v.len() == 29 && v.ends_with(" GMT") && v.as_bytes()[3] == b','
+    let secs = harbor
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RETRY_AFTER_SECS, |s| {
+            s.clamp(1, MAX_RETRY_AFTER_SECS)
+        });
+    HeaderValue::from(secs)
 }
 
 /// A response from its parts.
@@ -102,10 +95,8 @@ mod tests {
         assert_eq!(retry_after(None), "10");
         assert_eq!(retry_after(Some(&v("7"))), "7");
         assert_eq!(retry_after(Some(&v("86400"))), "3600");
-        assert_eq!(
-            retry_after(Some(&v("Wed, 02 Dec 2026 16:00:00 GMT"))),
-            "Wed, 02 Dec 2026 16:00:00 GMT"
-        );
+        assert_eq!(retry_after(Some(&v("Wed, 02 Dec 2026 16:00:00 GMT"))), "10");
+        assert_eq!(retry_after(Some(&v("0"))), "1");
         assert_eq!(retry_after(Some(&v("soon"))), "10");
         assert_eq!(retry_after(Some(&v("-1"))), "10");
         let res = error(&Error::TooManyRequests { retry_after: None });

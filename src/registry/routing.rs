@@ -289,6 +289,7 @@ mod tests {
             built_at: Instant::now(),
             generation: 1,
             harbor: Default::default(),
+            provisional: false,
         }
     }
 

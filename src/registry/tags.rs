@@ -152,6 +152,7 @@ mod tests {
             built_at: Instant::now(),
             generation: 1,
             harbor: Default::default(),
+            provisional: false,
         };
         let found = |tags: &Tags| {
             monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

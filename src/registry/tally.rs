@@ -42,16 +42,18 @@ pub struct Take {
 pub enum Ending {
     /// Every project said "not here", with the registry's own body when the telling ones agreed.
     NotFound(Option<Bytes>),
-    /// This slot's policy refusal (412) is the answer: its project has it.
-    Policy(Slot),
+    /// This slot's policy refusal (412) is the answer: its project has it. `second_choice` as for
+    /// a win: a project ranked above it could not answer.
+    Policy { slot: Slot, second_choice: bool },
     /// Rate-limited, with Harbor's `Retry-After` (the first one given).
     RateLimited(Option<HeaderValue>),
     /// Some failed (no answer, 502–504).
     Failed,
     /// Not found where asked, and the other projects' circuits are open.
     Unavailable,
-    /// Harbor refused the router's credentials where it may be (the others said "not here").
-    Denied,
+    /// Harbor refused the router's credentials where it may be (the others said "not here");
+    /// `challenged`: Harbor's own refusal at least once (else only its upstream's, relayed).
+    Denied { challenged: bool },
     /// No project could be asked: the name is too long for every one.
     NameTooLong,
     /// No project could be asked: every circuit is open.
@@ -74,8 +76,10 @@ pub struct Tally {
     retry_after: Option<HeaderValue>,
     rate_limited: bool,
     failed: bool,
-    denied: bool,
-    policy: Option<Slot>,
+    /// Harbor refused the router's credentials: `Some(challenged)` (any refusal with a challenge).
+    denied: Option<bool>,
+    /// A policy refusal (slot, rank): the first one heard.
+    policy: Option<(Slot, usize)>,
     /// With `FANOUT_ORDER`: the best win so far (rank, slot), held until nothing better can come.
     held: Option<(usize, Slot)>,
 }
@@ -95,7 +99,7 @@ impl Tally {
             retry_after: None,
             rate_limited: false,
             failed: false,
-            denied: false,
+            denied: None,
             policy: None,
             held: None,
         }
@@ -164,9 +168,11 @@ impl Tally {
                         self.retry_after = self.retry_after.take().or(retry_after);
                     }
                     Heard::Failed(_) => self.failed = true,
-                    Heard::Denied { .. } => self.denied = true,
+                    Heard::Denied { challenged } => {
+                        self.denied = Some(challenged || self.denied == Some(true));
+                    }
                     Heard::Policy => {
-                        self.policy.get_or_insert(slot);
+                        self.policy.get_or_insert((slot, rank));
                     }
                     _ => {}
                 }
@@ -191,16 +197,19 @@ impl Tally {
         }
         if self.all_not_here {
             Ending::NotFound(self.detail.filter(|_| self.details_agree))
-        } else if let Some(slot) = self.policy {
-            Ending::Policy(slot)
+        } else if let Some((slot, rank)) = self.policy {
+            Ending::Policy {
+                slot,
+                second_choice: self.ordered && self.unavailable.iter().any(|r| *r < rank),
+            }
         } else if self.rate_limited {
             Ending::RateLimited(self.retry_after)
         } else if self.failed {
             Ending::Failed
         } else if self.skipped {
             Ending::Unavailable
-        } else if self.denied {
-            Ending::Denied
+        } else if let Some(challenged) = self.denied {
+            Ending::Denied { challenged }
         } else {
             Ending::Failed
         }
@@ -221,6 +230,8 @@ mod tests {
     const FAILED: Heard = Heard::Failed(Failure::Status(503));
     const LIMITED: Heard = Heard::Failed(Failure::RateLimited);
     const DENIED: Heard = Heard::Denied { challenged: true };
+    const RELAYED_401: Heard = Heard::Denied { challenged: false };
+    const DENIED_END: Ending = Ending::Denied { challenged: true };
 
     /// Runs a race: `ranks` by slot (`None`: skipped), then `events` (slot, outcome) in order;
     /// returns the taken win, if any, and the releases, or how it ended.
@@ -310,10 +321,15 @@ mod tests {
                 Ending::RateLimited(None),
             ),
             (all, &[(0, FAILED), (1, LIMITED)], Ending::RateLimited(None)),
-            (all, &[(0, NOT_HERE), (1, DENIED)], Ending::Denied),
+            (all, &[(0, NOT_HERE), (1, DENIED)], DENIED_END),
+            (
+                all,
+                &[(0, NOT_HERE), (1, RELAYED_401)],
+                Ending::Denied { challenged: false },
+            ),
+            (all, &[(0, RELAYED_401), (1, DENIED)], DENIED_END),
             (all, &[(0, FAILED), (1, DENIED)], Ending::Failed),
-            (all, &[(0, NOT_HERE), (1, Heard::Policy)], Ending::Policy(1)),
-            (all, &[(0, LIMITED), (1, Heard::Policy)], Ending::Policy(1)),
+            (all, &[(0, NOT_HERE), (1, Heard::Policy)], policy(1, false)),
             (
                 all,
                 &[(0, NOT_HERE), (1, Heard::Refused(500))],
@@ -331,6 +347,20 @@ mod tests {
                 assert_eq!(taken, None);
                 assert_eq!(ending.as_ref(), Some(want), "{ranks:?} {events:?}");
             }
+        }
+        // A policy refusal ranked below a project that could not answer is a second choice, as a
+        // win would be (with FANOUT_ORDER only).
+        let events: Events = &[(0, LIMITED), (1, Heard::Policy)];
+        assert_eq!(race(true, all, events).2, Some(policy(1, true)));
+        assert_eq!(race(false, all, events).2, Some(policy(1, false)));
+        let events: Events = &[(1, LIMITED), (0, Heard::Policy)];
+        assert_eq!(race(true, all, events).2, Some(policy(0, false)));
+    }
+
+    fn policy(slot: Slot, second_choice: bool) -> Ending {
+        Ending::Policy {
+            slot,
+            second_choice,
         }
     }
 

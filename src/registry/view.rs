@@ -53,6 +53,7 @@ mod tests {
             built_at: Instant::now(),
             generation,
             harbor: Default::default(),
+            provisional: false,
         };
         published.store(Some(Arc::new(snap(1))));
         let a = view.get().unwrap();

@@ -427,6 +427,7 @@ impl Link {
             built_at,
             generation: 0,
             harbor: Default::default(),
+            provisional: true,
         });
         let before = self
             .snapshot

@@ -275,7 +275,7 @@ impl Shared {
 
     /// Publishes a list discovery read, with the time it was read, for pods that start later.
     pub fn publish_projects(&self, snapshot: &Snapshot) {
-        if snapshot.generation == 0 {
+        if snapshot.provisional {
             return; // provisional: it came from Redis
         }
         self.write(Write::Projects(StoredProjects::new(

@@ -422,6 +422,7 @@ mod tests {
             built_at: Instant::now(),
             generation: 1,
             harbor: Default::default(),
+            provisional: false,
         };
         let digest = format!("sha256:{}", "a".repeat(64));
         let t = StoredTag {
@@ -475,6 +476,7 @@ mod tests {
             built_at: Instant::now(),
             generation: 1,
             harbor: Default::default(),
+            provisional: false,
         };
         let m = StoredMapping::new(&snap.projects[0], 100_000);
         let raw = serde_json::to_vec(&m).unwrap();

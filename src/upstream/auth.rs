@@ -242,11 +242,12 @@ impl TokenCache {
 
     /// Drops `rejected` under every scope it is stored for (Harbor answered 401 to it: its signing
     /// key changed, the token was revoked, or the robot changed) and returns those scopes. A newer
-    /// token of a scope is kept.
+    /// token of a scope is kept, and so is a scope's token already remembered as refused (it stays
+    /// refused for the rest of [`REFUSED_LIFE`], whatever its siblings of a batch meet).
     pub fn drop_token(&self, rejected: &HeaderValue) -> Vec<String> {
         let dropped = RefCell::new(Vec::new());
         self.tokens.borrow_mut().retain(|scope, c| {
-            let keep = c.header != *rejected;
+            let keep = c.header != *rejected || c.refused;
             if !keep {
                 dropped.borrow_mut().push(scope.clone());
             }

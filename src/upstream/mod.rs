@@ -324,7 +324,13 @@ impl Upstream {
         if res.status() != StatusCode::UNAUTHORIZED {
             return Ok(res);
         }
-        let Some(challenge) = res.headers().get(WWW_AUTHENTICATE) else {
+        // Harbor sends an empty challenge when it cannot tell the project (a project deleted since
+        // discovery): not a verdict on the token.
+        let Some(challenge) = res
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .filter(|v| challenges(v))
+        else {
             return Ok(res);
         };
         let bearer = challenge.to_str().ok().and_then(Challenge::parse);
@@ -601,6 +607,12 @@ impl Upstream {
         }
         parse_token(&body)
     }
+}
+
+/// Whether a `WWW-Authenticate` value is a challenge at all (Harbor sends an empty one for a project
+/// it does not know: `src/server/middleware/v2auth/auth.go`, `check`).
+pub fn challenges(value: &HeaderValue) -> bool {
+    !value.as_bytes().iter().all(u8::is_ascii_whitespace)
 }
 
 /// `{"token": …}` or `{"access_token": …}`, with `expires_in` seconds.

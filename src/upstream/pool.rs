@@ -153,26 +153,23 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         self.stats.requests.inc();
         let (sender, reused) = self.acquire().await?;
-        if !reused {
-            let first_h2c = self.target.tls.is_none()
-                && matches!(sender, Sender::H2(_))
-                && !self.h2c_confirmed.get();
-            if !first_h2c {
-                return self.send_on(sender, req).await;
-            }
-            let retry = clone_request(&req);
-            return match self.send_on(sender, req).await {
-                Err(e @ UpstreamError::Request(_)) => self.h2c_refused(retry, e).await,
-                other => {
-                    self.h2c_confirmed.set(other.is_ok());
-                    other
-                }
-            };
+        // h2c not answered yet on plain TCP: every request on it may meet Harbor's HTTP/1.1 refusal
+        // (concurrent first requests share the connection).
+        let unproven_h2c = self.target.tls.is_none()
+            && matches!(sender, Sender::H2(_))
+            && !self.h2c_confirmed.get();
+        if !reused && !unproven_h2c {
+            return self.send_on(sender, req).await;
         }
-        self.stats.reused.inc();
+        if reused {
+            self.stats.reused.inc();
+        }
         let retry = clone_request(&req);
         match self.send_on(sender, req).await {
-            Err(e) if e.before_response() => {
+            Err(e @ UpstreamError::Request(_)) if unproven_h2c && !self.h2c_confirmed.get() => {
+                self.h2c_refused(retry, e).await
+            }
+            Err(e) if reused && e.before_response() => {
                 tracing::debug!(error = %e, "reused upstream connection failed; retrying on a new one");
                 self.stats.retried.inc();
                 let (sender, _) = self.acquire().await?;
@@ -182,20 +179,30 @@ impl Pool {
         }
     }
 
-    /// The first h2c request failed with `error` before any answer: `retry` is sent over HTTP/1.1.
-    /// If that is answered, Harbor does not speak h2c, and the pool keeps to HTTP/1.1.
+    /// A request on an h2c connection nothing was answered on yet failed with `error`. If Harbor
+    /// speaks no h2c (the error says so, or a probe finds Harbor answering the HTTP/2 preface with
+    /// HTTP/1.1), `retry` is sent over HTTP/1.1, and if that is answered the pool keeps to
+    /// HTTP/1.1. Otherwise `error` stands.
     async fn h2c_refused(
         self: &Rc<Self>,
         retry: Request<ReqBody>,
         error: UpstreamError,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.h2_declined.set(true);
+        if !self.h2_declined.get()
+            && !speaks_no_h2c(&error)
+            && !self.answers_preface_with_http1().await
+        {
+            return Err(error);
+        }
+        // Requests that shared the refused connection come here too: the first one counts.
+        let first = !self.h2_declined.replace(true);
         *self.h2.borrow_mut() = None;
         let answered = match self.acquire().await {
             Ok((sender, _)) => self.send_on(sender, retry).await,
             Err(e) => Err(e),
         };
         match &answered {
+            Ok(_) if !first => {}
             Ok(_) => {
                 self.stats.h2c_refused.inc();
                 static SAID: std::sync::atomic::AtomicBool =
@@ -209,9 +216,36 @@ impl Pool {
                 }
             }
             // HTTP/1.1 fails too: Harbor is failing, not refusing h2c. Try h2c again next time.
-            Err(_) => self.h2_declined.set(false),
+            Err(_) if first => self.h2_declined.set(false),
+            Err(_) => {}
         }
         answered
+    }
+
+    /// Sends HTTP/2's preface on a connection of its own and reads what comes back: `true` when it
+    /// is an HTTP/1.1 answer (`HTTP/…`), as from nginx without `http2` or Go's net/http. Anything
+    /// else (HTTP/2 frames, nothing, an error) is not taken as a refusal.
+    async fn answers_preface_with_http1(&self) -> bool {
+        use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+        let Some(addr) = self.target.addrs.load().first().copied() else {
+            return false;
+        };
+        let probe = async move {
+            let mut stream = monoio::net::TcpStream::connect_addr(addr).await.ok()?;
+            // The preface and an empty SETTINGS frame.
+            let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            let (written, _) = stream.write_all(hello).await;
+            written.ok()?;
+            let (read, buf) = stream.read(Vec::with_capacity(16)).await;
+            read.ok()?;
+            Some(buf.starts_with(b"HTTP/"))
+        };
+        monoio::time::timeout(self.target.connect_timeout, probe)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     }
 
     async fn send_on(
@@ -225,6 +259,8 @@ impl Pool {
                 let mut req = req;
                 req.headers_mut().remove(http::header::HOST);
                 let res = s.send_request(req).await.map_err(UpstreamError::Request)?;
+                // An answer over h2c: Harbor speaks it, whatever fails later.
+                self.h2c_confirmed.set(true);
                 let stall = self.target.body_stall_timeout;
                 Ok(res.map(|body| UpstreamBody::new(body, None, stall)))
             }
@@ -417,6 +453,29 @@ where
         });
         Ok(Sender::H1(sender))
     }
+}
+
+/// Whether `e` is what an HTTP/1.1 server's answer to the HTTP/2 preface makes of a first request:
+/// a connection-level HTTP/2 error raised here (the bytes that came back were not HTTP/2 frames:
+/// `HTTP/1.1 400 …` read as a frame header is a frame size error, and the client goes away), not a
+/// reset, a GOAWAY or an I/O error the server sent or caused. nginx without `http2` and Go's
+/// net/http (harbor-core) both answer the preface with an HTTP/1.1 error.
+fn speaks_no_h2c(e: &UpstreamError) -> bool {
+    let UpstreamError::Request(e) = e else {
+        return false;
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            let garbled = matches!(
+                h2.reason(),
+                Some(h2::Reason::FRAME_SIZE_ERROR | h2::Reason::PROTOCOL_ERROR)
+            );
+            return garbled && !h2.is_remote() && !h2.is_io();
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Counts a connection open for as long as its task runs.

@@ -153,7 +153,8 @@ fn projects(state: &State, caller: &Caller, query: Option<&str>) -> Response<Bod
         .collect();
     state.counters.lock().unwrap().project_pages += 1;
     if page == 1 {
-        if let Some(shift) = state.switches().shift.take() {
+        let shift = state.switches().shifts.pop_front();
+        if let Some(shift) = shift {
             apply(state, shift);
         }
     }

@@ -171,6 +171,16 @@ fn authorize(
                     Some(&scope),
                     "authorize header needed to send HEAD to repository",
                 ))
+            } else if state.project(&p.project).is_none() {
+                // Harbor cannot find the project: the error has no challenge with it.
+                let mut res = harbor_error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    &format!("project {} not found", p.project),
+                );
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static(""));
+                Some(res)
             } else if !rights.may_pull(state, &p.project) {
                 let message =
                     format!("unauthorized to access repository: {repository}, action: pull");

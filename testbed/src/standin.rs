@@ -65,8 +65,8 @@ pub(crate) struct Switches {
     pub digests: EmptyDigests,
     /// `(project, repository, tag)` already fetched upstream by a GET: Harbor holds them locally.
     pub fetched_tags: std::collections::HashSet<(String, String, String)>,
-    /// Applied once, right after the next listing's first page was served.
-    pub shift: Option<Shift>,
+    /// Applied one by one, each right after a listing's first page was served.
+    pub shifts: std::collections::VecDeque<Shift>,
     /// `/api/v2.0/systeminfo` answers 404 (a proxy in front of Harbor that does not pass it).
     pub systeminfo_hidden: bool,
 }
@@ -268,6 +268,16 @@ impl StandIn {
         self.state.switches().digests = mode;
     }
 
+    /// Deletes the project called `name` now (its repositories stay in the registry, unreachable
+    /// through Harbor, as after a deletion).
+    pub fn delete_project(&self, name: &str) {
+        self.state
+            .projects
+            .lock()
+            .unwrap()
+            .retain(|(_, p)| p.name != name);
+    }
+
     /// `/api/v2.0/systeminfo` answers 404 (a front that does not pass it): a reader learns neither
     /// the version nor, from it, whether its credentials are accepted.
     pub fn hide_systeminfo(&self, yes: bool) {
@@ -275,9 +285,10 @@ impl StandIn {
     }
 
     /// Changes the project list once, right after the next listing's first page: pages shift
-    /// under a reader that pages through it.
+    /// under a reader that pages through it. Several calls queue several changes, one per
+    /// listing.
     pub fn shift_pages(&self, shift: Shift) {
-        self.state.switches().shift = Some(shift);
+        self.state.switches().shifts.push_back(shift);
     }
 }
 
@@ -307,9 +318,20 @@ async fn serve(
         };
         state.counters.lock().unwrap().connections_accepted += 1;
         let _ = stream.set_nodelay(true);
+
         let mut dropped = state.drop_generation.subscribe();
         let st = state.clone();
         tokio::spawn(async move {
+            if opens_with_h2_preface(&stream).await {
+                // As nginx without `http2` and Go's net/http (harbor-core) do: an HTTP/1.1 refusal.
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let refusal =
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                let _ = stream.write_all(refusal).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
             let svc = hyper::service::service_fn(move |req| {
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(dispatch(st, req).await) }
@@ -323,6 +345,27 @@ async fn serve(
                 _ = dropped.changed() => {}
             }
         });
+    }
+}
+
+/// Whether the client's first bytes are HTTP/2's connection preface (`PRI * HTTP/2.0`). Waits for
+/// them without taking them (hyper reads them otherwise).
+async fn opens_with_h2_preface(stream: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut buf = [0u8; 14];
+    loop {
+        let n = match stream.peek(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            _ => return false,
+        };
+        if buf[..n] != PREFACE[..n] {
+            return false;
+        }
+        if n == PREFACE.len() {
+            return true;
+        }
+        // A prefix of the preface so far: wait for more.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 

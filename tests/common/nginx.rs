@@ -1,6 +1,7 @@
-//! nginx from Debian as a TLS front for the stand-in Harbor, with a CA and a server certificate made
-//! by the test (rcgen): the router must verify Harbor through `HARBOR_CA_FILE`, over HTTP/1.1 or,
-//! with ALPN, HTTP/2.
+//! nginx from Debian as a front for the stand-in Harbor: over TLS, with a CA and a server
+//! certificate made by the test (rcgen), so the router must verify Harbor through `HARBOR_CA_FILE`,
+//! over HTTP/1.1 or, with ALPN, HTTP/2; or on plain TCP, HTTP/1.1 only (as Harbor's own nginx) or
+//! with h2c (HTTP/2 with prior knowledge).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -8,6 +9,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+/// How the front listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// TLS, with HTTP/2 offered by ALPN.
+    Tls,
+    /// Plain TCP, HTTP/1.1 only: Harbor's own nginx templates.
+    Plain,
+    /// Plain TCP with HTTP/2 by prior knowledge (h2c).
+    H2c,
+}
 
 pub struct TlsFront {
     child: Child,
@@ -21,6 +33,12 @@ impl TlsFront {
     /// Starts nginx on a free loopback port, terminating TLS for `localhost` and proxying to
     /// `backend` (plain HTTP/1.1).
     pub fn start(backend: SocketAddr) -> TlsFront {
+        TlsFront::listening(backend, Listen::Tls)
+    }
+
+    /// Starts nginx on a free loopback port, listening as `listen` says, proxying to `backend`
+    /// (plain HTTP/1.1).
+    pub fn listening(backend: SocketAddr, listen: Listen) -> TlsFront {
         let dir =
             std::env::temp_dir().join(format!("hr-nginx-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(dir.join("logs")).unwrap();
@@ -35,6 +53,14 @@ impl TlsFront {
                 .local_addr()
                 .unwrap()
                 .port();
+            let directive = match listen {
+                Listen::Tls => format!(
+                    "listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {dir}/server.pem;\n    ssl_certificate_key {dir}/server.key;",
+                    dir = dir.display()
+                ),
+                Listen::Plain => format!("listen 127.0.0.1:{port};"),
+                Listen::H2c => format!("listen 127.0.0.1:{port} http2;"),
+            };
             let conf = format!(
                 r#"worker_processes 1;
 daemon off;
@@ -49,9 +75,7 @@ http {{
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
   server {{
-    listen 127.0.0.1:{port} ssl http2;
-    ssl_certificate {dir}/server.pem;
-    ssl_certificate_key {dir}/server.key;
+    {directive}
     location / {{
       proxy_pass http://{backend};
       proxy_http_version 1.1;
