@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command. On a fresh Debian machine it installs what the tests need (only what is
-# missing), builds once, and runs: cargo fmt --check, clippy with warnings as errors, and every test
-# of the workspace: unit, in-process, the integration tests that start the built binary on loopback
+# missing), builds once, and runs: cargo fmt --check, the layering check (scripts/layers.py), clippy
+# with warnings as errors, and every test of the workspace: unit, in-process, the integration tests that start the built binary on loopback
 # port 0, and the test bed's (stand-in Harbor in front of the real docker-registry, skopeo, nginx).
 #
 #   scripts/test.sh            everything
@@ -29,6 +29,9 @@ hr_apt ca-certificates docker-registry skopeo nginx-light redis-server redis-sen
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check
+
+stage "layering (lib.rs # Layout: no module uses one above it, no file cycle)"
+python3 scripts/layers.py
 
 stage "build (tests and binary, debug)"
 cargo test --locked --workspace --all-targets --no-run

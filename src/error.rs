@@ -1,6 +1,6 @@
 //! The errors the router answers itself, in the registry's JSON form
-//! (`{"errors":[{"code":"…","message":"…","detail":…}]}`), each knowing its spec code, its HTTP status
-//! and whether a client may retry it. Errors that Harbor sends are passed through untouched and never
+//! (`{"errors":[{"code":"…","message":"…","detail":…}]}`), each knowing its spec code and its HTTP
+//! status. Errors that Harbor sends are passed through untouched and never
 //! become an [`Error`]; start-up errors use `anyhow` and never reach a client.
 
 use bytes::Bytes;
@@ -94,17 +94,6 @@ impl Error {
         }
     }
 
-    /// Whether the same request may succeed later without the client changing anything.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::Unavailable { .. }
-                | Error::BadGateway { .. }
-                | Error::TooManyRequests { .. }
-                | Error::ClientRateLimited { .. }
-        )
-    }
-
     /// The `detail` member: why, in words an operator can act on.
     fn detail(&self) -> std::borrow::Cow<'static, str> {
         match self {
@@ -171,37 +160,21 @@ mod tests {
     #[test]
     fn codes_and_statuses() {
         let cases = [
-            (
-                Error::NameUnknown { detail: "" },
-                "NAME_UNKNOWN",
-                404,
-                false,
-            ),
-            (
-                Error::NameInvalid { reason: "" },
-                "NAME_INVALID",
-                400,
-                false,
-            ),
-            (
-                Error::DigestInvalid { reason: "" },
-                "DIGEST_INVALID",
-                400,
-                false,
-            ),
-            (Error::TagInvalid { reason: "" }, "TAG_INVALID", 400, false),
-            (Error::MethodNotAllowed, "UNSUPPORTED", 405, false),
-            (Error::PushUnsupported, "UNSUPPORTED", 405, false),
-            (Error::Unavailable { reason: "" }, "UNAVAILABLE", 503, true),
-            (Error::ManifestUnknown, "MANIFEST_UNKNOWN", 404, false),
-            (Error::BlobUnknown, "BLOB_UNKNOWN", 404, false),
+            (Error::NameUnknown { detail: "" }, "NAME_UNKNOWN", 404),
+            (Error::NameInvalid { reason: "" }, "NAME_INVALID", 400),
+            (Error::DigestInvalid { reason: "" }, "DIGEST_INVALID", 400),
+            (Error::TagInvalid { reason: "" }, "TAG_INVALID", 400),
+            (Error::MethodNotAllowed, "UNSUPPORTED", 405),
+            (Error::PushUnsupported, "UNSUPPORTED", 405),
+            (Error::Unavailable { reason: "" }, "UNAVAILABLE", 503),
+            (Error::ManifestUnknown, "MANIFEST_UNKNOWN", 404),
+            (Error::BlobUnknown, "BLOB_UNKNOWN", 404),
             (
                 Error::TooManyRequests { retry_after: None },
                 "TOOMANYREQUESTS",
                 429,
-                true,
             ),
-            (Error::Denied { reason: "" }, "DENIED", 403, false),
+            (Error::Denied { reason: "" }, "DENIED", 403),
             (
                 Error::ClientRateLimited {
                     retry_after_secs: 1,
@@ -209,14 +182,12 @@ mod tests {
                 },
                 "TOOMANYREQUESTS",
                 429,
-                true,
             ),
-            (Error::BadGateway { reason: "" }, "UNAVAILABLE", 502, true),
+            (Error::BadGateway { reason: "" }, "UNAVAILABLE", 502),
         ];
-        for (e, code, status, retry) in cases {
+        for (e, code, status) in cases {
             assert_eq!(e.code(), code);
             assert_eq!(e.status().as_u16(), status, "{code}");
-            assert_eq!(e.retryable(), retry, "{code}");
         }
     }
 }

@@ -6,6 +6,8 @@
 //! Dependencies run one way, down this list: a module uses only modules below it.
 //! - [`Server`] (this file): binds the listeners, starts the workers and the control plane, and
 //!   hands back a [`Running`] that can be told to drain. `main.rs` adds signals and the exit code.
+//! - `fuzz_targets` (hidden): the fuzz targets' bodies, replayed by the tests (they drive the
+//!   parsers of the modules below).
 //! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects and
 //!   publishes the [`snapshot`] (and, with Redis, shares it through [`share`]).
 //! - [`registry`]: the registry protocol as the server's handler: routes, the pull path and its
@@ -19,8 +21,8 @@
 //! - [`limit`]: per-client-IP budgets (request rate, fan-outs), shared by the cores.
 //! - [`cache`]: the mapping tiers (core shard → process-wide map → …) and remembered answers.
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
-//!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], per-project circuit
-//!   breakers [`upstream::breaker`].
+//!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], circuit breakers per
+//!   project and lane [`upstream::breaker`].
 //! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
 //! - [`counter`]: counters, gauges and histograms with one writer, read by the scrape.
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
@@ -31,28 +33,27 @@
 //! - [`config`]: every environment variable, parsed and validated in one place.
 //! - [`names`]: the distribution grammar of names, tags and digests.
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
-//! - `fuzz_targets` (hidden): the fuzz targets' bodies, replayed by the tests.
 
-pub mod body;
-pub mod cache;
+pub(crate) mod body;
+pub(crate) mod cache;
 pub mod clock;
 pub mod config;
 pub mod control;
-pub mod counter;
-pub mod error;
-pub mod flight;
+pub(crate) mod counter;
+pub(crate) mod error;
+pub(crate) mod flight;
 #[doc(hidden)]
 pub mod fuzz_targets;
-pub mod limit;
+pub(crate) mod limit;
 pub mod logging;
 pub mod metrics;
-pub mod names;
+pub(crate) mod names;
 pub mod registry;
 pub mod server;
-pub mod share;
+pub(crate) mod share;
 pub mod snapshot;
-pub mod stall;
-pub mod tick;
+pub(crate) mod stall;
+pub(crate) mod tick;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -85,7 +86,7 @@ impl Server {
     /// Binds `WORKERS` SO_REUSEPORT listeners on `LISTEN_ADDR`. With port 0 the first socket picks the
     /// port and the others join it, so every worker serves the same address.
     pub fn bind(config: Config) -> anyhow::Result<Server> {
-        let harbor = upstream::Harbor::from_config(&config)?;
+        let harbor = upstream::Harbor::new(&upstream::Settings::from_config(&config))?;
         let listeners = server::listener::bind(config.listen_addr, config.workers)?;
         let local_addr = listeners[0].local_addr()?;
         let metrics_listener = std::net::TcpListener::bind(config.metrics_addr)

@@ -33,7 +33,7 @@ fn discover_once(
 /// One round.
 fn round(harbor: &str, creds: Option<(&str, &str)>) -> Result<Discovered, DiscoveryError> {
     let config = config(harbor, creds);
-    let shared = upstream::Harbor::from_config(&config).unwrap();
+    let shared = upstream::Harbor::new(&upstream::Settings::from_config(&config)).unwrap();
     let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
     common::run(async move {
         let client = Upstream::new(shared, Clock::system());

@@ -293,6 +293,13 @@ fn the_access_log_follows_a_pull_into_harbor() {
     assert_eq!(v["project"], "ghcr");
     assert_eq!(v["attempts"], 4);
     assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
+    let printed = line.split(r#""duration_ms":"#).nth(1).unwrap();
+    let printed = printed.split([',', '}']).next().unwrap();
+    let decimals = printed.split('.').nth(1).map_or(0, str::len);
+    assert!(
+        decimals <= 3,
+        "whole microseconds, in milliseconds: {printed}"
+    );
     assert!(v["bytes"].as_u64().unwrap() > 0);
     // Harbor saw the id on the requests of this pull.
     assert!(
@@ -307,6 +314,13 @@ fn the_access_log_follows_a_pull_into_harbor() {
     env.router.wait_log(|l| {
         l.contains(&format!(r#""request_id":"{id}""#)) && l.contains(r#""route":"mapped""#)
     });
+    // `/v2/` is no pull: no route, and not "refused".
+    let res = common::request(env.router.addr, "GET", "/v2/", &["X-Request-Id: base-1"]);
+    assert_eq!(res.status, 200);
+    let line = env
+        .router
+        .wait_log(|l| l.contains(r#""request_id":"base-1""#));
+    assert!(line.contains(r#""route":"""#), "{line}");
 }
 
 #[test]

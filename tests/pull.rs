@@ -1,5 +1,6 @@
 //! The pull path end to end: the router binary in front of the stand-in Harbor and the real registry,
-//! driven by skopeo and by raw HTTP. Each Harbor fact of DESIGN.md has a test here.
+//! driven by skopeo and by raw HTTP: each Harbor fact of docs/architecture.md's pull path has a test
+//! here (its answers to refused tokens, robots and policies are in tests/harbor.rs).
 
 mod common;
 

@@ -31,6 +31,11 @@ fn client_config(harbor_url: &str, extra: &[(&str, &str)]) -> Config {
     common::config(harbor_url, &vars)
 }
 
+/// Harbor's client for `config`.
+fn harbor(config: &Config) -> anyhow::Result<std::sync::Arc<upstream::Harbor>> {
+    upstream::Harbor::new(&upstream::Settings::from_config(config))
+}
+
 fn accept_all() -> HeaderMap {
     let mut h = HeaderMap::new();
     for t in testbed::images::ALL_MANIFEST_TYPES {
@@ -59,7 +64,7 @@ async fn pull_manifest(up: &Upstream, seeded: &Seeded) {
 
 /// The whole scenario through `relay` (which the test uses to kill connections).
 fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expect_h2: bool) {
-    let shared = upstream::Harbor::from_config(&config).unwrap();
+    let shared = upstream::Harbor::new(&upstream::Settings::from_config(&config)).unwrap();
     let tokens_before = bed.harbor.counters().token_requests;
     run(async {
         let up = Upstream::new(shared.clone(), Clock::system());
@@ -151,7 +156,7 @@ fn http2_prior_knowledge_against_a_harbor_without_h2c_falls_back_to_http1() {
     let nginx = TlsFront::listening(bed.harbor.addr(), Listen::Plain);
     let url = format!("http://{}", nginx.addr);
     let config = client_config(&url, &[("HTTP2_PRIOR_KNOWLEDGE", "true")]);
-    let shared = upstream::Harbor::from_config(&config).unwrap();
+    let shared = upstream::Harbor::new(&upstream::Settings::from_config(&config)).unwrap();
     run(async {
         let up = Rc::new(Upstream::new(shared, Clock::system()));
         pull_manifest(&up, &seeded).await;
@@ -181,7 +186,7 @@ fn http2_prior_knowledge_through_an_h2c_front() {
         &[("HTTP2_PRIOR_KNOWLEDGE", "true")],
     );
     scenario(&bed, &seeded, &relay, config, true);
-    let shared = upstream::Harbor::from_config(&client_config(
+    let shared = harbor(&client_config(
         &format!("http://{}", nginx.addr),
         &[("HTTP2_PRIOR_KNOWLEDGE", "true")],
     ))
@@ -218,7 +223,7 @@ fn tls_with_a_private_ca() {
 
 /// The error a `GET /v2/` to `harbor_url` fails with.
 fn error_for(harbor_url: &str) -> upstream::UpstreamError {
-    let shared = upstream::Harbor::from_config(&client_config(harbor_url, &[])).unwrap();
+    let shared = harbor(&client_config(harbor_url, &[])).unwrap();
     run(async {
         Upstream::new(shared, Clock::system())
             .send(Method::GET, "/v2/", &HeaderMap::new(), AuthMode::Registry)
@@ -246,7 +251,7 @@ fn idle_connections_are_bounded_and_expire() {
             ("IDLE_CONN_TIMEOUT", "300ms"),
         ],
     );
-    let shared = upstream::Harbor::from_config(&config).unwrap();
+    let shared = upstream::Harbor::new(&upstream::Settings::from_config(&config)).unwrap();
     run(async {
         let up = Rc::new(Upstream::new(shared, Clock::system()));
         pull_manifest(&up, &seeded).await; // token first, so the burst below is 6 plain requests
@@ -281,7 +286,7 @@ fn idle_connections_are_bounded_and_expire() {
 fn a_hanging_harbor_hits_the_response_timeout() {
     let (bed, seeded) = common::bed_with_app();
     let config = client_config(&bed.harbor.url(), &[("UPSTREAM_RESPONSE_TIMEOUT", "300ms")]);
-    let shared = upstream::Harbor::from_config(&config).unwrap();
+    let shared = upstream::Harbor::new(&upstream::Settings::from_config(&config)).unwrap();
     run(async {
         let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await;
@@ -330,7 +335,7 @@ async fn status_of(up: &Upstream, seeded: &Seeded) -> u16 {
 fn a_token_harbor_refuses_costs_one_token_request_not_its_life() {
     // ghcr is private: a token Harbor no longer accepts makes the request anonymous and refused.
     let (bed, seeded) = common::bed_with_app();
-    let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
+    let shared = harbor(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
         let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await;
@@ -356,7 +361,7 @@ fn a_token_harbor_refuses_costs_one_token_request_not_its_life() {
 #[test]
 fn a_robot_that_may_not_pull_is_asked_for_a_token_once_per_interval() {
     let (bed, seeded) = common::bed_with_app();
-    let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
+    let shared = harbor(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
         let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await;
@@ -384,7 +389,7 @@ fn tokens_of_a_batch_are_fetched_again_in_one_request() {
     // A fan-out's batched token covers several scopes; refused, it is fetched again for all of
     // them in one request.
     let (bed, seeded) = common::bed_with_app();
-    let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
+    let shared = harbor(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
         let up = Rc::new(Upstream::new(shared, Clock::system()));
         pull_manifest(&up, &seeded).await; // learns the token service
@@ -422,7 +427,7 @@ fn a_refusal_is_remembered_per_scope_whatever_its_batch_siblings_meet() {
     // Two private scopes share a batched token; Harbor then treats the robot as anonymous. Pulls
     // alternating between the two scopes must not each cost a token request.
     let (bed, seeded) = common::bed_with_app();
-    let shared = upstream::Harbor::from_config(&client_config(&bed.harbor.url(), &[])).unwrap();
+    let shared = harbor(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
         let up = Upstream::new(shared, Clock::system());
         pull_manifest(&up, &seeded).await; // learns the token service

@@ -202,15 +202,18 @@ impl LastGood {
             .retain(|_, e| now.saturating_duration_since(e.at) < life);
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// The weight held, in bytes as [`ByBytes`] counts them.
+    #[cfg(test)]
     pub fn weight(&self) -> u64 {
         self.entries.weight()
     }

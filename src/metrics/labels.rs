@@ -173,21 +173,28 @@ label!(
     }
 );
 
-label!(
-    /// A project's circuit (`lane`): tag lookups need Harbor's upstream, content by digest does not
-    /// (see `upstream::breaker`).
-    Lane {
-        Tags => "tags",
-        Content => "content",
-    }
-);
+/// A project's circuit (`lane`): the breaker's own type (see `upstream::breaker`).
+pub use crate::upstream::breaker::Lane;
 
-label!(
-    /// The Redis link's state (`state`): `off` when `REDIS_SENTINELS` is not set.
-    RedisState {
-        Off => "off",
-        Connecting => "connecting",
-        Up => "up",
-        Down => "down",
+impl Label for Lane {
+    const ALL: &'static [Lane] = Lane::ALL;
+    fn as_str(self) -> &'static str {
+        Lane::as_str(self)
     }
-);
+    fn index(self) -> usize {
+        Lane::index(self)
+    }
+}
+
+/// The Redis link's state (`state`): the link's own type (`off` when `REDIS_SENTINELS` is not set).
+pub use crate::share::Status as RedisState;
+
+impl Label for RedisState {
+    const ALL: &'static [RedisState] = RedisState::ALL;
+    fn as_str(self) -> &'static str {
+        RedisState::as_str(self)
+    }
+    fn index(self) -> usize {
+        RedisState::index(self)
+    }
+}

@@ -644,14 +644,14 @@ impl Metrics {
     /// alerts work on every pod.
     fn render_redis(&self, e: &mut Encoder) {
         let stats = self.redis.as_ref().map(|r| r.stats()).unwrap_or_default();
-        let state = self.redis.as_ref().map_or("off", |r| r.status());
+        let state = RedisState::of(self.redis.as_ref());
         e.gauge(
             "harbor_router_redis_state",
             "The Redis link's state: 1 for the current one of off (REDIS_SENTINELS not set), connecting, up, down.",
             RedisState::ALL.iter().map(|s| {
                 (
                     vec![("state", s.as_str().to_string())],
-                    f64::from(u8::from(s.as_str() == state)),
+                    f64::from(u8::from(*s == state)),
                 )
             }),
         );

@@ -13,7 +13,6 @@
 //! frees its probe (the ticket is dropped).
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -23,11 +22,12 @@ use http::Response;
 use crate::error::Error;
 use crate::flight::Turn;
 use crate::metrics::labels::{self, RaceKind, RaceOutcome, Rejected, StaleReason};
-use crate::snapshot::{Project, Snapshot};
+use crate::snapshot::Project;
 use crate::upstream::pool::UpstreamBody;
 
 use super::ask::Ask;
 use super::attempt::{self, Verdict};
+use super::context::Pull;
 use super::forward;
 use super::outcome::{Failure, Heard};
 use super::routing::{Choice, FanOutResult};
@@ -137,7 +137,7 @@ impl Ending {
 }
 
 /// What a client request learns from the fan-out it led or waited for.
-pub enum Found<'s> {
+pub enum Finding<'s> {
     /// This request led the race: the winner's answer to `ask.locator()`.
     Won(&'s Project, Box<Response<UpstreamBody>>),
     /// Another request led it: the project is known, this request sends its own.
@@ -149,20 +149,16 @@ pub enum Found<'s> {
     Refused(Error),
 }
 
-/// Finds the project that has `ask` on this core, coalesced by `key`; learns the winner, remembers
-/// a miss. Leading a fan-out costs `client` one unit of its fan-out budget; waiting for one is free.
-/// `candidates` are the projects that may have it (all of them, or a mirror request's registry's);
-/// `attempts` counts the requests sent (for the access log).
-#[allow(clippy::too_many_arguments)]
+/// Finds the project that has the pull on this core, coalesced by its key; learns the winner,
+/// remembers a miss. Leading a fan-out costs the pull's client one unit of its fan-out budget;
+/// waiting for one is free. `candidates` are the projects that may have it (all of them, or a
+/// mirror request's registry's); the pull's trace counts the requests sent.
 pub async fn find<'s>(
     state: &Rc<State>,
-    snapshot: &'s Snapshot,
+    pull: &mut Pull<'s, '_>,
     candidates: &[&'s Project],
-    ask: &Ask,
-    key: &str,
-    client: IpAddr,
-    attempts: &mut u32,
-) -> Found<'s> {
+) -> Finding<'s> {
+    let (snapshot, ask, key) = (pull.snapshot, &pull.ask, pull.key.as_str());
     let locator = ask.locator();
     let mut waited = false;
     loop {
@@ -174,24 +170,24 @@ pub async fn find<'s>(
                 }
                 match rx.await {
                     Ok(FanOutResult::Found(p)) => match snapshot.project(&p) {
-                        Some(project) => return Found::Known(project),
-                        None => return Found::NotFound(None),
+                        Some(project) => return Finding::Known(project),
+                        None => return Finding::NotFound(None),
                     },
-                    Ok(FanOutResult::NotFound(detail)) => return Found::NotFound(detail),
-                    Ok(FanOutResult::Lost(e, answered)) => return Found::Lost(e, answered),
+                    Ok(FanOutResult::NotFound(detail)) => return Finding::NotFound(detail),
+                    Ok(FanOutResult::Lost(e, answered)) => return Finding::Lost(e, answered),
                     Err(_) => continue, // the leading request was cancelled: lead ourselves
                 }
             }
         };
-        if let Err(e) = state.budgets.admit_fan_out(client) {
+        if let Err(e) = state.budgets.admit_fan_out(pull.client) {
             // Dropping the lead lets a waiting request (maybe another client's) lead instead.
             drop(leader);
             state.metrics().rejected(Rejected::FanOutBudget);
-            return Found::Refused(e);
+            return Finding::Refused(e);
         }
         let mut info = RaceInfo::default();
         let outcome = race(state, candidates, &locator, &mut info).await;
-        *attempts += info.asked as u32;
+        pull.trace.attempts += info.asked as u32;
         state.metrics().race(RaceKind::Request, outcome.label());
         return match outcome {
             Outcome::Won(project, res) => {
@@ -199,7 +195,7 @@ pub async fn find<'s>(
                     .routing
                     .learn_won(&ask.mapping_key(), &project.name, info.choice);
                 leader.finish(FanOutResult::Found(project.name.clone()));
-                Found::Won(project, res)
+                Finding::Won(project, res)
             }
             Outcome::NotFound(detail) => {
                 if ask.tag().is_some() {
@@ -212,7 +208,7 @@ pub async fn find<'s>(
                     state.remembered.remember_miss(key, detail.clone());
                 }
                 leader.finish(FanOutResult::NotFound(detail.clone()));
-                Found::NotFound(detail)
+                Finding::NotFound(detail)
             }
             Outcome::Lost(ending) => {
                 // Before the waiters wake: they look for a last-known-good answer too.
@@ -223,7 +219,7 @@ pub async fn find<'s>(
                 }
                 let answered = info.answered();
                 leader.finish(FanOutResult::Lost(ending.clone(), answered.clone()));
-                Found::Lost(ending, answered)
+                Finding::Lost(ending, answered)
             }
         };
     }

@@ -14,6 +14,8 @@ use std::cell::Cell;
 use crate::error::Error;
 use crate::snapshot::{canonical_host, Project, Snapshot};
 
+use super::ask::Ask;
+
 /// A request that names its registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorRequest {
@@ -32,6 +34,14 @@ pub fn ns_of(query: Option<&str>) -> Option<Result<String, Error>> {
     Some(canonical_host(&decoded).ok_or(Error::NameUnknown {
         detail: "the ns parameter is not a registry host",
     }))
+}
+
+/// The projects that may have `ask`: every one, or for a mirror request those of its registry.
+pub fn asked<'s>(snapshot: &'s Snapshot, ask: &Ask, gap_logged: &Cell<bool>) -> Vec<&'s Project> {
+    match &ask.registry {
+        None => snapshot.projects.iter().collect(),
+        Some(host) => candidates(snapshot, host, gap_logged),
+    }
 }
 
 /// The projects that may serve a request for registry `host`.

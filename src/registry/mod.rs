@@ -13,39 +13,42 @@
 //! - [`attempt`]: sending an ask to one project, and the one judge of the answer.
 //! - [`outcome`]: the typed outcome of an answer ([`outcome::Heard`]) and the questions asked of it.
 //! - [`tally`]: a race's decision as a pure tally of outcomes.
+//! - [`context`]: one pull's context, carried through its phases.
 //! - [`pull`]: a pull's phases, in order: [`memory`], [`mapped`], [`fanout`] (with [`refresh`] for
 //!   stale mappings), [`answer`]; [`stale`] for tags every project failed to confirm.
 //! - [`forward`]: project paths, headers up and down, Harbor's same-project redirects.
 //! - [`respond`]: building responses and registry errors.
 
-pub mod answer;
-pub mod ask;
-pub mod attempt;
+pub(crate) mod answer;
+pub(crate) mod ask;
+pub(crate) mod attempt;
 pub(crate) mod budgets;
 pub(crate) mod circuits;
-pub mod client;
+pub(crate) mod client;
+pub(crate) mod context;
 pub(crate) mod counters;
-pub mod fanout;
-pub mod forward;
+pub(crate) mod fanout;
+pub(crate) mod forward;
 pub mod handle;
-pub mod mapped;
-pub mod memory;
-pub mod mirror;
-pub mod outcome;
-pub mod pull;
-pub mod refresh;
+pub(crate) mod mapped;
+pub(crate) mod memory;
+pub(crate) mod mirror;
+pub(crate) mod outcome;
+pub(crate) mod pull;
+pub(crate) mod refresh;
 pub(crate) mod remembered;
-pub mod respond;
-pub mod route;
+pub(crate) mod respond;
+pub(crate) mod route;
 pub(crate) mod routing;
-pub mod settings;
-pub mod stale;
-pub mod state;
+pub(crate) mod settings;
+pub(crate) mod stale;
+pub(crate) mod state;
 pub(crate) mod tags;
-pub mod tally;
+pub(crate) mod tally;
 #[doc(hidden)]
 pub mod testing;
-pub mod trace;
+pub(crate) mod trace;
 pub(crate) mod view;
 
-pub use state::{ProcessState, State};
+pub(crate) use state::ProcessState;
+pub use state::State;

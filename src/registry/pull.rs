@@ -21,12 +21,13 @@ use http::{Method, Response};
 
 use crate::body::Body;
 use crate::error::Error;
-use crate::metrics::labels::{Answered, Layer, LookupResult, StaleReason};
+use crate::metrics::labels::{Answered, Layer, LookupResult};
 use crate::registry::route::Route;
-use crate::snapshot::{Project, Snapshot};
+use crate::snapshot::Project;
 
 use super::ask::{Ask, Endpoint};
-use super::fanout::{self, Found};
+pub use super::context::{Log, Pull};
+use super::fanout::{self, Finding};
 use super::mapped::{self, Mapped};
 use super::mirror::{self, MirrorRequest};
 use super::respond::{error, json};
@@ -37,32 +38,6 @@ use super::trace::{Trace, REQUEST_ID};
 
 // The phases of a pull, in order, are the functions below `serve`.
 use super::{answer, forward, memory, refresh, stale};
-
-/// One pull's context, carried through its phases (each phase takes the pull and the state it
-/// uses): what is asked, under which key, of which snapshot, for which client, what it did (the
-/// trace), and who said what (the [`Log`]).
-pub struct Pull<'s, 't> {
-    pub ask: Ask,
-    /// Coalescing, remembered misses and last-known-good tags key on it.
-    pub key: String,
-    pub snapshot: &'s Rc<Snapshot>,
-    pub client: IpAddr,
-    pub trace: &'t mut Trace,
-    pub log: Log<'s>,
-}
-
-/// Who said what for one pull, as the last phase needs it.
-#[derive(Default)]
-pub struct Log<'s> {
-    /// The project whose answer this is (a 2xx, or what the mapped project said).
-    pub by: Option<&'s Project>,
-    /// The answer stands for a failure by the judge's rules (no answer in time, 502–504, 429, open
-    /// circuits), counted as this; not for anything a project answered, nor the router refusing
-    /// the client.
-    pub failure: Option<StaleReason>,
-    /// The projects that answered (404, 401, 403, 500…) rather than failed.
-    pub answered: Vec<String>,
-}
 
 /// Serves one pull request; `trace` learns how. `mirror` says which registry a mirror request
 /// names, and in which form it came. The phases, in order.
@@ -210,54 +185,37 @@ async fn ask_harbor(state: &Rc<State>, pull: &mut Pull<'_, '_>) -> Response<Body
         Located::Unknown => {}
     }
     pull.trace.route = Answered::FanOut;
-    let candidates = candidates(state, snapshot, &pull.ask);
-    let found = fanout::find(
-        state,
-        snapshot,
-        &candidates,
-        &pull.ask,
-        &pull.key,
-        pull.client,
-        &mut pull.trace.attempts,
-    );
-    match found.await {
+    let candidates = mirror::asked(snapshot, &pull.ask, state.mirror_gap_logged());
+    match fanout::find(state, pull, &candidates).await {
         // The race found the subject manifest of a referrers request: now ask for the referrers.
-        Found::Won(project, _) | Found::Known(project)
+        Finding::Won(project, _) | Finding::Known(project)
             if matches!(pull.ask.endpoint, Endpoint::Referrers { .. }) =>
         {
             pull.trace.project(&project.name);
             answer_mapped(state, pull, project).await
         }
-        Found::Won(project, res) => {
+        Finding::Won(project, res) => {
             pull.trace.project(&project.name);
             pull.log.by = Some(project);
             answer::answer(state, project, &pull.ask, *res).await
         }
-        Found::Known(project) => {
+        Finding::Known(project) => {
             pull.trace.project(&project.name);
             answer_mapped(state, pull, project).await
         }
-        Found::NotFound(detail) => not_found(&pull.ask, detail),
-        Found::Refused(e) => {
+        Finding::NotFound(detail) => not_found(&pull.ask, detail),
+        Finding::Refused(e) => {
             // Refused before any project was asked (the client's fan-out budget).
             pull.trace.route = Answered::Refused;
             error(&e)
         }
-        Found::Lost(ending, answered) => {
+        Finding::Lost(ending, answered) => {
             if ending.is_failure() {
                 pull.log.failure = Some(ending.stale_reason());
             }
             pull.log.answered = answered;
             error(&ending.error())
         }
-    }
-}
-
-/// The projects that may have `ask`: every one, or for a mirror request those of its registry.
-pub fn candidates<'s>(state: &State, snapshot: &'s Snapshot, ask: &Ask) -> Vec<&'s Project> {
-    match &ask.registry {
-        None => snapshot.projects.iter().collect(),
-        Some(host) => mirror::candidates(snapshot, host, state.mirror_gap_logged()),
     }
 }
 

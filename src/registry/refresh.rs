@@ -22,7 +22,7 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
     let probe = ask.probe();
     monoio::spawn(async move {
         let _claim = claim;
-        let candidates = super::pull::candidates(&state, &snapshot, &probe);
+        let candidates = super::mirror::asked(&snapshot, &probe, state.mirror_gap_logged());
         let mut info = fanout::RaceInfo::default();
         let outcome = fanout::race(&state, &candidates, &probe, &mut info).await;
         state.metrics().race(RaceKind::Refresh, outcome.label());

@@ -21,8 +21,8 @@ use crate::metrics::labels::{Answered, StaleReason};
 use crate::snapshot::Project;
 
 use super::ask::{Ask, Endpoint};
+use super::context::Pull;
 use super::mapped::{self, Mapped};
-use super::pull::Pull;
 use super::respond::{respond, whole};
 use super::state::State;
 

@@ -236,7 +236,7 @@ impl State {
 
     /// Redis's state for the health answer: `None` when Redis is not configured.
     pub fn redis_status(&self) -> Option<&'static str> {
-        self.shared.as_ref().map(|s| s.status())
+        self.shared.as_ref().map(|s| s.status().as_str())
     }
 
     /// A new request id: this process's prefix, the worker, and the core's request count (unique

@@ -34,7 +34,8 @@ impl Deref for TestCore {
 /// Worker 0's state for `config`, routing by `snapshot`, with the process-wide learned map as its
 /// one shared tier.
 pub fn core(config: &Config, snapshot: SharedSnapshot) -> TestCore {
-    let harbor = upstream::Harbor::from_config(config).expect("a Harbor client");
+    let harbor =
+        upstream::Harbor::new(&upstream::Settings::from_config(config)).expect("a Harbor client");
     let learned = Arc::new(LearnedMap::default());
     let process = ProcessState::new(
         Arc::new(Settings::from_config(config)),

@@ -90,10 +90,12 @@ pub fn log(
         endpoint = endpoint.as_str(),
         name = name.unwrap_or(""),
         status = status.as_u16(),
-        route = trace.route.as_str(),
+        // `/v2/` is no pull: it has no route (it is not refused).
+        route = if endpoint == Requested::Base { "" } else { trace.route.as_str() },
         project = trace.project.as_deref().unwrap_or(""),
         attempts = trace.attempts,
-        duration_ms = trace.elapsed().as_secs_f64() * 1000.0,
+        // Whole microseconds, in milliseconds: `23.245`, not `23.244752000000002`.
+        duration_ms = trace.elapsed().as_micros() as f64 / 1000.0,
         bytes = bytes.unwrap_or(0),
         client = %client,
         "request"

@@ -42,16 +42,20 @@ const READ_QUEUE: usize = 1024;
 /// Changes queued per core.
 const CHANGE_QUEUE: usize = 1024;
 
-/// The link's state, as the health answer shows it.
+/// The link's state, as the health answer and the metrics show it; `Off` when Redis is not
+/// configured (never the state of a link).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Status {
     Connecting = 0,
     Up = 1,
     Down = 2,
+    Off = 3,
 }
 
 impl Status {
+    pub const ALL: &'static [Status] = &[Status::Off, Status::Connecting, Status::Up, Status::Down];
+
     fn from_u8(v: u8) -> Status {
         match v {
             1 => Status::Up,
@@ -60,12 +64,22 @@ impl Status {
         }
     }
 
+    /// The state of `link`, `Off` without one.
+    pub fn of(link: Option<&Shared>) -> Status {
+        link.map_or(Status::Off, Shared::status)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Status::Off => "off",
             Status::Connecting => "connecting",
             Status::Up => "up",
             Status::Down => "down",
         }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -228,8 +242,8 @@ impl Shared {
         (shared, write_rx, read_rx)
     }
 
-    pub fn status(&self) -> &'static str {
-        self.state().as_str()
+    pub fn status(&self) -> Status {
+        self.state()
     }
 
     fn state(&self) -> Status {

@@ -24,7 +24,30 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-pub use crate::metrics::labels::Lane;
+/// A project's circuit: tag lookups need Harbor's upstream, content by digest does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Manifests by tag, tag lists.
+    Tags,
+    /// Manifests by digest, blobs, referrers.
+    Content,
+}
+
+impl Lane {
+    pub const ALL: &'static [Lane] = &[Lane::Tags, Lane::Content];
+    pub const COUNT: usize = Lane::ALL.len();
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Tags => "tags",
+            Lane::Content => "content",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

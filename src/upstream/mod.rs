@@ -120,11 +120,6 @@ pub struct Harbor {
 }
 
 impl Harbor {
-    /// Builds the shared client from the configuration: TLS config, resolved addresses.
-    pub fn from_config(config: &Config) -> anyhow::Result<Arc<Harbor>> {
-        Harbor::new(&Settings::from_config(config))
-    }
-
     /// Builds the shared client from its settings: TLS config, resolved addresses.
     pub fn new(settings: &Settings) -> anyhow::Result<Arc<Harbor>> {
         let url = &settings.url;
