@@ -164,20 +164,6 @@ fn without_systeminfo_a_refused_robot_shows_in_registries() {
 
 #[test]
 fn pages_that_shift_while_they_are_read_lose_and_repeat_no_project() {
-    let projects: Vec<ProjectSpec> = (0..150)
-        .map(|i| ProjectSpec {
-            name: format!("p{i:03}"),
-            public: true,
-            registry: Some(RegistrySpec {
-                id: 1,
-                name: "hub".into(),
-                kind: "docker-hub".into(),
-                url: "https://hub.docker.com".into(),
-            }),
-        })
-        .collect();
-    let harbor = standin(projects);
-    let want: Vec<String> = (0..150).map(|i| format!("p{i:03}")).collect();
     let proxy = |name: &str| ProjectSpec {
         name: name.into(),
         public: true,
@@ -188,6 +174,9 @@ fn pages_that_shift_while_they_are_read_lose_and_repeat_no_project() {
             url: "https://hub.docker.com".into(),
         }),
     };
+    let projects: Vec<ProjectSpec> = (0..150).map(|i| proxy(&format!("p{i:03}"))).collect();
+    let harbor = standin(projects);
+    let want: Vec<String> = (0..150).map(|i| format!("p{i:03}")).collect();
     // A project created before the second page: p099 would be read twice.
     harbor.shift_pages(Shift::Create(proxy("a-new")));
     let found = discover_once(&harbor.url(), Some(ROBOT)).unwrap();

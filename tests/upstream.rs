@@ -319,6 +319,35 @@ fn nothing_listening_is_a_connect_error() {
     assert!(matches!(err, upstream::UpstreamError::Connect(_)), "{err}");
 }
 
+/// A client that has pulled `seeded` (so it knows the token service) and holds one batched token
+/// for the scopes of `repos`, as a fan-out leaves it.
+async fn with_a_batch(
+    shared: std::sync::Arc<upstream::Harbor>,
+    seeded: &Seeded,
+    repos: &[&str],
+) -> Rc<Upstream> {
+    let up = Rc::new(Upstream::new(shared, Clock::system()));
+    pull_manifest(&up, seeded).await;
+    up.prefetch_tokens(
+        repos.iter().map(|r| r.to_string()),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    up
+}
+
+/// GET `/v2/<repo>/manifests/v1`, read to its end; its status.
+async fn get_v1(up: &Upstream, repo: &str) -> u16 {
+    let path = format!("/v2/{repo}/manifests/v1");
+    let res = up
+        .send(Method::GET, &path, &accept_all(), AuthMode::Registry)
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let _ = res.into_body().collect().await;
+    status
+}
+
 /// GET the seeded manifest and return its status.
 async fn status_of(up: &Upstream, seeded: &Seeded) -> u16 {
     let path = format!("/v2/{}/manifests/{}", seeded.repository, seeded.tag);
@@ -391,28 +420,15 @@ fn tokens_of_a_batch_are_fetched_again_in_one_request() {
     let (bed, seeded) = common::bed_with_app();
     let shared = harbor(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
-        let up = Rc::new(Upstream::new(shared, Clock::system()));
-        pull_manifest(&up, &seeded).await; // learns the token service
         let repos = ["quay/a", "quay/b", "ghcr/c"];
-        up.prefetch_tokens(
-            repos.iter().map(|r| r.to_string()),
-            std::time::Duration::from_secs(5),
-        )
-        .await;
+        let up = with_a_batch(shared, &seeded, &repos).await;
         bed.harbor.rotate_signing_key();
         let tokens = bed.harbor.counters().token_requests;
         let tasks: Vec<_> = repos
             .iter()
             .map(|r| {
-                let up = up.clone();
-                let path = format!("/v2/{r}/manifests/v1");
-                monoio::spawn(async move {
-                    let res = up
-                        .send(Method::GET, &path, &accept_all(), AuthMode::Registry)
-                        .await
-                        .unwrap();
-                    let _ = res.into_body().collect().await;
-                })
+                let (up, repo) = (up.clone(), r.to_string());
+                monoio::spawn(async move { get_v1(&up, &repo).await })
             })
             .collect();
         for t in tasks {
@@ -429,26 +445,14 @@ fn a_refusal_is_remembered_per_scope_whatever_its_batch_siblings_meet() {
     let (bed, seeded) = common::bed_with_app();
     let shared = harbor(&client_config(&bed.harbor.url(), &[])).unwrap();
     run(async {
-        let up = Upstream::new(shared, Clock::system());
-        pull_manifest(&up, &seeded).await; // learns the token service
         let repos = ["ghcr/org/other", "quay/coreos/etcd"];
-        up.prefetch_tokens(
-            repos.iter().map(|r| r.to_string()),
-            std::time::Duration::from_secs(5),
-        )
-        .await;
+        let up = with_a_batch(shared, &seeded, &repos).await;
         bed.harbor.set_robot_refused(true);
         bed.harbor.revoke_tokens();
         let tokens = bed.harbor.counters().token_requests;
         for _ in 0..10 {
             for r in repos {
-                let path = format!("/v2/{r}/manifests/v1");
-                let res = up
-                    .send(Method::GET, &path, &accept_all(), AuthMode::Registry)
-                    .await
-                    .unwrap();
-                assert_eq!(res.status(), 401);
-                let _ = res.into_body().collect().await;
+                assert_eq!(get_v1(&up, r).await, 401);
             }
         }
         let asked = bed.harbor.counters().token_requests - tokens;

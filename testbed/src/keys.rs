@@ -43,28 +43,23 @@ impl std::fmt::Debug for TokenKeys {
 impl TokenKeys {
     /// Generates a key and a self-signed certificate; writes `token-cert.pem` into `dir`.
     pub fn generate(dir: &Path) -> anyhow::Result<TokenKeys> {
-        let key = rcgen::KeyPair::generate().context("generate P-256 key")?;
+        let (key, mut keys) = TokenKeys::new_key()?;
         let params = rcgen::CertificateParams::new(vec!["harbor-token".to_string()])?;
         let cert = params.self_signed(&key).context("self-sign token cert")?;
-        let cert_path = dir.join("token-cert.pem");
-        std::fs::write(&cert_path, cert.pem())
-            .with_context(|| format!("write {}", cert_path.display()))?;
-        let signer = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            &key.serialize_der(),
-            &SystemRandom::new(),
-        )
-        .map_err(|e| anyhow::anyhow!("load signing key: {e}"))?;
-        Ok(TokenKeys {
-            signer: Arc::new(signer),
-            kid: libtrust_key_id(&key.public_key_der()),
-            cert_path,
-        })
+        keys.cert_path = dir.join("token-cert.pem");
+        std::fs::write(&keys.cert_path, cert.pem())
+            .with_context(|| format!("write {}", keys.cert_path.display()))?;
+        Ok(keys)
     }
 
     /// A key that lives in memory only (no certificate on disk): the stand-in's signing key after a
     /// rotation, which the registry behind it never needs to trust.
     pub fn ephemeral() -> anyhow::Result<TokenKeys> {
+        Ok(TokenKeys::new_key()?.1)
+    }
+
+    /// A new P-256 key, and the keys that sign with it (no certificate yet).
+    fn new_key() -> anyhow::Result<(rcgen::KeyPair, TokenKeys)> {
         let key = rcgen::KeyPair::generate().context("generate P-256 key")?;
         let signer = EcdsaKeyPair::from_pkcs8(
             &ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -72,11 +67,12 @@ impl TokenKeys {
             &SystemRandom::new(),
         )
         .map_err(|e| anyhow::anyhow!("load signing key: {e}"))?;
-        Ok(TokenKeys {
+        let keys = TokenKeys {
             signer: Arc::new(signer),
             kid: libtrust_key_id(&key.public_key_der()),
             cert_path: PathBuf::new(),
-        })
+        };
+        Ok((key, keys))
     }
 
     /// Path of the certificate PEM (the registry's `rootcertbundle`).
