@@ -5,7 +5,7 @@ mod common;
 
 use harbor_router::clock::Clock;
 use harbor_router::config::Config;
-use harbor_router::control::discovery::{discover, Asked, Discovered, DiscoveryError};
+use harbor_router::control::discovery::{discover, Discovered, DiscoveryError, Robot};
 use harbor_router::snapshot::{Project, UpstreamKind};
 use harbor_router::upstream::{self, Upstream};
 use testbed::{HarborConfig, ProjectSpec, RegistrySpec, Shift, StandIn};
@@ -37,11 +37,11 @@ fn round(harbor: &str, creds: Option<(&str, &str)>) -> Result<Discovered, Discov
     let user = creds.map(|c| c.0).unwrap_or("(anonymous)").to_string();
     common::run(async move {
         let client = Upstream::new(shared, Clock::system());
-        let asked = Asked {
+        let robot = Robot {
             user: &user,
             credentials: creds.is_some(),
         };
-        discover(&client, &asked).await
+        discover(&client, &robot).await
     })
 }
 

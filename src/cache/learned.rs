@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use super::{Heard, Mapping, Tier, TierLookup};
+use super::{Mapping, Tier, TierAnswer, TierLookup};
 
 /// Entries kept; past it, new names are learned per core only until a sweep makes room.
 const LEARNED_MAX: usize = 200_000;
@@ -51,7 +51,7 @@ impl LearnedMap {
 
 impl Tier for std::sync::Arc<LearnedMap> {
     fn get<'a>(&'a self, name: &'a str, _miss_key: &'a str) -> TierLookup<'a> {
-        let found = self.mapping(name).map(Heard::Mapped);
+        let found = self.mapping(name).map(TierAnswer::Mapped);
         Box::pin(std::future::ready(found))
     }
 

@@ -22,7 +22,7 @@ const MAPPINGS_PER_CORE: usize = 100_000;
 
 /// What a tier knows about a pull.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Heard {
+pub enum TierAnswer {
     /// The tier was not asked (a store that is down, or too busy): it knows nothing, and the
     /// lookup does not count it as asked.
     NotAsked,
@@ -36,7 +36,7 @@ pub enum Heard {
 }
 
 /// What a tier's lookup returns: it may have to wait (a network store does).
-pub type TierLookup<'a> = Pin<Box<dyn Future<Output = Option<Heard>> + 'a>>;
+pub type TierLookup<'a> = Pin<Box<dyn Future<Output = Option<TierAnswer>> + 'a>>;
 
 /// A place mappings are shared beyond one core. Asked only when the core's shard misses.
 pub trait Tier {
@@ -119,15 +119,15 @@ impl Mappings {
             asked.depth = i + 1;
             let m = match tier.get(name, miss_key).await {
                 None => continue,
-                Some(Heard::NotAsked) => {
+                Some(TierAnswer::NotAsked) => {
                     asked.skipped |= 1 << (i + 1);
                     continue;
                 }
-                Some(Heard::Missing { detail, until }) if now < until => {
+                Some(TierAnswer::Missing { detail, until }) if now < until => {
                     return (Some(Found::Missing { detail, until }), asked)
                 }
-                Some(Heard::Missing { .. }) => continue,
-                Some(Heard::Mapped(m)) => m,
+                Some(TierAnswer::Missing { .. }) => continue,
+                Some(TierAnswer::Mapped(m)) => m,
             };
             let Some(known) = self.known(&m, now) else {
                 continue;
@@ -326,7 +326,7 @@ mod tests {
     /// A tier that answers from a fixed list and records what it is told.
     #[derive(Default)]
     struct Recording {
-        answer: RefCell<Option<Heard>>,
+        answer: RefCell<Option<TierAnswer>>,
         told: RefCell<Vec<String>>,
     }
 
@@ -359,7 +359,7 @@ mod tests {
         let tier = Rc::new(Recording::default());
         let m = Mappings::new(ttls(60), vec![tier.clone()]);
         let until = t0 + Duration::from_secs(5);
-        *tier.answer.borrow_mut() = Some(Heard::Missing {
+        *tier.answer.borrow_mut() = Some(TierAnswer::Missing {
             detail: None,
             until,
         });
@@ -387,7 +387,7 @@ mod tests {
             ),
             "an expired miss is not one"
         );
-        *tier.answer.borrow_mut() = Some(Heard::NotAsked);
+        *tier.answer.borrow_mut() = Some(TierAnswer::NotAsked);
         assert_eq!(
             block_on(m.lookup("x", "k", until)).1,
             Asked {

@@ -22,7 +22,7 @@ pub use last_good::{
     Confirmed, LastGood, Resolved, Seen, LAST_GOOD_BYTES_PER_CORE, LAST_GOOD_PER_CORE,
 };
 pub use learned::LearnedMap;
-pub use mappings::{Asked, Found, Heard, Mappings, Tier, TierLookup};
+pub use mappings::{Asked, Found, Mappings, Tier, TierAnswer, TierLookup};
 
 /// Where a name was found, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]

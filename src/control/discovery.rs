@@ -154,11 +154,11 @@ async fn run(
     loop {
         shared.refresh_addresses();
         let started = Instant::now();
-        let asked = Asked {
+        let robot = Robot {
             user: &user,
             credentials,
         };
-        let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &asked));
+        let round = monoio::time::timeout(ROUND_LIMIT, discover(&client, &robot));
         let failed = monoio::select! {
             result = round => match result {
                 Ok(Ok(found)) => {
@@ -200,8 +200,8 @@ struct Failure {
     credentials: bool,
 }
 
-/// What a round needs to know besides Harbor's answers.
-pub struct Asked<'a> {
+/// Who discovery reads as (besides Harbor's answers, what a round needs to know).
+pub struct Robot<'a> {
     /// The robot's name, for messages (never its secret).
     pub user: &'a str,
     /// Credentials are configured: Harbor treating the router as anonymous is a refusal.
@@ -333,18 +333,18 @@ fn publish(config: &Config, snapshot: &SharedSnapshot, found: Discovered, genera
 
 /// One discovery round: Harbor's version, every proxy-cache project with its upstream kind, sorted
 /// by name; a [`DiscoveryError::Credentials`] when Harbor treats the configured robot as anonymous.
-pub async fn discover(client: &Upstream, asked: &Asked<'_>) -> Result<Discovered, DiscoveryError> {
+pub async fn discover(client: &Upstream, robot: &Robot<'_>) -> Result<Discovered, DiscoveryError> {
     let refused = |evidence: &str| DiscoveryError::Credentials {
-        user: asked.user.to_string(),
+        user: robot.user.to_string(),
         evidence: evidence.to_string(),
     };
     let info = systeminfo(client).await?;
-    if asked.credentials && matches!(info, Some(None)) {
+    if robot.credentials && matches!(info, Some(None)) {
         return Err(refused(
             "systeminfo answers as to an anonymous caller: no harbor_version",
         ));
     }
-    let listed = list_projects(client, asked.user).await?;
+    let listed = list_projects(client, robot.user).await?;
     let proxies: Vec<ApiProject> = listed
         .into_iter()
         .filter(|p| p.registry_id.unwrap_or(0) > 0)
@@ -353,7 +353,7 @@ pub async fn discover(client: &Upstream, asked: &Asked<'_>) -> Result<Discovered
     let mut kinds = BTreeMap::new();
     for id in registry_ids {
         match registry_kind(client, id).await? {
-            Registry::Anonymous if asked.credentials => {
+            Registry::Anonymous if robot.credentials => {
                 return Err(refused(&format!(
                     "registries/{id} answered 401, as to an anonymous caller"
                 )))

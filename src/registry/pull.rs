@@ -67,6 +67,11 @@ pub async fn serve(
         root: mirror.as_ref().is_some_and(|m| m.root),
         registry: mirror.map(|m| m.registry),
     };
+    // Before anything else is computed: a hit in memory costs nothing more (not even its key).
+    if let Some(res) = from_memory(state, &ask, &req.headers) {
+        trace.route = Answered::Memory;
+        return res;
+    }
     let mut pull = Pull {
         key: ask.key(),
         ask,
@@ -75,10 +80,6 @@ pub async fn serve(
         trace,
         log: Log::default(),
     };
-    if let Some(res) = from_memory(state, &pull, &req.headers) {
-        pull.trace.route = Answered::Memory;
-        return res;
-    }
     if let Some(res) = remembered_miss(state, &mut pull) {
         return res;
     }
@@ -92,12 +93,12 @@ pub async fn serve(
 }
 
 /// Phase 1: a manifest by digest or a tag list this core keeps.
-fn from_memory(state: &State, pull: &Pull, headers: &http::HeaderMap) -> Option<Response<Body>> {
-    if !pull.ask.kept_in_memory() {
+fn from_memory(state: &State, ask: &Ask, headers: &http::HeaderMap) -> Option<Response<Body>> {
+    if !ask.kept_in_memory() {
         return None;
     }
     let metrics = state.metrics();
-    let res = memory::answer(&state.remembered, &pull.ask, headers);
+    let res = memory::answer(&state.remembered, ask, headers);
     metrics.lookup(
         Layer::Memory,
         if res.is_some() {

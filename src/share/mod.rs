@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::cache::{Heard, LearnedMap, Mapping, Resolved, Tier, TierLookup};
+use crate::cache::{LearnedMap, Mapping, Resolved, Tier, TierAnswer, TierLookup};
 use crate::config::Config;
 use crate::counter::Counter;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot};
@@ -437,11 +437,11 @@ impl Tier for RedisTier {
             let answer = match self.shared.read(asking).await {
                 ReadOutcome::Answered(a) => a,
                 ReadOutcome::TimedOut => return None,
-                ReadOutcome::NotAsked => return Some(Heard::NotAsked),
+                ReadOutcome::NotAsked => return Some(TierAnswer::NotAsked),
             };
             let snapshot = self.snapshot.load_full()?;
             if let Some(m) = answer.mapping.filter(|m| m.valid_in(&snapshot)) {
-                return Some(Heard::Mapped(Mapping {
+                return Some(TierAnswer::Mapped(Mapping {
                     project: m.project,
                     learned_at: instant_of(m.at),
                 }));
@@ -461,7 +461,7 @@ impl Tier for RedisTier {
             if left.is_zero() {
                 return None;
             }
-            Some(Heard::Missing {
+            Some(TierAnswer::Missing {
                 detail: miss.detail.map(Bytes::from),
                 until: Instant::now() + left,
             })
