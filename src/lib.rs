@@ -10,8 +10,9 @@
 //!   parsers of the modules below).
 //! - [`control`]: control-plane threads; [`control::discovery`] reads Harbor's projects and
 //!   publishes the [`snapshot`] (and, with Redis, shares it through [`share`]).
-//! - [`registry`]: the registry protocol as the server's handler: routes, the pull path and its
-//!   phases, the per-core [`registry::State`].
+//! - [`registry`]: the registry protocol as the server's handler: routes, the pull path (one
+//!   context per pull through named phases, the race decided by a pure tally, typed outcomes), the
+//!   per-core [`registry::State`] as handles (routing, circuits, remembered, tags, budgets, view).
 //! - [`metrics`]: every metric, counted per core and summed by the `/metrics` thread.
 //! - [`server`]: the data-plane runtime, generic over its handler: pinned per-core monoio loops,
 //!   SO_REUSEPORT listeners, connections, lingering close, drain. Names no registry type.

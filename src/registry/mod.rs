@@ -18,6 +18,7 @@
 //!   stale mappings), [`answer`]; [`stale`] for tags every project failed to confirm.
 //! - [`forward`]: project paths, headers up and down, Harbor's same-project redirects.
 //! - [`respond`]: building responses and registry errors.
+//! - `testing` (hidden): a core on a test clock, for the in-process tests.
 
 pub(crate) mod answer;
 pub(crate) mod ask;
