@@ -339,7 +339,7 @@ pub async fn discover(client: &Upstream, robot: &Robot<'_>) -> Result<Discovered
         evidence: evidence.to_string(),
     };
     let info = systeminfo(client).await?;
-    if robot.credentials && matches!(info, Some(None)) {
+    if robot.credentials && matches!(info, SystemInfo::Anonymous) {
         return Err(refused(
             "systeminfo answers as to an anonymous caller: no harbor_version",
         ));
@@ -381,14 +381,24 @@ pub async fn discover(client: &Upstream, robot: &Robot<'_>) -> Result<Discovered
     projects.dedup_by(|a, b| a.name == b.name);
     Ok(Discovered {
         projects,
-        version: info.flatten(),
+        version: match info {
+            SystemInfo::Version(v) => Some(v),
+            _ => None,
+        },
     })
 }
 
-/// `GET /api/v2.0/systeminfo`: `Some(version)` as Harbor answered it (`Some(None)`: answered
-/// without a version, as to an anonymous caller), `None` when it tells nothing (an error status,
-/// an unreadable body: a proxy in front of Harbor, or an old Harbor).
-async fn systeminfo(client: &Upstream) -> Result<Option<Option<String>>, DiscoveryError> {
+/// What `GET /api/v2.0/systeminfo` says.
+enum SystemInfo {
+    /// Harbor's version: the caller is authenticated (only they are shown it).
+    Version(String),
+    /// Answered without a version, as to an anonymous caller.
+    Anonymous,
+    /// Nothing (an error status, an unreadable body: a proxy in front of Harbor, or an old Harbor).
+    Unknown,
+}
+
+async fn systeminfo(client: &Upstream) -> Result<SystemInfo, DiscoveryError> {
     let res = client
         .send(
             Method::GET,
@@ -401,13 +411,17 @@ async fn systeminfo(client: &Upstream) -> Result<Option<Option<String>>, Discove
     let body = read_body(res.into_body(), "systeminfo").await?;
     if !status.is_success() {
         tracing::debug!(%status, "systeminfo answered no version");
-        return Ok(None);
+        return Ok(SystemInfo::Unknown);
     }
     // Absent means an anonymous caller; a version that is empty or absurdly long is Harbor's
     // (only authenticated callers get the field) and is shown shortened.
-    Ok(serde_json::from_slice::<ApiSystemInfo>(&body)
-        .ok()
-        .map(|i| i.harbor_version.map(|v| shown_version(&v))))
+    Ok(match serde_json::from_slice::<ApiSystemInfo>(&body) {
+        Ok(ApiSystemInfo {
+            harbor_version: Some(v),
+        }) => SystemInfo::Version(shown_version(&v)),
+        Ok(_) => SystemInfo::Anonymous,
+        Err(_) => SystemInfo::Unknown,
+    })
 }
 
 /// A version as shown in `/healthz` and the metrics: printable ASCII, at most 64 characters,

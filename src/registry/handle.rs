@@ -151,7 +151,8 @@ async fn answer(
 /// The body names the worker that answered, so an operator (or a test) can see every core serving.
 fn health(state: &State, readiness: bool) -> Response<Body> {
     let worker = state.worker();
-    let (ok, body) = match state.view() {
+    let view = state.view();
+    let (ok, body) = match &view {
         None => (
             false,
             serde_json::json!({
@@ -192,7 +193,7 @@ fn health(state: &State, readiness: bool) -> Response<Body> {
         }
     };
     let mut body = body;
-    if let Some(s) = state.view() {
+    if let Some(s) = &view {
         if let Some(v) = &s.harbor.version {
             body["harbor_version"] = v.as_str().into();
         }

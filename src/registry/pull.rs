@@ -26,7 +26,7 @@ use crate::registry::route::Route;
 use crate::snapshot::Project;
 
 use super::ask::{Ask, Endpoint};
-pub use super::context::{Log, Pull};
+use super::context::{Log, Pull};
 use super::fanout::{self, Finding};
 use super::mapped::{self, Mapped};
 use super::mirror::{self, MirrorRequest};
@@ -35,8 +35,6 @@ use super::routing::{Freshness, Located};
 use super::state::State;
 use super::tags::Tell;
 use super::trace::{Trace, REQUEST_ID};
-
-// The phases of a pull, in order, are the functions below `serve`.
 use super::{answer, forward, memory, refresh, stale};
 
 /// Serves one pull request; `trace` learns how. `mirror` says which registry a mirror request

@@ -366,8 +366,8 @@ impl Upstream {
         let mut req = self.request(method, path_and_query, headers)?;
         req.headers_mut().insert(AUTHORIZATION, token.clone());
         let res = self.send_timed(req).await?;
-        if res.status() == StatusCode::UNAUTHORIZED && res.headers().contains_key(WWW_AUTHENTICATE)
-        {
+        let challenged = res.headers().get(WWW_AUTHENTICATE).is_some_and(challenges);
+        if res.status() == StatusCode::UNAUTHORIZED && challenged {
             // A fresh token refused too: remembered, so the next pulls do not each cost Harbor a
             // token request.
             if let Some(scope) = &scope {
@@ -417,13 +417,9 @@ impl Upstream {
             ..service
         };
         let result = self.bounded(self.fetch_token(&batch)).await;
-        let shared = match &result {
-            Ok((h, ttl)) => Ok((h.clone(), *ttl)),
-            Err(e) => Err(e.to_string()),
-        };
         let now = self.clock.now();
         for guard in guards {
-            guard.finish(shared.clone(), now);
+            guard.finish(shared(&result), now);
         }
         match result {
             Ok((h, _)) if led => Ok(h),
@@ -548,11 +544,7 @@ impl Upstream {
                 },
                 Ticket::Fetch(guard) => {
                     let result = self.fetch_token(challenge).await;
-                    let shared = match &result {
-                        Ok((h, ttl)) => Ok((h.clone(), *ttl)),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    guard.finish(shared, self.clock.now());
+                    guard.finish(shared(&result), self.clock.now());
                     return result.map(|(h, _)| h);
                 }
             }
@@ -601,6 +593,16 @@ impl Upstream {
             )));
         }
         parse_token(&body)
+    }
+}
+
+/// A token fetch's result as the requests that waited for it get it.
+fn shared(
+    result: &Result<(HeaderValue, Duration), UpstreamError>,
+) -> Result<(HeaderValue, Duration), String> {
+    match result {
+        Ok((h, ttl)) => Ok((h.clone(), *ttl)),
+        Err(e) => Err(e.to_string()),
     }
 }
 

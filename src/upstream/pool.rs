@@ -11,9 +11,10 @@
 //! that is always safe. A failure on a new connection is returned as it is.
 //!
 //! HTTP/2 with prior knowledge on plain TCP (h2c) is checked at first contact: Harbor's own nginx and
-//! core speak no h2c, and answer the HTTP/2 preface with HTTP/1.1 (or close). When the first request
-//! on a new h2c connection fails before any answer and the same request then succeeds over HTTP/1.1,
-//! the pool uses HTTP/1.1 from then on, and says so once per process, naming
+//! core speak no h2c, and answer the HTTP/2 preface with HTTP/1.1. When a request on an h2c
+//! connection nothing was answered on yet fails, and either its error says the reply was no HTTP/2
+//! or a probe of the preface is answered `HTTP/…`, the request is sent again over HTTP/1.1; if that
+//! is answered, the pool uses HTTP/1.1 from then on and says so once per process, naming
 //! `HTTP2_PRIOR_KNOWLEDGE`, rather than failing every request.
 
 use std::cell::{Cell, RefCell};
