@@ -13,8 +13,16 @@ use http_body::{Frame, SizeHint};
 
 use crate::upstream::pool::UpstreamBody;
 
+/// What watches a streamed body go by ([`Body::Checked`]): it sees every data frame, and at the end
+/// says whether the body may end cleanly; an error there ends it with a body error instead, so the
+/// client sees a broken transfer, never a wrong body that looks complete.
+pub trait Check {
+    fn data(&mut self, data: &[u8]);
+    fn end(&mut self) -> std::io::Result<()>;
+}
+
 /// A response body.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub enum Body {
     /// No body at all (`Content-Length: 0`).
     #[default]
@@ -26,11 +34,37 @@ pub enum Body {
     /// Harbor's body, streamed, ended with an error once it passes `left` more bytes: a body that
     /// must not be endless (a manifest) is cut, and the client sees a truncated transfer.
     Capped { body: UpstreamBody, left: u64 },
+    /// A body watched as it streams (a blob hashed against its digest, a manifest kept).
+    Checked { body: Box<Body>, check: Box<dyn Check> },
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Full(b) => f.debug_tuple("Full").field(b).finish(),
+            Body::Upstream(b) => f.debug_tuple("Upstream").field(b).finish(),
+            Body::Capped { body, left } => f
+                .debug_struct("Capped")
+                .field("body", body)
+                .field("left", left)
+                .finish(),
+            Body::Checked { body, .. } => f.debug_struct("Checked").field("body", body).finish(),
+        }
+    }
 }
 
 impl Body {
     pub fn full(bytes: impl Into<Bytes>) -> Body {
         Body::Full(Some(bytes.into()))
+    }
+
+    /// This body, watched by `check` as it streams.
+    pub fn checked(self, check: impl Check + 'static) -> Body {
+        Body::Checked {
+            body: Box::new(self),
+            check: Box::new(check),
+        }
     }
 }
 
@@ -59,6 +93,19 @@ impl http_body::Body for Body {
                 }
                 polled
             }
+            Body::Checked { body, check } => match Pin::new(body.as_mut()).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        check.data(data);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(None) => match check.end() {
+                    Ok(()) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(e))),
+                },
+                other => other,
+            },
         }
     }
 
@@ -67,6 +114,8 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
             Body::Upstream(body) | Body::Capped { body, .. } => body.is_end_stream(),
+            // The check has its say at the end: hyper must poll for it.
+            Body::Checked { .. } => false,
         }
     }
 
@@ -75,6 +124,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(body) | Body::Capped { body, .. } => body.size_hint(),
+            Body::Checked { body, .. } => body.size_hint(),
         }
     }
 }

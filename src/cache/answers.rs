@@ -59,6 +59,12 @@ struct Miss {
 }
 
 /// One core's remembered answers.
+/// How long a miss is remembered when a project's 404 was Harbor's local store answering for an
+/// upstream it could not ask (absent, or the upstream down: nothing tells them apart): long enough
+/// that a burst of pulls of a missing name costs Harbor one fan-out, short enough that an image is
+/// pulled again within seconds of its upstream coming back.
+pub const UNSURE_MISS_LIFE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Answers {
     ttls: Ttls,
     misses: Cache<String, Miss>,
@@ -89,6 +95,12 @@ impl Answers {
 
     pub fn remember_miss(&mut self, key: &str, detail: Option<Bytes>, now: Instant) {
         self.remember_miss_until(key, detail, now + self.ttls.miss);
+    }
+
+    /// Remembers a miss Harbor was not sure of ([`UNSURE_MISS_LIFE`], at most `NEGATIVE_CACHE_TTL`).
+    pub fn remember_unsure_miss(&mut self, key: &str, detail: Option<Bytes>, now: Instant) {
+        let life = UNSURE_MISS_LIFE.min(self.ttls.miss);
+        self.remember_miss_until(key, detail, now + life);
     }
 
     /// Remembers a miss until `until` (a miss heard from another pod keeps the expiry it was stored

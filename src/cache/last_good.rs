@@ -12,8 +12,11 @@ use quick_cache::Weighter;
 
 /// Tags remembered per core.
 pub const LAST_GOOD_PER_CORE: usize = 16_384;
-/// Memory for remembered tags per core (keys included; a key holds the Accept set, ~100–600 bytes).
-pub const LAST_GOOD_BYTES_PER_CORE: u64 = 8 << 20;
+/// Memory for remembered tags per core (keys and kept manifests included; a key holds the Accept
+/// set, ~100–600 bytes; a manifest is typically 0.5–10 KiB).
+pub const LAST_GOOD_BYTES_PER_CORE: u64 = 16 << 20;
+/// Largest manifest kept with its tag: an image manifest or an index of a few dozen platforms.
+pub const MAX_KEPT_MANIFEST: usize = 64 << 10;
 
 /// What a tag resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub struct Resolved {
     pub length: u64,
     /// The project that answered.
     pub project: String,
+    /// The manifest, once a GET streamed it whole (it hashes to `digest`); never shared.
+    pub manifest: Option<bytes::Bytes>,
 }
 
 /// An answer's view of what a tag resolved to, borrowed from its headers.
@@ -53,6 +58,7 @@ impl Seen<'_> {
             media_type: copy(self.media_type),
             length: self.length,
             project: self.project.to_string(),
+            manifest: None,
         }
     }
 }
@@ -77,7 +83,9 @@ struct ByBytes {
 impl Weighter<String, Entry> for ByBytes {
     fn weight(&self, key: &String, e: &Entry) -> u64 {
         let r = &e.resolved;
-        let held = key.len() + r.digest.len() + r.media_type.len() + r.project.len() + 128;
+        let manifest = r.manifest.as_ref().map_or(0, |m| m.len());
+        let held =
+            key.len() + r.digest.len() + r.media_type.len() + r.project.len() + manifest + 128;
         (held as u64).max(self.floor)
     }
 }
@@ -123,11 +131,12 @@ impl LastGood {
         !self.life.is_zero()
     }
 
-    /// A project answered `key` with `resolved` at `now`. Allocates only when the tag is learned or
-    /// changed; a confirmation of the same answer updates its time in place.
-    pub fn confirm(&mut self, key: &str, seen: Seen<'_>, now: Instant) -> Confirmed {
+    /// A project answered `key` with `resolved` at `now`, and whether the entry still wants its
+    /// manifest ([`LastGood::keep_manifest`]). Allocates only when the tag is learned or changed; a
+    /// confirmation of the same answer updates its time in place.
+    pub fn confirm(&mut self, key: &str, seen: Seen<'_>, now: Instant) -> (Confirmed, bool) {
         if !self.enabled() {
-            return Confirmed::Same;
+            return (Confirmed::Same, false);
         }
         let life = self.life;
         if let Some(mut e) = self.entries.get_mut(key) {
@@ -143,14 +152,14 @@ impl LastGood {
                 if e.resolved.length != seen.length || e.resolved.media_type != *seen.media_type {
                     e.resolved = seen.owned();
                 }
-                return Confirmed::Same;
+                return (Confirmed::Same, e.resolved.manifest.is_none());
             };
             *e = Entry {
                 resolved: seen.owned(),
                 at: now,
                 shared: now,
             };
-            return how;
+            return (how, true);
         }
         let e = Entry {
             resolved: seen.owned(),
@@ -158,7 +167,24 @@ impl LastGood {
             shared: now,
         };
         self.entries.insert(key.to_string(), e);
-        Confirmed::Learned
+        (Confirmed::Learned, true)
+    }
+
+    /// Keeps `manifest` (the caller checked it hashes to `digest`) with `key`'s entry, if the entry
+    /// still resolves to `digest` and the manifest is at most [`MAX_KEPT_MANIFEST`].
+    pub fn keep_manifest(&mut self, key: &str, digest: &HeaderValue, manifest: bytes::Bytes) {
+        if manifest.len() > MAX_KEPT_MANIFEST {
+            return;
+        }
+        let Some(mut e) = self.entries.get(key).cloned() else {
+            return;
+        };
+        if e.resolved.digest != digest || e.resolved.manifest.is_some() {
+            return;
+        }
+        e.resolved.manifest = Some(manifest);
+        // Inserted again, so the entry is weighed with its manifest.
+        self.entries.insert(key.to_string(), e);
     }
 
     /// Remembers `resolved` for `key`, confirmed at `at` (heard from another pod), unless this core
@@ -227,6 +253,10 @@ mod tests {
 
     /// Confirms `key` as resolving to `digest` (in project ghcr).
     fn confirm(c: &mut LastGood, key: &str, digest: &str, now: Instant) -> Confirmed {
+        confirm_wanting(c, key, digest, now).0
+    }
+
+    fn confirm_wanting(c: &mut LastGood, key: &str, digest: &str, now: Instant) -> (Confirmed, bool) {
         let r = resolved(digest);
         let seen = Seen {
             digest: &r.digest,
@@ -243,7 +273,42 @@ mod tests {
             media_type: HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
             length: 512,
             project: "ghcr".into(),
+            manifest: None,
         }
+    }
+
+    #[test]
+    fn a_manifest_is_kept_once_per_digest_and_dropped_when_the_tag_moves() {
+        let t0 = Instant::now();
+        // A floor weight (1 MiB / 100 000 entries) far below a manifest.
+        let mut c = LastGood::new(LIFE, 100_000, 1 << 20);
+        let a = HeaderValue::from_static("sha256:a");
+        assert_eq!(
+            confirm_wanting(&mut c, "k", "sha256:a", t0),
+            (Confirmed::Learned, true)
+        );
+        let before = c.weight();
+        // Another digest's manifest, or one too large, is not kept.
+        c.keep_manifest("k", &HeaderValue::from_static("sha256:b"), "b".into());
+        c.keep_manifest("k", &a, vec![0u8; MAX_KEPT_MANIFEST + 1].into());
+        assert_eq!(c.get("k", t0).unwrap().0.manifest, None);
+        c.keep_manifest("k", &a, vec![7u8; 4000].into());
+        assert_eq!(c.get("k", t0).unwrap().0.manifest.unwrap().len(), 4000);
+        assert!(c.weight() >= before + 4000, "weighed with its manifest");
+        // Kept: a confirmation of the same digest no longer wants it.
+        assert_eq!(
+            confirm_wanting(&mut c, "k", "sha256:a", t0),
+            (Confirmed::Same, false)
+        );
+        // The tag moved: the old manifest goes, the new one is wanted.
+        assert_eq!(
+            confirm_wanting(&mut c, "k", "sha256:b", t0),
+            (Confirmed::Changed, true)
+        );
+        assert_eq!(c.get("k", t0).unwrap().0.manifest, None);
+        // A key never confirmed keeps nothing.
+        c.keep_manifest("other", &a, "x".into());
+        assert!(c.get("other", t0).is_none());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use answers::{Answers, Kept};
 pub use last_good::{
     Confirmed, LastGood, Resolved, Seen, LAST_GOOD_BYTES_PER_CORE, LAST_GOOD_PER_CORE,
+    MAX_KEPT_MANIFEST,
 };
 pub use learned::LearnedMap;
 pub use mappings::{Asked, Found, Mappings, Tier, TierAnswer, TierLookup};

@@ -93,7 +93,20 @@ pub async fn answer(
             left: MAX_MANIFEST_BYTES,
         }
     } else {
-        Body::Upstream(body)
+        match &ask.endpoint {
+            Endpoint::Blob { digest } if status == StatusCode::OK && len.is_none() => {
+                match Hashing::new(digest) {
+                    Some(hashing) => Body::Upstream(body).checked(BlobCheck {
+                        hashing,
+                        name: ask.name.clone(),
+                        digest: digest.clone(),
+                        bytes: 0,
+                    }),
+                    None => Body::Upstream(body),
+                }
+            }
+            _ => Body::Upstream(body),
+        }
     };
     respond(status, headers, body)
 }
@@ -179,17 +192,93 @@ async fn read_manifest(ask: &Ask, reference: &str, body: UpstreamBody) -> Result
 }
 
 /// Whether `bytes` hash to `digest` (`algorithm:hex`, as the route parser accepts it).
-fn matches_digest(digest: &str, bytes: &[u8]) -> bool {
-    let Some((algorithm, hex)) = digest.split_once(':') else {
-        return false;
-    };
-    let computed = match algorithm {
-        "sha256" => format!("{:x}", Sha256::digest(bytes)),
-        "sha384" => format!("{:x}", Sha384::digest(bytes)),
-        "sha512" => format!("{:x}", Sha512::digest(bytes)),
-        _ => return false,
-    };
-    computed == hex
+pub fn matches_digest(digest: &str, bytes: &[u8]) -> bool {
+    Hashing::new(digest).is_some_and(|mut h| {
+        h.update(bytes);
+        h.matches()
+    })
+}
+
+/// A digest computed as bytes go by, to be compared with the one it should be.
+pub struct Hashing {
+    hasher: Hasher,
+    want: String,
+}
+
+enum Hasher {
+    Sha256(Sha256),
+    Sha384(Sha384),
+    Sha512(Sha512),
+}
+
+impl Hashing {
+    /// For `digest` (`algorithm:hex`); `None` for an algorithm the registry does not use.
+    pub fn new(digest: &str) -> Option<Hashing> {
+        let (algorithm, hex) = digest.split_once(':')?;
+        let hasher = match algorithm {
+            "sha256" => Hasher::Sha256(Sha256::new()),
+            "sha384" => Hasher::Sha384(Sha384::new()),
+            "sha512" => Hasher::Sha512(Sha512::new()),
+            _ => return None,
+        };
+        Some(Hashing {
+            hasher,
+            want: hex.to_string(),
+        })
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        match &mut self.hasher {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha384(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// Whether what went by hashes to the digest (the hasher is spent: call once).
+    pub fn matches(&mut self) -> bool {
+        let computed = match &mut self.hasher {
+            Hasher::Sha256(h) => format!("{:x}", h.finalize_reset()),
+            Hasher::Sha384(h) => format!("{:x}", h.finalize_reset()),
+            Hasher::Sha512(h) => format!("{:x}", h.finalize_reset()),
+        };
+        computed == self.want
+    }
+}
+
+/// Hashes a blob that came without its length as it streams: Harbor up to v2.15 sends a blob it
+/// has not cached yet chunked, without `Content-Length` or `Docker-Content-Digest`, and when its
+/// upstream breaks mid-blob it appends its error JSON to the 200 and ends the body cleanly
+/// (`src/server/middleware/repoproxy/proxy.go`, `handleBlob` then `SendError`). The digest is in
+/// the URL: a body that does not hash to it ends with an error instead of its clean end, so the
+/// client sees a broken transfer and retries, never a wrong blob that looks complete.
+struct BlobCheck {
+    hashing: Hashing,
+    name: String,
+    digest: String,
+    bytes: u64,
+}
+
+impl crate::body::Check for BlobCheck {
+    fn data(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        self.hashing.update(data);
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        if self.hashing.matches() {
+            return Ok(());
+        }
+        tracing::warn!(
+            name = self.name,
+            digest = self.digest,
+            bytes = self.bytes,
+            "Harbor's blob does not hash to its digest: the transfer is cut"
+        );
+        Err(std::io::Error::other(
+            "Harbor's blob did not match its digest",
+        ))
+    }
 }
 
 /// A tag list with `name` and `Link` rewritten to the router's path, kept for `CACHE_TTL`.

@@ -160,14 +160,17 @@ impl Ask {
         probe
     }
 
-    /// The key of coalescing and of remembered misses: endpoint, name, path with its query, and the
-    /// Accept set (sorted, so the order of lines does not matter): a manifest "unknown" without an
-    /// OCI Accept may well exist with one.
+    /// The key of coalescing and of remembered misses: endpoint, name, path with its query, and for
+    /// a manifest the Accept set (sorted, so the order of lines does not matter): a manifest
+    /// "unknown" without an OCI Accept may well exist with one. A blob, a tag list or referrers do
+    /// not depend on `Accept`, so clients that send different lines share one fan-out and one miss.
     pub fn key(&self) -> String {
+        let by_accept = matches!(self.endpoint, Endpoint::Manifest { .. });
         let mut accepts: Vec<&str> = self
             .headers
             .get_all(ACCEPT)
             .iter()
+            .filter(|_| by_accept)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)

@@ -116,8 +116,11 @@ pub fn judge(ask: &Ask, status: StatusCode, headers: &HeaderMap) -> Heard {
         },
         403 => Heard::Denied { challenged: true },
         412 => Heard::Policy,
-        // Harbor or its upstream is down or overloaded. A 500 is not counted: a name the registry
-        // refuses (too long, say) makes one, and a client chooses the name.
+        // Harbor failed inside (`src/lib/http/error.go`: any 5xx it makes is `UNKNOWN`, "internal
+        // server error"): a failure, but never a circuit's (a name the registry refuses, too long
+        // say, makes one too, and a client chooses the name).
+        500 => Heard::Failed(Failure::Internal),
+        // Harbor or its upstream is down or overloaded.
         s @ 502..=504 => Heard::Failed(Failure::Status(s)),
         s => Heard::Refused(s),
     }
@@ -135,7 +138,7 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
     let heard = judge(ask, res.status(), res.headers());
     match heard {
         Heard::Has => {}
-        Heard::Failed(Failure::Status(_)) => return Verdict::of(heard),
+        Heard::Failed(Failure::Status(_) | Failure::Internal) => return Verdict::of(heard),
         Heard::Policy => {
             let (parts, body) = res.into_parts();
             return match upstream.read_small(body).await {
@@ -149,6 +152,7 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
         _ => {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
             let body = upstream.read_small(res.into_body()).await;
+            let heard = refine(heard, body.as_deref());
             return Verdict {
                 detail: body.filter(|b| heard.is_absence() && b.len() <= MAX_DETAIL && telling(b)),
                 retry_after,
@@ -173,21 +177,58 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
     }
 }
 
+/// A 404 judged with its body: Harbor's answer from its local store after it did not, or could not,
+/// ask the upstream is [`Heard::Unsure`] ([`unsure`]); any other 404 stays "not here".
+pub fn refine(heard: Heard, body: Option<&[u8]>) -> Heard {
+    match (heard, body) {
+        (Heard::NotHere, Some(b)) if unsure(b) => Heard::Unsure,
+        _ => heard,
+    }
+}
+
+/// Whether a 404 body is Harbor's local store saying it does not hold the artifact, which Harbor
+/// answers both when the upstream said "not found" with the project set to serve local content on
+/// a miss, and (the common case) when the upstream could not be asked: down, failing, or Docker Hub
+/// refusing Harbor for a repository that does not exist (`src/server/middleware/repoproxy/proxy.go`
+/// falls back to the local registry handler on any upstream error but "not found" and a rate
+/// limit). The local handler's messages, the same in Harbor v2.9 through main:
+/// - `artifact <repo>:<tag> not found` (`src/controller/artifact/controller.go`, `getByTag`);
+/// - `artifact <repo>@<digest> not found` (`src/pkg/artifact/dao/dao.go`, `GetByDigest`);
+/// - `repository <repo> not found` (`src/pkg/repository/manager.go`, `GetByName`).
+///
+/// What the upstream's own "not found" gives is `repo <repo>, tag <tag> not found`
+/// (`src/controller/proxy/controller.go`, `UseLocalManifest`): a proof of absence, not matched here.
+pub fn unsure(body: &[u8]) -> bool {
+    let Some((code, message)) = only_error(body) else {
+        return false;
+    };
+    let Some(what) = message.strip_suffix(" not found") else {
+        return false;
+    };
+    let one_word = |w: &str| !w.is_empty() && !w.contains(' ');
+    let artifact = what
+        .strip_prefix("artifact ")
+        .is_some_and(|a| one_word(a) && (a.contains(':') || a.contains('@')));
+    let repository = what.strip_prefix("repository ").is_some_and(one_word);
+    code == "NOT_FOUND" && (artifact || repository)
+}
+
+/// The code and message of a registry error body holding exactly one error.
+fn only_error(body: &[u8]) -> Option<(String, String)> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let [e] = v.get("errors")?.as_array()?.as_slice() else {
+        return None;
+    };
+    let code = e.get("code")?.as_str()?;
+    let message = e.get("message")?.as_str()?;
+    Some((code.to_string(), message.to_string()))
+}
+
 /// Whether a 404 body is a registry error that says more than "not found" (for example "OCI index
 /// found, but accept header does not support OCI indexes"): one error, whose message says none of
 /// "unknown", "not known", "not found", "does not exist".
 pub fn telling(body: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return false;
-    };
-    let errors = v.get("errors").and_then(|e| e.as_array());
-    let [e] = errors.map(Vec::as_slice).unwrap_or(&[]) else {
-        return false;
-    };
-    let (Some(code), Some(message)) = (
-        e.get("code").and_then(|c| c.as_str()),
-        e.get("message").and_then(|m| m.as_str()),
-    ) else {
+    let Some((code, message)) = only_error(body) else {
         return false;
     };
     let m = message.to_ascii_lowercase();
@@ -249,6 +290,48 @@ mod tests {
     }
 
     #[test]
+    fn harbor_local_misses_are_unsure() {
+        let error = |code: &str, message: &str| {
+            serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string()
+        };
+        for unsure_one in [
+            error("NOT_FOUND", "artifact dockerhub/library/nginx:1.27 not found"),
+            error("NOT_FOUND", "artifact ghcr/a/b@sha256:0123 not found"),
+            error("NOT_FOUND", "repository quay/x/y not found"),
+        ] {
+            assert!(unsure(unsure_one.as_bytes()), "{unsure_one}");
+            assert_eq!(
+                refine(Heard::NotHere, Some(unsure_one.as_bytes())),
+                Heard::Unsure
+            );
+            assert!(!telling(unsure_one.as_bytes()), "{unsure_one}");
+        }
+        for sure in [
+            // The upstream said "not found" (for a digest the tag part is empty).
+            error("NOT_FOUND", "repo dockerhub/library/nginx, tag 1.27 not found"),
+            error("NOT_FOUND", "repo ghcr/a/b, tag  not found"),
+            error("MANIFEST_UNKNOWN", "manifest unknown"),
+            error("NAME_UNKNOWN", "repository name not known to registry"),
+            error("MANIFEST_UNKNOWN", "artifact a:b not found"),
+            error("NOT_FOUND", "artifact 12 not found"),
+            error(
+                "NOT_FOUND",
+                "repository \"a\" does not match project repository filter",
+            ),
+            "<html>404</html>".to_string(),
+        ] {
+            assert!(!unsure(sure.as_bytes()), "{sure}");
+            assert_eq!(refine(Heard::NotHere, Some(sure.as_bytes())), Heard::NotHere);
+        }
+        let two = r#"{"errors":[{"code":"NOT_FOUND","message":"repository a not found"},{"code":"X","message":"y"}]}"#;
+        assert!(!unsure(two.as_bytes()));
+        // Only a 404 is refined.
+        let local = error("NOT_FOUND", "repository a not found");
+        assert_eq!(refine(Heard::Has, Some(local.as_bytes())), Heard::Has);
+        assert_eq!(refine(Heard::NotHere, None), Heard::NotHere);
+    }
+
+    #[test]
     fn the_judgements() {
         use Failure::*;
         use Heard::*;
@@ -271,7 +354,7 @@ mod tests {
             (ask(manifest(), false), 403, denied),
             (ask(blob(), false), 401, upstream_401),
             (ask(manifest(), false), 412, Policy),
-            (ask(manifest(), false), 500, Refused(500)),
+            (ask(manifest(), false), 500, Failed(Internal)),
             (ask(manifest(), false), 502, Failed(Status(502))),
             (ask(manifest(), false), 503, Failed(Status(503))),
             (ask(manifest(), false), 504, Failed(Status(504))),

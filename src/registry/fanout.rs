@@ -76,8 +76,9 @@ impl RaceInfo {
 pub enum Outcome<'a> {
     /// A project has it: its answer (a policy refusal too, when nothing else won).
     Won(&'a Project, Box<Response<UpstreamBody>>),
-    /// With the registry's error body when the projects that said more than "not found" agreed.
-    NotFound(Option<Bytes>),
+    /// With the registry's error body when the projects that said more than "not found" agreed;
+    /// `sure` unless a project said Harbor's unsure 404.
+    NotFound { detail: Option<Bytes>, sure: bool },
     /// Nothing to serve: how it ended (a failure, a refusal).
     Lost(Ending),
 }
@@ -86,7 +87,7 @@ impl Outcome<'_> {
     pub fn label(&self) -> RaceOutcome {
         match self {
             Outcome::Won(..) => RaceOutcome::Found,
-            Outcome::NotFound(_) => RaceOutcome::NotFound,
+            Outcome::NotFound { .. } => RaceOutcome::NotFound,
             Outcome::Lost(_) => RaceOutcome::Failed,
         }
     }
@@ -114,7 +115,7 @@ impl Ending {
     /// The error the client gets.
     pub fn error(&self) -> Error {
         match self {
-            Ending::NotFound(_) | Ending::Policy { .. } => Error::ManifestUnknown,
+            Ending::NotFound { .. } | Ending::Policy { .. } => Error::ManifestUnknown,
             Ending::RateLimited(retry_after) => Error::TooManyRequests {
                 retry_after: retry_after.clone(),
             },
@@ -197,7 +198,7 @@ pub async fn find<'s>(
                 leader.finish(FanOutResult::Found(project.name.clone()));
                 Finding::Won(project, res)
             }
-            Outcome::NotFound(detail) => {
+            Outcome::NotFound { detail, sure: true } => {
                 if ask.tag().is_some() {
                     // No project has the tag: nothing may stand in for it any more.
                     state.tags.forget_everywhere(key, Tell::OtherPods);
@@ -210,10 +211,20 @@ pub async fn find<'s>(
                 leader.finish(FanOutResult::NotFound(detail.clone()));
                 Finding::NotFound(detail)
             }
+            Outcome::NotFound {
+                detail,
+                sure: false,
+            } => {
+                // Absent, or an upstream Harbor could not ask: remembered briefly on this core,
+                // never shared, and a last-known-good tag stays.
+                state.remembered.remember_unsure_miss(key, detail.clone());
+                leader.finish(FanOutResult::NotFound(detail.clone()));
+                Finding::NotFound(detail)
+            }
             Outcome::Lost(ending) => {
                 // Before the waiters wake: they look for a last-known-good answer too.
                 if ask.tag().is_some() {
-                    for (project, _) in info.heard.iter().filter(|(_, h)| h.is_absence()) {
+                    for (project, _) in info.heard.iter().filter(|(_, h)| h.proves_absence()) {
                         state.tags.forget(key, project);
                     }
                 }
@@ -298,7 +309,7 @@ pub async fn race<'a>(
             retry_after,
         } = verdict;
         info.heard.push((fitting[i].name.clone(), heard));
-        if heard != Heard::NotHere {
+        if !heard.proves_absence() {
             tracing::debug!(project = %fitting[i].name, ?heard, "fan-out attempt");
         }
         answers[i] = answer;
@@ -317,7 +328,7 @@ pub async fn race<'a>(
         }
     }
     match tally.end() {
-        Ending::NotFound(detail) => Outcome::NotFound(detail),
+        Ending::NotFound { detail, sure } => Outcome::NotFound { detail, sure },
         Ending::Policy {
             slot,
             second_choice,

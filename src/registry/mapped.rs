@@ -22,11 +22,12 @@ use super::state::State;
 pub enum Mapped {
     Answer(Box<Response<Body>>),
     /// A failure by the judge's rules (see [`Heard::may_stand_in`]): the circuit is open, no
-    /// answer in time, 502–504 or 429. The answer for the client (Harbor's, read whole, so its
+    /// answer in time, 500, 502–504 or 429. The answer for the client (Harbor's, read whole, so its
     /// connection is reused; or the router's), and the failure.
     Failed(Box<Response<Body>>, Heard),
-    /// The mapped project answered 404.
-    Gone,
+    /// The mapped project answered 404: `sure` unless it was Harbor's local store answering for
+    /// an upstream it did not ask ([`Heard::Unsure`]).
+    Gone { sure: bool },
 }
 
 /// Sends `ask` to `project` and answers with what it said; `attempts` counts the request when it
@@ -73,8 +74,9 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         .record(ticket, heard.counts_against_circuit());
     match heard {
         Heard::NotHere => {
-            state.upstream().drain(res.into_body()).await;
-            Mapped::Gone
+            let body = state.upstream().read_small(res.into_body()).await;
+            let sure = attempt::refine(heard, body.as_deref()).proves_absence();
+            Mapped::Gone { sure }
         }
         Heard::Failed(failure) => {
             // Harbor's error, passed on whole (a small body: the connection goes back to the

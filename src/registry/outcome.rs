@@ -20,6 +20,10 @@ pub enum Failure {
     RateLimited,
     /// The project's circuit is open on this core: it was not asked.
     CircuitOpen,
+    /// Harbor failed inside (its database or Redis): 500 `UNKNOWN`. Never counted against a
+    /// circuit (the registry answers 500 to a name it refuses, and a client chooses the name), but
+    /// a failure all the same: a tag Harbor confirmed may be stood in for.
+    Internal,
 }
 
 /// What a project answered (or failed to), as every decision sees it.
@@ -29,12 +33,17 @@ pub enum Heard {
     Has,
     /// It does not have it: 404, or a tag list that proves nothing.
     NotHere,
+    /// Harbor's 404 from its local store after it did not, or could not, ask the upstream
+    /// ("artifact R:T not found", "repository R not found": see [`super::attempt::unsure`]): absent,
+    /// or the upstream was down or refused Harbor. Answered 404, remembered briefly on this core
+    /// only; never erases a last-known-good tag.
+    Unsure,
     /// Harbor refused the router's credentials for it (401 after a fresh token, or 403).
     /// `challenged`: Harbor's own refusal; without a challenge, a 401 its upstream gave Harbor.
     Denied { challenged: bool },
     /// It has it, and its policy refuses the pull (412 `PROJECTPOLICYVIOLATION`).
     Policy,
-    /// Another answer that is neither "here" nor "not here" (400, 500, another 4xx).
+    /// Another answer that is neither "here" nor "not here" (400, another 4xx).
     Refused(u16),
     /// No usable answer.
     Failed(Failure),
@@ -57,9 +66,14 @@ impl Heard {
         matches!(self, Heard::Failed(_))
     }
 
-    /// Whether it proves absence, so that a pull every project said this to may be remembered as
-    /// a miss.
+    /// Whether it says "not here", surely or not: a pull every project said this to is not found.
     pub fn is_absence(self) -> bool {
+        matches!(self, Heard::NotHere | Heard::Unsure)
+    }
+
+    /// Whether it proves absence: a pull every project said this to is remembered as a miss for
+    /// `NEGATIVE_CACHE_TTL` and shared, and a last-known-good tag of the project is forgotten.
+    pub fn proves_absence(self) -> bool {
         self == Heard::NotHere
     }
 
@@ -86,26 +100,28 @@ mod tests {
     #[test]
     fn the_questions_asked_of_each_outcome() {
         use Failure::*;
-        // (outcome, counts against the circuit, may be stood in for, proves absence)
+        // (outcome, counts against the circuit, may be stood in for, says absent, proves it)
         let cases = [
-            (Heard::Has, false, false, false),
-            (Heard::NotHere, false, false, true),
-            (Heard::Denied { challenged: true }, false, false, false),
-            (Heard::Denied { challenged: false }, false, false, false),
-            (Heard::Policy, false, false, false),
-            (Heard::Refused(500), false, false, false),
-            (Heard::Refused(400), false, false, false),
-            (Heard::Failed(Timeout), true, true, false),
-            (Heard::Failed(Transport), true, true, false),
-            (Heard::Failed(Status(502)), true, true, false),
-            (Heard::Failed(Status(503)), true, true, false),
-            (Heard::Failed(RateLimited), false, true, false),
-            (Heard::Failed(CircuitOpen), false, true, false),
+            (Heard::Has, false, false, false, false),
+            (Heard::NotHere, false, false, true, true),
+            (Heard::Unsure, false, false, true, false),
+            (Heard::Denied { challenged: true }, false, false, false, false),
+            (Heard::Denied { challenged: false }, false, false, false, false),
+            (Heard::Policy, false, false, false, false),
+            (Heard::Refused(400), false, false, false, false),
+            (Heard::Failed(Internal), false, true, false, false),
+            (Heard::Failed(Timeout), true, true, false, false),
+            (Heard::Failed(Transport), true, true, false, false),
+            (Heard::Failed(Status(502)), true, true, false, false),
+            (Heard::Failed(Status(503)), true, true, false, false),
+            (Heard::Failed(RateLimited), false, true, false, false),
+            (Heard::Failed(CircuitOpen), false, true, false, false),
         ];
-        for (heard, circuit, stand_in, absence) in cases {
+        for (heard, circuit, stand_in, absent, proof) in cases {
             assert_eq!(heard.counts_against_circuit(), circuit, "{heard:?}");
             assert_eq!(heard.may_stand_in(), stand_in, "{heard:?}");
-            assert_eq!(heard.is_absence(), absence, "{heard:?}");
+            assert_eq!(heard.is_absence(), absent, "{heard:?}");
+            assert_eq!(heard.proves_absence(), proof, "{heard:?}");
             assert_eq!(heard.answered(), !stand_in, "{heard:?}");
         }
         assert_eq!(

@@ -132,9 +132,10 @@ async fn settle(state: &Rc<State>, pull: &mut Pull<'_, '_>, res: Response<Body>)
     if pull.ask.tag().is_none() || !state.tags.enabled() {
         return res;
     }
-    if let Some(project) = pull.log.by {
-        stale::remember(state, &pull.key, project, &res);
-    }
+    let res = match pull.log.by {
+        Some(project) => stale::remember(state, &pull.key, project, res, pull.ask.head),
+        None => res,
+    };
     if let Some(why) = pull.log.failure {
         if let Some(stale) = stale::answer(state, pull, why).await {
             return stale;
@@ -238,7 +239,8 @@ async fn answer_mapped<'s>(
 }
 
 /// What `project`, asked for this pull alone, said, told to the log: its answer, or `None` when it
-/// said 404 (a tag it last resolved is forgotten, and it counts as having answered).
+/// said 404 (it counts as having answered, and a tag it last resolved is forgotten unless the 404
+/// was Harbor's unsure one).
 async fn ask_mapped<'s>(
     state: &State,
     pull: &mut Pull<'s, '_>,
@@ -253,9 +255,11 @@ async fn ask_mapped<'s>(
             pull.log.failure = Some(heard.stale_reason());
             Some(*res)
         }
-        Mapped::Gone => {
+        Mapped::Gone { sure } => {
             if pull.ask.tag().is_some() {
-                state.tags.forget(&pull.key, &project.name);
+                if sure {
+                    state.tags.forget(&pull.key, &project.name);
+                }
                 pull.log.answered.push(project.name.clone());
             }
             None

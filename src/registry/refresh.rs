@@ -1,6 +1,9 @@
 //! The background refresh of a stale mapping: the same race as a fan-out, with the pull's probe (a
-//! manifest HEAD, a one-byte blob GET, a tag list, a referrers subject HEAD), at most one per name on
-//! a core at a time. A winner re-learns the mapping; "not found anywhere" and failures keep it: the
+//! manifest HEAD, a one-byte blob GET, a referrers subject HEAD), at most one per name on a core at
+//! a time. Never a tag list: Harbor answers one in a proxy project by listing the upstream's whole
+//! repository (`src/server/middleware/repoproxy/tag.go`), so a probe with it would cost every
+//! project an upstream listing; a name only listed keeps its mapping until it ages out, and the
+//! next manifest or blob pull of it refreshes it. A winner re-learns the mapping; "not found anywhere" and failures keep it: the
 //! probe's reference may be a tag that is simply missing, and a reference that is only missing must
 //! not unmap the name. The mapping ages out on its own.
 
@@ -9,12 +12,15 @@ use std::rc::Rc;
 use crate::metrics::labels::RaceKind;
 use crate::snapshot::Snapshot;
 
-use super::ask::Ask;
+use super::ask::{Ask, Endpoint};
 use super::fanout::{self, Outcome};
 use super::state::State;
 
 /// Starts refreshing `ask.name`'s mapping in the background, unless a refresh of it is running.
 pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
+    if matches!(ask.endpoint, Endpoint::Tags { .. }) {
+        return;
+    }
     let Some(claim) = state.routing.claim_refresh(&ask.mapping_key()) else {
         return;
     };
@@ -33,7 +39,7 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
                     .learn_won(&probe.mapping_key(), &project.name, info.choice);
                 state.upstream().drain(res.into_body()).await;
             }
-            Outcome::NotFound(_) => {}
+            Outcome::NotFound { .. } => {}
             Outcome::Lost(ending) => {
                 tracing::debug!(
                     name = probe.name,

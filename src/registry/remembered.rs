@@ -34,6 +34,13 @@ impl Remembered {
             .remember_miss(key, detail, self.clock.now());
     }
 
+    /// A miss only Harbor's unsure 404s said (`cache::UNSURE_MISS_LIFE`): this core only.
+    pub fn remember_unsure_miss(&self, key: &str, detail: Option<Bytes>) {
+        self.answers
+            .borrow_mut()
+            .remember_unsure_miss(key, detail, self.clock.now());
+    }
+
     /// A miss another pod found, remembered until it ends there.
     pub fn remember_miss_until(&self, key: &str, detail: Option<Bytes>, until: Instant) {
         self.answers

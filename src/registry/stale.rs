@@ -1,12 +1,15 @@
 //! Last-known-good tags (`STALE_IF_ERROR`). Resolving a tag needs Harbor to ask the upstream
 //! registry; the manifest by digest and the blobs Harbor then serves from its own store. So when
 //! every project that could confirm a tag fails (by the attempt judge's rules: no answer, a timeout,
-//! 502–504, 429, circuits open), a tag confirmed within `STALE_IF_ERROR` is answered with the digest
-//! it last resolved to:
+//! Harbor's 500, 502–504, 429, circuits open), a tag confirmed within `STALE_IF_ERROR` is answered
+//! with the digest it last resolved to:
 //! - a HEAD from memory (digest, media type, length);
-//! - a GET with the manifest by that digest, from this core's manifest memory or asked of the
-//!   project that last answered the tag, by digest (and checked against it, as every manifest by
-//!   digest is).
+//! - a GET with the manifest kept with the tag (a GET that streamed it whole kept it, once per
+//!   digest), which also goes into the manifest memory for the by-digest GET that follows; else from
+//!   this core's manifest memory, else asked of the project that last answered the tag, by digest
+//!   (and checked against it, as every manifest by digest is). Harbor keeps a multi-arch index
+//!   trimmed under its tag and never under its original digest (`src/controller/proxy/
+//!   manifestcache.go`), so that last request often fails exactly when it is needed.
 //!
 //! Either answer carries `Warning: 110 harbor-router "Response is Stale"` and an `Age`. An answer
 //! is never masked: a 404 (or any other answer that is not a failure) goes to the client, and a tag
@@ -15,14 +18,20 @@
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
-use crate::body::Body;
-use crate::cache::Seen;
+use std::rc::Rc;
+
+use bytes::BytesMut;
+
+use crate::body::{Body, Check};
+use crate::cache::{Seen, MAX_KEPT_MANIFEST};
 use crate::metrics::labels::{Answered, StaleReason};
 use crate::snapshot::Project;
 
+use super::answer::Hashing;
 use super::ask::{Ask, Endpoint};
 use super::context::Pull;
 use super::mapped::{self, Mapped};
+use super::memory::keepable;
 use super::respond::{respond, whole};
 use super::state::State;
 
@@ -32,10 +41,79 @@ pub const WARNING: HeaderValue =
 
 const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 
-/// Remembers what `project`'s 200 to the tag pull `key` resolved to, from its headers.
-pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body>) {
+/// Remembers what `project`'s 200 to the tag pull `key` resolved to, from its headers; the answer
+/// of a GET comes back watched when the entry wants the manifest itself (once per digest): the
+/// bytes are kept as they stream, and handed to the entry once all of them went by and they hash
+/// to the digest.
+pub fn remember(
+    state: &Rc<State>,
+    key: &str,
+    project: &Project,
+    res: Response<Body>,
+    head: bool,
+) -> Response<Body> {
+    let Some((digest, length)) = confirm(state, key, project, &res) else {
+        return res;
+    };
+    if head || length > MAX_KEPT_MANIFEST as u64 || length == 0 {
+        return res;
+    }
+    let Some(hashing) = digest.to_str().ok().and_then(Hashing::new) else {
+        return res;
+    };
+    let keep = KeepManifest {
+        state: state.clone(),
+        key: key.to_string(),
+        digest,
+        length: length as usize,
+        seen: BytesMut::with_capacity(length as usize),
+        hashing,
+    };
+    res.map(|body| body.checked(keep))
+}
+
+/// Keeps a tag GET's manifest as it streams ([`remember`]).
+struct KeepManifest {
+    state: Rc<State>,
+    key: String,
+    digest: HeaderValue,
+    length: usize,
+    seen: BytesMut,
+    hashing: Hashing,
+}
+
+impl Check for KeepManifest {
+    fn data(&mut self, data: &[u8]) {
+        // hyper stops polling a body once its Content-Length went by: the last byte completes it.
+        if self.seen.len() + data.len() > self.length {
+            self.length = 0; // longer than announced: nothing is kept
+            return;
+        }
+        self.seen.extend_from_slice(data);
+        self.hashing.update(data);
+        if self.seen.len() == self.length && self.hashing.matches() {
+            let manifest = std::mem::take(&mut self.seen).freeze();
+            self.state
+                .tags
+                .keep_manifest(&self.key, &self.digest, manifest);
+        }
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Confirms the tag's entry from a 200's headers; its digest and length when the entry wants the
+/// manifest itself.
+fn confirm(
+    state: &State,
+    key: &str,
+    project: &Project,
+    res: &Response<Body>,
+) -> Option<(HeaderValue, u64)> {
     if res.status() != StatusCode::OK {
-        return;
+        return None;
     }
     let h = res.headers();
     let (Some(digest), Some(media_type), Some(length)) = (
@@ -44,13 +122,13 @@ pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body
         h.get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
     ) else {
-        return;
+        return None;
     };
     let digest_ok = digest
         .to_str()
         .is_ok_and(|d| crate::names::valid_digest(d).is_ok());
     if !digest_ok {
-        return;
+        return None;
     }
     let seen = Seen {
         digest,
@@ -58,7 +136,10 @@ pub fn remember(state: &State, key: &str, project: &Project, res: &Response<Body
         length,
         project: &project.name,
     };
-    state.tags.confirm(key, seen, project);
+    state
+        .tags
+        .confirm(key, seen, project)
+        .then(|| (digest.clone(), length))
 }
 
 /// The last-known-good answer to the tag pull `pull`, standing in for the failure `why`, if there
@@ -82,15 +163,25 @@ pub async fn answer(
         }
     }
     let digest = resolved.digest.to_str().ok()?.to_string();
-    let mut res = if ask.head {
-        let mut h = HeaderMap::with_capacity(6);
-        h.insert(CONTENT_TYPE, resolved.media_type.clone());
-        h.insert(DIGEST, resolved.digest.clone());
-        h.insert(ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).ok()?);
-        h.insert(CONTENT_LENGTH, HeaderValue::from(resolved.length));
-        respond(StatusCode::OK, h, Body::Empty)
-    } else {
-        by_digest(state, project, ask, digest, &mut pull.trace.attempts).await?
+    let mut h = HeaderMap::with_capacity(6);
+    h.insert(CONTENT_TYPE, resolved.media_type.clone());
+    h.insert(DIGEST, resolved.digest.clone());
+    h.insert(ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).ok()?);
+    h.insert(CONTENT_LENGTH, HeaderValue::from(resolved.length));
+    let mut res = match (ask.head, resolved.manifest) {
+        (true, _) => respond(StatusCode::OK, h, Body::Empty),
+        // Kept with the tag: nothing is asked of Harbor, and the by-digest GET a client sends next
+        // (containerd, docker) is answered from memory too.
+        (false, Some(manifest)) => {
+            let pinned = pinned(ask, digest);
+            if let Some(key) = pinned.memory_key() {
+                state
+                    .remembered
+                    .keep_manifest(&key, keepable(&h, &manifest));
+            }
+            whole(StatusCode::OK, h, manifest, false)
+        }
+        (false, None) => by_digest(state, project, ask, digest, &mut pull.trace.attempts).await?,
     };
     let h = res.headers_mut();
     h.insert(http::header::WARNING, WARNING);
@@ -104,14 +195,8 @@ pub async fn answer(
     Some(res)
 }
 
-/// The manifest `digest` for a GET of a tag: from this core's memory, else asked of `project`.
-async fn by_digest(
-    state: &State,
-    project: &Project,
-    ask: &Ask,
-    digest: String,
-    attempts: &mut u32,
-) -> Option<Response<Body>> {
+/// The GET of the manifest `digest` a tag `ask` resolved to.
+fn pinned(ask: &Ask, digest: String) -> Ask {
     let mut pinned = Ask {
         endpoint: Endpoint::Manifest {
             reference: digest,
@@ -123,6 +208,18 @@ async fn by_digest(
     // The client's conditions were about the tag: the manifest is asked whole.
     pinned.headers.remove(http::header::IF_NONE_MATCH);
     pinned.headers.remove(http::header::IF_MODIFIED_SINCE);
+    pinned
+}
+
+/// The manifest `digest` for a GET of a tag: from this core's memory, else asked of `project`.
+async fn by_digest(
+    state: &State,
+    project: &Project,
+    ask: &Ask,
+    digest: String,
+    attempts: &mut u32,
+) -> Option<Response<Body>> {
+    let pinned = pinned(ask, digest);
     if let Some(kept) = pinned
         .memory_key()
         .and_then(|k| state.remembered.manifest(&k))

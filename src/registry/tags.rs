@@ -54,17 +54,27 @@ impl Tags {
 
     /// `project` answered the tag pull `key` with `seen`: remembered, and shared through Redis when
     /// this core learned it, saw it change, or last shared it a while ago (never on every hit).
-    pub fn confirm(&self, key: &str, seen: Seen<'_>, project: &Project) {
+    /// `true` when the entry wants the manifest itself ([`Tags::keep_manifest`]).
+    pub fn confirm(&self, key: &str, seen: Seen<'_>, project: &Project) -> bool {
         let now = self.clock.now();
-        let how = self.last_good.borrow_mut().confirm(key, seen, now);
+        let (how, wants_manifest) = self.last_good.borrow_mut().confirm(key, seen, now);
         if how == Confirmed::Same {
-            return;
+            return wants_manifest;
         }
         if let Some(shared) = &self.shared {
             if let Some((resolved, _)) = self.last_good.borrow().get(key, now) {
                 shared.share_tag(key, &resolved, project, Instant::now());
             }
         }
+        wants_manifest
+    }
+
+    /// The manifest of the tag pull `key`, streamed whole and hashing to `digest`: kept with the
+    /// entry (this core only), so a stale GET needs nothing from Harbor.
+    pub fn keep_manifest(&self, key: &str, digest: &http::HeaderValue, manifest: bytes::Bytes) {
+        self.last_good
+            .borrow_mut()
+            .keep_manifest(key, digest, manifest);
     }
 
     /// What the tag pull `key` last resolved to, and how long ago: this core's memory, else (with

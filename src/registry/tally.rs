@@ -8,7 +8,8 @@
 //!   (the worse is released, for its answer to be read and let go). A win taken while a project
 //!   ranked above it was unavailable (circuit open, failed, rate-limited, refused) is a second choice.
 //! - Nothing wins: every project said "not here" (and none was left out) → not found, with the
-//!   registry's own 404 body when the telling ones agree; else a policy refusal (the project has
+//!   registry's own 404 body when the telling ones agree, and sure unless one of them was Harbor's
+//!   unsure 404 ([`Heard::Unsure`]); else a policy refusal (the project has
 //!   it) → that answer; else a rate limit → 429 with Harbor's `Retry-After`; else a failure → 502; else
 //!   circuits open → 503; else Harbor refused the router's credentials → 403; else (only other
 //!   answers) → 502.
@@ -40,8 +41,10 @@ pub struct Take {
 /// How a race that nobody won ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
-    /// Every project said "not here", with the registry's own body when the telling ones agreed.
-    NotFound(Option<Bytes>),
+    /// Every project said "not here", with the registry's own body when the telling ones agreed;
+    /// `sure` when none of them was Harbor's unsure 404 (only a sure miss is remembered for
+    /// `NEGATIVE_CACHE_TTL`, shared, and erases a last-known-good tag).
+    NotFound { detail: Option<Bytes>, sure: bool },
     /// This slot's policy refusal (412) is the answer: its project has it. `second_choice` as for
     /// a win: a project ranked above it could not answer.
     Policy { slot: Slot, second_choice: bool },
@@ -71,6 +74,8 @@ pub struct Tally {
     started: usize,
     skipped: bool,
     all_not_here: bool,
+    /// A project said Harbor's unsure 404.
+    unsure: bool,
     detail: Option<Bytes>,
     details_agree: bool,
     retry_after: Option<HeaderValue>,
@@ -94,6 +99,7 @@ impl Tally {
             started: 0,
             skipped: false,
             all_not_here: true,
+            unsure: false,
             detail: None,
             details_agree: true,
             retry_after: None,
@@ -151,7 +157,8 @@ impl Tally {
                 Some((best, _)) if best <= rank => step.release = Some(slot),
                 _ => step.release = self.held.replace((rank, slot)).map(|(_, s)| s),
             },
-            Heard::NotHere => {
+            Heard::NotHere | Heard::Unsure => {
+                self.unsure |= heard == Heard::Unsure;
                 if let Some(body) = detail {
                     match &self.detail {
                         None => self.detail = Some(body),
@@ -196,7 +203,10 @@ impl Tally {
             return e;
         }
         if self.all_not_here {
-            Ending::NotFound(self.detail.filter(|_| self.details_agree))
+            Ending::NotFound {
+                detail: self.detail.filter(|_| self.details_agree),
+                sure: !self.unsure,
+            }
         } else if let Some((slot, rank)) = self.policy {
             Ending::Policy {
                 slot,
@@ -228,6 +238,12 @@ mod tests {
     const HAS: Heard = Heard::Has;
     const NOT_HERE: Heard = Heard::NotHere;
     const FAILED: Heard = Heard::Failed(Failure::Status(503));
+    const UNSURE: Heard = Heard::Unsure;
+    const INTERNAL: Heard = Heard::Failed(Failure::Internal);
+    const NOT_FOUND: Ending = Ending::NotFound {
+        detail: None,
+        sure: true,
+    };
     const LIMITED: Heard = Heard::Failed(Failure::RateLimited);
     const DENIED: Heard = Heard::Denied { challenged: true };
     const RELAYED_401: Heard = Heard::Denied { challenged: false };
@@ -290,7 +306,10 @@ mod tests {
             (&[(2, HAS), (0, FAILED), (1, NOT_HERE)], take(2, true), &[]),
             (&[(1, HAS), (0, LIMITED)], take(1, true), &[]),
             (&[(1, HAS), (0, DENIED)], take(1, true), &[]),
-            (&[(1, HAS), (0, Heard::Refused(500))], take(1, true), &[]),
+            (&[(1, HAS), (0, INTERNAL)], take(1, true), &[]),
+            (&[(1, HAS), (0, Heard::Refused(400))], take(1, true), &[]),
+            // Harbor's unsure 404 is a "not here" like any other for the order.
+            (&[(1, HAS), (0, UNSURE)], take(1, false), &[]),
         ];
         for (events, want, released) in cases {
             let (got, rel, _) = race(true, &all, events);
@@ -313,7 +332,17 @@ mod tests {
         const ALL: Ranks = &[Some(0), Some(1)];
         let all = ALL;
         let cases: &[(Ranks, Events, Ending)] = &[
-            (all, &[(0, NOT_HERE), (1, NOT_HERE)], Ending::NotFound(None)),
+            (all, &[(0, NOT_HERE), (1, NOT_HERE)], NOT_FOUND),
+            (
+                all,
+                &[(0, NOT_HERE), (1, UNSURE)],
+                Ending::NotFound {
+                    detail: None,
+                    sure: false,
+                },
+            ),
+            (all, &[(0, UNSURE), (1, FAILED)], Ending::Failed),
+            (all, &[(0, INTERNAL), (1, NOT_HERE)], Ending::Failed),
             (all, &[(0, NOT_HERE), (1, FAILED)], Ending::Failed),
             (
                 all,
@@ -332,7 +361,7 @@ mod tests {
             (all, &[(0, NOT_HERE), (1, Heard::Policy)], policy(1, false)),
             (
                 all,
-                &[(0, NOT_HERE), (1, Heard::Refused(500))],
+                &[(0, NOT_HERE), (1, Heard::Refused(400))],
                 Ending::Failed,
             ),
             (&[None, Some(1)], &[(1, NOT_HERE)], Ending::Unavailable),
@@ -375,12 +404,10 @@ mod tests {
             t.observe(1, NOT_HERE, b, None);
             t.end()
         };
-        assert_eq!(
-            run(telling("oci"), telling("oci")),
-            Ending::NotFound(telling("oci"))
-        );
-        assert_eq!(run(telling("oci"), None), Ending::NotFound(telling("oci")));
-        assert_eq!(run(telling("a"), telling("b")), Ending::NotFound(None));
+        let found = |detail| Ending::NotFound { detail, sure: true };
+        assert_eq!(run(telling("oci"), telling("oci")), found(telling("oci")));
+        assert_eq!(run(telling("oci"), None), found(telling("oci")));
+        assert_eq!(run(telling("a"), telling("b")), found(None));
     }
 
     #[test]

@@ -362,6 +362,8 @@ impl Shared {
             media_type: HeaderValue::from_str(&t.media_type).ok()?,
             length: t.length,
             project: t.project,
+            // The schema's values hold no manifest (its 8 KiB value limit): kept per core only.
+            manifest: None,
         };
         Some((resolved, at))
     }
