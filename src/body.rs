@@ -35,7 +35,10 @@ pub enum Body {
     /// must not be endless (a manifest) is cut, and the client sees a truncated transfer.
     Capped { body: UpstreamBody, left: u64 },
     /// A body watched as it streams (a blob hashed against its digest, a manifest kept).
-    Checked { body: Box<Body>, check: Box<dyn Check> },
+    Checked {
+        body: Box<Body>,
+        check: Box<dyn Check>,
+    },
 }
 
 impl std::fmt::Debug for Body {

@@ -375,6 +375,8 @@ fn circuits_open_on_failures_and_keep_the_project_out() {
         &[
             ("CIRCUIT_BREAKER_THRESHOLD", "1"),
             ("CIRCUIT_BREAKER_TIMEOUT", "1h"),
+            // Harbor's errors, not last-known-good tags (tests/stale.rs), are what this shows.
+            ("STALE_IF_ERROR", "0s"),
         ],
     );
     env.bed.harbor.set_fault("quay", Fault::Status(503));
@@ -590,7 +592,8 @@ fn rate_limits_pass_through_and_are_not_remembered() {
 fn a_mapped_rate_limit_passes_harbors_error_with_a_retry_after() {
     let env = start(
         &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1024)],
-        &[],
+        // Harbor's error, not a last-known-good tag (tests/stale.rs), is what this shows.
+        &[("STALE_IF_ERROR", "0s")],
     );
     assert_eq!(env.get_manifest("org/app", "v1").status, 200);
     env.bed.harbor.set_fault("ghcr", Fault::Status(429));

@@ -256,7 +256,12 @@ mod tests {
         confirm_wanting(c, key, digest, now).0
     }
 
-    fn confirm_wanting(c: &mut LastGood, key: &str, digest: &str, now: Instant) -> (Confirmed, bool) {
+    fn confirm_wanting(
+        c: &mut LastGood,
+        key: &str,
+        digest: &str,
+        now: Instant,
+    ) -> (Confirmed, bool) {
         let r = resolved(digest);
         let seen = Seen {
             digest: &r.digest,

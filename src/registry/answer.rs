@@ -70,7 +70,7 @@ pub async fn answer(
         Endpoint::Manifest {
             by_digest: false, ..
         } if !ask.head && status == StatusCode::OK && !names_digest(&parts.headers) => {
-            return match digested(ask, headers, body).await {
+            return match digested(state, ask, headers, body).await {
                 Ok(res) => res,
                 Err(e) => error(&e),
             };
@@ -136,6 +136,7 @@ async fn manifest(
             .remembered
             .keep_manifest(&key, keepable(&headers, &bytes));
     }
+    state.remembered.learn_blobs(&ask.mapping_key(), &bytes);
     Ok(whole(StatusCode::OK, headers, bytes, false))
 }
 
@@ -153,11 +154,13 @@ fn names_digest(headers: &HeaderMap) -> bool {
 /// (`src/server/middleware/repoproxy/proxy.go`, `proxyManifestGet`), and clients that pin what they
 /// pulled (containerd, skopeo's `--digestfile`) need the digest. Answers that carry one stream.
 async fn digested(
+    state: &State,
     ask: &Ask,
     mut headers: HeaderMap,
     body: UpstreamBody,
 ) -> Result<Response<Body>, Error> {
     let bytes = read_manifest(ask, "", body).await?;
+    state.remembered.learn_blobs(&ask.mapping_key(), &bytes);
     let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
     tracing::debug!(name = ask.name, %digest, "Harbor sent a manifest by tag without its digest; computed it");
     let value = HeaderValue::from_str(&digest).expect("a digest is a header value");

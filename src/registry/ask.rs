@@ -210,13 +210,14 @@ impl Ask {
 
     /// Whether answers to this pull may be kept in memory (manifests by digest, tag lists).
     pub fn kept_in_memory(&self) -> bool {
-        matches!(
-            self.endpoint,
+        match self.endpoint {
             Endpoint::Manifest {
-                by_digest: true,
-                ..
-            } | Endpoint::Tags { .. }
-        )
+                by_digest: true, ..
+            }
+            | Endpoint::Tags { .. } => true,
+            Endpoint::Blob { .. } => self.head,
+            _ => false,
+        }
     }
 
     /// Where the kept answers of this pull live in memory (manifests by digest, tag lists).

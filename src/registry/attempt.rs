@@ -104,6 +104,9 @@ pub fn judge(ask: &Ask, status: StatusCode, headers: &HeaderMap) -> Heard {
         return Heard::Has;
     }
     match status.as_u16() {
+        // A HEAD's 404 has no body, so Harbor's two 404s (the upstream's "not found", and its local
+        // store's for an upstream it could not ask) cannot be told apart: unsure.
+        404 if ask.head && matches!(ask.endpoint, Endpoint::Manifest { .. }) => Heard::Unsure,
         404 => Heard::NotHere,
         429 => Heard::Failed(Failure::RateLimited),
         // The upstream client has already fetched a fresh token once (upstream::Upstream::send): a
@@ -295,7 +298,10 @@ mod tests {
             serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string()
         };
         for unsure_one in [
-            error("NOT_FOUND", "artifact dockerhub/library/nginx:1.27 not found"),
+            error(
+                "NOT_FOUND",
+                "artifact dockerhub/library/nginx:1.27 not found",
+            ),
             error("NOT_FOUND", "artifact ghcr/a/b@sha256:0123 not found"),
             error("NOT_FOUND", "repository quay/x/y not found"),
         ] {
@@ -308,7 +314,10 @@ mod tests {
         }
         for sure in [
             // The upstream said "not found" (for a digest the tag part is empty).
-            error("NOT_FOUND", "repo dockerhub/library/nginx, tag 1.27 not found"),
+            error(
+                "NOT_FOUND",
+                "repo dockerhub/library/nginx, tag 1.27 not found",
+            ),
             error("NOT_FOUND", "repo ghcr/a/b, tag  not found"),
             error("MANIFEST_UNKNOWN", "manifest unknown"),
             error("NAME_UNKNOWN", "repository name not known to registry"),
@@ -321,7 +330,10 @@ mod tests {
             "<html>404</html>".to_string(),
         ] {
             assert!(!unsure(sure.as_bytes()), "{sure}");
-            assert_eq!(refine(Heard::NotHere, Some(sure.as_bytes())), Heard::NotHere);
+            assert_eq!(
+                refine(Heard::NotHere, Some(sure.as_bytes())),
+                Heard::NotHere
+            );
         }
         let two = r#"{"errors":[{"code":"NOT_FOUND","message":"repository a not found"},{"code":"X","message":"y"}]}"#;
         assert!(!unsure(two.as_bytes()));
@@ -348,6 +360,7 @@ mod tests {
             (ask(manifest(), true), 200, Has),
             (ask(manifest(), false), 307, Refused(307)),
             (ask(manifest(), false), 404, NotHere),
+            (ask(manifest(), true), 404, Unsure),
             (ask(manifest(), false), 416, Refused(416)),
             (ask(manifest(), false), 429, Failed(RateLimited)),
             (ask(manifest(), false), 401, upstream_401),

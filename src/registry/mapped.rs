@@ -27,7 +27,9 @@ pub enum Mapped {
     Failed(Box<Response<Body>>, Heard),
     /// The mapped project answered 404: `sure` unless it was Harbor's local store answering for
     /// an upstream it did not ask ([`Heard::Unsure`]).
-    Gone { sure: bool },
+    Gone {
+        sure: bool,
+    },
 }
 
 /// Sends `ask` to `project` and answers with what it said; `attempts` counts the request when it

@@ -1,9 +1,13 @@
 //! Answers from memory: a manifest kept by digest (when the client's `Accept` names its media type;
-//! 304 when its `If-None-Match` names the digest) and a tag list kept for `CACHE_TTL`. Also what is
+//! 304 when its `If-None-Match` names the digest), a tag list kept for `CACHE_TTL`, and a blob HEAD
+//! from the descriptor of a manifest this core served (its size). Also what is
 //! kept: Harbor's headers without the per-response ones, copied out of hyper's read buffer.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, IF_NONE_MATCH};
+use http::header::{
+    HeaderName, HeaderValue, ACCEPT, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
+    IF_NONE_MATCH,
+};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::Body;
@@ -36,6 +40,21 @@ pub fn answer(remembered: &Remembered, ask: &Ask, client: &HeaderMap) -> Option<
         Endpoint::Tags { .. } => {
             let t = remembered.tags(&ask.memory_key()?)?;
             Some(whole(StatusCode::OK, t.headers, t.body, ask.head))
+        }
+        // A blob HEAD, from the descriptor of a manifest this core served.
+        Endpoint::Blob { digest } if ask.head => {
+            let size = remembered.blob_size(&ask.mapping_key(), digest)?;
+            let mut h = HeaderMap::with_capacity(5);
+            h.insert(CONTENT_LENGTH, HeaderValue::from(size));
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            let value = HeaderValue::from_str(digest).ok()?;
+            h.insert(ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).ok()?);
+            h.insert(HeaderName::from_static("docker-content-digest"), value);
+            h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            Some(respond(StatusCode::OK, h, Body::Empty))
         }
         _ => None,
     }

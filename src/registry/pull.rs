@@ -133,7 +133,7 @@ async fn settle(state: &Rc<State>, pull: &mut Pull<'_, '_>, res: Response<Body>)
         return res;
     }
     let res = match pull.log.by {
-        Some(project) => stale::remember(state, &pull.key, project, res, pull.ask.head),
+        Some(project) => stale::remember(state, pull, project, res),
         None => res,
     };
     if let Some(why) = pull.log.failure {

@@ -18,14 +18,13 @@ use super::state::State;
 
 /// Starts refreshing `ask.name`'s mapping in the background, unless a refresh of it is running.
 pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
-    if matches!(ask.endpoint, Endpoint::Tags { .. }) {
+    let Some(probe) = probe_of(ask) else {
         return;
-    }
+    };
     let Some(claim) = state.routing.claim_refresh(&ask.mapping_key()) else {
         return;
     };
     let state = state.clone();
-    let probe = ask.probe();
     monoio::spawn(async move {
         let _claim = claim;
         let candidates = super::mirror::asked(&snapshot, &probe, state.mirror_gap_logged());
@@ -49,4 +48,41 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
             }
         }
     });
+}
+
+/// The probe a refresh started by `ask` sends, if it starts one: never for a tag list.
+fn probe_of(ask: &Ask) -> Option<Ask> {
+    (!matches!(ask.endpoint, Endpoint::Tags { .. })).then(|| ask.probe())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    #[test]
+    fn a_tag_list_never_starts_a_refresh_and_the_others_probe_cheaply() {
+        let ask = |endpoint| Ask {
+            name: "a/b".into(),
+            endpoint,
+            head: false,
+            headers: HeaderMap::new(),
+            registry: None,
+            root: false,
+        };
+        let tags = ask(Endpoint::Tags {
+            query: "n=10".into(),
+        });
+        assert!(probe_of(&tags).is_none());
+        let manifest = ask(Endpoint::Manifest {
+            reference: "v1".into(),
+            by_digest: false,
+        });
+        let probe = probe_of(&manifest).expect("a manifest pull refreshes");
+        assert!(probe.head, "a manifest HEAD");
+        let blob = ask(Endpoint::Blob {
+            digest: "sha256:00".into(),
+        });
+        assert!(probe_of(&blob).is_some());
+    }
 }

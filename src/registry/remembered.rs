@@ -9,8 +9,15 @@ use bytes::Bytes;
 use crate::cache::{Answers, Kept, Ttls};
 use crate::clock::Clock;
 
+/// Blob descriptors remembered per core (a pull's layers and config: a few to a few dozen each).
+pub const DESCRIPTORS_PER_CORE: usize = 65_536;
+/// Descriptors taken from one manifest at most.
+const DESCRIPTORS_PER_MANIFEST: usize = 1024;
+
 pub struct Remembered {
     answers: RefCell<Answers>,
+    /// `<mapping key>@<digest>` → the blob's size, from the manifests this core served whole.
+    descriptors: RefCell<quick_cache::unsync::Cache<String, u64>>,
     clock: Clock,
 }
 
@@ -18,8 +25,45 @@ impl Remembered {
     pub fn new(ttls: Ttls, manifest_bytes: u64, clock: Clock) -> Remembered {
         Remembered {
             answers: RefCell::new(Answers::new(ttls, manifest_bytes)),
+            descriptors: RefCell::new(quick_cache::unsync::Cache::new(DESCRIPTORS_PER_CORE)),
             clock,
         }
+    }
+
+    /// Learns the blobs (config and layers) an image manifest of `name` (a mapping key) names, with
+    /// their sizes: a client's blob HEAD is then answered without asking Harbor, which answers a
+    /// blob it has not cached yet with 404 to a HEAD (goharbor/harbor#22609) and, up to v2.15,
+    /// without its length to a GET.
+    pub fn learn_blobs(&self, name: &str, manifest: &[u8]) {
+        let Ok(m) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+            return;
+        };
+        let config = m.get("config").into_iter();
+        let layers = m
+            .get("layers")
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten();
+        let mut descriptors = self.descriptors.borrow_mut();
+        for d in config.chain(layers).take(DESCRIPTORS_PER_MANIFEST) {
+            let (Some(digest), Some(size)) = (
+                d.get("digest").and_then(|v| v.as_str()),
+                d.get("size").and_then(|v| v.as_u64()),
+            ) else {
+                continue;
+            };
+            if crate::names::valid_digest(digest).is_ok() {
+                descriptors.insert(format!("{name}@{digest}"), size);
+            }
+        }
+    }
+
+    /// The size of blob `digest` of `name` (a mapping key), if a manifest this core served names it.
+    pub fn blob_size(&self, name: &str, digest: &str) -> Option<u64> {
+        self.descriptors
+            .borrow()
+            .get(format!("{name}@{digest}").as_str())
+            .copied()
     }
 
     /// `Some` when `key` is a remembered miss, with the registry's error body if it had one.

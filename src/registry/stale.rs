@@ -47,11 +47,11 @@ const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 /// to the digest.
 pub fn remember(
     state: &Rc<State>,
-    key: &str,
+    pull: &Pull<'_, '_>,
     project: &Project,
     res: Response<Body>,
-    head: bool,
 ) -> Response<Body> {
+    let (key, head, name) = (pull.key.as_str(), pull.ask.head, pull.ask.mapping_key());
     let Some((digest, length)) = confirm(state, key, project, &res) else {
         return res;
     };
@@ -64,6 +64,7 @@ pub fn remember(
     let keep = KeepManifest {
         state: state.clone(),
         key: key.to_string(),
+        name: name.to_string(),
         digest,
         length: length as usize,
         seen: BytesMut::with_capacity(length as usize),
@@ -76,6 +77,8 @@ pub fn remember(
 struct KeepManifest {
     state: Rc<State>,
     key: String,
+    /// The pull's mapping key (its blobs are learned under it).
+    name: String,
     digest: HeaderValue,
     length: usize,
     seen: BytesMut,
@@ -93,6 +96,7 @@ impl Check for KeepManifest {
         self.hashing.update(data);
         if self.seen.len() == self.length && self.hashing.matches() {
             let manifest = std::mem::take(&mut self.seen).freeze();
+            self.state.remembered.learn_blobs(&self.name, &manifest);
             self.state
                 .tags
                 .keep_manifest(&self.key, &self.digest, manifest);
