@@ -100,6 +100,14 @@ fn a_blob_head_is_answered_from_the_manifest_the_router_served() {
     let m: serde_json::Value = serde_json::from_slice(&res.body).unwrap();
     let mut descriptors = vec![m["config"].clone()];
     descriptors.extend(m["layers"].as_array().unwrap().iter().cloned());
+    // The fan-out's other attempts finish after the client's answer: count from when they did.
+    wait_until("every project answered the fan-out", || {
+        let (asked, answered) = (
+            counts(&bed, |c| &c.v2_requests),
+            counts(&bed, |c| &c.answered),
+        );
+        asked.iter().all(|n| *n >= 1) && asked == answered
+    });
     let before = counts(&bed, |c| &c.v2_requests);
     for d in &descriptors {
         let digest = d["digest"].as_str().unwrap();

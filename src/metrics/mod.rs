@@ -60,6 +60,8 @@ pub struct ProjectMetrics {
     transitions: Vec<Counter>,
     /// `[lane]`: 1 while this core's circuit for the project is open (or half-open).
     circuit_open: [Gauge; Lane::COUNT],
+    /// Harbor's unsure 404s: its local store answering for an upstream it did not ask.
+    unsure: Counter,
 }
 
 impl Default for ProjectMetrics {
@@ -70,6 +72,7 @@ impl Default for ProjectMetrics {
             duration: Histogram::durations(),
             transitions: counters(Lane::COUNT * Circuit::COUNT),
             circuit_open: Default::default(),
+            unsure: Counter::default(),
         }
     }
 }
@@ -85,6 +88,11 @@ impl ProjectMetrics {
 
     pub fn failed(&self, kind: ErrorKind) {
         self.errors[kind.index()].inc();
+    }
+
+    /// The project's 404 was Harbor's local store's (absent, or its upstream not asked).
+    pub fn unsure(&self) {
+        self.unsure.inc();
     }
 
     pub fn circuit(&self, lane: Lane, to: Circuit) {
@@ -495,6 +503,7 @@ impl Metrics {
             duration: HistogramValue,
             transitions: Vec<u64>,
             open: [i64; Lane::COUNT],
+            unsure: u64,
         }
         let current = self.snapshot.load();
         let listed = |name: &str| current.as_ref().is_some_and(|s| s.project(name).is_some());
@@ -510,7 +519,9 @@ impl Metrics {
                     duration: HistogramValue::new(DURATION_BOUNDS_MICROS),
                     transitions: Vec::new(),
                     open: [0; Lane::COUNT],
+                    unsure: 0,
                 });
+                s.unsure += m.unsure.get();
                 add_into(&mut s.answers, &m.answers);
                 add_into(&mut s.errors, &m.errors);
                 add_into(&mut s.transitions, &m.transitions);
@@ -542,6 +553,13 @@ impl Metrics {
                     )
                 })
             }),
+        );
+        e.counter(
+            "harbor_router_upstream_unsure_not_found_total",
+            "404s that were Harbor's local store answering (\"artifact … not found\", \"repository … not found\", a manifest HEAD's 404): the image is absent, or Harbor could not ask the project's upstream registry.",
+            projects
+                .iter()
+                .map(|(p, s)| (vec![project(p)], s.unsure)),
         );
         e.histogram(
             "harbor_router_upstream_duration_seconds",

@@ -156,6 +156,9 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
             let body = upstream.read_small(res.into_body()).await;
             let heard = refine(heard, body.as_deref());
+            if heard == Heard::Unsure {
+                state.counters.project(&project.name, |m| m.unsure());
+            }
             return Verdict {
                 detail: body.filter(|b| heard.is_absence() && b.len() <= MAX_DETAIL && telling(b)),
                 retry_after,

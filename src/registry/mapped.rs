@@ -75,9 +75,12 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         .circuits
         .record(ticket, heard.counts_against_circuit());
     match heard {
-        Heard::NotHere => {
+        Heard::NotHere | Heard::Unsure => {
             let body = state.upstream().read_small(res.into_body()).await;
             let sure = attempt::refine(heard, body.as_deref()).proves_absence();
+            if !sure {
+                state.counters.project(&project.name, |m| m.unsure());
+            }
             Mapped::Gone { sure }
         }
         Heard::Failed(failure) => {
