@@ -15,6 +15,10 @@ pub enum Error {
     /// No proxy-cache project has this blob.
     #[error("blob unknown to registry")]
     BlobUnknown,
+    /// A blob HEAD Harbor could not size: it has not cached the blob yet (404, as Harbor's own
+    /// HEAD).
+    #[error("blob unknown to registry")]
+    BlobNotCached,
     /// Harbor (its upstream) rate-limits; `retry_after` is Harbor's `Retry-After`, passed on.
     #[error("too many requests")]
     TooManyRequests {
@@ -63,7 +67,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::ManifestUnknown => "MANIFEST_UNKNOWN",
-            Error::BlobUnknown => "BLOB_UNKNOWN",
+            Error::BlobUnknown | Error::BlobNotCached => "BLOB_UNKNOWN",
             Error::TooManyRequests { .. } | Error::ClientRateLimited { .. } => "TOOMANYREQUESTS",
             Error::Denied { .. } => "DENIED",
             Error::BadGateway { .. } => "UNAVAILABLE",
@@ -79,7 +83,9 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::ManifestUnknown | Error::BlobUnknown => StatusCode::NOT_FOUND,
+            Error::ManifestUnknown | Error::BlobUnknown | Error::BlobNotCached => {
+                StatusCode::NOT_FOUND
+            }
             Error::TooManyRequests { .. } | Error::ClientRateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -108,6 +114,9 @@ impl Error {
         match self {
             Error::ManifestUnknown => "no proxy-cache project has this manifest",
             Error::BlobUnknown => "no proxy-cache project has this blob",
+            Error::BlobNotCached => {
+                "Harbor has not cached this blob yet and did not give its length; a GET fetches it"
+            }
             Error::TooManyRequests { .. } => "Harbor's upstream registry is rate-limiting pulls",
             Error::Denied { reason }
             | Error::BadGateway { reason }
@@ -169,6 +178,7 @@ mod tests {
             (Error::Unavailable { reason: "" }, "UNAVAILABLE", 503),
             (Error::ManifestUnknown, "MANIFEST_UNKNOWN", 404),
             (Error::BlobUnknown, "BLOB_UNKNOWN", 404),
+            (Error::BlobNotCached, "BLOB_UNKNOWN", 404),
             (
                 Error::TooManyRequests { retry_after: None },
                 "TOOMANYREQUESTS",

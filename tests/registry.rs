@@ -780,3 +780,87 @@ fn a_second_choice_is_learned_briefly_and_the_preferred_project_takes_over() {
         .await;
     });
 }
+
+/// Harbor's 404 body with `message`, as `src/lib/http/error.go` writes it.
+fn harbor_404(message: &str) -> Answer {
+    let body = serde_json::json!({"errors": [{"code": "NOT_FOUND", "message": message}]});
+    Answer::with(
+        404,
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+#[test]
+fn harbors_local_store_404_is_remembered_briefly_and_the_upstreams_for_the_negative_life() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = state(&fake, &["a", "b"], &[("NEGATIVE_CACHE_TTL", "1h")]);
+        // The upstream said "not found": remembered for NEGATIVE_CACHE_TTL.
+        fake.answer("a", harbor_404("repo a/org/app, tag v1 not found"));
+        fake.answer("b", harbor_404("repo b/org/app, tag v1 not found"));
+        assert_eq!(get(&s, APP).await.status, StatusCode::NOT_FOUND);
+        s.advance(Duration::from_secs(600));
+        assert_eq!(get(&s, APP).await.status, StatusCode::NOT_FOUND);
+        assert_eq!((fake.requests("a"), fake.requests("b")), (1, 1));
+
+        // One project's local store answered (its upstream could not be asked): seconds only.
+        let other = "/v2/proxy/org/other/manifests/v1";
+        fake.answer("b", harbor_404("artifact b/org/other:v1 not found"));
+        fake.answer("a", harbor_404("repo a/org/other, tag v1 not found"));
+        let res = get(&s, other).await;
+        assert_eq!(res.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&s, other).await.status,
+            StatusCode::NOT_FOUND,
+            "within its life: not asked again"
+        );
+        assert_eq!(fake.requests("b"), 2);
+        s.advance(Duration::from_secs(6));
+        // The upstream is back: the image is found at once.
+        fake.answer("b", manifest());
+        assert_eq!(get(&s, other).await.status, StatusCode::OK);
+        assert_eq!(fake.requests("b"), 3);
+    });
+}
+
+#[test]
+fn harbors_local_store_404_never_erases_a_last_known_good_tag_nor_opens_a_circuit() {
+    let fake = FakeHarbor::start();
+    fake.answer("a", manifest());
+    run(async {
+        let s = state(&fake, &["a"], &[("CIRCUIT_BREAKER_THRESHOLD", "1")]);
+        assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+        // The upstream is down and Harbor does not hold the tag locally: its unsure 404, answered.
+        fake.answer("a", harbor_404("artifact a/org/app:v1 not found"));
+        for _ in 0..3 {
+            s.advance(Duration::from_secs(6));
+            let res = get(&s, APP).await;
+            assert_eq!(res.status, StatusCode::NOT_FOUND);
+            assert!(
+                res.headers.get("warning").is_none(),
+                "an answer, not stood in for"
+            );
+        }
+        // Each pull: the mapped request's 404, then the fan-out's; no circuit opened.
+        assert_eq!(fake.requests("a"), 1 + 3 * 2, "asked every time");
+        // Then Harbor fails: the tag stands in, as the 404s did not erase it.
+        fake.answer("a", Answer::status(503));
+        s.advance(Duration::from_secs(6));
+        let res = get(&s, APP).await;
+        assert_eq!(res.status, StatusCode::OK);
+        assert!(res.headers.get("warning").is_some());
+
+        // A sure 404 from the tag's project forgets it.
+        fake.answer("a", manifest());
+        s.advance(Duration::from_secs(60));
+        assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+        fake.answer("a", harbor_404("repo a/org/app, tag v1 not found"));
+        assert_eq!(get(&s, APP).await.status, StatusCode::NOT_FOUND);
+        fake.answer("a", Answer::status(503));
+        s.advance(Duration::from_secs(3600));
+        let res = get(&s, APP).await;
+        assert_ne!(res.status, StatusCode::OK, "forgotten");
+        assert!(res.headers.get("warning").is_none(), "forgotten");
+    });
+}

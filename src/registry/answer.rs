@@ -383,6 +383,13 @@ async fn blob_head(
             };
             StatusCode::OK
         }
+        // The whole blob, without its length: Harbor up to v2.15 ignores the range of a blob it
+        // has not cached. The size is unknown without reading it all, and a HEAD without a length
+        // would read as an empty blob: answered as Harbor answers a HEAD of such a blob.
+        StatusCode::OK if !headers.contains_key(CONTENT_LENGTH) => {
+            drop(body);
+            return error(&Error::BlobNotCached);
+        }
         other => other,
     };
     respond(status, headers, Body::Empty)
