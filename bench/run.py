@@ -42,6 +42,7 @@ SCENARIOS = [
     "tag-p99",
     "digest",
     "blob",
+    "blob-chunked",
     "slow-readers",
     "cold-fanout",
     "idle",
@@ -448,6 +449,50 @@ http {{
             self.figure(name, "CPU per MiB ÷ nginx proxy_pass's", cpu_r / cpu_n if cpu_n else float("nan"), "≤ 1.0",
                         cpu_n > 0 and cpu_r / cpu_n <= 1.0, f"({cpu_r:.0f} µs vs {cpu_n:.0f} µs per MiB)")
         self.kill(r)
+
+    def s_blob_chunked(self):
+        """A blob Harbor sends without its length (up to v2.15, a blob it has not cached yet): the
+        router hashes it as it streams to check it against its digest. The same 1 MiB blob from a
+        Harbor that sends it chunked (nginx's sub_filter drops the length) against one that frames
+        it, through the same router build, 16 connections: the figure is the hashing's cost."""
+        w, b = self.www, self.blob
+        port = free_port()
+        chunked = self.nginx("harbor-chunked", f"""
+  sendfile off;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /api/v2.0/projects {{ default_type application/json; add_header X-Total-Count 1; alias {w}/projects.json; }}
+    location = /api/v2.0/registries/1 {{ default_type application/json; alias {w}/registry.json; }}
+    location = /v2/ {{ default_type application/json; add_header Docker-Distribution-Api-Version registry/2.0; return 200 '{{}}'; }}
+    location = /v2/hub/library/app/manifests/v1 {{ default_type {ACCEPT}; add_header Docker-Content-Digest {self.digest}; alias {w}/manifest; }}
+    location = /v2/hub/library/app/manifests/{self.digest} {{ default_type {ACCEPT}; add_header Docker-Content-Digest {self.digest}; alias {w}/manifest; }}
+    location = /v2/hub/library/app/blobs/{b} {{ default_type application/octet-stream; sub_filter_types *; sub_filter 'harbor-router-never-present' ''; alias {w}/blob; }}
+  }}""", LOAD_CPU)
+        wait_port(port, "nginx (Harbor, chunked blobs)", chunked)
+        chunked_worker = self.nginx_worker(chunked)
+        path = f"/v2/proxy/library/app/blobs/{b}"
+        status, headers, body = http_get(port, f"/v2/hub/library/app/blobs/{b}", {})
+        if status != 200 or "content-length" in headers:
+            raise SystemExit(f"blob-chunked: the chunked Harbor answered {status} {headers}")
+        framed = self.hit_router("router-blob")
+        hashed = self.router("router-blob-chunked", port)
+        status, headers, body = http_get(hashed.port, path, {})
+        if status != 200 or hashlib.sha256(body).hexdigest() != b.split(":")[1]:
+            raise SystemExit(f"blob-chunked: the router answered {status}, or a body that does not hash to the digest")
+        m = self.rounds("blob-chunked", {
+            "framed": lambda: self.wrk(framed.port, path, 16, [framed.pid], self.harbor_worker, accept=False),
+            "chunked": lambda: self.wrk(hashed.port, path, 16, [hashed.pid], chunked_worker, accept=False),
+        })
+        cpu_f, cpu_c = m["framed"]["cpu_us_per_mib"], m["chunked"]["cpu_us_per_mib"]
+        self.figure("blob-chunked", "router CPU per MiB, hashed (chunked) ÷ streamed (framed)",
+                    cpu_c / cpu_f if cpu_f else float("nan"), "", None,
+                    f"({cpu_c:.0f} µs vs {cpu_f:.0f} µs per MiB)")
+        ratio = m["chunked"]["bytes_per_s"] / m["framed"]["bytes_per_s"]
+        self.figure("blob-chunked", "throughput, chunked ÷ framed", ratio, "", None,
+                    f"({m['chunked']['bytes_per_s'] / (1 << 20):.0f} vs {m['framed']['bytes_per_s'] / (1 << 20):.0f} MiB/s)")
+        self.kill(framed)
+        self.kill(hashed)
+        self.kill(chunked)
 
     def s_slow_readers(self):
         r = self.hit_router("router-slow")
