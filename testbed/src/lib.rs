@@ -11,12 +11,16 @@
 //! - `standin.rs`  the server: runtime thread, HTTP/1.1 only, dispatch, counters, faults, switches
 //! - `auth.rs`     who a request is, as Harbor's core decides it: token checks, challenges, rights
 //! - `harbor.rs`   `/api/v2.0/projects`, `/registries/{id}`, `/systeminfo`, `/service/token`
-//! - `proxy.rs`    `/v2/` forwarding and Harbor's quirks (301, tags 200, blob HEAD 404, empty
-//!   digests, faults)
+//! - `proxy.rs`    `/v2/` forwarding and Harbor's quirks (301, blob HEAD 404, empty digests,
+//!   faults), and what a proxy project answers with its upstream up, refused or hanging
+//! - `store.rs`    what Harbor holds locally (its proxy cache) and the trimmed multi-arch index
+//! - `tags.rs`     tag lists: Harbor's merge of local and upstream tags, its `n`/`last` paging
+//! - `blobs.rs`    uncached blobs as Harbor streams them (chunked or framed), with their breaks
 //! - `images.rs`   OCI layouts built in Rust, pushed with skopeo
 //! - `client.rs`   a tiny blocking HTTP/1.0 client for readiness polls and read-backs
 
 mod auth;
+mod blobs;
 pub mod client;
 pub mod containerd;
 mod harbor;
@@ -26,8 +30,10 @@ mod proxy;
 pub mod redis;
 pub mod registry;
 mod standin;
+mod store;
+mod tags;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,6 +125,63 @@ pub enum Fault {
     /// PROJECTPOLICYVIOLATION` (`src/server/middleware/vulnerable/vulnerable.go`); HEADs and blobs
     /// pass.
     Policy,
+    /// The upstream breaks while Harbor streams a blob it has not cached: half the blob is sent,
+    /// then, as [`UncachedBlobs::Chunked`] (Harbor ≤ 2.15), Harbor's error JSON
+    /// `{"errors":[{"code":"UNKNOWN","message":"internal server error"}]}` is appended and the body
+    /// ends cleanly; as [`UncachedBlobs::Framed`] (Harbor main) the connection is closed short of
+    /// the announced length. The blob stays uncached. Cached blobs and other requests pass.
+    BreakUncached,
+}
+
+/// A proxy project's upstream registry as Harbor meets it (`repoproxy/proxy.go`, `canProxy`,
+/// `handleManifest`, `handleBlob`; `repoproxy/tag.go`). What Harbor holds locally is what was
+/// fetched through the stand-in (see [`Cached`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Upstream {
+    /// Answers. A manifest it does not have is Harbor's `404 NOT_FOUND "repo <project>/<repo>,
+    /// tag <tag> not found"` (tag part empty for a digest); for a `docker-hub` project a repository
+    /// it does not know at all is answered from the local store, as with `Refused` (Docker Hub
+    /// answers 401 for it). Tag lists merge local and upstream tags.
+    #[default]
+    Up,
+    /// Cannot be asked and says so at once (Harbor marked it unhealthy, or its connections are
+    /// refused): everything is answered from the local store, with Harbor's 404s for what it
+    /// lacks (`artifact <repo>:<tag> not found`, `artifact <repo>@<digest> not found`,
+    /// `repository <repo> not found`, `BLOB_UNKNOWN`); a tag list holds the local tags only.
+    Refused,
+    /// Hangs, and Harbor waits: whatever needs the upstream (a manifest by tag, which Harbor
+    /// always checks upstream first; a manifest by digest or a blob not cached; every tag list)
+    /// never answers. Manifests cached by digest and cached blobs are served.
+    Hanging,
+}
+
+/// How Harbor streams a blob it has not cached yet (`repoproxy/proxy.go`, `handleBlob`,
+/// `serveBlob`): always `200` with the whole blob (a `Range` is not passed on), `Content-Type`
+/// sniffed by Go's `net/http` from the first bytes (`application/x-gzip` for a gzip'd layer,
+/// `text/plain; charset=utf-8` for a JSON config).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UncachedBlobs {
+    /// Harbor ≤ 2.15: the blob is written before the headers are set, so the answer is chunked,
+    /// with no `Content-Length`, `Docker-Content-Digest` or `Etag` (Go's server still frames an
+    /// answer of at most 2048 bytes with a `Content-Length`, as it buffers that much).
+    #[default]
+    Chunked,
+    /// Harbor main: `Content-Length`, `Docker-Content-Digest` and `Etag` (the digest) are set
+    /// before streaming; a break leaves the body short and the connection closed.
+    Framed,
+}
+
+/// What Harbor holds locally (its proxy cache), as fetched through the stand-in (snapshot of
+/// [`StandIn::cached`]). Repository names are inside the project (`library/nginx`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cached {
+    /// `(project, repository, tag)` fetched with a successful GET → the digest it resolved to.
+    pub tags: BTreeMap<(String, String, String), String>,
+    /// `(project, repository, digest)` held by digest: manifests fetched by tag or digest (an
+    /// index's own digest aside) and the trimmed indexes served.
+    pub manifests: BTreeSet<(String, String, String)>,
+    /// `(project, digest)` of blobs fetched with a GET.
+    pub blobs: BTreeSet<(String, String)>,
 }
 
 /// When Harbor answers a manifest GET by tag with `Docker-Content-Digest: ""` and `Etag: ""`: it
@@ -215,6 +278,8 @@ pub struct Counters {
     pub systeminfo_requests: u64,
     /// Project list pages served.
     pub project_pages: u64,
+    /// By project: `tags/list` requests (401 challenges aside).
+    pub tag_list_requests: BTreeMap<String, u64>,
 }
 
 fn proxy(name: &str, id: i64, kind: &str, url: &str) -> ProjectSpec {

@@ -9,21 +9,17 @@
 //! unchanged and streamed; only hop-by-hop headers are dropped, and `Authorization` is replaced by
 //! the stand-in's internal token (Harbor's registry trusts Harbor's core, not the client).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use http_body::{Body as HttpBody, Frame};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::auth::{refusal, rights};
+use crate::blobs::Break;
 use crate::standin::{full, harbor_error, json_response, Body, BoxError, State};
-use crate::{EmptyDigests, Fault};
+use crate::{EmptyDigests, Fault, Upstream};
 
 /// What a `/v2/<project>/<name>/<kind>` path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +119,9 @@ fn count(state: &State, p: &V2Path, delta: i64) {
     if p.kind == Kind::Manifest {
         bump(c.manifest_requests.entry(p.project.clone()).or_default());
     }
+    if p.kind == Kind::Tags {
+        bump(c.tag_list_requests.entry(p.project.clone()).or_default());
+    }
 }
 
 /// Answers one `/v2/` request and counts the answer (401 challenges aside).
@@ -208,8 +207,7 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if let Some(refused) = authorize(&state, &req, parsed.as_ref()) {
         return refused;
     }
-    let mut reset_mid_body = false;
-    let mut hold = None;
+    let mut faults = Faults::default();
     if let Some(p) = &parsed {
         count(&state, p, 1);
         if let Some(q) = req.uri().query() {
@@ -218,6 +216,10 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         if let Some(id) = req.headers().get("x-request-id") {
             let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
             state.counters.lock().unwrap().request_ids.insert(id);
+        }
+        if state.switches().database_down {
+            // Harbor's first step past authentication reads the project from its database.
+            return fault_response(500, &p.kind);
         }
         let mut fault = state.faults.lock().unwrap().get(&p.project).cloned();
         if let Some(Fault::TagLookups(inner)) = fault {
@@ -229,11 +231,14 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             Some(Fault::Policy) if p.kind == Kind::Manifest && req.method() == Method::GET => {
                 return fault_response(412, &p.kind)
             }
-            Some(Fault::Hold(gate)) => hold = Some(gate),
-            Some(Fault::HoldHeads(gate)) if req.method() == Method::HEAD => hold = Some(gate),
+            Some(Fault::Hold(gate)) => faults.hold = Some(gate),
+            Some(Fault::HoldHeads(gate)) if req.method() == Method::HEAD => {
+                faults.hold = Some(gate)
+            }
             Some(Fault::Status(code)) => return fault_response(code, &p.kind),
             Some(Fault::Hang) => std::future::pending::<()>().await,
-            Some(Fault::ResetMidBody) => reset_mid_body = true,
+            Some(Fault::ResetMidBody) => faults.reset_mid_body = true,
+            Some(Fault::BreakUncached) => faults.break_uncached = true,
             Some(Fault::RedirectBlobs(location)) if matches!(p.kind, Kind::Blob(_)) => {
                 return Response::builder()
                     .status(StatusCode::TEMPORARY_REDIRECT)
@@ -255,8 +260,8 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let proxy_kind = spec
         .as_ref()
         .and_then(|s| s.registry.as_ref())
-        .map(|r| r.kind.as_str());
-    if let (Some(p), Some("docker-hub")) = (&parsed, proxy_kind) {
+        .map(|r| r.kind.clone());
+    if let (Some(p), Some("docker-hub")) = (&parsed, proxy_kind.as_deref()) {
         if p.kind != Kind::Other && !p.name.contains('/') {
             let query = req
                 .uri()
@@ -272,97 +277,447 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 .expect("redirect");
         }
     }
-    let method = req.method().clone();
-    let repository = parsed
-        .as_ref()
-        .filter(|p| !p.name.is_empty())
-        .map(|p| format!("{}/{}", p.project, p.name))
-        .unwrap_or_default();
-    let mut resp = match forward(&state, req, &repository).await {
-        Ok(r) => r,
-        Err(e) => {
-            return harbor_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &e.to_string());
+    let mut out = match (parsed, proxy_kind) {
+        (Some(p), Some(kind)) if p.kind != Kind::Other => {
+            let cx = Cx {
+                upstream: state.upstream(&p.project),
+                docker_hub: kind == "docker-hub",
+                state: state.clone(),
+                p,
+                faults,
+            };
+            let out = cx.answer(req).await;
+            cx.faults.pass().await;
+            out
         }
-    };
-    strip_hop_by_hop(resp.headers_mut());
-    if let Some(gate) = hold {
-        gate.pass().await;
-    }
-    let (Some(p), true) = (&parsed, proxy_kind.is_some()) else {
-        return resp.map(box_incoming);
-    };
-    let mut out = match (&p.kind, &method) {
-        (Kind::Tags, &Method::GET) if resp.status() == StatusCode::NOT_FOUND => {
-            let name = format!("{}/{}", p.project, p.name);
-            json_response(
-                StatusCode::OK,
-                &serde_json::json!({"name": name, "tags": []}),
-            )
+        (parsed, _) => {
+            let repository = parsed
+                .as_ref()
+                .filter(|p| !p.name.is_empty())
+                .map(|p| format!("{}/{}", p.project, p.name))
+                .unwrap_or_default();
+            let out = match forward(&state, req, &repository).await {
+                Ok(r) => r.map(box_incoming),
+                Err(e) => return unavailable(&e),
+            };
+            faults.pass().await;
+            out
         }
-        (Kind::Blob(digest), &Method::HEAD) if resp.status().is_success() => {
-            let key = (p.project.clone(), digest.clone());
-            if state.fetched_blobs.lock().unwrap().contains(&key) {
-                resp.map(box_incoming)
-            } else {
-                harbor_error(
-                    StatusCode::NOT_FOUND,
-                    "BLOB_UNKNOWN",
-                    "blob unknown to registry",
-                )
-            }
-        }
-        (Kind::Blob(digest), &Method::GET) if resp.status().is_success() => {
-            if reset_mid_body {
-                let len: u64 = resp
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(0);
-                resp.map(|b| {
-                    CutOff {
-                        inner: b,
-                        remaining: len / 2,
-                        pause: None,
-                    }
-                    .boxed()
-                })
-            } else {
-                let key = (p.project.clone(), digest.clone());
-                state.fetched_blobs.lock().unwrap().insert(key);
-                resp.map(box_incoming)
-            }
-        }
-        (Kind::Manifest, &Method::GET) if resp.status() == StatusCode::OK => {
-            let tag = p.suffix.rsplit('/').next().unwrap_or("");
-            if !tag.contains(':') && fetched_upstream(&state, p, tag) {
-                // `proxyManifestGet` sets the headers from the request's digest: empty for a tag.
-                let h = resp.headers_mut();
-                h.insert("docker-content-digest", http::HeaderValue::from_static(""));
-                h.insert(header::ETAG, http::HeaderValue::from_static(""));
-            }
-            resp.map(box_incoming)
-        }
-        _ => resp.map(box_incoming),
     };
     strip_hop_by_hop(out.headers_mut());
     out
 }
 
-/// Whether Harbor fetched this GET of `tag` from the upstream (rather than its own store).
-fn fetched_upstream(state: &State, p: &V2Path, tag: &str) -> bool {
-    let mut s = state.switches();
-    match s.digests {
-        EmptyDigests::Always => true,
-        EmptyDigests::Never => false,
-        EmptyDigests::FirstFetch => {
-            let key = (p.project.clone(), p.name.clone(), tag.to_string());
-            s.fetched_tags.insert(key)
+/// The faults of a request that change how it is answered rather than replacing the answer.
+#[derive(Default)]
+struct Faults {
+    hold: Option<crate::Gate>,
+    reset_mid_body: bool,
+    break_uncached: bool,
+}
+
+impl Faults {
+    /// Waits for a held answer's gate (at once when none, or when already released).
+    async fn pass(&self) {
+        if let Some(gate) = &self.hold {
+            gate.pass().await;
         }
     }
 }
 
+fn unavailable(e: &anyhow::Error) -> Response<Body> {
+    harbor_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &e.to_string())
+}
+
+/// Never answers: Harbor waiting on an upstream that hangs.
+async fn hang() -> Response<Body> {
+    std::future::pending().await
+}
+
+/// Harbor's 404 for what its local store lacks (`src/lib/http/error.go`: code `NOT_FOUND`).
+fn not_found(message: &str) -> Response<Body> {
+    harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+}
+
+/// One request to a proxy project (manifest, blob or tag list), after authentication and faults:
+/// what Harbor answers with this project's upstream and local store.
+struct Cx {
+    state: Arc<State>,
+    p: V2Path,
+    upstream: Upstream,
+    docker_hub: bool,
+    faults: Faults,
+}
+
+impl Cx {
+    /// `<project>/<repository>`
+    fn repository(&self) -> String {
+        format!("{}/{}", self.p.project, self.p.name)
+    }
+
+    /// The reference of a manifest path (tag or digest).
+    fn reference(&self) -> String {
+        self.p.suffix.rsplit('/').next().unwrap_or("").to_string()
+    }
+
+    /// Asks the registry `method path` with the client's `headers` (and the stand-in's token), then
+    /// waits for a held answer's gate.
+    async fn ask(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let res = ask(&self.state, method, path, headers, &self.repository()).await;
+        self.faults.pass().await;
+        res
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, _body) = req.into_parts();
+        let (method, headers) = (parts.method, parts.headers);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_default();
+        let result = match (&self.p.kind, &method) {
+            (Kind::Manifest, &Method::GET | &Method::HEAD) => {
+                self.manifest(&method, &path, &headers).await
+            }
+            (Kind::Blob(digest), &Method::GET) => self.blob_get(digest, &path, &headers).await,
+            (Kind::Blob(digest), &Method::HEAD) => self.blob_head(digest, &path, &headers).await,
+            (Kind::Tags, &Method::GET) => self.tags(parts.uri.query(), &headers).await,
+            _ => self
+                .ask(method.clone(), &path, &headers)
+                .await
+                .map(|r| r.map(box_incoming)),
+        };
+        result.unwrap_or_else(|e| unavailable(&e))
+    }
+
+    /// A manifest GET or HEAD (`repoproxy/proxy.go`, `handleManifest`; `controller.go`,
+    /// `UseLocalManifest`).
+    async fn manifest(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> anyhow::Result<Response<Body>> {
+        let reference = self.reference();
+        let by_digest = reference.contains(':');
+        let held = by_digest
+            && self
+                .state
+                .store()
+                .holds_manifest(&self.p.project, &self.p.name, &reference);
+        match self.upstream {
+            // Held by digest: served locally without asking the upstream.
+            _ if held => return self.local_manifest(method, headers, &reference).await,
+            Upstream::Refused => return self.local_manifest(method, headers, &reference).await,
+            // A tag is always checked upstream first (a HEAD), and so is what is not held.
+            Upstream::Hanging => return Ok(hang().await),
+            Upstream::Up => {}
+        }
+        let mut res = self.ask(method.clone(), path, headers).await?;
+        if res.status() == StatusCode::NOT_FOUND {
+            if self.docker_hub && !self.registry_knows_repository().await? {
+                // Docker Hub answers 401 for a repository it does not know: Harbor falls back to
+                // its local store.
+                return self.local_manifest(method, headers, &reference).await;
+            }
+            let tag = if by_digest { "" } else { reference.as_str() };
+            let repo = self.repository();
+            return Ok(not_found(&format!("repo {repo}, tag {tag} not found")));
+        }
+        if res.status() == StatusCode::OK && method == Method::GET {
+            let value = |name| {
+                res.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let (digest, media_type) = (value("docker-content-digest"), value("content-type"));
+            let empty = !by_digest && self.fetched_upstream(&reference);
+            if !digest.is_empty() {
+                self.state.store().record_manifest(
+                    &self.p.project,
+                    &self.p.name,
+                    &reference,
+                    &digest,
+                    &media_type,
+                );
+            }
+            if empty {
+                // `proxyManifestGet` sets the headers from the request's digest: empty for a tag.
+                let h = res.headers_mut();
+                h.insert("docker-content-digest", HeaderValue::from_static(""));
+                h.insert(header::ETAG, HeaderValue::from_static(""));
+            }
+        }
+        Ok(res.map(box_incoming))
+    }
+
+    /// Whether Harbor fetched this GET of `tag` from the upstream (rather than its own store).
+    fn fetched_upstream(&self, tag: &str) -> bool {
+        let mode = self.state.switches().digests;
+        match mode {
+            EmptyDigests::Always => true,
+            EmptyDigests::Never => false,
+            EmptyDigests::FirstFetch => self
+                .state
+                .store()
+                .tag(&self.p.project, &self.p.name, tag)
+                .is_none(),
+        }
+    }
+
+    /// Whether the registry (the upstream) has the repository at all: its tag list answers.
+    async fn registry_knows_repository(&self) -> anyhow::Result<bool> {
+        let path = format!("/v2/{}/tags/list", self.repository());
+        let res = ask(
+            &self.state,
+            Method::GET,
+            &path,
+            &HeaderMap::new(),
+            &self.repository(),
+        )
+        .await?;
+        Ok(res.status().is_success())
+    }
+
+    /// A manifest from Harbor's local store (the registry behind `getManifest`): by tag as it was
+    /// fetched (an index trimmed to the children held), by digest when held, else Harbor's 404s
+    /// (`artifact/controller.go`, `getByTag`; `artifact/dao/dao.go`; `repository/manager.go`).
+    async fn local_manifest(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        reference: &str,
+    ) -> anyhow::Result<Response<Body>> {
+        let (project, name, repo) = (&self.p.project, &self.p.name, self.repository());
+        let manifest_path = |digest: &str| format!("/v2/{repo}/manifests/{digest}");
+        if reference.contains(':') {
+            let (kept, held) = {
+                let store = self.state.store();
+                let kept = store.trimmed(project, name, reference);
+                (kept, store.holds_manifest(project, name, reference))
+            };
+            if let Some(kept) = kept {
+                self.faults.pass().await;
+                return Ok(serve_kept(method, &kept));
+            }
+            if !held {
+                // Harbor looks the artifact up by repository name and digest at once.
+                return Ok(not_found(&format!("artifact {repo}@{reference} not found")));
+            }
+            let res = self
+                .ask(method.clone(), &manifest_path(reference), headers)
+                .await?;
+            return Ok(res.map(box_incoming));
+        }
+        let (resolved, known) = {
+            let store = self.state.store();
+            (
+                store.tag(project, name, reference),
+                store.holds_repository(project, name),
+            )
+        };
+        let Some(resolved) = resolved else {
+            return Ok(not_found(&if known {
+                format!("artifact {repo}:{reference} not found")
+            } else {
+                format!("repository {repo} not found")
+            }));
+        };
+        let path = manifest_path(&resolved.digest);
+        if !crate::store::is_index(&resolved.media_type) {
+            let res = self.ask(method.clone(), &path, headers).await?;
+            return Ok(res.map(box_incoming));
+        }
+        // An index: Harbor holds it trimmed to the children that reached its store.
+        let mut accept = HeaderMap::new();
+        let mt = HeaderValue::from_str(&resolved.media_type)?;
+        accept.insert(header::ACCEPT, mt);
+        let res = self.ask(Method::GET, &path, &accept).await?;
+        if res.status() != StatusCode::OK {
+            return Ok(res.map(box_incoming));
+        }
+        let original = res.into_body().collect().await?.to_bytes();
+        let trimmed = {
+            let store = self.state.store();
+            crate::store::trim(&original, |d| store.holds_manifest(project, name, d))
+        };
+        let kept = match trimmed {
+            Some(kept) => {
+                self.state.store().keep_trimmed(project, name, kept.clone());
+                kept
+            }
+            None => crate::store::Kept {
+                media_type: resolved.media_type.clone(),
+                digest: resolved.digest.clone(),
+                body: original,
+            },
+        };
+        Ok(serve_kept(method, &kept))
+    }
+
+    /// A blob GET (`repoproxy/proxy.go`, `handleBlob`): a cached blob is the registry's answer;
+    /// one not cached comes from the upstream as Harbor streams it.
+    async fn blob_get(
+        &self,
+        digest: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> anyhow::Result<Response<Body>> {
+        let held = self.state.store().holds_blob(&self.p.project, digest);
+        if held {
+            let res = self.ask(Method::GET, path, headers).await?;
+            if self.faults.reset_mid_body && res.status().is_success() {
+                return Ok(crate::blobs::reset_mid_body(res));
+            }
+            return Ok(res.map(box_incoming));
+        }
+        match self.upstream {
+            Upstream::Refused => return Ok(blob_unknown(digest)),
+            Upstream::Hanging => return Ok(hang().await),
+            Upstream::Up => {}
+        }
+        // Harbor reads the whole blob from its upstream: the client's range is not passed on.
+        let mut whole = headers.clone();
+        for h in [header::RANGE, header::IF_RANGE] {
+            whole.remove(h);
+        }
+        let res = self.ask(Method::GET, path, &whole).await?;
+        if !res.status().is_success() {
+            return Ok(res.map(box_incoming));
+        }
+        let mode = self.state.switches().uncached_blobs;
+        let brk = if self.faults.reset_mid_body {
+            Break::Reset
+        } else if self.faults.break_uncached {
+            Break::Upstream
+        } else {
+            // Harbor copies the blob to its store in the background: held from now on.
+            self.state.store().record_blob(&self.p.project, digest);
+            Break::None
+        };
+        Ok(crate::blobs::uncached(res, digest, mode, brk).await)
+    }
+
+    /// A blob HEAD: Harbor answers from its own store, 404 until the blob is cached (#22609).
+    async fn blob_head(
+        &self,
+        digest: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> anyhow::Result<Response<Body>> {
+        let res = self.ask(Method::HEAD, path, headers).await?;
+        let held = self.state.store().holds_blob(&self.p.project, digest);
+        if res.status().is_success() && !held {
+            return Ok(harbor_error(
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+                "blob unknown to registry",
+            ));
+        }
+        Ok(res.map(box_incoming))
+    }
+
+    /// A tag list (`repoproxy/tag.go`): the local tags, and the upstream's when it answers.
+    async fn tags(
+        &self,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> anyhow::Result<Response<Body>> {
+        let repo = self.repository();
+        let list_path = format!("/v2/{repo}/tags/list");
+        let Some((n, last)) = crate::tags::parse_n_last(query) else {
+            return Ok(crate::tags::bad_n());
+        };
+        if n == Some(0) {
+            return Ok(crate::tags::page(&repo, Vec::new(), n, &last, &list_path));
+        }
+        let mut tags = self.state.store().tags_of(&self.p.project, &self.p.name);
+        match self.upstream {
+            Upstream::Refused => {}
+            Upstream::Hanging => return Ok(hang().await),
+            Upstream::Up => {
+                let mut plain = headers.clone();
+                plain.remove(header::ACCEPT);
+                let res = self.ask(Method::GET, &list_path, &plain).await?;
+                if res.status() == StatusCode::OK {
+                    let body = res.into_body().collect().await?.to_bytes();
+                    let listed: serde_json::Value = serde_json::from_slice(&body)?;
+                    let listed = listed["tags"].as_array().cloned().unwrap_or_default();
+                    tags.extend(listed.iter().filter_map(|t| t.as_str().map(str::to_string)));
+                }
+                let key = (self.p.project.clone(), self.p.name.clone());
+                if let Some(extra) = self.state.switches().upstream_tags.get(&key) {
+                    tags.extend(extra.iter().cloned());
+                }
+            }
+        }
+        self.faults.pass().await;
+        Ok(crate::tags::page(&repo, tags, n, &last, &list_path))
+    }
+}
+
+/// The registry's 404 for a blob it does not hold (Harbor's local store passes it on).
+fn blob_unknown(digest: &str) -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &serde_json::json!({"errors": [{
+            "code": "BLOB_UNKNOWN", "message": "blob unknown to registry", "detail": digest
+        }]}),
+    )
+}
+
+/// A manifest the stand-in holds in memory, as the registry would serve it.
+fn serve_kept(method: &Method, kept: &crate::store::Kept) -> Response<Body> {
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        kept.body.clone()
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, kept.media_type.as_str())
+        .header(header::CONTENT_LENGTH, kept.body.len())
+        .header("docker-content-digest", kept.digest.as_str())
+        .header(header::ETAG, format!("\"{}\"", kept.digest))
+        .header("docker-distribution-api-version", "registry/2.0")
+        .body(full(body))
+        .expect("response")
+}
+
 fn box_incoming(b: Incoming) -> Body {
     b.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+/// A bodiless request of the stand-in's own to the registry: `method path` with `headers` (hop-by-hop
+/// ones dropped) and the stand-in's token for `repository`.
+async fn ask(
+    state: &State,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    repository: &str,
+) -> anyhow::Result<Response<Incoming>> {
+    let registry = state
+        .registry
+        .ok_or_else(|| anyhow::anyhow!("no registry behind this stand-in"))?;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{registry}{path}"))
+        .body(http_body_util::Empty::new())?;
+    let mut headers = headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::AUTHORIZATION, state.auth.internal(repository));
+    *req.headers_mut() = headers;
+    Ok(state.plain.request(req).await?)
 }
 
 /// Sends the request on to the registry with the stand-in's own token for `repository` (empty for
@@ -392,48 +747,6 @@ async fn forward(
         .request(Request::from_parts(parts, body))
         .await?;
     Ok(resp)
-}
-
-/// A body that passes `remaining` bytes, pauses briefly (so they reach the client), then fails,
-/// which makes hyper abort the connection: the `ResetMidBody` fault.
-struct CutOff {
-    inner: Incoming,
-    remaining: u64,
-    pause: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl HttpBody for CutOff {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.remaining == 0 {
-            let pause = self
-                .pause
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(100))));
-            std::task::ready!(pause.as_mut().poll(cx));
-            return Poll::Ready(Some(Err(
-                "connection reset mid-body (injected fault)".into()
-            )));
-        }
-        match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    if data.len() as u64 > self.remaining {
-                        data.truncate(self.remaining as usize);
-                    }
-                    self.remaining -= data.len() as u64;
-                    Poll::Ready(Some(Ok(Frame::data(data))))
-                }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
-            },
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-            None => Poll::Ready(None),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //!
 //! Owns the shared [`State`] and the response helpers; the Harbor rules live in the other modules.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::auth::Auth;
 use crate::keys::TokenKeys;
-use crate::{Counters, EmptyDigests, Fault, HarborConfig, ProjectSpec, Registry, Shift};
+use crate::{
+    Cached, Counters, EmptyDigests, Fault, HarborConfig, ProjectSpec, Registry, Shift,
+    UncachedBlobs, Upstream,
+};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The response body type of every handler: upstream bodies stream through boxed.
@@ -40,10 +43,12 @@ pub(crate) struct State {
     /// Where `/v2/` goes; None answers 502.
     pub registry: Option<SocketAddr>,
     pub client: Client<HttpConnector, Incoming>,
+    /// For the stand-in's own requests to the registry (bodiless GETs and HEADs).
+    pub plain: Client<HttpConnector, http_body_util::Empty<Bytes>>,
     pub counters: Mutex<Counters>,
     pub faults: Mutex<HashMap<String, Fault>>,
-    /// (project, digest) pairs fetched once with GET: Harbor's blob HEAD answers 404 before that.
-    pub fetched_blobs: Mutex<HashSet<(String, String)>>,
+    /// What Harbor holds locally (its proxy cache): manifests and blobs fetched through it.
+    pub store: Mutex<crate::store::Store>,
     pub registries_forbidden: AtomicBool,
     /// Harbor behaviours a test turns on or off (see [`Switches`]).
     pub switches: Mutex<Switches>,
@@ -63,8 +68,14 @@ pub(crate) struct Switches {
     /// Projects the robot may not pull from.
     pub robot_denied: std::collections::HashSet<String>,
     pub digests: EmptyDigests,
-    /// `(project, repository, tag)` already fetched upstream by a GET: Harbor holds them locally.
-    pub fetched_tags: std::collections::HashSet<(String, String, String)>,
+    /// Each proxy project's upstream (absent: [`Upstream::Up`]).
+    pub upstreams: HashMap<String, Upstream>,
+    /// Tags the upstream has beyond what the registry holds, by (project, repository).
+    pub upstream_tags: HashMap<(String, String), Vec<String>>,
+    /// Harbor's database (or Redis) fails: `/v2/<project>/…` answers 500.
+    pub database_down: bool,
+    /// How a blob Harbor has not cached is streamed.
+    pub uncached_blobs: UncachedBlobs,
     /// Applied one by one, each right after a listing's first page was served.
     pub shifts: std::collections::VecDeque<Shift>,
     /// `/api/v2.0/systeminfo` answers 404 (a proxy in front of Harbor that does not pass it).
@@ -74,6 +85,19 @@ pub(crate) struct Switches {
 impl State {
     pub fn switches(&self) -> std::sync::MutexGuard<'_, Switches> {
         self.switches.lock().unwrap()
+    }
+
+    pub fn store(&self) -> std::sync::MutexGuard<'_, crate::store::Store> {
+        self.store.lock().unwrap()
+    }
+
+    /// The upstream of `project` (a project without one is never asked: `Up`).
+    pub fn upstream(&self, project: &str) -> Upstream {
+        self.switches()
+            .upstreams
+            .get(project)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The project called `name`, if any.
@@ -123,9 +147,12 @@ impl StandIn {
             .thread_name("standin")
             .enable_all()
             .build()?;
-        let client = {
+        let (client, plain) = {
             let _guard = rt.enter();
-            Client::builder(TokioExecutor::new()).build_http()
+            (
+                Client::builder(TokioExecutor::new()).build_http(),
+                Client::builder(TokioExecutor::new()).build_http(),
+            )
         };
         let mut projects: Vec<(i64, ProjectSpec)> = config
             .projects
@@ -142,9 +169,10 @@ impl StandIn {
             url: format!("http://{addr}"),
             registry,
             client,
+            plain,
             counters: Mutex::new(Counters::default()),
             faults: Mutex::new(HashMap::new()),
-            fetched_blobs: Mutex::new(HashSet::new()),
+            store: Mutex::default(),
             registries_forbidden: AtomicBool::new(false),
             switches: Mutex::default(),
             api_hold: Mutex::new(None),
@@ -282,6 +310,53 @@ impl StandIn {
     /// the version nor, from it, whether its credentials are accepted.
     pub fn hide_systeminfo(&self, yes: bool) {
         self.state.switches().systeminfo_hidden = yes;
+    }
+
+    /// Sets `project`'s upstream registry (see [`Upstream`]; default `Up`). No effect on a project
+    /// that is no proxy cache.
+    pub fn set_upstream(&self, project: &str, upstream: Upstream) {
+        self.state
+            .switches()
+            .upstreams
+            .insert(project.to_string(), upstream);
+    }
+
+    /// Tags the upstream of `project` has for `repo` beyond what the registry holds (`repo` inside
+    /// the project, e.g. `library/nginx`; with the project in front it is taken off): a tag list
+    /// in `Up` mode merges them in. Replaces the tags set before for that repository.
+    pub fn set_upstream_tags(&self, project: &str, repo: &str, tags: Vec<String>) {
+        let repo = repo
+            .strip_prefix(&format!("{project}/"))
+            .unwrap_or(repo)
+            .to_string();
+        self.state
+            .switches()
+            .upstream_tags
+            .insert((project.to_string(), repo), tags);
+    }
+
+    /// Harbor's database (or Redis) fails: every `/v2/<project>/…` request that passes
+    /// authentication answers `500 {"errors":[{"code":"UNKNOWN","message":"internal server
+    /// error"}]}`. The token service and `/api/v2.0/` keep answering.
+    pub fn set_database_down(&self, yes: bool) {
+        self.state.switches().database_down = yes;
+    }
+
+    /// How a blob Harbor has not cached yet is streamed (see [`UncachedBlobs`]; default `Chunked`,
+    /// Harbor ≤ 2.15).
+    pub fn set_uncached_blobs(&self, mode: UncachedBlobs) {
+        self.state.switches().uncached_blobs = mode;
+    }
+
+    /// What Harbor holds locally now (see [`Cached`]).
+    pub fn cached(&self) -> Cached {
+        self.state.store().snapshot()
+    }
+
+    /// Empties Harbor's local store (its garbage collection or a retention policy removed every
+    /// cached manifest and blob): what it served before must come from the upstream again.
+    pub fn clear_cache(&self) {
+        self.state.store().clear();
     }
 
     /// Changes the project list once, right after the next listing's first page: pages shift
