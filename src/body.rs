@@ -13,11 +13,13 @@ use http_body::{Frame, SizeHint};
 
 use crate::upstream::pool::UpstreamBody;
 
-/// What watches a streamed body go by ([`Body::Checked`]): it sees every data frame, and at the end
-/// says whether the body may end cleanly; an error there ends it with a body error instead, so the
-/// client sees a broken transfer, never a wrong body that looks complete.
+/// What watches a streamed body go by ([`Body::Checked`]): it sees every data frame before it goes
+/// out, and at the end says whether the body may end cleanly. An error from either ends the body
+/// with a body error instead (the frame is not sent), so the client sees a broken transfer, never a
+/// wrong body that looks complete. hyper stops polling a body once its `Content-Length` went by, so
+/// a check of a framed body decides on its last frame, not at the end.
 pub trait Check {
-    fn data(&mut self, data: &[u8]);
+    fn data(&mut self, data: &[u8]) -> std::io::Result<()>;
     fn end(&mut self) -> std::io::Result<()>;
 }
 
@@ -97,12 +99,10 @@ impl http_body::Body for Body {
                 polled
             }
             Body::Checked { body, check } => match Pin::new(body.as_mut()).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        check.data(data);
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
+                Poll::Ready(Some(Ok(frame))) => match frame.data_ref().map(|d| check.data(d)) {
+                    Some(Err(e)) => Poll::Ready(Some(Err(e))),
+                    _ => Poll::Ready(Some(Ok(frame))),
+                },
                 Poll::Ready(None) => match check.end() {
                     Ok(()) => Poll::Ready(None),
                     Err(e) => Poll::Ready(Some(Err(e))),

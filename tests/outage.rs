@@ -2,14 +2,18 @@
 //! registry: Harbor's 500 (its database) on a tag the router confirmed is stood in for without
 //! asking Harbor for the digest; a blob HEAD is answered from the manifest the router served; a
 //! tag-list fan-out for an unknown name asks each project once, whatever `Accept` lines its
-//! clients send.
+//! clients send; a cached image pulls with skopeo and containerd while every upstream is down (Harbor
+//! answering from its local store); a blob Harbor sends without its length is checked against its
+//! digest; a tag list merged with a large upstream list comes through whole.
 
 mod common;
 
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
-use testbed::{Fault, Testbed};
+use std::process::Command;
+
+use testbed::{Fault, Testbed, UncachedBlobs, Upstream};
 
 use common::{bed_with_app, manifest, request, wait_until, Router};
 
@@ -181,4 +185,204 @@ fn a_tag_list_fan_out_for_an_unknown_name_asks_each_project_once() {
         accepts.len() * 4,
         accepts.len()
     );
+}
+
+/// `skopeo copy` of `image` (`<name>:<tag>`) through the router at `addr` into a fresh directory;
+/// the copied manifest's digest.
+fn skopeo_copy(addr: std::net::SocketAddr, image: &str, to: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("hr-outage-{}-{to}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            &format!("docker://{addr}/proxy/{image}"),
+            &format!("dir:{}", dir.display()),
+        ])
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy {image} ({to}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = sha256(&std::fs::read(dir.join("manifest.json")).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    digest
+}
+
+#[test]
+fn skopeo_and_containerd_pull_a_cached_image_while_every_upstream_is_down() {
+    let (bed, app) = bed_with_app();
+    // Harbor caches the image as it serves it once.
+    {
+        let warm = router(&bed.harbor.url(), &[]);
+        assert_eq!(skopeo_copy(warm.addr, "org/app:v1", "warm"), app.digest);
+    }
+    for p in PROJECTS {
+        bed.harbor.set_upstream(p, Upstream::Refused);
+    }
+    // A router that never saw the image: a fan-out, no last-known-good tag to lean on. Harbor's
+    // ghcr serves its local copy; the others answer their local store's 404.
+    let cold = router(&bed.harbor.url(), &[("NEGATIVE_CACHE_TTL", "1h")]);
+    assert_eq!(skopeo_copy(cold.addr, "org/app:v1", "cold"), app.digest);
+    let node = testbed::containerd::Containerd::start().unwrap();
+    let hosts = node.hosts_dir("hosts");
+    let d = hosts.join("ghcr.io");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"https://ghcr.io\"\n\n[host.\"http://{}/v2/proxy\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n",
+            cold.addr
+        ),
+    )
+    .unwrap();
+    let got = node
+        .pull(&hosts, "ghcr.io/org/app:v1")
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", node.log()));
+    assert_eq!(got, app.digest, "containerd's pull");
+
+    // A tag Harbor does not hold: its local store's 404, answered and remembered only briefly.
+    let res = manifest(cold.addr, "GET", "org/app", "not-cached");
+    assert_eq!(res.status, 404);
+    let m = cold.scrape();
+    assert!(m[r#"harbor_router_upstream_unsure_not_found_total{project="ghcr"}"#] >= 1.0);
+}
+
+#[test]
+fn a_confirmed_tag_is_answered_through_harbors_database_failing() {
+    let (bed, app) = bed_with_app();
+    let router = router(&bed.harbor.url(), &[]);
+    let addr = router.addr;
+    assert_eq!(manifest(addr, "GET", "org/app", "v1").status, 200);
+    bed.harbor.set_database_down(true);
+    let res = manifest(addr, "GET", "org/app", "v1");
+    assert_eq!(res.status, 200, "{:?}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.header("warning"), Some(WARNING));
+    assert_eq!(sha256(&res.body), app.digest);
+    let res = manifest(addr, "GET", "org/app", &app.digest);
+    assert_eq!(res.status, 200, "the digest, from memory");
+    // What the router never saw gets Harbor's 500.
+    assert_eq!(manifest(addr, "GET", "org/app", "v2").status, 500);
+    bed.harbor.set_database_down(false);
+    let res = manifest(addr, "GET", "org/app", "v1");
+    assert_eq!(
+        (res.status, res.header("warning")),
+        (200, None),
+        "fresh again"
+    );
+}
+
+/// A blob GET through the router at `addr`, raw: the head (lower case) and the body's bytes; an
+/// empty head when the connection closed before one.
+fn raw_blob(addr: std::net::SocketAddr, name: &str, digest: &str) -> (String, Vec<u8>) {
+    let raw = common::raw(
+        addr,
+        format!(
+            "GET /v2/proxy/{name}/blobs/{digest} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|e| e + 4) else {
+        assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
+        return (String::new(), Vec::new());
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    (head, raw[end..].to_vec())
+}
+
+/// The `Content-Length` a lower-cased head announces.
+fn announced(head: &str) -> Option<usize> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
+    let (bed, app) = bed_with_app();
+    let big = bed
+        .seed(&[testbed::SeedImage {
+            repository: "ghcr/org/big".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::OciManifest,
+            layer_bytes: 64 << 10,
+        }])
+        .unwrap()
+        .remove(0);
+    bed.harbor.set_uncached_blobs(UncachedBlobs::Chunked);
+    let router = router(&bed.harbor.url(), &[]);
+    let addr = router.addr;
+    for (name, image) in [("org/app", &app), ("org/big", &big)] {
+        assert_eq!(manifest(addr, "GET", name, &image.digest).status, 200);
+    }
+    // The upstream breaks mid-blob: Harbor appends its error to the 200 and ends it cleanly; a small
+    // answer fits Go's write buffer and goes out with the length of what was written.
+    bed.harbor.set_fault("ghcr", Fault::BreakUncached);
+    // The router checks it on its last frame: cut before it (here the only one, so the connection
+    // closes before the head went out).
+    let (head, body) = raw_blob(addr, "org/app", &app.blobs[0]);
+    if !head.is_empty() {
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length = announced(&head).expect("a small answer is framed");
+        assert!(body.len() < length, "cut short of its length: {head}");
+    }
+    // A larger one is chunked: never ended with its last chunk.
+    let (head, body) = raw_blob(addr, "org/big", &big.blobs[1]);
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert_eq!(
+        dechunk(&body),
+        None,
+        "the chunked answer must not end cleanly"
+    );
+    for digest in [&app.blobs[0], &big.blobs[1]] {
+        router
+            .wait_log(|l| l.contains("does not hash to its digest") && l.contains(digest.as_str()));
+    }
+    // A whole one streams through as Harbor sent it, and hashes to its digest.
+    bed.harbor.clear_faults();
+    let (head, body) = raw_blob(addr, "org/app", &app.blobs[1]);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("docker-content-digest"), "{head}");
+    let body = match announced(&head) {
+        Some(n) => body[..n].to_vec(),
+        None => dechunk(&body).expect("a chunked body that ends cleanly"),
+    };
+    assert_eq!(sha256(&body), app.blobs[1]);
+}
+
+#[test]
+fn a_tag_list_merged_with_a_large_upstream_list_comes_through_whole() {
+    let (bed, _app) = bed_with_app();
+    let upstream: Vec<String> = (0..5000).map(|i| format!("u{i:05}")).collect();
+    bed.harbor
+        .set_upstream_tags("ghcr", "org/app", upstream.clone());
+    let router = router(&bed.harbor.url(), &[]);
+    let res = request(router.addr, "GET", "/v2/proxy/org/app/tags/list", &[]);
+    assert_eq!(res.status, 200);
+    let tags: Vec<String> = serde_json::from_value(res.json()["tags"].clone()).unwrap();
+    let mut want = upstream;
+    want.push("v1".into());
+    want.sort();
+    assert_eq!(tags, want);
+    assert_eq!(res.json()["name"], "proxy/org/app");
+}
+
+/// The data of a chunked body, if it ends with its last chunk.
+fn dechunk(mut bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line = bytes.windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&bytes[..line]).ok()?.trim(), 16).ok()?;
+        bytes = &bytes[line + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(bytes.get(..size)?);
+        bytes = bytes.get(size + 2..)?;
+    }
 }

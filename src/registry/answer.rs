@@ -94,13 +94,17 @@ pub async fn answer(
         }
     } else {
         match &ask.endpoint {
-            Endpoint::Blob { digest } if status == StatusCode::OK && len.is_none() => {
+            Endpoint::Blob { digest }
+                if status == StatusCode::OK
+                    && (announced.is_none() || !names_digest(&parts.headers)) =>
+            {
                 match Hashing::new(digest) {
                     Some(hashing) => Body::Upstream(body).checked(BlobCheck {
                         hashing,
                         name: ask.name.clone(),
                         digest: digest.clone(),
                         bytes: 0,
+                        length: announced,
                     }),
                     None => Body::Upstream(body),
                 }
@@ -249,26 +253,25 @@ impl Hashing {
     }
 }
 
-/// Hashes a blob that came without its length as it streams: Harbor up to v2.15 sends a blob it
-/// has not cached yet chunked, without `Content-Length` or `Docker-Content-Digest`, and when its
-/// upstream breaks mid-blob it appends its error JSON to the 200 and ends the body cleanly
+/// Hashes a blob Harbor sent without its digest as it streams: Harbor up to v2.15 sends a blob it
+/// has not cached yet without `Docker-Content-Digest`, chunked (or, when the whole answer fits Go's
+/// 4 KiB write buffer, with the `Content-Length` of what it wrote), and when its upstream breaks
+/// mid-blob it appends its error JSON to the 200 and ends the body cleanly
 /// (`src/server/middleware/repoproxy/proxy.go`, `handleBlob` then `SendError`). The digest is in
-/// the URL: a body that does not hash to it ends with an error instead of its clean end, so the
-/// client sees a broken transfer and retries, never a wrong blob that looks complete.
+/// the URL: a body that does not hash to it ends with an error instead of its clean end (a framed
+/// one loses its last frame), so the client sees a broken transfer and retries, never a wrong blob
+/// that looks complete.
 struct BlobCheck {
     hashing: Hashing,
     name: String,
     digest: String,
     bytes: u64,
+    /// The announced length: the check is made on the frame that completes it.
+    length: Option<u64>,
 }
 
-impl crate::body::Check for BlobCheck {
-    fn data(&mut self, data: &[u8]) {
-        self.bytes += data.len() as u64;
-        self.hashing.update(data);
-    }
-
-    fn end(&mut self) -> std::io::Result<()> {
+impl BlobCheck {
+    fn verdict(&mut self) -> std::io::Result<()> {
         if self.hashing.matches() {
             return Ok(());
         }
@@ -281,6 +284,25 @@ impl crate::body::Check for BlobCheck {
         Err(std::io::Error::other(
             "Harbor's blob did not match its digest",
         ))
+    }
+}
+
+impl crate::body::Check for BlobCheck {
+    fn data(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.bytes += data.len() as u64;
+        self.hashing.update(data);
+        match self.length {
+            Some(length) if self.bytes >= length => self.verdict(),
+            _ => Ok(()),
+        }
+    }
+
+    fn end(&mut self) -> std::io::Result<()> {
+        match self.length {
+            // Decided on the last frame (or the body was short: hyper reports that itself).
+            Some(_) => Ok(()),
+            None => self.verdict(),
+        }
     }
 }
 

@@ -86,11 +86,11 @@ struct KeepManifest {
 }
 
 impl Check for KeepManifest {
-    fn data(&mut self, data: &[u8]) {
+    fn data(&mut self, data: &[u8]) -> std::io::Result<()> {
         // hyper stops polling a body once its Content-Length went by: the last byte completes it.
         if self.seen.len() + data.len() > self.length {
             self.length = 0; // longer than announced: nothing is kept
-            return;
+            return Ok(());
         }
         self.seen.extend_from_slice(data);
         self.hashing.update(data);
@@ -101,6 +101,7 @@ impl Check for KeepManifest {
                 .tags
                 .keep_manifest(&self.key, &self.digest, manifest);
         }
+        Ok(())
     }
 
     fn end(&mut self) -> std::io::Result<()> {
