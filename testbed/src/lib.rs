@@ -139,9 +139,10 @@ pub enum Fault {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Upstream {
     /// Answers. A manifest it does not have is Harbor's `404 NOT_FOUND "repo <project>/<repo>,
-    /// tag <tag> not found"` (tag part empty for a digest); for a `docker-hub` project a repository
-    /// it does not know at all is answered from the local store, as with `Refused` (Docker Hub
-    /// answers 401 for it). Tag lists merge local and upstream tags.
+    /// tag <tag> not found"` (tag part empty for a digest); with
+    /// [`StandIn::set_docker_hub_401s`], a `docker-hub` project's repository the upstream does not
+    /// know at all is answered from the local store, as with `Refused` (Docker Hub answers 401 for
+    /// it). Tag lists merge local and upstream tags.
     #[default]
     Up,
     /// Cannot be asked and says so at once (Harbor marked it unhealthy, or its connections are
@@ -159,15 +160,19 @@ pub enum Upstream {
 /// `serveBlob`): always `200` with the whole blob (a `Range` is not passed on), `Content-Type`
 /// sniffed by Go's `net/http` from the first bytes (`application/x-gzip` for a gzip'd layer,
 /// `text/plain; charset=utf-8` for a JSON config).
+///
+/// The default is `Framed`, though [`DEFAULT_VERSION`] is a v2.14: the router's tests that HEAD a
+/// blob before anything was pulled expect a length from its one-byte ranged GET, which `Chunked`
+/// does not give.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum UncachedBlobs {
     /// Harbor ≤ 2.15: the blob is written before the headers are set, so the answer is chunked,
     /// with no `Content-Length`, `Docker-Content-Digest` or `Etag` (Go's server still frames an
     /// answer of at most 2048 bytes with a `Content-Length`, as it buffers that much).
-    #[default]
     Chunked,
     /// Harbor main: `Content-Length`, `Docker-Content-Digest` and `Etag` (the digest) are set
     /// before streaming; a break leaves the body short and the connection closed.
+    #[default]
     Framed,
 }
 

@@ -1,13 +1,22 @@
 //! `/v2/` forwarding to the real registry with Harbor's proxy-cache quirks on top: Harbor's own
 //! authentication first (`auth.rs`: tokens checked by the stand-in, challenges as Harbor words
-//! them), then docker-hub single-segment 301, `tags/list` 200-empty for unknown repositories, blob
-//! `HEAD` 404 until the blob was fetched with GET (#22609), an empty `Docker-Content-Digest` on a
-//! manifest GET by tag fetched upstream ([`EmptyDigests`]), and the per-project faults of [`Fault`]
-//! in Harbor's words (`src/lib/http/error.go`).
+//! them), Harbor's database down (500), the per-project faults of [`Fault`] in Harbor's words
+//! (`src/lib/http/error.go`), docker-hub single-segment 301, then, in a proxy project, Harbor's
+//! `repoproxy` middlewares by the project's [`Upstream`]:
 //!
-//! Request headers (repeated `Accept` lines included) and response status/headers/body pass through
-//! unchanged and streamed; only hop-by-hop headers are dropped, and `Authorization` is replaced by
-//! the stand-in's internal token (Harbor's registry trusts Harbor's core, not the client).
+//! - manifests (`handleManifest`, `UseLocalManifest`): held by digest → the local store; else the
+//!   upstream (`Up`: the registry, an empty `Docker-Content-Digest` on a tag fetched upstream
+//!   ([`EmptyDigests`]), Harbor's 404 "repo R, tag T not found"), the local store (`Refused`, and
+//!   docker-hub's unknown repositories), or no answer (`Hanging`);
+//! - blobs (`handleBlob`): cached → the registry's answer; else streamed from the upstream as
+//!   Harbor does (`blobs.rs`), `BLOB_UNKNOWN`, or no answer; a HEAD is 404 until cached (#22609);
+//! - tag lists (`repoproxy/tag.go`): the local tags, plus the upstream's when it answers, paged
+//!   as Harbor pages (`tags.rs`).
+//!
+//! What Harbor holds locally is `store.rs`'s. Request headers (repeated `Accept` lines included)
+//! and response status/headers/body otherwise pass through unchanged and streamed; only hop-by-hop
+//! headers are dropped, and `Authorization` is replaced by the stand-in's internal token (Harbor's
+//! registry trusts Harbor's core, not the client).
 
 use std::sync::Arc;
 
@@ -281,7 +290,7 @@ async fn answer(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (Some(p), Some(kind)) if p.kind != Kind::Other => {
             let cx = Cx {
                 upstream: state.upstream(&p.project),
-                docker_hub: kind == "docker-hub",
+                docker_hub_401s: kind == "docker-hub" && state.switches().docker_hub_401s,
                 state: state.clone(),
                 p,
                 faults,
@@ -345,7 +354,8 @@ struct Cx {
     state: Arc<State>,
     p: V2Path,
     upstream: Upstream,
-    docker_hub: bool,
+    /// The upstream is Docker Hub, modelled answering 401 for an unknown repository.
+    docker_hub_401s: bool,
     faults: Faults,
 }
 
@@ -421,7 +431,7 @@ impl Cx {
         }
         let mut res = self.ask(method.clone(), path, headers).await?;
         if res.status() == StatusCode::NOT_FOUND {
-            if self.docker_hub && !self.registry_knows_repository().await? {
+            if self.docker_hub_401s && !self.registry_knows_repository().await? {
                 // Docker Hub answers 401 for a repository it does not know: Harbor falls back to
                 // its local store.
                 return self.local_manifest(method, headers, &reference).await;
@@ -506,6 +516,9 @@ impl Cx {
             };
             if let Some(kept) = kept {
                 self.faults.pass().await;
+                if !accepts(headers, &kept.media_type) {
+                    return Ok(oci_index_refused());
+                }
                 return Ok(serve_kept(method, &kept));
             }
             if !held {
@@ -533,6 +546,12 @@ impl Cx {
         };
         let path = manifest_path(&resolved.digest);
         if !crate::store::is_index(&resolved.media_type) {
+            let res = self.ask(method.clone(), &path, headers).await?;
+            return Ok(res.map(box_incoming));
+        }
+        if !accepts(headers, &resolved.media_type) {
+            // Harbor asks its registry by digest with the client's Accept lines: an OCI index the
+            // client does not accept is the registry's 404 (a Docker list is served as it is).
             let res = self.ask(method.clone(), &path, headers).await?;
             return Ok(res.map(box_incoming));
         }
@@ -662,6 +681,30 @@ impl Cx {
         self.faults.pass().await;
         Ok(crate::tags::page(&repo, tags, n, &last, &list_path))
     }
+}
+
+/// Whether distribution serves a manifest of `media_type` by digest to a client with these `Accept`
+/// lines: an OCI manifest or index only when it is named, anything else always.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let oci = [crate::images::OCI_INDEX, crate::images::OCI_MANIFEST];
+    if !oci.contains(&media_type) {
+        return true;
+    }
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == media_type)
+}
+
+/// distribution's answer to a client that does not accept the OCI index it holds.
+fn oci_index_refused() -> Response<Body> {
+    harbor_error(
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
+        "OCI index found, but accept header does not support OCI indexes",
+    )
 }
 
 /// The registry's 404 for a blob it does not hold (Harbor's local store passes it on).

@@ -76,6 +76,8 @@ pub(crate) struct Switches {
     pub database_down: bool,
     /// How a blob Harbor has not cached is streamed.
     pub uncached_blobs: UncachedBlobs,
+    /// A `docker-hub` project's upstream answers 401 for a repository it does not know.
+    pub docker_hub_401s: bool,
     /// Applied one by one, each right after a listing's first page was served.
     pub shifts: std::collections::VecDeque<Shift>,
     /// `/api/v2.0/systeminfo` answers 404 (a proxy in front of Harbor that does not pass it).
@@ -335,6 +337,14 @@ impl StandIn {
             .insert((project.to_string(), repo), tags);
     }
 
+    /// Docker Hub's way with a repository it does not know, in `docker-hub` projects: it answers
+    /// 401, which Harbor takes for a failure and answers from its local store ("repository R not
+    /// found" while it holds nothing of the repository). Off (the default): the upstream's
+    /// "not found", `404 "repo R, tag T not found"`, as for every other upstream.
+    pub fn set_docker_hub_401s(&self, yes: bool) {
+        self.state.switches().docker_hub_401s = yes;
+    }
+
     /// Harbor's database (or Redis) fails: every `/v2/<project>/…` request that passes
     /// authentication answers `500 {"errors":[{"code":"UNKNOWN","message":"internal server
     /// error"}]}`. The token service and `/api/v2.0/` keep answering.
@@ -342,8 +352,8 @@ impl StandIn {
         self.state.switches().database_down = yes;
     }
 
-    /// How a blob Harbor has not cached yet is streamed (see [`UncachedBlobs`]; default `Chunked`,
-    /// Harbor ≤ 2.15).
+    /// How a blob Harbor has not cached yet is streamed (see [`UncachedBlobs`]; default `Framed`,
+    /// Harbor main; `Chunked` is Harbor ≤ 2.15).
     pub fn set_uncached_blobs(&self, mode: UncachedBlobs) {
         self.state.switches().uncached_blobs = mode;
     }

@@ -334,15 +334,26 @@ async fn an_upstream_that_lacks_a_manifest() {
     )
     .await;
     assert_not_found(resp, "repo quay/coreos/none, tag x not found").await;
-    // Docker Hub answers 401 for a repository it does not know: Harbor's local store answers.
+    // By default Docker Hub says "not found" as every upstream does ...
+    let none = "/v2/dockerhub/library/none/manifests/x";
+    let resp = v2(&bed, Method::GET, none, &token).await;
+    assert_not_found(resp, "repo dockerhub/library/none, tag x not found").await;
+    // ... and as it really does, with a 401 for a repository it does not know: Harbor takes it for
+    // a failure and its local store answers.
+    bed.harbor.set_docker_hub_401s(true);
+    let resp = v2(&bed, Method::GET, none, &token).await;
+    assert_not_found(resp, "repository dockerhub/library/none not found").await;
+    let resp = v2(&bed, Method::HEAD, none, &token).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // Other upstreams still say "not found".
     let resp = v2(
         &bed,
         Method::GET,
-        "/v2/dockerhub/library/none/manifests/x",
+        "/v2/quay/coreos/none/manifests/x",
         &token,
     )
     .await;
-    assert_not_found(resp, "repository dockerhub/library/none not found").await;
+    assert_not_found(resp, "repo quay/coreos/none, tag x not found").await;
     let resp = v2(
         &bed,
         Method::GET,
@@ -426,6 +437,22 @@ async fn an_index_served_locally_holds_the_children_fetched() {
     let resp = v2(&bed, Method::HEAD, tag_path, &token).await;
     assert_eq!(header(&resp, "docker-content-digest"), Some(digest.clone()));
     assert_eq!(header(&resp, "content-length"), Some(length));
+    // Harbor's registry is asked by digest with the client's Accept lines: an OCI index to a
+    // client that does not accept one is the registry's 404.
+    for path in [tag_path.to_string(), child_path(&digest)] {
+        let resp = client()
+            .get(format!("{}{path}", bed.harbor.url()))
+            .bearer_auth(&token)
+            .header("Accept", testbed::images::DOCKER_MANIFEST)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+        let message = body["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("OCI index found"), "{message}");
+    }
     // The trimmed index is held by its digest, the original is not.
     let resp = v2(&bed, Method::GET, &child_path(&digest), &token).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -461,7 +488,15 @@ async fn an_index_served_locally_holds_the_children_fetched() {
         StatusCode::OK
     );
     bed.harbor.set_upstream("dockerhub", Upstream::Refused);
-    let resp = v2(&bed, Method::GET, alpine_tag, &token).await;
+    // A Docker list is served as it is, whatever the client accepts (the registry is asked by
+    // digest: no platform is picked).
+    let resp = client()
+        .get(format!("{}{alpine_tag}", bed.harbor.url()))
+        .bearer_auth(&token)
+        .header("Accept", testbed::images::DOCKER_MANIFEST)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(header(&resp, "content-type").as_deref(), Some(DOCKER_LIST));
     let body = resp.bytes().await.unwrap();
     assert_eq!(children(&body), vec![alpine_kids[0].clone()]);
@@ -513,6 +548,7 @@ async fn blobs_harbor_has_not_cached() {
     assert!(whole.len() > 4096);
 
     // ≤ 2.15: the whole blob, chunked, no length nor digest, a range ignored.
+    bed.harbor.set_uncached_blobs(UncachedBlobs::Chunked);
     let resp = request(&bed, Method::GET, &path(layer), &token)
         .header("Range", "bytes=0-9")
         .send()
