@@ -430,7 +430,7 @@ impl Cx {
             Upstream::Up => {}
         }
         let mut res = self.ask(method.clone(), path, headers).await?;
-        if res.status() == StatusCode::NOT_FOUND {
+        if res.status() == StatusCode::NOT_FOUND && !self.upstream_has(path).await? {
             if self.docker_hub_401s && !self.registry_knows_repository().await? {
                 // Docker Hub answers 401 for a repository it does not know: Harbor falls back to
                 // its local store.
@@ -481,6 +481,18 @@ impl Cx {
                 .tag(&self.p.project, &self.p.name, tag)
                 .is_none(),
         }
+    }
+
+    /// Whether the upstream has the manifest of `path`, asked as Harbor asks it (`ManifestExist`: a
+    /// HEAD accepting every manifest type). A 404 to the client's own `Accept` lines (an OCI index
+    /// it does not accept) is no "not found".
+    async fn upstream_has(&self, path: &str) -> anyhow::Result<bool> {
+        let mut all = HeaderMap::new();
+        for t in crate::images::ALL_MANIFEST_TYPES {
+            all.append(header::ACCEPT, HeaderValue::from_static(t));
+        }
+        let res = ask(&self.state, Method::HEAD, path, &all, &self.repository()).await?;
+        Ok(res.status().is_success())
     }
 
     /// Whether the registry (the upstream) has the repository at all: its tag list answers.

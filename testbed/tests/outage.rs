@@ -303,6 +303,7 @@ async fn an_upstream_that_lacks_a_manifest() {
     let (bed, seeded) = bed_with(&[
         image("quay/coreos/etcd", "v3.5.0", SeedKind::DockerSchema2),
         image("dockerhub/library/nginx", "latest", SeedKind::DockerSchema2),
+        image("dockerhub/library/index", "1", SeedKind::OciIndex),
     ]);
     let token = robot_token(&bed).await;
     let resp = v2(
@@ -334,6 +335,23 @@ async fn an_upstream_that_lacks_a_manifest() {
     )
     .await;
     assert_not_found(resp, "repo quay/coreos/none, tag x not found").await;
+    // A manifest the upstream has but the client does not accept is no "not found": the
+    // registry's own words.
+    let resp = client()
+        .get(format!(
+            "{}/v2/dockerhub/library/index/manifests/1",
+            bed.harbor.url()
+        ))
+        .bearer_auth(&token)
+        .header("Accept", testbed::images::DOCKER_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("OCI index found"), "{message}");
     // By default Docker Hub says "not found" as every upstream does ...
     let none = "/v2/dockerhub/library/none/manifests/x";
     let resp = v2(&bed, Method::GET, none, &token).await;
