@@ -334,7 +334,7 @@ fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
     let (head, body) = raw_blob(addr, "org/big", &big.blobs[1]);
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
     assert_eq!(
-        dechunk(&body),
+        common::dechunk(&body).map(|(b, _)| b),
         None,
         "the chunked answer must not end cleanly"
     );
@@ -349,7 +349,9 @@ fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
     assert!(!head.contains("docker-content-digest"), "{head}");
     let body = match announced(&head) {
         Some(n) => body[..n].to_vec(),
-        None => dechunk(&body).expect("a chunked body that ends cleanly"),
+        None => common::dechunk(&body)
+            .map(|(b, _)| b)
+            .expect("a chunked body that ends cleanly"),
     };
     assert_eq!(sha256(&body), app.blobs[1]);
 }
@@ -371,18 +373,39 @@ fn a_tag_list_merged_with_a_large_upstream_list_comes_through_whole() {
     assert_eq!(res.json()["name"], "proxy/org/app");
 }
 
-/// The data of a chunked body, if it ends with its last chunk.
-fn dechunk(mut bytes: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line = bytes.windows(2).position(|w| w == b"\r\n")?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&bytes[..line]).ok()?.trim(), 16).ok()?;
-        bytes = &bytes[line + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(bytes.get(..size)?);
-        bytes = bytes.get(size + 2..)?;
+#[test]
+fn a_stale_index_needs_nothing_harbor_only_holds_trimmed() {
+    let bed = Testbed::start(testbed::HarborConfig::default()).unwrap();
+    let index = bed
+        .seed(&[testbed::SeedImage {
+            repository: "ghcr/org/multi".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::OciIndex,
+            layer_bytes: 1024,
+        }])
+        .unwrap()
+        .remove(0);
+    let router = router(&bed.harbor.url(), &[("RESOLVER_TIMEOUT", "1s")]);
+    let addr = router.addr;
+    let fresh = manifest(addr, "GET", "org/multi", "v1");
+    assert_eq!(fresh.status, 200);
+    assert_eq!(sha256(&fresh.body), index.digest);
+    // The upstream hangs: Harbor waits on every tag lookup, and holds the index only trimmed
+    // under its tag, never under its original digest (src/controller/proxy/manifestcache.go).
+    for p in PROJECTS {
+        bed.harbor.set_upstream(p, Upstream::Hanging);
     }
+    let res = manifest(addr, "GET", "org/multi", "v1");
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.header("warning"), Some(WARNING));
+    assert_eq!(
+        sha256(&res.body),
+        index.digest,
+        "the index as it was served"
+    );
+    // The by-digest GET a client sends next: from the router's memory, not Harbor (which would
+    // hang on it).
+    let res = manifest(addr, "GET", "org/multi", &index.digest);
+    assert_eq!(res.status, 200);
+    assert_eq!(sha256(&res.body), index.digest);
 }

@@ -19,7 +19,20 @@ const PROJECTS: [&str; 4] = ["dockerhub", "ghcr", "k8s", "quay"];
 
 fn bed() -> Testbed {
     let bed = Testbed::start(HarborConfig::default()).unwrap();
-    bed.seed(&testbed::default_images()).unwrap();
+    let mut images = testbed::default_images();
+    // The names the miss tests ask for (tag `v1`) exist on Docker Hub with another tag: for a
+    // repository Docker Hub does not know, it refuses Harbor and Harbor answers from its local
+    // store, a 404 nothing tells from an outage, which is never shared. A missing tag of a known
+    // repository gets the upstream's sure "not found".
+    for name in ["nowhere/image", "never/there", "late/image", "wrong/type"] {
+        images.push(testbed::SeedImage {
+            repository: format!("dockerhub/{name}"),
+            tag: "other".into(),
+            kind: testbed::SeedKind::OciManifest,
+            layer_bytes: 64,
+        });
+    }
+    bed.seed(&images).unwrap();
     bed
 }
 

@@ -384,6 +384,21 @@ pub fn parse_response_to(bytes: &[u8], head: bool) -> Option<(Response, usize)> 
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .map(|(_, v)| v.parse::<usize>().unwrap());
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked && !head {
+        // The data of the chunks; `None` until the last chunk came.
+        let (body, used) = dechunk(&bytes[body_start..])?;
+        return Some((
+            Response {
+                status,
+                headers,
+                body,
+            },
+            body_start + used,
+        ));
+    }
     let body_len = match (head, len) {
         (true, _) => 0,
         (false, Some(n)) => n,
@@ -401,4 +416,22 @@ pub fn parse_response_to(bytes: &[u8], head: bool) -> Option<(Response, usize)> 
         },
         body_start + body_len,
     ))
+}
+
+/// The data of a chunked body and the bytes it took, if it ends with its last chunk.
+pub fn dechunk(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        let line = bytes[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&bytes[at..at + line]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        at += line + 2;
+        if size == 0 {
+            // No trailers are sent: the blank line ends it.
+            return (bytes.get(at..at + 2)? == b"\r\n").then_some((out, at + 2));
+        }
+        out.extend_from_slice(bytes.get(at..at + size)?);
+        at += size + 2;
+    }
 }
