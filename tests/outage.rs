@@ -15,22 +15,13 @@ use std::process::Command;
 
 use testbed::{Fault, Testbed, UncachedBlobs, Upstream};
 
-use common::{bed_with_app, manifest, request, wait_until, Router};
+use common::{bed_with_app, manifest, request, wait_until};
 
 /// The proxy-cache projects of the default test bed.
 const PROJECTS: [&str; 4] = ["dockerhub", "ghcr", "k8s", "quay"];
 const WARNING: &str = "110 harbor-router \"Response is Stale\"";
 
-/// A router in front of Harbor at `url`, ready.
-fn router(url: &str, vars: &[(&str, &str)]) -> Router {
-    let mut env = common::bed_env(url);
-    env.extend_from_slice(vars);
-    let router = Router::start(&env);
-    wait_until("the router is ready", || {
-        common::get(router.addr, "/readyz").status == 200
-    });
-    router
-}
+use common::bed_router as router;
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(bytes))

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use testbed::{Fault, SeedImage, SeedKind, Seeded, Testbed};
 
 use common::relay::Relay;
-use common::{bed_with_app, manifest, wait_until, Response, Router};
+use common::{bed_with_app, manifest, wait_until, Response};
 
 /// The proxy-cache projects of the default test bed.
 const PROJECTS: [&str; 4] = ["dockerhub", "ghcr", "k8s", "quay"];
@@ -25,16 +25,7 @@ const FAN_OUT_ALWAYS: [(&str, &str); 3] = [
     ("NEGATIVE_CACHE_TTL", "0s"),
 ];
 
-/// A router in front of Harbor at `url`, ready.
-fn router(url: &str, vars: &[(&str, &str)]) -> Router {
-    let mut env = common::bed_env(url);
-    env.extend_from_slice(vars);
-    let router = Router::start(&env);
-    wait_until("the router is ready", || {
-        common::get(router.addr, "/readyz").status == 200
-    });
-    router
-}
+use common::bed_router as router;
 
 fn fail_every_project(bed: &Testbed, fault: Fault) {
     for p in PROJECTS {

@@ -1,14 +1,16 @@
 //! The stand-in in front of the real registry: token flow, Harbor's /v2 quirks, faults, connection
 //! dropping, no h2c, and seeding with media types preserved.
 
+mod common;
+
+use common::{bed_with, client, image};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
 use testbed::images::{DOCKER_MANIFEST, OCI_INDEX};
 use testbed::{
-    basic_auth, Fault, HarborConfig, SeedImage, SeedKind, Seeded, Testbed, DEFAULT_ROBOT_PASSWORD,
-    DEFAULT_ROBOT_USER,
+    basic_auth, Fault, HarborConfig, SeedKind, Testbed, DEFAULT_ROBOT_PASSWORD, DEFAULT_ROBOT_USER,
 };
 
 const ROBOT: (&str, &str) = (DEFAULT_ROBOT_USER, DEFAULT_ROBOT_PASSWORD);
@@ -18,28 +20,6 @@ const ACCEPT_ALL: [&str; 4] = [
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
-
-fn image(repository: &str, tag: &str, kind: SeedKind) -> SeedImage {
-    SeedImage {
-        repository: repository.into(),
-        tag: tag.into(),
-        kind,
-        layer_bytes: 100_000,
-    }
-}
-
-fn bed_with(images: &[SeedImage]) -> (Testbed, Vec<Seeded>) {
-    let bed = Testbed::start(HarborConfig::default()).unwrap();
-    let seeded = bed.seed(images).unwrap();
-    (bed, seeded)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
 
 async fn robot_token(bed: &Testbed, repos: &[&str]) -> String {
     let mut url = format!("{}/service/token?service=harbor-registry", bed.harbor.url());

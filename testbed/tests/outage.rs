@@ -3,40 +3,21 @@
 //! index, Harbor's database down, blobs Harbor has not cached (chunked or framed, and their
 //! breaks), and tag lists merged with the upstream's and paged.
 
+mod common;
+
+use common::{bed_with, client, image};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use testbed::images::{DOCKER_LIST, OCI_INDEX};
 use testbed::{
-    basic_auth, Fault, HarborConfig, SeedImage, SeedKind, Seeded, Testbed, UncachedBlobs, Upstream,
-    ADMIN_PASSWORD, ADMIN_USER, DEFAULT_ROBOT_PASSWORD, DEFAULT_ROBOT_USER,
+    basic_auth, Fault, SeedKind, Testbed, UncachedBlobs, Upstream, ADMIN_PASSWORD, ADMIN_USER,
+    DEFAULT_ROBOT_PASSWORD, DEFAULT_ROBOT_USER,
 };
 
 const ACCEPT_ALL: [&str; 4] = testbed::images::ALL_MANIFEST_TYPES;
 const INTERNAL_ERROR: &str = r#"{"errors":[{"code":"UNKNOWN","message":"internal server error"}]}"#;
-
-fn image(repository: &str, tag: &str, kind: SeedKind) -> SeedImage {
-    SeedImage {
-        repository: repository.into(),
-        tag: tag.into(),
-        kind,
-        layer_bytes: 100_000,
-    }
-}
-
-fn bed_with(images: &[SeedImage]) -> (Testbed, Vec<Seeded>) {
-    let bed = Testbed::start(HarborConfig::default()).unwrap();
-    let seeded = bed.seed(images).unwrap();
-    (bed, seeded)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
 
 /// A robot token naming every default project.
 async fn robot_token(bed: &Testbed) -> String {

@@ -306,6 +306,18 @@ pub fn bed_env(harbor_url: &str) -> Vec<(&str, &str)> {
     ]
 }
 
+/// A router (one worker) in front of the test bed's Harbor at `url`, as its robot, with `vars`
+/// on top; ready.
+pub fn bed_router(url: &str, vars: &[(&str, &str)]) -> Router {
+    let mut env = bed_env(url);
+    env.extend_from_slice(vars);
+    let router = Router::start(&env);
+    wait_until("the router is ready", || {
+        get(router.addr, "/readyz").status == 200
+    });
+    router
+}
+
 /// An `Accept` line for every manifest type.
 pub fn accept_lines() -> Vec<String> {
     testbed::images::ALL_MANIFEST_TYPES
