@@ -815,6 +815,7 @@ fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {
     let before = rss(pid);
     let done = std::sync::atomic::AtomicBool::new(false);
     let peak = std::thread::scope(|s| {
+        let _done = common::SetOnDrop(&done);
         let sampler = s.spawn(|| {
             let mut peak = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {

@@ -24,7 +24,13 @@ fn bed() -> Testbed {
     // repository Docker Hub does not know, it refuses Harbor and Harbor answers from its local
     // store, a 404 nothing tells from an outage, which is never shared. A missing tag of a known
     // repository gets the upstream's sure "not found".
-    for name in ["nowhere/image", "never/there", "late/image", "wrong/type"] {
+    for name in [
+        "nowhere/image",
+        "never/there",
+        "late/image",
+        "wrong/type",
+        "load/image",
+    ] {
         images.push(testbed::SeedImage {
             repository: format!("dockerhub/{name}"),
             tag: "other".into(),
@@ -304,8 +310,8 @@ impl Load {
                 (manifest(router, "HEAD", "org/app", "v1"), 200)
             } else {
                 self.misses.fetch_add(1, Ordering::Relaxed);
-                let name = format!("missing-{thread}-{i}/image");
-                (manifest(router, "GET", &name, "v1"), 404)
+                let tag = format!("missing-{thread}-{i}");
+                (manifest(router, "GET", "load/image", &tag), 404)
             };
             let took = started.elapsed().as_millis() as u64;
             self.slowest_ms.fetch_max(took, Ordering::Relaxed);
@@ -350,6 +356,7 @@ fn a_killed_master_fails_over_and_no_request_fails() {
     assert_eq!(manifest(&router, "GET", "org/app", "v1").status, 200);
     let load = Load::new();
     std::thread::scope(|s| {
+        let _stop = common::SetOnDrop(&load.stop);
         for t in 0..2 {
             let (load, router) = (&load, &router);
             s.spawn(move || load.run(router, t));
@@ -386,6 +393,7 @@ fn a_frozen_master_holds_no_request_beyond_the_budget() {
     assert_eq!(manifest(&router, "GET", "org/app", "v1").status, 200);
     let load = Load::new();
     std::thread::scope(|s| {
+        let _stop = common::SetOnDrop(&load.stop);
         let (l, r) = (&load, &router);
         s.spawn(move || l.run(r, 0));
         load.wait_more(20);
@@ -692,7 +700,15 @@ fn a_pod_that_never_saw_a_tag_answers_it_from_what_another_pod_shared() {
             .map(|o| o.lines().filter(|l| !l.trim().is_empty()).count())
             .unwrap_or(0)
     };
-    wait_until("a's tag reaches Redis", || tag_keys() == 1);
+    let manifest_key = format!("hr:v1:manifest:{digest}");
+    let manifest_kept = || {
+        redis
+            .master_cli(&["EXISTS", &manifest_key])
+            .is_ok_and(|o| o.trim() == "1")
+    };
+    wait_until("a's tag and its manifest reach Redis", || {
+        tag_keys() == 1 && manifest_kept()
+    });
     let master = redis.master_port().unwrap();
     let sets = redis.calls(master, "set").unwrap();
     for _ in 0..20 {
@@ -704,11 +720,9 @@ fn a_pod_that_never_saw_a_tag_answers_it_from_what_another_pod_shared() {
         "a tag confirmed again is not written again"
     );
 
-    // Harbor's tag lookups fail: b never saw the tag, Redis tells it what a saw.
-    for p in PROJECTS {
-        bed.harbor
-            .set_fault(p, Fault::TagLookups(Box::new(Fault::Status(503))));
-    }
+    // Harbor's database fails, so it serves nothing, not even by digest: b never saw the tag, Redis
+    // tells it what a saw, and the manifest a kept under its digest.
+    bed.harbor.set_database_down(true);
     let head = manifest(&b, "HEAD", "org/app", "v1");
     assert_eq!(head.status, 200);
     assert_eq!(head.header("docker-content-digest"), Some(digest.as_str()));
@@ -724,8 +738,20 @@ fn a_pod_that_never_saw_a_tag_answers_it_from_what_another_pod_shared() {
     assert_eq!(
         format!("sha256:{:x}", sha2::Sha256::digest(&get.body)),
         digest,
-        "the manifest by its digest, from Harbor's store"
+        "the manifest, from Redis"
     );
+    assert_eq!(get.body, fresh.body, "byte for byte");
+    // The by-digest GET a client sends next is answered from b's memory.
+    let pinned = manifest(&b, "GET", "org/app", &digest);
+    assert_eq!(pinned.status, 200);
+    assert_eq!(pinned.body, fresh.body);
+    bed.harbor.set_database_down(false);
+
+    // Harbor's tag lookups fail (by digest it serves from its store).
+    for p in PROJECTS {
+        bed.harbor
+            .set_fault(p, Fault::TagLookups(Box::new(Fault::Status(503))));
+    }
     // A tag nobody resolved has nothing to stand in.
     let res = manifest(&b, "GET", "library/alpine", "3.19");
     assert!(res.status >= 502, "{}", res.status);

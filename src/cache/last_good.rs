@@ -172,19 +172,25 @@ impl LastGood {
 
     /// Keeps `manifest` (the caller checked it hashes to `digest`) with `key`'s entry, if the entry
     /// still resolves to `digest` and the manifest is at most [`MAX_KEPT_MANIFEST`].
-    pub fn keep_manifest(&mut self, key: &str, digest: &HeaderValue, manifest: bytes::Bytes) {
+    /// The entry's media type when it was kept.
+    pub fn keep_manifest(
+        &mut self,
+        key: &str,
+        digest: &HeaderValue,
+        manifest: bytes::Bytes,
+    ) -> Option<HeaderValue> {
         if manifest.len() > MAX_KEPT_MANIFEST {
-            return;
+            return None;
         }
-        let Some(mut e) = self.entries.get(key).cloned() else {
-            return;
-        };
+        let mut e = self.entries.get(key).cloned()?;
         if e.resolved.digest != digest || e.resolved.manifest.is_some() {
-            return;
+            return None;
         }
         e.resolved.manifest = Some(manifest);
+        let media_type = e.resolved.media_type.clone();
         // Inserted again, so the entry is weighed with its manifest.
         self.entries.insert(key.to_string(), e);
+        Some(media_type)
     }
 
     /// Remembers `resolved` for `key`, confirmed at `at` (heard from another pod), unless this core

@@ -216,7 +216,11 @@ pub async fn find<'s>(
                 sure: false,
             } => {
                 // Absent, or an upstream Harbor could not ask: remembered briefly on this core,
-                // never shared, and a last-known-good tag stays.
+                // never shared, and a last-known-good tag stays, unless its own project said
+                // surely that the tag is gone.
+                if ask.tag().is_some() {
+                    forget_where_absent(state, key, &info);
+                }
                 state.remembered.remember_unsure_miss(key, detail.clone());
                 leader.finish(FanOutResult::NotFound(detail.clone()));
                 Finding::NotFound(detail)
@@ -224,15 +228,21 @@ pub async fn find<'s>(
             Outcome::Lost(ending) => {
                 // Before the waiters wake: they look for a last-known-good answer too.
                 if ask.tag().is_some() {
-                    for (project, _) in info.heard.iter().filter(|(_, h)| h.proves_absence()) {
-                        state.tags.forget(key, project);
-                    }
+                    forget_where_absent(state, key, &info);
                 }
                 let answered = info.answered();
                 leader.finish(FanOutResult::Lost(ending.clone(), answered.clone()));
                 Finding::Lost(ending, answered)
             }
         };
+    }
+}
+
+/// Forgets the last-known-good answer of the tag pull `key` if its project is one that proved the
+/// tag absent in this race.
+fn forget_where_absent(state: &State, key: &str, info: &RaceInfo) {
+    for (project, _) in info.heard.iter().filter(|(_, h)| h.proves_absence()) {
+        state.tags.forget(key, project);
     }
 }
 

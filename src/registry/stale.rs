@@ -173,10 +173,15 @@ pub async fn answer(
     h.insert(DIGEST, resolved.digest.clone());
     h.insert(ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).ok()?);
     h.insert(CONTENT_LENGTH, HeaderValue::from(resolved.length));
-    let mut res = match (ask.head, resolved.manifest) {
+    let kept = match (ask.head, resolved.manifest.clone()) {
+        (false, None) => state.tags.shared_manifest(key, &resolved).await,
+        (_, kept) => kept,
+    };
+    let mut res = match (ask.head, kept) {
         (true, _) => respond(StatusCode::OK, h, Body::Empty),
-        // Kept with the tag: nothing is asked of Harbor, and the by-digest GET a client sends next
-        // (containerd, docker) is answered from memory too.
+        // Kept with the tag (here, or by another pod through Redis): nothing is asked of Harbor,
+        // and the by-digest GET a client sends next (containerd, docker) is answered from memory
+        // too.
         (false, Some(manifest)) => {
             let pinned = pinned(ask, digest);
             if let Some(key) = pinned.memory_key() {

@@ -70,11 +70,32 @@ impl Tags {
     }
 
     /// The manifest of the tag pull `key`, streamed whole and hashing to `digest`: kept with the
-    /// entry (this core only), so a stale GET needs nothing from Harbor.
+    /// entry, so a stale GET needs nothing from Harbor, and shared under its digest through Redis,
+    /// so another pod's does not either.
     pub fn keep_manifest(&self, key: &str, digest: &http::HeaderValue, manifest: bytes::Bytes) {
+        let kept = self
+            .last_good
+            .borrow_mut()
+            .keep_manifest(key, digest, manifest.clone());
+        if let (Some(media_type), Some(shared)) = (kept, &self.shared) {
+            shared.share_manifest(digest, &media_type, &manifest);
+        }
+    }
+
+    /// The manifest the tag pull `key` resolved to (`resolved`, which has none kept) as another pod
+    /// shared it through Redis; kept with this core's entry from then on.
+    pub async fn shared_manifest(&self, key: &str, resolved: &Resolved) -> Option<bytes::Bytes> {
+        let shared = self.shared.as_ref()?;
+        let manifest = shared
+            .manifest(&resolved.digest, &resolved.media_type)
+            .await?;
+        if manifest.len() as u64 != resolved.length {
+            return None;
+        }
         self.last_good
             .borrow_mut()
-            .keep_manifest(key, digest, manifest);
+            .keep_manifest(key, &resolved.digest, manifest.clone());
+        Some(manifest)
     }
 
     /// What the tag pull `key` last resolved to, and how long ago: this core's memory, else (with

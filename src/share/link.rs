@@ -20,8 +20,8 @@ use crate::config::Config;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 use super::schema::{
-    unix_ms, Keys, StoredChange, StoredMapping, StoredMiss, StoredProjects, StoredTag,
-    PROJECTS_LIFE, RECENT_MAX,
+    unix_ms, Keys, StoredChange, StoredManifest, StoredMapping, StoredMiss, StoredProjects,
+    StoredTag, PROJECTS_LIFE, RECENT_MAX,
 };
 use super::{instant_of, Answer, Asking, Read, Shared, Status, Write};
 
@@ -270,6 +270,21 @@ impl Link {
                         .arg(serde_json::to_string(&stored).unwrap_or_default())
                         .arg("PX")
                         .arg(left);
+                    // The manifest it names (if a pod shared it) lives as long as the tag.
+                    pipe.cmd("PEXPIRE")
+                        .arg(keys.manifest(&stored.digest))
+                        .arg(life.as_millis() as u64);
+                }
+                Write::Manifest {
+                    digest,
+                    value,
+                    life,
+                } => {
+                    pipe.cmd("SET")
+                        .arg(keys.manifest(&digest))
+                        .arg(value)
+                        .arg("PX")
+                        .arg(life.as_millis() as u64);
                 }
                 Write::ForgetTag(key) => {
                     pipe.cmd("DEL").arg(keys.tag(&key));
@@ -594,6 +609,9 @@ async fn serve_reads(
             Asking::Tag(key) => {
                 pipe.cmd("GET").arg(keys.tag(key));
             }
+            Asking::Manifest(digest) => {
+                pipe.cmd("GET").arg(keys.manifest(digest));
+            }
         }
     }
     // A key holding the wrong type fails its own GET, not the pipeline (nor the connection).
@@ -615,12 +633,22 @@ async fn serve_reads(
                     mapping: value(i - 2).and_then(|r| StoredMapping::decode(&r, now)),
                     miss: value(i - 1).and_then(|r| StoredMiss::decode(&r)),
                     tag: None,
+                    manifest: None,
                 }
             }
             Asking::Tag(_) => {
                 i += 1;
                 Answer {
                     tag: value(i - 1).and_then(|r| StoredTag::decode(&r, now)),
+                    ..Answer::default()
+                }
+            }
+            Asking::Manifest(digest) => {
+                i += 1;
+                Answer {
+                    manifest: value(i - 1)
+                        .and_then(|r| StoredManifest::decode(&r, &digest))
+                        .map(Box::new),
                     ..Answer::default()
                 }
             }
@@ -739,6 +767,7 @@ mod tests {
                 let what = match a {
                     Asking::Lookup { name, miss_key } => format!("{name} {miss_key}"),
                     Asking::Tag(key) => format!("tag {key}"),
+                    Asking::Manifest(digest) => format!("manifest {digest}"),
                 };
                 (what, w.len())
             })

@@ -33,7 +33,9 @@ use crate::config::Config;
 use crate::counter::Counter;
 use crate::snapshot::{Project, SharedSnapshot, Snapshot};
 
-use schema::{fingerprint, unix_ms, StoredMapping, StoredMiss, StoredProjects, StoredTag};
+use schema::{
+    fingerprint, unix_ms, StoredManifest, StoredMapping, StoredMiss, StoredProjects, StoredTag,
+};
 
 /// Writes queued for the link before new ones are shed.
 const WRITE_QUEUE: usize = 8192;
@@ -106,6 +108,13 @@ pub(crate) enum Write {
     },
     /// A tag no longer to be stood in for (a project answered that it is not there).
     ForgetTag(String),
+    /// A manifest a last-known-good tag resolved to, under its digest (an encoded
+    /// [`StoredManifest`]).
+    Manifest {
+        digest: String,
+        value: String,
+        life: Duration,
+    },
 }
 
 /// What a read asks for.
@@ -115,6 +124,8 @@ pub(crate) enum Asking {
     Lookup { name: String, miss_key: String },
     /// The last-known-good answer of the tag pull `key`.
     Tag(String),
+    /// The manifest stored under this digest.
+    Manifest(String),
 }
 
 /// A read for the link.
@@ -125,7 +136,7 @@ pub(crate) struct Read {
 
 /// How a core's read went.
 enum ReadOutcome {
-    Answered(Answer),
+    Answered(Box<Answer>),
     /// Asked, but no answer in time: counted as a miss at the Redis layer.
     TimedOut,
     /// Not sent (the link is down, or its read queue is full).
@@ -138,6 +149,7 @@ pub(crate) struct Answer {
     mapping: Option<StoredMapping>,
     miss: Option<StoredMiss>,
     tag: Option<StoredTag>,
+    manifest: Option<Box<StoredManifest>>,
 }
 
 /// What the cores and the link share: the queues' senders and a few flags written on state changes
@@ -362,10 +374,46 @@ impl Shared {
             media_type: HeaderValue::from_str(&t.media_type).ok()?,
             length: t.length,
             project: t.project,
-            // The schema's values hold no manifest (its 8 KiB value limit): kept per core only.
+            // Stored under its digest, read when a stale GET needs it ([`Shared::manifest`]).
             manifest: None,
         };
         Some((resolved, at))
+    }
+
+    /// Shares `manifest`, what a last-known-good tag resolved to (`digest`, of `media_type`), for
+    /// another pod's stale GET; kept as long as a tag naming it is shared.
+    pub fn share_manifest(&self, digest: &HeaderValue, media_type: &HeaderValue, manifest: &[u8]) {
+        let life = self.inner.tag_life;
+        if life.is_zero() {
+            return;
+        }
+        let (Ok(digest), Ok(media_type)) = (digest.to_str(), media_type.to_str()) else {
+            return;
+        };
+        if crate::names::valid_digest(digest).is_err() {
+            return;
+        }
+        let Some(value) = StoredManifest::encode(media_type, manifest) else {
+            return;
+        };
+        self.write(Write::Manifest {
+            digest: digest.to_string(),
+            value,
+            life,
+        });
+    }
+
+    /// The manifest another pod shared under `digest`, if it hashes to it and is of `media_type`;
+    /// waits at most `REDIS_READ_TIMEOUT`.
+    pub async fn manifest(&self, digest: &HeaderValue, media_type: &HeaderValue) -> Option<Bytes> {
+        let digest = digest.to_str().ok()?;
+        crate::names::valid_digest(digest).ok()?;
+        let ReadOutcome::Answered(answer) = self.read(Asking::Manifest(digest.to_string())).await
+        else {
+            return None;
+        };
+        let m = answer.manifest?;
+        (m.media_type.as_bytes() == media_type.as_bytes()).then(|| Bytes::from(m.manifest))
     }
 
     /// Asks the link, waiting at most `REDIS_READ_TIMEOUT`.
@@ -379,7 +427,7 @@ impl Shared {
             return ReadOutcome::NotAsked;
         }
         match monoio::time::timeout(self.inner.read_timeout, answer).await {
-            Ok(Ok(answer)) => ReadOutcome::Answered(answer),
+            Ok(Ok(answer)) => ReadOutcome::Answered(Box::new(answer)),
             // The link dropped the read (it lost the master meanwhile).
             Ok(Err(_)) => ReadOutcome::TimedOut,
             Err(_) => {

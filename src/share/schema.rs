@@ -4,12 +4,19 @@
 //! of another version, of the wrong shape or naming a project this pod does not know is ignored (and
 //! overwritten by the next learn), never trusted into a route.
 //!
+//! `manifest:` keys were added to version 1 without a new version segment: they are content
+//! addressed (a value is used only when its manifest hashes to the digest in its key), a router
+//! that does not know them never reads them, and one that does finds them absent for tags another
+//! router shared, the state it already copes with. A new version would have stopped pods of the
+//! two builds sharing anything during a rollout.
+//!
 //! | key | type | value | expiry |
 //! |---|---|---|---|
 //! | `map:<name>` | string | `{"v":1,"project":…,"project_id":…,"at":<unix ms>}` | `CACHE_TTL + STALE_WHILE_REVALIDATE` |
 //! | `miss:<sha256 of the miss key>` | string | `{"v":1,"until":<unix ms>,"projects":<fingerprint>,"detail":…}` | `NEGATIVE_CACHE_TTL` |
 //! | `recent` | sorted set | names, scored by learning time (unix ms), the newest [`RECENT_MAX`] | refreshed on each write, mapping life |
 //! | `tag:<sha256 of the pull key>` | string | `{"v":1,"digest":…,"media_type":…,"length":…,"project":…,"project_id":…,"at":<unix ms>}` | `STALE_IF_ERROR` from `at` |
+//! | `manifest:<digest>` | string | `{"v":1,"media_type":…,"manifest":<the manifest, a JSON string>}`, at most [`MAX_MANIFEST_VALUE`] | `STALE_IF_ERROR`, renewed with each `tag:` write naming the digest |
 //! | `projects` | string | `{"v":1,"at":<unix ms>,"projects":[…]}` as discovery read them | [`PROJECTS_LIFE`] |
 //! | `changes:<REDIS_DB>` | channel | `{"v":1,"name":…,"project":…,"project_id":…,"at":…}` | — |
 
@@ -29,6 +36,9 @@ pub const PROJECTS_LIFE: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_VALUE: usize = 8 * 1024;
 /// Largest project list read (1000 projects with long URLs fit).
 pub const MAX_PROJECTS_VALUE: usize = 1 << 20;
+/// Largest manifest value read or written: the largest kept manifest
+/// ([`crate::cache::MAX_KEPT_MANIFEST`]) in a JSON string, where escaping can make it grow.
+pub const MAX_MANIFEST_VALUE: usize = 160 * 1024;
 /// Largest registry error body passed on from a shared miss (as for a fan-out's own).
 pub const MAX_DETAIL: usize = 4 * 1024;
 /// How far in the future a stored time may be (clocks of pods differ a little); beyond, the value
@@ -80,6 +90,11 @@ impl Keys {
     /// A last-known-good tag, by its pull key (name, tag, Accept set, registry): hashed as misses are.
     pub fn tag(&self, key: &str) -> String {
         self.hashed("tag:", key)
+    }
+
+    /// A manifest kept with last-known-good tags, by its digest (a valid digest: bounded).
+    pub fn manifest(&self, digest: &str) -> String {
+        format!("{}manifest:{digest}", self.base)
     }
 
     fn hashed(&self, kind: &str, key: &str) -> String {
@@ -166,8 +181,20 @@ pub struct StoredTag {
     pub at: u64,
 }
 
-/// Longest media type believed from a stored tag.
+/// Longest media type believed from a stored tag or manifest.
 const MAX_MEDIA_TYPE: usize = 255;
+
+/// A plain `type/subtype` media type, short enough.
+fn media_type_ok(media_type: &str) -> bool {
+    media_type.len() <= MAX_MEDIA_TYPE
+        && media_type.split_once('/').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && media_type
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"/.+-_".contains(&c))
+        })
+}
 
 impl StoredTag {
     /// Reads a stored tag; `None` for anything but a version-1 tag confirmed no later than `now`,
@@ -178,18 +205,10 @@ impl StoredTag {
             return None;
         }
         let t: StoredTag = serde_json::from_slice(raw).ok()?;
-        let media_type_ok = t.media_type.len() <= MAX_MEDIA_TYPE
-            && t.media_type.split_once('/').is_some_and(|(a, b)| {
-                !a.is_empty()
-                    && !b.is_empty()
-                    && t.media_type
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || b"/.+-_".contains(&c))
-            });
         let ok = t.v == VERSION
             && not_future(t.at, now)
             && crate::names::valid_digest(&t.digest).is_ok()
-            && media_type_ok
+            && media_type_ok(&t.media_type)
             && t.length <= crate::names::MAX_MANIFEST_BYTES;
         ok.then_some(t)
     }
@@ -198,6 +217,67 @@ impl StoredTag {
     pub fn valid_in(&self, snapshot: &Snapshot) -> bool {
         known_project(snapshot, &self.project, self.project_id)
     }
+}
+
+/// A manifest a last-known-good tag resolved to, as stored under its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredManifest {
+    pub v: u32,
+    pub media_type: String,
+    pub manifest: String,
+}
+
+impl StoredManifest {
+    /// The value for `manifest` (of `media_type`), if it can be one: UTF-8 (manifests are JSON),
+    /// no larger than a kept manifest, and encoded within [`MAX_MANIFEST_VALUE`].
+    pub fn encode(media_type: &str, manifest: &[u8]) -> Option<String> {
+        if manifest.len() > crate::cache::MAX_KEPT_MANIFEST || !media_type_ok(media_type) {
+            return None;
+        }
+        let stored = StoredManifest {
+            v: VERSION,
+            media_type: media_type.to_string(),
+            manifest: std::str::from_utf8(manifest).ok()?.to_string(),
+        };
+        let value = serde_json::to_string(&stored).ok()?;
+        (value.len() <= MAX_MANIFEST_VALUE).then_some(value)
+    }
+
+    /// Reads the value stored under `digest`; `None` for anything but a version-1 manifest of a
+    /// plain media type that hashes to `digest` (a value that lies about its key is never served).
+    pub fn decode(raw: &[u8], digest: &str) -> Option<StoredManifest> {
+        if raw.len() > MAX_MANIFEST_VALUE {
+            return None;
+        }
+        let m: StoredManifest = serde_json::from_slice(raw).ok()?;
+        let ok = m.v == VERSION
+            && media_type_ok(&m.media_type)
+            && m.manifest.len() <= crate::cache::MAX_KEPT_MANIFEST
+            && hashes_to(m.manifest.as_bytes(), digest);
+        ok.then_some(m)
+    }
+}
+
+/// Whether `content` hashes to `digest` (`sha256:`, `sha384:` or `sha512:` and lowercase hex).
+fn hashes_to(content: &[u8], digest: &str) -> bool {
+    fn hex(d: &[u8]) -> String {
+        use std::fmt::Write;
+        d.iter()
+            .fold(String::with_capacity(d.len() * 2), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            })
+    }
+    let Some((algorithm, want)) = digest.split_once(':') else {
+        return false;
+    };
+    let got = match algorithm {
+        "sha256" => hex(&Sha256::digest(content)),
+        "sha384" => hex(&sha2::Sha384::digest(content)),
+        "sha512" => hex(&sha2::Sha512::digest(content)),
+        _ => return false,
+    };
+    got == want
 }
 
 /// A remembered miss as stored.
@@ -399,6 +479,32 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_is_used_only_under_its_own_digest() {
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+        let digest = format!("sha256:{:x}", Sha256::digest(manifest));
+        let media_type = "application/vnd.oci.image.manifest.v1+json";
+        let value = StoredManifest::encode(media_type, manifest).unwrap();
+        let back = StoredManifest::decode(value.as_bytes(), &digest).unwrap();
+        assert_eq!(back.manifest.as_bytes(), manifest, "byte for byte");
+        assert_eq!(back.media_type, media_type);
+        let other = format!("sha256:{:x}", Sha256::digest(b"other"));
+        assert_eq!(StoredManifest::decode(value.as_bytes(), &other), None);
+        let sha512 = format!("sha512:{:x}", sha2::Sha512::digest(manifest));
+        assert!(StoredManifest::decode(value.as_bytes(), &sha512).is_some());
+        assert_eq!(StoredManifest::decode(value.as_bytes(), "md5:00"), None);
+        // Another version, a bad media type, a manifest too large to keep, not UTF-8: refused.
+        let v2 = value.replace(r#""v":1"#, r#""v":2"#);
+        assert_eq!(StoredManifest::decode(v2.as_bytes(), &digest), None);
+        assert_eq!(StoredManifest::encode("text plain", manifest), None);
+        let big = vec![b' '; crate::cache::MAX_KEPT_MANIFEST + 1];
+        assert_eq!(StoredManifest::encode(media_type, &big), None);
+        assert_eq!(StoredManifest::encode(media_type, b"\xff\xfe"), None);
+        // The largest kept manifest, escaped at its worst, still fits a value.
+        let worst = vec![b'"'; crate::cache::MAX_KEPT_MANIFEST];
+        assert!(StoredManifest::encode(media_type, &worst).is_some());
+    }
+
+    #[test]
     fn keys_are_versioned_and_bounded() {
         let k = Keys::new("hr", 3);
         assert_eq!(
@@ -413,6 +519,7 @@ mod tests {
         assert_ne!(k.miss("a"), k.miss("b"));
         assert_eq!(k.tag(&long).len(), "hr:v1:tag:".len() + 64);
         assert_ne!(k.tag("a"), k.miss("a"), "tags and misses never share a key");
+        assert_eq!(k.manifest("sha256:ab"), "hr:v1:manifest:sha256:ab");
     }
 
     #[test]

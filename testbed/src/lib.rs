@@ -161,18 +161,16 @@ pub enum Upstream {
 /// sniffed by Go's `net/http` from the first bytes (`application/x-gzip` for a gzip'd layer,
 /// `text/plain; charset=utf-8` for a JSON config).
 ///
-/// The default is `Framed`, though [`DEFAULT_VERSION`] is a v2.14: the router's tests that HEAD a
-/// blob before anything was pulled expect a length from its one-byte ranged GET, which `Chunked`
-/// does not give.
+/// The default is `Chunked`, as [`DEFAULT_VERSION`] is a v2.14.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum UncachedBlobs {
     /// Harbor ≤ 2.15: the blob is written before the headers are set, so the answer is chunked,
     /// with no `Content-Length`, `Docker-Content-Digest` or `Etag` (Go's server still frames an
     /// answer of at most 2048 bytes with a `Content-Length`, as it buffers that much).
+    #[default]
     Chunked,
     /// Harbor main: `Content-Length`, `Docker-Content-Digest` and `Etag` (the digest) are set
     /// before streaming; a break leaves the body short and the connection closed.
-    #[default]
     Framed,
 }
 

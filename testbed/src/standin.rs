@@ -61,7 +61,6 @@ pub(crate) struct State {
 }
 
 /// The behaviours a test switches, beyond the per-project faults.
-#[derive(Default)]
 pub(crate) struct Switches {
     /// Harbor no longer accepts the robot (expired, disabled, its secret rotated): anonymous.
     pub robot_refused: bool,
@@ -82,6 +81,24 @@ pub(crate) struct Switches {
     pub shifts: std::collections::VecDeque<Shift>,
     /// `/api/v2.0/systeminfo` answers 404 (a proxy in front of Harbor that does not pass it).
     pub systeminfo_hidden: bool,
+}
+
+impl Default for Switches {
+    /// Harbor as it runs: Docker Hub's 401s on, the other switches off.
+    fn default() -> Self {
+        Self {
+            robot_refused: false,
+            robot_denied: Default::default(),
+            digests: Default::default(),
+            upstreams: Default::default(),
+            upstream_tags: Default::default(),
+            database_down: false,
+            uncached_blobs: Default::default(),
+            docker_hub_401s: true,
+            shifts: Default::default(),
+            systeminfo_hidden: false,
+        }
+    }
 }
 
 impl State {
@@ -339,7 +356,7 @@ impl StandIn {
 
     /// Docker Hub's way with a repository it does not know, in `docker-hub` projects: it answers
     /// 401, which Harbor takes for a failure and answers from its local store ("repository R not
-    /// found" while it holds nothing of the repository). Off (the default): the upstream's
+    /// found" while it holds nothing of the repository). On by default; off: the upstream's
     /// "not found", `404 "repo R, tag T not found"`, as for every other upstream.
     pub fn set_docker_hub_401s(&self, yes: bool) {
         self.state.switches().docker_hub_401s = yes;
@@ -352,8 +369,8 @@ impl StandIn {
         self.state.switches().database_down = yes;
     }
 
-    /// How a blob Harbor has not cached yet is streamed (see [`UncachedBlobs`]; default `Framed`,
-    /// Harbor main; `Chunked` is Harbor ≤ 2.15).
+    /// How a blob Harbor has not cached yet is streamed (see [`UncachedBlobs`]; default `Chunked`,
+    /// Harbor ≤ 2.15; `Framed` is Harbor main).
     pub fn set_uncached_blobs(&self, mode: UncachedBlobs) {
         self.state.switches().uncached_blobs = mode;
     }

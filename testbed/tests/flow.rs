@@ -224,9 +224,11 @@ async fn harbor_quirks() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(header(&resp, "docker-content-digest"), *blob);
-    let len: usize = header(&resp, "content-length").parse().unwrap();
-    assert_eq!(resp.bytes().await.unwrap().len(), len);
+    // As ≤ v2.15 streams it (the default): chunked, no length or digest (tests/outage.rs has
+    // the framed way of main).
+    assert_eq!(header(&resp, "docker-content-digest"), "");
+    assert_eq!(header(&resp, "content-length"), "");
+    let len = resp.bytes().await.unwrap().len();
     let resp = v2(&bed, get.clone(), &path, &token).await;
     assert_eq!(header(&resp, "docker-content-digest"), *blob);
     assert_eq!(header(&resp, "content-length"), len.to_string());

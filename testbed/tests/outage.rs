@@ -333,18 +333,19 @@ async fn an_upstream_that_lacks_a_manifest() {
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("OCI index found"), "{message}");
-    // By default Docker Hub says "not found" as every upstream does ...
+    // By default Docker Hub answers as it really does, with a 401 for a repository it does not
+    // know: Harbor takes it for a failure and its local store answers ...
     let none = "/v2/dockerhub/library/none/manifests/x";
-    let resp = v2(&bed, Method::GET, none, &token).await;
-    assert_not_found(resp, "repo dockerhub/library/none, tag x not found").await;
-    // ... and as it really does, with a 401 for a repository it does not know: Harbor takes it for
-    // a failure and its local store answers.
-    bed.harbor.set_docker_hub_401s(true);
     let resp = v2(&bed, Method::GET, none, &token).await;
     assert_not_found(resp, "repository dockerhub/library/none not found").await;
     let resp = v2(&bed, Method::HEAD, none, &token).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    // Other upstreams still say "not found".
+    // ... and switched off, it says "not found" as every upstream does.
+    bed.harbor.set_docker_hub_401s(false);
+    let resp = v2(&bed, Method::GET, none, &token).await;
+    assert_not_found(resp, "repo dockerhub/library/none, tag x not found").await;
+    bed.harbor.set_docker_hub_401s(true);
+    // Other upstreams say "not found".
     let resp = v2(
         &bed,
         Method::GET,

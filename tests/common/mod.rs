@@ -80,6 +80,17 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Sets its flag when dropped: a thread scope's background loops that run until a flag is set
+/// hold one, so a failed wait or assertion in the scope ends the test instead of leaving the
+/// loops (and the scope) running forever.
+pub struct SetOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Waits (up to [`DEADLINE`]) until `f` holds.
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     wait_for(what, || f().then_some(()))
