@@ -32,6 +32,7 @@ pub const ENV_FANOUT_BUDGET_PER_IP: &str = "FANOUT_BUDGET_PER_IP";
 pub const ENV_FANOUT_ORDER: &str = "FANOUT_ORDER";
 pub const ENV_TRUSTED_PROXIES: &str = "TRUSTED_PROXIES";
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
+pub const ENV_MAX_CONNECTIONS_PER_CLIENT: &str = "MAX_CONNECTIONS_PER_CLIENT";
 pub const ENV_MAX_IDLE_CONNS_PER_HOST: &str = "MAX_IDLE_CONNS_PER_HOST";
 pub const ENV_IDLE_CONN_TIMEOUT: &str = "IDLE_CONN_TIMEOUT";
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -52,6 +53,7 @@ pub const ENV_CIRCUIT_BREAKER_THRESHOLD: &str = "CIRCUIT_BREAKER_THRESHOLD";
 pub const ENV_CIRCUIT_BREAKER_TIMEOUT: &str = "CIRCUIT_BREAKER_TIMEOUT";
 pub const ENV_WORKERS: &str = "WORKERS";
 pub const ENV_IO_DRIVER: &str = "IO_DRIVER";
+pub const ENV_CPU_PINNING: &str = "CPU_PINNING";
 pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
 pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
@@ -152,6 +154,27 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// Whether the data-plane workers pin themselves to CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuPinning {
+    /// Only when the process owns its CPUs: its allowed set is smaller than the machine's online
+    /// CPUs (the kubelet's static CPU manager gave it exclusive ones). Under the default CPU manager
+    /// the allowed set is the whole node, shared with interrupts and other pods: no pinning.
+    Auto,
+    On,
+    Off,
+}
+
+impl CpuPinning {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuPinning::Auto => "auto",
+            CpuPinning::On => "on",
+            CpuPinning::Off => "off",
+        }
+    }
+}
+
 /// A Redis Sentinel endpoint from `REDIS_SENTINELS`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SentinelAddr {
@@ -195,6 +218,9 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     /// Client connections open at once, across the workers (each worker takes its share).
     pub max_connections: usize,
+    /// Client connections one client address may hold open at once (each worker takes its share);
+    /// 0: no such cap. `trusted_proxies` are exempt.
+    pub max_connections_per_client: usize,
     /// Idle keep-alive connections to Harbor kept per core.
     pub max_idle_conns_per_host: usize,
     /// An idle upstream connection is closed after this long.
@@ -234,6 +260,7 @@ pub struct Config {
     /// Data-plane threads, one event loop and one listener each.
     pub workers: usize,
     pub io_driver: IoDriver,
+    pub cpu_pinning: CpuPinning,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
     /// How long a client may accept no bytes of a response before its connection is cut.
@@ -358,6 +385,9 @@ impl Config {
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, "10000", |v| {
             ranged_int(v, 1, 10_000_000).map(|n| n as usize)
         });
+        let max_connections_per_client = r.parse(ENV_MAX_CONNECTIONS_PER_CLIENT, "256", |v| {
+            ranged_int(v, 0, 10_000_000).map(|n| n as usize)
+        });
         let max_idle_conns_per_host = r.parse(ENV_MAX_IDLE_CONNS_PER_HOST, "512", |v| {
             ranged_int(v, 0, 65535).map(|n| n as usize)
         });
@@ -411,6 +441,14 @@ impl Config {
             ranged_int(v, 1, MAX_WORKERS as u64).map(|n| n as usize)
         });
         let io_driver = r.parse(ENV_IO_DRIVER, "auto", parse_io_driver);
+        let cpu_pinning = r.parse(ENV_CPU_PINNING, "auto", |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "auto" => Ok(CpuPinning::Auto),
+                "on" | "true" | "1" => Ok(CpuPinning::On),
+                "off" | "false" | "0" => Ok(CpuPinning::Off),
+                _ => Err("must be auto, on or off".into()),
+            }
+        });
         let manifest_cache_bytes = r.parse(ENV_MANIFEST_CACHE_BYTES, "64MiB", parse_bytes);
         let manifest_cache_ttl = r.parse(ENV_MANIFEST_CACHE_TTL, "1h", positive_duration);
         let shutdown_timeout = r.parse(ENV_SHUTDOWN_TIMEOUT, "30s", any_duration);
@@ -448,6 +486,7 @@ impl Config {
             fanout_order: fanout_order.expect("checked"),
             trusted_proxies: trusted_proxies.expect("checked"),
             max_connections: max_connections.expect("checked"),
+            max_connections_per_client: max_connections_per_client.expect("checked"),
             max_idle_conns_per_host: max_idle_conns_per_host.expect("checked"),
             idle_conn_timeout: idle_conn_timeout.expect("checked"),
             listen_addr: listen_addr.expect("checked"),
@@ -470,6 +509,7 @@ impl Config {
             manifest_cache_ttl: manifest_cache_ttl.expect("checked"),
             workers: workers.expect("checked"),
             io_driver: io_driver.expect("checked"),
+            cpu_pinning: cpu_pinning.expect("checked"),
             shutdown_timeout: shutdown_timeout.expect("checked"),
             header_read_timeout: header_read_timeout.expect("checked"),
             client_stall_timeout: client_stall_timeout.expect("checked"),

@@ -607,6 +607,14 @@ fn io_driver() {
 }
 
 #[test]
+fn cpu_pinning() {
+    assert_eq!(ok(&[]).cpu_pinning, CpuPinning::Auto);
+    assert_eq!(ok(&[(ENV_CPU_PINNING, "on")]).cpu_pinning, CpuPinning::On);
+    assert_eq!(ok(&[(ENV_CPU_PINNING, "OFF")]).cpu_pinning, CpuPinning::Off);
+    assert_eq!(refused(&[(ENV_CPU_PINNING, "always")]), [ENV_CPU_PINNING]);
+}
+
+#[test]
 fn every_bad_variable_is_reported_at_once() {
     let mut errs = refused(&[
         (ENV_HARBOR_URL, "ftp://x"),
@@ -692,6 +700,16 @@ fn limits_and_trusted_proxies() {
     assert_eq!(c.rate_limit_per_ip, 0, "off unless asked");
     assert_eq!(c.fanout_budget_per_ip, 10);
     assert_eq!(c.max_connections, 10_000);
+    assert_eq!(c.max_connections_per_client, 256);
+    assert_eq!(
+        ok(&[(ENV_MAX_CONNECTIONS_PER_CLIENT, "0")]).max_connections_per_client,
+        0,
+        "0 turns the cap off"
+    );
+    assert_eq!(
+        refused(&[(ENV_MAX_CONNECTIONS_PER_CLIENT, "-1")]),
+        [ENV_MAX_CONNECTIONS_PER_CLIENT]
+    );
     assert!(
         c.trusted_proxies.is_empty(),
         "trust no forwarded header by default"

@@ -118,7 +118,22 @@ impl Server {
     pub fn start(self) -> anyhow::Result<Running> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (report_tx, report_rx) = mpsc::channel();
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let allowed = core_affinity::get_core_ids().unwrap_or_default();
+        let online = online_cpus();
+        let pinned = should_pin(self.config.cpu_pinning, allowed.len(), online);
+        tracing::info!(
+            cpu_pinning = self.config.cpu_pinning.as_str(),
+            allowed_cpus = allowed.len(),
+            online_cpus = online,
+            pinned,
+            "{}",
+            if pinned {
+                "workers pin themselves to the allowed CPUs"
+            } else {
+                "workers run unpinned (the process does not own its CPUs; CPU_PINNING=on pins anyway)"
+            }
+        );
+        let cores = if pinned { allowed } else { Vec::new() };
         let learned = Arc::new(cache::LearnedMap::default());
         let redis = share::Shared::start(
             &self.config,
@@ -138,7 +153,7 @@ impl Server {
             metrics.clone(),
         );
         let settings = server::Settings::from_config(&self.config);
-        if self.config.workers > cores.len() && !cores.is_empty() {
+        if pinned && self.config.workers > cores.len() && !cores.is_empty() {
             tracing::warn!(
                 workers = self.config.workers,
                 cores = cores.len(),
@@ -148,14 +163,20 @@ impl Server {
         let mut workers = Vec::with_capacity(self.listeners.len());
         for (id, listener) in self.listeners.into_iter().enumerate() {
             let core = cores.get(id % cores.len().max(1)).copied();
-            let (process, shutdown, report) =
-                (process.clone(), shutdown_rx.clone(), report_tx.clone());
+            let (process, shutdown, report, settings) = (
+                process.clone(),
+                shutdown_rx.clone(),
+                report_tx.clone(),
+                settings.clone(),
+            );
             let stats = Arc::new(server::Stats::default());
             metrics.add_worker(id, stats.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("hr-worker-{id}"))
                 .spawn(move || {
-                    pin(id, core);
+                    if pinned {
+                        pin(id, core);
+                    }
                     let make = move || State::new(id, process);
                     server::run_worker(id, listener, settings, make, shutdown, report, stats)
                 })
@@ -163,6 +184,7 @@ impl Server {
             workers.push(handle);
         }
         drop(report_tx);
+        metrics.workers_registered();
         let discovery = control::discovery::spawn(
             self.config.clone(),
             self.harbor.clone(),
@@ -212,6 +234,26 @@ impl Server {
 }
 
 /// Pins the calling worker thread to `core`, or says why it runs unpinned.
+/// Whether workers pin themselves: `auto` only when the process owns its CPUs, i.e. its allowed
+/// set is smaller than the machine's online CPUs (the kubelet's static CPU manager gives a
+/// Guaranteed pod with whole CPUs exclusive ones; under the default manager the set is the whole
+/// node, shared with interrupts and other pods, where pinning N workers to CPUs 0..N-1 only piles
+/// them onto the CPUs everything else also uses).
+fn should_pin(mode: config::CpuPinning, allowed: usize, online: Option<usize>) -> bool {
+    match mode {
+        config::CpuPinning::On => true,
+        config::CpuPinning::Off => false,
+        config::CpuPinning::Auto => online.is_some_and(|n| allowed > 0 && allowed < n),
+    }
+}
+
+/// The machine's online CPUs, if the system says.
+fn online_cpus() -> Option<usize> {
+    // SAFETY: sysconf reads a system value and has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|n| *n > 0)
+}
+
 fn pin(worker: usize, core: Option<core_affinity::CoreId>) {
     match core {
         Some(c) if core_affinity::set_for_current(c) => {}
@@ -261,5 +303,24 @@ impl Running {
                 tracing::error!("a worker thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use config::CpuPinning::*;
+
+    #[test]
+    fn workers_pin_only_when_the_process_owns_its_cpus_or_is_told_to() {
+        assert!(!should_pin(Auto, 64, Some(64)), "the whole node: shared");
+        assert!(should_pin(Auto, 4, Some(64)), "a cpuset of its own");
+        assert!(
+            !should_pin(Auto, 4, None),
+            "unknown machine size: do not guess"
+        );
+        assert!(!should_pin(Auto, 0, Some(64)), "no allowed set read");
+        assert!(should_pin(On, 64, Some(64)));
+        assert!(!should_pin(Off, 4, Some(64)));
     }
 }

@@ -56,7 +56,7 @@ fn every_worker_serves_and_logs_its_driver() {
     let mut seen = BTreeSet::new();
     for _ in 0..200 {
         // One new connection per request: SO_REUSEPORT spreads connections, not requests.
-        let res = get(r.addr, "/healthz");
+        let res = get(r.addr, "/readyz");
         assert_eq!(res.status, 503);
         seen.insert(res.json()["worker"].as_u64().unwrap());
         if seen.len() == workers {
@@ -73,12 +73,24 @@ fn every_worker_serves_and_logs_its_driver() {
 #[test]
 fn health_reports_why_it_is_not_ready() {
     let r = Router::start(&[("WORKERS", "1")]);
-    for path in ["/healthz", "/readyz"] {
-        let res = get(r.addr, path);
-        assert_eq!(res.status, 503, "{path}");
+    // On both ports: the registry port's answer names the worker, the metrics port's does not.
+    for addr in [r.addr, r.metrics_addr()] {
+        let res = get(addr, "/readyz");
+        assert_eq!(res.status, 503);
         let v = res.json();
         assert_eq!(v["status"], "unavailable");
         assert!(v["reason"].as_str().unwrap().contains("discovered"), "{v}");
+        // Alive all the same: restarting the pod would not make Harbor answer.
+        let res = get(addr, "/healthz");
+        assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+        let v = res.json();
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["ready"], false);
+        assert!(
+            v["not_ready"].as_str().unwrap().contains("discovered"),
+            "{v}"
+        );
+        assert_eq!(v.get("worker").is_some(), addr == r.addr, "{v}");
     }
     // Until a project is known, pulls are answered with a retryable registry error.
     let res = get(r.addr, "/v2/proxy/library/nginx/manifests/latest");

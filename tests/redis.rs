@@ -166,10 +166,10 @@ fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
     );
     assert_eq!(v2_counts(&bed), before, "b answered the shared miss itself");
 
-    // Hits (b's shard has both now) make no Redis call, once b's own write (the tag it learned with
-    // its first answer) went out.
-    wait_until("b's tag write went out", || {
-        b.scrape()[r#"harbor_router_redis_operations_total{op="write"}"#] >= 1.0
+    // Hits (b's shard has both now) make no Redis call, once b's own writes (the tag it learned
+    // with its first answer, and that answer's manifest) are done.
+    wait_until("b's tag and manifest writes are done", || {
+        b.scrape()[r#"harbor_router_redis_operations_total{op="write"}"#] >= 2.0
     });
     let master = redis.master_port().unwrap();
     let commands = data_commands(&redis, master);
@@ -663,21 +663,44 @@ fn an_old_project_list_is_not_passed_off_as_fresh() {
             .master_cli(&["EXISTS", "hr:v1:projects"])
             .is_ok_and(|o| o.trim() == "1")
     });
-    // Harbor's API stops answering: a's list ages past 3 discovery intervals.
+    // Harbor's API stops answering: a's list ages past 3 discovery intervals, and a stays ready.
     let held = bed.harbor.hold_api();
-    wait_until("a's list is too old to be ready", || {
-        common::get(a.addr, "/readyz").status == 503
+    wait_until("a's list is older than 3 discovery intervals", || {
+        let h = health(&a);
+        h["snapshot_age_seconds"].as_u64().is_some_and(|s| s >= 4)
     });
+    assert_eq!(
+        common::get(a.addr, "/readyz").status,
+        200,
+        "ready with an old list"
+    );
     // a's link reconnects (and republishes what it has): the list keeps the time it was read.
     redis
         .master_cli(&["CLIENT", "KILL", "TYPE", "normal"])
         .unwrap();
     a.wait_log(|l| l.contains("Redis unavailable"));
     wait_until("a's link is back", || health(&a)["redis"] == "up");
+    // A pod started during the outage serves with that list, and says how old it is.
     let c = pod_unready(&bed, &redis, &[("DISCOVERY_INTERVAL", "1s")]);
     wait_redis_up(&c);
-    c.wait_log(|l| l.contains("older than 3 discovery intervals"));
-    assert_eq!(common::get(c.addr, "/readyz").status, 503);
+    c.wait_log(|l| l.contains("serving with the project list from Redis"));
+    let ready = common::get(c.addr, "/readyz");
+    assert_eq!(
+        ready.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+    let v = ready.json();
+    assert_eq!(v["provisional"], true, "{v}");
+    assert!(
+        v["snapshot_age_seconds"].as_u64().unwrap() >= 4,
+        "not fresh: {v}"
+    );
+    assert!(
+        c.scrape()["harbor_router_project_list_age_seconds"] >= 4.0,
+        "the age is a metric"
+    );
     drop(held);
 }
 

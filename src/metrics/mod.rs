@@ -4,11 +4,13 @@
 //!   `server::Stats`): single-writer counters (`crate::counter`), a plain add on the core that owns
 //!   them. Control threads own theirs (discovery here, Redis in `share`).
 //! - The scrape ([`Metrics::render`], on the metrics thread of [`serve`]) reads every core's counters
-//!   and sums them: `core` is never a label (only `harbor_router_worker_info` names each worker).
+//!   and sums them: `core` is never a label (only `harbor_router_worker_info` and the heartbeat's
+//!   age name each worker).
 //! - Every name is in this file, with the `harbor_router_` prefix and its unit; labels are the
 //!   bounded enums of [`labels`]. docs/observability.md lists them all.
 
 pub mod encode;
+pub mod health;
 pub mod labels;
 pub mod serve;
 
@@ -224,11 +226,17 @@ struct Worker {
     driver: &'static str,
     server: Arc<crate::server::Stats>,
     core: Option<Arc<CoreMetrics>>,
+    /// Whether a worker loop beats `server`'s heartbeat (a core registered without one, as in
+    /// in-process tests, is never called stuck).
+    beats: bool,
 }
 
 /// Every metric of the process.
 pub struct Metrics {
     workers: Mutex<Vec<Worker>>,
+    /// Every worker's heartbeat, fixed once every worker is registered: the health answers read it
+    /// without the lock (a probe on the registry port must not contend with the scrape).
+    heartbeats: std::sync::OnceLock<Vec<(usize, Arc<crate::server::Stats>)>>,
     pub discovery: DiscoveryMetrics,
     snapshot: SharedSnapshot,
     redis: Option<Shared>,
@@ -238,6 +246,7 @@ impl Metrics {
     pub fn new(snapshot: SharedSnapshot, redis: Option<Shared>) -> Arc<Metrics> {
         Arc::new(Metrics {
             workers: Mutex::new(Vec::new()),
+            heartbeats: std::sync::OnceLock::new(),
             discovery: DiscoveryMetrics {
                 runs: [Counter::default(), Counter::default()],
                 duration: Histogram::durations(),
@@ -256,7 +265,20 @@ impl Metrics {
                 driver: "starting",
                 server,
                 core: None,
+                beats: true,
             });
+        }
+    }
+
+    /// Every worker is registered: their heartbeats are what liveness reads from now on.
+    pub fn workers_registered(&self) {
+        if let Ok(w) = self.workers.lock() {
+            let beating = w
+                .iter()
+                .filter(|w| w.beats)
+                .map(|w| (w.id, w.server.clone()))
+                .collect();
+            let _ = self.heartbeats.set(beating);
         }
     }
 
@@ -280,6 +302,7 @@ impl Metrics {
                     driver: "unknown",
                     server: Arc::default(),
                     core: Some(core),
+                    beats: false,
                 });
             }
         }
@@ -291,7 +314,7 @@ impl Metrics {
         let workers = match self.workers.lock() {
             Ok(w) => w
                 .iter()
-                .map(|w| (w.id, w.driver, w.server.clone(), w.core.clone()))
+                .map(|w| (w.id, w.driver, w.server.clone(), w.core.clone(), w.beats))
                 .collect::<Vec<_>>(),
             Err(_) => Vec::new(),
         };
@@ -422,8 +445,28 @@ impl Metrics {
         );
         e.counter(
             "harbor_router_client_connections_refused_total",
-            "Client connections closed at once because MAX_CONNECTIONS were open.",
-            [(vec![], server(&|s| s.refused.get()))],
+            "Client connections closed at once: max_connections (MAX_CONNECTIONS were open), per_client (the client address held its share of MAX_CONNECTIONS_PER_CLIENT).",
+            [
+                (
+                    vec![("reason", "max_connections".to_string())],
+                    server(&|s| s.refused.get()),
+                ),
+                (
+                    vec![("reason", "per_client".to_string())],
+                    server(&|s| s.refused_per_client.get()),
+                ),
+            ],
+        );
+        let now = Instant::now();
+        e.gauge(
+            "harbor_router_worker_heartbeat_age_seconds",
+            "Seconds since each data-plane worker last beat its heartbeat (every second; /healthz fails once one is 10 s old: a stuck core).",
+            workers.iter().filter(|w| w.4).map(|w| {
+                (
+                    vec![("worker", w.0.to_string())],
+                    w.2.heartbeat.age(now).as_secs_f64(),
+                )
+            }),
         );
         e.counter(
             "harbor_router_response_bytes_total",

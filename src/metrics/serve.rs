@@ -1,8 +1,15 @@
-//! `GET /metrics` on `METRICS_ADDR`, served by a thread of its own (a small tokio runtime), never by a
-//! data-plane core. One request per connection; a client gets [`READ_LIMIT`] to send its head (a
-//! scraper sends it at once) and at most [`MAX_CLIENTS`] are served at once; past that, new
-//! connections are closed at once. A client that keeps that many idle connections open can delay
-//! scrapes, and nothing else: keep the admin port to the scrapers.
+//! `GET /metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`, served by a thread of its own (a small
+//! tokio runtime), never by a data-plane core: the kubelet's probes and Prometheus's scrapes never
+//! wait for, or count against, the registry port's `MAX_CONNECTIONS`, and liveness reads every
+//! core's heartbeat from outside the cores (see [`super::health`]).
+//!
+//! One request per connection; a client gets [`READ_LIMIT`] to send its head (a scraper or a probe
+//! sends it at once) and at most [`MAX_CLIENTS`] are served at once; past that, new connections are
+//! closed at once. The slots are shared by scrapers and probes: a few scrapers and three probes per
+//! pod use a handful, a slot is held for one answer (milliseconds), and the size leaves room for a
+//! burst of both. A client that keeps every slot open with idle connections can delay scrapes and
+//! probes, and nothing else: keep the admin port to the scrapers and the kubelet (the shipped
+//! NetworkPolicy does).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 
+use super::health::Probe;
 use super::Metrics;
 
 /// Longest wait for a request head.
@@ -19,9 +27,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
 /// Connections served at once.
-const MAX_CLIENTS: usize = 64;
+const MAX_CLIENTS: usize = 128;
 
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const JSON: &str = "application/json";
 const OPEN_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves `listener` until `shutdown` flips. The runtime is built here, before the thread starts,
@@ -98,8 +107,26 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io
             if open_metrics { OPEN_METRICS } else { TEXT },
             metrics.render(open_metrics),
         ),
-        ("GET" | "HEAD", _) => ("404 Not Found", TEXT, "not found: try /metrics\n".into()),
-        _ => ("405 Method Not Allowed", TEXT, "only GET /metrics\n".into()),
+        ("GET" | "HEAD", path) if Probe::of_path(path).is_some() => {
+            let probe = Probe::of_path(path).unwrap_or(Probe::Liveness);
+            let (ok, body) = metrics.health(probe);
+            let status = if ok {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            (status, JSON, format!("{body}\n"))
+        }
+        ("GET" | "HEAD", _) => (
+            "404 Not Found",
+            TEXT,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            TEXT,
+            "only GET (or HEAD) /metrics, /healthz, /readyz\n".into(),
+        ),
     };
     let mut res = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::config::AccessLog;
+use crate::metrics::health::{self, Facts, Probe};
 use crate::metrics::labels::{Rejected, Requested, Verb};
 use crate::registry::route::{self, Route};
 use crate::server::Handler;
@@ -105,8 +106,8 @@ async fn answer(
 ) -> Response<Body> {
     match parsed {
         // Probes are never limited.
-        Ok(Route::Healthz) => return health(state, false),
-        Ok(Route::Readyz) => return health(state, true),
+        Ok(Route::Healthz) => return health(state, Probe::Liveness),
+        Ok(Route::Readyz) => return health(state, Probe::Readiness),
         _ => {}
     }
     if let Err(e) = state.budgets.admit_request(client) {
@@ -141,71 +142,19 @@ async fn answer(
     res
 }
 
-/// `/healthz` and `/readyz`: 200 once discovery has published at least one proxy-cache project, 503
-/// before. `/readyz` also turns 503 when the project list is older than three discovery intervals
-/// (Harbor unreachable for that long). A project list loaded from Redis at start counts (the body
-/// says `"provisional": true` until discovery replaces it); Redis's own state is shown
-/// (`"redis": "up"`) but never decides, and so are Harbor's version and, when Harbor stopped
-/// accepting the robot, `"harbor_credentials": "refused"` (the list is then the last one read with
-/// working credentials; pulls from projects an anonymous caller cannot see fail with `DENIED`).
-/// The body names the worker that answered, so an operator (or a test) can see every core serving.
-fn health(state: &State, readiness: bool) -> Response<Body> {
-    let worker = state.worker();
+/// `/healthz` and `/readyz` (see [`crate::metrics::health`]: the same answer the metrics port
+/// gives). The body names the worker that answered, so an operator (or a test) can see every core
+/// serving.
+fn health(state: &State, probe: Probe) -> Response<Body> {
     let view = state.view();
-    let (ok, body) = match &view {
-        None => (
-            false,
-            serde_json::json!({
-                "status": "unavailable",
-                "reason": "no proxy-cache project discovered yet",
-                "worker": worker,
-            }),
-        ),
-        Some(s) if s.projects.is_empty() => (
-            false,
-            serde_json::json!({
-                "status": "unavailable",
-                "reason": if s.harbor.refused_user.is_some() {
-                    "Harbor does not accept the router's credentials (HARBOR_USERNAME, HARBOR_PASSWORD)"
-                } else {
-                    "Harbor lists no proxy-cache project the robot can see"
-                },
-                "worker": worker,
-            }),
-        ),
-        Some(s) => {
-            let age = s.age(state.clock.now());
-            let stale = readiness && age > state.settings.readiness_max_age;
-            let mut v = serde_json::json!({
-                "status": if stale { "unavailable" } else { "ok" },
-                "projects": s.projects.len(),
-                "snapshot_age_seconds": age.as_secs(),
-                "worker": worker,
-            });
-            if stale {
-                v["reason"] = "the project list is older than 3 discovery intervals: Harbor has not answered discovery since".into();
-            }
-            if s.provisional {
-                // Loaded from Redis at start; discovery has not completed yet.
-                v["provisional"] = true.into();
-            }
-            (!stale, v)
-        }
+    let stuck = state.stuck_workers();
+    let facts = Facts {
+        list: view.as_deref().map(|s| (s, s.age(state.clock.now()))),
+        stuck: &stuck,
+        redis: state.redis_status(),
     };
-    let mut body = body;
-    if let Some(s) = &view {
-        if let Some(v) = &s.harbor.version {
-            body["harbor_version"] = v.as_str().into();
-        }
-        if s.harbor.refused_user.is_some() {
-            // The user is named in the log, not to anyone who can reach the client listener.
-            body["harbor_credentials"] = "refused".into();
-        }
-    }
-    if let Some(redis) = state.redis_status() {
-        // Shown, never a condition: Redis being down does not make a pod unready.
-        body["redis"] = redis.into();
-    }
+    let (ok, mut body) = health::decide(probe, &facts);
+    body["worker"] = state.worker().into();
     let status = if ok {
         StatusCode::OK
     } else {

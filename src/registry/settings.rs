@@ -27,8 +27,6 @@ pub struct Settings {
     /// their race.
     pub max_idle_conns_per_host: usize,
     pub access_log: AccessLog,
-    /// The project list may get this old before the router reports itself not ready.
-    pub readiness_max_age: Duration,
     pub circuit_breaker_threshold: u32,
     pub circuit_breaker_timeout: Duration,
     /// Requests and fan-outs per second per client IP.
@@ -53,7 +51,6 @@ impl Settings {
             trusted_proxies: config.trusted_proxies.clone(),
             max_idle_conns_per_host: config.max_idle_conns_per_host,
             access_log: config.access_log,
-            readiness_max_age: config.discovery_interval * 3,
             circuit_breaker_threshold: config.circuit_breaker_threshold,
             circuit_breaker_timeout: config.circuit_breaker_timeout,
             rate_limit_per_ip: config.rate_limit_per_ip,

@@ -106,6 +106,8 @@ pub struct State {
     pub(crate) budgets: Budgets,
     /// Redis, when configured (its status for the health answer).
     shared: Option<Shared>,
+    /// The process's metrics (every worker's heartbeat, for the health answer).
+    process_metrics: Arc<Metrics>,
     /// Requests this core has numbered (for request ids).
     requests: Cell<u64>,
     /// A mirror request found no project known to mirror its registry (logged once per core).
@@ -193,6 +195,7 @@ impl State {
             settings,
             clock,
             shared,
+            process_metrics,
             requests: Cell::new(0),
             mirror_gap_logged: Cell::new(false),
         });
@@ -232,6 +235,12 @@ impl State {
     /// Whether this core logged that a registry has no known project (see `mirror`).
     pub fn mirror_gap_logged(&self) -> &Cell<bool> {
         &self.mirror_gap_logged
+    }
+
+    /// The workers whose heartbeat stopped (for the health answer; off the pull path).
+    pub fn stuck_workers(&self) -> Vec<usize> {
+        self.process_metrics
+            .stuck_workers(std::time::Instant::now())
     }
 
     /// Redis's state for the health answer: `None` when Redis is not configured.

@@ -26,15 +26,20 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use monoio_compat::hyper::MonoioTimer;
 use tokio::sync::{watch, Notify};
 
-use crate::config::{Config, IoDriver};
+use crate::config::{Cidr, Config, IoDriver};
 use crate::counter::{Counter, Gauge};
+
+pub use heartbeat::Heartbeat;
+
+mod heartbeat;
 
 /// Largest request head accepted (request line plus headers). Registry requests are small; a bearer
 /// token is a few KiB. Larger heads get 431 from hyper.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Most header lines accepted in one request.
 const MAX_HEADERS: usize = 100;
-/// At most one warning this often while connections are refused for `MAX_CONNECTIONS`.
+/// At most one warning this often while connections are refused for `MAX_CONNECTIONS` (and as
+/// often for `MAX_CONNECTIONS_PER_CLIENT`).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -55,11 +60,17 @@ pub trait Handler: 'static {
 pub struct Peer(pub std::net::SocketAddr);
 
 /// The settings the runtime itself needs, from the configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Connections one worker keeps open at once (its share of `MAX_CONNECTIONS`); past it, a new
     /// connection is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Connections one worker keeps open at once from one client address (its share of
+    /// `MAX_CONNECTIONS_PER_CLIENT`); 0: no cap.
+    pub max_connections_per_client: usize,
+    /// Addresses the per-client cap never applies to (`TRUSTED_PROXIES`: an ingress or load
+    /// balancer puts many clients behind one address).
+    pub exempt: Arc<[Cidr]>,
     pub io_driver: IoDriver,
     /// Longest wait for a request head (and so the idle time of a keep-alive connection).
     pub header_read_timeout: Duration,
@@ -73,6 +84,10 @@ impl Settings {
     pub fn from_config(config: &Config) -> Settings {
         Settings {
             max_connections: config.max_connections.div_ceil(config.workers.max(1)),
+            max_connections_per_client: config
+                .max_connections_per_client
+                .div_ceil(config.workers.max(1)),
+            exempt: config.trusted_proxies.clone().into(),
             io_driver: config.io_driver,
             header_read_timeout: config.header_read_timeout,
             client_stall_timeout: config.client_stall_timeout,
@@ -115,6 +130,11 @@ pub struct Stats {
     pub accepted: Counter,
     /// Client connections closed at once because the worker's share of `MAX_CONNECTIONS` was open.
     pub refused: Counter,
+    /// Client connections closed at once because their address held the worker's share of
+    /// `MAX_CONNECTIONS_PER_CLIENT`.
+    pub refused_per_client: Counter,
+    /// When the worker's loop last ran its heartbeat tick (a stuck core stops it).
+    pub heartbeat: Heartbeat,
     /// Client connections open now (parked ones included).
     pub open: Gauge,
     /// Bytes written to clients (heads and bodies).
@@ -141,7 +161,9 @@ pub fn run_worker<H, F>(
     F: FnOnce() -> Rc<H>,
 {
     let report_err = report.clone();
+    let io_driver = settings.io_driver;
     let serve = move |driver: Driver| {
+        stats.heartbeat.beat();
         tracing::info!(worker = id, driver = driver.as_str(), "worker started");
         let _ = report.send(Ok((id, driver)));
         accept_loop(id, listener, settings, make, shutdown, stats)
@@ -155,7 +177,7 @@ pub fn run_worker<H, F>(
     let failed = |what: &str, e: std::io::Error| {
         let _ = report_err.send(Err(format!("cannot start the {what} runtime: {e}")));
     };
-    match settings.io_driver {
+    match io_driver {
         IoDriver::IoUring => match uring() {
             Ok(mut rt) => rt.block_on(serve(Driver::IoUring)),
             Err(e) => failed("io_uring", e),
@@ -216,7 +238,12 @@ async fn accept_loop<H, F>(
         ..Default::default()
     });
     spawn_memory_return(Rc::downgrade(&open), Rc::downgrade(&core.parking));
+    // The core's heartbeat, for liveness: it stops when this loop cannot run.
+    crate::tick::every(heartbeat::EVERY, Rc::downgrade(&open), |open| {
+        open.stats.heartbeat.beat();
+    });
     let mut last_refusal_logged: Option<std::time::Instant> = None;
+    let mut last_client_refusal_logged: Option<std::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             break;
@@ -236,9 +263,23 @@ async fn accept_loop<H, F>(
                         }
                         continue;
                     }
+                    let client = peer.ip().to_canonical();
+                    let capped = settings.max_connections_per_client > 0
+                        && !settings.exempt.iter().any(|c| c.contains(client));
+                    if capped && open.of(client) >= settings.max_connections_per_client {
+                        drop(stream);
+                        stats.refused_per_client.inc();
+                        let now = std::time::Instant::now();
+                        if last_client_refusal_logged.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
+                            last_client_refusal_logged = Some(now);
+                            tracing::warn!(worker = id, client = %client, open = open.of(client),
+                                "MAX_CONNECTIONS_PER_CLIENT reached for a client address: closing its new connections");
+                        }
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     stats.accepted.inc();
-                    let guard = open.enter();
+                    let guard = open.enter(capped.then_some(client));
                     monoio::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
                 }
                 Err(e) => {
@@ -282,10 +323,14 @@ fn spawn_memory_return(open: std::rc::Weak<OpenConns>, parking: std::rc::Weak<co
     });
 }
 
-/// Counts this core's open connections so the drain knows when it is done.
+/// Counts this core's open connections so the drain knows when it is done, and those of each
+/// capped client address.
 #[derive(Default)]
 struct OpenConns {
     count: Cell<usize>,
+    /// Open connections by client address (only addresses the per-client cap applies to; an
+    /// address leaves the map with its last connection).
+    by_client: std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// The most connections open at once since memory was last given back.
     peak: Cell<usize>,
     closed: Notify,
@@ -294,15 +339,23 @@ struct OpenConns {
 }
 
 impl OpenConns {
-    fn enter(self: &Rc<Self>) -> ConnGuard {
+    fn enter(self: &Rc<Self>, client: Option<std::net::IpAddr>) -> ConnGuard {
         self.count.set(self.count.get() + 1);
         self.stats.open.set(self.count.get() as i64);
         self.peak.set(self.peak.get().max(self.count.get()));
-        ConnGuard(self.clone())
+        if let Some(ip) = client {
+            *self.by_client.borrow_mut().entry(ip).or_default() += 1;
+        }
+        ConnGuard(self.clone(), client)
     }
 
     fn count(&self) -> usize {
         self.count.get()
+    }
+
+    /// Connections open from `client` (counted only when the cap applies to it).
+    fn of(&self, client: std::net::IpAddr) -> usize {
+        self.by_client.borrow().get(&client).copied().unwrap_or(0)
     }
 
     async fn all_closed(&self) {
@@ -316,11 +369,21 @@ impl OpenConns {
     }
 }
 
-/// Held by a connection task; dropping it marks the connection closed.
-pub struct ConnGuard(Rc<OpenConns>);
+/// Held by a connection task; dropping it marks the connection closed (and, for a capped client
+/// address, one fewer of its connections).
+pub struct ConnGuard(Rc<OpenConns>, Option<std::net::IpAddr>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        if let Some(ip) = self.1 {
+            let mut by_client = self.0.by_client.borrow_mut();
+            if let std::collections::hash_map::Entry::Occupied(mut e) = by_client.entry(ip) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
         let n = self.0.count.get() - 1;
         self.0.count.set(n);
         self.0.stats.open.set(n as i64);

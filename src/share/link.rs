@@ -192,8 +192,11 @@ impl Link {
                 }
                 n = writes.recv_many(&mut write_batch, BATCH) => {
                     if n == 0 { return "the write queue closed".into() }
-                    self.shared.inner.writes_done.add(n as u64);
                     let r = self.serve_writes(conn, keys, &mut write_batch).await;
+                    if r.is_ok() {
+                        // Counted once Redis has them: a reader of the metric can rely on them.
+                        self.shared.inner.writes_done.add(n as u64);
+                    }
                     if writes.is_empty() && self.shared.inner.shedding.swap(false, Ordering::Relaxed) {
                         tracing::info!(shed_total = self.shared.shed(), "Redis write queue drained; writes flow again");
                     }
@@ -423,18 +426,14 @@ impl Link {
         Ok(loaded)
     }
 
-    /// Publishes `list` as a provisional snapshot, unless discovery was first or it is too old.
+    /// Publishes `list` as a provisional snapshot, unless discovery was first. However old the list
+    /// (its key lives [`PROJECTS_LIFE`]), it keeps the time discovery read it: a pod that starts
+    /// while Harbor's API is down serves with what the other pods last read, and its age shows in
+    /// `/readyz` and `harbor_router_project_list_age_seconds` (the alert, not readiness, is what says
+    /// the list is old).
     fn provisional(&self, list: &StoredProjects, now: u64) {
         let age = Duration::from_millis(now.saturating_sub(list.at));
         let built_at = instant_of(list.at);
-        let bound = self.config.discovery_interval * 3;
-        if age > bound {
-            tracing::info!(
-                age_seconds = age.as_secs(),
-                "the project list in Redis is older than 3 discovery intervals; not using it"
-            );
-            return;
-        }
         let projects = list.projects();
         let count = projects.len();
         let provisional = Arc::new(Snapshot {

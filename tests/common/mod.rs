@@ -101,6 +101,8 @@ pub struct Router {
     child: Child,
     pub addr: SocketAddr,
     logs: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// While true, nobody reads the router's stdout: its pipe fills and a log write blocks.
+    logs_paused: Arc<(Mutex<bool>, Condvar)>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -133,14 +135,20 @@ impl Router {
             .spawn()
             .expect("start harbor-router");
         let logs = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let logs_paused = Arc::new((Mutex::new(false), Condvar::new()));
         let stdout = child.stdout.take().unwrap();
-        let sink = logs.clone();
+        let (sink, paused) = (logs.clone(), logs_paused.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let (lines, cv) = &*sink;
                 lines.lock().unwrap().push(line);
                 cv.notify_all();
+                let (p, pcv) = &*paused;
+                let mut p = p.lock().unwrap();
+                while *p {
+                    p = pcv.wait(p).unwrap();
+                }
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -155,8 +163,21 @@ impl Router {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             logs,
+            logs_paused,
             stderr,
         }
+    }
+
+    /// Stops reading the router's logs (after the line being read): once the pipe is full, the
+    /// router's next log write blocks the thread that writes it.
+    pub fn pause_logs(&self) {
+        *self.logs_paused.0.lock().unwrap() = true;
+    }
+
+    /// Reads the router's logs again.
+    pub fn resume_logs(&self) {
+        *self.logs_paused.0.lock().unwrap() = false;
+        self.logs_paused.1.notify_all();
     }
 
     /// Waits (up to [`DEADLINE`]) for a log line matching `pred` and returns it.
