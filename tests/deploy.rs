@@ -136,17 +136,40 @@ fn config_of(what: &str, env: &serde_json::Value) -> Config {
         .unwrap_or_else(|e| panic!("{what}: the router refuses its environment: {e}"))
 }
 
+/// The report of `check.py kube`, made once for every test that reads it (they run in parallel and
+/// would otherwise write the same file at once).
+fn kube_report() -> &'static serde_json::Value {
+    static REPORT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    REPORT.get_or_init(|| {
+        let names: Vec<String> = config_env_names().into_iter().collect();
+        check("kube", &["--env-names", &names.join(",")])
+    })
+}
+
+/// Every Deployment `kubectl apply` can be pointed at: the renderings and the Vault file.
+fn every_deployment(report: &serde_json::Value) -> Vec<(String, &serde_json::Value)> {
+    let mut all: Vec<(String, &serde_json::Value)> = report["renderings"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v))
+        .collect();
+    all.push(("deploy/deployment-vault.yaml".into(), &report["vault"]));
+    all
+}
+
+/// A CIDR's prefix length (`10.0.0.0/8` → 8).
+fn prefix_len(cidr: &str) -> u32 {
+    cidr.rsplit_once('/').unwrap().1.parse().unwrap()
+}
+
 #[test]
 fn the_kustomizations_render_validate_and_agree_with_the_code() {
-    let names: Vec<String> = config_env_names().into_iter().collect();
-    let report = check("kube", &["--env-names", &names.join(",")]);
+    let report = kube_report();
     let mut checked = Vec::new();
     let renderings = report["renderings"].as_object().unwrap();
     assert_eq!(renderings.len(), 3, "{renderings:?}");
-    let mut all: Vec<(String, &serde_json::Value)> =
-        renderings.iter().map(|(k, v)| (k.clone(), v)).collect();
-    all.push(("deploy/deployment-vault.yaml".into(), &report["vault"]));
-    for (what, r) in all {
+    for (what, r) in every_deployment(report) {
         let config = config_of(&what, &r["env"]);
         assert!(
             config.harbor_credentials.is_some(),
@@ -172,7 +195,148 @@ fn the_kustomizations_render_validate_and_agree_with_the_code() {
             config.shutdown_timeout
         );
         assert!(config.workers >= 1);
+        // Every probe asks the metrics port, where the admin thread answers whatever the data
+        // plane's connection limits; liveness and startup /healthz, readiness /readyz.
+        for (probe, path) in [
+            ("startupProbe", "/healthz"),
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+        ] {
+            let p = &r["probes"][probe];
+            assert_eq!(
+                p["port"], "metrics",
+                "{what}: {probe} is not on `port: metrics`: {p}"
+            );
+            assert_eq!(p["path"], path, "{what}: {probe}: {p}");
+            assert_eq!(
+                p["scheme"], "HTTP",
+                "{what}: {probe}: the router serves no TLS"
+            );
+        }
+        // The startup probe is short: /healthz does not wait for Harbor.
+        let startup = &r["probes"]["startupProbe"];
+        let budget = startup["period"].as_u64().unwrap() * startup["failures"].as_u64().unwrap();
+        assert!(
+            (1..=60).contains(&budget),
+            "{what}: the startup probe allows {budget} s; /healthz answers once the process listens"
+        );
+        // Spreads count only nodes whose taints the pods tolerate.
+        let spread = r["spread"].as_array().unwrap();
+        assert!(spread.len() >= 2, "{what}: {spread:?}");
+        for t in spread {
+            assert_eq!(
+                t["nodeTaintsPolicy"], "Honor",
+                "{what}: the spread over {} counts tainted nodes",
+                t["topologyKey"]
+            );
+        }
+        // The one image, from base/kustomization.yaml's `images:` entry.
+        assert_eq!(
+            r["image"], report["image"],
+            "{what}: not the image base/kustomization.yaml names"
+        );
+        // The namespace enforces `restricted`: every pod must meet it, and stay Guaranteed.
+        assert_eq!(
+            r["restricted"].as_array().map(Vec::len),
+            Some(0),
+            "{what}: {}",
+            r["restricted"]
+        );
+        assert_eq!(
+            r["guaranteed"], true,
+            "{what}: the pod is not in the Guaranteed QoS class"
+        );
         checked.push(what);
+    }
+    // deploy/namespace.yaml: the base's namespace, enforcing the standard every pod was held to.
+    let ns = &report["namespace"];
+    assert_eq!(ns["name"], renderings["deploy"]["namespace"]);
+    assert_eq!(ns["pod_security"]["enforce"], "restricted", "{ns}");
+
+    // The metrics port: Prometheus from the namespace `monitoring`, and the nodes (the kubelet's
+    // probes) by an ipBlock that is narrower than the private ranges, which can match pods too.
+    for (what, r) in renderings {
+        let peers = r["networkpolicy"]["metrics"].as_array().unwrap();
+        let mut namespaces = Vec::new();
+        let mut blocks = Vec::new();
+        for peer in peers {
+            let keys: Vec<&String> = peer.as_object().unwrap().keys().collect();
+            match keys.as_slice() {
+                [k] if *k == "namespaceSelector" => {
+                    let sel = &peer["namespaceSelector"];
+                    assert!(sel.get("matchLabels").is_none(), "{what}: {sel}");
+                    let exprs = sel["matchExpressions"].as_array().unwrap();
+                    assert_eq!(exprs.len(), 1, "{what}: {sel}");
+                    assert_eq!(
+                        exprs[0]["key"], "kubernetes.io/metadata.name",
+                        "{what}: {sel}"
+                    );
+                    assert_eq!(exprs[0]["operator"], "In", "{what}: {sel}");
+                    for v in exprs[0]["values"].as_array().unwrap() {
+                        namespaces.push(v.as_str().unwrap().to_string());
+                    }
+                }
+                [k] if *k == "ipBlock" => blocks.push(peer["ipBlock"]["cidr"].as_str().unwrap()),
+                _ => panic!("{what}: the metrics port admits {peer}"),
+            }
+        }
+        assert_eq!(
+            namespaces,
+            ["monitoring"],
+            "{what}: metrics admitted from {namespaces:?}"
+        );
+        assert!(
+            !blocks.is_empty(),
+            "{what}: no ingress rule for the kubelet's probes"
+        );
+        for cidr in blocks {
+            assert!(
+                prefix_len(cidr) >= 16,
+                "{what}: the probes' rule admits {cidr} to the metrics port"
+            );
+        }
+    }
+
+    // The Vault variant: its own egress to Vault, and an init container that keeps the pod
+    // Guaranteed (the injector's resources annotations, requests equal to limits).
+    let vault = &report["vault"];
+    let ann = &vault["annotations"];
+    for r in ["cpu", "mem"] {
+        let req = ann[format!("vault.hashicorp.com/agent-requests-{r}")].as_str();
+        let lim = ann[format!("vault.hashicorp.com/agent-limits-{r}")].as_str();
+        assert!(
+            req.is_some(),
+            "deploy/deployment-vault.yaml: no agent-requests-{r}"
+        );
+        assert_eq!(
+            req, lim,
+            "deploy/deployment-vault.yaml: the init container's {r} request is not its limit: the pod is Burstable"
+        );
+    }
+    let to_vault = vault["vault_egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|rule| {
+            rule["ports"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["port"] == 8200))
+                && rule["to"].as_array().is_some_and(|t| !t.is_empty())
+        });
+    assert!(
+        to_vault,
+        "deploy/deployment-vault.yaml: no egress to Vault on 8200"
+    );
+
+    // The commented DNS variants: GKE's Cloud DNS, NodeLocal DNSCache, OpenShift.
+    let variants = &report["variants"];
+    let egress_to = |name: &str| -> String { variants[name]["rules"].to_string() };
+    assert!(egress_to("dns-gke-cloud-dns").contains("\"169.254.169.254/32\""));
+    assert!(egress_to("dns-nodelocal").contains("\"169.254.20.10/32\""));
+    let openshift = egress_to("dns-openshift");
+    assert!(openshift.contains("\"openshift-dns\"") && openshift.contains("5353"));
+    for name in ["dns-gke-cloud-dns", "dns-nodelocal", "dns-openshift"] {
+        assert_eq!(variants[name]["direction"], "egress", "{name}");
     }
     // The Redis component's settings reach the router.
     let all = config_of(
@@ -434,4 +598,237 @@ fn files_under(dir: &str) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+/// The text under the first heading of `level` (`##`, `###`) whose line contains `title`, up to the
+/// next heading of that level or a higher one; fenced blocks are part of it.
+fn section<'a>(markdown: &'a str, level: usize, title: &str) -> &'a str {
+    let mut start = None;
+    let mut offset = 0;
+    let mut fenced = false;
+    for line in markdown.split_inclusive('\n') {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if !fenced && hashes >= 1 && line[hashes..].starts_with(' ') {
+            match start {
+                None if hashes == level && line.contains(title) => {
+                    start = Some(offset + line.len())
+                }
+                Some(s) if hashes <= level => return &markdown[s..offset],
+                _ => {}
+            }
+        }
+        offset += line.len();
+    }
+    let s = start.unwrap_or_else(|| panic!("no {} heading with {title:?}", "#".repeat(level)));
+    &markdown[s..]
+}
+
+/// The router's verdict on the files a rendering's Secrets ship: the `*_FILE` variables whose
+/// shipped content it refuses at start (exit status 64), each with its Secret's name.
+fn refused_shipped_secrets(what: &str, r: &serde_json::Value) -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("deploy-shipped-{}", what.replace(['/', '.'], "-")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut refused = Vec::new();
+    let files = r["secret_files"].as_object().unwrap();
+    for (var, shipped) in files {
+        let mut map = HashMap::new();
+        for (name, value) in r["env"].as_object().unwrap() {
+            map.insert(name.clone(), value.as_str().unwrap().to_string());
+        }
+        // Every other file stood in for by a good one, this one as shipped.
+        for (other, f) in files {
+            let path = dir.join(other);
+            let content = if other == var {
+                f["value"].as_str().unwrap().to_string()
+            } else {
+                "s3cret\n".to_string()
+            };
+            std::fs::write(&path, content).unwrap();
+            map.insert(other.clone(), path.to_string_lossy().into_owned());
+        }
+        if let Err(e) = Config::from_map(&map) {
+            let e = e.to_string();
+            assert!(
+                e.contains(var.as_str()),
+                "{what}: refused for another reason: {e}"
+            );
+            refused.push((var.clone(), shipped["secret"].as_str().unwrap().to_string()));
+        }
+    }
+    refused
+}
+
+/// docs/deployment.md's checklist names, for each variant, what it ships that the cluster or the
+/// operator must supply: each Secret whose shipped value the router refuses, each Localhost
+/// seccomp profile, each custom resource's kind, the namespace; for the Vault variant, the role,
+/// the secrets' paths and Vault's port. overlays/all says it is a template and points there.
+#[test]
+fn the_prerequisites_checklist_names_what_each_variant_ships_unfilled() {
+    let report = kube_report();
+    let doc = std::fs::read_to_string("docs/deployment.md").unwrap();
+    let prerequisites = section(&doc, 2, "Prerequisites, per variant");
+    let heading = |entry: &str| -> String {
+        match entry {
+            "deploy" => "`deploy/`".to_string(),
+            e => format!("`{e}`"),
+        }
+    };
+    let mut refused_anywhere = 0;
+    for (what, r) in every_deployment(report) {
+        let title = heading(&what);
+        let list = section(prerequisites, 3, &title);
+        let mut want: Vec<String> = Vec::new();
+        for (var, secret) in refused_shipped_secrets(&what, r) {
+            refused_anywhere += 1;
+            want.push(format!("`{secret}`"));
+            want.push(format!("`{var}`"));
+        }
+        if r["seccomp"]["type"] == "Localhost" {
+            want.push(format!(
+                "`{}`",
+                r["seccomp"]["localhostProfile"].as_str().unwrap()
+            ));
+        }
+        for kind in r["custom_kinds"].as_array().into_iter().flatten() {
+            want.push(format!("`{}`", kind.as_str().unwrap()));
+        }
+        let namespace = report["renderings"]["deploy"]["namespace"]
+            .as_str()
+            .unwrap();
+        want.push(format!("`{namespace}`"));
+        if what.ends_with("deployment-vault.yaml") {
+            let ann = r["annotations"].as_object().unwrap();
+            want.push(format!(
+                "`{}`",
+                ann["vault.hashicorp.com/role"].as_str().unwrap()
+            ));
+            for (k, v) in ann {
+                if k.starts_with("vault.hashicorp.com/agent-inject-secret-") {
+                    want.push(format!("`{}`", v.as_str().unwrap()));
+                }
+            }
+            want.push("8200".into());
+            want.push("`harbor-router-vault`".into());
+        }
+        let missing: Vec<&String> = want.iter().filter(|w| !list.contains(w.as_str())).collect();
+        assert!(
+            missing.is_empty(),
+            "docs/deployment.md, prerequisites of {title}: {missing:?} not named"
+        );
+    }
+    // The shipped Secrets are placeholders the router refuses: the checklist is what stands
+    // between `kubectl apply` and pods that exit 64.
+    assert!(
+        refused_anywhere >= 2,
+        "the shipped robot and Redis secrets are accepted?"
+    );
+    let all = std::fs::read_to_string("deploy/overlays/all/kustomization.yaml").unwrap();
+    let comment: String = all
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let anchor = slug(
+        doc.lines()
+            .find(|l| l.starts_with("### ") && l.contains("`deploy/overlays/all`"))
+            .unwrap()
+            .trim_start_matches('#'),
+    );
+    assert!(
+        comment.contains("template") && comment.contains(&format!("docs/deployment.md#{anchor}")),
+        "deploy/overlays/all/kustomization.yaml does not say it is a template with its checklist"
+    );
+    assert!(section(&doc, 2, "What is in deploy/").contains("template"));
+}
+
+/// How many times `text` names the namespace `ns`: as a YAML `namespace:` or `name:` value, a
+/// `-n` or `namespace` argument, a selector's value, a DNS name's `.ns.svc`, `namespaces=ns`.
+fn namespace_mentions(text: &str, ns: &str) -> usize {
+    let bytes = text.as_bytes();
+    let mut n = 0;
+    let mut from = 0;
+    while let Some(i) = text[from..].find(ns) {
+        let at = from + i;
+        from = at + ns.len();
+        let before = &text[..at];
+        let after = &text[at + ns.len()..];
+        let word_end = after
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        let word_start =
+            at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || b"-_$/".contains(&bytes[at - 1]));
+        if !(word_start && word_end) {
+            continue;
+        }
+        let dns = before.ends_with('.') && after.starts_with(".svc");
+        let prefixed = [
+            "namespace: ",
+            "name: ",
+            "-n ",
+            "namespace `",
+            "namespace ",
+            "namespaces=",
+            "values: [",
+            "metadata.name: ",
+        ]
+        .iter()
+        .any(|p| before.ends_with(p));
+        if dns || prefixed {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// docs/deployment.md's list of what to change for another namespace names every file under
+/// deploy/ that names the namespace, and only files that exist.
+#[test]
+fn the_namespace_list_names_every_file_that_names_the_namespace() {
+    let base = std::fs::read_to_string("deploy/base/kustomization.yaml").unwrap();
+    let ns = base
+        .lines()
+        .find_map(|l| l.strip_prefix("namespace: "))
+        .expect("deploy/base/kustomization.yaml sets namespace:")
+        .trim()
+        .to_string();
+    let doc = std::fs::read_to_string("docs/deployment.md").unwrap();
+    let list = section(&doc, 3, "Another namespace");
+    let mut naming = Vec::new();
+    for f in files_under("deploy") {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        if namespace_mentions(&text, &ns) > 0 {
+            naming.push(f.display().to_string());
+        }
+    }
+    naming.sort();
+    assert!(
+        naming.len() >= 6 && naming.contains(&"deploy/deployment-vault.yaml".to_string()),
+        "{naming:?}"
+    );
+    let unlisted: Vec<&String> = naming
+        .iter()
+        .filter(|f| !list.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "docs/deployment.md#another-namespace does not list {unlisted:?}, which name the namespace {ns:?}"
+    );
+    for named in list.split('`').skip(1).step_by(2) {
+        if named.starts_with("deploy/") {
+            assert!(
+                Path::new(named).exists(),
+                "the namespace list names {named}, which does not exist"
+            );
+        }
+    }
+    // Outside deploy/: the Vault role binds the namespace.
+    assert!(list.contains("bound_service_account_namespaces"));
+    println!("deploy: the namespace {ns:?} is named in {naming:?}, all in the list");
 }
