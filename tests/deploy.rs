@@ -510,8 +510,8 @@ fn links_to_the_docs_resolve() {
 }
 
 /// The operator docs name only metrics docs/observability.md documents (which tests/metrics.rs
-/// checks against a scrape), alerts deploy/monitoring/prometheusrule.yaml defines, and log lines the
-/// code writes (quoted as log `…` or log: `…`, up to any ellipsis).
+/// checks against a scrape), alerts deploy/monitoring/prometheusrule.yaml defines, and log lines and
+/// error details the code writes (quoted as log `…`, log: `…` or detail `…`, up to any ellipsis).
 #[test]
 fn the_operator_docs_name_real_metrics_alerts_and_log_lines() {
     let observability = std::fs::read_to_string("docs/observability.md").unwrap();
@@ -550,13 +550,16 @@ fn the_operator_docs_name_real_metrics_alerts_and_log_lines() {
             }
         }
         let flat = squash(&text);
-        for marker in ["log `", "log: `"] {
+        // Log lines, and the `detail` of the errors the router answers, both written by src/.
+        for marker in ["log `", "log: `", "detail `"] {
             for piece in flat.split(marker).skip(1) {
                 let quoted = piece.split('`').next().unwrap();
                 let quoted = quoted.split('…').next().unwrap().trim();
                 lines += 1;
                 if !code.contains(quoted) {
-                    wrong.push(format!("{doc}: log line {quoted:?} is not written by src/"));
+                    wrong.push(format!(
+                        "{doc}: {marker}…` {quoted:?} is not written by src/"
+                    ));
                 }
             }
         }
@@ -738,9 +741,10 @@ fn the_prerequisites_checklist_names_what_each_variant_ships_unfilled() {
             .unwrap()
             .trim_start_matches('#'),
     );
+    let pointer = format!("docs/deployment.md#{anchor}");
     assert!(
-        comment.contains("template") && comment.contains(&format!("docs/deployment.md#{anchor}")),
-        "deploy/overlays/all/kustomization.yaml does not say it is a template with its checklist"
+        comment.replace(&pointer, "").contains("template") && comment.contains(&pointer),
+        "deploy/overlays/all/kustomization.yaml does not say it is a template, with its checklist"
     );
     assert!(section(&doc, 2, "What is in deploy/").contains("template"));
 }
@@ -831,4 +835,281 @@ fn the_namespace_list_names_every_file_that_names_the_namespace() {
     // Outside deploy/: the Vault role binds the namespace.
     assert!(list.contains("bound_service_account_namespaces"));
     println!("deploy: the namespace {ns:?} is named in {naming:?}, all in the list");
+}
+
+/// Figures in KiB (`2.8 KiB`, `~3 KB`: KB read as 1000 bytes) in `text`, with their byte offset; a
+/// range's upper end (`20–40 KB`) is left out.
+fn kib_figures(text: &str) -> Vec<(usize, f64)> {
+    let mut out = Vec::new();
+    for unit in [" KiB", " KB"] {
+        let mut from = 0;
+        while let Some(i) = text[from..].find(unit) {
+            let at = from + i;
+            from = at + unit.len();
+            let start = text[..at]
+                .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .map_or(0, |p| p + text[p..].chars().next().unwrap().len_utf8());
+            let Ok(n) = text[start..at].parse::<f64>() else {
+                continue;
+            };
+            if text[..start].ends_with(['–', '-']) {
+                continue;
+            }
+            out.push((
+                start,
+                if unit == " KB" {
+                    n * 1000.0 / 1024.0
+                } else {
+                    n
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// What docs/deployment.md and docs/runbook.md say an idle connection costs is what
+/// docs/benchmarks.md measured: every KiB figure within a few words of `idle` (the first after it,
+/// before a busy connection's; the last just before it).
+#[test]
+fn the_idle_connection_figures_are_the_measured_ones() {
+    let bench = std::fs::read_to_string("docs/benchmarks.md").unwrap();
+    let row = bench
+        .lines()
+        .find(|l| l.starts_with("| idle |"))
+        .expect("docs/benchmarks.md has the idle row");
+    let measured = kib_figures(row)
+        .into_iter()
+        .map(|(_, k)| k)
+        .next()
+        .expect("the idle row gives KiB per connection");
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut seen = 0;
+    for doc in ["docs/deployment.md", "docs/runbook.md"] {
+        let text = squash(&std::fs::read_to_string(doc).unwrap());
+        let figures = kib_figures(&text);
+        let mut from = 0;
+        while let Some(i) = text[from..].find("idle") {
+            let at = from + i;
+            from = at + 4;
+            let end = text[at..]
+                .find([';', '('])
+                .map_or(text.len(), |e| at + e)
+                .min(at + 120);
+            let stop = ["busy", "in flight"]
+                .iter()
+                .filter_map(|w| text[at..end].find(w).map(|p| at + p))
+                .min()
+                .unwrap_or(end);
+            let after = figures.iter().find(|(p, _)| *p > at && *p < stop);
+            let before = figures.iter().rev().find(|(p, _)| *p < at && at - *p < 25);
+            for (p, kib) in after.into_iter().chain(before) {
+                seen += 1;
+                assert!(
+                    (kib / measured - 1.0).abs() <= 0.1,
+                    "{doc}: an idle connection costs {kib:.2} KiB ({:?}), docs/benchmarks.md measured {measured} KiB",
+                    &text[p.saturating_sub(40)..(*p + 40).min(text.len())]
+                );
+            }
+        }
+    }
+    assert!(seen >= 3, "{seen} idle-connection figures");
+}
+
+/// The operator docs cover the settings a cluster decides: the monitoring namespace the policy
+/// admits and the Prometheus selectors; each DNS variant's addresses; the plain-HTTP router (no
+/// TLS front); both containerd config layouts; the 403 DENIED answer; a kubectl debug the
+/// namespace's Pod Security level lets through.
+#[test]
+fn the_docs_say_what_the_manifests_do() {
+    let report = kube_report();
+    let doc = std::fs::read_to_string("docs/deployment.md").unwrap();
+    let runbook = std::fs::read_to_string("docs/runbook.md").unwrap();
+    let mirror = std::fs::read_to_string("docs/mirror.md").unwrap();
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+
+    // The namespace the NetworkPolicy admits metrics from, said in prose (not only in YAML).
+    let peers = report["renderings"]["deploy"]["networkpolicy"]["metrics"]
+        .as_array()
+        .unwrap();
+    let ns = peers
+        .iter()
+        .find_map(|p| p["namespaceSelector"]["matchExpressions"][0]["values"][0].as_str())
+        .unwrap();
+    for part in [
+        section(&doc, 2, "Probes and the NetworkPolicy"),
+        section(&doc, 2, "The security boundary"),
+        section(&doc, 2, "Monitoring with the Prometheus operator"),
+    ] {
+        assert!(
+            squash(part).contains(&format!("only the namespace named `{ns}`"))
+                || squash(part).contains(&format!("only from the namespace named `{ns}`")),
+            "docs/deployment.md does not say metrics come only from the namespace named `{ns}`:\n{part}"
+        );
+    }
+    let monitoring = section(&doc, 2, "Monitoring with the Prometheus operator");
+    for word in [
+        "serviceMonitorSelector",
+        "ruleSelector",
+        "serviceMonitorNamespaceSelector",
+        "ruleNamespaceSelector",
+        "release",
+    ] {
+        assert!(
+            monitoring.contains(&format!("`{word}")),
+            "monitoring: {word}"
+        );
+    }
+    let probes = section(&doc, 2, "Probes and the NetworkPolicy");
+    assert!(probes.contains("kubelet") && probes.contains("node"));
+
+    // Each DNS variant, by name, with the addresses, namespaces and ports it allows.
+    let dns = squash(section(&doc, 2, "DNS egress"));
+    for (name, v) in report["variants"].as_object().unwrap() {
+        if !name.starts_with("dns-") {
+            continue;
+        }
+        assert!(dns.contains(&format!("`{name}`")), "DNS egress: {name}");
+        for rule in v["rules"].as_array().unwrap() {
+            for peer in rule["to"].as_array().unwrap() {
+                if let Some(cidr) = peer["ipBlock"]["cidr"].as_str() {
+                    let addr = cidr.trim_end_matches("/32");
+                    assert!(
+                        dns.contains(addr) || name == "dns-nodelocal" && addr.starts_with("10."),
+                        "DNS egress: {name}'s {cidr}"
+                    );
+                }
+                for e in peer["namespaceSelector"]["matchExpressions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    for v in e["values"].as_array().unwrap() {
+                        assert!(
+                            dns.contains(v.as_str().unwrap()),
+                            "DNS egress: {name}'s {v}"
+                        );
+                    }
+                }
+            }
+            for p in rule["ports"].as_array().unwrap() {
+                assert!(
+                    dns.contains(&p["port"].to_string()),
+                    "DNS egress: {name}'s port"
+                );
+            }
+        }
+    }
+
+    // No TLS in the router: TLS is an ingress's or a load balancer's.
+    for (name, text) in [("docs/mirror.md", &mirror), ("docs/deployment.md", &doc)] {
+        assert!(
+            !squash(text).contains("TLS front"),
+            "{name} names a TLS front"
+        );
+    }
+    let plain = squash(section(&doc, 2, "Clients on plain HTTP"));
+    for word in [
+        "ingress",
+        "load balancer",
+        "/etc/docker/daemon.json",
+        "/etc/containers/registries.conf",
+        "hosts.toml",
+    ] {
+        assert!(plain.contains(word), "Clients on plain HTTP: {word}");
+    }
+    assert!(squash(&mirror).contains("deployment.md#clients-on-plain-http"));
+
+    // 403 DENIED, as src/error.rs answers it, has its row.
+    let error_rs = std::fs::read_to_string("src/error.rs").unwrap();
+    assert!(error_rs.contains("(Error::Denied { reason: \"\" }, \"DENIED\", 403)"));
+    let rows: Vec<&str> = runbook
+        .lines()
+        .filter(|l| l.starts_with("| 403 `DENIED`"))
+        .collect();
+    assert!(rows.len() >= 2, "docs/runbook.md has no 403 DENIED rows");
+
+    // Under `restricted`, a kubectl debug without the restricted profile is refused: every one the
+    // docs give asks for it.
+    assert_eq!(report["namespace"]["pod_security"]["enforce"], "restricted");
+    let mut debugs = 0;
+    for (name, text) in [("docs/deployment.md", &doc), ("docs/runbook.md", &runbook)] {
+        let text = squash(text);
+        for piece in text.split("kubectl ").skip(1) {
+            let cmd = piece.split(['`', '\n']).next().unwrap();
+            if cmd.split_whitespace().any(|w| w == "debug") && cmd.contains("-it") {
+                debugs += 1;
+                assert!(
+                    cmd.contains("--profile=restricted"),
+                    "{name}: `kubectl {cmd}` is refused under the restricted Pod Security Standard"
+                );
+            }
+        }
+    }
+    assert!(debugs >= 2, "{debugs} kubectl debug commands");
+}
+
+/// The docs' TOML, JSON and YAML blocks parse (tests/deploy/check.py), and say what each runtime
+/// needs: containerd's `config_path` in the 2.x and the 1.x layout; for a plain-HTTP router,
+/// Docker's `insecure-registries`, containerd's `hosts.toml` with an `http://` server and host, and
+/// a containers-registries `[[registry]]` marked insecure, all for the same address.
+#[test]
+fn the_docs_configuration_snippets_parse_and_fit_each_runtime() {
+    let report = check("docs", &[]);
+    let blocks = |doc: &str| -> Vec<&serde_json::Value> {
+        report[doc]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| &b["data"])
+            .collect()
+    };
+    let mirror = blocks("docs/mirror.md");
+    let config_path = |version: i64, plugin: &str| {
+        mirror.iter().any(|d| {
+            d["version"] == version
+                && d["plugins"][plugin]["registry"]["config_path"] == "/etc/containerd/certs.d"
+        })
+    };
+    assert!(
+        config_path(3, "io.containerd.cri.v1.images"),
+        "docs/mirror.md: no containerd 2.x config_path"
+    );
+    assert!(
+        config_path(2, "io.containerd.grpc.v1.cri"),
+        "docs/mirror.md: no containerd 1.x config_path"
+    );
+    let plain = blocks("docs/deployment.md");
+    let docker: Vec<&str> = plain
+        .iter()
+        .filter_map(|d| d["insecure-registries"].as_array())
+        .flatten()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        docker.len(),
+        1,
+        "daemon.json insecure-registries: {docker:?}"
+    );
+    let host = docker[0];
+    assert!(!host.contains("://"), "insecure-registries take host:port");
+    let http = format!("http://{host}");
+    let containerd = plain.iter().any(|d| {
+        d["server"] == http.as_str()
+            && d["host"][&http]["capabilities"] == serde_json::json!(["pull", "resolve"])
+    });
+    assert!(
+        containerd,
+        "no hosts.toml with server and host {http}, pull and resolve"
+    );
+    let crio = plain.iter().any(|d| {
+        d["registry"].as_array().is_some_and(|rs| {
+            rs.iter()
+                .any(|r| r["location"] == host && r["insecure"] == true)
+        })
+    });
+    assert!(
+        crio,
+        "no registries.conf [[registry]] for {host} with insecure = true"
+    );
 }
