@@ -1028,7 +1028,11 @@ fn the_docs_say_what_the_manifests_do() {
 
     // 403 DENIED, as src/error.rs answers it, has its row.
     let error_rs = std::fs::read_to_string("src/error.rs").unwrap();
-    assert!(error_rs.contains("(Error::Denied { reason: \"\" }, \"DENIED\", 403)"));
+    assert!(
+        error_rs.contains("Error::Denied { .. } => \"DENIED\"")
+            && error_rs.contains("Error::Denied { .. } => StatusCode::FORBIDDEN"),
+        "src/error.rs no longer answers DENIED with 403"
+    );
     let rows: Vec<&str> = runbook
         .lines()
         .filter(|l| l.starts_with("| 403 `DENIED`"))
