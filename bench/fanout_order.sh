@@ -70,7 +70,7 @@ start_router() {
   env -i PATH="$PATH" \
     HARBOR_URL="$harbor_url" HARBOR_USERNAME="$(hr_standin_field 'v["robot_user"]')" HARBOR_PASSWORD="$(hr_standin_field 'v["robot_password"]')" \
     WORKERS=1 LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 LOG_FORMAT=json \
-    CACHE_TTL=1us STALE_WHILE_REVALIDATE=0s NEGATIVE_CACHE_TTL=0s FANOUT_BUDGET_PER_IP=1000000 \
+    CACHE_TTL=1us STALE_WHILE_REVALIDATE=0s NEGATIVE_CACHE_TTL=0s FANOUT_BUDGET_PER_IP=1000000 MAX_CONNECTIONS_PER_CLIENT=0 \
     "$@" target/release/harbor-router >"$log" 2>&1 &
   pids+=($!)
   printf -v "${name}_pid" %s "$!"

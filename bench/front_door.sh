@@ -46,7 +46,7 @@ nginx -c "$work/nginx.conf" -p "$work" &
 pids+=($!)
 
 router_port=$(hr_free_port)
-WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn \
+WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn MAX_CONNECTIONS_PER_CLIENT=0 \
   HARBOR_URL=http://127.0.0.1:9 target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)
 

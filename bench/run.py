@@ -170,6 +170,8 @@ http {{
             "LOG_LEVEL": "warn",
             "HARBOR_URL": f"http://127.0.0.1:{harbor_port}",
             "FANOUT_BUDGET_PER_IP": "1000000",
+            # Every load generator connects from 127.0.0.1: one address, many clients.
+            "MAX_CONNECTIONS_PER_CLIENT": "0",
         }
         # Allocator settings pass through, so they can be compared (MIMALLOC_ARENA_EAGER_COMMIT=2
         # is mimalloc's own default on Linux; the router's is on-demand commit).

@@ -89,15 +89,10 @@ fn probes_on_the_metrics_port_answer_while_every_client_connection_is_taken() {
     // The kubelet's probes on the metrics port are answered all the same, every time.
     for _ in 0..20 {
         let live = get(metrics, "/healthz");
-        assert_eq!(live.status, 200, "{}", String::from_utf8_lossy(&live.body));
+        assert_eq!(live.status, 200, "{}", live.text());
         assert_eq!(live.header("content-type"), Some("application/json"));
         let ready = get(metrics, "/readyz");
-        assert_eq!(
-            ready.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&ready.body)
-        );
+        assert_eq!(ready.status, 200, "{}", ready.text());
         assert_eq!(ready.json()["projects"], 4);
     }
     let head = common::request(metrics, "HEAD", "/readyz", &[]);

@@ -262,12 +262,7 @@ fn readiness_follows_discovery_and_survives_harbor_going_away() {
     for addr in [r.addr, metrics] {
         let v = wait_for("the list ages past 3 discovery intervals", || {
             let res = get(addr, "/readyz");
-            assert_eq!(
-                res.status,
-                200,
-                "ready through the outage: {}",
-                String::from_utf8_lossy(&res.body)
-            );
+            assert_eq!(res.status, 200, "ready through the outage: {}", res.text());
             let v = res.json();
             (v["snapshot_age_seconds"].as_u64().unwrap() >= 4).then_some(v)
         });

@@ -685,12 +685,7 @@ fn an_old_project_list_is_not_passed_off_as_fresh() {
     wait_redis_up(&c);
     c.wait_log(|l| l.contains("serving with the project list from Redis"));
     let ready = common::get(c.addr, "/readyz");
-    assert_eq!(
-        ready.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&ready.body)
-    );
+    assert_eq!(ready.status, 200, "{}", ready.text());
     let v = ready.json();
     assert_eq!(v["provisional"], true, "{v}");
     assert!(

@@ -284,6 +284,11 @@ impl Response {
         })
     }
 
+    /// The body as text, for assertion messages.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     /// The registry error code of a JSON error body.
     pub fn error_code(&self) -> String {
         self.json()["errors"][0]["code"]
