@@ -54,6 +54,7 @@ pub const ENV_CIRCUIT_BREAKER_TIMEOUT: &str = "CIRCUIT_BREAKER_TIMEOUT";
 pub const ENV_WORKERS: &str = "WORKERS";
 pub const ENV_IO_DRIVER: &str = "IO_DRIVER";
 pub const ENV_CPU_PINNING: &str = "CPU_PINNING";
+pub const ENV_COALESCE_PULLS: &str = "COALESCE_PULLS";
 pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
 pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
@@ -207,6 +208,8 @@ pub struct Config {
     pub max_fanout_projects: usize,
     /// Talk HTTP/2 to Harbor without negotiation (h2c or ALPN-less h2).
     pub http2_prior_knowledge: bool,
+    /// Identical concurrent pulls on one core share one request to Harbor (manifests, tag lists).
+    pub coalesce_pulls: bool,
     /// Requests per second per client IP; 0 turns the limiter off (and its cross-core cost with it).
     pub rate_limit_per_ip: u32,
     /// Fan-outs (requests that ask every project) per second per client IP, across all cores.
@@ -364,6 +367,7 @@ impl Config {
             ranged_int(v, 1, MAX_FANOUT_LIMIT as u64).map(|n| n as usize)
         });
         let http2_prior_knowledge = r.parse(ENV_HTTP2_PRIOR_KNOWLEDGE, "false", parse_bool);
+        let coalesce_pulls = r.parse(ENV_COALESCE_PULLS, "true", parse_bool);
         let rate_limit_per_ip = r.parse(ENV_RATE_LIMIT_PER_IP, "0", |v| {
             ranged_int(v, 0, u32::MAX as u64).map(|n| n as u32)
         });
@@ -481,6 +485,7 @@ impl Config {
             cache_ttl: cache_ttl.expect("checked"),
             max_fanout_projects: max_fanout_projects.expect("checked"),
             http2_prior_knowledge: http2_prior_knowledge.expect("checked"),
+            coalesce_pulls: coalesce_pulls.expect("checked"),
             rate_limit_per_ip: rate_limit_per_ip.expect("checked"),
             fanout_budget_per_ip: fanout_budget_per_ip.expect("checked"),
             fanout_order: fanout_order.expect("checked"),

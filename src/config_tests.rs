@@ -80,6 +80,7 @@ fn defaults() {
     assert_eq!(c.cache_ttl, Duration::from_secs(300));
     assert_eq!(c.max_fanout_projects, 50);
     assert!(!c.http2_prior_knowledge);
+    assert!(c.coalesce_pulls);
     assert_eq!(c.rate_limit_per_ip, 0);
     assert_eq!(c.max_idle_conns_per_host, 512);
     assert_eq!(c.idle_conn_timeout, Duration::from_secs(90));
@@ -463,6 +464,7 @@ fn booleans() {
             ok(&[(ENV_HTTP2_PRIOR_KNOWLEDGE, text)]).http2_prior_knowledge,
             v
         );
+        assert_eq!(ok(&[(ENV_COALESCE_PULLS, text)]).coalesce_pulls, v);
     }
     for bad in ["yes", "2", "on"] {
         assert_eq!(

@@ -1,5 +1,6 @@
 //! Coalescing on one core: the first request for a key leads (does the work), the others wait for its
-//! result. Used for fan-outs (one per name on a core) and token fetches (one per scope on a core).
+//! result. Used for fan-outs (one per name on a core), mapped pulls (one per identical request on a
+//! core) and token fetches (one per scope on a core).
 //! Everything here is `!Send` and lock-free: it lives on one core.
 //!
 //! A leader dropped before it finishes (its client went away and the request was cancelled) closes
@@ -32,6 +33,15 @@ pub enum Turn<T> {
 }
 
 impl<T: Clone> Flights<T> {
+    /// Waits for the flight in progress for `key`, if there is one; never leads.
+    pub fn follow(&self, key: &str) -> Option<oneshot::Receiver<T>> {
+        let mut waiting = self.waiting.borrow_mut();
+        let list = waiting.get_mut(key)?;
+        let (tx, rx) = oneshot::channel();
+        list.push(tx);
+        Some(rx)
+    }
+
     pub fn join(self: &Rc<Self>, key: &str) -> Turn<T> {
         let mut waiting = self.waiting.borrow_mut();
         if let Some(list) = waiting.get_mut(key) {
@@ -108,6 +118,22 @@ mod tests {
             matches!(f.join("k"), Turn::Lead(_)),
             "a finished flight is gone"
         );
+    }
+
+    #[test]
+    fn following_joins_a_flight_in_progress_and_never_leads() {
+        let f = Rc::new(Flights::<u32>::default());
+        assert!(f.follow("k").is_none(), "no flight: nothing to follow");
+        assert!(
+            matches!(f.join("k"), Turn::Lead(_)),
+            "following did not start one"
+        );
+        let Turn::Lead(leader) = f.join("k") else {
+            panic!("the dropped leader's flight is gone")
+        };
+        let mut w = f.follow("k").expect("a flight in progress");
+        leader.finish(3);
+        assert_eq!(w.try_recv().unwrap(), 3);
     }
 
     #[test]

@@ -220,9 +220,151 @@ fn concurrent_misses_on_a_core_share_one_fan_out() {
         assert_eq!(fake.requests("a"), 1, "one fan-out for ten requests");
         assert_eq!(
             fake.requests("b"),
-            10,
-            "the race's request, then one per waiting request"
+            2,
+            "the race's request, then one the waiting requests share"
         );
+    });
+}
+
+/// Returns once every task spawned before it has been polled (the core's run queue is first in,
+/// first out): each has gone as far as it can without Harbor's answer.
+async fn polled() {
+    monoio::spawn(async {}).await;
+}
+
+/// A state whose core knows org/app is in b (one GET answered), with `vars`.
+async fn mapped_state(fake: &FakeHarbor, vars: &[(&str, &str)]) -> TestCore {
+    let s = state(fake, &["a", "b"], vars);
+    fake.answer("b", manifest());
+    assert_eq!(get(&s, APP).await.status, StatusCode::OK);
+    assert_eq!(fake.requests("b"), 1);
+    s
+}
+
+fn spawn_send(
+    state: &Rc<State>,
+    method: &'static str,
+    path: &'static str,
+) -> monoio::task::JoinHandle<Answered> {
+    let state = state.clone();
+    monoio::spawn(async move { send(&state, method, path).await })
+}
+
+#[test]
+fn identical_mapped_pulls_on_a_core_share_one_request_and_heads_join_a_get() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[]).await;
+        fake.hold("b");
+        let gets: Vec<_> = (0..10).map(|_| spawn_get(&s, APP)).collect();
+        until("the leader's request reached b", || fake.requests("b") == 2).await;
+        let heads: Vec<_> = (0..5).map(|_| spawn_send(&s, "HEAD", APP)).collect();
+        // The HEADs reach the flight before the answer comes.
+        polled().await;
+        fake.release("b");
+        let want = manifest();
+        for g in gets {
+            let res = g.await;
+            assert_eq!(res.status, StatusCode::OK);
+            assert_eq!(
+                res.body, want.body,
+                "every follower gets the whole manifest"
+            );
+            assert_eq!(
+                res.headers["content-length"],
+                want.body.len().to_string().as_str()
+            );
+            assert!(res.headers.contains_key("docker-content-digest"));
+        }
+        for h in heads {
+            let res = h.await;
+            assert_eq!(res.status, StatusCode::OK);
+            assert!(res.body.is_empty(), "a HEAD gets no body");
+            assert_eq!(
+                res.headers["content-length"],
+                want.body.len().to_string().as_str()
+            );
+        }
+        assert_eq!(
+            fake.requests("b"),
+            2,
+            "one request for ten GETs and five HEADs"
+        );
+    });
+}
+
+#[test]
+fn a_head_never_leads_a_get_and_conditional_pulls_go_alone() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[]).await;
+        fake.hold("b");
+        let head = spawn_send(&s, "HEAD", APP);
+        until("the HEAD reached b", || fake.requests("b") == 2).await;
+        let other_head = spawn_send(&s, "HEAD", APP);
+        let get = spawn_get(&s, APP);
+        until("the GET sent its own request", || fake.requests("b") == 3).await;
+        // A conditional GET is its asker's alone.
+        let conditional = {
+            let s = s.clone();
+            monoio::spawn(async move {
+                let req = Request::builder()
+                    .uri(APP)
+                    .header("accept", MANIFEST_TYPE)
+                    .header("if-none-match", "\"sha256:x\"")
+                    .body(())
+                    .unwrap();
+                handle(&s, req).await.status()
+            })
+        };
+        until("the conditional GET sent its own request", || {
+            fake.requests("b") == 4
+        })
+        .await;
+        fake.release("b");
+        assert_eq!(head.await.status, StatusCode::OK);
+        assert_eq!(other_head.await.status, StatusCode::OK);
+        let got = get.await;
+        assert_eq!(got.body, manifest().body, "the GET has its body");
+        assert_eq!(conditional.await, StatusCode::OK);
+        assert_eq!(fake.requests("b"), 4, "the second HEAD joined the first");
+    });
+}
+
+#[test]
+fn followers_of_a_failed_tag_answer_from_its_last_known_good_digest() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[]).await;
+        fake.answer("b", Answer::status(503));
+        fake.answer("a", Answer::status(503));
+        fake.hold("b");
+        let gets: Vec<_> = (0..5).map(|_| spawn_get(&s, APP)).collect();
+        until("the leader's request reached b", || fake.requests("b") == 2).await;
+        polled().await;
+        fake.release("b");
+        for g in gets {
+            let res = g.await;
+            assert_eq!(res.status, StatusCode::OK, "stale, not Harbor's 503");
+            assert_eq!(res.body, manifest().body);
+            assert!(res.headers["warning"].to_str().unwrap().contains("110"));
+        }
+        assert_eq!(fake.requests("b"), 2, "the failure was shared too");
+    });
+}
+
+#[test]
+fn with_coalescing_off_each_pull_sends_its_own_request() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[("COALESCE_PULLS", "false")]).await;
+        fake.hold("b");
+        let gets: Vec<_> = (0..5).map(|_| spawn_get(&s, APP)).collect();
+        until("every pull reached b", || fake.requests("b") == 6).await;
+        fake.release("b");
+        for g in gets {
+            assert_eq!(g.await.status, StatusCode::OK);
+        }
     });
 }
 
@@ -618,13 +760,22 @@ fn manifests_larger_than_4_mib_are_refused_or_cut() {
             ("docker-content-digest", digest.as_str()),
         ];
         fake.answer("a", Answer::with(200, &headers, &big).chunked());
-        let (status, body) = send_raw(&s, APP).await;
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "the head went out before the size was known"
-        );
-        assert!(body.is_err(), "cut, never complete-looking");
+        let solo = state(&fake, &["a"], &[("COALESCE_PULLS", "false")]);
+        for _ in 0..2 {
+            // (The first is a fan-out's answer, the second a mapped one.)
+            let (status, body) = send_raw(&solo, APP).await;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "the head went out before the size was known"
+            );
+            assert!(body.is_err(), "cut, never complete-looking");
+        }
+        // A mapped pull that may be shared is read whole before its head goes out: refused.
+        assert_eq!(send_raw(&s, APP).await.0, StatusCode::BAD_GATEWAY);
+        s.learn("org/app", "a");
+        let (status, _) = send_raw(&s, APP).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "read whole, too large");
         // Without its digest (Harbor's answer to a tag it fetched upstream): read whole to hash it,
         // so refused outright.
         fake.answer(

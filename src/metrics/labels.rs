@@ -146,6 +146,14 @@ label!(
 );
 
 label!(
+    /// What a request that shared another's request to Harbor asked for (`kind`).
+    SharedKind {
+        Manifest => "manifest",
+        TagList => "tag_list",
+    }
+);
+
+label!(
     /// Why the router refused a request itself (`reason`).
     Rejected {
         RateLimit => "rate_limit",

@@ -45,6 +45,10 @@ pub struct CoreMetrics {
     rejected: Vec<Counter>,
     /// `[reason]` of tags answered with their last-known-good digest.
     stale: Vec<Counter>,
+    /// `[kind]` of requests answered with another request's answer from Harbor.
+    shared: Vec<Counter>,
+    /// Body bytes of those answers.
+    shared_bytes: Counter,
     /// This core's per-project counters, appended (rarely: a project's first request) by the core.
     projects: Mutex<Vec<(String, Arc<ProjectMetrics>)>>,
     upstream: Arc<crate::upstream::Stats>,
@@ -146,6 +150,8 @@ impl CoreMetrics {
             coalesced: Counter::default(),
             rejected: counters(Rejected::COUNT),
             stale: counters(StaleReason::COUNT),
+            shared: counters(SharedKind::COUNT),
+            shared_bytes: Counter::default(),
             projects: Mutex::new(Vec::new()),
             upstream,
         }
@@ -185,6 +191,12 @@ impl CoreMetrics {
 
     pub fn stale(&self, why: StaleReason) {
         self.stale[why.index()].inc();
+    }
+
+    /// A request answered with another's answer from Harbor, `bytes` of body.
+    pub fn shared(&self, kind: SharedKind, bytes: usize) {
+        self.shared[kind.index()].inc();
+        self.shared_bytes.add(bytes as u64);
     }
 
     /// Registers a new project's counters (the core keeps its own map for lookups).
@@ -416,6 +428,16 @@ impl Metrics {
             "harbor_router_fanout_coalesced_total",
             "Requests that waited for another request's fan-out on their core instead of leading one.",
             [(vec![], sum(&|c| c.coalesced.get()))],
+        );
+        e.counter(
+            "harbor_router_shared_requests_total",
+            "Requests that joined an identical request's flight to Harbor on their core (COALESCE_PULLS) and were answered with its answer, by kind: manifest (by tag or digest), tag_list.",
+            by_label("kind", |k: SharedKind| sum(&|c| c.shared[k.index()].get())),
+        );
+        e.counter(
+            "harbor_router_shared_bytes_total",
+            "Body bytes served from answers shared with another request (harbor_router_shared_requests_total): what Harbor did not send again.",
+            [(vec![], sum(&|c| c.shared_bytes.get()))],
         );
         e.counter(
             "harbor_router_rejected_requests_total",

@@ -13,6 +13,8 @@ pub struct Settings {
     pub proxy_project: String,
     /// Bound for one attempt while finding a name's project (and for a mapped manifest's head).
     pub resolver_timeout: Duration,
+    /// Identical concurrent mapped pulls on this core share one request to Harbor.
+    pub coalesce_pulls: bool,
     /// How long the lives of mappings, misses and kept manifests are.
     pub ttls: Ttls,
     /// Byte budget of this core's manifests kept by digest.
@@ -39,6 +41,7 @@ impl Settings {
         Settings {
             proxy_project: config.proxy_project.clone(),
             resolver_timeout: config.resolver_timeout,
+            coalesce_pulls: config.coalesce_pulls,
             ttls: Ttls {
                 mapping: config.cache_ttl,
                 stale: config.stale_while_revalidate,

@@ -29,6 +29,7 @@ use super::counters::Counters;
 use super::remembered::Remembered;
 use super::routing::Routing;
 use super::settings::Settings;
+use super::sharing::Sharing;
 use super::tags::Tags;
 use super::view::View;
 
@@ -104,6 +105,8 @@ pub struct State {
     pub(crate) tags: Tags,
     /// Per-client-IP budgets, shared with the other cores.
     pub(crate) budgets: Budgets,
+    /// Mapped pulls in the air, joined by identical ones (`COALESCE_PULLS`).
+    pub(crate) sharing: Sharing,
     /// Redis, when configured (its status for the health answer).
     shared: Option<Shared>,
     /// The process's metrics (every worker's heartbeat, for the health answer).
@@ -189,6 +192,7 @@ impl State {
                 worker,
             ),
             budgets: Budgets::new(limits, clock.clone()),
+            sharing: Sharing::default(),
             view: View::new(snapshot),
             upstream,
             counters,
