@@ -1,13 +1,20 @@
 //! The mapped request: a pull whose project is known goes to that project alone. Its answer is
 //! judged like any attempt (the breaker counts the same failures); a 404 means the image may have
-//! moved, and the caller falls back to one fan-out.
+//! moved, and the caller falls back to one fan-out. Identical mapped pulls in the air on one core
+//! share one request ([`shared`], see [`super::sharing`]).
 
-use http::header::RETRY_AFTER;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, RETRY_AFTER};
 use http::Response;
+use http_body_util::{BodyExt, Limited};
 
 use crate::body::Body;
 use crate::error::Error;
-use crate::metrics::labels::ErrorKind;
+use crate::flight::Turn;
+use crate::metrics::labels::{ErrorKind, SharedKind};
+use crate::names::MAX_MANIFEST_BYTES;
 use crate::snapshot::Project;
 use crate::upstream::UpstreamError;
 
@@ -15,7 +22,8 @@ use super::answer;
 use super::ask::{Ask, Endpoint};
 use super::attempt;
 use super::outcome::{Failure, Heard};
-use super::respond::{error, retry_after};
+use super::respond::{error, respond, retry_after, whole};
+use super::sharing::{Outcome, Shared};
 use super::state::State;
 
 /// A mapped request's result.
@@ -126,4 +134,133 @@ fn answered(res: Response<Body>) -> Mapped {
 
 fn failed(res: Response<Body>, heard: Heard) -> Mapped {
     Mapped::Failed(Box::new(res), heard)
+}
+
+/// [`request`], shared with identical pulls in the air on this core ([`super::sharing`]);
+/// `attempts` counts a request this pull sent itself.
+pub async fn shared(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
+    let Some(kind) = shareable(state, ask) else {
+        return request(state, project, ask, attempts).await;
+    };
+    let key = format!("{}\n{}", project.name, ask.key());
+    loop {
+        match state.sharing.turn(&key, ask.head) {
+            Turn::Lead(leader) => {
+                let res = request(state, project, ask, attempts).await;
+                let (res, shared) = share(res, ask.head).await;
+                leader.finish(shared);
+                return res;
+            }
+            Turn::Follow(rx) => match rx.await {
+                Ok(Some(outcome)) => return follow(state, kind, &outcome, ask.head),
+                // The leader's answer could not be shared: this pull asks for itself.
+                Ok(None) => return request(state, project, ask, attempts).await,
+                // The leader's client went away before it finished: ask again (one leads).
+                Err(_) => continue,
+            },
+        }
+    }
+}
+
+/// Whether `ask` may share, and as what.
+fn shareable(state: &State, ask: &Ask) -> Option<SharedKind> {
+    if !state.settings.coalesce_pulls
+        || ask.headers.contains_key(IF_NONE_MATCH)
+        || ask.headers.contains_key(IF_MODIFIED_SINCE)
+    {
+        return None;
+    }
+    match ask.endpoint {
+        Endpoint::Manifest { .. } => Some(SharedKind::Manifest),
+        Endpoint::Tags { .. } => Some(SharedKind::TagList),
+        Endpoint::Blob { .. } | Endpoint::Referrers { .. } => None,
+    }
+}
+
+/// The leader's result for its own client, and what its followers get: its answer read whole
+/// (bounded as a solo answer is), or `None` when it cannot be shared.
+async fn share(res: Mapped, head: bool) -> (Mapped, Shared) {
+    let (res, failure) = match res {
+        Mapped::Gone { sure } => {
+            return (Mapped::Gone { sure }, Some(Rc::new(Outcome::Gone { sure })))
+        }
+        Mapped::Answer(res) => (res, None),
+        Mapped::Failed(res, heard) => (res, Some(heard)),
+    };
+    let (parts, body) = res.into_parts();
+    let bytes = match body {
+        Body::Empty => Bytes::new(),
+        Body::Full(b) => b.unwrap_or_default(),
+        // A manifest by tag that came with its digest streams in a solo answer; here it is read
+        // whole (at most 4 MiB: the cap ends it with an error past that).
+        body @ Body::Capped { .. } => {
+            match Limited::new(body, MAX_MANIFEST_BYTES as usize + 1)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Harbor's manifest could not be read whole");
+                    let e = Error::BadGateway {
+                        reason: "Harbor's manifest could not be read",
+                    };
+                    return (Mapped::Answer(Box::new(error(&e))), None);
+                }
+            }
+        }
+        // Anything else streams and is not shared.
+        body => {
+            let res = Response::from_parts(parts, body);
+            let res = Box::new(res);
+            return (
+                match failure {
+                    Some(heard) => Mapped::Failed(res, heard),
+                    None => Mapped::Answer(res),
+                },
+                None,
+            );
+        }
+    };
+    let outcome = Outcome::Answer {
+        status: parts.status,
+        headers: parts.headers.clone(),
+        body: bytes.clone(),
+        failure,
+        head,
+    };
+    let own = Box::new(Response::from_parts(parts, Body::full(bytes)));
+    let own = match failure {
+        Some(heard) => Mapped::Failed(own, heard),
+        None => Mapped::Answer(own),
+    };
+    (own, Some(Rc::new(outcome)))
+}
+
+/// A follower's answer from the flight's outcome.
+fn follow(state: &State, kind: SharedKind, outcome: &Outcome, head: bool) -> Mapped {
+    match outcome {
+        Outcome::Gone { sure } => Mapped::Gone { sure: *sure },
+        Outcome::Answer {
+            status,
+            headers,
+            body,
+            failure,
+            head: from_head,
+        } => {
+            let res = if *from_head {
+                // A HEAD's answer: its headers describe the body (Content-Length included).
+                respond(*status, headers.clone(), Body::Empty)
+            } else {
+                whole(*status, headers.clone(), body.clone(), head)
+            };
+            state
+                .metrics()
+                .shared(kind, if head { 0 } else { body.len() });
+            let res = Box::new(res);
+            match failure {
+                Some(heard) => Mapped::Failed(res, *heard),
+                None => Mapped::Answer(res),
+            }
+        }
+    }
 }

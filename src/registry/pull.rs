@@ -4,7 +4,7 @@
 //! 2. a remembered miss answers 404 at once;
 //! 3. the mapping tiers (core shard, process map, Redis) give a mapping or a miss another pod found;
 //!    [`mapped`]: with a mapping, one request to its project, shared with identical pulls on the
-//!    core ([`sharing`]; a stale mapping is used, and
+//!    core ([`super::sharing`]; a stale mapping is used, and
 //!    [`refresh`]ed in the background); a 404 there falls through to
 //! 4. [`fanout`]: race the candidate projects (coalesced per core), learn the winner;
 //! 5. [`answer`]: translate the winner's answer for the client;
@@ -29,14 +29,14 @@ use crate::snapshot::Project;
 use super::ask::{Ask, Endpoint};
 use super::context::{Log, Pull};
 use super::fanout::{self, Finding};
-use super::mapped::Mapped;
+use super::mapped::{self, Mapped};
 use super::mirror::{self, MirrorRequest};
 use super::respond::{error, json};
 use super::routing::{Freshness, Located};
 use super::state::State;
 use super::tags::Tell;
 use super::trace::{Trace, REQUEST_ID};
-use super::{answer, forward, memory, refresh, sharing, stale};
+use super::{answer, forward, memory, refresh, stale};
 
 /// Serves one pull request; `trace` learns how. `mirror` says which registry a mirror request
 /// names, and in which form it came. The phases, in order.
@@ -247,7 +247,7 @@ async fn ask_mapped<'s>(
     pull: &mut Pull<'s, '_>,
     project: &'s Project,
 ) -> Option<Response<Body>> {
-    match sharing::request(state, project, &pull.ask, &mut pull.trace.attempts).await {
+    match mapped::shared(state, project, &pull.ask, &mut pull.trace.attempts).await {
         Mapped::Answer(res) => {
             pull.log.by = Some(project);
             Some(*res)
