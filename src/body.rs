@@ -5,13 +5,19 @@
 //! error mid-body surfaces as a body error, which makes hyper cut the client connection instead of
 //! ending a short body as if it were complete.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
+use crate::transfer::{Read, Reader};
 use crate::upstream::pool::UpstreamBody;
+
+/// How a reader a shared transfer left behind continues: a request of its own for the blob from
+/// an offset, whose body starts at that offset.
+pub type Continue = Box<dyn FnOnce(u64) -> Pin<Box<dyn Future<Output = std::io::Result<Body>>>>>;
 
 /// What watches a streamed body go by ([`Body::Checked`]): it sees every data frame before it goes
 /// out, and at the end says whether the body may end cleanly. An error from either ends the body
@@ -41,6 +47,80 @@ pub enum Body {
         body: Box<Body>,
         check: Box<dyn Check>,
     },
+    /// A blob read from a transfer shared with identical pulls (see [`crate::transfer`]),
+    /// continued on a request of its own if it falls out of the transfer's window.
+    Shared(Box<SharedBody>),
+    /// `body` less its first `left` bytes (Harbor answered a continuation's `Range` with the whole
+    /// blob from byte 0).
+    Skip { body: Box<Body>, left: u64 },
+}
+
+/// A reader of a shared blob transfer, then, if it falls out, its own request's body.
+pub struct SharedBody {
+    stage: Stage,
+    /// The blob's length, when known.
+    length: Option<u64>,
+    /// Told the length of each frame read from the transfer (a follower's metrics).
+    on_shared: Option<Box<dyn FnMut(usize)>>,
+}
+
+enum Stage {
+    Reading(Reader, Option<Continue>),
+    Continuing(Pin<Box<dyn Future<Output = std::io::Result<Body>>>>),
+    Alone(Box<Body>),
+}
+
+impl SharedBody {
+    pub fn new(
+        reader: Reader,
+        length: Option<u64>,
+        fall_out: Continue,
+        on_shared: Option<Box<dyn FnMut(usize)>>,
+    ) -> SharedBody {
+        SharedBody {
+            stage: Stage::Reading(reader, Some(fall_out)),
+            length,
+            on_shared,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
+        loop {
+            match &mut self.stage {
+                Stage::Reading(reader, fall_out) => match reader.poll_read(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Read::Data(d)) => {
+                        if let Some(f) = &mut self.on_shared {
+                            f(d.len());
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
+                    Poll::Ready(Read::End) => return Poll::Ready(None),
+                    Poll::Ready(Read::Failed) => {
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "Harbor's blob transfer failed",
+                        ))))
+                    }
+                    Poll::Ready(Read::FellOut(offset)) => {
+                        let Some(f) = fall_out.take() else {
+                            return Poll::Ready(Some(Err(std::io::Error::other(
+                                "a shared blob transfer left this reader behind twice",
+                            ))));
+                        };
+                        self.stage = Stage::Continuing(f(offset));
+                    }
+                },
+                Stage::Continuing(f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(body)) => self.stage = Stage::Alone(Box::new(body)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                },
+                Stage::Alone(body) => {
+                    return http_body::Body::poll_frame(Pin::new(body.as_mut()), cx)
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Body {
@@ -55,6 +135,12 @@ impl std::fmt::Debug for Body {
                 .field("left", left)
                 .finish(),
             Body::Checked { body, .. } => f.debug_struct("Checked").field("body", body).finish(),
+            Body::Shared(s) => f.debug_struct("Shared").field("length", &s.length).finish(),
+            Body::Skip { body, left } => f
+                .debug_struct("Skip")
+                .field("body", body)
+                .field("left", left)
+                .finish(),
         }
     }
 }
@@ -98,6 +184,31 @@ impl http_body::Body for Body {
                 }
                 polled
             }
+            Body::Shared(shared) => shared.poll_frame(cx),
+            Body::Skip { body, left } => loop {
+                match Pin::new(body.as_mut()).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) if *left > 0 => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        let len = data.len() as u64;
+                        if len <= *left {
+                            *left -= len;
+                            continue;
+                        }
+                        let rest = data.slice(*left as usize..);
+                        *left = 0;
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                    // Ended before the offset: a short body, never a clean end.
+                    Poll::Ready(None) if *left > 0 => {
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "Harbor's blob ended before the offset it was asked from",
+                        ))))
+                    }
+                    other => return other,
+                }
+            },
             Body::Checked { body, check } => match Pin::new(body.as_mut()).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.data_ref().map(|d| check.data(d)) {
                     Some(Err(e)) => Poll::Ready(Some(Err(e))),
@@ -118,7 +229,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Upstream(body) | Body::Capped { body, .. } => body.is_end_stream(),
             // The check has its say at the end: hyper must poll for it.
-            Body::Checked { .. } => false,
+            Body::Checked { .. } | Body::Shared(_) | Body::Skip { .. } => false,
         }
     }
 
@@ -128,6 +239,10 @@ impl http_body::Body for Body {
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(body) | Body::Capped { body, .. } => body.size_hint(),
             Body::Checked { body, .. } => body.size_hint(),
+            Body::Shared(shared) => shared
+                .length
+                .map_or_else(SizeHint::new, SizeHint::with_exact),
+            Body::Skip { .. } => SizeHint::new(),
         }
     }
 }

@@ -55,6 +55,8 @@ pub const ENV_WORKERS: &str = "WORKERS";
 pub const ENV_IO_DRIVER: &str = "IO_DRIVER";
 pub const ENV_CPU_PINNING: &str = "CPU_PINNING";
 pub const ENV_COALESCE_PULLS: &str = "COALESCE_PULLS";
+pub const ENV_SHARED_BLOB_WINDOW: &str = "SHARED_BLOB_WINDOW";
+pub const ENV_SHARED_BLOB_BUDGET: &str = "SHARED_BLOB_BUDGET";
 pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
 pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
@@ -208,8 +210,13 @@ pub struct Config {
     pub max_fanout_projects: usize,
     /// Talk HTTP/2 to Harbor without negotiation (h2c or ALPN-less h2).
     pub http2_prior_knowledge: bool,
-    /// Identical concurrent pulls on one core share one request to Harbor (manifests, tag lists).
+    /// Identical concurrent pulls share one request to Harbor: manifests and tag lists per core,
+    /// blobs across cores.
     pub coalesce_pulls: bool,
+    /// Bytes a shared blob transfer may read ahead of its fastest reader.
+    pub shared_blob_window: u64,
+    /// Bytes every shared blob transfer together may hold (two windows each); 0: blobs go alone.
+    pub shared_blob_budget: u64,
     /// Requests per second per client IP; 0 turns the limiter off (and its cross-core cost with it).
     pub rate_limit_per_ip: u32,
     /// Fan-outs (requests that ask every project) per second per client IP, across all cores.
@@ -368,6 +375,14 @@ impl Config {
         });
         let http2_prior_knowledge = r.parse(ENV_HTTP2_PRIOR_KNOWLEDGE, "false", parse_bool);
         let coalesce_pulls = r.parse(ENV_COALESCE_PULLS, "true", parse_bool);
+        let shared_blob_window = r.parse(ENV_SHARED_BLOB_WINDOW, "4MiB", |v| {
+            let b = parse_bytes(v)?;
+            if !(64 << 10..=1 << 30).contains(&b) {
+                return Err("must be 64KiB to 1GiB".into());
+            }
+            Ok(b)
+        });
+        let shared_blob_budget = r.parse(ENV_SHARED_BLOB_BUDGET, "256MiB", parse_bytes);
         let rate_limit_per_ip = r.parse(ENV_RATE_LIMIT_PER_IP, "0", |v| {
             ranged_int(v, 0, u32::MAX as u64).map(|n| n as u32)
         });
@@ -486,6 +501,8 @@ impl Config {
             max_fanout_projects: max_fanout_projects.expect("checked"),
             http2_prior_knowledge: http2_prior_knowledge.expect("checked"),
             coalesce_pulls: coalesce_pulls.expect("checked"),
+            shared_blob_window: shared_blob_window.expect("checked"),
+            shared_blob_budget: shared_blob_budget.expect("checked"),
             rate_limit_per_ip: rate_limit_per_ip.expect("checked"),
             fanout_budget_per_ip: fanout_budget_per_ip.expect("checked"),
             fanout_order: fanout_order.expect("checked"),

@@ -81,6 +81,8 @@ fn defaults() {
     assert_eq!(c.max_fanout_projects, 50);
     assert!(!c.http2_prior_knowledge);
     assert!(c.coalesce_pulls);
+    assert_eq!(c.shared_blob_window, 4 << 20);
+    assert_eq!(c.shared_blob_budget, 256 << 20);
     assert_eq!(c.rate_limit_per_ip, 0);
     assert_eq!(c.max_idle_conns_per_host, 512);
     assert_eq!(c.idle_conn_timeout, Duration::from_secs(90));
@@ -109,6 +111,26 @@ fn defaults() {
     assert_eq!(c.manifest_cache_bytes, 64 << 20);
     assert_eq!(c.manifest_cache_ttl, Duration::from_secs(3600));
     assert_eq!(c.client_stall_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn shared_blob_settings() {
+    let c = ok(&[
+        (ENV_SHARED_BLOB_WINDOW, "1MiB"),
+        (ENV_SHARED_BLOB_BUDGET, "0"),
+    ]);
+    assert_eq!((c.shared_blob_window, c.shared_blob_budget), (1 << 20, 0));
+    for bad in ["0", "1KiB", "2GiB", "lots"] {
+        assert_eq!(
+            refused(&[(ENV_SHARED_BLOB_WINDOW, bad)]),
+            [ENV_SHARED_BLOB_WINDOW],
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        refused(&[(ENV_SHARED_BLOB_BUDGET, "-1")]),
+        [ENV_SHARED_BLOB_BUDGET]
+    );
 }
 
 #[test]

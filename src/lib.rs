@@ -24,6 +24,8 @@
 //! - [`upstream`]: the client to Harbor: per-core keep-alive [`upstream::pool`] (HTTP/1.1, HTTP/2,
 //!   TLS), the token flow [`upstream::auth`], TLS roots [`upstream::tls`], circuit breakers per
 //!   project and lane [`upstream::breaker`].
+//! - [`transfer`]: blob transfers shared by identical pulls on every core (the one cross-core
+//!   data-plane state, on the slow path only).
 //! - [`flight`]: per-core coalescing (one leader does the work, the others wait for its result).
 //! - [`counter`]: counters, gauges and histograms with one writer, read by the scrape.
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
@@ -55,6 +57,7 @@ pub(crate) mod share;
 pub mod snapshot;
 pub(crate) mod stall;
 pub(crate) mod tick;
+pub(crate) mod transfer;
 pub mod upstream;
 
 use std::net::SocketAddr;

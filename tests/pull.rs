@@ -510,7 +510,11 @@ fn one_hundred_concurrent_first_requests_cause_one_fan_out() {
             "{p}: one fan-out for 100 requests"
         );
     }
-    assert_eq!(env.manifest_requests("ghcr"), 100);
+    assert_eq!(
+        env.manifest_requests("ghcr"),
+        2,
+        "the race's request, then one the 99 waiting requests share"
+    );
 }
 
 #[test]
@@ -789,6 +793,82 @@ fn blobs_range_head_redirect_and_an_upstream_dying_mid_body() {
         200,
         "the router recovers"
     );
+}
+
+/// A keep-alive connection to the router that worker `worker` serves (its `/healthz` says).
+fn connection_on(addr: std::net::SocketAddr, worker: u64) -> TcpStream {
+    common::wait_for("a connection on the worker", || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(s, "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let res = read_response(&mut s);
+        (res.json()["worker"] == worker).then_some(s)
+    })
+}
+
+/// Reads one whole response from a keep-alive connection.
+fn read_response(s: &mut TcpStream) -> Response {
+    let mut buf = Vec::new();
+    loop {
+        if let Some((res, _)) = common::parse_response_to(&buf, false) {
+            return res;
+        }
+        let mut chunk = [0u8; 65536];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 20)],
+        &[("WORKERS", "2")],
+    );
+    let seeded = env.seeded[0].clone();
+    let mut on_0 = connection_on(env.router.addr, 0);
+    let mut on_1 = connection_on(env.router.addr, 1);
+    // The layer, from the manifest (which also tells both cores where org/app is).
+    let accept = common::accept_lines().join("\r\n");
+    write!(
+        on_0,
+        "GET /v2/proxy/org/app/manifests/{} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n",
+        seeded.digest
+    )
+    .unwrap();
+    let manifest = read_response(&mut on_0).json();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+    let before = env.v2_requests("ghcr");
+    let held = env.bed.harbor.hold("ghcr");
+    write!(on_0, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    wait_until("worker 0's request reached Harbor", || {
+        env.v2_requests("ghcr") == before + 1
+    });
+    write!(on_1, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    wait_until("worker 1's pull joined worker 0's transfer", || {
+        env.router.scrape()[r#"harbor_router_shared_requests_total{kind="blob"}"#] == 1.0
+    });
+    held.release();
+    for s in [&mut on_0, &mut on_1] {
+        let res = read_response(s);
+        assert_eq!(res.status, 200);
+        assert_eq!(res.body.len() as u64, size);
+        assert_eq!(sha256(&res.body), layer, "every byte, on both cores");
+    }
+    assert_eq!(
+        env.v2_requests("ghcr"),
+        before + 1,
+        "one request to Harbor for two pulls on two cores"
+    );
+    let scrape = env.router.scrape();
+    assert_eq!(scrape["harbor_router_shared_bytes_total"], size as f64);
+    assert_eq!(scrape["harbor_router_shared_fallouts_total"], 0.0);
 }
 
 /// Resident memory of a process, in bytes.

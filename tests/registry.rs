@@ -1015,3 +1015,200 @@ fn harbors_local_store_404_never_erases_a_last_known_good_tag_nor_opens_a_circui
         assert!(res.headers.get("warning").is_none(), "forgotten");
     });
 }
+
+/// A blob as Harbor answers one it holds: with its length and digest, `len` bytes.
+fn blob(len: usize) -> (Answer, Vec<u8>) {
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let digest = BLOB.rsplit('/').next().unwrap();
+    let answer = Answer::with(
+        200,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+        ],
+        &body,
+    );
+    (answer, body)
+}
+
+fn spawn_raw(
+    state: &Rc<State>,
+    path: &'static str,
+) -> monoio::task::JoinHandle<(StatusCode, Result<Bytes, std::io::Error>)> {
+    let state = state.clone();
+    monoio::spawn(async move { send_raw(&state, path).await })
+}
+
+/// The blob requests b received, with their ranges.
+fn blob_requests(fake: &FakeHarbor) -> Vec<String> {
+    fake.log()
+        .into_iter()
+        .filter(|l| l.contains("/blobs/"))
+        .collect()
+}
+
+#[test]
+fn identical_blob_pulls_share_one_transfer_and_a_failure_ends_them_all() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[]).await;
+        let (answer, body) = blob(300_000);
+        fake.answer("b", answer.clone());
+        fake.hold("b");
+        let pulls: Vec<_> = (0..4).map(|_| spawn_raw(&s, BLOB)).collect();
+        until("the leader's request reached b", || {
+            blob_requests(&fake).len() == 1
+        })
+        .await;
+        polled().await;
+        fake.release("b");
+        for p in pulls {
+            let (status, got) = p.await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(got.unwrap(), body, "every reader gets every byte");
+        }
+        assert_eq!(blob_requests(&fake).len(), 1, "one transfer for four pulls");
+
+        // Harbor dies mid-body: every reader's transfer ends with an error, none looks complete.
+        fake.answer("b", answer.cut_after(100_000));
+        fake.hold("b");
+        let pulls: Vec<_> = (0..3).map(|_| spawn_raw(&s, BLOB)).collect();
+        until("the leader's request reached b", || {
+            blob_requests(&fake).len() == 2
+        })
+        .await;
+        polled().await;
+        fake.release("b");
+        for p in pulls {
+            let (status, got) = p.await;
+            assert_eq!(status, StatusCode::OK, "the head went out first");
+            assert!(got.is_err(), "cut, never a short body that looks complete");
+        }
+        assert_eq!(blob_requests(&fake).len(), 2);
+        // No later pull joins the failed transfer.
+        fake.answer("b", blob(300_000).0);
+        let (status, got) = send_raw(&s, BLOB).await;
+        assert_eq!((status, got.unwrap()), (StatusCode::OK, body.into()));
+        assert_eq!(blob_requests(&fake).len(), 3);
+    });
+}
+
+#[test]
+fn a_shared_blob_outlives_its_first_client_and_a_slow_reader_continues_alone() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[("SHARED_BLOB_WINDOW", "64KiB")]).await;
+        let (answer, body) = blob(1 << 20);
+        fake.answer("b", answer);
+        fake.hold("b");
+        // The first client takes the head and goes away; the second still gets every byte.
+        let first = {
+            let s = s.clone();
+            monoio::spawn(async move {
+                let req = Request::builder().uri(BLOB).body(()).unwrap();
+                handle(&s, req).await.status()
+            })
+        };
+        until("the leader's request reached b", || {
+            blob_requests(&fake).len() == 1
+        })
+        .await;
+        let second = spawn_raw(&s, BLOB);
+        polled().await;
+        fake.release("b");
+        assert_eq!(first.await, StatusCode::OK);
+        let (status, got) = second.await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            got.unwrap(),
+            body,
+            "the transfer went on without its first client"
+        );
+        assert_eq!(blob_requests(&fake).len(), 1);
+
+        // A reader that does not read while another reads everything falls out of the window and
+        // continues on a request of its own from where it was (Harbor ignores the range here and
+        // sends the whole blob: its first bytes are skipped).
+        fake.hold("b");
+        let fast = spawn_raw(&s, BLOB);
+        until("the leader's request reached b", || {
+            blob_requests(&fake).len() == 2
+        })
+        .await;
+        let slow = {
+            let s = s.clone();
+            monoio::spawn(async move {
+                let req = Request::builder().uri(BLOB).body(()).unwrap();
+                handle(&s, req).await
+            })
+        };
+        polled().await;
+        fake.release("b");
+        // The slow reader takes its head and a first frame, then stops.
+        let slow = slow.await;
+        assert_eq!(slow.status(), StatusCode::OK);
+        let mut slow = slow.into_body();
+        let first = slow.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(!first.is_empty() && first.len() < body.len());
+        let (status, got) = fast.await;
+        assert_eq!(
+            (status, got.unwrap()),
+            (StatusCode::OK, body.clone().into())
+        );
+        let rest = slow.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            [&first[..], &rest[..]].concat(),
+            body,
+            "every byte, in order, once"
+        );
+        let requests = blob_requests(&fake);
+        assert_eq!(requests.len(), 3, "{requests:?}");
+        let range = format!("range=bytes={}-", first.len());
+        assert!(requests[2].ends_with(&range), "{requests:?}");
+    });
+}
+
+#[test]
+fn ranged_blob_pulls_and_pulls_with_coalescing_off_go_alone() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[]).await;
+        fake.answer("b", blob(10_000).0);
+        fake.hold("b");
+        let ranged: Vec<_> = (0..3)
+            .map(|_| {
+                let s = s.clone();
+                monoio::spawn(async move {
+                    let req = Request::builder()
+                        .uri(BLOB)
+                        .header("range", "bytes=0-99")
+                        .body(())
+                        .unwrap();
+                    handle(&s, req).await.status()
+                })
+            })
+            .collect();
+        until("each ranged pull sent its own request", || {
+            blob_requests(&fake).len() == 3
+        })
+        .await;
+        fake.release("b");
+        for p in ranged {
+            p.await;
+        }
+
+        let fake = FakeHarbor::start();
+        let off = mapped_state(&fake, &[("COALESCE_PULLS", "false")]).await;
+        fake.answer("b", blob(10_000).0);
+        fake.hold("b");
+        let pulls: Vec<_> = (0..3).map(|_| spawn_raw(&off, BLOB)).collect();
+        until("each pull sent its own request", || {
+            blob_requests(&fake).len() == 3
+        })
+        .await;
+        fake.release("b");
+        for p in pulls {
+            assert_eq!(p.await.0, StatusCode::OK);
+        }
+    });
+}

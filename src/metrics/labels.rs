@@ -150,6 +150,7 @@ label!(
     SharedKind {
         Manifest => "manifest",
         TagList => "tag_list",
+        Blob => "blob",
     }
 );
 

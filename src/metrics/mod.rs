@@ -49,6 +49,8 @@ pub struct CoreMetrics {
     shared: Vec<Counter>,
     /// Body bytes of those answers.
     shared_bytes: Counter,
+    /// Readers of a shared blob transfer that fell out of its window and continued on their own.
+    pub shared_fallouts: Counter,
     /// This core's per-project counters, appended (rarely: a project's first request) by the core.
     projects: Mutex<Vec<(String, Arc<ProjectMetrics>)>>,
     upstream: Arc<crate::upstream::Stats>,
@@ -152,6 +154,7 @@ impl CoreMetrics {
             stale: counters(StaleReason::COUNT),
             shared: counters(SharedKind::COUNT),
             shared_bytes: Counter::default(),
+            shared_fallouts: Counter::default(),
             projects: Mutex::new(Vec::new()),
             upstream,
         }
@@ -196,6 +199,11 @@ impl CoreMetrics {
     /// A request answered with another's answer from Harbor, `bytes` of body.
     pub fn shared(&self, kind: SharedKind, bytes: usize) {
         self.shared[kind.index()].inc();
+        self.shared_bytes(bytes);
+    }
+
+    /// Body bytes a shared answer gave a request that joined it.
+    pub fn shared_bytes(&self, bytes: usize) {
         self.shared_bytes.add(bytes as u64);
     }
 
@@ -431,13 +439,18 @@ impl Metrics {
         );
         e.counter(
             "harbor_router_shared_requests_total",
-            "Requests that joined an identical request's flight to Harbor on their core (COALESCE_PULLS) and were answered with its answer, by kind: manifest (by tag or digest), tag_list.",
+            "Requests that joined an identical request's flight to Harbor (COALESCE_PULLS) instead of sending their own, by kind: manifest (by tag or digest) and tag_list on their core, blob (a transfer shared by every core).",
             by_label("kind", |k: SharedKind| sum(&|c| c.shared[k.index()].get())),
         );
         e.counter(
             "harbor_router_shared_bytes_total",
-            "Body bytes served from answers shared with another request (harbor_router_shared_requests_total): what Harbor did not send again.",
+            "Body bytes served from answers shared with another request (harbor_router_shared_requests_total; for a blob, the bytes its followers read from the shared transfer): what Harbor did not send again.",
             [(vec![], sum(&|c| c.shared_bytes.get()))],
+        );
+        e.counter(
+            "harbor_router_shared_fallouts_total",
+            "Readers of a shared blob transfer that fell behind its window (SHARED_BLOB_WINDOW: a slow client) and continued on a request of their own from where they were.",
+            [(vec![], sum(&|c| c.shared_fallouts.get()))],
         );
         e.counter(
             "harbor_router_rejected_requests_total",

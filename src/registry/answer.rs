@@ -253,6 +253,27 @@ impl Hashing {
     }
 }
 
+/// The check a 200 blob answer with `headers` (as they go to the client) needs: one when Harbor
+/// sent no length or no digest (see [`BlobCheck`]).
+pub fn blob_check(ask: &Ask, headers: &HeaderMap) -> Option<BlobCheck> {
+    let Endpoint::Blob { digest } = &ask.endpoint else {
+        return None;
+    };
+    let announced = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some() && names_digest(headers) {
+        return None;
+    }
+    Some(BlobCheck {
+        hashing: Hashing::new(digest)?,
+        name: ask.name.clone(),
+        digest: digest.clone(),
+        bytes: 0,
+        length: announced,
+    })
+}
+
 /// Hashes a blob Harbor sent without its digest as it streams: Harbor up to v2.15 sends a blob it
 /// has not cached yet without `Docker-Content-Digest`, chunked (or, when the whole answer fits Go's
 /// 4 KiB write buffer, with the `Content-Length` of what it wrote), and when its upstream breaks
@@ -261,7 +282,7 @@ impl Hashing {
 /// the URL: a body that does not hash to it ends with an error instead of its clean end (a framed
 /// one loses its last frame), so the client sees a broken transfer and retries, never a wrong blob
 /// that looks complete.
-struct BlobCheck {
+pub struct BlobCheck {
     hashing: Hashing,
     name: String,
     digest: String,

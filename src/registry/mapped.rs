@@ -3,19 +3,25 @@
 //! moved, and the caller falls back to one fan-out. Identical mapped pulls in the air on one core
 //! share one request ([`shared`], see [`super::sharing`]).
 
+use std::future::poll_fn;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, RETRY_AFTER};
-use http::Response;
+use http::header::{
+    CONTENT_LENGTH, CONTENT_RANGE, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE, RETRY_AFTER,
+};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use crate::body::Body;
+use crate::body::{Body, Continue, SharedBody};
 use crate::error::Error;
 use crate::flight::Turn;
 use crate::metrics::labels::{ErrorKind, SharedKind};
 use crate::names::MAX_MANIFEST_BYTES;
 use crate::snapshot::Project;
+use crate::transfer::{Head, Joined, Reader, Room, Transfer};
+use crate::upstream::pool::UpstreamBody;
 use crate::upstream::UpstreamError;
 
 use super::answer;
@@ -138,7 +144,10 @@ fn failed(res: Response<Body>, heard: Heard) -> Mapped {
 
 /// [`request`], shared with identical pulls in the air on this core ([`super::sharing`]);
 /// `attempts` counts a request this pull sent itself.
-pub async fn shared(state: &State, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
+pub async fn shared(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
+    if shared_blob(state, ask) {
+        return blob(state, project, ask, attempts).await;
+    }
     let Some(kind) = shareable(state, ask) else {
         return request(state, project, ask, attempts).await;
     };
@@ -262,5 +271,199 @@ fn follow(state: &State, kind: SharedKind, outcome: &Outcome, head: bool) -> Map
                 None => Mapped::Answer(res),
             }
         }
+    }
+}
+
+/// Whether `ask` is a blob GET that may share a transfer: whole (no `Range`), unconditional.
+fn shared_blob(state: &State, ask: &Ask) -> bool {
+    state.settings.coalesce_pulls
+        && ask.is_blob()
+        && !ask.head
+        && ![RANGE, IF_RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
+            .iter()
+            .any(|h| ask.headers.contains_key(h))
+}
+
+/// A blob GET, through the transfer identical GETs on every core share (see [`crate::transfer`]):
+/// the first leads (asks Harbor, and its core pumps the body into the transfer), the others read
+/// it from byte 0 as it arrives; an answer that cannot be shared (not a 200, a redirect, a body
+/// that is not Harbor's stream) sends them on requests of their own.
+async fn blob(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
+    let key = format!("{}\n{}", project.name, ask.key());
+    match state.transfers.join(&key) {
+        Joined::Alone => request(state, project, ask, attempts).await,
+        Joined::Follow(t) => {
+            let reader = Reader::new(t);
+            // Counted as it joins (a test can see a follower waiting for the head).
+            state.metrics().shared(SharedKind::Blob, 0);
+            match poll_fn(|cx| reader.transfer().poll_head(cx)).await {
+                Some(head) => {
+                    let counted = state.clone();
+                    let on_shared: Box<dyn FnMut(usize)> =
+                        Box::new(move |n| counted.metrics().shared_bytes(n));
+                    let res = shared_response(state, project, ask, &head, reader, Some(on_shared));
+                    Mapped::Answer(Box::new(res))
+                }
+                None => {
+                    drop(reader);
+                    request(state, project, ask, attempts).await
+                }
+            }
+        }
+        Joined::Lead(t) => {
+            let reader = Reader::new(t.clone());
+            // A leader cancelled before Harbor's head (its client went away) sends the waiting
+            // readers on their own.
+            let _undecided = Undecided(t.clone());
+            let res = match request(state, project, ask, attempts).await {
+                Mapped::Answer(res) if res.status() == StatusCode::OK && streams(res.body()) => res,
+                other => {
+                    t.unshared();
+                    return other;
+                }
+            };
+            let (parts, body) = res.into_parts();
+            let upstream = match body {
+                Body::Upstream(b) => b,
+                Body::Checked { body, .. } => match *body {
+                    Body::Upstream(b) => b,
+                    _ => unreachable!("checked by streams()"),
+                },
+                _ => unreachable!("checked by streams()"),
+            };
+            let head = Head {
+                status: parts.status,
+                headers: parts.headers,
+            };
+            t.publish(head.clone());
+            monoio::spawn(pump(t, upstream));
+            Mapped::Answer(Box::new(shared_response(
+                state, project, ask, &head, reader, None,
+            )))
+        }
+    }
+}
+
+/// Whether an answer's body is Harbor's stream (maybe under its blob check): what a pump can take.
+fn streams(body: &Body) -> bool {
+    match body {
+        Body::Upstream(_) => true,
+        Body::Checked { body, .. } => matches!(**body, Body::Upstream(_)),
+        _ => false,
+    }
+}
+
+/// Copies Harbor's body into the transfer while a reader is left and the window has room; a
+/// failed body ends every reader with an error, a transfer nobody reads any more is abandoned (its
+/// request to Harbor dropped).
+async fn pump(t: Arc<Transfer>, mut body: UpstreamBody) {
+    // A pump dropped unfinished (its core shut down) fails its readers rather than leave them
+    // waiting.
+    let _ending = Ending(t.clone());
+    loop {
+        if poll_fn(|cx| t.poll_room(cx)).await == Room::NoReaders {
+            t.end(false);
+            return;
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    t.push(&data);
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Harbor's blob failed mid-transfer: every reader of it ends with an error");
+                t.end(false);
+                return;
+            }
+            None => {
+                t.end(true);
+                return;
+            }
+        }
+    }
+}
+
+/// A reader's response: the leader's head, the transfer's bytes (under the blob check a solo
+/// answer would have), and, should the reader fall out of the window, its own request from there.
+fn shared_response(
+    state: &Rc<State>,
+    project: &Project,
+    ask: &Ask,
+    head: &Head,
+    reader: Reader,
+    on_shared: Option<Box<dyn FnMut(usize)>>,
+) -> Response<Body> {
+    let length = head
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let fall_out = continuation(state.clone(), project.clone(), ask.clone());
+    let mut body = Body::Shared(Box::new(SharedBody::new(
+        reader, length, fall_out, on_shared,
+    )));
+    if let Some(check) = answer::blob_check(ask, &head.headers) {
+        body = body.checked(check);
+    }
+    respond(head.status, head.headers.clone(), body)
+}
+
+/// How a reader that fell out of its transfer's window goes on: the blob from its offset, on a
+/// request of its own (`Range: bytes=<offset>-`); Harbor may ignore the range (it does for a blob
+/// it has not cached) and send the whole blob, whose first bytes are then skipped.
+fn continuation(state: Rc<State>, project: Project, mut ask: Ask) -> Continue {
+    Box::new(move |offset| {
+        Box::pin(async move {
+            state.metrics().shared_fallouts.inc();
+            tracing::debug!(
+                name = ask.name,
+                offset,
+                "a slow reader fell out of a shared blob transfer; continuing on its own"
+            );
+            let range = HeaderValue::from_str(&format!("bytes={offset}-")).expect("a range");
+            ask.headers.insert(RANGE, range);
+            let mut attempts = 0;
+            let failed = || std::io::Error::other("Harbor failed the rest of a shared blob");
+            match request(&state, &project, &ask, &mut attempts).await {
+                Mapped::Answer(res) if res.status() == StatusCode::PARTIAL_CONTENT => {
+                    let from = format!("bytes {offset}-");
+                    let at_offset = res
+                        .headers()
+                        .get(CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with(&from));
+                    if at_offset {
+                        Ok(res.into_body())
+                    } else {
+                        Err(failed())
+                    }
+                }
+                Mapped::Answer(res) if res.status() == StatusCode::OK => Ok(Body::Skip {
+                    body: Box::new(res.into_body()),
+                    left: offset,
+                }),
+                _ => Err(failed()),
+            }
+        })
+    })
+}
+
+/// Refuses the transfer's head unless it was decided, when dropped.
+struct Undecided(Arc<Transfer>);
+
+impl Drop for Undecided {
+    fn drop(&mut self) {
+        if !self.0.decided() {
+            self.0.unshared();
+        }
+    }
+}
+
+/// Ends the transfer as failed, unless it ended, when dropped.
+struct Ending(Arc<Transfer>);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.end(false);
     }
 }

@@ -230,7 +230,7 @@ fn not_found(ask: &Ask, detail: Option<bytes::Bytes>) -> Response<Body> {
 
 /// The answer of a project found by a fan-out, asked again for this request.
 async fn answer_mapped<'s>(
-    state: &State,
+    state: &Rc<State>,
     pull: &mut Pull<'s, '_>,
     project: &'s Project,
 ) -> Response<Body> {
@@ -243,7 +243,7 @@ async fn answer_mapped<'s>(
 /// said 404 (it counts as having answered, and a tag it last resolved is forgotten unless the 404
 /// was Harbor's unsure one).
 async fn ask_mapped<'s>(
-    state: &State,
+    state: &Rc<State>,
     pull: &mut Pull<'s, '_>,
     project: &'s Project,
 ) -> Option<Response<Body>> {

@@ -13,8 +13,10 @@ pub struct Settings {
     pub proxy_project: String,
     /// Bound for one attempt while finding a name's project (and for a mapped manifest's head).
     pub resolver_timeout: Duration,
-    /// Identical concurrent mapped pulls on this core share one request to Harbor.
+    /// Identical concurrent mapped pulls share one request to Harbor (blobs across cores).
     pub coalesce_pulls: bool,
+    pub shared_blob_window: usize,
+    pub shared_blob_budget: usize,
     /// How long the lives of mappings, misses and kept manifests are.
     pub ttls: Ttls,
     /// Byte budget of this core's manifests kept by digest.
@@ -42,6 +44,8 @@ impl Settings {
             proxy_project: config.proxy_project.clone(),
             resolver_timeout: config.resolver_timeout,
             coalesce_pulls: config.coalesce_pulls,
+            shared_blob_window: config.shared_blob_window as usize,
+            shared_blob_budget: config.shared_blob_budget as usize,
             ttls: Ttls {
                 mapping: config.cache_ttl,
                 stale: config.stale_while_revalidate,

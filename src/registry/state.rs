@@ -21,6 +21,7 @@ use crate::limit::{Limits, Rate};
 use crate::metrics::{CoreMetrics, Metrics};
 use crate::share::Shared;
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::transfer::Transfers;
 use crate::upstream::{self, Upstream};
 
 use super::budgets::Budgets;
@@ -50,6 +51,8 @@ pub struct ProcessState {
     pub shared: Option<Shared>,
     /// Where each core registers its counters for the scrape.
     pub metrics: Arc<Metrics>,
+    /// Blob transfers shared by identical pulls on every core.
+    pub transfers: Arc<Transfers>,
 }
 
 impl ProcessState {
@@ -71,6 +74,7 @@ impl ProcessState {
                 settings.fanout_budget_per_ip.saturating_mul(5),
             ),
         );
+        let transfers = Transfers::new(settings.shared_blob_window, settings.shared_blob_budget);
         ProcessState {
             settings,
             harbor,
@@ -79,6 +83,7 @@ impl ProcessState {
             limits: Arc::new(limits),
             shared,
             metrics,
+            transfers,
         }
     }
 }
@@ -107,6 +112,8 @@ pub struct State {
     pub(crate) budgets: Budgets,
     /// Mapped pulls in the air, joined by identical ones (`COALESCE_PULLS`).
     pub(crate) sharing: Sharing,
+    /// Blob transfers shared with the other cores.
+    pub(crate) transfers: Arc<Transfers>,
     /// Redis, when configured (its status for the health answer).
     shared: Option<Shared>,
     /// The process's metrics (every worker's heartbeat, for the health answer).
@@ -161,6 +168,7 @@ impl State {
             limits,
             shared,
             metrics: process_metrics,
+            transfers,
             ..
         } = process;
         let upstream = Upstream::new(harbor, clock.clone());
@@ -193,6 +201,7 @@ impl State {
             ),
             budgets: Budgets::new(limits, clock.clone()),
             sharing: Sharing::default(),
+            transfers,
             view: View::new(snapshot),
             upstream,
             counters,

@@ -19,6 +19,9 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// Sent with `Transfer-Encoding: chunked` (no length announced).
     pub chunked: bool,
+    /// Only this many body bytes are sent (of a length announced whole), then the connection is
+    /// closed: a Harbor that dies mid-body.
+    pub cut_after: Option<usize>,
 }
 
 impl Answer {
@@ -28,6 +31,7 @@ impl Answer {
             headers: vec![("content-type".into(), "application/json".into())],
             body: br#"{"errors":[]}"#.to_vec(),
             chunked: false,
+            cut_after: None,
         }
     }
 
@@ -40,7 +44,14 @@ impl Answer {
                 .collect(),
             body: body.to_vec(),
             chunked: false,
+            cut_after: None,
         }
+    }
+
+    /// The same answer, its body cut after `bytes` and the connection closed.
+    pub fn cut_after(mut self, bytes: usize) -> Answer {
+        self.cut_after = Some(bytes);
+        self
     }
 
     /// The same answer without a length: chunked.
@@ -117,6 +128,11 @@ impl FakeHarbor {
     }
 
     /// Requests seen whose line (`METHOD /path`, then ` range=…` if any) starts with `prefix`.
+    /// Every request line seen, in order, with its range (`GET /v2/b/… range=bytes=0-`).
+    pub fn log(&self) -> Vec<String> {
+        self.inner.0.lock().unwrap().log.clone()
+    }
+
     pub fn seen(&self, prefix: &str) -> usize {
         self.lock()
             .log
@@ -202,11 +218,12 @@ fn serve(mut stream: TcpStream, shared: Arc<(Mutex<Inner>, Condvar)>) {
             out.push_str(&format!("content-length: {}\r\n\r\n", answer.body.len()));
             let mut b = out.into_bytes();
             if method != "HEAD" {
-                b.extend_from_slice(&answer.body);
+                let sent = answer.cut_after.unwrap_or(answer.body.len());
+                b.extend_from_slice(&answer.body[..sent.min(answer.body.len())]);
             }
             b
         };
-        if stream.write_all(&bytes).is_err() {
+        if stream.write_all(&bytes).is_err() || answer.cut_after.is_some() {
             return;
         }
     }
