@@ -176,6 +176,9 @@ http {{
         # Allocator settings pass through, so they can be compared (MIMALLOC_ARENA_EAGER_COMMIT=2
         # is mimalloc's own default on Linux; the router's is on-demand commit).
         env.update({k: v for k, v in os.environ.items() if k.startswith("MIMALLOC_")})
+        # ROUTER_ENV="COALESCE_PULLS=false …" adds variables to every router of the run, so a
+        # setting can be compared with itself.
+        env.update(dict(kv.split("=", 1) for kv in os.environ.get("ROUTER_ENV", "").split() if "=" in kv))
         env.update(extra or {})
         p = self.spawn([self.args.binary], name, env=env, cpu=cpu)
         p.port = port

@@ -9,7 +9,8 @@
 #                                                              scripts work; its figures mean nothing
 #
 # Scenarios: base tag tag-p99 digest blob slow-readers cold-fanout idle workers io-driver (all by
-# default). bench/plot turns result files into the charts of docs/benchmarks.md.
+# default). bench/plot turns result files into the charts of docs/benchmarks.md. ROUTER_ENV adds
+# variables to every router of the run (ROUTER_ENV="COALESCE_PULLS=false").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/common.sh

@@ -70,13 +70,14 @@ impl Transfers {
 
     /// Joins the transfer of `key` in progress, or leads a new one.
     pub fn join(self: &Arc<Self>, key: &str) -> Joined {
+        // A transfer that ends here drops after the lock is released (its drop takes the lock).
+        let _ended: Option<Arc<Transfer>>;
         let Ok(mut registry) = self.inner.lock() else {
             return Joined::Alone;
         };
-        if let Some(t) = registry.by_key.get(key).and_then(Weak::upgrade) {
-            if t.add_reader() {
-                return Joined::Follow(t);
-            }
+        match registry.by_key.get(key).and_then(Weak::upgrade) {
+            Some(t) if t.add_reader() => return Joined::Follow(t),
+            other => _ended = other,
         }
         let reserve = self.window * 2;
         if registry.reserved + reserve > self.budget {
