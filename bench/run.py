@@ -441,6 +441,9 @@ http {{
         path = f"/v2/proxy/library/app/blobs/{self.blob}"
         for conns in (1, 16):
             name = f"blob-{conns}"
+            counted = ("harbor_router_upstream_responses_total", "harbor_router_requests_total",
+                       "harbor_router_shared_requests_total", "harbor_router_shared_fallouts_total")
+            before = {c: metric(r.metrics, c) for c in counted}
             m = self.rounds(name, {
                 "nginx-proxy": lambda c=conns: self.wrk(self.proxy_port, path, c, [self.proxy_worker], self.harbor_worker, accept=False),
                 "router": lambda c=conns: self.wrk(r.port, path, c, [r.pid], self.harbor_worker, accept=False),
@@ -453,6 +456,10 @@ http {{
                         f"({m['router']['bytes_per_s'] / (1 << 20):.0f} vs {m['nginx-proxy']['bytes_per_s'] / (1 << 20):.0f} MiB/s)")
             self.figure(name, "CPU per MiB ÷ nginx proxy_pass's", cpu_r / cpu_n if cpu_n else float("nan"), "≤ 1.0",
                         cpu_n > 0 and cpu_r / cpu_n <= 1.0, f"({cpu_r:.0f} µs vs {cpu_n:.0f} µs per MiB)")
+            # What Harbor was asked for the router's pulls (COALESCE_PULLS shares one transfer).
+            grown = {c.removeprefix("harbor_router_"): metric(r.metrics, c) - before[c] for c in counted}
+            self.results.setdefault("blob-sharing", {})[name] = grown
+            log(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in grown.items()))
         self.kill(r)
 
     def s_blob_chunked(self):
