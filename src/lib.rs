@@ -155,6 +155,7 @@ impl Server {
             shared.clone(),
             metrics.clone(),
         );
+        metrics.watch_transfers(process.transfers.clone());
         let settings = server::Settings::from_config(&self.config);
         if pinned && self.config.workers > cores.len() && !cores.is_empty() {
             tracing::warn!(

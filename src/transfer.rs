@@ -10,8 +10,8 @@
 //!
 //! Bounds and rules:
 //! - **A window per transfer.** The pump reads from Harbor only while the fastest reader has less
-//!   than a window left to read, and drops what every reader but the slow ones has read: a
-//!   transfer holds at most two windows and a frame. The bytes are copied out of hyper's buffers,
+//!   than a window left to read, and keeps a window behind the fastest reader (a reader lagging
+//!   less than that stays with the transfer): a transfer holds at most two windows and a frame. The bytes are copied out of hyper's buffers,
 //!   so what is counted is what is pinned.
 //! - **A process budget.** A new transfer reserves two windows from the budget; when it is spent,
 //!   the pull goes alone, as without sharing.
@@ -21,7 +21,9 @@
 //!   left it stops, and Harbor's request with it.
 //! - **Failures end every reader** as a solo transfer would end (an error, never a short body that
 //!   looks complete), and a transfer that failed or finished takes no more readers: later pulls
-//!   lead a new one.
+//!   lead a new one. So does a transfer whose first bytes were already dropped (a reader starts at
+//!   byte 0). A transfer stopped without a failure (its leader's core stopping) sends its readers
+//!   on their own from where they are.
 //!
 //! Wakers are stored under the transfer's lock and woken after it is released; a reader on another
 //! core is woken across threads (monoio's `sync` feature).
@@ -97,9 +99,14 @@ impl Transfers {
         Joined::Lead(t)
     }
 
-    /// Transfers in progress (for the metrics).
-    pub fn in_progress(&self) -> usize {
-        self.inner.lock().map_or(0, |r| r.by_key.len())
+    /// Transfers in progress, and their readers (for the metrics; read at a scrape).
+    pub fn in_progress(&self) -> (usize, usize) {
+        let live: Vec<Arc<Transfer>> = match self.inner.lock() {
+            Ok(r) => r.by_key.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return (0, 0),
+        };
+        let readers = live.iter().map(|t| t.lock().readers).sum();
+        (live.len(), readers)
     }
 
     /// Bytes reserved by the transfers in progress.
@@ -143,8 +150,8 @@ struct State {
     chunks: VecDeque<(u64, Bytes)>,
     /// The offset just past the last byte buffered.
     end: u64,
-    /// `Some(true)`: Harbor's body ended; `Some(false)`: it failed or the transfer was abandoned.
-    done: Option<bool>,
+    /// How the transfer ended, once it has.
+    done: Option<End>,
     /// Readers that have not dropped.
     readers: usize,
     /// The furthest offset a reader has read to.
@@ -153,6 +160,16 @@ struct State {
     closed: bool,
     readers_waiting: Vec<Waker>,
     pump_waiting: Option<Waker>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Harbor's body ended.
+    Complete,
+    /// Harbor's body failed: every reader fails as a solo transfer would.
+    Failed,
+    /// Nobody read on, or the leader's core stopped: the readers left continue on their own.
+    Abandoned,
 }
 
 #[derive(Default)]
@@ -191,9 +208,12 @@ impl Transfer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts one more reader, unless the transfer takes no more (closed, unshared, or its first
+    /// bytes already dropped: a reader must start at byte 0).
     fn add_reader(&self) -> bool {
         let mut s = self.lock();
-        if s.closed || matches!(s.head, HeadState::Unshared) {
+        let from_zero = s.chunks.front().map_or(s.end == 0, |(o, _)| *o == 0);
+        if s.closed || matches!(s.head, HeadState::Unshared) || !from_zero {
             return false;
         }
         s.readers += 1;
@@ -235,7 +255,7 @@ impl Transfer {
             HeadState::Shared(h) => Poll::Ready(Some(h.clone())),
             HeadState::Unshared => Poll::Ready(None),
             HeadState::Pending => {
-                s.readers_waiting.push(cx.waker().clone());
+                wait(&mut s.readers_waiting, cx);
                 Poll::Pending
             }
         }
@@ -245,7 +265,15 @@ impl Transfer {
     /// window buffered ahead of it.
     pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Room> {
         let mut s = self.lock();
+        if s.done.is_some() {
+            return Poll::Ready(Room::NoReaders);
+        }
         if s.readers == 0 {
+            // Closed under this lock: no pull joins a transfer that is about to stop.
+            s.done = Some(End::Abandoned);
+            s.closed = true;
+            drop(s);
+            self.owner.close(self);
             return Poll::Ready(Room::NoReaders);
         }
         if s.end - s.fastest < self.window as u64 {
@@ -265,10 +293,11 @@ impl Transfer {
             let at = s.end;
             s.chunks.push_back((at, Bytes::copy_from_slice(data)));
             s.end += data.len() as u64;
-            // Drop what the fastest reader has read, while more than a window is held.
+            // Keep a window behind the fastest reader (a reader that lags less than that stays);
+            // with less than a window ahead of it, the buffer holds two windows and a frame.
             while let Some((offset, chunk)) = s.chunks.front() {
                 let chunk_end = offset + chunk.len() as u64;
-                if s.end - offset <= self.window as u64 || chunk_end > s.fastest {
+                if chunk_end + self.window as u64 > s.fastest {
                     break;
                 }
                 s.chunks.pop_front();
@@ -281,17 +310,34 @@ impl Transfer {
     /// Harbor's body ended (`ok`) or failed; no more readers join, every reader is told. The
     /// first end counts.
     pub fn end(&self, ok: bool) {
-        let wake = {
+        self.finish(if ok { End::Complete } else { End::Failed });
+    }
+
+    /// Stops the transfer without a failure (the leader's core is stopping): the readers left
+    /// read what is buffered, then continue on their own. The pump, if it waits, is woken (on
+    /// this core) to stop.
+    pub fn abandon(&self) {
+        self.finish(End::Abandoned);
+    }
+
+    fn finish(&self, how: End) {
+        let (readers, pump) = {
             let mut s = self.lock();
             if s.done.is_some() {
                 return;
             }
-            s.done = Some(ok);
+            s.done = Some(how);
             s.closed = true;
-            std::mem::take(&mut s.readers_waiting)
+            (
+                std::mem::take(&mut s.readers_waiting),
+                s.pump_waiting.take(),
+            )
         };
         self.owner.close(self);
-        wake.into_iter().for_each(Waker::wake);
+        readers.into_iter().for_each(Waker::wake);
+        if let Some(p) = pump {
+            p.wake();
+        }
     }
 
     /// Bytes buffered now.
@@ -307,6 +353,13 @@ impl Drop for Transfer {
         if let Ok(mut registry) = self.owner.inner.lock() {
             registry.reserved = registry.reserved.saturating_sub(self.window * 2);
         }
+    }
+}
+
+/// Registers `cx`'s waker once (a task polled again before it was woken is not added twice).
+fn wait(waiting: &mut Vec<Waker>, cx: &Context<'_>) {
+    if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+        waiting.push(cx.waker().clone());
     }
 }
 
@@ -358,10 +411,11 @@ impl Reader {
                 (Poll::Ready(Read::Data(data)), wake)
             } else {
                 match s.done {
-                    Some(true) => (Poll::Ready(Read::End), None),
-                    Some(false) => (Poll::Ready(Read::Failed), None),
+                    Some(End::Complete) => (Poll::Ready(Read::End), None),
+                    Some(End::Failed) => (Poll::Ready(Read::Failed), None),
+                    Some(End::Abandoned) => (Poll::Ready(Read::FellOut(self.offset)), None),
                     None => {
-                        s.readers_waiting.push(cx.waker().clone());
+                        wait(&mut s.readers_waiting, cx);
                         (Poll::Pending, None)
                     }
                 }
@@ -542,5 +596,70 @@ mod tests {
         t.unshared();
         assert_eq!(f.poll_head(&mut cx()), Poll::Ready(None));
         assert!(matches!(all.join("k"), Joined::Lead(_)));
+    }
+
+    fn publish_ok(t: &Transfer) {
+        t.publish(Head {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+        });
+    }
+
+    #[test]
+    fn a_reader_lagging_less_than_a_window_stays_with_the_transfer() {
+        let all = Transfers::new(10, 1 << 20);
+        let t = lead(&all, "k");
+        let mut fast = Reader::new(t.clone());
+        let Joined::Follow(f) = all.join("k") else {
+            panic!()
+        };
+        let mut lagging = Reader::new(f);
+        publish_ok(&t);
+        for frame in [b"aaaa", b"bbbb", b"cccc"] {
+            t.push(frame);
+            read_all(&mut fast);
+        }
+        // 12 bytes ahead of nothing read, but the fastest is only 12 in: [0, 4) is within a window
+        // of it.
+        let (got, _) = read_all(&mut lagging);
+        assert_eq!(got, b"aaaabbbbcccc", "never left behind within a window");
+    }
+
+    #[test]
+    fn a_stopped_transfer_sends_its_readers_on_their_own_and_a_late_pull_leads_anew() {
+        let all = Transfers::new(4, 1 << 20);
+        let t = lead(&all, "k");
+        let mut r = Reader::new(t.clone());
+        publish_ok(&t);
+        t.push(b"aaaa");
+        t.push(b"bbbb");
+        assert_eq!(read_all(&mut r).0, b"aaaabbbb");
+        t.push(b"cccc");
+        // Byte 0 is gone: a new pull cannot read this transfer from the start.
+        let Joined::Lead(fresh) = all.join("k") else {
+            panic!("a late pull leads a transfer of its own")
+        };
+        assert!(!Arc::ptr_eq(&fresh, &t));
+        t.abandon();
+        assert_eq!(
+            read_all(&mut r),
+            (b"cccc".to_vec(), Read::FellOut(12)),
+            "what is buffered, then on its own from there, not a failure"
+        );
+        assert_eq!(t.poll_room(&mut cx()), Poll::Ready(Room::NoReaders));
+    }
+
+    #[test]
+    fn no_pull_joins_a_transfer_whose_readers_are_all_gone() {
+        let all = Transfers::new(100, 1 << 20);
+        let t = lead(&all, "k");
+        let r = Reader::new(t.clone());
+        publish_ok(&t);
+        drop(r);
+        assert_eq!(t.poll_room(&mut cx()), Poll::Ready(Room::NoReaders));
+        assert!(
+            matches!(all.join("k"), Joined::Lead(_)),
+            "the stopped transfer is closed"
+        );
     }
 }

@@ -852,7 +852,9 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
     });
     write!(on_1, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     wait_until("worker 1's pull joined worker 0's transfer", || {
-        env.router.scrape()[r#"harbor_router_shared_requests_total{kind="blob"}"#] == 1.0
+        let m = env.router.scrape();
+        m["harbor_router_shared_transfers"] == 1.0
+            && m["harbor_router_shared_transfer_readers"] == 2.0
     });
     held.release();
     for s in [&mut on_0, &mut on_1] {
@@ -867,6 +869,10 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
         "one request to Harbor for two pulls on two cores"
     );
     let scrape = env.router.scrape();
+    assert_eq!(
+        scrape[r#"harbor_router_shared_requests_total{kind="blob"}"#],
+        1.0
+    );
     assert_eq!(scrape["harbor_router_shared_bytes_total"], size as f64);
     assert_eq!(scrape["harbor_router_shared_fallouts_total"], 0.0);
 }

@@ -257,6 +257,8 @@ pub struct Metrics {
     /// Every worker's heartbeat, fixed once every worker is registered: the health answers read it
     /// without the lock (a probe on the registry port must not contend with the scrape).
     heartbeats: std::sync::OnceLock<Vec<(usize, Arc<crate::server::Stats>)>>,
+    /// The blob transfers shared by the cores.
+    transfers: std::sync::OnceLock<Arc<crate::transfer::Transfers>>,
     pub discovery: DiscoveryMetrics,
     snapshot: SharedSnapshot,
     redis: Option<Shared>,
@@ -267,6 +269,7 @@ impl Metrics {
         Arc::new(Metrics {
             workers: Mutex::new(Vec::new()),
             heartbeats: std::sync::OnceLock::new(),
+            transfers: std::sync::OnceLock::new(),
             discovery: DiscoveryMetrics {
                 runs: [Counter::default(), Counter::default()],
                 duration: Histogram::durations(),
@@ -288,6 +291,11 @@ impl Metrics {
                 beats: true,
             });
         }
+    }
+
+    /// The process's shared blob transfers, shown by the scrape.
+    pub fn watch_transfers(&self, transfers: Arc<crate::transfer::Transfers>) {
+        let _ = self.transfers.set(transfers);
     }
 
     /// Every worker is registered: their heartbeats are what liveness reads from now on.
@@ -446,6 +454,25 @@ impl Metrics {
             "harbor_router_shared_bytes_total",
             "Body bytes served from answers shared with another request (harbor_router_shared_requests_total; for a blob, the bytes its followers read from the shared transfer): what Harbor did not send again.",
             [(vec![], sum(&|c| c.shared_bytes.get()))],
+        );
+        let (transfers, readers, reserved) = self.transfers.get().map_or((0, 0, 0), |t| {
+            let (n, r) = t.in_progress();
+            (n, r, t.reserved())
+        });
+        e.gauge(
+            "harbor_router_shared_transfers",
+            "Blob transfers from Harbor in progress that identical pulls on every core may join (COALESCE_PULLS).",
+            [(vec![], transfers as f64)],
+        );
+        e.gauge(
+            "harbor_router_shared_transfer_readers",
+            "Pulls reading those transfers now (the leaders' own included).",
+            [(vec![], readers as f64)],
+        );
+        e.gauge(
+            "harbor_router_shared_transfer_reserved_bytes",
+            "Memory those transfers reserve (two SHARED_BLOB_WINDOWs each) of SHARED_BLOB_BUDGET.",
+            [(vec![], reserved as f64)],
         );
         e.counter(
             "harbor_router_shared_fallouts_total",

@@ -30,6 +30,10 @@ impl Handler for State {
     async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Response<Body> {
         handle(&self, req).await
     }
+
+    fn drained(&self) {
+        State::drained(self);
+    }
 }
 
 /// Routes and answers one request. Never fails: every problem becomes a registry error response.

@@ -294,10 +294,9 @@ async fn blob(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u3
         Joined::Alone => request(state, project, ask, attempts).await,
         Joined::Follow(t) => {
             let reader = Reader::new(t);
-            // Counted as it joins (a test can see a follower waiting for the head).
-            state.metrics().shared(SharedKind::Blob, 0);
             match poll_fn(|cx| reader.transfer().poll_head(cx)).await {
                 Some(head) => {
+                    state.metrics().shared(SharedKind::Blob, 0);
                     let counted = state.clone();
                     let on_shared: Box<dyn FnMut(usize)> =
                         Box::new(move |n| counted.metrics().shared_bytes(n));
@@ -336,6 +335,7 @@ async fn blob(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u3
                 headers: parts.headers,
             };
             t.publish(head.clone());
+            state.pumping(&t);
             monoio::spawn(pump(t, upstream));
             Mapped::Answer(Box::new(shared_response(
                 state, project, ask, &head, reader, None,
@@ -357,12 +357,11 @@ fn streams(body: &Body) -> bool {
 /// failed body ends every reader with an error, a transfer nobody reads any more is abandoned (its
 /// request to Harbor dropped).
 async fn pump(t: Arc<Transfer>, mut body: UpstreamBody) {
-    // A pump dropped unfinished (its core shut down) fails its readers rather than leave them
-    // waiting.
+    // A pump dropped unfinished (its core stopping) sends its readers on their own rather than
+    // leave them waiting.
     let _ending = Ending(t.clone());
     loop {
         if poll_fn(|cx| t.poll_room(cx)).await == Room::NoReaders {
-            t.end(false);
             return;
         }
         match body.frame().await {
@@ -459,11 +458,11 @@ impl Drop for Undecided {
     }
 }
 
-/// Ends the transfer as failed, unless it ended, when dropped.
+/// Stops the transfer (its readers continue on their own), unless it ended, when dropped.
 struct Ending(Arc<Transfer>);
 
 impl Drop for Ending {
     fn drop(&mut self) {
-        self.0.end(false);
+        self.0.abandon();
     }
 }

@@ -7,7 +7,7 @@
 //! (settings, the published snapshot) or a shared mapping tier, read on a local miss and written on
 //! a learn, never touched by a hit.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use crate::limit::{Limits, Rate};
 use crate::metrics::{CoreMetrics, Metrics};
 use crate::share::Shared;
 use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::transfer::Transfers;
+use crate::transfer::{Transfer, Transfers};
 use crate::upstream::{self, Upstream};
 
 use super::budgets::Budgets;
@@ -114,6 +114,8 @@ pub struct State {
     pub(crate) sharing: Sharing,
     /// Blob transfers shared with the other cores.
     pub(crate) transfers: Arc<Transfers>,
+    /// The transfers this core pumps (stopped when the core drains, see [`State::drained`]).
+    pumps: RefCell<Vec<std::sync::Weak<Transfer>>>,
     /// Redis, when configured (its status for the health answer).
     shared: Option<Shared>,
     /// The process's metrics (every worker's heartbeat, for the health answer).
@@ -202,6 +204,7 @@ impl State {
             budgets: Budgets::new(limits, clock.clone()),
             sharing: Sharing::default(),
             transfers,
+            pumps: RefCell::default(),
             view: View::new(snapshot),
             upstream,
             counters,
@@ -254,6 +257,27 @@ impl State {
     pub fn stuck_workers(&self) -> Vec<usize> {
         self.process_metrics
             .stuck_workers(std::time::Instant::now())
+    }
+
+    /// `t` is pumped by this core.
+    pub fn pumping(&self, t: &Arc<Transfer>) {
+        let mut pumps = self.pumps.borrow_mut();
+        pumps.retain(|w| w.strong_count() > 0);
+        pumps.push(Arc::downgrade(t));
+    }
+
+    /// The core drained: the transfers it pumps stop (their readers on other cores continue on
+    /// their own requests), so no pump outlives its runtime, and no other core's waker can reach a
+    /// pump whose core is gone.
+    pub fn drained(&self) {
+        for t in self
+            .pumps
+            .take()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            t.abandon();
+        }
     }
 
     /// Redis's state for the health answer: `None` when Redis is not configured.

@@ -53,6 +53,10 @@ pub trait Handler: 'static {
     /// Answers one request; never fails (every problem is an answer).
     fn handle(self: Rc<Self>, req: Request<Incoming>)
         -> impl Future<Output = Response<Self::Body>>;
+
+    /// The worker drained (or gave up at `SHUTDOWN_TIMEOUT`) and its runtime is about to end:
+    /// work the handler spawned on this core that other cores wait on stops here.
+    fn drained(&self) {}
 }
 
 /// The client's address, in every request's extensions.
@@ -303,6 +307,7 @@ async fn accept_loop<H, F>(
             worker = id, connections = open.count(),
             "SHUTDOWN_TIMEOUT reached; closing the remaining connections"),
     }
+    core.handler.drained();
 }
 
 /// How often a worker checks whether a burst of connections is over.
