@@ -470,6 +470,15 @@ mod tests {
         }
     }
 
+    /// A transfer of `key` with its leader's reader and one follower's.
+    fn pair(all: &Arc<Transfers>, key: &str) -> (Arc<Transfer>, Reader, Reader) {
+        let t = lead(all, key);
+        let Joined::Follow(f) = all.join(key) else {
+            panic!("a second pull follows")
+        };
+        (t.clone(), Reader::new(t), Reader::new(f))
+    }
+
     fn read_all(r: &mut Reader) -> (Vec<u8>, Read) {
         let mut got = Vec::new();
         loop {
@@ -518,12 +527,7 @@ mod tests {
     #[test]
     fn the_window_bounds_the_buffer_and_leaves_the_slow_reader_behind() {
         let all = Transfers::new(10, 1 << 20);
-        let t = lead(&all, "k");
-        let mut fast = Reader::new(t.clone());
-        let Joined::Follow(f) = all.join("k") else {
-            panic!()
-        };
-        let mut slow = Reader::new(f);
+        let (t, mut fast, mut slow) = pair(&all, "k");
         for _ in 0..5 {
             assert_eq!(t.poll_room(&mut cx()), Poll::Ready(Room::Go));
             t.push(b"0123456789");
@@ -608,12 +612,7 @@ mod tests {
     #[test]
     fn a_reader_lagging_less_than_a_window_stays_with_the_transfer() {
         let all = Transfers::new(10, 1 << 20);
-        let t = lead(&all, "k");
-        let mut fast = Reader::new(t.clone());
-        let Joined::Follow(f) = all.join("k") else {
-            panic!()
-        };
-        let mut lagging = Reader::new(f);
+        let (t, mut fast, mut lagging) = pair(&all, "k");
         publish_ok(&t);
         for frame in [b"aaaa", b"bbbb", b"cccc"] {
             t.push(frame);

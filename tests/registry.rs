@@ -1047,6 +1047,25 @@ fn blob_requests(fake: &FakeHarbor) -> Vec<String> {
         .collect()
 }
 
+/// `n` GETs of the blob while b holds its answers, released once the first reached b and the
+/// others went as far as they can without it.
+async fn held_blob_pulls(
+    fake: &FakeHarbor,
+    s: &Rc<State>,
+    n: usize,
+) -> Vec<monoio::task::JoinHandle<(StatusCode, Result<Bytes, std::io::Error>)>> {
+    let before = blob_requests(fake).len();
+    fake.hold("b");
+    let pulls: Vec<_> = (0..n).map(|_| spawn_raw(s, BLOB)).collect();
+    until("the leader's request reached b", || {
+        blob_requests(fake).len() == before + 1
+    })
+    .await;
+    polled().await;
+    fake.release("b");
+    pulls
+}
+
 #[test]
 fn identical_blob_pulls_share_one_transfer_and_a_failure_ends_them_all() {
     let fake = FakeHarbor::start();
@@ -1054,15 +1073,7 @@ fn identical_blob_pulls_share_one_transfer_and_a_failure_ends_them_all() {
         let s = mapped_state(&fake, &[]).await;
         let (answer, body) = blob(300_000);
         fake.answer("b", answer.clone());
-        fake.hold("b");
-        let pulls: Vec<_> = (0..4).map(|_| spawn_raw(&s, BLOB)).collect();
-        until("the leader's request reached b", || {
-            blob_requests(&fake).len() == 1
-        })
-        .await;
-        polled().await;
-        fake.release("b");
-        for p in pulls {
+        for p in held_blob_pulls(&fake, &s, 4).await {
             let (status, got) = p.await;
             assert_eq!(status, StatusCode::OK);
             assert_eq!(got.unwrap(), body, "every reader gets every byte");
@@ -1071,15 +1082,7 @@ fn identical_blob_pulls_share_one_transfer_and_a_failure_ends_them_all() {
 
         // Harbor dies mid-body: every reader's transfer ends with an error, none looks complete.
         fake.answer("b", answer.cut_after(100_000));
-        fake.hold("b");
-        let pulls: Vec<_> = (0..3).map(|_| spawn_raw(&s, BLOB)).collect();
-        until("the leader's request reached b", || {
-            blob_requests(&fake).len() == 2
-        })
-        .await;
-        polled().await;
-        fake.release("b");
-        for p in pulls {
+        for p in held_blob_pulls(&fake, &s, 3).await {
             let (status, got) = p.await;
             assert_eq!(status, StatusCode::OK, "the head went out first");
             assert!(got.is_err(), "cut, never a short body that looks complete");
