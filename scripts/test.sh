@@ -62,6 +62,17 @@ if missing:
 print(f"benchmark smoke run: {len(r['figures'])} figures from {len(seen)} scenarios")
 PY
   rm -f "$smoke"
+  stage "rollout benchmark smoke run (bench/rollout.sh --smoke)"
+  bench/rollout.sh --smoke --out "$smoke"
+  python3 - "$smoke" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for mode in ("on", "off"):
+    if not r["runs"][mode] or any(run["failed"] for run in r["runs"][mode]):
+        sys.exit(f"rollout smoke run: sharing {mode} has no run or failed pulls")
+print("rollout smoke run: every pull hashed to its digest, sharing on and off")
+PY
+  rm -f "$smoke"
 fi
 
 stage "done"
