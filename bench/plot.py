@@ -45,6 +45,37 @@ def markdown(result):
     return "\n".join(rows)
 
 
+def rollout(results, out):
+    """One chart from bench/rollout.sh results (one per spread): Harbor's requests per blob, the
+    bytes it sent ÷ the image, and the p99 time to pull, sharing on against off."""
+    import statistics
+
+    def med(r, mode, f):
+        return statistics.median(f(run) for run in r["runs"][mode])
+
+    panels = [
+        ("Harbor requests per blob (lower is better)", "requests",
+         lambda run: run["requests"].get("blobs (config and layer)", 0) / 2),
+        ("Bytes Harbor sent ÷ image size", "×", lambda run: run["bytes_sent"] / max(run["image_bytes"], 1)),
+        ("p99 time to pull, slow node aside", "s", lambda run: run["p99_s"]),
+    ]
+    labels = [f"{r['args']['nodes']} nodes over {r['args']['spread']:g} s" for r in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    for ax, (title, unit, f) in zip(axes, panels):
+        bars(ax, title, labels, [med(r, "on", f) for r in results], [med(r, "off", f) for r in results],
+             unit, "COALESCE_PULLS=false")
+        ax.get_legend().remove()
+    fig.legend(["COALESCE_PULLS=true (default)", "COALESCE_PULLS=false"], frameon=False,
+               loc="lower center", ncol=2)
+    a = results[0]["args"]
+    fig.suptitle(f"A rollout through two router pods; Harbor at {a['latency_ms']:g} ms and {a['mbps']:g} Mbit/s a "
+                 f"connection; medians of {a['rounds']} rounds")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = os.path.join(out, "rollout.png")
+    fig.savefig(path, dpi=110)
+    print(path)
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit("usage: bench/plot RESULT.json [OUT_DIR] | bench/plot --markdown RESULT.json")
@@ -57,6 +88,12 @@ def main():
     matplotlib.use("Agg")
     global plt
     import matplotlib.pyplot as plt
+
+    if "runs" in result:
+        # bench/rollout.sh results, one file per spread: bench/plot A.json [B.json …]
+        results = [json.load(open(f)) for f in sys.argv[1:] if f.endswith(".json")]
+        rollout(results, os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks"))
+        return
 
     out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks")
     os.makedirs(out, exist_ok=True)
