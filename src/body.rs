@@ -53,6 +53,8 @@ pub enum Body {
     /// `body` less its first `left` bytes (Harbor answered a continuation's `Range` with the whole
     /// blob from byte 0).
     Skip { body: Box<Body>, left: u64 },
+    /// The first `left` bytes of `body`, then its end (a range read from a shared transfer).
+    Take { body: Box<Body>, left: u64 },
 }
 
 /// A reader of a shared blob transfer, then, if it falls out, its own request's body.
@@ -136,6 +138,11 @@ impl std::fmt::Debug for Body {
                 .finish(),
             Body::Checked { body, .. } => f.debug_struct("Checked").field("body", body).finish(),
             Body::Shared(s) => f.debug_struct("Shared").field("length", &s.length).finish(),
+            Body::Take { body, left } => f
+                .debug_struct("Take")
+                .field("body", body)
+                .field("left", left)
+                .finish(),
             Body::Skip { body, left } => f
                 .debug_struct("Skip")
                 .field("body", body)
@@ -209,6 +216,28 @@ impl http_body::Body for Body {
                     other => return other,
                 }
             },
+            Body::Take { body, left } => {
+                if *left == 0 {
+                    return Poll::Ready(None);
+                }
+                match Pin::new(body.as_mut()).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let Ok(mut data) = frame.into_data() else {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
+                        };
+                        if data.len() as u64 > *left {
+                            data.truncate(*left as usize);
+                        }
+                        *left -= data.len() as u64;
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    // Ended before the range did: a short body, never a clean end.
+                    Poll::Ready(None) => Poll::Ready(Some(Err(std::io::Error::other(
+                        "the blob ended before the range it was asked for",
+                    )))),
+                    other => other,
+                }
+            }
             Body::Checked { body, check } => match Pin::new(body.as_mut()).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.data_ref().map(|d| check.data(d)) {
                     Some(Err(e)) => Poll::Ready(Some(Err(e))),
@@ -230,6 +259,7 @@ impl http_body::Body for Body {
             Body::Upstream(body) | Body::Capped { body, .. } => body.is_end_stream(),
             // The check has its say at the end: hyper must poll for it.
             Body::Checked { .. } | Body::Shared(_) | Body::Skip { .. } => false,
+            Body::Take { left, .. } => *left == 0,
         }
     }
 
@@ -243,6 +273,7 @@ impl http_body::Body for Body {
                 .length
                 .map_or_else(SizeHint::new, SizeHint::with_exact),
             Body::Skip { .. } => SizeHint::new(),
+            Body::Take { left, .. } => SizeHint::with_exact(*left),
         }
     }
 }

@@ -99,6 +99,28 @@ impl Transfers {
         Joined::Lead(t)
     }
 
+    /// Joins the transfer of `key` in progress from `offset` (a ranged pull), if it still holds
+    /// that offset; never leads.
+    pub fn follow_from(&self, key: &str, offset: u64) -> Option<Arc<Transfer>> {
+        let t = self
+            .inner
+            .lock()
+            .ok()?
+            .by_key
+            .get(key)
+            .and_then(Weak::upgrade)?;
+        let joined = {
+            let mut s = t.lock();
+            let start = s.chunks.front().map_or(s.end, |(o, _)| *o);
+            let ok = !s.closed && !matches!(s.head, HeadState::Unshared) && start <= offset;
+            if ok {
+                s.readers += 1;
+            }
+            ok
+        };
+        joined.then_some(t)
+    }
+
     /// Transfers in progress, and their readers (for the metrics; read at a scrape).
     pub fn in_progress(&self) -> (usize, usize) {
         let live: Vec<Arc<Transfer>> = match self.inner.lock() {
@@ -378,6 +400,15 @@ impl Reader {
         Reader {
             transfer,
             offset: 0,
+            gone: false,
+        }
+    }
+
+    /// The reader of a transfer a ranged pull joined at `offset` ([`Transfers::follow_from`]).
+    pub fn at(transfer: Arc<Transfer>, offset: u64) -> Reader {
+        Reader {
+            transfer,
+            offset,
             gone: false,
         }
     }

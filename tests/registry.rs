@@ -1215,3 +1215,67 @@ fn ranged_blob_pulls_and_pulls_with_coalescing_off_go_alone() {
         }
     });
 }
+
+#[test]
+fn a_ranged_pull_joins_a_whole_transfer_in_progress_and_gets_its_slice() {
+    let fake = FakeHarbor::start();
+    run(async {
+        let s = mapped_state(&fake, &[]).await;
+        let (answer, body) = blob(300_000);
+        fake.answer("b", answer);
+        fake.hold("b");
+        let whole = spawn_raw(&s, BLOB);
+        until("the leader's request reached b", || {
+            blob_requests(&fake).len() == 1
+        })
+        .await;
+        let ranged = |range: &'static str| {
+            let s = s.clone();
+            monoio::spawn(async move {
+                let req = Request::builder()
+                    .uri(BLOB)
+                    .header("range", range)
+                    .body(())
+                    .unwrap();
+                let (parts, b) = handle(&s, req).await.into_parts();
+                (parts, b.collect().await.unwrap().to_bytes())
+            })
+        };
+        let middle = ranged("bytes=1000-1999");
+        let tail = ranged("bytes=299990-");
+        let past = ranged("bytes=5000-9999999");
+        polled().await;
+        fake.release("b");
+        let (status, got) = whole.await;
+        assert_eq!(
+            (status, got.unwrap()),
+            (StatusCode::OK, body.clone().into())
+        );
+        for (pull, from, to) in [
+            (middle, 1000, 1999),
+            (tail, 299_990, 299_999),
+            (past, 5000, 299_999),
+        ] {
+            let (parts, got) = pull.await;
+            assert_eq!(parts.status, StatusCode::PARTIAL_CONTENT);
+            assert_eq!(
+                parts.headers["content-range"],
+                format!("bytes {from}-{to}/300000").as_str()
+            );
+            assert_eq!(
+                parts.headers["content-length"],
+                (to - from + 1).to_string().as_str()
+            );
+            assert_eq!(
+                got,
+                body[from..=to],
+                "the range's bytes, from the shared transfer"
+            );
+        }
+        assert_eq!(
+            blob_requests(&fake).len(),
+            1,
+            "the ranged pulls asked Harbor nothing"
+        );
+    });
+}

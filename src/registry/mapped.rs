@@ -148,6 +148,9 @@ pub async fn shared(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &
     if shared_blob(state, ask) {
         return blob(state, project, ask, attempts).await;
     }
+    if let Some(range) = shared_range(state, ask) {
+        return ranged_blob(state, project, ask, range, attempts).await;
+    }
     let Some(kind) = shareable(state, ask) else {
         return request(state, project, ask, attempts).await;
     };
@@ -282,6 +285,90 @@ fn shared_blob(state: &State, ask: &Ask) -> bool {
         && ![RANGE, IF_RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
             .iter()
             .any(|h| ask.headers.contains_key(h))
+}
+
+/// The single byte range (`bytes=S-` or `bytes=S-E`) of an unconditional blob GET that may join a
+/// transfer in progress.
+fn shared_range(state: &State, ask: &Ask) -> Option<(u64, Option<u64>)> {
+    if !state.settings.coalesce_pulls
+        || !ask.is_blob()
+        || ask.head
+        || [IF_RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
+            .iter()
+            .any(|h| ask.headers.contains_key(h))
+    {
+        return None;
+    }
+    let range = ask
+        .headers
+        .get(RANGE)?
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes=")?;
+    let (start, end) = range.split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end = match end.trim() {
+        "" => None,
+        e => Some(e.parse::<u64>().ok().filter(|e| *e >= start)?),
+    };
+    Some((start, end))
+}
+
+/// A ranged blob GET: it joins a transfer of the whole blob in progress that still holds its first
+/// byte, and is answered 206 from it (`Content-Range` from the transfer's announced length); it
+/// never leads one. Without such a transfer (or without a length to range over) it goes alone.
+async fn ranged_blob(
+    state: &Rc<State>,
+    project: &Project,
+    ask: &Ask,
+    (start, end): (u64, Option<u64>),
+    attempts: &mut u32,
+) -> Mapped {
+    let key = format!("{}\n{}", project.name, ask.key());
+    let Some(t) = state.transfers.follow_from(&key, start) else {
+        return request(state, project, ask, attempts).await;
+    };
+    let reader = Reader::at(t, start);
+    let head = poll_fn(|cx| reader.transfer().poll_head(cx)).await;
+    let length = head.as_ref().and_then(|h| {
+        h.headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    });
+    let (Some(head), Some(length)) = (head, length) else {
+        drop(reader);
+        return request(state, project, ask, attempts).await;
+    };
+    if start >= length {
+        drop(reader);
+        return request(state, project, ask, attempts).await;
+    }
+    let last = end.map_or(length - 1, |e| e.min(length - 1));
+    state.metrics().shared(SharedKind::Blob, 0);
+    let counted = state.clone();
+    let on_shared: Box<dyn FnMut(usize)> = Box::new(move |n| counted.metrics().shared_bytes(n));
+    let fall_out = continuation(state.clone(), project.clone(), ask.clone());
+    let body = Body::Take {
+        body: Box::new(Body::Shared(Box::new(SharedBody::new(
+            reader,
+            None,
+            fall_out,
+            Some(on_shared),
+        )))),
+        left: last - start + 1,
+    };
+    let mut headers = head.headers.clone();
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(last - start + 1));
+    let range = format!("bytes {start}-{last}/{length}");
+    headers.insert(
+        CONTENT_RANGE,
+        HeaderValue::from_str(&range).expect("a content range"),
+    );
+    Mapped::Answer(Box::new(respond(
+        StatusCode::PARTIAL_CONTENT,
+        headers,
+        body,
+    )))
 }
 
 /// A blob GET, through the transfer identical GETs on every core share (see [`crate::transfer`]):
