@@ -877,6 +877,48 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
     assert_eq!(scrape["harbor_router_shared_fallouts_total"], 0.0);
 }
 
+#[test]
+fn a_slow_reader_of_a_shared_blob_falls_out_and_completes_on_its_own() {
+    // A 64 KiB window and a 32 MiB layer: the reader that does not read is left behind.
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 32 << 20)],
+        &[("SHARED_BLOB_WINDOW", "64KiB")],
+    );
+    let seeded = env.seeded[0].clone();
+    let mut fast = connection_on(env.router.addr, 0);
+    let mut slow = connection_on(env.router.addr, 0);
+    let accept = common::accept_lines().join("\r\n");
+    write!(
+        fast,
+        "GET /v2/proxy/org/app/manifests/{} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n",
+        seeded.digest
+    )
+    .unwrap();
+    let manifest = read_response(&mut fast).json();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+    let held = env.bed.harbor.hold("ghcr");
+    write!(fast, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    write!(slow, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    wait_until("both pulls read one transfer", || {
+        env.router.scrape()["harbor_router_shared_transfer_readers"] == 2.0
+    });
+    held.release();
+    let res = read_response(&mut fast);
+    assert_eq!(sha256(&res.body), layer);
+    // The slow reader was left a window behind: it goes on with a request of its own.
+    let res = read_response(&mut slow);
+    assert_eq!(res.status, 200);
+    assert_eq!(sha256(&res.body), layer, "every byte, once, in order");
+    assert_eq!(
+        env.router.scrape()["harbor_router_shared_fallouts_total"],
+        1.0
+    );
+}
+
 /// Resident memory of a process, in bytes.
 #[test]
 fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {
