@@ -472,7 +472,8 @@ pub fn dechunk(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut out = Vec::new();
     let mut at = 0;
     loop {
-        let line = bytes[at..].windows(2).position(|w| w == b"\r\n")?;
+        // (A chunk's closing CRLF may not have arrived yet: incomplete, not a panic.)
+        let line = bytes.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
         let size = std::str::from_utf8(&bytes[at..at + line]).ok()?;
         let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
         at += line + 2;
