@@ -820,6 +820,22 @@ fn read_response(s: &mut TcpStream) -> Response {
     }
 }
 
+/// The digest and size of org/app's layer, from its manifest `digest` pulled on `s`.
+fn layer_on(s: &mut TcpStream, digest: &str) -> (String, u64) {
+    let accept = common::accept_lines().join("\r\n");
+    write!(
+        s,
+        "GET /v2/proxy/org/app/manifests/{digest} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n"
+    )
+    .unwrap();
+    let manifest = read_response(s).json();
+    let layer = &manifest["layers"][0];
+    (
+        layer["digest"].as_str().unwrap().to_string(),
+        layer["size"].as_u64().unwrap(),
+    )
+}
+
 #[test]
 fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
     let env = start(
@@ -830,19 +846,7 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
     let mut on_0 = connection_on(env.router.addr, 0);
     let mut on_1 = connection_on(env.router.addr, 1);
     // The layer, from the manifest (which also tells both cores where org/app is).
-    let accept = common::accept_lines().join("\r\n");
-    write!(
-        on_0,
-        "GET /v2/proxy/org/app/manifests/{} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n",
-        seeded.digest
-    )
-    .unwrap();
-    let manifest = read_response(&mut on_0).json();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let (layer, size) = layer_on(&mut on_0, &seeded.digest);
     let path = format!("/v2/proxy/org/app/blobs/{layer}");
     let before = env.v2_requests("ghcr");
     let held = env.bed.harbor.hold("ghcr");
@@ -887,18 +891,7 @@ fn a_slow_reader_of_a_shared_blob_falls_out_and_completes_on_its_own() {
     let seeded = env.seeded[0].clone();
     let mut fast = connection_on(env.router.addr, 0);
     let mut slow = connection_on(env.router.addr, 0);
-    let accept = common::accept_lines().join("\r\n");
-    write!(
-        fast,
-        "GET /v2/proxy/org/app/manifests/{} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n",
-        seeded.digest
-    )
-    .unwrap();
-    let manifest = read_response(&mut fast).json();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (layer, _) = layer_on(&mut fast, &seeded.digest);
     let path = format!("/v2/proxy/org/app/blobs/{layer}");
     let held = env.bed.harbor.hold("ghcr");
     write!(fast, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();

@@ -93,23 +93,9 @@ pub async fn answer(
             left: MAX_MANIFEST_BYTES,
         }
     } else {
-        match &ask.endpoint {
-            Endpoint::Blob { digest }
-                if status == StatusCode::OK
-                    && (announced.is_none() || !names_digest(&parts.headers)) =>
-            {
-                match Hashing::new(digest) {
-                    Some(hashing) => Body::Upstream(body).checked(BlobCheck {
-                        hashing,
-                        name: ask.name.clone(),
-                        digest: digest.clone(),
-                        bytes: 0,
-                        length: announced,
-                    }),
-                    None => Body::Upstream(body),
-                }
-            }
-            _ => Body::Upstream(body),
+        match blob_check(ask, &headers).filter(|_| status == StatusCode::OK) {
+            Some(check) => Body::Upstream(body).checked(check),
+            None => Body::Upstream(body),
         }
     };
     respond(status, headers, body)

@@ -154,7 +154,7 @@ pub async fn shared(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &
     let Some(kind) = shareable(state, ask) else {
         return request(state, project, ask, attempts).await;
     };
-    let key = format!("{}\n{}", project.name, ask.key());
+    let key = flight_key(project, ask);
     loop {
         match state.sharing.turn(&key, ask.head) {
             Turn::Lead(leader) => {
@@ -277,26 +277,30 @@ fn follow(state: &State, kind: SharedKind, outcome: &Outcome, head: bool) -> Map
     }
 }
 
-/// Whether `ask` is a blob GET that may share a transfer: whole (no `Range`), unconditional.
-fn shared_blob(state: &State, ask: &Ask) -> bool {
+/// The key of a pull's flight or transfer: its project and its key.
+fn flight_key(project: &Project, ask: &Ask) -> String {
+    format!("{}\n{}", project.name, ask.key())
+}
+
+/// Whether `ask` is an unconditional blob GET (the only blob pulls that share a transfer).
+fn may_share_blob(state: &State, ask: &Ask) -> bool {
     state.settings.coalesce_pulls
         && ask.is_blob()
         && !ask.head
-        && ![RANGE, IF_RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
+        && ![IF_RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
             .iter()
             .any(|h| ask.headers.contains_key(h))
+}
+
+/// Whether `ask` is a whole blob GET that may lead or join a transfer.
+fn shared_blob(state: &State, ask: &Ask) -> bool {
+    may_share_blob(state, ask) && !ask.headers.contains_key(RANGE)
 }
 
 /// The single byte range (`bytes=S-` or `bytes=S-E`) of an unconditional blob GET that may join a
 /// transfer in progress.
 fn shared_range(state: &State, ask: &Ask) -> Option<(u64, Option<u64>)> {
-    if !state.settings.coalesce_pulls
-        || !ask.is_blob()
-        || ask.head
-        || [IF_RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
-            .iter()
-            .any(|h| ask.headers.contains_key(h))
-    {
+    if !may_share_blob(state, ask) {
         return None;
     }
     let range = ask
@@ -324,37 +328,32 @@ async fn ranged_blob(
     (start, end): (u64, Option<u64>),
     attempts: &mut u32,
 ) -> Mapped {
-    let key = format!("{}\n{}", project.name, ask.key());
+    let key = flight_key(project, ask);
     let Some(t) = state.transfers.follow_from(&key, start) else {
         return request(state, project, ask, attempts).await;
     };
     let reader = Reader::at(t, start);
     let head = poll_fn(|cx| reader.transfer().poll_head(cx)).await;
-    let length = head.as_ref().and_then(|h| {
-        h.headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    // A range needs the blob's length, and a start inside it.
+    let usable = head.and_then(|h| {
+        let length = length_of(&h.headers).filter(|l| start < *l)?;
+        Some((h, length))
     });
-    let (Some(head), Some(length)) = (head, length) else {
+    let Some((head, length)) = usable else {
         drop(reader);
         return request(state, project, ask, attempts).await;
     };
-    if start >= length {
-        drop(reader);
-        return request(state, project, ask, attempts).await;
-    }
     let last = end.map_or(length - 1, |e| e.min(length - 1));
     state.metrics().shared(SharedKind::Blob, 0);
-    let counted = state.clone();
-    let on_shared: Box<dyn FnMut(usize)> = Box::new(move |n| counted.metrics().shared_bytes(n));
-    let fall_out = continuation(state.clone(), project.clone(), ask.clone());
     let body = Body::Take {
-        body: Box::new(Body::Shared(Box::new(SharedBody::new(
+        body: Box::new(shared_body(
+            state,
+            project,
+            ask,
             reader,
             None,
-            fall_out,
-            Some(on_shared),
-        )))),
+            Some(counting(state)),
+        )),
         left: last - start + 1,
     };
     let mut headers = head.headers.clone();
@@ -376,7 +375,7 @@ async fn ranged_blob(
 /// it from byte 0 as it arrives; an answer that cannot be shared (not a 200, a redirect, a body
 /// that is not Harbor's stream) sends them on requests of their own.
 async fn blob(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
-    let key = format!("{}\n{}", project.name, ask.key());
+    let key = flight_key(project, ask);
     match state.transfers.join(&key) {
         Joined::Alone => request(state, project, ask, attempts).await,
         Joined::Follow(t) => {
@@ -384,10 +383,8 @@ async fn blob(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u3
             match poll_fn(|cx| reader.transfer().poll_head(cx)).await {
                 Some(head) => {
                     state.metrics().shared(SharedKind::Blob, 0);
-                    let counted = state.clone();
-                    let on_shared: Box<dyn FnMut(usize)> =
-                        Box::new(move |n| counted.metrics().shared_bytes(n));
-                    let res = shared_response(state, project, ask, &head, reader, Some(on_shared));
+                    let res =
+                        shared_response(state, project, ask, &head, reader, Some(counting(state)));
                     Mapped::Answer(Box::new(res))
                 }
                 None => {
@@ -480,18 +477,40 @@ fn shared_response(
     reader: Reader,
     on_shared: Option<Box<dyn FnMut(usize)>>,
 ) -> Response<Body> {
-    let length = head
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let fall_out = continuation(state.clone(), project.clone(), ask.clone());
-    let mut body = Body::Shared(Box::new(SharedBody::new(
-        reader, length, fall_out, on_shared,
-    )));
+    let length = length_of(&head.headers);
+    let mut body = shared_body(state, project, ask, reader, length, on_shared);
     if let Some(check) = answer::blob_check(ask, &head.headers) {
         body = body.checked(check);
     }
     respond(head.status, head.headers.clone(), body)
+}
+
+/// A reader's body: the transfer's bytes, then, should it fall out, its own request from there.
+fn shared_body(
+    state: &Rc<State>,
+    project: &Project,
+    ask: &Ask,
+    reader: Reader,
+    length: Option<u64>,
+    on_shared: Option<Box<dyn FnMut(usize)>>,
+) -> Body {
+    let fall_out = continuation(state.clone(), project.clone(), ask.clone());
+    Body::Shared(Box::new(SharedBody::new(
+        reader, length, fall_out, on_shared,
+    )))
+}
+
+/// Counts the bytes a follower reads from a transfer, on its core.
+fn counting(state: &Rc<State>) -> Box<dyn FnMut(usize)> {
+    let state = state.clone();
+    Box::new(move |n| state.metrics().shared_bytes(n))
+}
+
+/// A head's `Content-Length`.
+fn length_of(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
 /// How a reader that fell out of its transfer's window goes on: the blob from its offset, on a
