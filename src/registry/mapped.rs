@@ -142,19 +142,26 @@ fn failed(res: Response<Body>, heard: Heard) -> Mapped {
     Mapped::Failed(Box::new(res), heard)
 }
 
-/// [`request`], shared with identical pulls in the air on this core ([`super::sharing`]);
-/// `attempts` counts a request this pull sent itself.
-pub async fn shared(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
+/// [`request`], shared with identical pulls in the air on this core ([`super::sharing`]), and
+/// for blobs on every core ([`crate::transfer`]); `pull_key` is the pull's [`Ask::key`] (computed
+/// once per pull); `attempts` counts a request this pull sent itself.
+pub async fn shared(
+    state: &Rc<State>,
+    project: &Project,
+    ask: &Ask,
+    pull_key: &str,
+    attempts: &mut u32,
+) -> Mapped {
     if shared_blob(state, ask) {
-        return blob(state, project, ask, attempts).await;
+        return blob(state, project, ask, pull_key, attempts).await;
     }
     if let Some(range) = shared_range(state, ask) {
-        return ranged_blob(state, project, ask, range, attempts).await;
+        return ranged_blob(state, project, ask, pull_key, range, attempts).await;
     }
     let Some(kind) = shareable(state, ask) else {
         return request(state, project, ask, attempts).await;
     };
-    let key = flight_key(project, ask);
+    let key = flight_key(project, pull_key);
     loop {
         match state.sharing.turn(&key, ask.head) {
             Turn::Lead(leader) => {
@@ -278,8 +285,8 @@ fn follow(state: &State, kind: SharedKind, outcome: &Outcome, head: bool) -> Map
 }
 
 /// The key of a pull's flight or transfer: its project and its key.
-fn flight_key(project: &Project, ask: &Ask) -> String {
-    format!("{}\n{}", project.name, ask.key())
+fn flight_key(project: &Project, pull_key: &str) -> String {
+    format!("{}\n{pull_key}", project.name)
 }
 
 /// Whether `ask` is an unconditional blob GET (the only blob pulls that share a transfer).
@@ -325,10 +332,11 @@ async fn ranged_blob(
     state: &Rc<State>,
     project: &Project,
     ask: &Ask,
+    pull_key: &str,
     (start, end): (u64, Option<u64>),
     attempts: &mut u32,
 ) -> Mapped {
-    let key = flight_key(project, ask);
+    let key = flight_key(project, pull_key);
     let Some(t) = state.transfers.follow_from(&key, start) else {
         return request(state, project, ask, attempts).await;
     };
@@ -374,8 +382,14 @@ async fn ranged_blob(
 /// the first leads (asks Harbor, and its core pumps the body into the transfer), the others read
 /// it from byte 0 as it arrives; an answer that cannot be shared (not a 200, a redirect, a body
 /// that is not Harbor's stream) sends them on requests of their own.
-async fn blob(state: &Rc<State>, project: &Project, ask: &Ask, attempts: &mut u32) -> Mapped {
-    let key = flight_key(project, ask);
+async fn blob(
+    state: &Rc<State>,
+    project: &Project,
+    ask: &Ask,
+    pull_key: &str,
+    attempts: &mut u32,
+) -> Mapped {
+    let key = flight_key(project, pull_key);
     match state.transfers.join(&key) {
         Joined::Alone => request(state, project, ask, attempts).await,
         Joined::Follow(t) => {

@@ -247,7 +247,15 @@ async fn ask_mapped<'s>(
     pull: &mut Pull<'s, '_>,
     project: &'s Project,
 ) -> Option<Response<Body>> {
-    match mapped::shared(state, project, &pull.ask, &mut pull.trace.attempts).await {
+    match mapped::shared(
+        state,
+        project,
+        &pull.ask,
+        &pull.key,
+        &mut pull.trace.attempts,
+    )
+    .await
+    {
         Mapped::Answer(res) => {
             pull.log.by = Some(project);
             Some(*res)
