@@ -54,12 +54,12 @@ fn main() {
                 let Ok(io) = stream.into_poll_io() else {
                     continue;
                 };
-                monoio::spawn(async move {
+                harbor_router::task::spawn(async move {
                     let _ = http.serve_connection(MonoioIo::new(io), service).await;
                 });
             } else {
                 let io = MonoioIo::new(monoio_compat::TcpStreamCompat::new(stream));
-                monoio::spawn(async move {
+                harbor_router::task::spawn(async move {
                     let _ = http.serve_connection(io, service).await;
                 });
             }

@@ -30,6 +30,8 @@
 //! - [`counter`]: counters, gauges and histograms with one writer, read by the scrape.
 //! - [`stall`]: detects streams that stopped moving (clients that stop reading, bodies that stop).
 //! - [`tick`]: periodic per-core work on a value, for as long as it lives.
+//! - [`task`]: spawning on a core, every task polled with a waker of one identity (monoio's can
+//!   fail `will_wake` against itself, which turns a parked future into a task that wakes itself).
 //! - [`logging`]: pretty or JSON logs through `tracing`.
 //! - [`clock`]: the clock a core decides with (a test's moves forward; production's cannot).
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
@@ -56,6 +58,7 @@ pub mod server;
 pub(crate) mod share;
 pub mod snapshot;
 pub(crate) mod stall;
+pub mod task;
 pub(crate) mod tick;
 pub(crate) mod transfer;
 pub mod upstream;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Spawns the task on the current monoio runtime.
 pub fn every<T: 'static>(period: Duration, target: Weak<T>, tick: impl Fn(&T) + 'static) {
-    monoio::spawn(async move {
+    crate::task::spawn(async move {
         loop {
             monoio::time::sleep(period).await;
             match target.upgrade() {

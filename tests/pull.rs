@@ -912,6 +912,82 @@ fn a_slow_reader_of_a_shared_blob_falls_out_and_completes_on_its_own() {
     );
 }
 
+#[test]
+fn a_follower_completes_when_the_leaders_core_drains_first() {
+    // Worker 0 leads, worker 1 follows; neither client reads, so the pump waits on them. The
+    // leader's client goes away, so worker 0 has nothing left to drain at SIGTERM and stops first,
+    // with its pump. The follower must still get every byte: what was buffered, then the rest on
+    // a request of its own.
+    let mut env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 32 << 20)],
+        &[("WORKERS", "2")],
+    );
+    let seeded = env.seeded[0].clone();
+    let mut on_0 = connection_on(env.router.addr, 0);
+    let mut on_1 = connection_on(env.router.addr, 1);
+    // Small receive buffers, so neither client takes much of the layer before it reads.
+    small_receive_buffer(&on_0);
+    small_receive_buffer(&on_1);
+    let (layer, size) = layer_on(&mut on_0, &seeded.digest);
+    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+    let before = env.v2_requests("ghcr");
+    let held = env.bed.harbor.hold("ghcr");
+    write!(on_0, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    wait_until("worker 0 leads: its request reached Harbor", || {
+        env.v2_requests("ghcr") == before + 1
+    });
+    write!(on_1, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    wait_until("both pulls read one transfer", || {
+        env.router.scrape()["harbor_router_shared_transfer_readers"] == 2.0
+    });
+    held.release();
+    // The leader's client reads the head, then goes away (a reset: its bytes are unread).
+    let mut head = [0u8; 64];
+    on_0.read_exact(&mut head).unwrap();
+    drop(on_0);
+    wait_until("the leader's client is gone", || {
+        env.router.scrape()["harbor_router_shared_transfer_readers"] == 1.0
+    });
+    let m = env.router.scrape();
+    assert_eq!(
+        m["harbor_router_shared_fallouts_total"], 0.0,
+        "the follower is still in the transfer"
+    );
+    env.router.signal(libc::SIGTERM);
+    env.router
+        .wait_log(|l| l.contains(r#""worker":0"#) && l.contains(r#""message":"drained""#));
+    on_1.set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap(); // DEBUG
+    let res = read_response(&mut on_1);
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body.len() as u64, size);
+    assert_eq!(sha256(&res.body), layer, "every byte, once, in order");
+    assert_eq!(
+        env.v2_requests("ghcr"),
+        before + 2,
+        "the transfer, then the follower's own request for the rest"
+    );
+    drop(on_1);
+    assert!(env.router.wait_exit(DEADLINE).success());
+}
+
+/// Caps `s`'s receive buffer at 64 KiB (loopback's autotuning would grow it to tens of MiB).
+fn small_receive_buffer(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 64 << 10;
+    // SAFETY: a valid socket and an int option of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_RCVBUF");
+}
+
 /// Resident memory of a process, in bytes.
 #[test]
 fn a_256_mib_blob_streams_to_a_slow_reader_in_flat_memory() {

@@ -119,7 +119,7 @@ async fn get(state: &Rc<State>, path: &str) -> Answered {
 /// The same request, on its own task (so the test can act while it waits).
 fn spawn_get(state: &Rc<State>, path: &'static str) -> monoio::task::JoinHandle<Answered> {
     let state = state.clone();
-    monoio::spawn(async move { get(&state, path).await })
+    harbor_router::task::spawn(async move { get(&state, path).await })
 }
 
 /// Waits (without blocking the runtime) until `f` holds, up to [`DEADLINE`].
@@ -229,7 +229,7 @@ fn concurrent_misses_on_a_core_share_one_fan_out() {
 /// Returns once every task spawned before it has been polled (the core's run queue is first in,
 /// first out): each has gone as far as it can without Harbor's answer.
 async fn polled() {
-    monoio::spawn(async {}).await;
+    harbor_router::task::spawn(async {}).await;
 }
 
 /// A state whose core knows org/app is in b (one GET answered), with `vars`.
@@ -247,7 +247,7 @@ fn spawn_send(
     path: &'static str,
 ) -> monoio::task::JoinHandle<Answered> {
     let state = state.clone();
-    monoio::spawn(async move { send(&state, method, path).await })
+    harbor_router::task::spawn(async move { send(&state, method, path).await })
 }
 
 #[test]
@@ -307,7 +307,7 @@ fn a_head_never_leads_a_get_and_conditional_pulls_go_alone() {
         // A conditional GET is its asker's alone.
         let conditional = {
             let s = s.clone();
-            monoio::spawn(async move {
+            harbor_router::task::spawn(async move {
                 let req = Request::builder()
                     .uri(APP)
                     .header("accept", MANIFEST_TYPE)
@@ -1036,7 +1036,7 @@ fn spawn_raw(
     path: &'static str,
 ) -> monoio::task::JoinHandle<(StatusCode, Result<Bytes, std::io::Error>)> {
     let state = state.clone();
-    monoio::spawn(async move { send_raw(&state, path).await })
+    harbor_router::task::spawn(async move { send_raw(&state, path).await })
 }
 
 /// The blob requests b received, with their ranges.
@@ -1107,7 +1107,7 @@ fn a_shared_blob_outlives_its_first_client_and_a_slow_reader_continues_alone() {
         // The first client takes the head and goes away; the second still gets every byte.
         let first = {
             let s = s.clone();
-            monoio::spawn(async move {
+            harbor_router::task::spawn(async move {
                 let req = Request::builder().uri(BLOB).body(()).unwrap();
                 handle(&s, req).await.status()
             })
@@ -1140,7 +1140,7 @@ fn a_shared_blob_outlives_its_first_client_and_a_slow_reader_continues_alone() {
         .await;
         let slow = {
             let s = s.clone();
-            monoio::spawn(async move {
+            harbor_router::task::spawn(async move {
                 let req = Request::builder().uri(BLOB).body(()).unwrap();
                 handle(&s, req).await
             })
@@ -1181,7 +1181,7 @@ fn ranged_blob_pulls_and_pulls_with_coalescing_off_go_alone() {
         let ranged: Vec<_> = (0..3)
             .map(|_| {
                 let s = s.clone();
-                monoio::spawn(async move {
+                harbor_router::task::spawn(async move {
                     let req = Request::builder()
                         .uri(BLOB)
                         .header("range", "bytes=0-99")
@@ -1231,7 +1231,7 @@ fn a_ranged_pull_joins_a_whole_transfer_in_progress_and_gets_its_slice() {
         .await;
         let ranged = |range: &'static str| {
             let s = s.clone();
-            monoio::spawn(async move {
+            harbor_router::task::spawn(async move {
                 let req = Request::builder()
                     .uri(BLOB)
                     .header("range", range)

@@ -117,7 +117,7 @@ fn scenario(bed: &Testbed, seeded: &Seeded, relay: &Relay, config: Config, expec
             .map(|_| {
                 let up = fresh.clone();
                 let seeded = seeded.clone();
-                monoio::spawn(async move { pull_manifest(&up, &seeded).await })
+                harbor_router::task::spawn(async move { pull_manifest(&up, &seeded).await })
             })
             .collect();
         for t in tasks {
@@ -165,7 +165,7 @@ fn http2_prior_knowledge_against_a_harbor_without_h2c_falls_back_to_http1() {
         let tasks: Vec<_> = (0..5)
             .map(|_| {
                 let (up, seeded) = (up.clone(), seeded.clone());
-                monoio::spawn(async move { pull_manifest(&up, &seeded).await })
+                harbor_router::task::spawn(async move { pull_manifest(&up, &seeded).await })
             })
             .collect();
         for t in tasks {
@@ -258,7 +258,7 @@ fn idle_connections_are_bounded_and_expire() {
         let tasks: Vec<_> = (0..6)
             .map(|_| {
                 let (up, seeded) = (up.clone(), seeded.clone());
-                monoio::spawn(async move { pull_manifest(&up, &seeded).await })
+                harbor_router::task::spawn(async move { pull_manifest(&up, &seeded).await })
             })
             .collect();
         for t in tasks {
@@ -428,7 +428,7 @@ fn tokens_of_a_batch_are_fetched_again_in_one_request() {
             .iter()
             .map(|r| {
                 let (up, repo) = (up.clone(), r.to_string());
-                monoio::spawn(async move { get_v1(&up, &repo).await })
+                harbor_router::task::spawn(async move { get_v1(&up, &repo).await })
             })
             .collect();
         for t in tasks {

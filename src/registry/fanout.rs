@@ -371,7 +371,7 @@ where
         return;
     }
     let state = state.clone();
-    monoio::spawn(async move {
+    crate::task::spawn(async move {
         while let Some((_, verdict)) = running.next().await {
             state.routing.leftover_done();
             if let Some(res) = verdict.answer {
@@ -384,5 +384,5 @@ where
 /// Reads a win nobody will serve to its end in a task of this core, so its connection is reused.
 fn drain_later(state: &Rc<State>, res: Response<UpstreamBody>) {
     let state = state.clone();
-    monoio::spawn(async move { state.upstream().drain(res.into_body()).await });
+    crate::task::spawn(async move { state.upstream().drain(res.into_body()).await });
 }

@@ -434,7 +434,7 @@ async fn blob(
             };
             t.publish(head.clone());
             state.pumping(&t);
-            monoio::spawn(pump(t, upstream));
+            crate::task::spawn(pump(t, upstream));
             Mapped::Answer(Box::new(shared_response(
                 state, project, ask, &head, reader, None,
             )))

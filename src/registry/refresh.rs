@@ -25,7 +25,7 @@ pub fn start(state: &Rc<State>, snapshot: Rc<Snapshot>, ask: &Ask) {
         return;
     };
     let state = state.clone();
-    monoio::spawn(async move {
+    crate::task::spawn(async move {
         let _claim = claim;
         let candidates = super::mirror::asked(&snapshot, &probe, state.mirror_gap_logged());
         let mut info = fanout::RaceInfo::default();

@@ -138,7 +138,7 @@ impl State {
             // Mappings other pods moved: this core's copies follow.
             let mut changes = shared.register_core();
             let weak = Rc::downgrade(&state);
-            monoio::spawn(async move {
+            crate::task::spawn(async move {
                 while let Some((name, mapping)) = changes.recv().await {
                     let Some(state) = weak.upgrade() else { return };
                     let project = mapping.project.clone();

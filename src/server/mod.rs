@@ -170,7 +170,9 @@ pub fn run_worker<H, F>(
         stats.heartbeat.beat();
         tracing::info!(worker = id, driver = driver.as_str(), "worker started");
         let _ = report.send(Ok((id, driver)));
-        accept_loop(id, listener, settings, make, shutdown, stats)
+        // One waker identity for the main future too (see `crate::task`).
+        // One waker identity for the main future too (see `crate::task`).
+        crate::task::Stable::new(accept_loop(id, listener, settings, make, shutdown, stats))
     };
     let uring = || {
         RuntimeBuilder::<IoUringDriver>::new()
@@ -284,7 +286,7 @@ async fn accept_loop<H, F>(
                     let _ = stream.set_nodelay(true);
                     stats.accepted.inc();
                     let guard = open.enter(capped.then_some(client));
-                    monoio::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
+                    crate::task::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
                 }
                 Err(e) => {
                     tracing::warn!(worker = id, error = %e, "accept failed");

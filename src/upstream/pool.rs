@@ -34,7 +34,7 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use monoio::io::IntoPollIo;
-use monoio_compat::hyper::{MonoioExecutor, MonoioIo, MonoioTimer};
+use monoio_compat::hyper::{MonoioIo, MonoioTimer};
 use rustls::pki_types::ServerName;
 
 use super::{tls, Stats, UpstreamError};
@@ -421,7 +421,7 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
 {
     if h2 {
-        let (sender, conn) = http2::Builder::new(MonoioExecutor)
+        let (sender, conn) = http2::Builder::new(crate::task::Executor)
             .timer(MonoioTimer)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
@@ -432,7 +432,7 @@ where
             .await
             .map_err(UpstreamError::Handshake)?;
         let open = OpenGuard::new(stats);
-        monoio::spawn(async move {
+        crate::task::spawn(async move {
             let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
@@ -446,7 +446,7 @@ where
             .await
             .map_err(UpstreamError::Handshake)?;
         let open = OpenGuard::new(stats);
-        monoio::spawn(async move {
+        crate::task::spawn(async move {
             let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
