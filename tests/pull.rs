@@ -971,6 +971,66 @@ fn a_follower_completes_when_the_leaders_core_drains_first() {
     assert!(env.router.wait_exit(DEADLINE).success());
 }
 
+#[test]
+fn the_shared_blob_budget_bounds_what_transfers_reserve() {
+    // A budget of two 64 KiB windows: room for one transfer. The second blob in the air goes
+    // alone, as without sharing, and both arrive whole.
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 20)],
+        &[
+            ("SHARED_BLOB_WINDOW", "64KiB"),
+            ("SHARED_BLOB_BUDGET", "128KiB"),
+        ],
+    );
+    let seeded = env.seeded[0].clone();
+    let mut a = connection_on(env.router.addr, 0);
+    let mut b = connection_on(env.router.addr, 0);
+    let accept = common::accept_lines().join("\r\n");
+    write!(
+        a,
+        "GET /v2/proxy/org/app/manifests/{} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n",
+        seeded.digest
+    )
+    .unwrap();
+    let manifest = read_response(&mut a).json();
+    let blob = |v: &serde_json::Value| v["digest"].as_str().unwrap().to_string();
+    let (layer, config) = (blob(&manifest["layers"][0]), blob(&manifest["config"]));
+    let before = env.v2_requests("ghcr");
+    let held = env.bed.harbor.hold("ghcr");
+    write!(
+        a,
+        "GET /v2/proxy/org/app/blobs/{layer} HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    .unwrap();
+    write!(
+        b,
+        "GET /v2/proxy/org/app/blobs/{config} HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    .unwrap();
+    wait_until("both pulls reached Harbor", || {
+        env.v2_requests("ghcr") == before + 2
+    });
+    let m = env.router.scrape();
+    assert_eq!(
+        m["harbor_router_shared_transfers"], 1.0,
+        "one transfer fits"
+    );
+    assert_eq!(
+        m["harbor_router_shared_transfer_reserved_bytes"],
+        (128 << 10) as f64,
+        "two windows reserved"
+    );
+    held.release();
+    for (s, digest) in [(&mut a, &layer), (&mut b, &config)] {
+        let res = read_response(s);
+        assert_eq!(res.status, 200);
+        assert_eq!(&sha256(&res.body), digest);
+    }
+    wait_until("the reservation is given back", || {
+        env.router.scrape()["harbor_router_shared_transfer_reserved_bytes"] == 0.0
+    });
+}
+
 /// Caps `s`'s receive buffer at 64 KiB (loopback's autotuning would grow it to tens of MiB).
 fn small_receive_buffer(s: &TcpStream) {
     use std::os::fd::AsRawFd;
