@@ -836,18 +836,14 @@ fn layer_on(s: &mut TcpStream, digest: &str) -> (String, u64) {
     )
 }
 
-#[test]
-fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
-    let env = start(
-        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 20)],
-        &[("WORKERS", "2")],
-    );
-    let seeded = env.seeded[0].clone();
-    let mut on_0 = connection_on(env.router.addr, 0);
-    let mut on_1 = connection_on(env.router.addr, 1);
-    // The layer, from the manifest (which also tells both cores where org/app is).
-    let (layer, size) = layer_on(&mut on_0, &seeded.digest);
-    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+/// GETs `path` on `on_0` (worker 0) and, once that request is at Harbor (held there), on `on_1`
+/// (worker 1), which joins worker 0's transfer; then lets Harbor answer.
+fn worker_0_leads_and_worker_1_joins(
+    env: &Env,
+    on_0: &mut TcpStream,
+    on_1: &mut TcpStream,
+    path: &str,
+) {
     let before = env.v2_requests("ghcr");
     let held = env.bed.harbor.hold("ghcr");
     write!(on_0, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
@@ -861,6 +857,22 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
             && m["harbor_router_shared_transfer_readers"] == 2.0
     });
     held.release();
+}
+
+#[test]
+fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 20)],
+        &[("WORKERS", "2")],
+    );
+    let seeded = env.seeded[0].clone();
+    let mut on_0 = connection_on(env.router.addr, 0);
+    let mut on_1 = connection_on(env.router.addr, 1);
+    // The layer, from the manifest (which also tells both cores where org/app is).
+    let (layer, size) = layer_on(&mut on_0, &seeded.digest);
+    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+    let before = env.v2_requests("ghcr");
+    worker_0_leads_and_worker_1_joins(&env, &mut on_0, &mut on_1, &path);
     for s in [&mut on_0, &mut on_1] {
         let res = read_response(s);
         assert_eq!(res.status, 200);
@@ -931,16 +943,7 @@ fn a_follower_completes_when_the_leaders_core_drains_first() {
     let (layer, size) = layer_on(&mut on_0, &seeded.digest);
     let path = format!("/v2/proxy/org/app/blobs/{layer}");
     let before = env.v2_requests("ghcr");
-    let held = env.bed.harbor.hold("ghcr");
-    write!(on_0, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    wait_until("worker 0 leads: its request reached Harbor", || {
-        env.v2_requests("ghcr") == before + 1
-    });
-    write!(on_1, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    wait_until("both pulls read one transfer", || {
-        env.router.scrape()["harbor_router_shared_transfer_readers"] == 2.0
-    });
-    held.release();
+    worker_0_leads_and_worker_1_joins(&env, &mut on_0, &mut on_1, &path);
     // The leader's client reads the head, then goes away (a reset: its bytes are unread).
     let mut head = [0u8; 64];
     on_0.read_exact(&mut head).unwrap();
@@ -956,8 +959,6 @@ fn a_follower_completes_when_the_leaders_core_drains_first() {
     env.router.signal(libc::SIGTERM);
     env.router
         .wait_log(|l| l.contains(r#""worker":0"#) && l.contains(r#""message":"drained""#));
-    on_1.set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap(); // DEBUG
     let res = read_response(&mut on_1);
     assert_eq!(res.status, 200);
     assert_eq!(res.body.len() as u64, size);
