@@ -10,8 +10,10 @@ empty) and fresh routers, interleaved for --rounds rounds. Printed per mode (med
 Harbor's requests per object, bytes Harbor sent ÷ the image's size, p50/p99 time to pull, failed
 pulls (a body that does not hash to its digest counts), and the routers' peak RSS.
 
-Not modelled: Redis between the pods (each pod learns on its own), Harbor's own upstream behind it
-(the proxy plays Harbor with an upstream's speed).
+The two pods share a real Redis (a `redis-server` master and one `redis-sentinel`, started here on
+free loopback ports), as in a cluster: what one pod learns (which project has the image) the other
+reads. Not modelled: Harbor's own upstream behind it (the proxy plays Harbor with an upstream's
+speed).
 """
 
 import argparse
@@ -176,6 +178,55 @@ class Procs:
         self.procs = []
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_cli(port, *args):
+    r = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10)
+    return r.stdout.strip()
+
+
+def start_redis(procs):
+    """A Redis master and one Sentinel watching it, on free loopback ports; the Sentinel's port."""
+    for _ in range(5):
+        master = free_port()
+        data = os.path.join(procs.dir, f"redis-{master}")
+        os.makedirs(data, exist_ok=True)
+        p = procs.spawn(["redis-server", "--port", str(master), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", data], f"redis-{master}")
+        end = time.time() + 10
+        while time.time() < end and p.poll() is None and redis_cli(master, "ping") != "PONG":
+            time.sleep(0.05)
+        if p.poll() is None and redis_cli(master, "ping") == "PONG":
+            break
+    else:
+        raise SystemExit("redis-server never answered")
+    for _ in range(5):
+        port = free_port()
+        conf = os.path.join(procs.dir, f"sentinel-{port}.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {port}\nbind 127.0.0.1\ndir {procs.dir}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {master} 1\n")
+        p = procs.spawn(["redis-sentinel", conf], f"sentinel-{port}")
+        end = time.time() + 10
+        want = ["127.0.0.1", str(master)]
+        while time.time() < end and p.poll() is None:
+            if redis_cli(port, "sentinel", "get-master-addr-by-name", "mymaster").split() == want:
+                return port
+            time.sleep(0.05)
+    raise SystemExit("redis-sentinel never named the master")
+
+
+def redis_up(metrics_port):
+    c = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=5)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    return 'harbor_router_redis_state{state="up"} 1' in text
+
+
 def peak_rss_kib(pid):
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -247,6 +298,7 @@ def rollout(args, coalesce):
         v = json.loads(procs.wait_line(standin, "harbor_url"))
         harbor_port = int(v["harbor_url"].rsplit(":", 1)[1])
         shaper = Shaper(harbor_port, args.latency_ms / 1000, args.mbps * 1e6 / 8)
+        sentinel = start_redis(procs)
         routers = []
         for i in range(2):
             env = {
@@ -263,7 +315,11 @@ def rollout(args, coalesce):
                 # Every simulated node connects from 127.0.0.1.
                 "MAX_CONNECTIONS_PER_CLIENT": "0",
                 "FANOUT_BUDGET_PER_IP": "1000000",
+                "REDIS_SENTINELS": f"127.0.0.1:{sentinel}",
+                "REDIS_MASTER_NAME": "mymaster",
             }
+            if args.linger is not None:
+                env["COALESCE_LINGER"] = args.linger
             r = procs.spawn([args.binary], f"router-{i}", env=env)
             line = json.loads(procs.wait_line(r, '"message":"listening"'))
             r.port = int(line["addr"].rsplit(":", 1)[1])
@@ -275,12 +331,12 @@ def rollout(args, coalesce):
                 try:
                     c = http.client.HTTPConnection("127.0.0.1", r.metrics, timeout=5)
                     c.request("GET", "/readyz")
-                    if c.getresponse().status == 200:
+                    if c.getresponse().status == 200 and redis_up(r.metrics):
                         break
                 except OSError:
                     pass
                 if time.time() > end:
-                    raise SystemExit("a router never became ready")
+                    raise SystemExit("a router never became ready with Redis up")
                 time.sleep(0.05)
         base_counts, base_bytes = shaper.counts()
         rng = random.Random(42)
@@ -329,6 +385,7 @@ def main():
     ap.add_argument("--latency-ms", type=float, default=50)
     ap.add_argument("--mbps", type=float, default=100, help="upstream bandwidth per connection, Mbit/s")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--linger", help="COALESCE_LINGER for the routers (default: theirs)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -348,7 +405,8 @@ def main():
     kinds = sorted({k for rs in runs.values() for r in rs for k in r["requests"]})
     objects = {"blobs (config and layer)": 2, "manifests by digest (index and platform)": 2}
     size = max(r["image_bytes"] for rs in runs.values() for r in rs) or 1
-    print(f"\nrollout: {args.nodes} nodes over {args.spread:.1f} s, two router pods (2 workers each), "
+    print(f"\nrollout: {args.nodes} nodes over {args.spread:.1f} s, two router pods (2 workers each) "
+          f"sharing Redis, COALESCE_LINGER {args.linger or 'default'}, "
           f"Harbor at {args.latency_ms:.0f} ms and {args.mbps:.0f} Mbit/s a connection; image {size} "
           f"bytes; medians of {args.rounds} round(s); Harbor's requests include the routers' token "
           f"challenges (a cold core's first request to a project is answered 401)\n")

@@ -55,6 +55,7 @@ pub const ENV_WORKERS: &str = "WORKERS";
 pub const ENV_IO_DRIVER: &str = "IO_DRIVER";
 pub const ENV_CPU_PINNING: &str = "CPU_PINNING";
 pub const ENV_COALESCE_PULLS: &str = "COALESCE_PULLS";
+pub const ENV_COALESCE_LINGER: &str = "COALESCE_LINGER";
 pub const ENV_SHARED_BLOB_WINDOW: &str = "SHARED_BLOB_WINDOW";
 pub const ENV_SHARED_BLOB_BUDGET: &str = "SHARED_BLOB_BUDGET";
 pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
@@ -70,6 +71,7 @@ pub const ENV_MANIFEST_CACHE_TTL: &str = "MANIFEST_CACHE_TTL";
 pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
 const MAX_FANOUT_LIMIT: usize = 1000;
 const MAX_WORKERS: usize = 1024;
+const MAX_COALESCE_LINGER: Duration = Duration::from_secs(60);
 
 /// A secret value: usable by the code that needs it, invisible in `Debug` and logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -213,6 +215,10 @@ pub struct Config {
     /// Identical concurrent pulls share one request to Harbor: manifests and tag lists per core,
     /// blobs across cores.
     pub coalesce_pulls: bool,
+    /// How long a shared answer stays joinable once it finished: a successful manifest or tag
+    /// list per core, a whole blob of at most two windows across cores; zero: only while in the
+    /// air.
+    pub coalesce_linger: Duration,
     /// Bytes a shared blob transfer may read ahead of its fastest reader.
     pub shared_blob_window: u64,
     /// Bytes every shared blob transfer together may hold (two windows each); 0: blobs go alone.
@@ -375,6 +381,15 @@ impl Config {
         });
         let http2_prior_knowledge = r.parse(ENV_HTTP2_PRIOR_KNOWLEDGE, "false", parse_bool);
         let coalesce_pulls = r.parse(ENV_COALESCE_PULLS, "true", parse_bool);
+        let coalesce_linger = r.parse(ENV_COALESCE_LINGER, "2s", |v| {
+            let d = parse_duration(v)?;
+            if d > MAX_COALESCE_LINGER {
+                return Err(
+                    "must be at most 60s (an answer kept longer is a cache, not a linger)".into(),
+                );
+            }
+            Ok(d)
+        });
         let shared_blob_window = r.parse(ENV_SHARED_BLOB_WINDOW, "4MiB", |v| {
             let b = parse_bytes(v)?;
             if !(64 << 10..=1 << 30).contains(&b) {
@@ -501,6 +516,7 @@ impl Config {
             max_fanout_projects: max_fanout_projects.expect("checked"),
             http2_prior_knowledge: http2_prior_knowledge.expect("checked"),
             coalesce_pulls: coalesce_pulls.expect("checked"),
+            coalesce_linger: coalesce_linger.expect("checked"),
             shared_blob_window: shared_blob_window.expect("checked"),
             shared_blob_budget: shared_blob_budget.expect("checked"),
             rate_limit_per_ip: rate_limit_per_ip.expect("checked"),

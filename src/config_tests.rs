@@ -497,6 +497,27 @@ fn booleans() {
 }
 
 #[test]
+fn coalesce_linger_is_a_short_duration() {
+    assert_eq!(ok(&[]).coalesce_linger, Duration::from_secs(2));
+    assert_eq!(
+        ok(&[(ENV_COALESCE_LINGER, "0")]).coalesce_linger,
+        Duration::ZERO
+    );
+    assert_eq!(
+        ok(&[(ENV_COALESCE_LINGER, "500ms")]).coalesce_linger,
+        Duration::from_millis(500)
+    );
+    assert_eq!(
+        ok(&[(ENV_COALESCE_LINGER, "60s")]).coalesce_linger,
+        Duration::from_secs(60)
+    );
+    for bad in ["61s", "-1s", "soon", "1h"] {
+        let e = refused_with(&[(ENV_COALESCE_LINGER, bad)]);
+        assert_eq!(e.var, ENV_COALESCE_LINGER, "{bad}");
+    }
+}
+
+#[test]
 fn listen_addresses() {
     let c = ok(&[
         (ENV_LISTEN_ADDR, "127.0.0.1:0"),

@@ -66,6 +66,11 @@ pub struct Leader<T> {
 }
 
 impl<T: Clone> Leader<T> {
+    /// The flight's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Ends the flight and gives every waiter the result.
     pub fn finish(mut self, result: T) {
         self.done = true;

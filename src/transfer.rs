@@ -20,17 +20,26 @@
 //! - **The transfer outlives its first client**: the pump runs while any reader is left; with none
 //!   left it stops, and Harbor's request with it.
 //! - **Failures end every reader** as a solo transfer would end (an error, never a short body that
-//!   looks complete), and a transfer that failed or finished takes no more readers: later pulls
-//!   lead a new one. So does a transfer whose first bytes were already dropped (a reader starts at
-//!   byte 0). A transfer stopped without a failure (its leader's core stopping) sends its readers
-//!   on their own from where they are.
+//!   looks complete), and a transfer that failed takes no more readers: later pulls lead a new one.
+//!   So does a transfer whose first bytes were already dropped (a reader starts at byte 0). A
+//!   transfer stopped without a failure (its leader's core stopping) sends its readers on their own
+//!   from where they are.
+//! - **A finished blob lingers while it is whole.** A transfer that completed with its whole blob
+//!   still buffered (a blob of at most two windows) and its bytes known good (they hashed to the
+//!   digest, or Harbor named the digest and the length) stays joinable for the linger
+//!   (`COALESCE_LINGER`): a rollout spread over seconds costs a pod one transfer per blob, not one
+//!   per burst. It keeps its bytes reserved in the budget meanwhile, and gives them up, oldest
+//!   first, when a new transfer needs the room: lingering never costs a transfer in progress its
+//!   place.
 //!
 //! Wakers are stored under the transfer's lock and woken after it is released; a reader on another
 //! core is woken across threads (monoio's `sync` feature).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -40,14 +49,50 @@ pub struct Transfers {
     inner: Mutex<Registry>,
     /// Bytes a transfer may buffer ahead of its fastest reader.
     window: usize,
-    /// Bytes all transfers together may reserve (two windows each).
+    /// Bytes all transfers together may reserve (two windows each, or a lingering blob's size).
     budget: usize,
+    /// How long a finished transfer whose whole blob is buffered stays joinable; zero: not at all.
+    linger: Duration,
 }
 
 #[derive(Default)]
 struct Registry {
     by_key: HashMap<String, Weak<Transfer>>,
+    /// Finished transfers kept joinable, each until its deadline, oldest first.
+    lingering: VecDeque<(Instant, Arc<Transfer>)>,
     reserved: usize,
+}
+
+impl Registry {
+    /// `t` takes no more readers and gives its reservation back now (a reader still reading it
+    /// holds its bytes a moment longer).
+    fn retire(&mut self, t: &Transfer) {
+        let ours = self
+            .by_key
+            .get(&t.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), t));
+        if ours {
+            self.by_key.remove(&t.key);
+        }
+        self.reserved = self
+            .reserved
+            .saturating_sub(t.reserve.swap(0, Ordering::Relaxed));
+        t.lock().closed = true;
+    }
+
+    /// Retires the lingering transfers whose deadline has passed; they are dropped by the caller,
+    /// after the registry's lock (a transfer's drop takes it).
+    fn expire(&mut self, now: Instant, out: &mut Vec<Arc<Transfer>>) {
+        while self
+            .lingering
+            .front()
+            .is_some_and(|(until, _)| *until <= now)
+        {
+            let (_, t) = self.lingering.pop_front().expect("checked");
+            self.retire(&t);
+            out.push(t);
+        }
+    }
 }
 
 /// How a pull takes part in a transfer.
@@ -62,26 +107,40 @@ pub enum Joined {
 }
 
 impl Transfers {
-    pub fn new(window: usize, budget: usize) -> Arc<Transfers> {
+    pub fn new(window: usize, budget: usize, linger: Duration) -> Arc<Transfers> {
         Arc::new(Transfers {
             inner: Mutex::default(),
             window: window.max(1),
             budget,
+            linger,
         })
     }
 
-    /// Joins the transfer of `key` in progress, or leads a new one.
+    /// Joins the transfer of `key` in progress (or lingering), or leads a new one.
     pub fn join(self: &Arc<Self>, key: &str) -> Joined {
-        // A transfer that ends here drops after the lock is released (its drop takes the lock).
-        let _ended: Option<Arc<Transfer>>;
+        self.join_at(key, Instant::now())
+    }
+
+    fn join_at(self: &Arc<Self>, key: &str, now: Instant) -> Joined {
+        // Transfers that end here drop after the lock is released (their drop takes the lock).
+        let mut ended: Vec<Arc<Transfer>> = Vec::new();
         let Ok(mut registry) = self.inner.lock() else {
             return Joined::Alone;
         };
+        registry.expire(now, &mut ended);
         match registry.by_key.get(key).and_then(Weak::upgrade) {
             Some(t) if t.add_reader() => return Joined::Follow(t),
-            other => _ended = other,
+            other => ended.extend(other),
         }
         let reserve = self.window * 2;
+        // Lingering blobs make room for a transfer, oldest first.
+        while registry.reserved + reserve > self.budget {
+            let Some((_, t)) = registry.lingering.pop_front() else {
+                break;
+            };
+            registry.retire(&t);
+            ended.push(t);
+        }
         if registry.reserved + reserve > self.budget {
             return Joined::Alone;
         }
@@ -90,6 +149,7 @@ impl Transfers {
             key: key.to_string(),
             owner: self.clone(),
             window: self.window,
+            reserve: AtomicUsize::new(reserve),
             state: Mutex::new(State {
                 readers: 1,
                 ..State::default()
@@ -131,9 +191,48 @@ impl Transfers {
         (live.len(), readers)
     }
 
-    /// Bytes reserved by the transfers in progress.
+    /// Bytes reserved by the transfers in progress and the lingering ones.
     pub fn reserved(&self) -> usize {
         self.inner.lock().map_or(0, |r| r.reserved)
+    }
+
+    /// How long a finished whole blob stays joinable.
+    pub fn linger(&self) -> Duration {
+        self.linger
+    }
+
+    /// Retires the lingering transfers whose time is up (their pump's core calls it once their
+    /// linger has passed, so an idle process does not keep them).
+    pub fn expire(&self) {
+        self.expire_at(Instant::now());
+    }
+
+    fn expire_at(&self, now: Instant) {
+        let mut ended = Vec::new();
+        if let Ok(mut registry) = self.inner.lock() {
+            registry.expire(now, &mut ended);
+        }
+        drop(ended);
+    }
+
+    /// A finished transfer whose whole blob is buffered stays joinable until `now` + the linger,
+    /// reserving only its size; `false` when it may not (no linger, or it is no longer the key's
+    /// transfer).
+    fn keep(&self, t: &Arc<Transfer>, size: usize, now: Instant) -> bool {
+        let Ok(mut registry) = self.inner.lock() else {
+            return false;
+        };
+        let ours = registry
+            .by_key
+            .get(&t.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(t)));
+        if self.linger.is_zero() || !ours {
+            return false;
+        }
+        let before = t.reserve.swap(size, Ordering::Relaxed);
+        registry.reserved = registry.reserved.saturating_sub(before) + size;
+        registry.lingering.push_back((now + self.linger, t.clone()));
+        true
     }
 
     /// `t` takes no more readers: later pulls of its key lead a new transfer.
@@ -155,6 +254,8 @@ pub struct Transfer {
     key: String,
     owner: Arc<Transfers>,
     window: usize,
+    /// Bytes this transfer holds of the budget (changed under the registry's lock).
+    reserve: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -329,10 +430,44 @@ impl Transfer {
         wake.into_iter().for_each(Waker::wake);
     }
 
-    /// Harbor's body ended (`ok`) or failed; no more readers join, every reader is told. The
-    /// first end counts.
-    pub fn end(&self, ok: bool) {
-        self.finish(if ok { End::Complete } else { End::Failed });
+    /// Harbor's body failed: no more readers join, every reader ends with an error. The first end
+    /// counts.
+    pub fn fail(&self) {
+        self.finish(End::Failed);
+    }
+
+    /// Harbor's body ended: every reader is told. `known_good` when its bytes are the blob's (they
+    /// hashed to the digest, or Harbor named the digest and the length): then a transfer whose
+    /// whole blob is still buffered lingers, joinable, and `true` is returned; otherwise no more
+    /// readers join. The first end counts.
+    pub fn complete(self: &Arc<Self>, known_good: bool) -> bool {
+        self.complete_at(known_good, Instant::now())
+    }
+
+    fn complete_at(self: &Arc<Self>, known_good: bool, now: Instant) -> bool {
+        let (readers, whole) = {
+            let mut s = self.lock();
+            if s.done.is_some() {
+                return false;
+            }
+            s.done = Some(End::Complete);
+            let from_zero = s.chunks.front().map_or(s.end == 0, |(o, _)| *o == 0);
+            let whole = known_good
+                && from_zero
+                && matches!(s.head, HeadState::Shared(_))
+                && s.end <= 2 * self.window as u64;
+            (
+                std::mem::take(&mut s.readers_waiting),
+                whole.then_some(s.end as usize),
+            )
+        };
+        let kept = whole.is_some_and(|size| self.owner.keep(self, size, now));
+        if !kept {
+            self.lock().closed = true;
+            self.owner.close(self);
+        }
+        readers.into_iter().for_each(Waker::wake);
+        kept
     }
 
     /// Stops the transfer without a failure (the leader's core is stopping): the readers left
@@ -373,7 +508,8 @@ impl Drop for Transfer {
     fn drop(&mut self) {
         self.owner.close(self);
         if let Ok(mut registry) = self.owner.inner.lock() {
-            registry.reserved = registry.reserved.saturating_sub(self.window * 2);
+            let reserve = self.reserve.swap(0, Ordering::Relaxed);
+            registry.reserved = registry.reserved.saturating_sub(reserve);
         }
     }
 }
@@ -523,7 +659,7 @@ mod tests {
 
     #[test]
     fn readers_on_any_core_read_every_byte_and_later_pulls_lead_anew() {
-        let all = Transfers::new(1024, 1 << 20);
+        let all = Transfers::new(1024, 1 << 20, Duration::ZERO);
         let t = lead(&all, "k");
         let mut first = Reader::new(t.clone());
         let Joined::Follow(f) = all.join("k") else {
@@ -546,7 +682,7 @@ mod tests {
         t.push(b"hello ");
         t.push(b"world");
         assert_eq!(read_all(&mut first).0, b"hello world");
-        t.end(true);
+        t.complete(false);
         assert_eq!(read_all(&mut first), (Vec::new(), Read::End));
         assert_eq!(read_all(&mut second), (b"hello world".to_vec(), Read::End));
         assert!(
@@ -557,7 +693,7 @@ mod tests {
 
     #[test]
     fn the_window_bounds_the_buffer_and_leaves_the_slow_reader_behind() {
-        let all = Transfers::new(10, 1 << 20);
+        let all = Transfers::new(10, 1 << 20, Duration::ZERO);
         let (t, mut fast, mut slow) = pair(&all, "k");
         for _ in 0..5 {
             assert_eq!(t.poll_room(&mut cx()), Poll::Ready(Room::Go));
@@ -588,7 +724,7 @@ mod tests {
 
     #[test]
     fn a_failure_ends_every_reader_and_the_budget_limits_transfers() {
-        let all = Transfers::new(100, 400);
+        let all = Transfers::new(100, 400, Duration::ZERO);
         let t = lead(&all, "a");
         let Joined::Follow(f) = all.join("a") else {
             panic!()
@@ -604,7 +740,7 @@ mod tests {
             headers: HeaderMap::new(),
         });
         t.push(b"part");
-        t.end(false);
+        t.fail();
         assert_eq!(read_all(&mut r), (b"part".to_vec(), Read::Failed));
         drop(b);
         assert_eq!(
@@ -623,7 +759,7 @@ mod tests {
 
     #[test]
     fn an_unshared_answer_sends_the_waiting_readers_alone() {
-        let all = Transfers::new(100, 1000);
+        let all = Transfers::new(100, 1000, Duration::ZERO);
         let t = lead(&all, "k");
         let Joined::Follow(f) = all.join("k") else {
             panic!()
@@ -642,7 +778,7 @@ mod tests {
 
     #[test]
     fn a_reader_lagging_less_than_a_window_stays_with_the_transfer() {
-        let all = Transfers::new(10, 1 << 20);
+        let all = Transfers::new(10, 1 << 20, Duration::ZERO);
         let (t, mut fast, mut lagging) = pair(&all, "k");
         publish_ok(&t);
         for frame in [b"aaaa", b"bbbb", b"cccc"] {
@@ -657,7 +793,7 @@ mod tests {
 
     #[test]
     fn a_stopped_transfer_sends_its_readers_on_their_own_and_a_late_pull_leads_anew() {
-        let all = Transfers::new(4, 1 << 20);
+        let all = Transfers::new(4, 1 << 20, Duration::ZERO);
         let t = lead(&all, "k");
         let mut r = Reader::new(t.clone());
         publish_ok(&t);
@@ -681,7 +817,7 @@ mod tests {
 
     #[test]
     fn no_pull_joins_a_transfer_whose_readers_are_all_gone() {
-        let all = Transfers::new(100, 1 << 20);
+        let all = Transfers::new(100, 1 << 20, Duration::ZERO);
         let t = lead(&all, "k");
         let r = Reader::new(t.clone());
         publish_ok(&t);
@@ -691,5 +827,123 @@ mod tests {
             matches!(all.join("k"), Joined::Lead(_)),
             "the stopped transfer is closed"
         );
+    }
+
+    fn lingering(window: usize, budget: usize) -> Arc<Transfers> {
+        Transfers::new(window, budget, Duration::from_secs(2))
+    }
+
+    /// A transfer of `key` that completed with `body`, known good, at `at`; whether it lingers.
+    fn finished(all: &Arc<Transfers>, key: &str, body: &[u8], at: Instant) -> bool {
+        let Joined::Lead(t) = all.join_at(key, at) else {
+            panic!("{key} leads")
+        };
+        let mut r = Reader::new(t.clone());
+        publish_ok(&t);
+        t.push(body);
+        let kept = t.complete_at(true, at);
+        assert_eq!(read_all(&mut r), (body.to_vec(), Read::End));
+        kept
+    }
+
+    #[test]
+    fn a_finished_whole_blob_lingers_for_later_pulls_then_goes() {
+        let all = lingering(100, 1 << 20);
+        let t0 = Instant::now();
+        assert!(finished(&all, "k", b"a small blob", t0));
+        assert_eq!(all.reserved(), 12, "a lingering blob reserves its size");
+        let at = t0 + Duration::from_millis(1999);
+        let Joined::Follow(f) = all.join_at("k", at) else {
+            panic!("a pull within the linger joins the finished transfer")
+        };
+        assert_eq!(
+            read_all(&mut Reader::new(f)),
+            (b"a small blob".to_vec(), Read::End)
+        );
+        let ranged = all.follow_from("k", 2).expect("a range joins it too");
+        assert_eq!(read_all(&mut Reader::at(ranged, 2)).0, b"small blob");
+        all.expire_at(t0 + Duration::from_secs(2));
+        assert_eq!(all.reserved(), 0, "its time up, it gives its bytes back");
+        assert!(
+            matches!(
+                all.join_at("k", t0 + Duration::from_secs(2)),
+                Joined::Lead(_)
+            ),
+            "and the next pull leads"
+        );
+    }
+
+    #[test]
+    fn only_a_known_good_whole_blob_lingers() {
+        let all = lingering(4, 1 << 20);
+        let t0 = Instant::now();
+        // Past two windows: its first bytes are gone by the end.
+        let Joined::Lead(t) = all.join_at("long", t0) else {
+            panic!()
+        };
+        let mut r = Reader::new(t.clone());
+        publish_ok(&t);
+        for _ in 0..4 {
+            t.push(b"abcd");
+            read_all(&mut r);
+        }
+        assert!(
+            !t.complete_at(true, t0),
+            "a blob past two windows is not whole"
+        );
+        // Its bytes unproven (they did not hash to the digest).
+        let Joined::Lead(u) = all.join_at("unproven", t0) else {
+            panic!()
+        };
+        publish_ok(&u);
+        u.push(b"ab");
+        assert!(!u.complete_at(false, t0));
+        // A failed one.
+        let Joined::Lead(v) = all.join_at("failed", t0) else {
+            panic!()
+        };
+        publish_ok(&v);
+        v.push(b"ab");
+        v.fail();
+        for key in ["long", "unproven", "failed"] {
+            assert!(
+                matches!(all.join_at(key, t0), Joined::Lead(_)),
+                "{key}: the next pull leads"
+            );
+        }
+        let off = Transfers::new(100, 1 << 20, Duration::ZERO);
+        assert!(
+            !finished(&off, "k", b"blob", t0),
+            "no linger when it is zero"
+        );
+    }
+
+    #[test]
+    fn lingering_blobs_make_room_for_a_new_transfer_oldest_first() {
+        // Room for two transfers in progress (two windows each).
+        let all = lingering(100, 400);
+        let t0 = Instant::now();
+        assert!(finished(&all, "old", &[1; 100], t0));
+        assert!(finished(
+            &all,
+            "new",
+            &[2; 100],
+            t0 + Duration::from_millis(1)
+        ));
+        let Joined::Lead(a) = all.join_at("a", t0) else {
+            panic!()
+        };
+        assert_eq!(all.reserved(), 400);
+        let Joined::Lead(b) = all.join_at("b", t0) else {
+            panic!("the lingering blobs give way to a transfer")
+        };
+        assert_eq!(all.reserved(), 400, "both gave their room");
+        assert!(
+            matches!(all.join_at("c", t0), Joined::Alone),
+            "transfers in progress keep theirs"
+        );
+        drop((a, b));
+        assert_eq!(all.reserved(), 0);
+        assert!(matches!(all.join_at("old", t0), Joined::Lead(_)));
     }
 }

@@ -893,6 +893,95 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
     assert_eq!(scrape["harbor_router_shared_fallouts_total"], 0.0);
 }
 
+/// Sends `method path` on a keep-alive connection and reads the answer.
+fn on(s: &mut TcpStream, method: &str, path: &str) -> Response {
+    let accept = common::accept_lines().join("\r\n");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n").unwrap();
+    if method == "HEAD" {
+        // No body follows a HEAD's head.
+        let mut buf = Vec::new();
+        loop {
+            if let Some((res, _)) = common::parse_response_to(&buf, true) {
+                return res;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "the connection closed mid-response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    read_response(s)
+}
+
+#[test]
+fn pulls_within_the_linger_are_answered_from_the_last_identical_one() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 20)],
+        &[("WORKERS", "2"), ("COALESCE_LINGER", "1s")],
+    );
+    let seeded = env.seeded[0].clone();
+    let mut on_0 = connection_on(env.router.addr, 0);
+    let mut on_1 = connection_on(env.router.addr, 1);
+    let (layer, size) = layer_on(&mut on_0, &seeded.digest);
+    layer_on(&mut on_1, &seeded.digest);
+
+    // A tag: one request per core while it lingers; a HEAD takes a GET's answer.
+    let tag = "/v2/proxy/org/app/manifests/v1";
+    let before = env.v2_requests("ghcr");
+    let first = on(&mut on_0, "GET", tag);
+    assert_eq!(first.status, 200);
+    let again = on(&mut on_0, "GET", tag);
+    let head = on(&mut on_0, "HEAD", tag);
+    assert_eq!(again.body, first.body);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("Docker-Content-Digest"),
+        first.header("Docker-Content-Digest")
+    );
+    assert_eq!(
+        env.v2_requests("ghcr"),
+        before + 1,
+        "one request on worker 0"
+    );
+    assert_eq!(on(&mut on_1, "GET", tag).body, first.body);
+    assert_eq!(env.v2_requests("ghcr"), before + 2, "and one on worker 1");
+
+    // A blob of at most two windows: one transfer for the pod, one after the other.
+    let path = format!("/v2/proxy/org/app/blobs/{layer}");
+    let before = env.v2_requests("ghcr");
+    let shared_before = env.router.scrape()["harbor_router_shared_bytes_total"];
+    for worker in [0, 1, 0] {
+        let s = if worker == 0 { &mut on_0 } else { &mut on_1 };
+        let res = on(s, "GET", &path);
+        assert_eq!(res.status, 200);
+        assert_eq!(res.body.len() as u64, size);
+        assert_eq!(sha256(&res.body), layer);
+    }
+    assert_eq!(
+        env.v2_requests("ghcr"),
+        before + 1,
+        "one request to Harbor for three pulls, one after the other, on two cores"
+    );
+    let m = env.router.scrape();
+    assert_eq!(m["harbor_router_shared_transfers"], 1.0, "it lingers");
+    assert_eq!(
+        m["harbor_router_shared_transfer_reserved_bytes"],
+        size as f64
+    );
+    assert_eq!(
+        m["harbor_router_shared_bytes_total"] - shared_before,
+        2.0 * size as f64
+    );
+    // Its time up, it goes by itself, and the next pull asks Harbor.
+    wait_until("the lingering blob went", || {
+        let m = env.router.scrape();
+        m["harbor_router_shared_transfers"] == 0.0
+            && m["harbor_router_shared_transfer_reserved_bytes"] == 0.0
+    });
+    assert_eq!(sha256(&on(&mut on_1, "GET", &path).body), layer);
+    assert_eq!(env.v2_requests("ghcr"), before + 2);
+}
+
 #[test]
 fn a_slow_reader_of_a_shared_blob_falls_out_and_completes_on_its_own() {
     // A 64 KiB window and a 32 MiB layer: the reader that does not read is left behind.

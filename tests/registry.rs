@@ -49,7 +49,8 @@ fn manifest() -> Answer {
 
 /// One core's state in front of `fake`, with `projects` discovered (in that order).
 fn state(fake: &FakeHarbor, projects: &[&str], vars: &[(&str, &str)]) -> TestCore {
-    let mut all = vec![("WORKERS", "1")];
+    // Each request meets Harbor's answer of the moment, not one lingering from the last.
+    let mut all = vec![("WORKERS", "1"), ("COALESCE_LINGER", "0")];
     all.extend_from_slice(vars);
     let config = common::config(&fake.url(), &all);
     let snapshot: SharedSnapshot = snapshot::shared();

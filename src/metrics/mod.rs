@@ -461,7 +461,7 @@ impl Metrics {
         });
         e.gauge(
             "harbor_router_shared_transfers",
-            "Blob transfers from Harbor in progress that identical pulls on every core may join (COALESCE_PULLS).",
+            "Blob transfers from Harbor that identical pulls on every core may join (COALESCE_PULLS): in progress, or finished and lingering with their whole blob (COALESCE_LINGER).",
             [(vec![], transfers as f64)],
         );
         e.gauge(
@@ -471,7 +471,7 @@ impl Metrics {
         );
         e.gauge(
             "harbor_router_shared_transfer_reserved_bytes",
-            "Memory those transfers reserve (two SHARED_BLOB_WINDOWs each) of SHARED_BLOB_BUDGET.",
+            "Memory those transfers reserve of SHARED_BLOB_BUDGET: two SHARED_BLOB_WINDOWs for one in progress, its blob's size for one lingering.",
             [(vec![], reserved as f64)],
         );
         e.counter(

@@ -239,18 +239,28 @@ impl Hashing {
     }
 }
 
+/// Whether Harbor's blob answer names its digest and length: a blob Harbor serves from its
+/// storage, whose bytes are trusted as they are (the length framed by HTTP).
+pub fn served_whole(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some()
+        && names_digest(headers)
+}
+
 /// The check a 200 blob answer with `headers` (as they go to the client) needs: one when Harbor
 /// sent no length or no digest (see [`BlobCheck`]).
 pub fn blob_check(ask: &Ask, headers: &HeaderMap) -> Option<BlobCheck> {
     let Endpoint::Blob { digest } = &ask.endpoint else {
         return None;
     };
+    if served_whole(headers) {
+        return None;
+    }
     let announced = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some() && names_digest(headers) {
-        return None;
-    }
     Some(BlobCheck {
         hashing: Hashing::new(digest)?,
         name: ask.name.clone(),

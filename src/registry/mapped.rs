@@ -167,7 +167,7 @@ pub async fn shared(
             Turn::Lead(leader) => {
                 let res = request(state, project, ask, attempts).await;
                 let (res, shared) = share(res, ask.head).await;
-                leader.finish(shared);
+                state.sharing.finish(leader, shared);
                 return res;
             }
             Turn::Follow(rx) => match rx.await {
@@ -432,9 +432,18 @@ async fn blob(
                 status: parts.status,
                 headers: parts.headers,
             };
+            let proof = Proof::new(ask, &head.headers, state.settings.shared_blob_window);
             t.publish(head.clone());
             state.pumping(&t);
-            crate::task::spawn(pump(t, upstream));
+            let transfers = state.transfers.clone();
+            crate::task::spawn(async move {
+                if pump(t, upstream, proof).await {
+                    // The finished blob lingers: once its time is up, it goes (unless a join
+                    // already saw it go).
+                    monoio::time::sleep(transfers.linger()).await;
+                    transfers.expire();
+                }
+            });
             Mapped::Answer(Box::new(shared_response(
                 state, project, ask, &head, reader, None,
             )))
@@ -453,31 +462,69 @@ fn streams(body: &Body) -> bool {
 
 /// Copies Harbor's body into the transfer while a reader is left and the window has room; a
 /// failed body ends every reader with an error, a transfer nobody reads any more is abandoned (its
-/// request to Harbor dropped).
-async fn pump(t: Arc<Transfer>, mut body: UpstreamBody) {
+/// request to Harbor dropped). `true` when the finished transfer lingers ([`crate::transfer`]).
+async fn pump(t: Arc<Transfer>, mut body: UpstreamBody, mut proof: Proof) -> bool {
     // A pump dropped unfinished (its core stopping) sends its readers on their own rather than
     // leave them waiting.
     let _ending = Ending(t.clone());
     loop {
         if poll_fn(|cx| t.poll_room(cx)).await == Room::NoReaders {
-            return;
+            return false;
         }
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
+                    proof.see(&data);
                     t.push(&data);
                 }
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "Harbor's blob failed mid-transfer: every reader of it ends with an error");
-                t.end(false);
-                return;
+                t.fail();
+                return false;
             }
-            None => {
-                t.end(true);
-                return;
-            }
+            None => return t.complete(proof.good()),
         }
+    }
+}
+
+/// Whether a transfer's bytes are the blob's, for its linger: Harbor named the digest and the
+/// length (what a solo answer trusts too), or the bytes hashed to the digest in the URL. Only a
+/// blob that may linger (at most two windows) is hashed.
+struct Proof {
+    named: bool,
+    hashing: Option<answer::Hashing>,
+    seen: u64,
+    limit: u64,
+}
+
+impl Proof {
+    fn new(ask: &Ask, headers: &http::HeaderMap, window: usize) -> Proof {
+        let named = answer::served_whole(headers);
+        let hashing = match &ask.endpoint {
+            Endpoint::Blob { digest } if !named => answer::Hashing::new(digest),
+            _ => None,
+        };
+        Proof {
+            named,
+            hashing,
+            seen: 0,
+            limit: 2 * window as u64,
+        }
+    }
+
+    fn see(&mut self, data: &[u8]) {
+        self.seen += data.len() as u64;
+        if self.seen > self.limit {
+            // Too long to linger: no need to hash it.
+            self.hashing = None;
+        } else if let Some(h) = &mut self.hashing {
+            h.update(data);
+        }
+    }
+
+    fn good(self) -> bool {
+        self.seen <= self.limit && (self.named || self.hashing.is_some_and(|mut h| h.matches()))
     }
 }
 

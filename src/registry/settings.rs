@@ -15,6 +15,8 @@ pub struct Settings {
     pub resolver_timeout: Duration,
     /// Identical concurrent mapped pulls share one request to Harbor (blobs across cores).
     pub coalesce_pulls: bool,
+    /// How long a finished shared answer stays joinable (see [`super::sharing`]).
+    pub coalesce_linger: Duration,
     pub shared_blob_window: usize,
     pub shared_blob_budget: usize,
     /// How long the lives of mappings, misses and kept manifests are.
@@ -44,6 +46,7 @@ impl Settings {
             proxy_project: config.proxy_project.clone(),
             resolver_timeout: config.resolver_timeout,
             coalesce_pulls: config.coalesce_pulls,
+            coalesce_linger: config.coalesce_linger,
             shared_blob_window: config.shared_blob_window as usize,
             shared_blob_budget: config.shared_blob_budget as usize,
             ttls: Ttls {

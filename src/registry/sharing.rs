@@ -22,39 +22,161 @@
 //!   one of them leads. An answer that cannot be shared (its body could not be read whole) sends the
 //!   followers on requests of their own.
 //!
+//! - **Linger** (`COALESCE_LINGER`, 2 s by default; 0 turns it off): a successful answer (a 2xx
+//!   Harbor sent, no failure) stays joinable on its core for the linger after its flight ended, so
+//!   a rollout whose nodes arrive over seconds costs Harbor one request per core per linger, not
+//!   one per burst. The price is freshness: a tag moved in Harbor is seen up to the linger late on
+//!   a core that just answered it. Failures and 404s are never kept (the next pull asks again).
+//!   What lingers is bounded per core ([`MAX_KEPT`] answers, [`MAX_KEPT_BYTES`]), oldest out first.
+//!
 //! Blobs are not shared here: they are large and streamed, and concurrent pulls of one blob mostly
 //! land on different cores.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use crate::flight::{Flights, Turn};
+use crate::clock::Clock;
+use crate::flight::{Flights, Leader, Turn};
 
 use super::outcome::Heard;
 
 /// What a flight hands its followers: the leader's answer, or `None` when it could not be shared.
-pub type Shared = Option<std::rc::Rc<Outcome>>;
+pub type Shared = Option<Rc<Outcome>>;
 
-/// One core's flights of mapped pulls.
-#[derive(Default)]
+/// Answers a core keeps lingering, at most.
+pub const MAX_KEPT: usize = 1024;
+/// Bytes of lingering answers a core keeps, at most (bodies and a share for the headers).
+pub const MAX_KEPT_BYTES: usize = 16 << 20;
+/// What an answer's headers are counted as.
+const HEAD_BYTES: usize = 512;
+
+/// One core's flights of mapped pulls, and the answers lingering after them.
 pub struct Sharing {
-    flights: std::rc::Rc<Flights<Shared>>,
+    flights: Rc<Flights<Shared>>,
+    kept: RefCell<Kept>,
+    linger: Duration,
+    clock: Clock,
+}
+
+#[derive(Default)]
+struct Kept {
+    by_key: HashMap<String, (Instant, Rc<Outcome>)>,
+    /// Deadlines in the order they were set (every linger is the same length), oldest first.
+    order: VecDeque<(Instant, String)>,
+    bytes: usize,
+}
+
+impl Kept {
+    /// Drops the oldest answer (when its entry is still the one this deadline was set for).
+    fn pop_oldest(&mut self) {
+        let Some((until, key)) = self.order.pop_front() else {
+            return;
+        };
+        if self.by_key.get(&key).is_some_and(|(u, _)| *u == until) {
+            let (_, outcome) = self.by_key.remove(&key).expect("checked");
+            self.bytes -= size_of(&outcome);
+        }
+    }
+}
+
+fn size_of(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Answer { body, .. } => body.len() + HEAD_BYTES,
+        Outcome::Gone { .. } => HEAD_BYTES,
+    }
 }
 
 impl Sharing {
-    /// Whether the pull `key` (its project and its key) leads a flight or waits for one: a HEAD
-    /// follows a GET in the air, else leads or follows a flight of HEADs; a GET leads or follows a
-    /// flight of GETs.
+    pub fn new(linger: Duration, clock: Clock) -> Sharing {
+        Sharing {
+            flights: Rc::default(),
+            kept: RefCell::default(),
+            linger,
+            clock,
+        }
+    }
+
+    /// Whether the pull `key` (its project and its key) leads a flight or waits for one (or is
+    /// answered by one that lingers): a HEAD follows a GET, else leads or follows a flight of
+    /// HEADs; a GET leads or follows a flight of GETs.
     pub fn turn(&self, key: &str, head: bool) -> Turn<Shared> {
         let get = format!("GET {key}");
+        let now = (!self.linger.is_zero()).then(|| self.clock.now());
+        if let Some(kept) = self.kept(&get, now) {
+            return kept;
+        }
         if head {
             if let Some(rx) = self.flights.follow(&get) {
                 return Turn::Follow(rx);
             }
-            return self.flights.join(&format!("HEAD {key}"));
+            let key = format!("HEAD {key}");
+            if let Some(kept) = self.kept(&key, now) {
+                return kept;
+            }
+            return self.flights.join(&key);
         }
         self.flights.join(&get)
     }
+
+    /// A lingering answer for `key`, as a flight already answered.
+    fn kept(&self, key: &str, now: Option<Instant>) -> Option<Turn<Shared>> {
+        let now = now?;
+        let kept = self.kept.borrow();
+        let (until, outcome) = kept.by_key.get(key)?;
+        if *until <= now {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Some(outcome.clone()));
+        Some(Turn::Follow(rx))
+    }
+
+    /// Ends `leader`'s flight with `shared`, and keeps a successful answer for the linger.
+    pub fn finish(&self, leader: Leader<Shared>, shared: Shared) {
+        if let Some(outcome) = shared.as_ref().filter(|o| lingers(o)) {
+            self.keep(leader.key(), outcome.clone());
+        }
+        leader.finish(shared);
+    }
+
+    fn keep(&self, key: &str, outcome: Rc<Outcome>) {
+        if self.linger.is_zero() {
+            return;
+        }
+        let now = self.clock.now();
+        let until = now + self.linger;
+        let size = size_of(&outcome);
+        let mut kept = self.kept.borrow_mut();
+        while kept.order.front().is_some_and(|(u, _)| *u <= now) {
+            kept.pop_oldest();
+        }
+        if let Some((_, old)) = kept.by_key.insert(key.to_string(), (until, outcome)) {
+            kept.bytes -= size_of(&old);
+        }
+        kept.bytes += size;
+        kept.order.push_back((until, key.to_string()));
+        while kept.by_key.len() > MAX_KEPT || kept.bytes > MAX_KEPT_BYTES {
+            kept.pop_oldest();
+        }
+    }
+
+    /// Answers lingering now (for tests).
+    #[cfg(test)]
+    fn lingering(&self) -> usize {
+        let now = self.clock.now();
+        let kept = self.kept.borrow();
+        kept.by_key.values().filter(|(u, _)| *u > now).count()
+    }
+}
+
+/// Whether an answer may linger: Harbor's success, not a failure or a 404.
+fn lingers(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Answer { status, failure: None, .. } if status.is_success())
 }
 
 /// A mapped request's result in a form every follower can answer from.
@@ -71,4 +193,134 @@ pub enum Outcome {
     },
     /// The project answered 404.
     Gone { sure: bool },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::TestClock;
+
+    fn ok(head: bool) -> Shared {
+        Some(Rc::new(Outcome::Answer {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            failure: None,
+            head,
+        }))
+    }
+
+    fn lead(s: &Sharing, key: &str, head: bool) -> Leader<Shared> {
+        match s.turn(key, head) {
+            Turn::Lead(l) => l,
+            Turn::Follow(_) => panic!("{key} leads"),
+        }
+    }
+
+    /// The answer a turn follows, when it is already there.
+    fn answered(s: &Sharing, key: &str, head: bool) -> Option<Shared> {
+        match s.turn(key, head) {
+            Turn::Lead(_) => None,
+            Turn::Follow(mut rx) => Some(rx.try_recv().expect("answered at once")),
+        }
+    }
+
+    #[test]
+    fn a_finished_answer_lingers_then_the_next_pull_asks_again() {
+        let time = TestClock::new();
+        let s = Sharing::new(Duration::from_secs(2), time.clock());
+        let l = lead(&s, "k", false);
+        s.finish(l, ok(false));
+        let got = answered(&s, "k", false).expect("within the linger, a GET is answered");
+        assert!(matches!(
+            got.as_deref(),
+            Some(Outcome::Answer { head: false, .. })
+        ));
+        assert!(
+            answered(&s, "k", true).is_some(),
+            "a HEAD takes a GET's answer"
+        );
+        time.advance(Duration::from_millis(1999));
+        assert!(answered(&s, "k", false).is_some());
+        time.advance(Duration::from_millis(1));
+        assert!(
+            answered(&s, "k", false).is_none(),
+            "past the linger, it leads"
+        );
+        assert_eq!(s.lingering(), 0);
+    }
+
+    #[test]
+    fn a_heads_answer_lingers_for_heads_only() {
+        let s = Sharing::new(Duration::from_secs(2), TestClock::new().clock());
+        let l = lead(&s, "k", true);
+        s.finish(l, ok(true));
+        assert!(answered(&s, "k", true).is_some());
+        assert!(
+            answered(&s, "k", false).is_none(),
+            "a GET never takes a HEAD's answer: its body is missing"
+        );
+    }
+
+    #[test]
+    fn failures_404s_and_unshareable_answers_do_not_linger_nor_does_anything_with_no_linger() {
+        let s = Sharing::new(Duration::from_secs(2), TestClock::new().clock());
+        let failed = Some(Rc::new(Outcome::Answer {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            failure: Some(Heard::Unsure),
+            head: false,
+        }));
+        let unavailable = Some(Rc::new(Outcome::Answer {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            failure: None,
+            head: false,
+        }));
+        let gone = Some(Rc::new(Outcome::Gone { sure: true }));
+        for (key, shared) in [("a", failed), ("b", unavailable), ("c", gone), ("d", None)] {
+            let l = lead(&s, key, false);
+            s.finish(l, shared);
+            assert!(answered(&s, key, false).is_none(), "{key} asks again");
+        }
+        let off = Sharing::new(Duration::ZERO, TestClock::new().clock());
+        let l = lead(&off, "k", false);
+        off.finish(l, ok(false));
+        assert!(
+            answered(&off, "k", false).is_none(),
+            "no linger: in the air only"
+        );
+    }
+
+    #[test]
+    fn a_core_keeps_a_bounded_number_of_answers_oldest_out_first() {
+        let s = Sharing::new(Duration::from_secs(2), TestClock::new().clock());
+        for i in 0..MAX_KEPT + 10 {
+            let key = format!("k{i}");
+            let l = lead(&s, &key, false);
+            s.finish(l, ok(false));
+        }
+        assert_eq!(s.lingering(), MAX_KEPT);
+        assert!(answered(&s, "k0", false).is_none(), "the oldest went first");
+        assert!(answered(&s, &format!("k{}", MAX_KEPT + 9), false).is_some());
+        let big = Some(Rc::new(Outcome::Answer {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![0u8; MAX_KEPT_BYTES / 2]),
+            failure: None,
+            head: false,
+        }));
+        for key in ["big1", "big2", "big3"] {
+            let l = lead(&s, key, false);
+            s.finish(l, big.clone());
+        }
+        assert!(s.kept.borrow().bytes <= MAX_KEPT_BYTES);
+        assert!(answered(&s, "big3", false).is_some());
+        assert!(
+            answered(&s, "big1", false).is_none(),
+            "bytes bound what lingers"
+        );
+    }
 }

@@ -74,7 +74,11 @@ impl ProcessState {
                 settings.fanout_budget_per_ip.saturating_mul(5),
             ),
         );
-        let transfers = Transfers::new(settings.shared_blob_window, settings.shared_blob_budget);
+        let transfers = Transfers::new(
+            settings.shared_blob_window,
+            settings.shared_blob_budget,
+            settings.coalesce_linger,
+        );
         ProcessState {
             settings,
             harbor,
@@ -202,7 +206,7 @@ impl State {
                 worker,
             ),
             budgets: Budgets::new(limits, clock.clone()),
-            sharing: Sharing::default(),
+            sharing: Sharing::new(settings.coalesce_linger, clock.clone()),
             transfers,
             pumps: RefCell::default(),
             view: View::new(snapshot),

@@ -334,9 +334,14 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
 
 /// The environment of a router (one worker) in front of the test bed's Harbor at `harbor_url`, as
 /// its robot.
+///
+/// `COALESCE_LINGER` is off: these tests follow Harbor's answers one request after another, and a
+/// finished answer kept for its linger would stand in for the next one. The linger's own tests
+/// (tests/pull.rs) turn it on.
 pub fn bed_env(harbor_url: &str) -> Vec<(&str, &str)> {
     vec![
         ("WORKERS", "1"),
+        ("COALESCE_LINGER", "0"),
         ("HARBOR_URL", harbor_url),
         ("HARBOR_USERNAME", testbed::DEFAULT_ROBOT_USER),
         ("HARBOR_PASSWORD", testbed::DEFAULT_ROBOT_PASSWORD),
