@@ -70,23 +70,34 @@ class Shaper:
         ready.set()
         self.loop.run_forever()
 
-    def _count(self, head):
+    @staticmethod
+    def _kind(head):
+        """What a request is asking for (None: not a pull)."""
         line = head.split(b"\r\n", 1)[0].decode(errors="replace")
         parts = line.split(" ")
         if len(parts) < 2 or not parts[1].startswith("/v2/"):
-            return
+            return None
         path = parts[1].split("?")[0]
         m = re.match(r"/v2/[^/]+/(.+)/(manifests|blobs)/(.+)$", path)
         if not m:
-            return
+            return None
         if m.group(2) == "blobs":
-            key = "blobs (config and layer)"
-        elif m.group(3).startswith("sha256:"):
-            key = "manifests by digest (index and platform)"
-        else:
-            key = f"{parts[0]} manifest by tag"
+            return "blobs (config and layer)"
+        if m.group(3).startswith("sha256:"):
+            return "manifests by digest (index and platform)"
+        return f"{parts[0]} manifest by tag"
+
+    def _count(self, kind, status):
+        """Counts an answer: by what was asked, with the answers that are not the object apart
+        (a cold core's token challenge, a fan-out's miss in a project without the image)."""
+        if kind is None:
+            return
+        if status == 401:
+            kind = f"{kind}: 401 token challenges"
+        elif status == 404:
+            kind = f"{kind}: 404 from projects without it (fan-out)"
         with self.lock:
-            self.requests[key] = self.requests.get(key, 0) + 1
+            self.requests[kind] = self.requests.get(kind, 0) + 1
 
     async def _conn(self, reader, writer):
         try:
@@ -95,6 +106,9 @@ class Shaper:
             writer.close()
             return
         pending = asyncio.Event()
+        # What each request on this connection asked for, in order (HTTP/1.1: answers come in the
+        # order of the requests, one after the other).
+        kinds = []
 
         async def client_to_upstream():
             buf = b""
@@ -103,7 +117,7 @@ class Shaper:
                     buf += data
                     while b"\r\n\r\n" in buf:
                         head, buf = buf.split(b"\r\n\r\n", 1)
-                        self._count(head)
+                        kinds.append(self._kind(head))
                         pending.set()
                     up_w.write(data)
                     await up_w.drain()
@@ -121,6 +135,9 @@ class Shaper:
                     if pending.is_set():
                         # A new answer starts: an upstream's round trip first.
                         pending.clear()
+                        line = data.split(b"\r\n", 1)[0].split(b" ")
+                        status = int(line[1]) if len(line) > 1 and line[1].isdigit() else 0
+                        self._count(kinds.pop(0) if kinds else None, status)
                         await asyncio.sleep(self.latency)
                     writer.write(data)
                     await writer.drain()
@@ -408,21 +425,22 @@ def main():
     print(f"\nrollout: {args.nodes} nodes over {args.spread:.1f} s, two router pods (2 workers each) "
           f"sharing Redis, COALESCE_LINGER {args.linger or 'default'}, "
           f"Harbor at {args.latency_ms:.0f} ms and {args.mbps:.0f} Mbit/s a connection; image {size} "
-          f"bytes; medians of {args.rounds} round(s); Harbor's requests include the routers' token "
-          f"challenges (a cold core's first request to a project is answered 401)\n")
-    print(f"{'figure':66} {'sharing on':>12} {'sharing off':>12}")
+          f"bytes; medians of {args.rounds} round(s); Harbor's answers that are not the object are counted "
+          f"apart: token challenges (a cold core's first request to a project is answered 401) and "
+          f"fan-out misses (404 from the projects without the image)\n")
+    print(f"{'figure':84} {'sharing on':>12} {'sharing off':>12}")
     for k in kinds:
-        n = objects.get(k, 1)
-        print(f"{'Harbor requests per object: ' + k:66} {med('on', lambda r: r['requests'].get(k, 0)) / n:>12.1f} "
+        n = next((n for o, n in objects.items() if k.startswith(o)), 1)
+        print(f"{'Harbor requests per object: ' + k:84} {med('on', lambda r: r['requests'].get(k, 0)) / n:>12.1f} "
               f"{med('off', lambda r: r['requests'].get(k, 0)) / n:>12.1f}")
-    print(f"{'bytes Harbor sent ÷ image size':66} {med('on', lambda r: r['bytes_sent']) / size:>12.1f} "
+    print(f"{'bytes Harbor sent ÷ image size':84} {med('on', lambda r: r['bytes_sent']) / size:>12.1f} "
           f"{med('off', lambda r: r['bytes_sent']) / size:>12.1f}")
     for label, f in [("p50 time to pull (s)", lambda r: r["p50_s"]),
                      ("p99 time to pull, slow node aside (s)", lambda r: r["p99_s"]),
                      ("slow node's time to pull (s)", lambda r: r["slow_node_s"]),
                      ("failed pulls", lambda r: r["failed"]),
                      ("router peak RSS (MiB)", lambda r: r["rss_kib"] / 1024)]:
-        print(f"{label:66} {med('on', f):>12.3f} {med('off', f):>12.3f}")
+        print(f"{label:84} {med('on', f):>12.3f} {med('off', f):>12.3f}")
     out = args.out or os.path.join("bench", "results", time.strftime("rollout-%Y%m%dT%H%M%S.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

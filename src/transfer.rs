@@ -44,6 +44,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
+/// Finished transfers kept lingering at most (each holds a key, a head and a sleeping timer as
+/// well as its bytes), oldest out first.
+pub const MAX_LINGERING: usize = 1024;
+
 /// Every transfer in progress in the process, by key.
 pub struct Transfers {
     inner: Mutex<Registry>,
@@ -64,20 +68,23 @@ struct Registry {
 }
 
 impl Registry {
-    /// `t` takes no more readers and gives its reservation back now (a reader still reading it
-    /// holds its bytes a moment longer).
-    fn retire(&mut self, t: &Transfer) {
+    /// `t` takes no more readers. Its reservation goes with its bytes: now, when no reader holds
+    /// it any more (the registry's is the last reference: no pull can reach it again), else when
+    /// the last reader drops it.
+    fn retire(&mut self, t: &Arc<Transfer>) {
         let ours = self
             .by_key
             .get(&t.key)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), t));
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(t)));
         if ours {
             self.by_key.remove(&t.key);
         }
-        self.reserved = self
-            .reserved
-            .saturating_sub(t.reserve.swap(0, Ordering::Relaxed));
         t.lock().closed = true;
+        if Arc::strong_count(t) == 1 {
+            self.reserved = self
+                .reserved
+                .saturating_sub(t.reserve.swap(0, Ordering::Relaxed));
+        }
     }
 
     /// Retires the lingering transfers whose deadline has passed; they are dropped by the caller,
@@ -92,6 +99,32 @@ impl Registry {
             self.retire(&t);
             out.push(t);
         }
+    }
+
+    /// Makes room for `reserve` more bytes within `budget` by retiring lingering transfers nobody
+    /// reads, oldest first, when that is enough; `false` (and nothing retired) when it is not.
+    fn room(&mut self, reserve: usize, budget: usize, out: &mut Vec<Arc<Transfer>>) -> bool {
+        let idle = |t: &Arc<Transfer>| Arc::strong_count(t) == 1;
+        let freeable: usize = self
+            .lingering
+            .iter()
+            .filter(|(_, t)| idle(t))
+            .map(|(_, t)| t.reserve.load(Ordering::Relaxed))
+            .sum();
+        if self.reserved.saturating_sub(freeable) + reserve > budget {
+            return false;
+        }
+        let mut i = 0;
+        while self.reserved + reserve > budget && i < self.lingering.len() {
+            if idle(&self.lingering[i].1) {
+                let (_, t) = self.lingering.remove(i).expect("in range");
+                self.retire(&t);
+                out.push(t);
+            } else {
+                i += 1;
+            }
+        }
+        true
     }
 }
 
@@ -134,14 +167,7 @@ impl Transfers {
         }
         let reserve = self.window * 2;
         // Lingering blobs make room for a transfer, oldest first.
-        while registry.reserved + reserve > self.budget {
-            let Some((_, t)) = registry.lingering.pop_front() else {
-                break;
-            };
-            registry.retire(&t);
-            ended.push(t);
-        }
-        if registry.reserved + reserve > self.budget {
+        if !registry.room(reserve, self.budget, &mut ended) {
             return Joined::Alone;
         }
         registry.reserved += reserve;
@@ -162,13 +188,14 @@ impl Transfers {
     /// Joins the transfer of `key` in progress from `offset` (a ranged pull), if it still holds
     /// that offset; never leads.
     pub fn follow_from(&self, key: &str, offset: u64) -> Option<Arc<Transfer>> {
-        let t = self
-            .inner
-            .lock()
-            .ok()?
-            .by_key
-            .get(key)
-            .and_then(Weak::upgrade)?;
+        let mut ended = Vec::new();
+        let t = {
+            let mut registry = self.inner.lock().ok()?;
+            registry.expire(Instant::now(), &mut ended);
+            registry.by_key.get(key).and_then(Weak::upgrade)
+        };
+        drop(ended);
+        let t = t?;
         let joined = {
             let mut s = t.lock();
             let start = s.chunks.front().map_or(s.end, |(o, _)| *o);
@@ -232,6 +259,14 @@ impl Transfers {
         let before = t.reserve.swap(size, Ordering::Relaxed);
         registry.reserved = registry.reserved.saturating_sub(before) + size;
         registry.lingering.push_back((now + self.linger, t.clone()));
+        let mut ended = Vec::new();
+        while registry.lingering.len() > MAX_LINGERING {
+            let (_, old) = registry.lingering.pop_front().expect("not empty");
+            registry.retire(&old);
+            ended.push(old);
+        }
+        drop(registry);
+        drop(ended);
         true
     }
 
@@ -456,6 +491,8 @@ impl Transfer {
                 && from_zero
                 && matches!(s.head, HeadState::Shared(_))
                 && s.end <= 2 * self.window as u64;
+            // Closed under the same lock: no pull joins a transfer that will not linger.
+            s.closed = !whole;
             (
                 std::mem::take(&mut s.readers_waiting),
                 whole.then_some(s.end as usize),
@@ -945,5 +982,53 @@ mod tests {
         drop((a, b));
         assert_eq!(all.reserved(), 0);
         assert!(matches!(all.join_at("old", t0), Joined::Lead(_)));
+    }
+
+    #[test]
+    fn a_lingering_blob_still_read_keeps_its_bytes_counted_and_none_is_given_up_in_vain() {
+        let all = lingering(100, 400);
+        let t0 = Instant::now();
+        assert!(finished(&all, "read", &[1; 100], t0));
+        let Joined::Follow(f) = all.join_at("read", t0) else {
+            panic!()
+        };
+        let mut slow = Reader::new(f);
+        assert!(finished(&all, "idle", &[2; 100], t0));
+        let Joined::Lead(a) = all.join_at("a", t0) else {
+            panic!()
+        };
+        // 400 reserved; a second transfer needs 200, and only the idle blob's 100 can go.
+        assert!(matches!(all.join_at("b", t0), Joined::Alone));
+        let Joined::Follow(g) = all.join_at("idle", t0) else {
+            panic!("nothing was given up for a transfer that could not start")
+        };
+        drop(g);
+        // Past the linger, the blob still being read is retired but stays counted.
+        all.expire_at(t0 + Duration::from_secs(2));
+        assert_eq!(
+            all.reserved(),
+            200 + 100,
+            "the bytes a reader still holds stay counted"
+        );
+        assert_eq!(read_all(&mut slow).0.len(), 100);
+        drop(slow);
+        assert_eq!(all.reserved(), 200, "and go with the last reader");
+        drop(a);
+        assert_eq!(all.reserved(), 0);
+    }
+
+    #[test]
+    fn no_more_than_max_lingering_transfers_linger() {
+        let all = lingering(100, usize::MAX);
+        let t0 = Instant::now();
+        for i in 0..MAX_LINGERING + 3 {
+            assert!(finished(&all, &format!("k{i}"), b"x", t0));
+        }
+        assert_eq!(all.in_progress().0, MAX_LINGERING);
+        assert_eq!(all.reserved(), MAX_LINGERING);
+        assert!(
+            matches!(all.join_at("k0", t0), Joined::Lead(_)),
+            "the oldest went"
+        );
     }
 }

@@ -34,9 +34,13 @@ fn bed() -> (Testbed, Vec<Seeded>) {
     (bed, seeded)
 }
 
+/// A router with the default `COALESCE_LINGER` on: what lingers must keep each registry's and each
+/// form's answer apart.
 fn router(bed: &Testbed) -> Router {
     let url = bed.harbor.url();
-    let router = Router::start(&common::bed_env(&url));
+    let mut env = common::bed_env(&url);
+    env.push(("COALESCE_LINGER", "2s"));
+    let router = Router::start(&env);
     wait_until("the router is ready", || {
         common::get(router.addr, "/readyz").status == 200
     });

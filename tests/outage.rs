@@ -348,6 +348,55 @@ fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
 }
 
 #[test]
+fn a_blob_that_does_not_hash_to_its_digest_never_lingers() {
+    let (bed, _app) = bed_with_app();
+    let big = bed
+        .seed(&[testbed::SeedImage {
+            repository: "ghcr/org/big".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::OciManifest,
+            layer_bytes: 64 << 10,
+        }])
+        .unwrap()
+        .remove(0);
+    bed.harbor.set_uncached_blobs(UncachedBlobs::Chunked);
+    let router = router(&bed.harbor.url(), &[("COALESCE_LINGER", "30s")]);
+    let addr = router.addr;
+    assert_eq!(manifest(addr, "GET", "org/big", &big.digest).status, 200);
+    let layer = &big.blobs[1];
+    let asked = || {
+        bed.harbor
+            .counters()
+            .v2_requests
+            .get("ghcr")
+            .copied()
+            .unwrap_or(0)
+    };
+    let whole = |(head, body): (String, Vec<u8>)| -> Vec<u8> {
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        common::dechunk(&body)
+            .map(|(b, _)| b)
+            .expect("a chunked body that ends cleanly")
+    };
+    // Harbor's upstream breaks mid-blob: a 200 that ends cleanly with Harbor's error appended.
+    bed.harbor.set_fault("ghcr", Fault::BreakUncached);
+    let (_, broken) = raw_blob(addr, "org/big", layer);
+    assert_eq!(common::dechunk(&broken).map(|(b, _)| b), None);
+    bed.harbor.clear_faults();
+    // It did not linger: the next pull asks Harbor, and gets the blob.
+    let before = asked();
+    assert_eq!(sha256(&whole(raw_blob(addr, "org/big", layer))), *layer);
+    assert_eq!(
+        asked(),
+        before + 1,
+        "a broken transfer is never served again"
+    );
+    // A whole one does linger (so the check above is not the linger being off).
+    assert_eq!(sha256(&whole(raw_blob(addr, "org/big", layer))), *layer);
+    assert_eq!(asked(), before + 1, "the whole blob lingers");
+}
+
+#[test]
 fn a_tag_list_merged_with_a_large_upstream_list_comes_through_whole() {
     let (bed, _app) = bed_with_app();
     let upstream: Vec<String> = (0..5000).map(|i| format!("u{i:05}")).collect();

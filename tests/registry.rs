@@ -294,6 +294,42 @@ fn identical_mapped_pulls_on_a_core_share_one_request_and_heads_join_a_get() {
     });
 }
 
+/// Ten cold HEADs of one tag on a core, held at `b` until the fan-out reached it; the requests `b`
+/// got for them.
+async fn cold_heads(fake: &FakeHarbor, linger: &str) -> u64 {
+    let s = state(fake, &["a", "b"], &[("COALESCE_LINGER", linger)]);
+    let before = fake.requests("b");
+    fake.hold("b");
+    let heads: Vec<_> = (0..10).map(|_| spawn_send(&s, "HEAD", APP)).collect();
+    until("the fan-out reached b", || fake.requests("b") == before + 1).await;
+    polled().await;
+    fake.release("b");
+    for h in heads {
+        let res = h.await;
+        assert_eq!(res.status, StatusCode::OK);
+        assert!(res.headers.contains_key("docker-content-digest"));
+    }
+    fake.requests("b") - before
+}
+
+#[test]
+fn a_cold_fan_outs_waiters_take_its_winners_answer_within_the_linger() {
+    let fake = FakeHarbor::start();
+    fake.answer("b", manifest());
+    run(async {
+        assert_eq!(
+            cold_heads(&fake, "2s").await,
+            1,
+            "the fan-out's request answers the pulls that waited for it"
+        );
+        assert_eq!(
+            cold_heads(&fake, "0").await,
+            2,
+            "without the linger, they ask the project the fan-out found once more"
+        );
+    });
+}
+
 #[test]
 fn a_head_never_leads_a_get_and_conditional_pulls_go_alone() {
     let fake = FakeHarbor::start();

@@ -161,7 +161,7 @@ pub async fn shared(
     let Some(kind) = shareable(state, ask) else {
         return request(state, project, ask, attempts).await;
     };
-    let key = flight_key(project, pull_key);
+    let key = answer_key(project, ask, pull_key);
     loop {
         match state.sharing.turn(&key, ask.head) {
             Turn::Lead(leader) => {
@@ -178,6 +178,29 @@ pub async fn shared(
                 Err(_) => continue,
             },
         }
+    }
+}
+
+/// A fan-out's winning answer for its own client, kept for the linger as a mapped flight's answer
+/// is ([`super::sharing`]): the pulls that waited for the fan-out then ask the project it found,
+/// and are answered from this one instead of asking again.
+pub async fn keep_won(
+    state: &Rc<State>,
+    project: &Project,
+    ask: &Ask,
+    pull_key: &str,
+    res: Response<Body>,
+) -> Response<Body> {
+    if shareable(state, ask).is_none() || state.settings.coalesce_linger.is_zero() {
+        return res;
+    }
+    let (own, shared) = share(Mapped::Answer(Box::new(res)), ask.head).await;
+    state
+        .sharing
+        .keep_for(&answer_key(project, ask, pull_key), ask.head, shared);
+    match own {
+        Mapped::Answer(res) | Mapped::Failed(res, _) => *res,
+        Mapped::Gone { .. } => unreachable!("an answer stays an answer"),
     }
 }
 
@@ -282,6 +305,17 @@ fn follow(state: &State, kind: SharedKind, outcome: &Outcome, head: bool) -> Map
             }
         }
     }
+}
+
+/// The key of a pull's shared answer: its flight's, and for a tag list the form the client named
+/// the repository in (the list's `name` and `Link` are written for it; a mirror request's root
+/// form and a prefixed one share a pull key).
+fn answer_key(project: &Project, ask: &Ask, pull_key: &str) -> String {
+    let mut key = flight_key(project, pull_key);
+    if ask.root && matches!(ask.endpoint, Endpoint::Tags { .. }) {
+        key.push_str(" root");
+    }
+    key
 }
 
 /// The key of a pull's flight or transfer: its project and its key.

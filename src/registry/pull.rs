@@ -198,7 +198,8 @@ async fn ask_harbor(state: &Rc<State>, pull: &mut Pull<'_, '_>) -> Response<Body
         Finding::Won(project, res) => {
             pull.trace.project(&project.name);
             pull.log.by = Some(project);
-            answer::answer(state, project, &pull.ask, *res).await
+            let res = answer::answer(state, project, &pull.ask, *res).await;
+            mapped::keep_won(state, project, &pull.ask, &pull.key, res).await
         }
         Finding::Known(project) => {
             pull.trace.project(&project.name);

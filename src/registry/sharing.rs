@@ -72,6 +72,13 @@ struct Kept {
 }
 
 impl Kept {
+    /// Drops the answers whose linger is over.
+    fn expire(&mut self, now: Instant) {
+        while self.order.front().is_some_and(|(u, _)| *u <= now) {
+            self.pop_oldest();
+        }
+    }
+
     /// Drops the oldest answer (when its entry is still the one this deadline was set for).
     fn pop_oldest(&mut self) {
         let Some((until, key)) = self.order.pop_front() else {
@@ -107,6 +114,9 @@ impl Sharing {
     pub fn turn(&self, key: &str, head: bool) -> Turn<Shared> {
         let get = format!("GET {key}");
         let now = (!self.linger.is_zero()).then(|| self.clock.now());
+        if let Some(now) = now {
+            self.kept.borrow_mut().expire(now);
+        }
         if let Some(kept) = self.kept(&get, now) {
             return kept;
         }
@@ -144,6 +154,15 @@ impl Sharing {
         leader.finish(shared);
     }
 
+    /// Keeps `shared`, the answer to the pull `key` (as for [`Sharing::turn`]) that came another
+    /// way (a fan-out's winner), for the linger when it may linger.
+    pub fn keep_for(&self, key: &str, head: bool, shared: Shared) {
+        if let Some(outcome) = shared.filter(|o| lingers(o)) {
+            let method = if head { "HEAD" } else { "GET" };
+            self.keep(&format!("{method} {key}"), outcome);
+        }
+    }
+
     fn keep(&self, key: &str, outcome: Rc<Outcome>) {
         if self.linger.is_zero() {
             return;
@@ -152,9 +171,7 @@ impl Sharing {
         let until = now + self.linger;
         let size = size_of(&outcome);
         let mut kept = self.kept.borrow_mut();
-        while kept.order.front().is_some_and(|(u, _)| *u <= now) {
-            kept.pop_oldest();
-        }
+        kept.expire(now);
         if let Some((_, old)) = kept.by_key.insert(key.to_string(), (until, outcome)) {
             kept.bytes -= size_of(&old);
         }
@@ -168,9 +185,7 @@ impl Sharing {
     /// Answers lingering now (for tests).
     #[cfg(test)]
     fn lingering(&self) -> usize {
-        let now = self.clock.now();
-        let kept = self.kept.borrow();
-        kept.by_key.values().filter(|(u, _)| *u > now).count()
+        self.kept.borrow().by_key.len()
     }
 }
 
