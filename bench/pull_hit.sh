@@ -139,7 +139,8 @@ router_port=$(hr_free_port)
 # ROUTER_ENV adds variables to the router's environment, e.g. ROUTER_ENV="IO_DRIVER=epoll"; for the
 # access log's cost, ROUTER_ENV="LOG_LEVEL=info LOG_FORMAT=json ACCESS_LOG=all" (access lines are
 # written at info; the log goes to a file in the run's temporary directory).
-env WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn MAX_CONNECTIONS_PER_CLIENT=0 \
+# COALESCE_LINGER=0: the proxied tag goes upstream every time, as with nginx's proxy_pass.
+env WORKERS=1 LISTEN_ADDR=127.0.0.1:$router_port METRICS_ADDR=127.0.0.1:0 LOG_LEVEL=warn MAX_CONNECTIONS_PER_CLIENT=0 COALESCE_LINGER=0 \
   HARBOR_URL=http://127.0.0.1:$nginx_port ${ROUTER_ENV:-} target/release/harbor-router >"$work/router.log" 2>&1 &
 pids+=($!)
 router_pid=$!

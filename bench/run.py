@@ -172,6 +172,9 @@ http {{
             "FANOUT_BUDGET_PER_IP": "1000000",
             # Every load generator connects from 127.0.0.1: one address, many clients.
             "MAX_CONNECTIONS_PER_CLIENT": "0",
+            # A proxied tag is asked of Harbor every time, as nginx's proxy_pass asks its upstream:
+            # with the linger on, a repeated tag would be answered from the last one instead.
+            "COALESCE_LINGER": "0",
         }
         # Allocator settings pass through, so they can be compared (MIMALLOC_ARENA_EAGER_COMMIT=2
         # is mimalloc's own default on Linux; the router's is on-demand commit).

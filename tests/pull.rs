@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use testbed::{Fault, HarborConfig, Held, SeedImage, SeedKind, Seeded, Testbed};
+use testbed::{Fault, Gate, HarborConfig, Held, SeedImage, SeedKind, Seeded, Testbed};
 
 use common::{request, rss, wait_until, Response, Router, DEADLINE};
 
@@ -898,19 +898,23 @@ fn on(s: &mut TcpStream, method: &str, path: &str) -> Response {
     let accept = common::accept_lines().join("\r\n");
     write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n").unwrap();
     if method == "HEAD" {
-        // No body follows a HEAD's head.
-        let mut buf = Vec::new();
-        loop {
-            if let Some((res, _)) = common::parse_response_to(&buf, true) {
-                return res;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "the connection closed mid-response");
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        return on_head(s);
     }
     read_response(s)
+}
+
+/// Reads the answer to a HEAD (no body follows its head).
+fn on_head(s: &mut TcpStream) -> Response {
+    let mut buf = Vec::new();
+    loop {
+        if let Some((res, _)) = common::parse_response_to(&buf, true) {
+            return res;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[test]
@@ -980,6 +984,50 @@ fn pulls_within_the_linger_are_answered_from_the_last_identical_one() {
     });
     assert_eq!(sha256(&on(&mut on_1, "GET", &path).body), layer);
     assert_eq!(env.v2_requests("ghcr"), before + 2);
+}
+
+#[test]
+fn a_pull_that_learns_the_mapping_during_its_cores_fan_out_takes_the_fan_outs_answer() {
+    let env = start(
+        &[image("ghcr/org/app", "v1", SeedKind::OciManifest, 1 << 10)],
+        &[("WORKERS", "2"), ("COALESCE_LINGER", "2s")],
+    );
+    let tag = "/v2/proxy/org/app/manifests/v1";
+    let mut a = connection_on(env.router.addr, 0);
+    let mut b = connection_on(env.router.addr, 0);
+    let mut c = connection_on(env.router.addr, 1);
+    // A's HEAD leads worker 0's fan-out, held at ghcr.
+    let gate = Gate::new();
+    env.bed
+        .harbor
+        .set_fault("ghcr", Fault::HoldHeads(gate.clone()));
+    let before = env.manifest_requests("ghcr");
+    let accept = common::accept_lines().join("\r\n");
+    write!(a, "HEAD {tag} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n").unwrap();
+    wait_until("A's fan-out reached ghcr", || {
+        env.manifest_requests("ghcr") > before
+    });
+    // Worker 1 finds org/app with a GET (not held): the pod now knows where it is.
+    assert_eq!(on(&mut c, "GET", tag).status, 200);
+    let known = env.manifest_requests("ghcr");
+    // B's HEAD on worker 0 goes by the mapping, and waits for A's fan-out rather than ask.
+    let waited = env.router.scrape()["harbor_router_fanout_coalesced_total"];
+    write!(b, "HEAD {tag} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n").unwrap();
+    wait_until("B waits for A's fan-out", || {
+        env.router.scrape()["harbor_router_fanout_coalesced_total"] > waited
+    });
+    gate.release();
+    env.bed.harbor.clear_faults();
+    for s in [&mut a, &mut b] {
+        let res = on_head(s);
+        assert_eq!(res.status, 200);
+        assert!(res.header("Docker-Content-Digest").is_some());
+    }
+    assert_eq!(
+        env.manifest_requests("ghcr"),
+        known,
+        "B is answered by A's fan-out, not by a request of its own"
+    );
 }
 
 #[test]

@@ -161,6 +161,14 @@ pub async fn shared(
     let Some(kind) = shareable(state, ask) else {
         return request(state, project, ask, attempts).await;
     };
+    if !state.settings.coalesce_linger.is_zero() {
+        // A pull that learned the mapping (from another core or pod) while this core's fan-out for
+        // it is in the air waits for that fan-out: its winner lingers, and answers this pull too.
+        if let Some(fan_out) = state.routing.fan_out_in_flight(pull_key) {
+            state.metrics().coalesced.inc();
+            let _ = fan_out.await;
+        }
+    }
     let key = answer_key(project, ask, pull_key);
     loop {
         match state.sharing.turn(&key, ask.head) {

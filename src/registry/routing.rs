@@ -209,6 +209,14 @@ impl Routing {
         self.flights.join(key)
     }
 
+    /// The fan-out for `key` in flight on this core, to wait for; never leads one.
+    pub fn fan_out_in_flight(
+        &self,
+        key: &str,
+    ) -> Option<tokio::sync::oneshot::Receiver<FanOutResult>> {
+        self.flights.follow(key)
+    }
+
     /// Claims the background refresh of `name`: `None` when one is already running. The refresh
     /// holds the claim until it ends.
     pub fn claim_refresh(&self, name: &str) -> Option<RefreshClaim> {
