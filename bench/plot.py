@@ -59,7 +59,7 @@ def rollout(results, out):
         ("Bytes Harbor sent ÷ image size", "×", lambda run: run["bytes_sent"] / max(run["image_bytes"], 1)),
         ("p99 time to pull, slow node aside", "s", lambda run: run["p99_s"]),
     ]
-    labels = [f"{r['args']['nodes']} nodes over {r['args']['spread']:g} s" for r in results]
+    labels = [f"{r['args']['nodes']} nodes\nover {r['args']['spread']:g} s" for r in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
     for ax, (title, unit, f) in zip(axes, panels):
         bars(ax, title, labels, [med(r, "on", f) for r in results], [med(r, "off", f) for r in results],
@@ -68,7 +68,7 @@ def rollout(results, out):
     fig.legend(["COALESCE_PULLS=true (default)", "COALESCE_PULLS=false"], frameon=False,
                loc="lower center", ncol=2)
     a = results[0]["args"]
-    fig.suptitle(f"A rollout through two router pods; Harbor at {a['latency_ms']:g} ms and {a['mbps']:g} Mbit/s a "
+    fig.suptitle(f"A rollout through two router pods sharing Redis; Harbor at {a['latency_ms']:g} ms and {a['mbps']:g} Mbit/s a "
                  f"connection; medians of {a['rounds']} rounds")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = os.path.join(out, "rollout.png")
