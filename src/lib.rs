@@ -36,11 +36,14 @@
 //! - [`clock`]: the clock a core decides with (a test's moves forward; production's cannot).
 //! - [`snapshot`]: the immutable list of proxy-cache projects, published by discovery, read by cores.
 //! - [`config`]: every environment variable, parsed and validated in one place.
+//! - [`certs`]: the client listener's certificate and key, read from PEM files (at start and when
+//!   they change).
 //! - [`names`]: the distribution grammar of names, tags and digests.
 //! - [`error`]: the registry errors the router answers itself (code, status, JSON body).
 
 pub(crate) mod body;
 pub(crate) mod cache;
+pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod control;
@@ -87,6 +90,8 @@ pub struct Server {
     metrics_listener: std::net::TcpListener,
     harbor: Arc<upstream::Harbor>,
     snapshot: SharedSnapshot,
+    /// The client listener's certificate, with `TLS_CERT_FILE`.
+    certs: Option<Arc<server::tls::Certs>>,
 }
 
 impl Server {
@@ -94,6 +99,12 @@ impl Server {
     /// port and the others join it, so every worker serves the same address.
     pub fn bind(config: Config) -> anyhow::Result<Server> {
         let harbor = upstream::Harbor::new(&upstream::Settings::from_config(&config))?;
+        let certs = match &config.tls {
+            Some(files) => {
+                Some(server::tls::Certs::load(files).map_err(|e| anyhow::anyhow!("{e}"))?)
+            }
+            None => None,
+        };
         let listeners = server::listener::bind(config.listen_addr, config.workers)?;
         let local_addr = listeners[0].local_addr()?;
         let metrics_listener = std::net::TcpListener::bind(config.metrics_addr)
@@ -105,6 +116,7 @@ impl Server {
             metrics_listener,
             harbor,
             snapshot: snapshot::shared(),
+            certs,
         })
     }
 
@@ -159,7 +171,14 @@ impl Server {
             metrics.clone(),
         );
         metrics.watch_transfers(process.transfers.clone());
-        let settings = server::Settings::from_config(&self.config);
+        let mut settings = server::Settings::from_config(&self.config);
+        if let Some(certs) = &self.certs {
+            settings.tls = Some(certs.server_config());
+            certs
+                .watch(self.config.tls_reload_interval)
+                .context("cannot spawn the TLS reload thread")?;
+            metrics.watch_certs(certs.clone());
+        }
         if pinned && self.config.workers > cores.len() && !cores.is_empty() {
             tracing::warn!(
                 workers = self.config.workers,

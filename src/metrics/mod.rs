@@ -259,6 +259,8 @@ pub struct Metrics {
     heartbeats: std::sync::OnceLock<Vec<(usize, Arc<crate::server::Stats>)>>,
     /// The blob transfers shared by the cores.
     transfers: std::sync::OnceLock<Arc<crate::transfer::Transfers>>,
+    /// The client listener's certificate, with `TLS_CERT_FILE`.
+    certs: std::sync::OnceLock<Arc<crate::server::tls::Certs>>,
     pub discovery: DiscoveryMetrics,
     snapshot: SharedSnapshot,
     redis: Option<Shared>,
@@ -270,6 +272,7 @@ impl Metrics {
             workers: Mutex::new(Vec::new()),
             heartbeats: std::sync::OnceLock::new(),
             transfers: std::sync::OnceLock::new(),
+            certs: std::sync::OnceLock::new(),
             discovery: DiscoveryMetrics {
                 runs: [Counter::default(), Counter::default()],
                 duration: Histogram::durations(),
@@ -296,6 +299,11 @@ impl Metrics {
     /// The process's shared blob transfers, shown by the scrape.
     pub fn watch_transfers(&self, transfers: Arc<crate::transfer::Transfers>) {
         let _ = self.transfers.set(transfers);
+    }
+
+    /// The client listener's certificate, whose reloads the scrape shows.
+    pub fn watch_certs(&self, certs: Arc<crate::server::tls::Certs>) {
+        let _ = self.certs.set(certs);
     }
 
     /// Every worker is registered: their heartbeats are what liveness reads from now on.
@@ -534,6 +542,34 @@ impl Metrics {
             "harbor_router_response_bytes_total",
             "Bytes written to clients (response heads and bodies).",
             [(vec![], server(&|s| s.bytes_sent.get()))],
+        );
+        e.counter(
+            "harbor_router_tls_connections_total",
+            "Client connections that completed a TLS handshake (TLS_CERT_FILE), by the protocol ALPN chose: h2 or http/1.1.",
+            [
+                (
+                    vec![("protocol", "h2".to_string())],
+                    server(&|s| s.tls_h2.get()),
+                ),
+                (
+                    vec![("protocol", "http/1.1".to_string())],
+                    server(&|s| s.tls_http1.get()),
+                ),
+            ],
+        );
+        e.counter(
+            "harbor_router_tls_handshake_failures_total",
+            "Client TLS handshakes that failed or did not finish within HEADER_READ_TIMEOUT.",
+            [(vec![], server(&|s| s.tls_failed.get()))],
+        );
+        let (reloaded, refused) = self.certs.get().map_or((0, 0), |c| c.reloads());
+        e.counter(
+            "harbor_router_tls_certificate_reloads_total",
+            "Changes of TLS_CERT_FILE or TLS_KEY_FILE seen: reloaded (new connections get the new certificate), refused (unusable or unreadable: the certificate in use stays).",
+            [
+                (vec![("result", "reloaded".to_string())], reloaded),
+                (vec![("result", "refused".to_string())], refused),
+            ],
         );
 
         self.render_upstream(&mut e, &cores);

@@ -47,6 +47,8 @@ pub(super) struct Core<H> {
     /// How long a parked connection waits for the client's next request.
     pub idle_timeout: Duration,
     pub parking: Rc<Parking>,
+    /// With `TLS_CERT_FILE`: every connection is TLS, HTTP/2 or HTTP/1.1 by ALPN ([`super::tls`]).
+    pub tls: Option<super::tls::Tls>,
 }
 
 /// How long a connection stays idle in hyper before it parks: one to two of these.
@@ -209,10 +211,10 @@ async fn drive<H: Handler>(
 /// The per-connection service: the handler's future boxed per request (hyper keeps room for one
 /// service future per connection for its whole life, and the registry's is large), its response
 /// body counted in flight until hyper is done with it.
-struct Service<H> {
-    handler: Rc<H>,
-    peer: Peer,
-    flow: Rc<Flow>,
+pub(super) struct Service<H> {
+    pub(super) handler: Rc<H>,
+    pub(super) peer: Peer,
+    pub(super) flow: Rc<Flow>,
 }
 
 type ResponseFuture<B> = Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>>>>;
@@ -238,12 +240,12 @@ impl<H: Handler> hyper::service::Service<Request<Incoming>> for Service<H> {
 
 /// What the parking decision needs to know about one hyper connection.
 #[derive(Default)]
-struct Flow {
+pub(super) struct Flow {
     /// Requests this hyper connection was given: one at least before it may park (a client that
     /// sends only blank lines gets no fresh idle timer by parking).
-    served: Cell<usize>,
+    pub(super) served: Cell<usize>,
     /// Requests whose response body hyper has not finished with.
-    in_flight: Cell<usize>,
+    pub(super) in_flight: Cell<usize>,
     /// Bytes were written and not flushed since, or a write could not take them all (hyper still
     /// holds some).
     unflushed: Cell<bool>,

@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod linger;
 pub mod listener;
+pub mod tls;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -82,6 +83,8 @@ pub struct Settings {
     pub client_stall_timeout: Duration,
     /// Longest drain.
     pub shutdown_timeout: Duration,
+    /// With `TLS_CERT_FILE`: the TLS configuration every core's listener serves.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Settings {
@@ -96,6 +99,7 @@ impl Settings {
             header_read_timeout: config.header_read_timeout,
             client_stall_timeout: config.client_stall_timeout,
             shutdown_timeout: config.shutdown_timeout,
+            tls: None,
         }
     }
 
@@ -143,6 +147,12 @@ pub struct Stats {
     pub open: Gauge,
     /// Bytes written to clients (heads and bodies).
     pub bytes_sent: Counter,
+    /// TLS handshakes that failed or did not finish in time.
+    pub tls_failed: Counter,
+    /// TLS connections that chose HTTP/2 by ALPN.
+    pub tls_h2: Counter,
+    /// TLS connections on HTTP/1.1.
+    pub tls_http1: Counter,
 }
 
 /// What a worker thread tells the starter once its runtime is built (its id and driver), or why it
@@ -238,6 +248,7 @@ async fn accept_loop<H, F>(
         client_stall_timeout: settings.client_stall_timeout,
         idle_timeout: settings.header_read_timeout,
         parking,
+        tls: settings.tls.clone().map(tls::Tls::new),
     });
     let open = Rc::new(OpenConns {
         stats: stats.clone(),
@@ -286,7 +297,11 @@ async fn accept_loop<H, F>(
                     let _ = stream.set_nodelay(true);
                     stats.accepted.inc();
                     let guard = open.enter(capped.then_some(client));
-                    crate::task::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
+                    if core.tls.is_some() {
+                        crate::task::spawn(tls::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
+                    } else {
+                        crate::task::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(worker = id, error = %e, "accept failed");

@@ -1,0 +1,405 @@
+//! TLS to clients (`TLS_CERT_FILE`, `TLS_KEY_FILE`): every connection of the client listener is
+//! TLS (rustls), then HTTP/2 or HTTP/1.1 as ALPN chose (containerd and docker take `h2` when it is
+//! offered).
+//!
+//! - **Rotation.** [`Certs`] serves the key it holds now to every new handshake; a thread of its own
+//!   reads both files every `TLS_RELOAD_INTERVAL` and swaps in a new key when their content
+//!   changed (content, not inode or mtime: cert-manager and kubelet swap a symlink). A file that no
+//!   longer parses, or a key that does not match its certificate, keeps the old key and is logged
+//!   once. Open connections keep the session they have: nothing is dropped or restarted.
+//! - **Bounds**, as plain HTTP/1.1 has them: the handshake must end within `HEADER_READ_TIMEOUT`
+//!   (a client that connects and sends nothing holds a socket that long, as a plain one does), the
+//!   connection limits apply before it starts, and responses stall out after
+//!   `CLIENT_STALL_TIMEOUT` at the socket as plain ones do. HTTP/2: at most
+//!   [`H2_MAX_STREAMS`] concurrent streams, [`H2_MAX_PENDING_RESETS`] streams reset before the
+//!   router took them (the "rapid reset" flood) and [`H2_MAX_LOCAL_RESETS`] streams the router had
+//!   to reset, before the connection is closed; a header list of at most the size a plain request
+//!   head may have; pings every [`H2_PING_EVERY`] that a peer must answer within
+//!   [`H2_PING_TIMEOUT`]; and an idle connection (no stream for a whole `HEADER_READ_TIMEOUT`)
+//!   is closed with GOAWAY.
+//! - **No parking.** A TLS connection keeps its rustls state (about 30 KiB of buffers and keys)
+//!   and hyper's for as long as it is open; a plain HTTP/1.1 connection hands its buffers back
+//!   while idle ([`super::conn`]). The idle timeout bounds how long that memory is held.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::server::conn::http2;
+use monoio::io::IntoPollIo;
+use monoio::net::TcpStream;
+use monoio_compat::hyper::{MonoioIo, MonoioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::sync::watch;
+
+use super::conn::{Core, Flow, Service};
+use super::linger::LingeringIo;
+use super::{ConnGuard, Handler, Peer, Stats, MAX_REQUEST_HEAD};
+use crate::config::TlsFiles;
+
+/// Concurrent streams a client may open on one HTTP/2 connection.
+pub const H2_MAX_STREAMS: u32 = 128;
+/// Streams a client may reset before the router accepted them, before the connection is closed.
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams the router may reset for a client's errors on one connection, before it is closed.
+pub const H2_MAX_LOCAL_RESETS: usize = 1024;
+/// How often an HTTP/2 connection is pinged.
+pub const H2_PING_EVERY: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+const ALPN_H2: &[u8] = b"h2";
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The listener's certificate and key, swapped in place when the files change.
+pub struct Certs {
+    files: TlsFiles,
+    current: ArcSwap<CertifiedKey>,
+    /// The files' bytes last read (a change is what triggers a reload).
+    last: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certs").field("files", &self.files).finish()
+    }
+}
+
+/// What a look at the files found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Reloaded,
+    /// Changed, but unusable: the key in use stays.
+    Kept,
+}
+
+impl Certs {
+    /// Reads the files (a problem names its variable).
+    pub fn load(files: &TlsFiles) -> Result<Arc<Certs>, crate::certs::Problem> {
+        let (cert, key) = crate::certs::read(&files.cert, &files.key)?;
+        let current = crate::certs::parse(&cert, &key)?;
+        Ok(Arc::new(Certs {
+            files: files.clone(),
+            current: ArcSwap::new(current),
+            last: std::sync::Mutex::new((cert, key)),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+        }))
+    }
+
+    /// Reads the files again and swaps in their key if their content changed and is usable.
+    pub fn check(&self) -> Reload {
+        let read = crate::certs::read(&self.files.cert, &self.files.key);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (cert, key) = match read {
+            Ok(bytes) if bytes == *last => return Reload::Unchanged,
+            Ok(bytes) => bytes,
+            // Unreadable (a symlink swap caught half way, a removed file): looked at again next time.
+            Err(e) => {
+                if !last.0.is_empty() {
+                    tracing::warn!(problem = %e, "the TLS files cannot be read; keeping the certificate in use");
+                    self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                    *last = (Vec::new(), Vec::new());
+                }
+                return Reload::Kept;
+            }
+        };
+        let outcome = match crate::certs::parse(&cert, &key) {
+            Ok(k) => {
+                self.current.store(k);
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    cert = self.files.cert,
+                    "TLS certificate reloaded: new connections get the new one"
+                );
+                Reload::Reloaded
+            }
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(problem = %e, "the changed TLS files are unusable; keeping the certificate in use");
+                Reload::Kept
+            }
+        };
+        *last = (cert, key);
+        outcome
+    }
+
+    /// Checks the files every `every`, on a thread of its own, for the life of the process.
+    pub fn watch(self: &Arc<Self>, every: Duration) -> std::io::Result<()> {
+        let certs = self.clone();
+        std::thread::Builder::new()
+            .name("hr-tls-reload".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                certs.check();
+            })
+            .map(|_| ())
+    }
+
+    /// Reloads done and changed files refused, since start.
+    pub fn reloads(&self) -> (u64, u64) {
+        (
+            self.reloads.load(Ordering::Relaxed),
+            self.reload_failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The key served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+
+    /// The rustls server configuration every core shares: TLS 1.2 and 1.3, no client
+    /// certificates, ALPN `h2` then `http/1.1`.
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        Arc::new(config)
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// What a core needs to serve TLS: the acceptor and its HTTP/2 server settings.
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    h2: http2::Builder<crate::task::Executor>,
+}
+
+impl Tls {
+    pub fn new(config: Arc<ServerConfig>) -> Tls {
+        let mut h2 = http2::Builder::new(crate::task::Executor);
+        h2.timer(MonoioTimer)
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .max_header_list_size(MAX_REQUEST_HEAD as u32)
+            .keep_alive_interval(H2_PING_EVERY)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
+        Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            h2,
+        }
+    }
+}
+
+/// Serves one TLS connection until the client closes it, an error or the idle timeout ends it, or
+/// shutdown has let its in-flight requests finish.
+pub(super) async fn serve<H: Handler>(
+    stream: TcpStream,
+    peer: Peer,
+    core: Rc<Core<H>>,
+    mut shutdown: watch::Receiver<bool>,
+    _guard: ConnGuard,
+) {
+    let Some(tls) = &core.tls else {
+        return;
+    };
+    let stats = core.parking.stats.clone();
+    let io = match stream.into_poll_io() {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot switch the connection to poll io");
+            return;
+        }
+    };
+    let accepted = monoio::select! {
+        r = tls.acceptor.accept(io) => Some(r),
+        _ = monoio::time::sleep(core.idle_timeout) => None,
+        _ = shutdown.changed() => return,
+    };
+    let stream = match accepted {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            stats.tls_failed.inc();
+            tracing::debug!(worker = core.worker, error = %e, "TLS handshake failed");
+            return;
+        }
+        None => {
+            stats.tls_failed.inc();
+            tracing::debug!(
+                worker = core.worker,
+                "TLS handshake not done within HEADER_READ_TIMEOUT"
+            );
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+    if h2 {
+        stats.tls_h2.inc();
+    } else {
+        stats.tls_http1.inc();
+    }
+    let io = LingeringIo::new(
+        Counted {
+            inner: MonoioIo::new(stream),
+            stats: stats.clone(),
+        },
+        core.client_stall_timeout,
+    );
+    let flow = Rc::new(Flow::default());
+    let service = Service {
+        handler: core.handler.clone(),
+        peer,
+        flow: flow.clone(),
+    };
+    if h2 {
+        let conn = tls.h2.serve_connection(io, service);
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &flow,
+            Some(core.idle_timeout),
+            &mut shutdown,
+        )
+        .await;
+    } else {
+        // hyper's header read timeout is the idle limit of a keep-alive HTTP/1.1 connection.
+        let conn = core.http.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), &flow, None, &mut shutdown).await;
+    }
+}
+
+/// Runs a hyper connection to its end: on shutdown (or after `idle` with no request) it is told to
+/// finish what is in flight and close.
+async fn drive<C, E>(
+    conn: C,
+    close: impl Fn(Pin<&mut C>),
+    flow: &Flow,
+    idle: Option<Duration>,
+    shutdown: &mut watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        close(conn.as_mut());
+    }
+    let mut served = flow.served.get();
+    let result = loop {
+        if closing {
+            break conn.as_mut().await;
+        }
+        let idle_for = idle.unwrap_or(Duration::from_secs(3600));
+        monoio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.changed() => closing = true,
+            _ = monoio::time::sleep(idle_for) => {
+                let quiet = flow.in_flight.get() == 0 && flow.served.get() == served;
+                closing = idle.is_some() && quiet;
+                served = flow.served.get();
+            }
+        }
+        if closing {
+            close(conn.as_mut());
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "TLS connection ended with an error");
+    }
+}
+
+/// Counts the bytes written to the client (the plaintext, as a plain connection counts them).
+struct Counted<T> {
+    inner: T,
+    stats: Arc<Stats>,
+}
+
+impl<T: Read + Unpin> Read for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.stats.bytes_sent.add(n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &std::path::Path, name: &str) -> Vec<u8> {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        std::fs::write(dir.join("tls.crt"), c.cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), c.key_pair.serialize_pem()).unwrap();
+        c.cert.der().to_vec()
+    }
+
+    #[test]
+    fn a_changed_pair_is_served_and_a_broken_one_keeps_the_key_in_use() {
+        let dir = std::env::temp_dir().join(format!("hr-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = TlsFiles {
+            cert: dir.join("tls.crt").display().to_string(),
+            key: dir.join("tls.key").display().to_string(),
+        };
+        let first = write_pair(&dir, "a.test");
+        let certs = Certs::load(&files).unwrap();
+        let served = |c: &Certs| c.current().cert[0].to_vec();
+        assert_eq!(served(&certs), first);
+        assert_eq!(certs.check(), Reload::Unchanged);
+        let second = write_pair(&dir, "b.test");
+        assert_eq!(certs.check(), Reload::Reloaded);
+        assert_eq!(served(&certs), second);
+        // A key that does not match its certificate: the key in use stays, and it is said once.
+        let third = rcgen::generate_simple_self_signed(vec!["c.test".into()]).unwrap();
+        std::fs::write(dir.join("tls.crt"), third.cert.pem()).unwrap();
+        assert_eq!(certs.check(), Reload::Kept);
+        assert_eq!(
+            certs.check(),
+            Reload::Unchanged,
+            "refused once, not every time"
+        );
+        assert_eq!(served(&certs), second);
+        std::fs::remove_file(dir.join("tls.crt")).unwrap();
+        assert_eq!(certs.check(), Reload::Kept);
+        assert_eq!(served(&certs), second);
+        assert_eq!(certs.reloads(), (1, 2));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

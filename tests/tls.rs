@@ -1,0 +1,476 @@
+//! The router's own TLS listener (`TLS_CERT_FILE`, `TLS_KEY_FILE`): HTTP/1.1 and HTTP/2 by ALPN, a
+//! certificate rotated in place (a symlink swap, as cert-manager and kubelet do it) while
+//! connections stay open, a broken rotation that keeps the certificate in use, the handshake
+//! timeout, start errors that name the variable; and real clients over TLS: skopeo with
+//! `--cert-dir`, containerd with a `hosts.toml` `ca`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use common::{wait_until, Response, Router, DEADLINE};
+
+/// A private CA and the files of the certificates it signs, in a directory of their own.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+/// A leaf certificate: its DER (to recognise it on the wire) and PEM files.
+struct Leaf {
+    der: Vec<u8>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("hr-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "harbor-router test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        Pki { dir, ca, ca_key }
+    }
+
+    /// A certificate for 127.0.0.1 and localhost, signed by the CA.
+    fn leaf(&self) -> Leaf {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        Leaf {
+            der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// Publishes `leaf` as `tls.crt` and `tls.key` the way a Secret volume does: the files are
+    /// symlinks through `..data`, which is swapped in one rename.
+    fn publish(&self, leaf: &Leaf, version: u32) {
+        self.publish_raw(&leaf.cert_pem, &leaf.key_pem, version);
+    }
+
+    fn publish_raw(&self, cert: &str, key: &str, version: u32) {
+        let v = self.dir.join(format!("..v{version}"));
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::write(v.join("tls.crt"), cert).unwrap();
+        std::fs::write(v.join("tls.key"), key).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("..v{version}"), &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        for f in ["tls.crt", "tls.key"] {
+            let link = self.dir.join(f);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{f}"), &link).unwrap();
+            }
+        }
+    }
+
+    fn cert_file(&self) -> String {
+        self.dir.join("tls.crt").display().to_string()
+    }
+
+    fn key_file(&self) -> String {
+        self.dir.join("tls.key").display().to_string()
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// A client configuration that trusts the CA and offers `alpn`.
+    fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca.der().to_vec()))
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to `addr`, its handshake done.
+fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Tls {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("the TLS handshake");
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// The certificate a connection was given.
+fn served(s: &Tls) -> Vec<u8> {
+    s.conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// One HTTP/1.1 request on a keep-alive TLS connection, and its answer.
+fn get(s: &mut Tls, path: &str) -> Response {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let mut buf = Vec::new();
+    loop {
+        if let Some((res, _)) = common::parse_response_to(&buf, false) {
+            return res;
+        }
+        let mut chunk = [0u8; 16384];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn tls_router(pki: &Pki, vars: &[(&str, &str)]) -> Router {
+    let (cert, key) = (pki.cert_file(), pki.key_file());
+    let mut env = vec![
+        ("WORKERS", "2"),
+        ("TLS_CERT_FILE", cert.as_str()),
+        ("TLS_KEY_FILE", key.as_str()),
+    ];
+    env.extend_from_slice(vars);
+    Router::start(&env)
+}
+
+#[test]
+fn http1_and_http2_by_alpn_and_a_rotation_reaches_new_connections_while_old_ones_stay() {
+    let pki = Pki::new("rotate");
+    let first = pki.leaf();
+    pki.publish(&first, 1);
+    let router = tls_router(&pki, &[("TLS_RELOAD_INTERVAL", "100ms")]);
+    let h1 = pki.client(&[b"http/1.1"]);
+    let mut old = connect(router.addr, h1.clone());
+    assert_eq!(served(&old), first.der);
+    assert_eq!(old.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(get(&mut old, "/v2/").status, 200);
+    let h2 = connect(router.addr, pki.client(&[b"h2", b"http/1.1"]));
+    assert_eq!(
+        h2.conn.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "HTTP/2 when the client offers it"
+    );
+    drop(h2);
+
+    // cert-manager renews: the Secret volume's symlink is swapped.
+    let second = pki.leaf();
+    pki.publish(&second, 2);
+    wait_until("new connections get the new certificate", || {
+        served(&connect(router.addr, h1.clone())) == second.der
+    });
+    assert_eq!(
+        get(&mut old, "/v2/").status,
+        200,
+        "a connection opened before the rotation goes on"
+    );
+    assert_eq!(served(&old), first.der);
+
+    // A renewal that goes wrong (a key that is not the certificate's): the new certificate stays.
+    let third = pki.leaf();
+    pki.publish_raw(&third.cert_pem, &second.key_pem, 3);
+    wait_until("the broken pair is refused", || {
+        router.scrape()[r#"harbor_router_tls_certificate_reloads_total{result="refused"}"#] == 1.0
+    });
+    assert_eq!(served(&connect(router.addr, h1.clone())), second.der);
+    router.wait_log(|l| l.contains("keeping the certificate in use"));
+
+    let m = router.scrape();
+    assert_eq!(
+        m[r#"harbor_router_tls_certificate_reloads_total{result="reloaded"}"#],
+        1.0
+    );
+    assert!(m[r#"harbor_router_tls_connections_total{protocol="h2"}"#] >= 1.0);
+    assert!(m[r#"harbor_router_tls_connections_total{protocol="http/1.1"}"#] >= 3.0);
+}
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_is_cut_and_plain_http_gets_nothing() {
+    let pki = Pki::new("timeout");
+    pki.publish(&pki.leaf(), 1);
+    let router = tls_router(&pki, &[("HEADER_READ_TIMEOUT", "1s")]);
+    let mut silent = TcpStream::connect(router.addr).unwrap();
+    silent.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        silent.read(&mut buf).unwrap_or(0),
+        0,
+        "closed once the handshake timeout passed"
+    );
+    // Plain HTTP to the TLS port: the handshake fails; no HTTP answer leaks.
+    let mut plain = TcpStream::connect(router.addr).unwrap();
+    plain.set_read_timeout(Some(DEADLINE)).unwrap();
+    plain
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    wait_until("both counted", || {
+        router.scrape()["harbor_router_tls_handshake_failures_total"] >= 2.0
+    });
+}
+
+/// Starts the router with `env` and expects it to refuse its configuration, naming `var`.
+fn refused(env: &[(&str, &str)], var: &str) -> String {
+    let mut r = Router::spawn({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+        c.env_clear()
+            .env("HARBOR_URL", "http://127.0.0.1:9")
+            .envs(env.iter().copied());
+        c
+    });
+    let status = r.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(64), "{env:?}");
+    wait_until("the refusal names the variable", || {
+        r.stderr().contains(var)
+    });
+    r.stderr()
+}
+
+#[test]
+fn bad_tls_files_are_refused_at_start_naming_the_variable_never_the_content() {
+    let pki = Pki::new("refuse");
+    let leaf = pki.leaf();
+    pki.publish(&leaf, 1);
+    let (cert, key) = (pki.cert_file(), pki.key_file());
+    refused(&[("TLS_CERT_FILE", &cert)], "TLS_KEY_FILE");
+    refused(&[("TLS_KEY_FILE", &key)], "TLS_CERT_FILE");
+    refused(
+        &[
+            ("TLS_CERT_FILE", "/nonexistent.pem"),
+            ("TLS_KEY_FILE", &key),
+        ],
+        "TLS_CERT_FILE",
+    );
+    let other = pki.leaf();
+    let wrong = pki.dir.join("wrong.key");
+    std::fs::write(&wrong, &other.key_pem).unwrap();
+    let wrong = wrong.display().to_string();
+    let said = refused(
+        &[("TLS_CERT_FILE", &cert), ("TLS_KEY_FILE", &wrong)],
+        "TLS_KEY_FILE",
+    );
+    assert!(said.contains("does not match"), "{said}");
+    // The key where the certificate should be: refused, and the key is not printed.
+    let said = refused(
+        &[("TLS_CERT_FILE", &key), ("TLS_KEY_FILE", &key)],
+        "TLS_CERT_FILE",
+    );
+    assert!(!said.contains("PRIVATE KEY"), "{said}");
+}
+
+fn skopeo(args: &[&str]) -> std::process::Output {
+    Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("skopeo (Debian package skopeo)")
+}
+
+#[test]
+fn skopeo_and_containerd_pull_over_tls_with_the_registrys_digests() {
+    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[testbed::SeedImage {
+            repository: "dockerhub/library/alpine".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::OciIndex,
+            layer_bytes: 4096,
+        }])
+        .unwrap()
+        .remove(0);
+    let pki = Pki::new("clients");
+    pki.publish(&pki.leaf(), 1);
+    let url = bed.harbor.url();
+    let mut env = common::bed_env(&url);
+    let (cert, key) = (pki.cert_file(), pki.key_file());
+    env.extend_from_slice(&[
+        ("WORKERS", "2"),
+        ("TLS_CERT_FILE", cert.as_str()),
+        ("TLS_KEY_FILE", key.as_str()),
+    ]);
+    let router = Router::start(&env);
+    wait_until("the router is ready", || {
+        common::get(router.metrics_addr(), "/readyz").status == 200
+    });
+
+    // skopeo, trusting the CA through --cert-dir (a directory with ca.crt), as for any registry.
+    let certs = pki.dir.join("skopeo");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(pki.ca_file(), certs.join("ca.crt")).unwrap();
+    let image = format!("docker://{}/proxy/library/alpine:v1", router.addr);
+    let out = skopeo(&[
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        certs.to_str().unwrap(),
+        &image,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256(&out.stdout),
+        seeded.digest,
+        "the index, byte for byte"
+    );
+    let into = pki.dir.join("copied");
+    let out = skopeo(&[
+        "copy",
+        "--src-cert-dir",
+        certs.to_str().unwrap(),
+        &image,
+        &format!("dir:{}", into.display()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        router.scrape()["harbor_router_tls_handshake_failures_total"],
+        0.0
+    );
+    // Without the CA, the certificate is refused: TLS is really in the way.
+    let out = skopeo(&["inspect", "--raw", &image]);
+    assert!(!out.status.success());
+    let refused = router.scrape()["harbor_router_tls_handshake_failures_total"];
+    assert!(refused >= 1.0, "skopeo's handshakes failed");
+
+    // containerd, with the CA in hosts.toml.
+    let node = testbed::containerd::Containerd::start().unwrap();
+    let hosts = node.hosts_dir("hosts-tls");
+    let d = hosts.join("docker.io");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"https://registry-1.docker.io\"\n\n[host.\"https://{}/v2/proxy\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n  ca = \"{}\"\n",
+            router.addr,
+            pki.ca_file().display()
+        ),
+    )
+    .unwrap();
+    let tls_connections = |m: &std::collections::BTreeMap<String, f64>| {
+        m[r#"harbor_router_tls_connections_total{protocol="h2"}"#]
+            + m[r#"harbor_router_tls_connections_total{protocol="http/1.1"}"#]
+    };
+    let before = tls_connections(&router.scrape());
+    let got = node
+        .pull(&hosts, "docker.io/library/alpine:v1")
+        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", node.log()));
+    assert_eq!(got, seeded.digest);
+    assert!(
+        tls_connections(&router.scrape()) > before,
+        "containerd came over TLS"
+    );
+
+    // curl, which offers HTTP/2 (skopeo and containerd, with a CA of their own configured, did not
+    // here): the index, the manifest and a blob over h2, byte for byte.
+    let h2_before = router.scrape()[r#"harbor_router_tls_connections_total{protocol="h2"}"#];
+    let index: serde_json::Value = serde_json::from_slice(&curl_h2(
+        &pki,
+        router.addr,
+        "/v2/proxy/library/alpine/manifests/v1",
+        &seeded.digest,
+    ))
+    .unwrap();
+    let platform = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&curl_h2(
+        &pki,
+        router.addr,
+        &format!("/v2/proxy/library/alpine/manifests/{platform}"),
+        &platform,
+    ))
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    curl_h2(
+        &pki,
+        router.addr,
+        &format!("/v2/proxy/library/alpine/blobs/{layer}"),
+        &layer,
+    );
+    let m = router.scrape();
+    assert_eq!(
+        m[r#"harbor_router_tls_connections_total{protocol="h2"}"#],
+        h2_before + 3.0,
+        "each curl on HTTP/2"
+    );
+    assert_eq!(
+        m["harbor_router_tls_handshake_failures_total"], refused,
+        "every other handshake succeeded"
+    );
+}
+
+/// `path` fetched with curl over HTTP/2, checked against `digest`; its body.
+fn curl_h2(pki: &Pki, addr: SocketAddr, path: &str, digest: &str) -> Vec<u8> {
+    let accept = "Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--http2", "--cacert"])
+        .arg(pki.ca_file())
+        .args(["-H", accept, "-w", "\n%{http_version}"])
+        .arg(format!("https://{addr}{path}"))
+        .output()
+        .expect("curl (Debian package curl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut body = out.stdout;
+    let split = body.iter().rposition(|b| *b == b'\n').unwrap();
+    let version = String::from_utf8(body.split_off(split)).unwrap();
+    assert_eq!(version.trim(), "2", "HTTP/2 for {path}");
+    assert_eq!(sha256(&body), digest, "{path}");
+    body
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(b))
+}
