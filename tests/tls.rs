@@ -629,3 +629,182 @@ fn the_docker_daemon_pulls_over_tls_trusting_the_ca_in_certs_d() {
         "its config and layer, through the router"
     );
 }
+
+/// An HTTP/2 frame: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
+/// A minimal HTTP/2 client over a TLS connection that negotiated `h2`: enough to open streams
+/// with a small window and to watch what the server sends.
+struct H2Client {
+    tls: Tls,
+    buf: Vec<u8>,
+}
+
+impl H2Client {
+    /// The connection preface and SETTINGS with `window` as every stream's initial window.
+    fn open(tls: Tls, window: u32) -> H2Client {
+        assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
+        let mut c = H2Client {
+            tls,
+            buf: Vec::new(),
+        };
+        c.tls
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .unwrap();
+        // SETTINGS_INITIAL_WINDOW_SIZE (4).
+        let mut settings = vec![0, 4];
+        settings.extend_from_slice(&window.to_be_bytes());
+        c.send(4, 0, 0, &settings);
+        c
+    }
+
+    fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        self.tls.write_all(&f).unwrap();
+        self.tls.flush().unwrap();
+    }
+
+    /// A GET of `path` on `stream` (HPACK literals without indexing, no Huffman).
+    fn get(&mut self, stream: u32, path: &str) {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "t"),
+            (":path", path),
+        ] {
+            block.push(0);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        // END_STREAM | END_HEADERS.
+        self.send(1, 0x5, stream, &block);
+    }
+
+    /// The next frame, acknowledging the server's SETTINGS and PINGs; `None` once the server closed.
+    fn next(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() >= 9 + len {
+                    let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
+                    let frame = (f[3], f[4], stream, f[9..].to_vec());
+                    if frame.0 == 4 && frame.1 & 1 == 0 {
+                        self.send(4, 1, 0, &[]);
+                    }
+                    if frame.0 == 6 && frame.1 & 1 == 0 {
+                        self.send(6, 1, 0, &frame.3);
+                    }
+                    return Some(frame);
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            match self.tls.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[test]
+fn http2_connections_are_closed_when_idle_and_when_a_stream_takes_nothing() {
+    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[testbed::SeedImage {
+            repository: "dockerhub/library/big".into(),
+            tag: "v1".into(),
+            kind: testbed::SeedKind::OciManifest,
+            layer_bytes: 4 << 20,
+        }])
+        .unwrap()
+        .remove(0);
+    let pki = Pki::new("h2");
+    pki.publish(&pki.leaf(), 1);
+    let url = bed.harbor.url();
+    let mut env = common::bed_env(&url);
+    let (cert, key) = (pki.cert_file(), pki.key_file());
+    env.extend_from_slice(&[
+        ("TLS_CERT_FILE", cert.as_str()),
+        ("TLS_KEY_FILE", key.as_str()),
+        ("HEADER_READ_TIMEOUT", "1s"),
+        ("CLIENT_STALL_TIMEOUT", "1s"),
+    ]);
+    let router = Router::start(&env);
+    let h2 = pki.client(&[b"h2"]);
+
+    // A connection with no stream: GOAWAY, then closed.
+    let started = std::time::Instant::now();
+    let mut idle = H2Client::open(connect(router.addr, h2.clone()), 65535);
+    let mut frames = Vec::new();
+    let mut settings = Vec::new();
+    while let Some(f) = idle.next() {
+        if f.0 == 4 && f.1 & 1 == 0 {
+            settings = f.3.clone();
+        }
+        frames.push(f.0);
+    }
+    assert!(frames.contains(&7), "GOAWAY before the close: {frames:?}");
+    // SETTINGS_MAX_CONCURRENT_STREAMS (3) is announced.
+    let announced: Vec<(u16, u32)> = settings
+        .chunks(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    assert!(announced.contains(&(3, 128)), "{announced:?}");
+    assert!(
+        started.elapsed() < DEADLINE / 2,
+        "closed by the router, not by the client's timeout"
+    );
+
+    // The layer on a stream whose window the client never opens past 16 KiB.
+    let manifest: serde_json::Value = serde_json::from_slice(&curl_h2(
+        &pki,
+        router.addr,
+        &format!("/v2/proxy/library/big/manifests/{}", seeded.digest),
+        &seeded.digest,
+    ))
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    let mut stalled = H2Client::open(connect(router.addr, h2.clone()), 16 << 10);
+    stalled.get(1, &format!("/v2/proxy/library/big/blobs/{layer}"));
+    let (mut data, mut reset) = (0usize, false);
+    while let Some((kind, _, stream, payload)) = stalled.next() {
+        match kind {
+            0 if stream == 1 => data += payload.len(),
+            3 => reset = true,
+            _ => {}
+        }
+    }
+    assert!(
+        data <= 16 << 10,
+        "no more than the window it opened: {data}"
+    );
+    assert!(data > 0 || reset, "the stream started");
+    assert!(
+        started.elapsed() < DEADLINE / 2,
+        "cut by the router after CLIENT_STALL_TIMEOUT, not by the client's timeout"
+    );
+    // A stream the client reads goes on: the same blob, whole, on a fresh connection (curl).
+    curl_h2(
+        &pki,
+        router.addr,
+        &format!("/v2/proxy/library/big/blobs/{layer}"),
+        &layer,
+    );
+}

@@ -21,6 +21,7 @@
 //!   and hyper's for as long as it is open; a plain HTTP/1.1 connection hands its buffers back
 //!   while idle ([`super::conn`]). The idle timeout bounds how long that memory is held.
 
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -264,12 +265,22 @@ pub(super) async fn serve<H: Handler>(
         flow: flow.clone(),
     };
     if h2 {
+        let streams = Rc::new(Streams::default());
+        let service = Watching {
+            inner: service,
+            streams: streams.clone(),
+        };
         let conn = tls.h2.serve_connection(io, service);
+        let h2 = H2 {
+            idle: core.idle_timeout,
+            stall: core.client_stall_timeout,
+            streams: &streams,
+        };
         drive(
             conn,
             |c| c.graceful_shutdown(),
             &flow,
-            Some(core.idle_timeout),
+            Some(h2),
             &mut shutdown,
         )
         .await;
@@ -280,13 +291,26 @@ pub(super) async fn serve<H: Handler>(
     }
 }
 
-/// Runs a hyper connection to its end: on shutdown (or after `idle` with no request) it is told to
-/// finish what is in flight and close.
+/// What an HTTP/2 connection is watched for: no stream for `idle`, a stream the client takes
+/// nothing of for `stall`.
+struct H2<'a> {
+    idle: Duration,
+    stall: Duration,
+    streams: &'a Streams,
+}
+
+/// Checks per `CLIENT_STALL_TIMEOUT`: a stream is cut between one and one and a half of it after
+/// the client last made room for a byte of it.
+const STALL_CHECKS: u32 = 2;
+
+/// Runs a hyper connection to its end: on shutdown (or, HTTP/2, after its idle time with no
+/// request) it is told to finish what is in flight and close; an HTTP/2 stream the client took
+/// nothing of for `CLIENT_STALL_TIMEOUT` ends the connection, as a stalled plain one ends.
 async fn drive<C, E>(
     conn: C,
     close: impl Fn(Pin<&mut C>),
     flow: &Flow,
-    idle: Option<Duration>,
+    h2: Option<H2<'_>>,
     shutdown: &mut watch::Receiver<bool>,
 ) where
     C: Future<Output = Result<(), E>>,
@@ -297,27 +321,160 @@ async fn drive<C, E>(
     if closing {
         close(conn.as_mut());
     }
+    let (every, checks_idle, checks_stall) = match &h2 {
+        Some(h) => {
+            let every = (h.stall / STALL_CHECKS)
+                .min(h.idle)
+                .max(Duration::from_millis(1));
+            let of = |d: Duration| (d.as_nanos() / every.as_nanos()).max(1) as u64;
+            (every, of(h.idle), of(h.stall) + 1)
+        }
+        None => (Duration::from_secs(3600), u64::MAX, u64::MAX),
+    };
     let mut served = flow.served.get();
+    let mut quiet_checks = 0u64;
     let result = loop {
-        if closing {
-            break conn.as_mut().await;
-        }
-        let idle_for = idle.unwrap_or(Duration::from_secs(3600));
-        monoio::select! {
+        let stalled = monoio::select! {
             r = conn.as_mut() => break r,
-            _ = shutdown.changed() => closing = true,
-            _ = monoio::time::sleep(idle_for) => {
-                let quiet = flow.in_flight.get() == 0 && flow.served.get() == served;
-                closing = idle.is_some() && quiet;
-                served = flow.served.get();
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                close(conn.as_mut());
+                false
             }
-        }
-        if closing {
-            close(conn.as_mut());
+            _ = monoio::time::sleep(every) => {
+                let quiet = flow.in_flight.get() == 0 && flow.served.get() == served;
+                served = flow.served.get();
+                quiet_checks = if quiet { quiet_checks + 1 } else { 0 };
+                if !closing && quiet_checks >= checks_idle {
+                    closing = true;
+                    close(conn.as_mut());
+                }
+                h2.as_ref().is_some_and(|h| h.streams.stalled(checks_stall))
+            }
+        };
+        if stalled {
+            tracing::debug!(
+                "an HTTP/2 stream took nothing for CLIENT_STALL_TIMEOUT: closing its connection"
+            );
+            return;
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "TLS connection ended with an error");
+    }
+}
+
+/// The response bodies of one HTTP/2 connection, each with the check at which it handed hyper a
+/// frame the client has not made room for since (hyper asks a body for its next frame only when
+/// the stream has window to send it).
+#[derive(Default)]
+struct Streams {
+    check: Cell<u64>,
+    handed: RefCell<Vec<Option<u64>>>,
+    free: RefCell<Vec<usize>>,
+}
+
+impl Streams {
+    fn open(&self) -> usize {
+        let mut handed = self.handed.borrow_mut();
+        match self.free.borrow_mut().pop() {
+            Some(slot) => {
+                handed[slot] = None;
+                slot
+            }
+            None => {
+                handed.push(None);
+                handed.len() - 1
+            }
+        }
+    }
+
+    fn close(&self, slot: usize) {
+        self.handed.borrow_mut()[slot] = None;
+        self.free.borrow_mut().push(slot);
+    }
+
+    /// One more check; whether a stream has waited for the client through `checks` of them.
+    fn stalled(&self, checks: u64) -> bool {
+        let now = self.check.get() + 1;
+        self.check.set(now);
+        self.handed
+            .borrow()
+            .iter()
+            .flatten()
+            .any(|since| now - since >= checks)
+    }
+}
+
+/// The connection's service, its response bodies watched for a client that stops taking them.
+struct Watching<H> {
+    inner: Service<H>,
+    streams: Rc<Streams>,
+}
+
+impl<H: Handler> hyper::service::Service<http::Request<hyper::body::Incoming>> for Watching<H> {
+    type Response = http::Response<Watched<<Service<H> as Served>::Body>>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, std::convert::Infallible>>>>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let answer = hyper::service::Service::call(&self.inner, req);
+        let streams = self.streams.clone();
+        Box::pin(async move {
+            let res = answer.await?;
+            let slot = streams.open();
+            Ok(res.map(|body| Watched {
+                streams,
+                slot,
+                body,
+            }))
+        })
+    }
+}
+
+/// The body type of a service's responses.
+trait Served {
+    type Body;
+}
+
+impl<H: Handler> Served for Service<H> {
+    type Body = super::conn::Tracked<H::Body>;
+}
+
+/// A response body that records when it handed hyper a frame (and hyper did not come back).
+struct Watched<B> {
+    streams: Rc<Streams>,
+    slot: usize,
+    body: B,
+}
+
+impl<B> Drop for Watched<B> {
+    fn drop(&mut self) {
+        self.streams.close(self.slot);
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let handed = matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data());
+        this.streams.handed.borrow_mut()[this.slot] = handed.then(|| this.streams.check.get());
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
