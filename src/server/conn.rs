@@ -47,8 +47,6 @@ pub(super) struct Core<H> {
     /// How long a parked connection waits for the client's next request.
     pub idle_timeout: Duration,
     pub parking: Rc<Parking>,
-    /// With `TLS_CERT_FILE`: every connection is TLS, HTTP/2 or HTTP/1.1 by ALPN ([`super::tls`]).
-    pub tls: Option<super::tls::Tls>,
 }
 
 /// How long a connection stays idle in hyper before it parks: one to two of these.

@@ -248,8 +248,9 @@ async fn accept_loop<H, F>(
         client_stall_timeout: settings.client_stall_timeout,
         idle_timeout: settings.header_read_timeout,
         parking,
-        tls: settings.tls.clone().map(tls::Tls::new),
     });
+    // With `TLS_CERT_FILE`: every connection is TLS, HTTP/2 or HTTP/1.1 by ALPN.
+    let tls = settings.tls.clone().map(|c| Rc::new(tls::Tls::new(c)));
     let open = Rc::new(OpenConns {
         stats: stats.clone(),
         ..Default::default()
@@ -297,8 +298,8 @@ async fn accept_loop<H, F>(
                     let _ = stream.set_nodelay(true);
                     stats.accepted.inc();
                     let guard = open.enter(capped.then_some(client));
-                    if core.tls.is_some() {
-                        crate::task::spawn(tls::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
+                    if let Some(tls) = &tls {
+                        crate::task::spawn(tls::serve(stream, Peer(peer), core.clone(), tls.clone(), shutdown.clone(), guard));
                     } else {
                         crate::task::spawn(conn::serve(stream, Peer(peer), core.clone(), shutdown.clone(), guard));
                     }

@@ -210,12 +210,10 @@ pub(super) async fn serve<H: Handler>(
     stream: TcpStream,
     peer: Peer,
     core: Rc<Core<H>>,
+    tls: Rc<Tls>,
     mut shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
-    let Some(tls) = &core.tls else {
-        return;
-    };
     let stats = core.parking.stats.clone();
     let io = match stream.into_poll_io() {
         Ok(io) => io,
