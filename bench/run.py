@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,8 @@ SCENARIOS = [
     "slow-readers",
     "cold-fanout",
     "idle",
+    "tls",
+    "idle-tls",
     "workers",
     "io-driver",
 ]
@@ -188,7 +191,8 @@ http {{
         p.metrics = int(env["METRICS_ADDR"].rsplit(":", 1)[1])
         wait_port(port, name, p)
         end = time.time() + 30
-        while http_get(port, "/readyz")[0] != 200:
+        # The metrics port answers the probes (plain HTTP even when the client port speaks TLS).
+        while http_get(p.metrics, "/readyz")[0] != 200:
             if p.poll() is not None or time.time() > end:
                 raise SystemExit(f"{name} is not ready: {open(self.log_path(name)).read()[-2000:]}")
             time.sleep(0.05)
@@ -288,12 +292,12 @@ http {{
 
     # ---------------------------------------------------------------- measuring
 
-    def wrk(self, port, path, conns, server_pids, upstream_pid=None, accept=True, duration=None):
+    def wrk(self, port, path, conns, server_pids, upstream_pid=None, accept=True, duration=None, scheme="http"):
         duration = duration or self.args.duration
         argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency"]
         if accept:
             argv += ["-H", f"Accept: {ACCEPT}"]
-        argv.append(f"http://127.0.0.1:{port}{path}")
+        argv.append(f"{scheme}://127.0.0.1:{port}{path}")
         before = {p: cpu_ticks(p) for p in server_pids}
         up_before = cpu_ticks(upstream_pid) if upstream_pid else 0
         out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, check=True).stdout
@@ -574,6 +578,127 @@ http {{
         self.results["idle"] = {"connections": n, "rss_before_kib": before, "rss_after_kib": after}
         self.figure("idle", f"router RSS with {n} idle keep-alive clients", after / 1024, "< 100 MiB",
                     after / 1024 < 100, f"MiB (from {before / 1024:.1f} MiB, {(after - before) / n * 1024 / 1024:.2f} KiB each)")
+        self.kill(r)
+
+    # ---------------------------------------------------------------- TLS to clients
+
+    def tls_files(self):
+        """A self-signed certificate for 127.0.0.1 (openssl), made once per run."""
+        cert, key = os.path.join(self.work, "tls.crt"), os.path.join(self.work, "tls.key")
+        if not os.path.exists(cert):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                           check=True, capture_output=True)
+        return cert, key
+
+    def tls_router(self, name, extra=None):
+        cert, key = self.tls_files()
+        env = {"TLS_CERT_FILE": cert, "TLS_KEY_FILE": key}
+        env.update(extra or {})
+        r = self.router(name, self.harbor_port, env)
+        ctx = ssl.create_default_context(cafile=cert)
+        for path in (f"/v2/proxy/library/app/manifests/v1", f"/v2/proxy/library/app/manifests/{self.digest}"):
+            c = http.client.HTTPSConnection("127.0.0.1", r.port, timeout=10, context=ctx)
+            c.request("GET", path, headers={"Accept": ACCEPT})
+            res = c.getresponse()
+            body = res.read()
+            c.close()
+            if res.status != 200 or hashlib.sha256(body).hexdigest() != self.digest.split(":")[1]:
+                raise SystemExit(f"{name}: {path} over TLS answered {res.status}")
+        return r
+
+    def tls_proxy(self):
+        """nginx terminating TLS for the same proxied requests (one worker, the server CPU)."""
+        if getattr(self, "tls_proxy_port", None):
+            return
+        cert, key = self.tls_files()
+        self.tls_proxy_port = free_port()
+        master = self.nginx("proxy-tls", f"""
+  upstream harbor {{ server 127.0.0.1:{self.harbor_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{self.tls_proxy_port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location /v2/proxy/ {{
+      rewrite ^/v2/proxy/(.*)$ /v2/hub/$1 break;
+      proxy_pass http://harbor;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffers 8 64k;
+      proxy_max_temp_file_size 0;
+    }}
+  }}""", SERVER_CPU)
+        wait_port(self.tls_proxy_port, "nginx (TLS proxy)", master)
+        self.tls_proxy_worker = self.nginx_worker(master)
+
+    def s_tls(self):
+        """The proxied tag and the 1 GiB blob over TLS (keep-alive: handshakes are amortized), against
+        the router without TLS and nginx terminating TLS for the same requests."""
+        self.tls_proxy()
+        plain = self.hit_router("router-plain")
+        tls = self.tls_router("router-tls")
+        tag = "/v2/proxy/library/app/manifests/v1"
+        m = self.rounds("tls-tag", {
+            "nginx-tls-proxy": lambda: self.wrk(self.tls_proxy_port, tag, self.args.conns, [self.tls_proxy_worker],
+                                                self.harbor_worker, scheme="https"),
+            "router-tls": lambda: self.wrk(tls.port, tag, self.args.conns, [tls.pid], self.harbor_worker, scheme="https"),
+            "router-plain": lambda: self.wrk(plain.port, tag, self.args.conns, [plain.pid], self.harbor_worker),
+        })
+        rt, rp, nt = m["router-tls"], m["router-plain"], m["nginx-tls-proxy"]
+        self.figure("tls-tag", "req/s ÷ nginx terminating TLS (proxy_pass)", rt["rps"] / nt["rps"], "≥ 1.0",
+                    rt["rps"] >= nt["rps"])
+        self.figure("tls-tag", "CPU/request ÷ nginx terminating TLS", rt["cpu_us_per_req"] / nt["cpu_us_per_req"],
+                    "", None, f"({rt['cpu_us_per_req']:.1f} µs vs {nt['cpu_us_per_req']:.1f} µs)")
+        self.figure("tls-tag", "CPU/request with TLS ÷ without", rt["cpu_us_per_req"] / rp["cpu_us_per_req"],
+                    "", None, f"({rt['cpu_us_per_req']:.1f} µs vs {rp['cpu_us_per_req']:.1f} µs)")
+        blob = f"/v2/proxy/library/app/blobs/{self.blob}"
+        m = self.rounds("tls-blob-1", {
+            "nginx-tls-proxy": lambda: self.wrk(self.tls_proxy_port, blob, 1, [self.tls_proxy_worker],
+                                                self.harbor_worker, accept=False, scheme="https"),
+            "router-tls": lambda: self.wrk(tls.port, blob, 1, [tls.pid], self.harbor_worker, accept=False,
+                                           scheme="https"),
+            "router-plain": lambda: self.wrk(plain.port, blob, 1, [plain.pid], self.harbor_worker, accept=False),
+        })
+        rt, rp, nt = m["router-tls"], m["router-plain"], m["nginx-tls-proxy"]
+        mib = 1 << 20
+        self.figure("tls-blob-1", f"throughput ÷ nginx terminating TLS ({self.args.blob_mib} MiB blob, 1 client)",
+                    rt["bytes_per_s"] / nt["bytes_per_s"], "≥ 1.0", rt["bytes_per_s"] >= nt["bytes_per_s"],
+                    f"({rt['bytes_per_s'] / mib:.0f} vs {nt['bytes_per_s'] / mib:.0f} MiB/s; without TLS "
+                    f"{rp['bytes_per_s'] / mib:.0f})")
+        self.figure("tls-blob-1", "CPU per MiB ÷ nginx terminating TLS",
+                    rt["cpu_us_per_mib"] / nt["cpu_us_per_mib"], "≤ 1.0", rt["cpu_us_per_mib"] <= nt["cpu_us_per_mib"],
+                    f"({rt['cpu_us_per_mib']:.0f} µs vs {nt['cpu_us_per_mib']:.0f} µs per MiB; without TLS "
+                    f"{rp['cpu_us_per_mib']:.0f})")
+        self.kill(plain)
+        self.kill(tls)
+
+    def s_idle_tls(self):
+        """What an idle TLS connection costs: N clients each do a handshake and one request, then stay."""
+        n = self.args.idle
+        r = self.tls_router("router-idle-tls", {"MAX_CONNECTIONS": str(n + 1000), "HEADER_READ_TIMEOUT": "300s"})
+        cert, _ = self.tls_files()
+        ctx = ssl.create_default_context(cafile=cert)
+        before = rss_kib(r.pid)
+        socks = []
+        for i in range(n):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", r.port)), server_hostname="127.0.0.1")
+            s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: bench\r\n\r\n")
+            got = b""
+            s.settimeout(10)
+            while not got.endswith(b"{}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            socks.append(s)
+        time.sleep(0.5 if self.args.smoke else 8)
+        after = rss_kib(r.pid)
+        for s in socks:
+            s.close()
+        self.results["idle-tls"] = {"connections": n, "rss_before_kib": before, "rss_after_kib": after}
+        self.figure("idle-tls", f"router RSS with {n} idle TLS keep-alive clients", after / 1024, "", None,
+                    f"MiB (from {before / 1024:.1f} MiB, {(after - before) / n:.1f} KiB each)")
         self.kill(r)
 
     def s_workers(self):

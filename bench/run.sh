@@ -8,9 +8,10 @@
 #                                                              debug binary the tests built: proves the
 #                                                              scripts work; its figures mean nothing
 #
-# Scenarios: base tag tag-p99 digest blob slow-readers cold-fanout idle workers io-driver (all by
-# default). bench/plot turns result files into the charts of docs/benchmarks.md. ROUTER_ENV adds
-# variables to every router of the run (ROUTER_ENV="COALESCE_PULLS=false").
+# Scenarios: base tag tag-p99 digest blob blob-chunked slow-readers cold-fanout idle tls idle-tls
+# workers io-driver (all by default). bench/plot turns result files into the charts of
+# docs/benchmarks.md. ROUTER_ENV adds variables to every router of the run
+# (ROUTER_ENV="COALESCE_PULLS=false").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/common.sh
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 smoke=""
 for a in "$@"; do [ "$a" = "--smoke" ] && smoke=1; done
 
-hr_apt nginx-light wrk python3 procps
+hr_apt nginx-light wrk python3 procps openssl
 if [ -n "$smoke" ]; then
   binary=target/debug/harbor-router
   if [ ! -x "$binary" ]; then

@@ -56,6 +56,7 @@ if [ "${#filter[@]}" -eq 0 ]; then
 import json, sys
 r = json.load(open(sys.argv[1]))
 want = {"base", "tag", "tag-p99", "digest", "blob-1", "blob-16", "blob-chunked", "slow-readers", "idle",
+        "tls-tag", "tls-blob-1", "idle-tls",
         "cold-fanout-3", "cold-fanout-50", "workers", "io-driver"}
 seen = {f["scenario"] for f in r["figures"]}
 missing = want - seen

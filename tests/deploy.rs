@@ -124,14 +124,17 @@ fn config_of(what: &str, env: &serde_json::Value) -> Config {
         .join(format!("deploy-env-{}", what.replace(['/', '.'], "-")));
     std::fs::create_dir_all(&dir).unwrap();
     let mut map = HashMap::new();
+    // A certificate and its key for TLS_CERT_FILE and TLS_KEY_FILE (cert-manager's Secret).
+    let pair = rcgen::generate_simple_self_signed(vec!["harbor-router.harbor.svc".into()]).unwrap();
     for (name, value) in env.as_object().unwrap() {
         let mut value = value.as_str().unwrap().to_string();
         if let Some(var) = name.strip_suffix("_FILE") {
             let file = dir.join(var);
-            let content = if var.ends_with("USERNAME") {
-                "robot$harbor-router\n"
-            } else {
-                "s3cret\n"
+            let content = match var {
+                "TLS_CERT" => pair.cert.pem(),
+                "TLS_KEY" => pair.key_pair.serialize_pem(),
+                v if v.ends_with("USERNAME") => "robot$harbor-router\n".into(),
+                _ => "s3cret\n".into(),
             };
             std::fs::write(&file, content).unwrap();
             value = file.to_string_lossy().into_owned();

@@ -441,6 +441,12 @@ def check_deployment(dep, where, objs, env_names, image, vault=False):
         vol = volumes.get(mounts.get(d))
         secret = (vol or {}).get("secret", {}).get("secretName")
         secrets = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == secret]
+        issued = [o for o in objs if o["kind"] == "Certificate" and (o.get("spec") or {}).get("secretName") == secret]
+        if not secrets and issued:
+            # cert-manager writes this Secret (tls.crt, tls.key, ca.crt): nothing is shipped in it.
+            if base not in ("tls.crt", "tls.key", "ca.crt"):
+                problem(f"{where}: {name}={path}: cert-manager's Secret {secret} has no key {base!r}")
+            continue
         if not secrets:
             problem(f"{where}: {name}={path} is not in a mounted Secret of the same rendering")
             continue
@@ -587,7 +593,32 @@ def check_rendering(entry, objs, env_names, image):
                 if sel and APP_LABEL in sel:
                     problem(f"{where}: an egress peer selector carries {APP_LABEL} (kustomize's labels?)")
     check_custom(entry, objs, svc)
+    check_certificates(entry, objs, svc)
     return report
+
+
+def check_certificates(where, objs, svc):
+    """cert-manager Certificates, field by field: the Secret they make is the one the pods mount,
+    and they name the Service's DNS name."""
+    certs = [o for o in objs if o["kind"] == "Certificate"]
+    mounted = {v.get("secret", {}).get("secretName") for o in objs if o["kind"] == "Deployment"
+               for v in o["spec"]["template"]["spec"].get("volumes") or []}
+    allowed = {"secretName", "duration", "renewBefore", "privateKey", "dnsNames", "ipAddresses", "issuerRef",
+               "commonName", "usages", "subject", "secretTemplate"}
+    svc_ns = svc["metadata"].get("namespace") if svc else None
+    for c in certs:
+        spec = c.get("spec") or {}
+        if c.get("apiVersion") != "cert-manager.io/v1":
+            problem(f"{where}: Certificate apiVersion {c.get('apiVersion')}")
+        if set(spec) - allowed:
+            problem(f"{where}: Certificate spec fields {sorted(set(spec) - allowed)} are not cert-manager's")
+        if spec.get("secretName") not in mounted:
+            problem(f"{where}: the Certificate's Secret {spec.get('secretName')} is not mounted by the pods")
+        issuer = spec.get("issuerRef") or {}
+        if not issuer.get("name") or issuer.get("kind") not in ("Issuer", "ClusterIssuer"):
+            problem(f"{where}: the Certificate's issuerRef {issuer} names no Issuer or ClusterIssuer")
+        if svc and f"{svc['metadata']['name']}.{svc_ns}.svc" not in (spec.get("dnsNames") or []):
+            problem(f"{where}: the Certificate does not name the Service {svc['metadata']['name']}.{svc_ns}.svc")
 
 
 def check_custom(where, objs, svc):
