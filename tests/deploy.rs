@@ -117,6 +117,23 @@ fn check(name: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
 }
 
+/// What the router accepts in the file of `<var>_FILE`: a secret, a user name, or for TLS a
+/// certificate and its key (one pair, made once: what cert-manager's Secret holds).
+fn good_file(var: &str) -> String {
+    static PAIR: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let (cert, key) = PAIR.get_or_init(|| {
+        let p =
+            rcgen::generate_simple_self_signed(vec!["harbor-router.harbor.svc".into()]).unwrap();
+        (p.cert.pem(), p.key_pair.serialize_pem())
+    });
+    match var {
+        "TLS_CERT" => cert.clone(),
+        "TLS_KEY" => key.clone(),
+        v if v.ends_with("USERNAME") => "robot$harbor-router\n".into(),
+        _ => "s3cret\n".into(),
+    }
+}
+
 /// The router's configuration for the environment a rendering gives its container, with the files
 /// the `*_FILE` variables name stood in for by real ones.
 fn config_of(what: &str, env: &serde_json::Value) -> Config {
@@ -124,19 +141,11 @@ fn config_of(what: &str, env: &serde_json::Value) -> Config {
         .join(format!("deploy-env-{}", what.replace(['/', '.'], "-")));
     std::fs::create_dir_all(&dir).unwrap();
     let mut map = HashMap::new();
-    // A certificate and its key for TLS_CERT_FILE and TLS_KEY_FILE (cert-manager's Secret).
-    let pair = rcgen::generate_simple_self_signed(vec!["harbor-router.harbor.svc".into()]).unwrap();
     for (name, value) in env.as_object().unwrap() {
         let mut value = value.as_str().unwrap().to_string();
         if let Some(var) = name.strip_suffix("_FILE") {
             let file = dir.join(var);
-            let content = match var {
-                "TLS_CERT" => pair.cert.pem(),
-                "TLS_KEY" => pair.key_pair.serialize_pem(),
-                v if v.ends_with("USERNAME") => "robot$harbor-router\n".into(),
-                _ => "s3cret\n".into(),
-            };
-            std::fs::write(&file, content).unwrap();
+            std::fs::write(&file, good_file(var)).unwrap();
             value = file.to_string_lossy().into_owned();
         }
         map.insert(name.clone(), value);
@@ -649,15 +658,25 @@ fn refused_shipped_secrets(what: &str, r: &serde_json::Value) -> Vec<(String, St
     for (var, shipped) in files {
         let mut map = HashMap::new();
         for (name, value) in r["env"].as_object().unwrap() {
-            map.insert(name.clone(), value.as_str().unwrap().to_string());
+            let mut value = value.as_str().unwrap().to_string();
+            // A file nothing ships (cert-manager's Secret) stood in for by a good one.
+            if let Some(v) = name
+                .strip_suffix("_FILE")
+                .filter(|_| !files.contains_key(name))
+            {
+                let path = dir.join(format!("made-{v}"));
+                std::fs::write(&path, good_file(v)).unwrap();
+                value = path.to_string_lossy().into_owned();
+            }
+            map.insert(name.clone(), value);
         }
-        // Every other file stood in for by a good one, this one as shipped.
+        // Every other shipped file stood in for by a good one, this one as shipped.
         for (other, f) in files {
             let path = dir.join(other);
             let content = if other == var {
                 f["value"].as_str().unwrap().to_string()
             } else {
-                "s3cret\n".to_string()
+                good_file(other.strip_suffix("_FILE").unwrap_or(other))
             };
             std::fs::write(&path, content).unwrap();
             map.insert(other.clone(), path.to_string_lossy().into_owned());
