@@ -502,7 +502,13 @@ impl Config {
         let shutdown_timeout = r.parse(ENV_SHUTDOWN_TIMEOUT, "30s", any_duration);
         let header_read_timeout = r.parse(ENV_HEADER_READ_TIMEOUT, "30s", positive_duration);
         let client_stall_timeout = r.parse(ENV_CLIENT_STALL_TIMEOUT, "60s", positive_duration);
-        let tls_reload_interval = r.parse(ENV_TLS_RELOAD_INTERVAL, "10s", positive_duration);
+        let tls_reload_interval = r.parse(ENV_TLS_RELOAD_INTERVAL, "10s", |v| {
+            let d = parse_duration(v)?;
+            if d < Duration::from_millis(100) {
+                return Err("must be at least 100ms".into());
+            }
+            Ok(d)
+        });
         let tls_cert = r.raw(ENV_TLS_CERT_FILE);
         let tls_key = r.raw(ENV_TLS_KEY_FILE);
         let tls = match (tls_cert, tls_key) {

@@ -224,14 +224,14 @@ impl<H: Handler> hyper::service::Service<Request<Incoming>> for Service<H> {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.peer);
-        // Counted until hyper drops the response body. A request whose handler never answers
-        // stays counted, which only keeps its (dying) connection from parking.
+        // Counted until hyper drops the response body, or the request if it is dropped unanswered
+        // (an HTTP/2 stream the client reset).
         self.flow.in_flight.set(self.flow.in_flight.get() + 1);
         self.flow.served.set(self.flow.served.get() + 1);
-        let (handler, flow) = (self.handler.clone(), self.flow.clone());
+        let (handler, counted) = (self.handler.clone(), InFlight(self.flow.clone()));
         Box::pin(async move {
             let res = handler.handle(req).await;
-            Ok(res.map(|body| Tracked(flow, body)))
+            Ok(res.map(|body| Tracked(counted, body)))
         })
     }
 }
@@ -255,16 +255,24 @@ pub(super) struct Flow {
     registered: Cell<bool>,
 }
 
-/// A response body, counted in flight until hyper drops it (written to the end, or abandoned).
-pub struct Tracked<B>(Rc<Flow>, B);
+/// One request counted in flight, until what holds it drops: its handler's future, then its
+/// response body.
+pub struct InFlight(Rc<Flow>);
 
-impl<B> Drop for Tracked<B> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0
             .in_flight
             .set(self.0.in_flight.get().saturating_sub(1));
     }
 }
+
+/// A response body, counted in flight until hyper drops it (written to the end, or abandoned).
+pub struct Tracked<B>(
+    // Held for its drop.
+    #[allow(dead_code)] InFlight,
+    B,
+);
 
 impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
     type Data = B::Data;

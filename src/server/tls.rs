@@ -4,19 +4,23 @@
 //!
 //! - **Rotation.** [`Certs`] serves the key it holds now to every new handshake; a thread of its own
 //!   reads both files every `TLS_RELOAD_INTERVAL` and swaps in a new key when their content
-//!   changed (content, not inode or mtime: cert-manager and kubelet swap a symlink). A file that no
-//!   longer parses, or a key that does not match its certificate, keeps the old key and is logged
-//!   once. Open connections keep the session they have: nothing is dropped or restarted.
+//!   changed (content, not inode or mtime: cert-manager and kubelet swap a symlink) and read the
+//!   same at two checks in a row (a writer may not be done; a chain cut short would still parse).
+//!   A file that no longer parses, or a key that does not match its certificate, keeps the old key
+//!   and is logged once. Open connections keep the session they have: nothing is dropped or
+//!   restarted.
 //! - **Bounds**, as plain HTTP/1.1 has them: the handshake must end within `HEADER_READ_TIMEOUT`
 //!   (a client that connects and sends nothing holds a socket that long, as a plain one does), the
 //!   connection limits apply before it starts, and responses stall out after
 //!   `CLIENT_STALL_TIMEOUT` at the socket as plain ones do. HTTP/2: at most
-//!   [`H2_MAX_STREAMS`] concurrent streams, [`H2_MAX_PENDING_RESETS`] streams reset before the
-//!   router took them (the "rapid reset" flood) and [`H2_MAX_LOCAL_RESETS`] streams the router had
-//!   to reset, before the connection is closed; a header list of at most the size a plain request
-//!   head may have; pings every [`H2_PING_EVERY`] that a peer must answer within
-//!   [`H2_PING_TIMEOUT`]; and an idle connection (no stream for a whole `HEADER_READ_TIMEOUT`)
-//!   is closed with GOAWAY.
+//!   [`H2_MAX_STREAMS`] concurrent streams with [`H2_SEND_BUFFER`] queued each,
+//!   [`H2_MAX_PENDING_RESETS`] streams reset before the router took them (the "rapid reset" flood)
+//!   and [`H2_MAX_LOCAL_RESETS`] streams the router had to reset, before the connection is closed;
+//!   a header list of at most the size a plain request head may have; pings every
+//!   [`H2_PING_EVERY`] that a peer must answer within [`H2_PING_TIMEOUT`]; an idle connection (no
+//!   request for a whole `HEADER_READ_TIMEOUT`, or none begun: a client silent after ALPN) is sent
+//!   GOAWAY and dropped if it has not closed one `HEADER_READ_TIMEOUT` later; and a stream whose
+//!   client makes no room for its bytes for `CLIENT_STALL_TIMEOUT` ends the connection.
 //! - **No parking.** A TLS connection keeps its rustls state (about 30 KiB of buffers and keys)
 //!   and hyper's for as long as it is open; a plain HTTP/1.1 connection hands its buffers back
 //!   while idle ([`super::conn`]). The idle timeout bounds how long that memory is held.
@@ -46,8 +50,11 @@ use super::linger::LingeringIo;
 use super::{ConnGuard, Handler, Peer, Stats, MAX_REQUEST_HEAD};
 use crate::config::TlsFiles;
 
-/// Concurrent streams a client may open on one HTTP/2 connection.
-pub const H2_MAX_STREAMS: u32 = 128;
+/// Concurrent streams a client may open on one HTTP/2 connection (containerd and docker fetch
+/// three layers at a time).
+pub const H2_MAX_STREAMS: u32 = 32;
+/// Bytes hyper queues for one stream ahead of the client's window.
+pub const H2_SEND_BUFFER: usize = 256 << 10;
 /// Streams a client may reset before the router accepted them, before the connection is closed.
 pub const H2_MAX_PENDING_RESETS: usize = 20;
 /// Streams the router may reset for a client's errors on one connection, before it is closed.
@@ -64,10 +71,20 @@ const ALPN_HTTP11: &[u8] = b"http/1.1";
 pub struct Certs {
     files: TlsFiles,
     current: ArcSwap<CertifiedKey>,
-    /// The files' bytes last read (a change is what triggers a reload).
-    last: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+    seen: std::sync::Mutex<Seen>,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+}
+
+/// What the checks have read.
+struct Seen {
+    /// The files' bytes last acted on (the key in use, or a pair refused).
+    applied: (Vec<u8>, Vec<u8>),
+    /// New bytes read once: acted on when the next check reads them again (a writer may not be
+    /// done with them; a chain cut short would still parse).
+    pending: Option<(Vec<u8>, Vec<u8>)>,
+    /// The files could not be read at the last check (said once).
+    unreadable: bool,
 }
 
 impl std::fmt::Debug for Certs {
@@ -80,8 +97,10 @@ impl std::fmt::Debug for Certs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reload {
     Unchanged,
+    /// Changed since the last look: acted on once the next look reads the same.
+    Settling,
     Reloaded,
-    /// Changed, but unusable: the key in use stays.
+    /// Unusable or unreadable: the key in use stays.
     Kept,
 }
 
@@ -93,30 +112,47 @@ impl Certs {
         Ok(Arc::new(Certs {
             files: files.clone(),
             current: ArcSwap::new(current),
-            last: std::sync::Mutex::new((cert, key)),
+            seen: std::sync::Mutex::new(Seen {
+                applied: (cert, key),
+                pending: None,
+                unreadable: false,
+            }),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
         }))
     }
 
-    /// Reads the files again and swaps in their key if their content changed and is usable.
+    /// Reads the files again; new content read the same twice in a row replaces the key in use
+    /// if it is usable.
     pub fn check(&self) -> Reload {
-        let read = crate::certs::read(&self.files.cert, &self.files.key);
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let (cert, key) = match read {
-            Ok(bytes) if bytes == *last => return Reload::Unchanged,
-            Ok(bytes) => bytes,
-            // Unreadable (a symlink swap caught half way, a removed file): looked at again next time.
+        let read = crate::certs::read(&self.files.cert, &self.files.key).map(|(cert, key)| {
+            // The certificate read again after the key: a swap between the two reads shows.
+            let again = std::fs::read(&self.files.cert).ok();
+            (again.as_ref() == Some(&cert)).then_some((cert, key))
+        });
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = match read {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Reload::Settling,
             Err(e) => {
-                if !last.0.is_empty() {
+                if !std::mem::replace(&mut seen.unreadable, true) {
                     tracing::warn!(problem = %e, "the TLS files cannot be read; keeping the certificate in use");
                     self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                    *last = (Vec::new(), Vec::new());
                 }
                 return Reload::Kept;
             }
         };
-        let outcome = match crate::certs::parse(&cert, &key) {
+        seen.unreadable = false;
+        if bytes == seen.applied {
+            seen.pending = None;
+            return Reload::Unchanged;
+        }
+        if seen.pending.as_ref() != Some(&bytes) {
+            seen.pending = Some(bytes);
+            return Reload::Settling;
+        }
+        seen.pending = None;
+        let outcome = match crate::certs::parse(&bytes.0, &bytes.1) {
             Ok(k) => {
                 self.current.store(k);
                 self.reloads.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +168,7 @@ impl Certs {
                 Reload::Kept
             }
         };
-        *last = (cert, key);
+        seen.applied = bytes;
         outcome
     }
 
@@ -195,6 +231,7 @@ impl Tls {
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
             .max_header_list_size(MAX_REQUEST_HEAD as u32)
+            .max_send_buf_size(H2_SEND_BUFFER)
             .keep_alive_interval(H2_PING_EVERY)
             .keep_alive_timeout(H2_PING_TIMEOUT);
         Tls {
@@ -331,8 +368,11 @@ async fn drive<C, E>(
     };
     let mut served = flow.served.get();
     let mut quiet_checks = 0u64;
+    // Checks since an idle connection was told to close: a client that does not let it close (it
+    // never sent its preface, or never takes the last bytes) is dropped one idle time later.
+    let mut closing_checks: Option<u64> = None;
     let result = loop {
-        let stalled = monoio::select! {
+        let give_up = monoio::select! {
             r = conn.as_mut() => break r,
             _ = shutdown.changed(), if !closing => {
                 closing = true;
@@ -345,15 +385,26 @@ async fn drive<C, E>(
                 quiet_checks = if quiet { quiet_checks + 1 } else { 0 };
                 if !closing && quiet_checks >= checks_idle {
                     closing = true;
+                    closing_checks = Some(0);
                     close(conn.as_mut());
                 }
-                h2.as_ref().is_some_and(|h| h.streams.stalled(checks_stall))
+                let overdue = match &mut closing_checks {
+                    Some(n) => {
+                        *n += 1;
+                        *n > checks_idle
+                    }
+                    None => false,
+                };
+                let stalled = h2.as_ref().is_some_and(|h| h.streams.stalled(checks_stall));
+                if stalled {
+                    tracing::debug!("an HTTP/2 stream took nothing for CLIENT_STALL_TIMEOUT: closing its connection");
+                } else if overdue {
+                    tracing::debug!("an idle HTTP/2 connection did not close within HEADER_READ_TIMEOUT of its GOAWAY: dropping it");
+                }
+                stalled || overdue
             }
         };
-        if stalled {
-            tracing::debug!(
-                "an HTTP/2 stream took nothing for CLIENT_STALL_TIMEOUT: closing its connection"
-            );
+        if give_up {
             return;
         }
     };
@@ -526,7 +577,7 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_pair_is_served_and_a_broken_one_keeps_the_key_in_use() {
+    fn a_changed_pair_is_served_once_settled_and_a_broken_one_keeps_the_key_in_use() {
         let dir = std::env::temp_dir().join(format!("hr-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let files = TlsFiles {
@@ -539,11 +590,18 @@ mod tests {
         assert_eq!(served(&certs), first);
         assert_eq!(certs.check(), Reload::Unchanged);
         let second = write_pair(&dir, "b.test");
+        assert_eq!(
+            certs.check(),
+            Reload::Settling,
+            "read once: maybe still being written"
+        );
+        assert_eq!(served(&certs), first);
         assert_eq!(certs.check(), Reload::Reloaded);
         assert_eq!(served(&certs), second);
         // A key that does not match its certificate: the key in use stays, and it is said once.
         let third = rcgen::generate_simple_self_signed(vec!["c.test".into()]).unwrap();
         std::fs::write(dir.join("tls.crt"), third.cert.pem()).unwrap();
+        assert_eq!(certs.check(), Reload::Settling);
         assert_eq!(certs.check(), Reload::Kept);
         assert_eq!(
             certs.check(),
@@ -553,8 +611,9 @@ mod tests {
         assert_eq!(served(&certs), second);
         std::fs::remove_file(dir.join("tls.crt")).unwrap();
         assert_eq!(certs.check(), Reload::Kept);
+        assert_eq!(certs.check(), Reload::Kept);
         assert_eq!(served(&certs), second);
-        assert_eq!(certs.reloads(), (1, 2));
+        assert_eq!(certs.reloads(), (1, 2), "the unreadable files counted once");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
