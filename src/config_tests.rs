@@ -497,6 +497,37 @@ fn booleans() {
 }
 
 #[test]
+fn tls_files_come_together_and_are_checked_at_start() {
+    assert_eq!(ok(&[]).tls, None);
+    let dir = std::env::temp_dir().join(format!("hr-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = rcgen::generate_simple_self_signed(vec!["r.test".into()]).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let c = ok(&[(ENV_TLS_CERT_FILE, &cert), (ENV_TLS_KEY_FILE, &key)]);
+    assert_eq!(
+        c.tls,
+        Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone()
+        })
+    );
+    assert_eq!(refused(&[(ENV_TLS_CERT_FILE, &cert)]), [ENV_TLS_KEY_FILE]);
+    assert_eq!(refused(&[(ENV_TLS_KEY_FILE, &key)]), [ENV_TLS_CERT_FILE]);
+    let e = refused_with(&[(ENV_TLS_CERT_FILE, &key), (ENV_TLS_KEY_FILE, &key)]);
+    assert_eq!(e.var, ENV_TLS_CERT_FILE);
+    assert_eq!(e.value, None, "never the file's content");
+    assert_eq!(ok(&[]).tls_reload_interval, Duration::from_secs(10));
+    assert_eq!(
+        refused(&[(ENV_TLS_RELOAD_INTERVAL, "10ms")]),
+        [ENV_TLS_RELOAD_INTERVAL]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn coalesce_linger_is_a_short_duration() {
     assert_eq!(ok(&[]).coalesce_linger, Duration::from_secs(2));
     assert_eq!(
