@@ -53,6 +53,17 @@ SCENARIOS = [
     "io-driver",
 ]
 
+# nginx's proxy reference: a fixed rewrite of /v2/proxy/ to the project, to the upstream `harbor`
+# (the plain and the TLS reference alike).
+PROXY_LOCATION = """    location /v2/proxy/ {
+      rewrite ^/v2/proxy/(.*)$ /v2/hub/$1 break;
+      proxy_pass http://harbor;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffers 8 64k;
+      proxy_max_temp_file_size 0;
+    }"""
+
 
 def log(msg):
     print(f"==> {msg}", file=sys.stderr, flush=True)
@@ -266,14 +277,7 @@ http {{
   server {{
     listen 127.0.0.1:{self.proxy_port};
     location = /v2/ {{ default_type application/json; add_header Docker-Distribution-Api-Version registry/2.0; return 200 '{{}}'; }}
-    location /v2/proxy/ {{
-      rewrite ^/v2/proxy/(.*)$ /v2/hub/$1 break;
-      proxy_pass http://harbor;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffers 8 64k;
-      proxy_max_temp_file_size 0;
-    }}
+{PROXY_LOCATION}
   }}""", SERVER_CPU)
         wait_port(self.proxy_port, "nginx (proxy)", self.proxy)
         self.proxy_worker = self.nginx_worker(self.proxy)
@@ -620,14 +624,7 @@ http {{
     listen 127.0.0.1:{self.tls_proxy_port} ssl;
     ssl_certificate {cert};
     ssl_certificate_key {key};
-    location /v2/proxy/ {{
-      rewrite ^/v2/proxy/(.*)$ /v2/hub/$1 break;
-      proxy_pass http://harbor;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffers 8 64k;
-      proxy_max_temp_file_size 0;
-    }}
+{PROXY_LOCATION}
   }}""", SERVER_CPU)
         wait_port(self.tls_proxy_port, "nginx (TLS proxy)", master)
         self.tls_proxy_worker = self.nginx_worker(master)

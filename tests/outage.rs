@@ -292,9 +292,9 @@ fn announced(head: &str) -> Option<usize> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-#[test]
-fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
-    let (bed, app) = bed_with_app();
+/// `ghcr/org/big` (a 64 KiB layer) seeded, and Harbor sending the blobs it has not cached chunked,
+/// without their digest (Harbor up to v2.15).
+fn big_uncached(bed: &testbed::Testbed) -> testbed::Seeded {
     let big = bed
         .seed(&[testbed::SeedImage {
             repository: "ghcr/org/big".into(),
@@ -305,6 +305,13 @@ fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
         .unwrap()
         .remove(0);
     bed.harbor.set_uncached_blobs(UncachedBlobs::Chunked);
+    big
+}
+
+#[test]
+fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
+    let (bed, app) = bed_with_app();
+    let big = big_uncached(&bed);
     let router = router(&bed.harbor.url(), &[]);
     let addr = router.addr;
     for (name, image) in [("org/app", &app), ("org/big", &big)] {
@@ -350,16 +357,7 @@ fn a_blob_harbor_sends_without_its_digest_is_checked_against_it() {
 #[test]
 fn a_blob_that_does_not_hash_to_its_digest_never_lingers() {
     let (bed, _app) = bed_with_app();
-    let big = bed
-        .seed(&[testbed::SeedImage {
-            repository: "ghcr/org/big".into(),
-            tag: "v1".into(),
-            kind: testbed::SeedKind::OciManifest,
-            layer_bytes: 64 << 10,
-        }])
-        .unwrap()
-        .remove(0);
-    bed.harbor.set_uncached_blobs(UncachedBlobs::Chunked);
+    let big = big_uncached(&bed);
     let router = router(&bed.harbor.url(), &[("COALESCE_LINGER", "30s")]);
     let addr = router.addr;
     assert_eq!(manifest(addr, "GET", "org/big", &big.digest).status, 200);

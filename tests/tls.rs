@@ -310,6 +310,54 @@ fn bad_tls_files_are_refused_at_start_naming_the_variable_never_the_content() {
     assert!(!said.contains("PRIVATE KEY"), "{said}");
 }
 
+/// The test bed with one image, and a router with TLS in front of it (its certificate from a CA of
+/// the test's own); `vars` on top.
+struct TlsBed {
+    bed: testbed::Testbed,
+    seeded: testbed::Seeded,
+    pki: Pki,
+    router: Router,
+}
+
+fn tls_bed(
+    name: &str,
+    repository: &str,
+    kind: testbed::SeedKind,
+    layer_bytes: usize,
+    vars: &[(&str, &str)],
+) -> TlsBed {
+    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
+    let seeded = bed
+        .seed(&[testbed::SeedImage {
+            repository: repository.into(),
+            tag: "v1".into(),
+            kind,
+            layer_bytes,
+        }])
+        .unwrap()
+        .remove(0);
+    let pki = Pki::new(name);
+    pki.publish(&pki.leaf(), 1);
+    let url = bed.harbor.url();
+    let mut env = common::bed_env(&url);
+    let (cert, key) = (pki.cert_file(), pki.key_file());
+    env.extend_from_slice(&[
+        ("TLS_CERT_FILE", cert.as_str()),
+        ("TLS_KEY_FILE", key.as_str()),
+    ]);
+    env.extend_from_slice(vars);
+    let router = Router::start(&env);
+    wait_until("the router is ready", || {
+        common::get(router.metrics_addr(), "/readyz").status == 200
+    });
+    TlsBed {
+        bed,
+        seeded,
+        pki,
+        router,
+    }
+}
+
 fn skopeo(args: &[&str]) -> std::process::Output {
     Command::new("skopeo")
         .args(args)
@@ -319,30 +367,18 @@ fn skopeo(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn skopeo_and_containerd_pull_over_tls_with_the_registrys_digests() {
-    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
-    let seeded = bed
-        .seed(&[testbed::SeedImage {
-            repository: "dockerhub/library/alpine".into(),
-            tag: "v1".into(),
-            kind: testbed::SeedKind::OciIndex,
-            layer_bytes: 4096,
-        }])
-        .unwrap()
-        .remove(0);
-    let pki = Pki::new("clients");
-    pki.publish(&pki.leaf(), 1);
-    let url = bed.harbor.url();
-    let mut env = common::bed_env(&url);
-    let (cert, key) = (pki.cert_file(), pki.key_file());
-    env.extend_from_slice(&[
-        ("WORKERS", "2"),
-        ("TLS_CERT_FILE", cert.as_str()),
-        ("TLS_KEY_FILE", key.as_str()),
-    ]);
-    let router = Router::start(&env);
-    wait_until("the router is ready", || {
-        common::get(router.metrics_addr(), "/readyz").status == 200
-    });
+    let TlsBed {
+        seeded,
+        pki,
+        router,
+        bed: _bed,
+    } = tls_bed(
+        "clients",
+        "dockerhub/library/alpine",
+        testbed::SeedKind::OciIndex,
+        4096,
+        &[("WORKERS", "2")],
+    );
 
     // skopeo, trusting the CA through --cert-dir (a directory with ca.crt), as for any registry.
     let certs = pki.dir.join("skopeo");
@@ -587,26 +623,18 @@ impl Drop for Dockerd {
 
 #[test]
 fn the_docker_daemon_pulls_over_the_routers_tls_with_the_ca_in_certs_d() {
-    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
-    let seeded = bed
-        .seed(&[testbed::SeedImage {
-            repository: "dockerhub/library/busybox".into(),
-            tag: "v1".into(),
-            kind: testbed::SeedKind::DockerSchema2,
-            layer_bytes: 8192,
-        }])
-        .unwrap()
-        .remove(0);
-    let pki = Pki::new("docker");
-    pki.publish(&pki.leaf(), 1);
-    let url = bed.harbor.url();
-    let mut env = common::bed_env(&url);
-    let (cert, key) = (pki.cert_file(), pki.key_file());
-    env.extend_from_slice(&[
-        ("TLS_CERT_FILE", cert.as_str()),
-        ("TLS_KEY_FILE", key.as_str()),
-    ]);
-    let router = Router::start(&env);
+    let TlsBed {
+        seeded,
+        pki,
+        router,
+        bed: _bed,
+    } = tls_bed(
+        "docker",
+        "dockerhub/library/busybox",
+        testbed::SeedKind::DockerSchema2,
+        8192,
+        &[],
+    );
     let mut docker = Dockerd::start();
     let image = format!("{}/proxy/library/busybox:v1", router.addr);
     // The daemon always counts 127.0.0.0/8 as an insecure registry, for which it still speaks
@@ -731,28 +759,21 @@ impl H2Client {
 
 #[test]
 fn http2_connections_are_closed_when_idle_and_when_a_stream_takes_nothing() {
-    let bed = testbed::Testbed::start(testbed::HarborConfig::default()).unwrap();
-    let seeded = bed
-        .seed(&[testbed::SeedImage {
-            repository: "dockerhub/library/big".into(),
-            tag: "v1".into(),
-            kind: testbed::SeedKind::OciManifest,
-            layer_bytes: 4 << 20,
-        }])
-        .unwrap()
-        .remove(0);
-    let pki = Pki::new("h2");
-    pki.publish(&pki.leaf(), 1);
-    let url = bed.harbor.url();
-    let mut env = common::bed_env(&url);
-    let (cert, key) = (pki.cert_file(), pki.key_file());
-    env.extend_from_slice(&[
-        ("TLS_CERT_FILE", cert.as_str()),
-        ("TLS_KEY_FILE", key.as_str()),
-        ("HEADER_READ_TIMEOUT", "1s"),
-        ("CLIENT_STALL_TIMEOUT", "1s"),
-    ]);
-    let router = Router::start(&env);
+    let TlsBed {
+        bed,
+        seeded,
+        pki,
+        router,
+    } = tls_bed(
+        "h2",
+        "dockerhub/library/big",
+        testbed::SeedKind::OciManifest,
+        4 << 20,
+        &[
+            ("HEADER_READ_TIMEOUT", "1s"),
+            ("CLIENT_STALL_TIMEOUT", "1s"),
+        ],
+    );
     let h2 = pki.client(&[b"h2"]);
 
     // A connection with no stream: GOAWAY, then closed.
