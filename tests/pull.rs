@@ -808,9 +808,14 @@ fn connection_on(addr: std::net::SocketAddr, worker: u64) -> TcpStream {
 
 /// Reads one whole response from a keep-alive connection.
 fn read_response(s: &mut TcpStream) -> Response {
+    read_answer(s, false)
+}
+
+/// Reads one whole response (to a HEAD when `head`: no body follows its head).
+fn read_answer(s: &mut TcpStream, head: bool) -> Response {
     let mut buf = Vec::new();
     loop {
-        if let Some((res, _)) = common::parse_response_to(&buf, false) {
+        if let Some((res, _)) = common::parse_response_to(&buf, head) {
             return res;
         }
         let mut chunk = [0u8; 65536];
@@ -897,24 +902,7 @@ fn identical_blob_pulls_on_two_cores_share_one_request_to_harbor() {
 fn on(s: &mut TcpStream, method: &str, path: &str) -> Response {
     let accept = common::accept_lines().join("\r\n");
     write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\n{accept}\r\n\r\n").unwrap();
-    if method == "HEAD" {
-        return on_head(s);
-    }
-    read_response(s)
-}
-
-/// Reads the answer to a HEAD (no body follows its head).
-fn on_head(s: &mut TcpStream) -> Response {
-    let mut buf = Vec::new();
-    loop {
-        if let Some((res, _)) = common::parse_response_to(&buf, true) {
-            return res;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "the connection closed mid-response");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    read_answer(s, method == "HEAD")
 }
 
 #[test]
@@ -1019,7 +1007,7 @@ fn a_pull_that_learns_the_mapping_during_its_cores_fan_out_takes_the_fan_outs_an
     gate.release();
     env.bed.harbor.clear_faults();
     for s in [&mut a, &mut b] {
-        let res = on_head(s);
+        let res = read_answer(s, true);
         assert_eq!(res.status, 200);
         assert!(res.header("Docker-Content-Digest").is_some());
     }
