@@ -40,6 +40,7 @@ pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 pub const ENV_LOG_LEVEL: &str = "LOG_LEVEL";
 pub const ENV_LOG_FORMAT: &str = "LOG_FORMAT";
 pub const ENV_ACCESS_LOG: &str = "ACCESS_LOG";
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
 pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
 pub const ENV_REDIS_MASTER_NAME: &str = "REDIS_MASTER_NAME";
 pub const ENV_REDIS_PASSWORD: &str = "REDIS_PASSWORD";
@@ -251,7 +252,10 @@ pub struct Config {
     pub log_level: LogLevel,
     pub log_format: LogFormat,
     pub access_log: AccessLog,
-    /// Empty: mappings live in memory only.
+    /// One Redis endpoint (`REDIS_URL`: a managed Redis, a single server); it may hold a password.
+    /// At most one of it and `redis_sentinels`.
+    pub redis_url: Option<Secret>,
+    /// Empty (and no `redis_url`): mappings live in memory only.
     pub redis_sentinels: Vec<SentinelAddr>,
     pub redis_master_name: String,
     pub redis_password: Option<Secret>,
@@ -453,12 +457,35 @@ impl Config {
             }
         });
         let redis_sentinels = r.parse(ENV_REDIS_SENTINELS, "", parse_sentinels);
+        let redis_url = match r.raw(ENV_REDIS_URL) {
+            None => Some(None),
+            Some(url) => match parse_redis_url(url.trim()) {
+                Ok(with_password) => Some(Some((Secret(url.trim().to_string()), with_password))),
+                Err(problem) => {
+                    // The value is not repeated: it may hold a password.
+                    r.refuse(ENV_REDIS_URL, None, problem);
+                    None
+                }
+            },
+        };
         let redis_master_name = r.parse(ENV_REDIS_MASTER_NAME, "mymaster", parse_token);
         let redis_password = r
             .string_or_file(ENV_REDIS_PASSWORD, true)
             .ok()
             .flatten()
             .map(Secret);
+        if let (Some(Some(_)), Some(sentinels)) = (&redis_url, &redis_sentinels) {
+            if !sentinels.is_empty() {
+                r.refuse(ENV_REDIS_URL, None, "set it or REDIS_SENTINELS, not both");
+            }
+        }
+        if let (Some(Some((_, true))), Some(_)) = (&redis_url, &redis_password) {
+            r.refuse(
+                ENV_REDIS_PASSWORD,
+                None,
+                "REDIS_URL holds a password already: set one or the other",
+            );
+        }
         let redis_db = r.parse(ENV_REDIS_DB, "0", |v| {
             ranged_int(v, 0, i32::MAX as u64).map(|n| n as u32)
         });
@@ -578,6 +605,7 @@ impl Config {
             log_level: log_level.expect("checked"),
             log_format: log_format.expect("checked"),
             access_log: access_log.expect("checked"),
+            redis_url: redis_url.expect("checked").map(|(url, _)| url),
             redis_sentinels: redis_sentinels.expect("checked"),
             redis_master_name: redis_master_name.expect("checked"),
             redis_password,
@@ -776,6 +804,46 @@ fn parse_project_name(v: &str) -> Result<String, String> {
 }
 
 /// A path to a readable file, or unset (`""`).
+/// A `REDIS_URL`: `redis://[user[:password]@]host[:port]`; whether it holds a password. The
+/// database is `REDIS_DB`'s, and TLS (`rediss://`) is not built yet.
+fn parse_redis_url(v: &str) -> Result<bool, String> {
+    const FORM: &str = "must be redis://[user[:password]@]host[:port]";
+    if v.starts_with("rediss://") {
+        return Err("rediss:// (TLS to Redis) is not supported yet: use redis://".into());
+    }
+    let Some(rest) = v.strip_prefix("redis://") else {
+        return Err(FORM.into());
+    };
+    let (userinfo, hostport) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    if hostport.contains('/') || hostport.contains('?') {
+        let path = hostport.split_once('/').map_or("", |(_, p)| p);
+        if !path.is_empty() || hostport.contains('?') {
+            return Err("takes no database or options: the database is REDIS_DB".into());
+        }
+    }
+    let hostport = hostport.trim_end_matches('/');
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
+        _ => (hostport, None),
+    };
+    if host.is_empty() || host.contains(['@', ' ']) {
+        return Err(FORM.into());
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => {}
+            _ => return Err("has a port that is not 1 to 65535".into()),
+        }
+    }
+    if redis::IntoConnectionInfo::into_connection_info(v).is_err() {
+        return Err(FORM.into());
+    }
+    Ok(userinfo.is_some_and(|u| u.split_once(':').is_some_and(|(_, pw)| !pw.is_empty())))
+}
+
 fn readable_file(v: &str) -> Result<Option<String>, String> {
     if v.is_empty() {
         return Ok(None);

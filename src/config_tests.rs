@@ -528,6 +528,61 @@ fn tls_files_come_together_and_are_checked_at_start() {
 }
 
 #[test]
+fn redis_url_is_one_endpoint_instead_of_sentinels_and_is_never_echoed() {
+    assert_eq!(ok(&[]).redis_url, None);
+    for good in [
+        "redis://redis.example:6379",
+        "redis://10.0.0.5",
+        "redis://:s3cret@redis.example:6380",
+        "redis://router:s3cret@redis.example",
+        "redis://redis.example:6379/",
+    ] {
+        let c = ok(&[(ENV_REDIS_URL, good)]);
+        assert_eq!(
+            c.redis_url.as_ref().map(Secret::expose),
+            Some(good),
+            "{good}"
+        );
+    }
+    for bad in [
+        "rediss://redis.example:6380",
+        "http://redis.example",
+        "redis://",
+        "redis://redis.example:0",
+        "redis://redis.example:99999",
+        "redis://:s3cret@redis.example/2",
+    ] {
+        let e = refused_with(&[(ENV_REDIS_URL, bad)]);
+        assert_eq!(e.var, ENV_REDIS_URL, "{bad}");
+        assert_eq!(e.value, None, "never echoed: {bad}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+    assert_eq!(
+        refused(&[
+            (ENV_REDIS_URL, "redis://redis.example"),
+            (ENV_REDIS_SENTINELS, "s1:26379")
+        ]),
+        [ENV_REDIS_URL]
+    );
+    assert_eq!(
+        refused(&[
+            (ENV_REDIS_URL, "redis://:a@redis.example"),
+            (ENV_REDIS_PASSWORD, "b")
+        ]),
+        [ENV_REDIS_PASSWORD]
+    );
+    let c = ok(&[
+        (ENV_REDIS_URL, "redis://redis.example"),
+        (ENV_REDIS_PASSWORD, "b"),
+    ]);
+    assert_eq!(c.redis_password.as_ref().map(Secret::expose), Some("b"));
+    assert!(
+        !format!("{c:?}").contains("redis.example"),
+        "the URL is a secret in Debug too"
+    );
+}
+
+#[test]
 fn coalesce_linger_is_a_short_duration() {
     assert_eq!(ok(&[]).coalesce_linger, Duration::from_secs(2));
     assert_eq!(

@@ -793,3 +793,82 @@ fn a_pod_that_never_saw_a_tag_answers_it_from_what_another_pod_shared() {
     let res = manifest(&c, "HEAD", "org/app", "v1");
     assert_eq!(res.header("warning"), None, "{}", res.status);
 }
+
+/// A router sharing through the one Redis endpoint `url` (`REDIS_URL`), ready.
+fn url_pod(bed: &Testbed, url: &str) -> Router {
+    let harbor = bed.harbor.url();
+    let mut env = common::bed_env(&harbor);
+    env.extend([
+        ("REDIS_URL", url),
+        ("REDIS_READ_TIMEOUT", "2s"),
+        ("FANOUT_BUDGET_PER_IP", "100000"),
+    ]);
+    let router = Router::start(&env);
+    wait_until("the router is ready", || {
+        common::get(router.addr, "/readyz").status == 200
+    });
+    router
+}
+
+#[test]
+fn one_endpoint_shares_mappings_is_reconnected_after_a_restart_and_never_logs_its_password() {
+    let mut redis = RedisSet::standalone(Some("url-secret-91c2")).unwrap();
+    let port = redis.servers[0].port;
+    let bed = bed();
+    let url = format!("redis://:url-secret-91c2@127.0.0.1:{port}");
+    let a = url_pod(&bed, &url);
+    let b = url_pod(&bed, &url);
+    wait_redis_up(&a);
+    wait_redis_up(&b);
+    let line = a.wait_log(|l| l.contains("Redis connected"));
+    assert!(line.contains("REDIS_URL"), "{line}");
+
+    // A mapping a learns, b uses: no fan-out.
+    assert_eq!(manifest(&a, "GET", "org/app", "v1").status, 200);
+    wait_until("a's mapping reaches Redis", || {
+        redis
+            .cli(port, &["GET", "hr:v1:map:org/app"])
+            .is_ok_and(|o| o.contains("ghcr"))
+    });
+    let before = v2_counts(&bed);
+    assert_eq!(manifest(&b, "GET", "org/app", "v1").status, 200);
+    assert_eq!(grown(&v2_counts(&bed), &before), [0, 1, 0, 0]);
+
+    // The endpoint restarts empty (a managed Redis's failover, as its clients see it): both pods
+    // reconnect to it, and sharing goes on.
+    let errors = |r: &Router| r.scrape()["harbor_router_redis_errors_total"];
+    let (errors_a, errors_b) = (errors(&a), errors(&b));
+    redis.restart(port).unwrap();
+    for (r, before) in [(&a, errors_a), (&b, errors_b)] {
+        wait_until(
+            "the pod lost the endpoint and connected to it again",
+            || errors(r) > before && health(r)["redis"] == "up",
+        );
+    }
+    let missing = manifest(&a, "GET", "nowhere/image", "v1");
+    assert_eq!(missing.status, 404);
+    wait_until("a wrote its miss to the restarted server", || {
+        redis
+            .cli(port, &["KEYS", "hr:v1:miss:*"])
+            .is_ok_and(|o| !o.trim().is_empty())
+    });
+    let before = v2_counts(&bed);
+    wait_until("b answers the shared miss without Harbor", || {
+        manifest(&b, "GET", "nowhere/image", "v1").status == 404 && v2_counts(&bed) == before
+    });
+
+    // A wrong password: the link is down, clients see nothing of it, the password is not logged.
+    let wrong = url_pod(&bed, &format!("redis://:wrong-91c2@127.0.0.1:{port}"));
+    let line = wrong.wait_log(|l| l.contains("Redis unavailable"));
+    assert!(line.contains("REDIS_URL"), "{line}");
+    assert_eq!(health(&wrong)["redis"], "down");
+    assert_eq!(manifest(&wrong, "GET", "org/app", "v1").status, 200);
+    for r in [&a, &b, &wrong] {
+        assert!(
+            !r.logs()
+                .iter()
+                .any(|l| l.contains("url-secret-91c2") || l.contains("wrong-91c2")),
+            "a password never appears in a log"
+        );
+    }
+}

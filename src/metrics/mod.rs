@@ -806,7 +806,7 @@ impl Metrics {
         let state = RedisState::of(self.redis.as_ref());
         e.gauge(
             "harbor_router_redis_state",
-            "The Redis link's state: 1 for the current one of off (REDIS_SENTINELS not set), connecting, up, down.",
+            "The Redis link's state: 1 for the current one of off (neither REDIS_SENTINELS nor REDIS_URL set), connecting, up, down.",
             RedisState::ALL.iter().map(|s| {
                 (
                     vec![("state", s.as_str().to_string())],

@@ -1,9 +1,11 @@
 //! The Redis thread: one tokio runtime running the `redis` crate. It finds the master through
-//! Sentinel, serves the cores' queues (reads first, coalesced by name; writes in pipelines), listens
-//! for moved mappings and for Sentinel's `+switch-master`, and pings the master. Any error (the
-//! connection drops, the master answers `READONLY` after a failover, a command gets no answer within
-//! [`RESPONSE_LIMIT`]) sends it back through Sentinel to the current master; while it reconnects,
-//! with backoff and jitter, the cores serve from memory and fan-out. It logs once per state change.
+//! Sentinel (or connects to the one endpoint of `REDIS_URL`: a managed Redis, whose failover happens
+//! behind that endpoint), serves the cores' queues (reads first, coalesced by name; writes in
+//! pipelines), listens for moved mappings and for Sentinel's `+switch-master`, and pings the master.
+//! Any error (the connection drops, the master answers `READONLY` after a failover, a command gets
+//! no answer within [`RESPONSE_LIMIT`]) sends it back through Sentinel to the current master (or to
+//! the endpoint again); while it reconnects, with backoff and jitter, the cores serve from memory
+//! and fan-out. It logs once per state change.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -67,10 +69,10 @@ impl Link {
 
     async fn serve(self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
         let keys = Keys::new(&self.config.redis_key_prefix, self.config.redis_db);
-        let mut sentinel = match self.sentinel_client() {
+        let mut sentinel = match self.source() {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, "invalid Redis Sentinel settings; mappings stay in memory");
+                tracing::error!(error = %e, "invalid Redis settings; mappings stay in memory");
                 return;
             }
         };
@@ -87,7 +89,7 @@ impl Link {
                 Ok(Ok((mut conn, master))) => {
                     last_problem = None;
                     self.shared.set_state(Status::Up);
-                    tracing::info!(master = %master, "Redis connected (through Sentinel); sharing mappings");
+                    tracing::info!(master = %master, via = sentinel.via(), "Redis connected; sharing mappings");
                     let since = std::time::Instant::now();
                     let why = tokio::select! {
                         why = self.connected(&mut conn, &mut sentinel, &keys, &mut warmed, &mut writes, &mut reads) => why,
@@ -118,7 +120,7 @@ impl Link {
     async fn connected(
         &self,
         conn: &mut MultiplexedConnection,
-        sentinel: &mut SentinelClient,
+        sentinel: &mut Source,
         keys: &Keys,
         warmed: &mut bool,
         writes: &mut mpsc::Receiver<Write>,
@@ -151,6 +153,20 @@ impl Link {
             tracing::warn!(problem = %problem, "Redis unavailable; serving from memory and fan-out, retrying in the background");
             *last = Some(problem);
         }
+    }
+
+    /// Where the master is found: through Sentinel, or at `REDIS_URL`.
+    fn source(&self) -> Result<Source, RedisError> {
+        let c = &self.config;
+        let Some(url) = &c.redis_url else {
+            return self.sentinel_client().map(Source::Sentinel);
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(url.expose())?;
+        let mut redis = info.redis_settings().clone().set_db(i64::from(c.redis_db));
+        if let Some(pw) = &c.redis_password {
+            redis = redis.set_password(pw.expose());
+        }
+        redis::Client::open(info.set_redis_settings(redis)).map(Source::Direct)
     }
 
     fn sentinel_client(&self) -> Result<SentinelClient, RedisError> {
@@ -457,16 +473,9 @@ impl Link {
 
     /// Starts the listeners: moved mappings on the changes channel, and Sentinel's
     /// `+switch-master`. Either one noticing a switch (or its connection ending) wakes `lost`.
-    async fn listen(
-        &self,
-        sentinel: &mut SentinelClient,
-        keys: &Keys,
-        lost: Arc<Notify>,
-    ) -> Listeners {
+    async fn listen(&self, source: &mut Source, keys: &Keys, lost: Arc<Notify>) -> Listeners {
         let mut tasks = Vec::new();
-        if let Ok(Ok(client)) =
-            tokio::time::timeout(CONNECT_LIMIT, sentinel.async_get_client()).await
-        {
+        if let Ok(Ok(client)) = tokio::time::timeout(CONNECT_LIMIT, source.client()).await {
             let changes = keys.changes();
             let (shared, snapshot, learned, lost) = (
                 self.shared.clone(),
@@ -494,6 +503,9 @@ impl Link {
                 lost.notify_one();
             }));
         }
+        let Source::Sentinel(sentinel) = source else {
+            return Listeners(tasks);
+        };
         if let Ok(Ok(client)) =
             tokio::time::timeout(CONNECT_LIMIT, sentinel.async_get_sentinel_client()).await
         {
@@ -659,11 +671,34 @@ async fn serve_reads(
     Ok(())
 }
 
-/// Asks Sentinel for the master and connects to it.
-async fn connect(
-    sentinel: &mut SentinelClient,
-) -> Result<(MultiplexedConnection, String), RedisError> {
-    let client = sentinel.async_get_client().await?;
+/// Where the master is found.
+enum Source {
+    /// Asked of the Sentinels (`REDIS_SENTINELS`), again on every connection.
+    Sentinel(SentinelClient),
+    /// One endpoint (`REDIS_URL`): a managed Redis fails over behind it.
+    Direct(redis::Client),
+}
+
+impl Source {
+    /// A client of the master as it is now.
+    async fn client(&mut self) -> Result<redis::Client, RedisError> {
+        match self {
+            Source::Sentinel(s) => s.async_get_client().await,
+            Source::Direct(c) => Ok(c.clone()),
+        }
+    }
+
+    fn via(&self) -> &'static str {
+        match self {
+            Source::Sentinel(_) => "Sentinel",
+            Source::Direct(_) => "REDIS_URL",
+        }
+    }
+}
+
+/// Finds the master (through Sentinel, or at its one endpoint) and connects to it.
+async fn connect(source: &mut Source) -> Result<(MultiplexedConnection, String), RedisError> {
+    let client = source.client().await?;
     let master = client.get_connection_info().addr().to_string();
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_LIMIT))
@@ -717,10 +752,10 @@ fn describe(e: &RedisError) -> String {
         || e.to_string().contains("WRONGPASS")
         || e.to_string().contains("NOAUTH")
     {
-        return "Redis refused the credentials: check REDIS_PASSWORD".into();
+        return "Redis refused the credentials: check REDIS_PASSWORD (or the user and password in REDIS_URL)".into();
     }
     if e.to_string().contains("READONLY") {
-        return "the master became a replica (failover): asking Sentinel again".into();
+        return "the master became a replica (failover): connecting again".into();
     }
     if e.is_timeout() {
         return format!("Redis gave no answer within {RESPONSE_LIMIT:?}");

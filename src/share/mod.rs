@@ -194,7 +194,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Starts the Redis thread when `REDIS_SENTINELS` is set. It fills `snapshot` with the
+    /// Starts the Redis thread when `REDIS_SENTINELS` or `REDIS_URL` is set. It fills `snapshot` with the
     /// project list from Redis if discovery has published nothing yet, and `learned` with the recent
     /// mappings; it stops when `shutdown` flips.
     pub fn start(
@@ -203,7 +203,7 @@ impl Shared {
         learned: Arc<LearnedMap>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Option<(Shared, std::thread::JoinHandle<()>)>> {
-        if config.redis_sentinels.is_empty() {
+        if config.redis_sentinels.is_empty() && config.redis_url.is_none() {
             return Ok(None);
         }
         let (shared, write_rx, read_rx) = Shared::new(config, WRITE_QUEUE);

@@ -99,6 +99,52 @@ impl RedisSet {
         Ok(set)
     }
 
+    /// One server and nothing else (a managed Redis's endpoint, as `REDIS_URL` names it).
+    pub fn standalone(password: Option<&str>) -> anyhow::Result<RedisSet> {
+        let dir = tempfile::Builder::new()
+            .prefix("testbed-redis-")
+            .tempdir()?;
+        let mut set = RedisSet {
+            password: password.map(str::to_string),
+            servers: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+        };
+        let server = set.server(None)?;
+        set.servers.push(server);
+        Ok(set)
+    }
+
+    /// `redis://127.0.0.1:<port>` of the first server (the standalone one).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.servers[0].port)
+    }
+
+    /// `kill -9` of the server on `port`, then a new one on the same port, empty: a managed
+    /// Redis's endpoint after a restart.
+    pub fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        let node = self.server_on(port);
+        let _ = node.child.kill();
+        let _ = node.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let fresh = loop {
+            match self.server_on_port(port, None) {
+                Ok(n) => break n,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let i = self
+            .servers
+            .iter()
+            .position(|n| n.port == port)
+            .expect("ours");
+        self.servers[i] = fresh;
+        self.wait("the restarted server answers", |s| {
+            s.cli(port, &["PING"]).is_ok_and(|o| o.contains("PONG"))
+        })
+    }
+
     /// Starts `make(port)` on a free port and waits until the process answering there is the one
     /// started (another test may take a port between its release and Redis's bind): a few tries.
     fn start_on_free_port(
