@@ -872,3 +872,30 @@ fn one_endpoint_shares_mappings_is_reconnected_after_a_restart_and_never_logs_it
         );
     }
 }
+
+#[test]
+fn a_redis_cluster_node_is_named_for_what_it_is_and_changes_nothing_a_client_sees() {
+    let redis = RedisSet::cluster_node().unwrap();
+    let bed = bed();
+    let pod = url_pod(&bed, &redis.url());
+    let line = pod.wait_log(|l| l.contains("Redis unavailable"));
+    assert!(line.contains("Redis Cluster"), "{line}");
+    wait_until("the metric says so", || {
+        pod.scrape()["harbor_router_redis_cluster_mode"] == 1.0
+    });
+    assert_eq!(health(&pod)["redis"], "down");
+    assert_eq!(manifest(&pod, "GET", "org/app", "v1").status, 200);
+    // Said once, not on every retry.
+    assert_eq!(
+        pod.logs()
+            .iter()
+            .filter(|l| l.contains("Redis Cluster"))
+            .count(),
+        1
+    );
+    // A single Redis reads 0.
+    let single = RedisSet::standalone(None).unwrap();
+    let other = url_pod(&bed, &single.url());
+    wait_redis_up(&other);
+    assert_eq!(other.scrape()["harbor_router_redis_cluster_mode"], 0.0);
+}

@@ -814,6 +814,11 @@ impl Metrics {
                 )
             }),
         );
+        e.gauge(
+            "harbor_router_redis_cluster_mode",
+            "1 when the Redis endpoint the link reached is a Redis Cluster node, which it cannot use (mappings then stay in memory; point it at a non-cluster Redis).",
+            [(vec![], f64::from(u8::from(stats.cluster)))],
+        );
         e.counter(
             "harbor_router_redis_operations_total",
             "Redis operations: read (a core's read on a miss), write (a mapping, miss or list written).",

@@ -85,7 +85,23 @@ impl Link {
                 c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut sentinel)) => c,
                 _ = shutdown.changed() => return,
             };
+            let connected = match connected {
+                Ok(Ok((mut conn, master))) => match cluster_mode(&mut conn).await {
+                    Ok(false) => {
+                        self.shared.set_cluster(false);
+                        Ok(Ok((conn, master)))
+                    }
+                    Ok(true) => {
+                        self.shared.set_cluster(true);
+                        Err(CLUSTER_REFUSED.to_string())
+                    }
+                    Err(e) => Ok(Err(e)),
+                },
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(_) => Err(format!("no master within {CONNECT_LIMIT:?}")),
+            };
             match connected {
+                Err(problem) => self.down(&mut last_problem, problem),
                 Ok(Ok((mut conn, master))) => {
                     last_problem = None;
                     self.shared.set_state(Status::Up);
@@ -101,10 +117,6 @@ impl Link {
                     }
                 }
                 Ok(Err(e)) => self.down(&mut last_problem, describe(&e)),
-                Err(_) => self.down(
-                    &mut last_problem,
-                    format!("no master within {CONNECT_LIMIT:?}"),
-                ),
             }
             let wait = jitter(backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -669,6 +681,24 @@ async fn serve_reads(
         }
     }
     Ok(())
+}
+
+/// Why the link does not use a Redis Cluster node.
+const CLUSTER_REFUSED: &str = "this Redis is a Redis Cluster node (cluster mode): the link's multi-key reads and pipelines need a single Redis, so mappings stay in memory; point REDIS_URL or REDIS_SENTINELS at a non-cluster Redis (a managed service's cluster mode disabled)";
+
+/// Whether the server on `conn` runs in cluster mode (`INFO cluster`: `cluster_enabled:1`). A
+/// server that refuses `INFO` (some managed services rename it) is taken as a single Redis; only a
+/// connection problem is an error.
+async fn cluster_mode(conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
+    match redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(conn)
+        .await
+    {
+        Ok(info) => Ok(info.lines().any(|l| l.trim() == "cluster_enabled:1")),
+        Err(e) if connection_trouble(&e) || e.is_timeout() => Err(e),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Where the master is found.

@@ -160,6 +160,8 @@ struct Inner {
     status: AtomicU8,
     /// A write was shed since the link last said the queue drained.
     shedding: AtomicBool,
+    /// The endpoint the link reached last is a Redis Cluster node, which the link cannot use.
+    cluster: AtomicBool,
     shed: AtomicU64,
     /// Reads answered, writes sent, times the link left (or could not reach) a master: the link's.
     reads_done: Counter,
@@ -185,6 +187,8 @@ pub struct RedisStats {
     pub errors: u64,
     pub shed: u64,
     pub read_timeouts: u64,
+    /// The last endpoint reached is a Redis Cluster node.
+    pub cluster: bool,
 }
 
 /// The cores' handle to Redis. Cloning shares it.
@@ -239,6 +243,7 @@ impl Shared {
                 reads,
                 status: AtomicU8::new(Status::Connecting as u8),
                 shedding: AtomicBool::new(false),
+                cluster: AtomicBool::new(false),
                 shed: AtomicU64::new(0),
                 reads_done: Counter::default(),
                 writes_done: Counter::default(),
@@ -279,7 +284,13 @@ impl Shared {
             errors: self.inner.errors.get(),
             shed: self.shed(),
             read_timeouts: self.inner.read_timeouts.get(),
+            cluster: self.inner.cluster.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether the endpoint the link reached is a Redis Cluster node (the link's own).
+    pub(crate) fn set_cluster(&self, cluster: bool) {
+        self.inner.cluster.store(cluster, Ordering::Relaxed);
     }
 
     /// A core's view of Redis, for its mapping tiers.

@@ -51,6 +51,8 @@ pub struct RedisSet {
     pub servers: Vec<Node>,
     pub sentinels: Vec<Node>,
     dir: tempfile::TempDir,
+    /// Servers start in cluster mode.
+    cluster: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -70,6 +72,7 @@ impl RedisSet {
             servers: Vec::new(),
             sentinels: Vec::new(),
             dir,
+            cluster: false,
         };
         let master = set.server(None)?;
         let master_port = master.port;
@@ -101,6 +104,16 @@ impl RedisSet {
 
     /// One server and nothing else (a managed Redis's endpoint, as `REDIS_URL` names it).
     pub fn standalone(password: Option<&str>) -> anyhow::Result<RedisSet> {
+        Self::alone(password, false)
+    }
+
+    /// One server in cluster mode (`cluster-enabled yes`, no slots): what a cluster-mode managed
+    /// service's endpoint is to a client.
+    pub fn cluster_node() -> anyhow::Result<RedisSet> {
+        Self::alone(None, true)
+    }
+
+    fn alone(password: Option<&str>, cluster: bool) -> anyhow::Result<RedisSet> {
         let dir = tempfile::Builder::new()
             .prefix("testbed-redis-")
             .tempdir()?;
@@ -109,6 +122,7 @@ impl RedisSet {
             servers: Vec::new(),
             sentinels: Vec::new(),
             dir,
+            cluster,
         };
         let server = set.server(None)?;
         set.servers.push(server);
@@ -193,6 +207,10 @@ impl RedisSet {
         }
         if let Some(m) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
+        }
+        if self.cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(data.join("nodes.conf"));
         }
         spawn(cmd, &data.join("log"), port)
     }
