@@ -64,16 +64,7 @@ fn free_port() -> anyhow::Result<u16> {
 impl RedisSet {
     /// Starts the set and waits until the replica is in sync and every Sentinel knows the others.
     pub fn start(password: Option<&str>) -> anyhow::Result<RedisSet> {
-        let dir = tempfile::Builder::new()
-            .prefix("testbed-redis-")
-            .tempdir()?;
-        let mut set = RedisSet {
-            password: password.map(str::to_string),
-            servers: Vec::new(),
-            sentinels: Vec::new(),
-            dir,
-            cluster: false,
-        };
+        let mut set = RedisSet::none_yet(password, false)?;
         let master = set.server(None)?;
         let master_port = master.port;
         set.servers.push(master);
@@ -114,19 +105,23 @@ impl RedisSet {
     }
 
     fn alone(password: Option<&str>, cluster: bool) -> anyhow::Result<RedisSet> {
-        let dir = tempfile::Builder::new()
-            .prefix("testbed-redis-")
-            .tempdir()?;
-        let mut set = RedisSet {
-            password: password.map(str::to_string),
-            servers: Vec::new(),
-            sentinels: Vec::new(),
-            dir,
-            cluster,
-        };
+        let mut set = RedisSet::none_yet(password, cluster)?;
         let server = set.server(None)?;
         set.servers.push(server);
         Ok(set)
+    }
+
+    /// A set with its directory and no process yet.
+    fn none_yet(password: Option<&str>, cluster: bool) -> anyhow::Result<RedisSet> {
+        Ok(RedisSet {
+            password: password.map(str::to_string),
+            servers: Vec::new(),
+            sentinels: Vec::new(),
+            dir: tempfile::Builder::new()
+                .prefix("testbed-redis-")
+                .tempdir()?,
+            cluster,
+        })
     }
 
     /// `redis://127.0.0.1:<port>` of the first server (the standalone one).
