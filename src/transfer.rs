@@ -68,17 +68,25 @@ struct Registry {
 }
 
 impl Registry {
+    /// Whether `t` is the transfer its key leads to.
+    fn holds(&self, t: &Transfer) -> bool {
+        self.by_key
+            .get(&t.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), t))
+    }
+
+    /// Later pulls of `t`'s key no longer find `t` (they lead a new transfer).
+    fn forget(&mut self, t: &Transfer) {
+        if self.holds(t) {
+            self.by_key.remove(&t.key);
+        }
+    }
+
     /// `t` takes no more readers. Its reservation goes with its bytes: now, when no reader holds
     /// it any more (the registry's is the last reference: no pull can reach it again), else when
     /// the last reader drops it.
     fn retire(&mut self, t: &Arc<Transfer>) {
-        let ours = self
-            .by_key
-            .get(&t.key)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(t)));
-        if ours {
-            self.by_key.remove(&t.key);
-        }
+        self.forget(t);
         t.lock().closed = true;
         if Arc::strong_count(t) == 1 {
             self.reserved = self
@@ -249,11 +257,7 @@ impl Transfers {
         let Ok(mut registry) = self.inner.lock() else {
             return false;
         };
-        let ours = registry
-            .by_key
-            .get(&t.key)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(t)));
-        if self.linger.is_zero() || !ours {
+        if self.linger.is_zero() || !registry.holds(t) {
             return false;
         }
         let before = t.reserve.swap(size, Ordering::Relaxed);
@@ -273,13 +277,7 @@ impl Transfers {
     /// `t` takes no more readers: later pulls of its key lead a new transfer.
     fn close(&self, t: &Transfer) {
         if let Ok(mut registry) = self.inner.lock() {
-            let ours = registry
-                .by_key
-                .get(&t.key)
-                .is_some_and(|w| std::ptr::eq(w.as_ptr(), t));
-            if ours {
-                registry.by_key.remove(&t.key);
-            }
+            registry.forget(t);
         }
     }
 }
