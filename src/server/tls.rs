@@ -462,7 +462,7 @@ struct Watching<H> {
 }
 
 impl<H: Handler> hyper::service::Service<http::Request<hyper::body::Incoming>> for Watching<H> {
-    type Response = http::Response<Watched<<Service<H> as Served>::Body>>;
+    type Response = http::Response<Watched<super::conn::Tracked<H::Body>>>;
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, std::convert::Infallible>>>>;
 
@@ -479,15 +479,6 @@ impl<H: Handler> hyper::service::Service<http::Request<hyper::body::Incoming>> f
             }))
         })
     }
-}
-
-/// The body type of a service's responses.
-trait Served {
-    type Body;
-}
-
-impl<H: Handler> Served for Service<H> {
-    type Body = super::conn::Tracked<H::Body>;
 }
 
 /// A response body that records when it handed hyper a frame (and hyper did not come back).
