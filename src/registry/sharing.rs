@@ -112,7 +112,7 @@ impl Sharing {
     /// answered by one that lingers): a HEAD follows a GET, else leads or follows a flight of
     /// HEADs; a GET leads or follows a flight of GETs.
     pub fn turn(&self, key: &str, head: bool) -> Turn<Shared> {
-        let get = format!("GET {key}");
+        let get = keyed(false, key);
         let now = (!self.linger.is_zero()).then(|| self.clock.now());
         if let Some(now) = now {
             self.kept.borrow_mut().expire(now);
@@ -124,7 +124,7 @@ impl Sharing {
             if let Some(rx) = self.flights.follow(&get) {
                 return Turn::Follow(rx);
             }
-            let key = format!("HEAD {key}");
+            let key = keyed(true, key);
             if let Some(kept) = self.kept(&key, now) {
                 return kept;
             }
@@ -158,8 +158,7 @@ impl Sharing {
     /// way (a fan-out's winner), for the linger when it may linger.
     pub fn keep_for(&self, key: &str, head: bool, shared: Shared) {
         if let Some(outcome) = shared.filter(|o| lingers(o)) {
-            let method = if head { "HEAD" } else { "GET" };
-            self.keep(&format!("{method} {key}"), outcome);
+            self.keep(&keyed(head, key), outcome);
         }
     }
 
@@ -189,6 +188,11 @@ impl Sharing {
     }
 }
 
+/// The key of a flight (and of the answer lingering after it): GETs and HEADs apart.
+fn keyed(head: bool, key: &str) -> String {
+    format!("{} {key}", if head { "HEAD" } else { "GET" })
+}
+
 /// Whether an answer may linger: Harbor's success, not a failure or a 404.
 fn lingers(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Answer { status, failure: None, .. } if status.is_success())
@@ -215,14 +219,18 @@ mod tests {
     use super::*;
     use crate::clock::TestClock;
 
-    fn ok(head: bool) -> Shared {
+    fn answer(status: StatusCode, body: Bytes, failure: Option<Heard>, head: bool) -> Shared {
         Some(Rc::new(Outcome::Answer {
-            status: StatusCode::OK,
+            status,
             headers: HeaderMap::new(),
-            body: Bytes::from_static(b"{}"),
-            failure: None,
+            body,
+            failure,
             head,
         }))
+    }
+
+    fn ok(head: bool) -> Shared {
+        answer(StatusCode::OK, Bytes::from_static(b"{}"), None, head)
     }
 
     fn lead(s: &Sharing, key: &str, head: bool) -> Leader<Shared> {
@@ -280,20 +288,8 @@ mod tests {
     #[test]
     fn failures_404s_and_unshareable_answers_do_not_linger_nor_does_anything_with_no_linger() {
         let s = Sharing::new(Duration::from_secs(2), TestClock::new().clock());
-        let failed = Some(Rc::new(Outcome::Answer {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            failure: Some(Heard::Unsure),
-            head: false,
-        }));
-        let unavailable = Some(Rc::new(Outcome::Answer {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            failure: None,
-            head: false,
-        }));
+        let failed = answer(StatusCode::OK, Bytes::new(), Some(Heard::Unsure), false);
+        let unavailable = answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new(), None, false);
         let gone = Some(Rc::new(Outcome::Gone { sure: true }));
         for (key, shared) in [("a", failed), ("b", unavailable), ("c", gone), ("d", None)] {
             let l = lead(&s, key, false);
@@ -320,13 +316,12 @@ mod tests {
         assert_eq!(s.lingering(), MAX_KEPT);
         assert!(answered(&s, "k0", false).is_none(), "the oldest went first");
         assert!(answered(&s, &format!("k{}", MAX_KEPT + 9), false).is_some());
-        let big = Some(Rc::new(Outcome::Answer {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::from(vec![0u8; MAX_KEPT_BYTES / 2]),
-            failure: None,
-            head: false,
-        }));
+        let big = answer(
+            StatusCode::OK,
+            Bytes::from(vec![0u8; MAX_KEPT_BYTES / 2]),
+            None,
+            false,
+        );
         for key in ["big1", "big2", "big3"] {
             let l = lead(&s, key, false);
             s.finish(l, big.clone());
