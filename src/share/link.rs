@@ -69,7 +69,7 @@ impl Link {
 
     async fn serve(self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
         let keys = Keys::new(&self.config.redis_key_prefix, self.config.redis_db);
-        let mut sentinel = match self.source() {
+        let mut source = match self.source() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "invalid Redis settings; mappings stay in memory");
@@ -82,33 +82,33 @@ impl Link {
         let mut shutdown = self.shutdown.clone();
         loop {
             let connected = tokio::select! {
-                c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut sentinel)) => c,
+                c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut source)) => c,
                 _ = shutdown.changed() => return,
             };
             let connected = match connected {
                 Ok(Ok((mut conn, master))) => match cluster_mode(&mut conn).await {
-                    Ok(false) => {
-                        self.shared.set_cluster(false);
-                        Ok(Ok((conn, master)))
+                    Ok(cluster) => {
+                        self.shared.set_cluster(cluster);
+                        if cluster {
+                            Err(CLUSTER_REFUSED.to_string())
+                        } else {
+                            Ok((conn, master))
+                        }
                     }
-                    Ok(true) => {
-                        self.shared.set_cluster(true);
-                        Err(CLUSTER_REFUSED.to_string())
-                    }
-                    Err(e) => Ok(Err(e)),
+                    Err(e) => Err(describe(&e)),
                 },
-                Ok(Err(e)) => Ok(Err(e)),
+                Ok(Err(e)) => Err(describe(&e)),
                 Err(_) => Err(format!("no master within {CONNECT_LIMIT:?}")),
             };
             match connected {
                 Err(problem) => self.down(&mut last_problem, problem),
-                Ok(Ok((mut conn, master))) => {
+                Ok((mut conn, master)) => {
                     last_problem = None;
                     self.shared.set_state(Status::Up);
-                    tracing::info!(master = %master, via = sentinel.via(), "Redis connected; sharing mappings");
+                    tracing::info!(master = %master, via = source.via(), "Redis connected; sharing mappings");
                     let since = std::time::Instant::now();
                     let why = tokio::select! {
-                        why = self.connected(&mut conn, &mut sentinel, &keys, &mut warmed, &mut writes, &mut reads) => why,
+                        why = self.connected(&mut conn, &mut source, &keys, &mut warmed, &mut writes, &mut reads) => why,
                         _ = shutdown.changed() => return,
                     };
                     self.down(&mut last_problem, why);
@@ -116,7 +116,6 @@ impl Link {
                         backoff = BACKOFF_MIN;
                     }
                 }
-                Ok(Err(e)) => self.down(&mut last_problem, describe(&e)),
             }
             let wait = jitter(backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -132,7 +131,7 @@ impl Link {
     async fn connected(
         &self,
         conn: &mut MultiplexedConnection,
-        sentinel: &mut Source,
+        source: &mut Source,
         keys: &Keys,
         warmed: &mut bool,
         writes: &mut mpsc::Receiver<Write>,
@@ -151,7 +150,7 @@ impl Link {
             self.shared.publish_projects(s);
         }
         let lost = Arc::new(Notify::new());
-        let listeners = self.listen(sentinel, keys, lost.clone()).await;
+        let listeners = self.listen(source, keys, lost.clone()).await;
         let why = self.work(conn, keys, writes, reads, &lost, warmed).await;
         drop(listeners);
         why
