@@ -47,6 +47,8 @@ pub const ENV_REDIS_PASSWORD: &str = "REDIS_PASSWORD";
 pub const ENV_REDIS_DB: &str = "REDIS_DB";
 pub const ENV_REDIS_KEY_PREFIX: &str = "REDIS_KEY_PREFIX";
 pub const ENV_REDIS_READ_TIMEOUT: &str = "REDIS_READ_TIMEOUT";
+pub const ENV_REDIS_TLS: &str = "REDIS_TLS";
+pub const ENV_REDIS_CA_FILE: &str = "REDIS_CA_FILE";
 pub const ENV_NEGATIVE_CACHE_TTL: &str = "NEGATIVE_CACHE_TTL";
 pub const ENV_STALE_WHILE_REVALIDATE: &str = "STALE_WHILE_REVALIDATE";
 pub const ENV_STALE_IF_ERROR: &str = "STALE_IF_ERROR";
@@ -264,6 +266,11 @@ pub struct Config {
     pub redis_key_prefix: String,
     /// Longest a core waits for Redis on a local miss before it fans out without it.
     pub redis_read_timeout: Duration,
+    /// TLS to Redis: to the Sentinels and the master they name (`REDIS_TLS`), or to the endpoint of
+    /// a `rediss://` REDIS_URL. Certificates are checked against the host connected to.
+    pub redis_tls: bool,
+    /// Extra CA certificates (PEM) trusted for Redis, beside the system's store (a private CA).
+    pub redis_ca_file: Option<String>,
     /// How long "no project has this name" is remembered; 0 disables negative caching.
     pub negative_cache_ttl: Duration,
     /// How long past `cache_ttl` a mapping is still served while it is refreshed; 0 disables.
@@ -460,7 +467,7 @@ impl Config {
         let redis_url = match r.raw(ENV_REDIS_URL) {
             None => Some(None),
             Some(url) => match parse_redis_url(url.trim()) {
-                Ok(with_password) => Some(Some((Secret(url.trim().to_string()), with_password))),
+                Ok(shape) => Some(Some((Secret(url.trim().to_string()), shape))),
                 Err(problem) => {
                     // The value is not repeated: it may hold a password.
                     r.refuse(ENV_REDIS_URL, None, problem);
@@ -479,12 +486,51 @@ impl Config {
                 r.refuse(ENV_REDIS_URL, None, "set it or REDIS_SENTINELS, not both");
             }
         }
-        if let (Some(Some((_, true))), Some(_)) = (&redis_url, &redis_password) {
+        if let (Some(Some((_, RedisUrl { password: true, .. }))), Some(_)) =
+            (&redis_url, &redis_password)
+        {
             r.refuse(
                 ENV_REDIS_PASSWORD,
                 None,
                 "REDIS_URL holds a password already: set one or the other",
             );
+        }
+        let url_tls = match &redis_url {
+            Some(Some((_, shape))) => Some(shape.tls),
+            _ => None,
+        };
+        let redis_tls = match r.raw(ENV_REDIS_TLS).map(|v| (parse_bool(v.trim()), v)) {
+            None => url_tls.unwrap_or(false),
+            Some((Err(problem), v)) => {
+                r.refuse(ENV_REDIS_TLS, Some(v), problem);
+                false
+            }
+            Some((Ok(tls), _)) => {
+                match url_tls {
+                    Some(false) if tls => r.refuse(
+                        ENV_REDIS_TLS,
+                        None,
+                        "REDIS_URL is redis:// (no TLS): for TLS to that endpoint write rediss://",
+                    ),
+                    Some(true) if !tls => r.refuse(
+                        ENV_REDIS_TLS,
+                        None,
+                        "REDIS_URL is rediss:// (TLS): unset REDIS_TLS, or write redis://",
+                    ),
+                    _ => {}
+                }
+                tls
+            }
+        };
+        let redis_ca_file = r.parse(ENV_REDIS_CA_FILE, "", readable_file);
+        if let Some(Some(_)) = &redis_ca_file {
+            if !redis_tls {
+                r.refuse(
+                    ENV_REDIS_CA_FILE,
+                    None,
+                    "TLS to Redis is off: set REDIS_TLS=true (Sentinel) or write rediss:// (REDIS_URL)",
+                );
+            }
         }
         let redis_db = r.parse(ENV_REDIS_DB, "0", |v| {
             ranged_int(v, 0, i32::MAX as u64).map(|n| n as u32)
@@ -606,6 +652,8 @@ impl Config {
             log_format: log_format.expect("checked"),
             access_log: access_log.expect("checked"),
             redis_url: redis_url.expect("checked").map(|(url, _)| url),
+            redis_tls,
+            redis_ca_file: redis_ca_file.expect("checked"),
             redis_sentinels: redis_sentinels.expect("checked"),
             redis_master_name: redis_master_name.expect("checked"),
             redis_password,
@@ -803,21 +851,32 @@ fn parse_project_name(v: &str) -> Result<String, String> {
     }
 }
 
-/// A path to a readable file, or unset (`""`).
-/// A `REDIS_URL`: `redis://[user[:password]@]host[:port]`; whether it holds a password. The
-/// database is `REDIS_DB`'s, and TLS (`rediss://`) is not built yet.
-fn parse_redis_url(v: &str) -> Result<bool, String> {
-    const FORM: &str = "must be redis://[user[:password]@]host[:port]";
-    if v.starts_with("rediss://") {
-        return Err("rediss:// (TLS to Redis) is not supported yet: use redis://".into());
-    }
-    let Some(rest) = v.strip_prefix("redis://") else {
-        return Err(FORM.into());
+/// What a `REDIS_URL` says beside where the endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RedisUrl {
+    /// It holds a password.
+    password: bool,
+    /// `rediss://`: TLS.
+    tls: bool,
+}
+
+/// A `REDIS_URL`: `redis://` or `rediss://`, then `[user[:password]@]host[:port]`. The database is
+/// `REDIS_DB`'s; no option is taken (the `redis` crate's `#insecure`, which skips the certificate
+/// check, least of all).
+fn parse_redis_url(v: &str) -> Result<RedisUrl, String> {
+    const FORM: &str = "must be redis://[user[:password]@]host[:port] (or rediss:// for TLS)";
+    let (rest, tls) = match (v.strip_prefix("redis://"), v.strip_prefix("rediss://")) {
+        (Some(rest), _) => (rest, false),
+        (None, Some(rest)) => (rest, true),
+        (None, None) => return Err(FORM.into()),
     };
     let (userinfo, hostport) = match rest.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, rest),
     };
+    if hostport.contains('#') {
+        return Err("takes no #fragment: the certificate is always checked".into());
+    }
     if hostport.contains('/') || hostport.contains('?') {
         let path = hostport.split_once('/').map_or("", |(_, p)| p);
         if !path.is_empty() || hostport.contains('?') {
@@ -841,9 +900,13 @@ fn parse_redis_url(v: &str) -> Result<bool, String> {
     if redis::IntoConnectionInfo::into_connection_info(v).is_err() {
         return Err(FORM.into());
     }
-    Ok(userinfo.is_some_and(|u| u.split_once(':').is_some_and(|(_, pw)| !pw.is_empty())))
+    Ok(RedisUrl {
+        password: userinfo.is_some_and(|u| u.split_once(':').is_some_and(|(_, pw)| !pw.is_empty())),
+        tls,
+    })
 }
 
+/// A path to a readable file, or unset (`""`).
 fn readable_file(v: &str) -> Result<Option<String>, String> {
     if v.is_empty() {
         return Ok(None);

@@ -536,6 +536,8 @@ fn redis_url_is_one_endpoint_instead_of_sentinels_and_is_never_echoed() {
         "redis://:s3cret@redis.example:6380",
         "redis://router:s3cret@redis.example",
         "redis://redis.example:6379/",
+        "rediss://redis.example:6380",
+        "rediss://:s3cret@redis.example",
     ] {
         let c = ok(&[(ENV_REDIS_URL, good)]);
         assert_eq!(
@@ -543,9 +545,11 @@ fn redis_url_is_one_endpoint_instead_of_sentinels_and_is_never_echoed() {
             Some(good),
             "{good}"
         );
+        assert_eq!(c.redis_tls, good.starts_with("rediss://"), "{good}");
     }
     for bad in [
-        "rediss://redis.example:6380",
+        "rediss://:s3cret@redis.example:6380/#insecure",
+        "rediss://:s3cret@redis.example#insecure",
         "http://redis.example",
         "redis://",
         "redis://redis.example:0",
@@ -580,6 +584,56 @@ fn redis_url_is_one_endpoint_instead_of_sentinels_and_is_never_echoed() {
         !format!("{c:?}").contains("redis.example"),
         "the URL is a secret in Debug too"
     );
+}
+
+#[test]
+fn redis_tls_follows_the_url_or_is_asked_for_sentinel_and_a_ca_file_needs_it() {
+    assert!(!ok(&[]).redis_tls);
+    assert!(!ok(&[(ENV_REDIS_SENTINELS, "s1")]).redis_tls);
+    let c = ok(&[(ENV_REDIS_SENTINELS, "s1"), (ENV_REDIS_TLS, "true")]);
+    assert!(c.redis_tls);
+    assert_eq!(c.redis_ca_file, None);
+    // Said again for a rediss:// URL: fine; contradicting the URL: refused.
+    assert!(ok(&[(ENV_REDIS_URL, "rediss://r"), (ENV_REDIS_TLS, "true")]).redis_tls);
+    let e = refused_with(&[(ENV_REDIS_URL, "redis://r"), (ENV_REDIS_TLS, "true")]);
+    assert_eq!(e.var, ENV_REDIS_TLS);
+    assert!(e.problem.contains("rediss://"), "{e}");
+    let e = refused_with(&[(ENV_REDIS_URL, "rediss://r"), (ENV_REDIS_TLS, "false")]);
+    assert_eq!(e.var, ENV_REDIS_TLS);
+    let e = refused_with(&[(ENV_REDIS_TLS, "sometimes")]);
+    assert_eq!(e.var, ENV_REDIS_TLS);
+    assert_eq!(e.value.as_deref(), Some("sometimes"));
+
+    let ca = secret_file("a CA file");
+    let ca = ca.0.display().to_string();
+    let c = ok(&[(ENV_REDIS_URL, "rediss://r"), (ENV_REDIS_CA_FILE, &ca)]);
+    assert_eq!(c.redis_ca_file.as_deref(), Some(ca.as_str()));
+    let c = ok(&[
+        (ENV_REDIS_SENTINELS, "s1"),
+        (ENV_REDIS_TLS, "1"),
+        (ENV_REDIS_CA_FILE, &ca),
+    ]);
+    assert_eq!(c.redis_ca_file.as_deref(), Some(ca.as_str()));
+    // A CA file with TLS off is a mistake, not a setting.
+    for pairs in [
+        &[
+            (ENV_REDIS_URL, "redis://r"),
+            (ENV_REDIS_CA_FILE, ca.as_str()),
+        ][..],
+        &[
+            (ENV_REDIS_SENTINELS, "s1"),
+            (ENV_REDIS_CA_FILE, ca.as_str()),
+        ][..],
+    ] {
+        let e = refused_with(pairs);
+        assert_eq!(e.var, ENV_REDIS_CA_FILE);
+        assert!(e.problem.contains("REDIS_TLS"), "{e}");
+    }
+    let e = refused_with(&[
+        (ENV_REDIS_URL, "rediss://r"),
+        (ENV_REDIS_CA_FILE, "/nonexistent/ca.pem"),
+    ]);
+    assert_eq!(e.var, ENV_REDIS_CA_FILE);
 }
 
 #[test]

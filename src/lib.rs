@@ -158,8 +158,7 @@ impl Server {
             self.snapshot.clone(),
             learned.clone(),
             shutdown_rx.clone(),
-        )
-        .context("cannot spawn the Redis thread")?;
+        )?;
         let (shared, redis_thread) = redis.unzip();
         let metrics = metrics::Metrics::new(self.snapshot.clone(), shared.clone());
         let process = ProcessState::new(

@@ -2,10 +2,13 @@
 //! by the test bed, router binaries in front of the stand-in Harbor and the real registry. Pods
 //! share mappings and misses, a new pod starts warm (also while Harbor's API is slow), a moved
 //! mapping reaches the other pods, a failover loses no request, and Redis that is down, refuses the
-//! password or holds garbage changes nothing a client sees.
+//! password or holds garbage changes nothing a client sees. The same again over TLS (a private CA,
+//! the certificate checked), through Sentinel and through one endpoint (`REDIS_URL`), where a
+//! certificate that is untrusted or names another host is one more way for Redis to be down.
 
 mod common;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -53,14 +56,47 @@ fn pod(bed: &Testbed, redis: &RedisSet, extra: &[(&str, &str)]) -> Router {
 
 fn pod_unready(bed: &Testbed, redis: &RedisSet, extra: &[(&str, &str)]) -> Router {
     let sentinels = redis.sentinels_env();
-    start_pod(bed, &sentinels, redis.password.as_deref(), extra)
+    start_pod(
+        bed,
+        &sentinels,
+        redis.password.as_deref(),
+        redis.ca_file(),
+        extra,
+    )
 }
 
-/// A router with these Sentinels and Redis password; does not wait for readiness.
+/// How the tests that run both ways reach Redis.
+#[derive(Clone, Copy, Debug)]
+enum Wire {
+    Plain,
+    Tls,
+}
+
+/// A master, a replica and three Sentinels, speaking `wire`.
+fn sentinel_set(password: Option<&str>, wire: Wire) -> RedisSet {
+    match wire {
+        Wire::Plain => RedisSet::start(password),
+        Wire::Tls => RedisSet::start_tls(password),
+    }
+    .unwrap()
+}
+
+/// One server, speaking `wire`.
+fn endpoint(password: Option<&str>, wire: Wire) -> RedisSet {
+    match wire {
+        Wire::Plain => RedisSet::standalone(password),
+        Wire::Tls => RedisSet::standalone_tls(password),
+    }
+    .unwrap()
+}
+
+/// A router with these Sentinels and Redis password, TLS to them when `ca` (the CA that signed
+/// their certificate) is given; does not wait for readiness.
 fn start_pod(
     bed: &Testbed,
     sentinels: &str,
     password: Option<&str>,
+    ca: Option<&Path>,
     extra: &[(&str, &str)],
 ) -> Router {
     let url = bed.harbor.url();
@@ -74,6 +110,10 @@ fn start_pod(
     ]);
     if let Some(pw) = password {
         env.push(("REDIS_PASSWORD", pw));
+    }
+    let ca = ca.map(|p| p.display().to_string());
+    if let Some(ca) = &ca {
+        env.extend([("REDIS_TLS", "true"), ("REDIS_CA_FILE", ca.as_str())]);
     }
     env.extend_from_slice(extra);
     Router::start(&env)
@@ -128,12 +168,23 @@ fn data_commands(redis: &RedisSet, port: u16) -> u64 {
 
 #[test]
 fn pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
-    let redis = RedisSet::start(Some("redis-test-password")).unwrap();
+    pods_share(Wire::Plain);
+}
+
+#[test]
+fn over_tls_pods_share_mappings_and_misses_and_a_hit_makes_no_redis_call() {
+    pods_share(Wire::Tls);
+}
+
+fn pods_share(wire: Wire) {
+    let redis = sentinel_set(Some("redis-test-password"), wire);
     let bed = bed();
     let a = pod(&bed, &redis, &[]);
     let b = pod(&bed, &redis, &[]);
     wait_redis_up(&a);
     wait_redis_up(&b);
+    let line = a.wait_log(|l| l.contains("Redis connected"));
+    assert!(line.contains("Sentinel"), "{line}");
 
     assert_eq!(manifest(&a, "GET", "org/app", "v1").status, 200);
     wait_until("a's mapping reaches Redis", || {
@@ -345,7 +396,16 @@ fn dbsize(redis: &RedisSet, port: u16) -> u64 {
 
 #[test]
 fn a_killed_master_fails_over_and_no_request_fails() {
-    let mut redis = RedisSet::start(None).unwrap();
+    killed_master(Wire::Plain);
+}
+
+#[test]
+fn over_tls_a_killed_master_fails_over_and_no_request_fails() {
+    killed_master(Wire::Tls);
+}
+
+fn killed_master(wire: Wire) {
+    let mut redis = sentinel_set(None, wire);
     let bed = bed();
     let router = pod(
         &bed,
@@ -386,18 +446,51 @@ fn a_killed_master_fails_over_and_no_request_fails() {
 
 #[test]
 fn a_frozen_master_holds_no_request_beyond_the_budget() {
-    let mut redis = RedisSet::start(None).unwrap();
+    let mut redis = sentinel_set(None, Wire::Plain);
     let bed = bed();
     let router = pod(&bed, &redis, &[("REDIS_READ_TIMEOUT", "50ms")]);
-    wait_redis_up(&router);
-    assert_eq!(manifest(&router, "GET", "org/app", "v1").status, 200);
+    frozen(&mut redis, &router, |r| r.freeze_master().unwrap());
+}
+
+#[test]
+fn over_tls_a_frozen_master_holds_no_request_beyond_the_budget() {
+    let mut redis = sentinel_set(None, Wire::Tls);
+    let bed = bed();
+    let router = pod(&bed, &redis, &[("REDIS_READ_TIMEOUT", "50ms")]);
+    frozen(&mut redis, &router, |r| r.freeze_master().unwrap());
+}
+
+#[test]
+fn a_frozen_endpoint_holds_no_request_beyond_the_budget() {
+    for wire in [Wire::Plain, Wire::Tls] {
+        let mut redis = endpoint(None, wire);
+        let bed = bed();
+        let router = url_pod(
+            &bed,
+            &redis,
+            &redis.url(),
+            &[("REDIS_READ_TIMEOUT", "50ms")],
+        );
+        let port = redis.servers[0].port;
+        frozen(&mut redis, &router, |r| {
+            r.freeze(port);
+            port
+        });
+    }
+}
+
+/// Freezes the master `router` shares through (`freeze` returns its port) under load: no request
+/// waits on it, none fails.
+fn frozen(redis: &mut RedisSet, router: &Router, freeze: impl FnOnce(&mut RedisSet) -> u16) {
+    wait_redis_up(router);
+    assert_eq!(manifest(router, "GET", "org/app", "v1").status, 200);
     let load = Load::new();
     std::thread::scope(|s| {
         let _stop = common::SetOnDrop(&load.stop);
-        let (l, r) = (&load, &router);
+        let (l, r) = (&load, router);
         s.spawn(move || l.run(r, 0));
         load.wait_more(20);
-        let frozen = redis.freeze_master().unwrap();
+        let frozen = freeze(redis);
         load.slowest_ms.store(0, Ordering::Relaxed);
         // Frozen for longer than the link's command limit (1 s) and the Sentinels' down-after
         // (1 s): a request that waited on the master would take that long.
@@ -460,7 +553,7 @@ fn redis_down_or_refusing_the_password_changes_nothing_a_client_sees() {
 
     let redis = RedisSet::start(Some("the-right-one")).unwrap();
     let sentinels = redis.sentinels_env();
-    let refused = start_pod(&bed, &sentinels, Some("wrong-secret-7f3a"), &[]);
+    let refused = start_pod(&bed, &sentinels, Some("wrong-secret-7f3a"), None, &[]);
     wait_until("ready while Redis refuses", || {
         common::get(refused.addr, "/readyz").status == 200
     });
@@ -794,8 +887,13 @@ fn a_pod_that_never_saw_a_tag_answers_it_from_what_another_pod_shared() {
     assert_eq!(res.header("warning"), None, "{}", res.status);
 }
 
-/// A router sharing through the one Redis endpoint `url` (`REDIS_URL`), ready.
-fn url_pod(bed: &Testbed, url: &str) -> Router {
+/// A router sharing through the one Redis endpoint `url` (`REDIS_URL`) of `redis` (whose CA it
+/// trusts when `redis` speaks TLS), ready.
+fn url_pod(bed: &Testbed, redis: &RedisSet, url: &str, extra: &[(&str, &str)]) -> Router {
+    url_pod_trusting(bed, redis.ca_file(), url, extra)
+}
+
+fn url_pod_trusting(bed: &Testbed, ca: Option<&Path>, url: &str, extra: &[(&str, &str)]) -> Router {
     let harbor = bed.harbor.url();
     let mut env = common::bed_env(&harbor);
     env.extend([
@@ -803,6 +901,11 @@ fn url_pod(bed: &Testbed, url: &str) -> Router {
         ("REDIS_READ_TIMEOUT", "2s"),
         ("FANOUT_BUDGET_PER_IP", "100000"),
     ]);
+    let ca = ca.map(|p| p.display().to_string());
+    if let Some(ca) = &ca {
+        env.push(("REDIS_CA_FILE", ca.as_str()));
+    }
+    env.extend_from_slice(extra);
     let router = Router::start(&env);
     wait_until("the router is ready", || {
         common::get(router.addr, "/readyz").status == 200
@@ -812,12 +915,24 @@ fn url_pod(bed: &Testbed, url: &str) -> Router {
 
 #[test]
 fn one_endpoint_shares_mappings_is_reconnected_after_a_restart_and_never_logs_its_password() {
-    let mut redis = RedisSet::standalone(Some("url-secret-91c2")).unwrap();
+    one_endpoint(Wire::Plain);
+}
+
+#[test]
+fn over_tls_one_endpoint_shares_mappings_is_reconnected_after_a_restart_and_never_logs_its_password(
+) {
+    one_endpoint(Wire::Tls);
+}
+
+fn one_endpoint(wire: Wire) {
+    let mut redis = endpoint(Some("url-secret-91c2"), wire);
     let port = redis.servers[0].port;
     let bed = bed();
-    let url = format!("redis://:url-secret-91c2@127.0.0.1:{port}");
-    let a = url_pod(&bed, &url);
-    let b = url_pod(&bed, &url);
+    let bare = redis.url();
+    let with = |password: &str| bare.replace("://", &format!("://:{password}@"));
+    let url = with("url-secret-91c2");
+    let a = url_pod(&bed, &redis, &url, &[]);
+    let b = url_pod(&bed, &redis, &url, &[]);
     wait_redis_up(&a);
     wait_redis_up(&b);
     let line = a.wait_log(|l| l.contains("Redis connected"));
@@ -858,7 +973,7 @@ fn one_endpoint_shares_mappings_is_reconnected_after_a_restart_and_never_logs_it
     });
 
     // A wrong password: the link is down, clients see nothing of it, the password is not logged.
-    let wrong = url_pod(&bed, &format!("redis://:wrong-91c2@127.0.0.1:{port}"));
+    let wrong = url_pod(&bed, &redis, &with("wrong-91c2"), &[]);
     let line = wrong.wait_log(|l| l.contains("Redis unavailable"));
     assert!(line.contains("REDIS_URL"), "{line}");
     assert_eq!(health(&wrong)["redis"], "down");
@@ -877,7 +992,7 @@ fn one_endpoint_shares_mappings_is_reconnected_after_a_restart_and_never_logs_it
 fn a_redis_cluster_node_is_named_for_what_it_is_and_changes_nothing_a_client_sees() {
     let redis = RedisSet::cluster_node().unwrap();
     let bed = bed();
-    let pod = url_pod(&bed, &redis.url());
+    let pod = url_pod(&bed, &redis, &redis.url(), &[]);
     let line = pod.wait_log(|l| l.contains("Redis unavailable"));
     assert!(line.contains("Redis Cluster"), "{line}");
     wait_until("the metric says so", || {
@@ -895,7 +1010,54 @@ fn a_redis_cluster_node_is_named_for_what_it_is_and_changes_nothing_a_client_see
     );
     // A single Redis reads 0.
     let single = RedisSet::standalone(None).unwrap();
-    let other = url_pod(&bed, &single.url());
+    let other = url_pod(&bed, &single, &single.url(), &[]);
     wait_redis_up(&other);
     assert_eq!(other.scrape()["harbor_router_redis_cluster_mode"], 0.0);
+}
+
+#[test]
+fn over_tls_an_untrusted_or_misnamed_certificate_or_a_wrong_password_changes_nothing_a_client_sees()
+{
+    let redis = endpoint(None, Wire::Tls);
+    let port = redis.servers[0].port;
+    let stranger = endpoint(None, Wire::Tls);
+    let bed = bed();
+    // A CA that did not sign the server's certificate; the one that did, for a host name the
+    // certificate does not carry (it names 127.0.0.1 only); no TLS at all to a TLS port.
+    let untrusted = url_pod_trusting(&bed, stranger.ca_file(), &redis.url(), &[]);
+    let misnamed = url_pod(&bed, &redis, &format!("rediss://localhost:{port}"), &[]);
+    let plain = url_pod_trusting(&bed, None, &format!("redis://127.0.0.1:{port}"), &[]);
+    let sentinels = sentinel_set(Some("tls-right-5e1d"), Wire::Tls);
+    let refused = start_pod(
+        &bed,
+        &sentinels.sentinels_env(),
+        Some("tls-wrong-5e1d"),
+        sentinels.ca_file(),
+        &[],
+    );
+    wait_until("the refused pod is ready", || {
+        common::get(refused.addr, "/readyz").status == 200
+    });
+    let cases: [(&Router, &[&str]); 4] = [
+        (&untrusted, &["certificate", "REDIS_CA_FILE"]),
+        (&misnamed, &["certificate", "localhost"]),
+        (&plain, &["rediss://"]),
+        (&refused, &["REDIS_PASSWORD"]),
+    ];
+    for (pod, says) in cases {
+        let line = pod.wait_log(|l| l.contains("Redis unavailable"));
+        eprintln!("{line}");
+        for word in says {
+            assert!(line.contains(word), "{word:?} in {line}");
+        }
+        assert_eq!(health(pod)["redis"], "down");
+        assert_eq!(manifest(pod, "GET", "org/app", "v1").status, 200);
+        assert_eq!(manifest(pod, "GET", "nowhere/image", "v1").status, 404);
+        assert!(
+            !pod.logs().iter().any(|l| l.contains("tls-wrong-5e1d")),
+            "the password never appears in a log"
+        );
+    }
+    // Nothing reached the server: every one of them was refused before its first command.
+    assert_eq!(data_commands(&redis, port), 0);
 }

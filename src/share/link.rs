@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use redis::aio::MultiplexedConnection;
-use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{AsyncConnectionConfig, ConnectionAddr, RedisError};
+use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::cache::{LearnedMap, Mapping};
@@ -25,6 +24,7 @@ use super::schema::{
     unix_ms, Keys, StoredChange, StoredManifest, StoredMapping, StoredMiss, StoredProjects,
     StoredTag, PROJECTS_LIFE, RECENT_MAX,
 };
+use super::source::Source;
 use super::{instant_of, Answer, Asking, Read, Shared, Status, Write};
 
 /// Longest wait for one command's answer (a frozen master is left after this).
@@ -61,28 +61,27 @@ impl Link {
     pub fn run(
         self,
         rt: tokio::runtime::Runtime,
+        source: Source,
         writes: mpsc::Receiver<Write>,
         reads: mpsc::Receiver<Read>,
     ) {
-        rt.block_on(self.serve(writes, reads));
+        rt.block_on(self.serve(source, writes, reads));
     }
 
-    async fn serve(self, mut writes: mpsc::Receiver<Write>, mut reads: mpsc::Receiver<Read>) {
+    async fn serve(
+        self,
+        mut source: Source,
+        mut writes: mpsc::Receiver<Write>,
+        mut reads: mpsc::Receiver<Read>,
+    ) {
         let keys = Keys::new(&self.config.redis_key_prefix, self.config.redis_db);
-        let mut source = match self.source() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "invalid Redis settings; mappings stay in memory");
-                return;
-            }
-        };
         let mut backoff = BACKOFF_MIN;
         let mut last_problem: Option<String> = None;
         let mut warmed = false;
         let mut shutdown = self.shutdown.clone();
         loop {
             let connected = tokio::select! {
-                c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut source)) => c,
+                c = tokio::time::timeout(CONNECT_LIMIT, connect(&mut source, self.config.redis_tls)) => c,
                 _ = shutdown.changed() => return,
             };
             let connected = match connected {
@@ -97,7 +96,7 @@ impl Link {
                     }
                     Err(e) => Err(describe(&e)),
                 },
-                Ok(Err(e)) => Err(describe(&e)),
+                Ok(Err(problem)) => Err(problem),
                 Err(_) => Err(format!("no master within {CONNECT_LIMIT:?}")),
             };
             match connected {
@@ -164,35 +163,6 @@ impl Link {
             tracing::warn!(problem = %problem, "Redis unavailable; serving from memory and fan-out, retrying in the background");
             *last = Some(problem);
         }
-    }
-
-    /// Where the master is found: through Sentinel, or at `REDIS_URL`.
-    fn source(&self) -> Result<Source, RedisError> {
-        let c = &self.config;
-        let Some(url) = &c.redis_url else {
-            return self.sentinel_client().map(Source::Sentinel);
-        };
-        let info = redis::IntoConnectionInfo::into_connection_info(url.expose())?;
-        let mut redis = info.redis_settings().clone().set_db(i64::from(c.redis_db));
-        if let Some(pw) = &c.redis_password {
-            redis = redis.set_password(pw.expose());
-        }
-        redis::Client::open(info.set_redis_settings(redis)).map(Source::Direct)
-    }
-
-    fn sentinel_client(&self) -> Result<SentinelClient, RedisError> {
-        let c = &self.config;
-        let addrs = c
-            .redis_sentinels
-            .iter()
-            .map(|s| ConnectionAddr::Tcp(s.host.clone(), s.port));
-        let mut b =
-            SentinelClientBuilder::new(addrs, &c.redis_master_name, SentinelServerType::Master)?
-                .set_client_to_redis_db(i64::from(c.redis_db));
-        if let Some(pw) = &c.redis_password {
-            b = b.set_client_to_redis_password(pw.expose());
-        }
-        b.build()
     }
 
     /// Serves the queues on `conn` until something goes wrong; returns what.
@@ -700,41 +670,21 @@ async fn cluster_mode(conn: &mut MultiplexedConnection) -> Result<bool, RedisErr
     }
 }
 
-/// Where the master is found.
-enum Source {
-    /// Asked of the Sentinels (`REDIS_SENTINELS`), again on every connection.
-    Sentinel(SentinelClient),
-    /// One endpoint (`REDIS_URL`): a managed Redis fails over behind it.
-    Direct(redis::Client),
-}
-
-impl Source {
-    /// A client of the master as it is now.
-    async fn client(&mut self) -> Result<redis::Client, RedisError> {
-        match self {
-            Source::Sentinel(s) => s.async_get_client().await,
-            Source::Direct(c) => Ok(c.clone()),
-        }
-    }
-
-    fn via(&self) -> &'static str {
-        match self {
-            Source::Sentinel(_) => "Sentinel",
-            Source::Direct(_) => "REDIS_URL",
-        }
-    }
-}
-
-/// Finds the master (through Sentinel, or at its one endpoint) and connects to it.
-async fn connect(source: &mut Source) -> Result<(MultiplexedConnection, String), RedisError> {
-    let client = source.client().await?;
+/// Finds the master (through Sentinel, or at its one endpoint) and connects to it (in TLS when
+/// `tls`); what went wrong, described for the log, when it cannot.
+async fn connect(
+    source: &mut Source,
+    tls: bool,
+) -> Result<(MultiplexedConnection, String), String> {
+    let client = source.client().await.map_err(|e| describe(&e))?;
     let master = client.get_connection_info().addr().to_string();
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_LIMIT))
         .set_response_timeout(Some(RESPONSE_LIMIT));
     let conn = client
         .get_multiplexed_async_connection_with_config(&config)
-        .await?;
+        .await
+        .map_err(|e| describe_connecting(&e, &master, tls))?;
     Ok((conn, master))
 }
 
@@ -772,6 +722,71 @@ fn connection_trouble(e: &RedisError) -> bool {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
+
+/// What went wrong connecting to `addr`, for the log: [`describe`], with the address, and for an
+/// error that a wrong TLS setting explains, the setting.
+fn describe_connecting(e: &RedisError, addr: &str, tls: bool) -> String {
+    let tls_failure = tls_error(e);
+    if let Some(rustls::Error::InvalidCertificate(why)) = tls_failure {
+        use rustls::CertificateError as C;
+        return match why {
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                let names = match why {
+                    C::NotValidForNameContext { presented, .. } => {
+                        format!(" (it names {})", presented.join(", "))
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "Redis's certificate at {addr} does not name that host{names}: it needs the host as a subject alternative name (an IP SAN when Sentinel names the master by address)"
+                )
+            }
+            C::UnknownIssuer | C::BadSignature => format!(
+                "Redis's certificate at {addr} is not trusted ({why:?}): REDIS_CA_FILE must hold the CA that signed it (the system's trust store is used beside it)"
+            ),
+            _ => format!("Redis's certificate at {addr} is refused: {why:?}"),
+        };
+    }
+    if tls_failure.is_some() {
+        return format!(
+            "TLS to Redis at {addr} failed ({e}): is that a TLS port? (redis:// and no REDIS_TLS for a plain one)"
+        );
+    }
+    let problem = describe(e);
+    let refused_early = e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || e.is_io_error() && !e.is_connection_refusal();
+    if !tls && refused_early {
+        return format!(
+            "{problem} at {addr}; a Redis that speaks only TLS closes plain connections: for TLS write rediss:// (REDIS_URL) or set REDIS_TLS=true"
+        );
+    }
+    format!("{problem} at {addr}")
+}
+
+/// The TLS error under `e`, if it is one: the `redis` crate holds the I/O error that carries it
+/// behind an `Arc`, which is what its `source` names.
+fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
+    use std::error::Error;
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c: &(dyn Error + 'static) = match c.downcast_ref::<Arc<dyn Error + Send + Sync>>() {
+            Some(shared) => &**shared,
+            None => c,
+        };
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if let Some(t) = inner.and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return Some(t);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// What went wrong, for the log, in the operator's terms. Never includes the password.

@@ -19,6 +19,7 @@
 
 mod link;
 pub mod schema;
+mod source;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -206,10 +207,10 @@ impl Shared {
         snapshot: SharedSnapshot,
         learned: Arc<LearnedMap>,
         shutdown: watch::Receiver<bool>,
-    ) -> std::io::Result<Option<(Shared, std::thread::JoinHandle<()>)>> {
-        if config.redis_sentinels.is_empty() && config.redis_url.is_none() {
+    ) -> anyhow::Result<Option<(Shared, std::thread::JoinHandle<()>)>> {
+        let Some(source) = source::Source::from_config(config)? else {
             return Ok(None);
-        }
+        };
         let (shared, write_rx, read_rx) = Shared::new(config, WRITE_QUEUE);
         let link = link::Link {
             config: config.clone(),
@@ -221,12 +222,11 @@ impl Shared {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot start the Redis runtime: {e}"))
-            })?;
+            .map_err(|e| anyhow::anyhow!("cannot start the Redis runtime: {e}"))?;
         let thread = std::thread::Builder::new()
             .name("hr-redis".into())
-            .spawn(move || link.run(rt, write_rx, read_rx))?;
+            .spawn(move || link.run(rt, source, write_rx, read_rx))
+            .map_err(|e| anyhow::anyhow!("cannot spawn the Redis thread: {e}"))?;
         Ok(Some((shared, thread)))
     }
 

@@ -1,6 +1,9 @@
 //! Real Redis for the sharing tests: a master, a replica and three Sentinels (Debian's
 //! `redis-server` and `redis-sentinel`), each a child process on a free loopback port, in a temporary
-//! directory, stopped by PID when the set is dropped. Commands go through `redis-cli`.
+//! directory, stopped by PID when the set is dropped. Commands go through `redis-cli`. A set may
+//! speak only TLS (`tls-port`, no plain port; replication and the Sentinels' links in TLS too) with
+//! a certificate from a private CA of its own, for the IP address 127.0.0.1 alone: what Sentinel
+//! names the master by.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,6 +56,69 @@ pub struct RedisSet {
     dir: tempfile::TempDir,
     /// Servers start in cluster mode.
     cluster: bool,
+    /// Every process speaks TLS only, with these files.
+    tls: Option<TlsFiles>,
+}
+
+/// A private CA and the certificate it signed for the set's processes (PEM files).
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    fn generate(dir: &Path) -> anyhow::Result<TlsFiles> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("testbed Redis CA {}", dir.display()),
+        );
+        let ca = params.self_signed(&ca_key)?;
+        // The IP address only: a client that connects by a host name (`localhost`) must refuse it.
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        params.distinguished_name.push(DnType::CommonName, "redis");
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("redis.pem"),
+            key: dir.join("redis.key"),
+        };
+        std::fs::write(&files.ca, ca.pem())?;
+        std::fs::write(&files.cert, cert.pem())?;
+        std::fs::write(&files.key, key.serialize_pem())?;
+        Ok(files)
+    }
+
+    /// The server options that make a process speak TLS only, on `port`.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = ["--port", "0", "--tls-port"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(port.to_string());
+        for (k, v) in [
+            ("--tls-cert-file", &self.cert),
+            ("--tls-key-file", &self.key),
+            ("--tls-ca-cert-file", &self.ca),
+        ] {
+            args.push(k.into());
+            args.push(v.display().to_string());
+        }
+        args.extend(
+            ["--tls-auth-clients", "no", "--tls-replication", "yes"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -64,7 +130,16 @@ fn free_port() -> anyhow::Result<u16> {
 impl RedisSet {
     /// Starts the set and waits until the replica is in sync and every Sentinel knows the others.
     pub fn start(password: Option<&str>) -> anyhow::Result<RedisSet> {
-        let mut set = RedisSet::none_yet(password, false)?;
+        Self::start_with(password, false)
+    }
+
+    /// [`RedisSet::start`], every process speaking TLS only.
+    pub fn start_tls(password: Option<&str>) -> anyhow::Result<RedisSet> {
+        Self::start_with(password, true)
+    }
+
+    fn start_with(password: Option<&str>, tls: bool) -> anyhow::Result<RedisSet> {
+        let mut set = RedisSet::none_yet(password, false, tls)?;
         let master = set.server(None)?;
         let master_port = master.port;
         set.servers.push(master);
@@ -95,38 +170,59 @@ impl RedisSet {
 
     /// One server and nothing else (a managed Redis's endpoint, as `REDIS_URL` names it).
     pub fn standalone(password: Option<&str>) -> anyhow::Result<RedisSet> {
-        Self::alone(password, false)
+        Self::alone(password, false, false)
+    }
+
+    /// [`RedisSet::standalone`] speaking TLS only (a managed Redis with in-transit encryption).
+    pub fn standalone_tls(password: Option<&str>) -> anyhow::Result<RedisSet> {
+        Self::alone(password, false, true)
     }
 
     /// One server in cluster mode (`cluster-enabled yes`, no slots): what a cluster-mode managed
     /// service's endpoint is to a client.
     pub fn cluster_node() -> anyhow::Result<RedisSet> {
-        Self::alone(None, true)
+        Self::alone(None, true, false)
     }
 
-    fn alone(password: Option<&str>, cluster: bool) -> anyhow::Result<RedisSet> {
-        let mut set = RedisSet::none_yet(password, cluster)?;
+    fn alone(password: Option<&str>, cluster: bool, tls: bool) -> anyhow::Result<RedisSet> {
+        let mut set = RedisSet::none_yet(password, cluster, tls)?;
         let server = set.server(None)?;
         set.servers.push(server);
         Ok(set)
     }
 
     /// A set with its directory and no process yet.
-    fn none_yet(password: Option<&str>, cluster: bool) -> anyhow::Result<RedisSet> {
+    fn none_yet(password: Option<&str>, cluster: bool, tls: bool) -> anyhow::Result<RedisSet> {
+        let dir = tempfile::Builder::new()
+            .prefix("testbed-redis-")
+            .tempdir()?;
+        let tls = match tls {
+            true => Some(TlsFiles::generate(dir.path())?),
+            false => None,
+        };
         Ok(RedisSet {
             password: password.map(str::to_string),
             servers: Vec::new(),
             sentinels: Vec::new(),
-            dir: tempfile::Builder::new()
-                .prefix("testbed-redis-")
-                .tempdir()?,
+            dir,
             cluster,
+            tls,
         })
     }
 
-    /// `redis://127.0.0.1:<port>` of the first server (the standalone one).
+    /// `redis://127.0.0.1:<port>` of the first server (the standalone one); `rediss://` with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.servers[0].port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.servers[0].port)
+    }
+
+    /// The CA that signed the set's certificate (PEM), when it speaks TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca.as_path())
     }
 
     /// `kill -9` of the server on `port`, then a new one on the same port, empty: a managed
@@ -193,7 +289,11 @@ impl RedisSet {
         let data = self.dir.path().join(format!("server-{port}"));
         std::fs::create_dir_all(&data)?;
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            Some(tls) => cmd.args(tls.server_args(port)),
+            None => cmd.args(["--port", &port.to_string()]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&data);
@@ -226,6 +326,17 @@ impl RedisSet {
         );
         if let Some(pw) = &self.password {
             conf.push_str(&format!("sentinel auth-pass {MASTER_NAME} {pw}\n"));
+        }
+        if let Some(tls) = &self.tls {
+            // The same options as a server's, in the file: `port 0`, the TLS port, the files.
+            conf = conf.replacen(&format!("port {port}\n"), "", 1);
+            for pair in tls.server_args(port).chunks(2) {
+                conf.push_str(&format!(
+                    "{} {}\n",
+                    pair[0].trim_start_matches("--"),
+                    pair[1]
+                ));
+            }
         }
         let file = dir.join("sentinel.conf");
         std::fs::write(&file, conf)?;
@@ -264,6 +375,9 @@ impl RedisSet {
     fn cli_as(&self, port: u16, auth: bool, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-p", &port.to_string(), "--no-auth-warning"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(&tls.ca);
+        }
         if let (Some(pw), true) = (&self.password, auth) {
             cmd.args(["-a", pw]);
         }
@@ -318,10 +432,15 @@ impl RedisSet {
     /// SIGSTOP of the current master (continued by [`RedisSet::thaw`] or on drop); returns its port.
     pub fn freeze_master(&mut self) -> anyhow::Result<u16> {
         let port = self.master_port()?;
+        self.freeze(port);
+        Ok(port)
+    }
+
+    /// SIGSTOP of the server on `port` (continued by [`RedisSet::thaw`] or on drop).
+    pub fn freeze(&mut self, port: u16) {
         let node = self.server_on(port);
         node.signal("STOP");
         node.frozen = true;
-        Ok(port)
     }
 
     pub fn thaw(&mut self, port: u16) {
