@@ -392,7 +392,7 @@ impl Config {
                 None
             }
         };
-        let harbor_ca_file = r.parse(ENV_HARBOR_CA_FILE, "", readable_file);
+        let harbor_ca_file = r.parse(ENV_HARBOR_CA_FILE, "", certificates_file);
         let upstream_connect_timeout =
             r.parse(ENV_UPSTREAM_CONNECT_TIMEOUT, "5s", positive_duration);
         let upstream_response_timeout =
@@ -522,7 +522,7 @@ impl Config {
                 tls
             }
         };
-        let redis_ca_file = r.parse(ENV_REDIS_CA_FILE, "", readable_file);
+        let redis_ca_file = r.parse(ENV_REDIS_CA_FILE, "", certificates_file);
         if let Some(Some(_)) = &redis_ca_file {
             if !redis_tls {
                 r.refuse(
@@ -904,6 +904,32 @@ fn parse_redis_url(v: &str) -> Result<RedisUrl, String> {
         password: userinfo.is_some_and(|u| u.split_once(':').is_some_and(|(_, pw)| !pw.is_empty())),
         tls,
     })
+}
+
+/// Longest CA file read (a system bundle is about 200 KiB).
+const CA_FILE_MAX: u64 = 4 << 20;
+
+/// A path to a PEM file of one or more CA certificates, or unset (`""`). What is wrong is said
+/// without the content.
+fn certificates_file(v: &str) -> Result<Option<String>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = readable_file(v)? else {
+        return Ok(None);
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() > CA_FILE_MAX => {
+            return Err(format!("is larger than {} MiB", CA_FILE_MAX >> 20))
+        }
+        _ => {}
+    }
+    let pem = std::fs::read(&path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| "is not a PEM certificate file".to_string())?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(Some(path))
 }
 
 /// A path to a readable file, or unset (`""`).

@@ -168,7 +168,7 @@ fn manifest_cache_settings() {
 
 #[test]
 fn harbor_ca_file() {
-    let ca = secret_file("-----BEGIN CERTIFICATE-----\n");
+    let ca = secret_file(&a_certificate());
     assert_eq!(
         ok(&[(ENV_HARBOR_CA_FILE, ca.as_str())])
             .harbor_ca_file
@@ -180,6 +180,27 @@ fn harbor_ca_file() {
     assert!(e.problem.contains("cannot read"), "{}", e.problem);
     let e = refused_with(&[(ENV_HARBOR_CA_FILE, "/")]);
     assert!(e.problem.contains("not a file"), "{}", e.problem);
+    for (content, says) in [
+        ("", "holds no PEM certificate"),
+        ("not-a-certificate-9d1c\n", "holds no PEM certificate"),
+        (
+            "-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n",
+            "not a PEM certificate file",
+        ),
+    ] {
+        let bad = secret_file(content);
+        let e = refused_with(&[(ENV_HARBOR_CA_FILE, bad.as_str())]);
+        assert!(e.problem.contains(says), "{content:?}: {}", e.problem);
+        assert!(!e.to_string().contains("9d1c"), "never the content: {e}");
+    }
+}
+
+/// A certificate in PEM (self-signed; what a CA file holds).
+fn a_certificate() -> String {
+    rcgen::generate_simple_self_signed(vec!["ca.test".into()])
+        .unwrap()
+        .cert
+        .pem()
 }
 
 #[test]
@@ -604,8 +625,8 @@ fn redis_tls_follows_the_url_or_is_asked_for_sentinel_and_a_ca_file_needs_it() {
     assert_eq!(e.var, ENV_REDIS_TLS);
     assert_eq!(e.value.as_deref(), Some("sometimes"));
 
-    let ca = secret_file("a CA file");
-    let ca = ca.0.display().to_string();
+    let ca = secret_file(&a_certificate());
+    let ca = ca.as_str().to_string();
     let c = ok(&[(ENV_REDIS_URL, "rediss://r"), (ENV_REDIS_CA_FILE, &ca)]);
     assert_eq!(c.redis_ca_file.as_deref(), Some(ca.as_str()));
     let c = ok(&[
@@ -629,11 +650,11 @@ fn redis_tls_follows_the_url_or_is_asked_for_sentinel_and_a_ca_file_needs_it() {
         assert_eq!(e.var, ENV_REDIS_CA_FILE);
         assert!(e.problem.contains("REDIS_TLS"), "{e}");
     }
-    let e = refused_with(&[
-        (ENV_REDIS_URL, "rediss://r"),
-        (ENV_REDIS_CA_FILE, "/nonexistent/ca.pem"),
-    ]);
-    assert_eq!(e.var, ENV_REDIS_CA_FILE);
+    let empty = secret_file("no certificate");
+    for bad in ["/nonexistent/ca.pem", empty.as_str()] {
+        let e = refused_with(&[(ENV_REDIS_URL, "rediss://r"), (ENV_REDIS_CA_FILE, bad)]);
+        assert_eq!(e.var, ENV_REDIS_CA_FILE);
+    }
 }
 
 #[test]

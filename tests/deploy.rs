@@ -118,7 +118,8 @@ fn check(name: &str, args: &[&str]) -> serde_json::Value {
 }
 
 /// What the router accepts in the file of `<var>_FILE`: a secret, a user name, or for TLS a
-/// certificate and its key (one pair, made once: what cert-manager's Secret holds).
+/// certificate and its key (one pair, made once: what cert-manager's Secret holds), the
+/// certificate also standing for a CA file.
 fn good_file(var: &str) -> String {
     static PAIR: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     let (cert, key) = PAIR.get_or_init(|| {
@@ -127,7 +128,7 @@ fn good_file(var: &str) -> String {
         (p.cert.pem(), p.key_pair.serialize_pem())
     });
     match var {
-        "TLS_CERT" => cert.clone(),
+        "TLS_CERT" | "REDIS_CA" | "HARBOR_CA" => cert.clone(),
         "TLS_KEY" => key.clone(),
         v if v.ends_with("USERNAME") => "robot$harbor-router\n".into(),
         _ => "s3cret\n".into(),

@@ -1061,3 +1061,26 @@ fn over_tls_an_untrusted_or_misnamed_certificate_or_a_wrong_password_changes_not
     // Nothing reached the server: every one of them was refused before its first command.
     assert_eq!(data_commands(&redis, port), 0);
 }
+
+#[test]
+fn a_redis_ca_file_without_a_certificate_is_refused_at_start_naming_the_variable() {
+    let dir = std::env::temp_dir().join(format!("hr-redis-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "not-a-certificate-3b7e\n").unwrap();
+    let ca = ca.display().to_string();
+    let mut r = Router::spawn({
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_harbor-router"));
+        c.env_clear()
+            .env("HARBOR_URL", "http://127.0.0.1:9")
+            .env("REDIS_URL", "rediss://127.0.0.1:9")
+            .env("REDIS_CA_FILE", &ca);
+        c
+    });
+    let status = r.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(64), "a configuration error");
+    let said = r.stderr();
+    assert!(said.contains("REDIS_CA_FILE"), "{said}");
+    assert!(!said.contains("3b7e"), "never the file's content: {said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -902,6 +902,8 @@ def cmd_kube(args):
         for name in ("REDIS_SENTINELS", "REDIS_PASSWORD_FILE"):
             if name not in env:
                 problem(f"deploy/overlays/all: the redis component does not set {name}")
+        if env.get("REDIS_TLS") != "true" or "REDIS_CA_FILE" not in env:
+            problem("deploy/overlays/all: the redis-tls component does not set REDIS_TLS and REDIS_CA_FILE")
     base_dep = one(rendered.get("deploy", []), "Deployment", "deploy")
     if base_dep:
         report["vault"] = check_vault(base_dep, rendered["deploy"], env_names, image)
