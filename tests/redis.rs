@@ -978,11 +978,42 @@ fn one_endpoint(wire: Wire) {
     assert!(line.contains("REDIS_URL"), "{line}");
     assert_eq!(health(&wrong)["redis"], "down");
     assert_eq!(manifest(&wrong, "GET", "org/app", "v1").status, 200);
-    for r in [&a, &b, &wrong] {
+
+    // An ACL user of its own (a managed service's usual way): user and password in the URL.
+    redis
+        .cli(
+            port,
+            &[
+                "ACL",
+                "SETUSER",
+                "router",
+                "on",
+                ">user-secret-4a2f",
+                "~hr:*",
+                "&*",
+                "+@all",
+            ],
+        )
+        .unwrap();
+    let user = url_pod(
+        &bed,
+        &redis,
+        &bare.replace("://", "://router:user-secret-4a2f@"),
+        &[],
+    );
+    wait_redis_up(&user);
+    let before = v2_counts(&bed);
+    assert_eq!(manifest(&user, "GET", "nowhere/image", "v1").status, 404);
+    assert_eq!(
+        v2_counts(&bed),
+        before,
+        "the shared miss, read as that user"
+    );
+    for r in [&a, &b, &wrong, &user] {
         assert!(
-            !r.logs()
-                .iter()
-                .any(|l| l.contains("url-secret-91c2") || l.contains("wrong-91c2")),
+            !r.logs().iter().any(|l| l.contains("url-secret-91c2")
+                || l.contains("wrong-91c2")
+                || l.contains("user-secret-4a2f")),
             "a password never appears in a log"
         );
     }
