@@ -1066,14 +1066,28 @@ fn over_tls_an_untrusted_or_misnamed_certificate_or_a_wrong_password_changes_not
         sentinels.ca_file(),
         &[],
     );
-    wait_until("the refused pod is ready", || {
-        common::get(refused.addr, "/readyz").status == 200
-    });
-    let cases: [(&Router, &[&str]); 4] = [
+    // Through Sentinel, with a CA that signed neither the Sentinels' certificates nor the master's.
+    let untrusted_sentinels = start_pod(
+        &bed,
+        &sentinels.sentinels_env(),
+        Some("tls-right-5e1d"),
+        stranger.ca_file(),
+        &[],
+    );
+    for pod in [&refused, &untrusted_sentinels] {
+        wait_until("the pod is ready", || {
+            common::get(pod.addr, "/readyz").status == 200
+        });
+    }
+    let cases: [(&Router, &[&str]); 5] = [
         (&untrusted, &["certificate", "REDIS_CA_FILE"]),
         (&misnamed, &["certificate", "localhost"]),
         (&plain, &["rediss://"]),
         (&refused, &["REDIS_PASSWORD"]),
+        (
+            &untrusted_sentinels,
+            &["certificate", "REDIS_CA_FILE", "Sentinel"],
+        ),
     ];
     for (pod, says) in cases {
         let line = pod.wait_log(|l| l.contains("Redis unavailable"));
@@ -1091,6 +1105,14 @@ fn over_tls_an_untrusted_or_misnamed_certificate_or_a_wrong_password_changes_not
     }
     // Nothing reached the server: every one of them was refused before its first command.
     assert_eq!(data_commands(&redis, port), 0);
+
+    // A plain Redis that is simply not there is not blamed on TLS.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let nobody = url_pod_trusting(&bed, None, &format!("redis://127.0.0.1:{closed_port}"), &[]);
+    let line = nobody.wait_log(|l| l.contains("Redis unavailable"));
+    assert!(!line.contains("rediss://"), "{line}");
 }
 
 #[test]

@@ -498,7 +498,10 @@ impl Link {
                     Ok::<_, RedisError>(ps)
                 })
                 .await;
-                let Ok(Ok(ps)) = subscribed else { return };
+                let Ok(Ok(ps)) = subscribed else {
+                    tracing::warn!("cannot subscribe to Sentinel's +switch-master; a failover is noticed when the master stops answering");
+                    return;
+                };
                 let mut messages = ps.into_on_message();
                 use futures_util::StreamExt;
                 while let Some(msg) = messages.next().await {
@@ -676,7 +679,12 @@ async fn connect(
     source: &mut Source,
     tls: bool,
 ) -> Result<(MultiplexedConnection, String), String> {
-    let client = source.client().await.map_err(|e| describe(&e))?;
+    // Through Sentinel, the crate opens the master (and the Sentinels) while finding it: a
+    // certificate it refuses shows here.
+    let client = source
+        .client()
+        .await
+        .map_err(|e| describe_connecting(&e, source.where_(), tls))?;
     let master = client.get_connection_info().addr().to_string();
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_LIMIT))
@@ -754,10 +762,14 @@ fn describe_connecting(e: &RedisError, addr: &str, tls: bool) -> String {
         );
     }
     let problem = describe(e);
-    let refused_early = e.is_connection_dropped()
-        || e.is_unrecoverable_error()
-        || e.is_io_error() && !e.is_connection_refusal();
-    if !tls && refused_early {
+    // What a TLS-only port does to a plain client: it resets or closes the connection (a refusal,
+    // a name that does not resolve or a host that does not answer is something else).
+    use std::io::ErrorKind as Io;
+    let cut_off = matches!(
+        io_error(e).map(std::io::Error::kind),
+        Some(Io::ConnectionReset | Io::UnexpectedEof | Io::ConnectionAborted | Io::BrokenPipe)
+    );
+    if !tls && cut_off {
         return format!(
             "{problem} at {addr}; a Redis that speaks only TLS closes plain connections: for TLS write rediss:// (REDIS_URL) or set REDIS_TLS=true"
         );
@@ -765,9 +777,9 @@ fn describe_connecting(e: &RedisError, addr: &str, tls: bool) -> String {
     format!("{problem} at {addr}")
 }
 
-/// The TLS error under `e`, if it is one: the `redis` crate holds the I/O error that carries it
-/// behind an `Arc`, which is what its `source` names.
-fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
+/// The I/O error under `e`, if any: the `redis` crate holds it behind an `Arc`, which is what its
+/// `source` names.
+fn io_error(e: &RedisError) -> Option<&std::io::Error> {
     use std::error::Error;
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -775,18 +787,17 @@ fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
             Some(shared) => &**shared,
             None => c,
         };
-        if let Some(t) = c.downcast_ref::<rustls::Error>() {
-            return Some(t);
-        }
-        let inner = c
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref());
-        if let Some(t) = inner.and_then(|i| i.downcast_ref::<rustls::Error>()) {
-            return Some(t);
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io);
         }
         cause = c.source();
     }
     None
+}
+
+/// The TLS error under `e`, if it is one (an I/O error that carries a rustls error).
+fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
+    io_error(e)?.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// What went wrong, for the log, in the operator's terms. Never includes the password.

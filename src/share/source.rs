@@ -6,7 +6,9 @@
 //! With TLS, Redis's certificate is checked against the host connected to: the REDIS_URL host, each
 //! Sentinel's host, and the master as the Sentinels name it (an IP address unless they announce
 //! hostnames, so its certificate needs that IP as a subject alternative name). The roots are the
-//! system's trust store plus `REDIS_CA_FILE`, as for Harbor with `HARBOR_CA_FILE`.
+//! system's trust store plus `REDIS_CA_FILE`, as for Harbor with `HARBOR_CA_FILE`, but for one
+//! thing: with an empty system store and no CA file the router does not start (Harbor's client
+//! falls back to the bundled webpki roots, which the `redis` crate cannot be handed).
 
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -52,6 +54,14 @@ impl Source {
         match self {
             Source::Sentinel(s) => s.async_get_client().await,
             Source::Direct(c) => Ok(c.clone()),
+        }
+    }
+
+    /// Where a connection problem happened, for the log, when the address is not known yet.
+    pub fn where_(&self) -> &'static str {
+        match self {
+            Source::Sentinel(_) => "a Sentinel or the master it names",
+            Source::Direct(_) => "REDIS_URL",
         }
     }
 
@@ -128,7 +138,7 @@ fn certificates(ca_file: Option<&str>) -> anyhow::Result<TlsCertificates> {
     // The crate parses what it is given again; a failure here would fail every connection later.
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .context("REDIS_CA_FILE: the trusted certificates do not encode as PEM")?;
+        .context("REDIS_TLS: the trusted certificates do not encode as PEM")?;
     Ok(TlsCertificates {
         client_tls: None,
         root_cert: Some(pem.into_bytes()),
