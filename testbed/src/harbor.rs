@@ -185,7 +185,7 @@ fn projects(state: &State, caller: &Caller, query: Option<&str>) -> Response<Bod
 }
 
 /// Creates or deletes a project (the list stays sorted by name, as Harbor lists it).
-fn apply(state: &State, shift: Shift) {
+pub(crate) fn apply(state: &State, shift: Shift) {
     let mut projects = state.projects.lock().unwrap();
     match shift {
         Shift::Create(spec) => {

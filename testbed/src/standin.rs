@@ -81,6 +81,12 @@ pub(crate) struct Switches {
     pub shifts: std::collections::VecDeque<Shift>,
     /// `/api/v2.0/systeminfo` answers 404 (a proxy in front of Harbor that does not pass it).
     pub systeminfo_hidden: bool,
+    /// harbor-core's API is down: `/api/v2.0/` answers 502 from the nginx in front of it.
+    pub api_down: bool,
+    /// Every `/v2/` answer waits this long first (an upstream's round trips, Harbor's own work).
+    pub latency: std::time::Duration,
+    /// Until then, connections are closed as soon as they are accepted (Harbor restarting).
+    pub down_until: Option<std::time::Instant>,
 }
 
 impl Default for Switches {
@@ -97,6 +103,9 @@ impl Default for Switches {
             docker_hub_401s: true,
             shifts: Default::default(),
             systeminfo_hidden: false,
+            api_down: false,
+            latency: std::time::Duration::ZERO,
+            down_until: None,
         }
     }
 }
@@ -325,6 +334,30 @@ impl StandIn {
             .retain(|(_, p)| p.name != name);
     }
 
+    /// Creates a project now, with the next id (a Harbor admin adding a proxy cache).
+    pub fn add_project(&self, spec: ProjectSpec) {
+        crate::harbor::apply(&self.state, Shift::Create(spec));
+    }
+
+    /// harbor-core's API goes down (or comes back): `/api/v2.0/` answers nginx's `502 Bad Gateway`
+    /// page while `/v2/` is served, so discovery fails and pulls do not.
+    pub fn set_api_down(&self, yes: bool) {
+        self.state.switches().api_down = yes;
+    }
+
+    /// Every `/v2/` answer waits `latency` first: the round trips to an upstream registry, as a
+    /// proxy cache adds them.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.state.switches().latency = latency;
+    }
+
+    /// Harbor restarts: every open connection is dropped now, and for `pause` each new one is
+    /// closed as soon as it is accepted.
+    pub fn restart(&self, pause: std::time::Duration) {
+        self.state.switches().down_until = Some(std::time::Instant::now() + pause);
+        self.drop_connections();
+    }
+
     /// `/api/v2.0/systeminfo` answers 404 (a front that does not pass it): a reader learns neither
     /// the version nor, from it, whether its credentials are accepted.
     pub fn hide_systeminfo(&self, yes: bool) {
@@ -419,6 +452,14 @@ async fn serve(
             },
         };
         state.counters.lock().unwrap().connections_accepted += 1;
+        let restarting = state
+            .switches()
+            .down_until
+            .is_some_and(|t| std::time::Instant::now() < t);
+        if restarting {
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
 
         let mut dropped = state.drop_generation.subscribe();
@@ -474,6 +515,10 @@ async fn opens_with_h2_preface(stream: &tokio::net::TcpStream) -> bool {
 async fn dispatch(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/v2" || path.starts_with("/v2/") {
+        let latency = state.switches().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         return crate::proxy::handle(state, req).await;
     }
     if path == "/service/token" {
@@ -489,9 +534,23 @@ async fn dispatch(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         if let Some(gate) = held {
             gate.pass().await;
         }
+        if state.switches().api_down {
+            return bad_gateway();
+        }
         return crate::harbor::api(&state, &path, req.uri().query(), req.headers());
     }
     harbor_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")
+}
+
+/// What Harbor's nginx answers while harbor-core is down (its default error page).
+fn bad_gateway() -> Response<Body> {
+    let page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+    Response::builder()
+        .status(StatusCode::BAD_GATEWAY)
+        .header(header::CONTENT_TYPE, "text/html")
+        .header(header::CONTENT_LENGTH, page.len())
+        .body(full(page))
+        .expect("response")
 }
 
 /// A complete body.
