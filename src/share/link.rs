@@ -684,7 +684,7 @@ async fn connect(
     let client = source
         .client()
         .await
-        .map_err(|e| describe_connecting(&e, source.where_(), tls))?;
+        .map_err(|e| describe_connecting(&e, source.unnamed_address(), tls))?;
     let master = client.get_connection_info().addr().to_string();
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_LIMIT))
@@ -739,17 +739,10 @@ fn describe_connecting(e: &RedisError, addr: &str, tls: bool) -> String {
     if let Some(rustls::Error::InvalidCertificate(why)) = tls_failure {
         use rustls::CertificateError as C;
         return match why {
-            C::NotValidForName | C::NotValidForNameContext { .. } => {
-                let names = match why {
-                    C::NotValidForNameContext { presented, .. } => {
-                        format!(" (it names {})", presented.join(", "))
-                    }
-                    _ => String::new(),
-                };
-                format!(
-                    "Redis's certificate at {addr} does not name that host{names}: it needs the host as a subject alternative name (an IP SAN when Sentinel names the master by address)"
-                )
+            C::NotValidForNameContext { presented, .. } => {
+                not_named(addr, &format!(" (it names {})", presented.join(", ")))
             }
+            C::NotValidForName => not_named(addr, ""),
             C::UnknownIssuer | C::BadSignature => format!(
                 "Redis's certificate at {addr} is not trusted ({why:?}): REDIS_CA_FILE must hold the CA that signed it (the system's trust store is used beside it)"
             ),
@@ -775,6 +768,13 @@ fn describe_connecting(e: &RedisError, addr: &str, tls: bool) -> String {
         );
     }
     format!("{problem} at {addr}")
+}
+
+/// A certificate that names other hosts than `addr`'s (`names`, when known, says which).
+fn not_named(addr: &str, names: &str) -> String {
+    format!(
+        "Redis's certificate at {addr} does not name that host{names}: it needs the host as a subject alternative name (an IP SAN when Sentinel names the master by address)"
+    )
 }
 
 /// The I/O error under `e`, if any: the `redis` crate holds it behind an `Arc`, which is what its

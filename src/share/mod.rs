@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use bytes::Bytes;
 use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -222,11 +223,11 @@ impl Shared {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot start the Redis runtime: {e}"))?;
+            .context("cannot start the Redis runtime")?;
         let thread = std::thread::Builder::new()
             .name("hr-redis".into())
             .spawn(move || link.run(rt, source, write_rx, read_rx))
-            .map_err(|e| anyhow::anyhow!("cannot spawn the Redis thread: {e}"))?;
+            .context("cannot spawn the Redis thread")?;
         Ok(Some((shared, thread)))
     }
 

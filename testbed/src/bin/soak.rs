@@ -165,6 +165,18 @@ fn project_of(repository: &str) -> String {
     repository.split('/').next().unwrap_or("").to_string()
 }
 
+/// A HEAD of tag `v1` of a seeded `repository` (`project/name`), as its kind expects it answered.
+fn seeded_v1(kind: Kind, want: &'static [u16], project: &str, repository: &str) -> Ask {
+    Ask {
+        kind,
+        method: "HEAD",
+        path: format!("/v2/proxy/{}/manifests/v1", repo_in(repository)),
+        want,
+        digest: None,
+        project: Some(project.to_string()),
+    }
+}
+
 impl Catalog {
     fn pick(&self, rng: &mut impl Rng) -> Ask {
         let img = &self.known[rng.gen_range(0..self.known.len())];
@@ -179,14 +191,17 @@ impl Catalog {
             digest,
             project: project.clone(),
         };
-        match roll {
-            0..=29 => ask(
+        let tag_head = || {
+            ask(
                 Kind::TagHead,
                 "HEAD",
                 format!("/v2/proxy/{name}/manifests/{}", img.tag),
                 &[200],
                 None,
-            ),
+            )
+        };
+        match roll {
+            0..=29 => tag_head(),
             30..=39 => ask(
                 Kind::TagGet,
                 "GET",
@@ -243,21 +258,10 @@ impl Catalog {
             86..=91 => {
                 let drawn = self.cold.lock().unwrap().pop();
                 match drawn {
-                    Some((project, repository)) => Ask {
-                        kind: Kind::Cold,
-                        method: "HEAD",
-                        path: format!("/v2/proxy/{}/manifests/v1", repo_in(&repository)),
-                        want: &[200],
-                        digest: None,
-                        project: Some(project),
-                    },
-                    None => ask(
-                        Kind::TagHead,
-                        "HEAD",
-                        format!("/v2/proxy/{name}/manifests/{}", img.tag),
-                        &[200],
-                        None,
-                    ),
+                    Some((project, repository)) => {
+                        seeded_v1(Kind::Cold, &[200], &project, &repository)
+                    }
+                    None => tag_head(),
                 }
             }
             92..=96 => Ask {
@@ -273,31 +277,13 @@ impl Catalog {
                 let removed = self.removed.lock().unwrap().clone();
                 if !removed.is_empty() && rng.gen_bool(0.3) {
                     let (project, repository) = &removed[rng.gen_range(0..removed.len())];
-                    return Ask {
-                        kind: Kind::Removed,
-                        method: "HEAD",
-                        path: format!("/v2/proxy/{}/manifests/v1", repo_in(repository)),
-                        want: &[404],
-                        digest: None,
-                        project: Some(project.clone()),
-                    };
+                    return seeded_v1(Kind::Removed, &[404], project, repository);
                 }
                 match added.get(rng.gen_range(0..added.len().max(1))) {
-                    Some((project, repository)) => Ask {
-                        kind: Kind::Added,
-                        method: "HEAD",
-                        path: format!("/v2/proxy/{}/manifests/v1", repo_in(repository)),
-                        want: &[200],
-                        digest: None,
-                        project: Some(project.clone()),
-                    },
-                    None => ask(
-                        Kind::TagHead,
-                        "HEAD",
-                        format!("/v2/proxy/{name}/manifests/{}", img.tag),
-                        &[200],
-                        None,
-                    ),
+                    Some((project, repository)) => {
+                        seeded_v1(Kind::Added, &[200], project, repository)
+                    }
+                    None => tag_head(),
                 }
             }
         }
@@ -838,27 +824,14 @@ async fn slow_reader(
 ) {
     let http = client_from(ip);
     let img = &catalog.big;
-    let blob = img
-        .blobs
-        .iter()
-        .max_by_key(|b| b.len())
-        .cloned()
-        .unwrap_or_default();
+    let layer = biggest(img).unwrap_or_default();
     let ask = Ask {
         kind: Kind::SlowBlob,
         method: "GET",
-        path: format!(
-            "/v2/proxy/{}/blobs/{}",
-            repo_in(&img.repository),
-            biggest(&catalog.big).unwrap_or(blob)
-        ),
+        path: format!("/v2/proxy/{}/blobs/{layer}", repo_in(&img.repository)),
         want: &[200],
-        digest: None,
+        digest: Some(layer),
         project: Some(project_of(&img.repository)),
-    };
-    let ask = Ask {
-        digest: Some(ask.path.rsplit('/').next().unwrap_or("").to_string()),
-        ..ask
     };
     while !stop.load(Ordering::Relaxed) {
         // hyper hands frames of up to 16 KiB here: 16 KiB per 62 ms is 256 KiB/s.
