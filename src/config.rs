@@ -280,7 +280,7 @@ pub struct Config {
     pub stale_if_error: Duration,
     /// Consecutive failures that open a project's circuit.
     pub circuit_breaker_threshold: u32,
-    /// How long an open circuit stays open before one probe is let through.
+    /// The longest an open circuit waits before one probe (the first wait is `breaker::FIRST_OPEN`).
     pub circuit_breaker_timeout: Duration,
     /// Byte budget of the by-digest manifest cache for the whole process (split across workers); 0
     /// turns it off.

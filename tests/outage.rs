@@ -4,7 +4,8 @@
 //! tag-list fan-out for an unknown name asks each project once, whatever `Accept` lines its
 //! clients send; a cached image pulls with skopeo and containerd while every upstream is down (Harbor
 //! answering from its local store); a blob Harbor sends without its length is checked against its
-//! digest; a tag list merged with a large upstream list comes through whole.
+//! digest; a tag list merged with a large upstream list comes through whole; circuits a Harbor
+//! restart opened close within seconds of its return, not after `CIRCUIT_BREAKER_TIMEOUT`.
 
 mod common;
 
@@ -446,4 +447,53 @@ fn a_stale_index_needs_nothing_harbor_only_holds_trimmed() {
     let res = manifest(addr, "GET", "org/multi", &index.digest);
     assert_eq!(res.status, 200);
     assert_eq!(sha256(&res.body), index.digest);
+}
+
+#[test]
+fn circuits_opened_by_a_harbor_restart_close_within_seconds_of_its_return() {
+    let (bed, app) = bed_with_app();
+    // The default timeout: an opened circuit must not keep the project out for all of it.
+    let router = router(
+        &bed.harbor.url(),
+        &[
+            ("CIRCUIT_BREAKER_THRESHOLD", "2"),
+            ("CIRCUIT_BREAKER_TIMEOUT", "30s"),
+        ],
+    );
+    let addr = router.addr;
+    let layer = app.blobs.last().unwrap();
+    let blob = format!("/v2/proxy/org/app/blobs/{layer}");
+    assert_eq!(manifest(addr, "GET", "org/app", "v1").status, 200);
+    assert_eq!(request(addr, "GET", &blob, &[]).status, 200);
+
+    // Harbor restarts: every connection reset, new ones closed at accept for 3 s. Pulls in that
+    // time open ghcr's content circuit.
+    let pause = std::time::Duration::from_secs(3);
+    bed.harbor.restart(pause);
+    let back = std::time::Instant::now() + pause;
+    let opened =
+        "harbor_router_circuit_transitions_total{project=\"ghcr\",lane=\"content\",to=\"open\"}";
+    wait_until("ghcr's content circuit opened", || {
+        let status = request(addr, "GET", &blob, &[]).status;
+        assert_ne!(status, 200, "Harbor is restarting");
+        router.scrape().get(opened).copied().unwrap_or(0.0) >= 1.0
+    });
+    while std::time::Instant::now() < back {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Harbor accepts again: the blob is served within a few seconds, not CIRCUIT_BREAKER_TIMEOUT.
+    wait_until("the blob is served again", || {
+        request(addr, "GET", &blob, &[]).status == 200
+    });
+    let late = back.elapsed();
+    assert!(
+        late < std::time::Duration::from_secs(8),
+        "the blob was refused for {late:?} after Harbor was back"
+    );
+    let logs = router.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("circuit closed") && l.contains(r#""project":"ghcr""#)),
+        "the circuit closed by a probe"
+    );
 }

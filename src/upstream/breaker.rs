@@ -2,9 +2,18 @@
 //!
 //! Closed: requests flow; `CIRCUIT_BREAKER_THRESHOLD` consecutive failures (connect error, timeout,
 //! 5xx; a 404 or 429 is an answer, not a failure) open the circuit. Open: the project is left out of
-//! fan-outs and mapped requests fail fast, for `CIRCUIT_BREAKER_TIMEOUT`. Half-open: exactly one
-//! probe request is let through; its success closes the circuit, its failure opens it again for
-//! another timeout, and a probe that ends without a verdict (cancelled) lets the next request probe.
+//! fan-outs and mapped requests fail fast, first for [`FIRST_OPEN`], then for twice as long after
+//! each failed probe, up to `CIRCUIT_BREAKER_TIMEOUT`. Half-open: exactly one probe request is let
+//! through; its success closes the circuit (and the next opening starts short again), its failure
+//! opens it again for the doubled time, and a probe that ends without a verdict (cancelled) lets the
+//! next request probe.
+//!
+//! Why the doubling: a circuit that opens for the full timeout at once keeps a project out for that
+//! long after a blip. A restart of Harbor resets every connection of every project at once, so every
+//! circuit opens, and with a flat 30 s they all stay open for 25 s after Harbor is back (the soak in
+//! docs/reliability.md found it). Doubling from one second bounds the time a circuit stays open
+//! after its project recovers to about the outage's own length (or the timeout, whichever is less),
+//! for one probe per circuit and core per period: a handful in the first half-minute.
 //!
 //! A request admitted by a breaker holds a [`Ticket`] that records its outcome; a ticket dropped
 //! without one (the request lost a race, or its client went away) frees the half-open probe.
@@ -23,6 +32,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// How long a circuit first stays open (or the timeout, when shorter); each failed probe doubles it.
+pub const FIRST_OPEN: Duration = Duration::from_secs(1);
 
 /// A project's circuit: tag lookups need Harbor's upstream, content by digest does not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,7 +96,12 @@ pub enum Transition {
 pub struct Breaker {
     state: State,
     threshold: u32,
+    /// The longest an open circuit waits (`CIRCUIT_BREAKER_TIMEOUT`).
     open_for: Duration,
+    /// How long the circuit stays open the next time it opens (or reopens).
+    next_open: Duration,
+    /// How long it stayed open last, for a late failure while open to restart the same wait.
+    last_open: Duration,
 }
 
 impl Breaker {
@@ -93,6 +110,8 @@ impl Breaker {
             state: State::Closed { failures: 0 },
             threshold: threshold.max(1),
             open_for,
+            next_open: FIRST_OPEN.min(open_for),
+            last_open: FIRST_OPEN.min(open_for),
         }
     }
 
@@ -114,6 +133,7 @@ impl Breaker {
     pub fn on_success(&mut self) -> Transition {
         let was_closed = matches!(self.state, State::Closed { .. });
         self.state = State::Closed { failures: 0 };
+        self.next_open = FIRST_OPEN.min(self.open_for);
         if was_closed {
             Transition::Unchanged
         } else {
@@ -131,16 +151,25 @@ impl Breaker {
             ),
             State::Closed { .. } => (self.opened(now), Transition::Opened),
             State::HalfOpen { .. } => (self.opened(now), Transition::Reopened),
-            // A request admitted before the circuit opened failed late: the timeout starts again.
-            State::Open { .. } => (self.opened(now), Transition::Unchanged),
+            // A request admitted before the circuit opened failed late: the same wait starts again
+            // (it says nothing new about the project, so it does not lengthen the next one).
+            State::Open { .. } => (
+                State::Open {
+                    until: now + self.last_open,
+                },
+                Transition::Unchanged,
+            ),
         };
         self.state = next;
         transition
     }
 
-    fn opened(&self, now: Instant) -> State {
+    /// Opens for the next wait and doubles the one after, up to the timeout.
+    fn opened(&mut self, now: Instant) -> State {
+        self.last_open = self.next_open;
+        self.next_open = (self.next_open * 2).min(self.open_for);
         State::Open {
-            until: now + self.open_for,
+            until: now + self.last_open,
         }
     }
 
@@ -234,6 +263,8 @@ mod tests {
 
     const T: Duration = Duration::from_secs(30);
 
+    const MS: Duration = Duration::from_millis(1);
+
     #[test]
     fn opens_after_threshold_consecutive_failures() {
         let now = Instant::now();
@@ -244,10 +275,8 @@ mod tests {
         }
         assert_eq!(b.on_failure(now), Transition::Opened);
         assert_eq!(b.admit(now), Admission::Rejected);
-        assert_eq!(
-            b.admit(now + T - Duration::from_millis(1)),
-            Admission::Rejected
-        );
+        assert_eq!(b.admit(now + FIRST_OPEN - MS), Admission::Rejected);
+        assert_eq!(b.admit(now + FIRST_OPEN), Admission::Probe);
     }
 
     #[test]
@@ -278,31 +307,72 @@ mod tests {
         assert_eq!(b.admit(later), Admission::Allowed);
     }
 
-    #[test]
-    fn a_failed_probe_reopens_for_another_timeout() {
-        let now = Instant::now();
-        let mut b = Breaker::new(2, T);
-        b.on_failure(now);
-        b.on_failure(now);
-        let t1 = now + T;
-        assert_eq!(b.admit(t1), Admission::Probe);
-        assert_eq!(b.on_failure(t1), Transition::Reopened);
-        assert_eq!(
-            b.admit(t1 + T - Duration::from_secs(1)),
-            Admission::Rejected
-        );
-        assert_eq!(b.admit(t1 + T), Admission::Probe);
+    /// Waits the breaker makes after each failed probe, from its opening on.
+    fn waits(b: &mut Breaker, mut now: Instant, n: usize) -> (Vec<Duration>, Instant) {
+        let mut waits = Vec::new();
+        for _ in 0..n {
+            let opened = now;
+            while b.admit(now) == Admission::Rejected {
+                now += MS * 10;
+            }
+            waits.push(now - opened);
+            assert_eq!(b.on_failure(now), Transition::Reopened);
+        }
+        (waits, now)
     }
 
     #[test]
-    fn a_late_failure_while_open_restarts_the_timeout() {
+    fn each_failed_probe_doubles_the_wait_up_to_the_timeout() {
+        let now = Instant::now();
+        let mut b = Breaker::new(2, T);
+        b.on_failure(now);
+        assert_eq!(b.on_failure(now), Transition::Opened);
+        let (w, later) = waits(&mut b, now, 7);
+        let secs: Vec<u64> = w.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30]);
+
+        // A probe that succeeds closes it, and the next opening starts short again.
+        let later = later + T;
+        assert_eq!(b.admit(later), Admission::Probe);
+        assert_eq!(b.on_success(), Transition::Closed);
+        b.on_failure(later);
+        assert_eq!(b.on_failure(later), Transition::Opened);
+        assert_eq!(b.admit(later + FIRST_OPEN - MS), Admission::Rejected);
+        assert_eq!(b.admit(later + FIRST_OPEN), Admission::Probe);
+    }
+
+    #[test]
+    fn a_timeout_shorter_than_the_first_wait_is_the_wait() {
+        let now = Instant::now();
+        let short = Duration::from_millis(200);
+        let mut b = Breaker::new(1, short);
+        assert_eq!(b.on_failure(now), Transition::Opened);
+        assert_eq!(b.admit(now + short - MS), Admission::Rejected);
+        assert_eq!(b.admit(now + short), Admission::Probe);
+        assert_eq!(b.on_failure(now + short), Transition::Reopened);
+        assert_eq!(b.admit(now + short * 2), Admission::Probe, "never longer");
+    }
+
+    #[test]
+    fn a_late_failure_while_open_restarts_the_same_wait() {
         let now = Instant::now();
         let mut b = Breaker::new(1, T);
         b.on_failure(now);
-        let t1 = now + Duration::from_secs(10);
+        let t1 = now + FIRST_OPEN / 2;
         assert_eq!(b.on_failure(t1), Transition::Unchanged);
-        assert_eq!(b.admit(now + T), Admission::Rejected);
-        assert_eq!(b.admit(t1 + T), Admission::Probe);
+        assert_eq!(b.admit(now + FIRST_OPEN), Admission::Rejected);
+        assert_eq!(
+            b.admit(t1 + FIRST_OPEN),
+            Admission::Probe,
+            "a late failure restarts the wait without lengthening it"
+        );
+        assert_eq!(b.on_failure(t1 + FIRST_OPEN), Transition::Reopened);
+        assert_eq!(
+            b.admit(t1 + FIRST_OPEN * 3 - MS),
+            Admission::Rejected,
+            "the probe's failure doubles it"
+        );
+        assert_eq!(b.admit(t1 + FIRST_OPEN * 3), Admission::Probe);
     }
 
     #[test]
