@@ -382,21 +382,27 @@ fn an_upstream_refusal_relayed_without_a_challenge_is_not_a_token_problem() {
 }
 
 #[test]
-fn a_project_deleted_since_discovery_is_not_a_refused_token() {
-    // Harbor answers a request for a project it cannot find with 401 and an empty challenge
-    // (src/server/middleware/v2auth/auth.go): the router's tokens are fine and stay.
+fn a_project_deleted_since_discovery_is_not_a_refused_token_nor_a_refusal() {
+    // Harbor answers a request for a project it cannot find with 401, an empty challenge and
+    // "project <name> not found" (src/server/middleware/v2auth/auth.go): the router's tokens are
+    // fine and stay, and the image is not there.
     let (bed, _seeded) = bed();
     let router = router(&bed, &[]);
     assert_eq!(pull(&router, "coreos/etcd", "v3.5.0").status, 200);
     bed.harbor.delete_project("quay");
     let tokens = token_requests(&bed);
+    // The name mapped to the deleted project: the mapping is dropped, the fan-out finds it
+    // nowhere.
     let res = pull(&router, "coreos/etcd", "v3.5.0");
-    assert_eq!(res.status, 403);
-    assert_eq!(res.error_code(), "DENIED");
-    let detail = res.json()["errors"][0]["detail"].to_string();
-    assert!(detail.contains("no longer exists"), "{detail}");
+    assert_eq!(res.status, 404, "{}", res.text());
+    assert_eq!(res.error_code(), "MANIFEST_UNKNOWN");
     assert_eq!(token_requests(&bed), tokens, "no token fetched again");
-    assert_eq!(router.scrape()["harbor_router_tokens_refused_total"], 0.0);
-    // Other projects' tokens are untouched.
+    // A name no project has: every project, the deleted one too, is asked; a 404, not a 403.
+    let res = pull(&router, "nobody/has-this", "v1");
+    assert_eq!(res.status, 404, "{}", res.text());
+    assert_eq!(res.error_code(), "MANIFEST_UNKNOWN");
+    let m = router.scrape();
+    assert_eq!(m["harbor_router_tokens_refused_total"], 0.0);
+    // Other projects' tokens and images are untouched.
     assert_eq!(pull(&router, "org/app", "v1").status, 200);
 }

@@ -155,7 +155,7 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
         _ => {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
             let body = upstream.read_small(res.into_body()).await;
-            let heard = refine(heard, body.as_deref());
+            let heard = refine(heard, &project.name, body.as_deref());
             if heard == Heard::Unsure {
                 state.counters.project(&project.name, |m| m.unsure());
             }
@@ -183,13 +183,33 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
     }
 }
 
-/// A 404 judged with its body: Harbor's answer from its local store after it did not, or could not,
-/// ask the upstream is [`Heard::Unsure`] ([`unsure`]); any other 404 stays "not here".
-pub fn refine(heard: Heard, body: Option<&[u8]>) -> Heard {
+/// An answer judged with its body: a 404 that is Harbor's answer from its local store after it did
+/// not, or could not, ask the upstream is [`Heard::Unsure`] ([`unsure`]); a 401 without a
+/// challenge saying `project` does not exist ([`project_gone`]) is "not here"; the rest stay.
+pub fn refine(heard: Heard, project: &str, body: Option<&[u8]>) -> Heard {
     match (heard, body) {
         (Heard::NotHere, Some(b)) if unsure(b) => Heard::Unsure,
+        (Heard::Denied { challenged: false }, Some(b)) if project_gone(project, b) => {
+            Heard::NotHere
+        }
         _ => heard,
     }
+}
+
+/// Whether a 401 body is Harbor saying the project itself does not exist: it was deleted since the
+/// last discovery. Harbor checks the project before any right (`src/server/middleware/v2auth/
+/// auth.go`, `reqChecker.check` → `projectID`), and answers the controller's not-found error as
+/// `401 UNAUTHORIZED` with its message, `project <name> not found` (`src/pkg/project/dao/dao.go`),
+/// and an empty `Www-Authenticate`. The image is not in a project that is not there; answered as a
+/// refusal, one deleted project would turn every cold pull into a 403 until the next discovery.
+pub fn project_gone(project: &str, body: &[u8]) -> bool {
+    only_error(body).is_some_and(|(code, message)| {
+        code == "UNAUTHORIZED"
+            && message
+                .strip_prefix("project ")
+                .and_then(|m| m.strip_suffix(" not found"))
+                == Some(project)
+    })
 }
 
 /// Whether a 404 body is Harbor's local store saying it does not hold the artifact, which Harbor
@@ -295,11 +315,12 @@ mod tests {
         }
     }
 
+    fn error(code: &str, message: &str) -> String {
+        serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string()
+    }
+
     #[test]
     fn harbor_local_misses_are_unsure() {
-        let error = |code: &str, message: &str| {
-            serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string()
-        };
         for unsure_one in [
             error(
                 "NOT_FOUND",
@@ -310,7 +331,7 @@ mod tests {
         ] {
             assert!(unsure(unsure_one.as_bytes()), "{unsure_one}");
             assert_eq!(
-                refine(Heard::NotHere, Some(unsure_one.as_bytes())),
+                refine(Heard::NotHere, "p", Some(unsure_one.as_bytes())),
                 Heard::Unsure
             );
             assert!(!telling(unsure_one.as_bytes()), "{unsure_one}");
@@ -334,7 +355,7 @@ mod tests {
         ] {
             assert!(!unsure(sure.as_bytes()), "{sure}");
             assert_eq!(
-                refine(Heard::NotHere, Some(sure.as_bytes())),
+                refine(Heard::NotHere, "p", Some(sure.as_bytes())),
                 Heard::NotHere
             );
         }
@@ -342,8 +363,46 @@ mod tests {
         assert!(!unsure(two.as_bytes()));
         // Only a 404 is refined.
         let local = error("NOT_FOUND", "repository a not found");
-        assert_eq!(refine(Heard::Has, Some(local.as_bytes())), Heard::Has);
-        assert_eq!(refine(Heard::NotHere, None), Heard::NotHere);
+        assert_eq!(refine(Heard::Has, "p", Some(local.as_bytes())), Heard::Has);
+        assert_eq!(refine(Heard::NotHere, "p", None), Heard::NotHere);
+    }
+
+    #[test]
+    fn a_project_harbor_cannot_find_is_not_a_refusal() {
+        let gone = error("UNAUTHORIZED", "project extra0 not found");
+        assert!(project_gone("extra0", gone.as_bytes()));
+        let upstream_401 = Heard::Denied { challenged: false };
+        assert_eq!(
+            refine(upstream_401, "extra0", Some(gone.as_bytes())),
+            Heard::NotHere
+        );
+        // Another project's name, a challenged 401 (the router's own credentials refused), or
+        // another message: still a refusal.
+        assert!(!project_gone("extra", gone.as_bytes()));
+        assert!(!project_gone("xtra0", gone.as_bytes()));
+        let challenged = Heard::Denied { challenged: true };
+        assert_eq!(
+            refine(challenged, "extra0", Some(gone.as_bytes())),
+            challenged
+        );
+        for refusal in [
+            error(
+                "UNAUTHORIZED",
+                "unauthorized to access repository: extra0/a",
+            ),
+            error("UNAUTHORIZED", "project extra0 not found, and more"),
+            error("DENIED", "project extra0 not found"),
+            error("UNAUTHORIZED", ""),
+            "project extra0 not found".to_string(),
+        ] {
+            assert!(!project_gone("extra0", refusal.as_bytes()), "{refusal}");
+            assert_eq!(
+                refine(upstream_401, "extra0", Some(refusal.as_bytes())),
+                upstream_401,
+                "{refusal}"
+            );
+        }
+        assert_eq!(refine(upstream_401, "extra0", None), upstream_401);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
     match heard {
         Heard::NotHere | Heard::Unsure => {
             let body = state.upstream().read_small(res.into_body()).await;
-            let sure = attempt::refine(heard, body.as_deref()).proves_absence();
+            let sure = attempt::refine(heard, &project.name, body.as_deref()).proves_absence();
             if !sure {
                 state.counters.project(&project.name, |m| m.unsure());
             }
@@ -111,8 +111,12 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
             failed(res, heard)
         }
         Heard::Denied { challenged } => {
-            state.upstream().drain(res.into_body()).await;
-            answered(error(&denied(challenged)))
+            let body = state.upstream().read_small(res.into_body()).await;
+            match attempt::refine(heard, &project.name, body.as_deref()) {
+                // The project was deleted since the last discovery: the image is not there.
+                Heard::NotHere => Mapped::Gone { sure: true },
+                _ => answered(error(&denied(challenged))),
+            }
         }
         _ => answered(answer::answer(state, project, ask, res).await),
     }
@@ -126,7 +130,7 @@ pub fn denied(challenged: bool) -> Error {
         reason: if challenged {
             CREDENTIALS_REFUSED
         } else {
-            "Harbor answered 401 without a challenge: the project's upstream registry refused Harbor's own credentials for it, or the project no longer exists"
+            "Harbor answered 401 without a challenge: the project's upstream registry refused Harbor's own credentials for it"
         },
     }
 }

@@ -1046,10 +1046,11 @@ impl World {
             "projects" => {
                 let n = self.made.fetch_add(1, Ordering::Relaxed);
                 let name = format!("extra{n}");
-                let w = s.open(
-                    fault,
-                    format!("project {name} added, extra{} removed", n.wrapping_sub(1)),
-                );
+                let what = match n.checked_sub(1) {
+                    Some(old) => format!("project {name} added, extra{old} removed"),
+                    None => format!("project {name} added"),
+                };
+                let w = s.open(fault, what);
                 self.bed.harbor.add_project(ProjectSpec {
                     name: name.clone(),
                     public: true,
