@@ -150,20 +150,14 @@ fn stored(redis: &RedisSet, name: &str) -> Option<serde_json::Value> {
     serde_json::from_str(out.trim()).ok()
 }
 
-/// Commands that read or write data on `port` (PING and the Sentinels' own traffic aside).
+/// Commands that read or write data on `port` (PING and the Sentinels' own traffic aside). PUBLISH
+/// is not counted: each Sentinel publishes its hello to the master every 2 s, and the router's
+/// own PUBLISH of a moved mapping goes with the SET that stores it.
 fn data_commands(redis: &RedisSet, port: u16) -> u64 {
-    [
-        "get",
-        "set",
-        "mget",
-        "zadd",
-        "zrevrange",
-        "publish",
-        "pexpire",
-    ]
-    .iter()
-    .map(|c| redis.calls(port, c).unwrap())
-    .sum()
+    ["get", "set", "mget", "zadd", "zrevrange", "pexpire", "del"]
+        .iter()
+        .map(|c| redis.calls(port, c).unwrap())
+        .sum()
 }
 
 #[test]
