@@ -382,6 +382,22 @@ fn an_upstream_refusal_relayed_without_a_challenge_is_not_a_token_problem() {
 }
 
 #[test]
+fn a_head_to_a_project_deleted_since_discovery_is_not_a_refusal() {
+    // A HEAD's 401 has no body to tell a deleted project from a relayed refusal: the router asks
+    // the project's tag list (n=0) to read Harbor's "project <name> not found".
+    let (bed, _seeded) = bed();
+    let router = router(&bed, &[]);
+    let head = |name: &str, reference: &str| common::manifest(router.addr, "HEAD", name, reference);
+    assert_eq!(pull(&router, "library/alpine", "3.19").status, 200);
+    bed.harbor.delete_project("dockerhub");
+    // Mapped to the deleted project, and a name no project has (a fan-out that asks it too).
+    assert_eq!(head("library/alpine", "3.19").status, 404);
+    assert_eq!(head("nobody/has-this", "v1").status, 404);
+    assert_eq!(router.scrape()["harbor_router_tokens_refused_total"], 0.0);
+    assert_eq!(head("org/app", "v1").status, 200);
+}
+
+#[test]
 fn a_project_deleted_since_discovery_is_not_a_refused_token_nor_a_refusal() {
     // Harbor answers a request for a project it cannot find with 401, an empty challenge and
     // "project <name> not found" (src/server/middleware/v2auth/auth.go): the router's tokens are

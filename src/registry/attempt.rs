@@ -155,7 +155,7 @@ pub async fn attempt(state: &State, project: &Project, ask: &Ask) -> Verdict {
         _ => {
             let retry_after = res.headers().get(RETRY_AFTER).cloned();
             let body = upstream.read_small(res.into_body()).await;
-            let heard = refine(heard, &project.name, body.as_deref());
+            let heard = refined(state, project, ask, heard, body.as_deref()).await;
             if heard == Heard::Unsure {
                 state.counters.project(&project.name, |m| m.unsure());
             }
@@ -194,6 +194,50 @@ pub fn refine(heard: Heard, project: &str, body: Option<&[u8]>) -> Heard {
         }
         _ => heard,
     }
+}
+
+/// [`refine`], and for a HEAD's 401 without a challenge (no body to judge: a refusal relayed, or a
+/// project deleted since the last discovery) the answer of [`gone`].
+pub async fn refined(
+    state: &State,
+    project: &Project,
+    ask: &Ask,
+    heard: Heard,
+    body: Option<&[u8]>,
+) -> Heard {
+    let heard = refine(heard, &project.name, body);
+    let upstream_401 = Heard::Denied { challenged: false };
+    if heard == upstream_401 && ask.head && gone(state, project, ask).await {
+        return Heard::NotHere;
+    }
+    heard
+}
+
+/// Whether Harbor says `project` does not exist, asked with a GET of `ask`'s repository's tag list
+/// with `n=0`: Harbor's project check comes before any handler, so the answer is the same "not
+/// found" as for any other path, with a body to read, and a project that exists answers `n=0` with
+/// an empty list without asking its upstream (`src/server/middleware/repoproxy/tag.go`,
+/// `TagsListMiddleware`). Only a HEAD refused without a challenge pays for it: one small request.
+async fn gone(state: &State, project: &Project, ask: &Ask) -> bool {
+    let probe = Ask {
+        name: ask.name.clone(),
+        endpoint: Endpoint::Tags {
+            query: "n=0".to_string(),
+        },
+        head: false,
+        headers: HeaderMap::new(),
+        registry: ask.registry.clone(),
+        root: ask.root,
+    };
+    let Ok(res) = send(state, project, &probe).await else {
+        return false;
+    };
+    if res.status() != StatusCode::UNAUTHORIZED {
+        state.upstream().drain(res.into_body()).await;
+        return false;
+    }
+    let body = state.upstream().read_small(res.into_body()).await;
+    body.is_some_and(|b| project_gone(&project.name, &b))
 }
 
 /// Whether a 401 body is Harbor saying the project itself does not exist: it was deleted since the

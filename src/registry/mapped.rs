@@ -112,7 +112,7 @@ pub async fn request(state: &State, project: &Project, ask: &Ask, attempts: &mut
         }
         Heard::Denied { challenged } => {
             let body = state.upstream().read_small(res.into_body()).await;
-            match attempt::refine(heard, &project.name, body.as_deref()) {
+            match attempt::refined(state, project, ask, heard, body.as_deref()).await {
                 // The project was deleted since the last discovery: the image is not there.
                 Heard::NotHere => Mapped::Gone { sure: true },
                 _ => answered(error(&denied(challenged))),
