@@ -76,6 +76,61 @@ def rollout(results, out):
     print(path)
 
 
+def soak(result, out):
+    """One chart from a bench/soak.sh report: requests and failures, latency, each pod's RSS and
+    open descriptors, minute by minute, with every fault marked where it began."""
+    minutes = result["minutes"]
+    xs = [m["minute"] + 0.5 for m in minutes]
+    fig, axes = plt.subplots(4, 1, figsize=(12, 11), sharex=True)
+    a = axes[0]
+    a.plot(xs, [m["requests"] for m in minutes], color=ROUTER, label="requests")
+    a.set_ylabel("requests / min")
+    b = a.twinx()
+    b.bar(xs, [sum(m["explained"].values()) for m in minutes], 0.4, color=NGINX, label="explained failures")
+    b.bar([x + 0.4 for x in xs], [sum(m["unexpected"].values()) for m in minutes], 0.4, color="#c53030",
+          label="unexpected failures")
+    b.set_ylabel("failures / min")
+    lines = a.get_legend_handles_labels()
+    more = b.get_legend_handles_labels()
+    a.legend(lines[0] + more[0], lines[1] + more[1], frameon=False, loc="lower left", fontsize=8)
+    a.set_title("Requests and failures (explained: the fault table's expected answers)")
+
+    axes[1].plot(xs, [m["p50_ms"] for m in minutes], color=ROUTER, label="p50")
+    axes[1].plot(xs, [m["p99_ms"] for m in minutes], color="#dd6b20", label="p99")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("ms (log)")
+    axes[1].set_title("Client latency, retries included")
+    axes[1].legend(frameon=False, fontsize=8)
+
+    pods = sorted({p for m in minutes for p in m["rss_kib"]})
+    for pod in pods:
+        axes[2].plot(xs, [m["rss_kib"].get(pod, float("nan")) / 1024 for m in minutes], label=pod)
+        axes[3].plot(xs, [m["fds"].get(pod, float("nan")) for m in minutes], label=pod)
+    axes[2].set_ylabel("MiB")
+    axes[2].set_title("Resident memory per pod (a pod restarted starts a new series at its new size)")
+    axes[2].legend(frameon=False, fontsize=8)
+    axes[3].set_ylabel("descriptors")
+    axes[3].set_title("Open descriptors per pod")
+    axes[3].legend(frameon=False, fontsize=8)
+    axes[3].set_xlabel("minute")
+
+    for f in result["faults"]:
+        t = f["start_s"] / 60
+        for ax in axes:
+            ax.axvline(t, color="#718096", lw=0.6, ls=":")
+        axes[0].annotate(f["fault"], (t, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                         fontsize=6, va="top", ha="right", color="#4a5568")
+    s = result["soak"]
+    fig.suptitle(f"Soak: {s['minutes']:g} minutes, {s['clients']} clients, {s['requests']:,} requests, "
+                 f"{s['unexpected']} unexpected failures, {s['faults']} faults; rss slope "
+                 f"{s['rss_slope_kib_per_min']:.1f} KiB/min, fd slope {s['fd_slope_per_min']:.2f}/min", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "soak.png")
+    fig.savefig(path, dpi=100)
+    print(path)
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit("usage: bench/plot RESULT.json [OUT_DIR] | bench/plot --markdown RESULT.json")
@@ -89,6 +144,10 @@ def main():
     global plt
     import matplotlib.pyplot as plt
 
+    if "soak" in result:
+        # a bench/soak.sh report: bench/plot SOAK.json [OUT_DIR]
+        soak(result, sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks"))
+        return
     if "runs" in result:
         # bench/rollout.sh results, one file per spread: bench/plot A.json [B.json …]
         results = [json.load(open(f)) for f in sys.argv[1:] if f.endswith(".json")]

@@ -76,6 +76,21 @@ for mode in ("on", "off"):
 print("rollout smoke run: every pull hashed to its digest, sharing on and off")
 PY
   rm -f "$smoke"
+  # The soak, a minute and a half: it exits non-zero on an unexpected failure or a fault that did
+  # not recover; every kind of fault must have run. No slope is judged on so short a run.
+  stage "soak smoke run (bench/soak.sh --smoke)"
+  bench/soak.sh --smoke --out "$smoke"
+  python3 - "$smoke" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+want = {"redis-kill", "redis-freeze", "api-down", "upstream-unreachable", "harbor-restart", "token-key",
+        "projects", "storm", "pod-restart"}
+seen = {f["fault"] for f in r["faults"]}
+if want - seen:
+    sys.exit(f"soak smoke run: faults that never ran: {sorted(want - seen)}")
+print(f"soak smoke run: {r['soak']['requests']} requests, {len(r['faults'])} faults, none unexpected")
+PY
+  rm -f "$smoke"
 fi
 
 stage "done"
