@@ -97,7 +97,7 @@ class Counting(run.Bench):
         for path in ("/v2/proxy/library/app/manifests/v1", f"/v2/proxy/library/app/manifests/{self.digest}"):
             status, headers, _ = run.http_get(port, path, {"Accept": run.ACCEPT})
             if status != 200 or headers.get("docker-content-digest") != self.digest:
-                raise SystemExit(f"{name}: {path} answered {status}")
+                raise SystemExit(f"{name}: {path} answered {status}: {open(self.log_path(name)).read()[-3000:]}")
         return p, port
 
     def nginx_under(self):
