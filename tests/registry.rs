@@ -566,7 +566,20 @@ fn client_verdict(method: &str, path: &str, answer: &Answer) -> bool {
         run(async {
             let s = state(&fake, &["a"], &[]);
             send(&s, method, path).await;
-            assert_eq!(fake.requests("a"), 1, "the fan-out asked a");
+            // A HEAD refused without a challenge has no body to say whether the project was
+            // deleted; the router asks the repository's tag list (n=0) once to tell.
+            let told = method == "HEAD" && answer.status == 401;
+            assert_eq!(
+                fake.requests("a"),
+                1 + u64::from(told),
+                "the fan-out asked a"
+            );
+            assert_eq!(
+                fake.seen("GET /v2/a/org/app/tags/list?n=0"),
+                usize::from(told),
+                "a tag list asked only to read a HEAD's bare 401: {:?}",
+                fake.log()
+            );
             mapping(&s, name).await.is_some()
         })
     }
@@ -589,8 +602,13 @@ fn refresh_verdict(method: &str, path: &str, answer: &Answer) -> bool {
             s.advance(Duration::from_secs(11));
             send(&s, method, path).await;
             // The client's request, one more when the mapped project said 404 (a fan-out), and
-            // the refresh's probe.
-            let asked = if answer.status == 404 { 3 } else { 2 };
+            // the refresh's probe; each HEAD refused without a challenge (the client's and the
+            // probe's) asks the tag list once more.
+            let asked = match (method, answer.status) {
+                (_, 404) => 3,
+                ("HEAD", 401) => 4,
+                _ => 2,
+            };
             until("the refresh probed a", || fake.requests("a") == asked).await;
             until("the refresh ended", || !s.refreshing(name)).await;
             mapping(&s, name).await == Some(("a".into(), false))
