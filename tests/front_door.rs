@@ -151,7 +151,24 @@ fn forced_drivers() {
             });
         }
         assert_eq!(get(r.addr, "/v2/").status, 200, "{driver}");
+        // `epoll` means no io_uring anywhere in the process, the control plane's threads
+        // included (a seccomp profile may forbid it; valgrind stalls on it); `io_uring` means one
+        // ring per worker and one for discovery.
+        let rings = io_urings(r.pid());
+        match driver {
+            "epoll" => assert_eq!(rings, 0, "IO_DRIVER=epoll opened io_uring instances"),
+            _ => assert_eq!(rings, 3, "two workers and discovery, each its own ring"),
+        }
     }
+}
+
+/// How many io_uring instances process `pid` holds open (each an `anon_inode:[io_uring]` fd).
+fn io_urings(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read the router's fds")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy() == "anon_inode:[io_uring]")
+        .count()
 }
 
 #[test]

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 use http::header::{ACCEPT, LINK};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use monoio::{FusionDriver, LegacyDriver, RuntimeBuilder};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, IoDriver};
 use crate::metrics::Metrics;
 use crate::share::Shared;
 use crate::snapshot::{HarborInfo, Project, SharedSnapshot, Snapshot, UpstreamKind};
@@ -92,6 +93,23 @@ struct ApiRegistry {
     url: Option<String>,
 }
 
+/// The runtime `built`, once its start is reported on `tx` (with the error when there is none).
+fn started<R>(
+    built: std::io::Result<R>,
+    tx: &std::sync::mpsc::SyncSender<std::io::Result<()>>,
+) -> Option<R> {
+    match built {
+        Ok(rt) => {
+            let _ = tx.send(Ok(()));
+            Some(rt)
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            None
+        }
+    }
+}
+
 /// Starts the discovery thread. It stops when `shutdown` flips.
 pub fn spawn(
     config: Arc<Config>,
@@ -107,20 +125,25 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("hr-discovery".into())
         .spawn(move || {
-            let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                .enable_timer()
-                .build();
-            let mut rt = match built {
-                Ok(rt) => {
-                    let _ = built_tx.send(Ok(()));
-                    rt
+            // The workers' driver choice holds for this thread too: `IO_DRIVER=epoll` means no
+            // io_uring anywhere in the process (a seccomp profile may forbid it, and a tool such as
+            // valgrind, which does not know that `io_uring_enter` blocks, stalls on it).
+            let driver = config.io_driver;
+            let work = run(config, upstream, snapshot, redis, metrics, shutdown);
+            match driver {
+                IoDriver::Epoll => {
+                    let built = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
+                    if let Some(mut rt) = started(built, &built_tx) {
+                        rt.block_on(work);
+                    }
                 }
-                Err(e) => {
-                    let _ = built_tx.send(Err(e));
-                    return;
+                IoDriver::IoUring | IoDriver::Auto => {
+                    let built = RuntimeBuilder::<FusionDriver>::new().enable_timer().build();
+                    if let Some(mut rt) = started(built, &built_tx) {
+                        rt.block_on(work);
+                    }
                 }
-            };
-            rt.block_on(run(config, upstream, snapshot, redis, metrics, shutdown));
+            }
         })?;
     match built_rx.recv() {
         Ok(Ok(())) => Ok(thread),
